@@ -243,9 +243,12 @@ class Transformer(nn.Module):
         if last is None:
             raise LlamaInputError("capture: no hook point requested")
         x, cos, sin, mask = self._prepare(tokens, 0, positions, key_valid)
-        for layer in self.layers[: last.layer + 1]:
-            stop = last.stage if layer.layer_id == last.layer else None
-            x = layer(x, cos, sin, mask, 0, runner, stop)
+        for layer in self.layers[: last.layer]:
+            x = layer(x, cos, sin, mask, 0, runner)
+        if last.stage == 0:  # resid_pre.L is block L's input: block L itself never runs
+            runner(last.layer, 0, x)
+        else:
+            self.layers[last.layer](x, cos, sin, mask, 0, runner, stop_stage=last.stage)
         return runner.captured
 
 
