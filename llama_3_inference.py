@@ -133,7 +133,7 @@ class Generator:
             done = torch.zeros(B, dtype=torch.bool, device=device)
             stop_lists = [torch.tensor(sorted(s), dtype=torch.long, device=device) for s in stops]
             for cur in range(P, total):
-                last = logits[:, -1]
+                last = logits[:, -1].float()  # sample in fp32 whatever the model dtype
                 if temperature > 0:
                     nxt = sample_top_p(torch.softmax(last / temperature, dim=-1), top_p, gen)
                 else:

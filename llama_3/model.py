@@ -34,18 +34,19 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation angles for each position: inv_freq [hd/2] fp32, positions [B, T] -> cos, sin [B, T, 1, hd/2] fp32."""
+def rope_freqs_cis(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Unit complex rotations e^(i * pos * freq): inv_freq [hd/2] fp32, positions [B, T] -> [B, T, 1, hd/2] complex64."""
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, hd/2]
-    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
 
 
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, T, H, hd] by the angles; math in fp32 like Meta's complex version."""
-    xf = x.float().unflatten(-1, (-1, 2))  # [B, T, H, hd/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, hd] as complex numbers, in fp32 (Meta's way).
+
+    One complex multiply is ~10x faster on CPU than the same rotation spelled with cos/sin.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [B, T, H, hd/2]
+    return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -68,6 +69,21 @@ class KVCache(nn.Module):
         return self.k[:b, :, :end], self.v[:b, :, :end]
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query step: q [B, H, 1, hd], k/v [B, Hkv, S, hd], mask [B|1, 1, 1, S] bool -> [B, H, 1, hd].
+
+    On CPU, SDPA's flash kernel costs ~3x this for a single bf16 query; grouping the query heads
+    that share a key/value head turns GQA into one batched matmul without repeating K/V.
+    """
+    B, H, _, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    qg = q.view(B, Hkv, H // Hkv, hd)  # heads h = g * (H/Hkv) + r share kv head g, as in repeat_interleave
+    scores = (qg @ k.transpose(-1, -2)).float() * hd**-0.5  # [B, Hkv, H/Hkv, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(mask.shape[0], 1, 1, S), float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -78,20 +94,23 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None, start_pos: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, hd]
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # [B, Hkv, S, hd]
         elif start_pos:
             raise ValueError("start_pos > 0 needs a KV cache (call allocate_kv_cache first)")
-        # Without padding, a fresh sequence is plain causal and a one-token step sees every cached key.
-        is_causal = mask is None and T > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads)
+        if T == 1 and x.device.type == "cpu":
+            out = decode_attention(q, k, v, mask)
+        else:
+            # Without padding, a fresh sequence is plain causal and a one-token step sees every cached key.
+            is_causal = mask is None and T > 1
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -103,7 +122,10 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # In place: saves two [B, T, hidden_dim] allocations per block (not under autograd recording).
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.silu(self.w1(x), inplace=True).mul_(self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -115,10 +137,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, start_pos, hooks: HookRunner | None = None, stop_stage: int | None = None) -> torch.Tensor:
+    def forward(self, x, freqs_cis, mask, start_pos, hooks: HookRunner | None = None, stop_stage: int | None = None) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]. With `stop_stage`, return right after that hook point (capture-only)."""
         if hooks is None or self.layer_id not in hooks.blocks_with_hooks:
-            h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+            h = x + self.attention(self.attention_norm(x), freqs_cis, mask, start_pos)
             return h + self.feed_forward(self.ffn_norm(h))
         L = self.layer_id
         x = hooks(L, 0, x)
@@ -127,7 +149,7 @@ class TransformerBlock(nn.Module):
         xn = hooks(L, 1, self.attention_norm(x))
         if stop_stage == 1:
             return x
-        x = hooks(L, 2, x + self.attention(xn, cos, sin, mask, start_pos))
+        x = hooks(L, 2, x + self.attention(xn, freqs_cis, mask, start_pos))
         if stop_stage == 2:
             return x
         xn = hooks(L, 3, self.ffn_norm(x))
@@ -177,7 +199,7 @@ class Transformer(nn.Module):
             positions = torch.arange(start_pos, start_pos + T, device=device).expand(B, T)
         if start_pos + T > self.args.max_seq_len:
             raise LlamaInputError(f"sequence of {start_pos + T} tokens exceeds the model's context of {self.args.max_seq_len}")
-        cos, sin = rope_cos_sin(self.rope_inv_freq(device), positions)
+        freqs_cis = rope_freqs_cis(self.rope_inv_freq(device), positions)
         mask = None
         if key_valid is not None or (start_pos > 0 and T > 1):
             # Boolean mask [B|1, 1, T, S]: causal over cache slots, minus padded keys. Every query may
@@ -189,7 +211,7 @@ class Transformer(nn.Module):
             mask = (k_slot <= q_slot)[None, None]
             if key_valid is not None:
                 mask = mask & (key_valid[:, None, None, :S] | (k_slot == q_slot)[None, None])
-        return self.tok_embeddings(tokens), cos, sin, mask
+        return self.tok_embeddings(tokens), freqs_cis, mask
 
     def forward(
         self,
@@ -201,7 +223,7 @@ class Transformer(nn.Module):
         hooks: HookRunner | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] in fp32 (or [B, 1, V] with `last_only`).
+        """tokens [B, T] -> logits [B, T, V] in the model's dtype (or [B, 1, V] with `last_only`).
 
         start_pos: cache slot of tokens[:, 0] (needs `allocate_kv_cache` when > 0).
         positions: RoPE positions [B, T]; defaults to start_pos + arange(T). Left-padded batches pass
@@ -209,12 +231,12 @@ class Transformer(nn.Module):
         key_valid: [B, S] bool, False for padded slots that no query may attend to.
         hooks: a HookRunner for capture/splice (see llama_3.hooks).
         """
-        x, cos, sin, mask = self._prepare(tokens, start_pos, positions, key_valid)
+        x, freqs_cis, mask = self._prepare(tokens, start_pos, positions, key_valid)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, start_pos, hooks)
+            x = layer(x, freqs_cis, mask, start_pos, hooks)
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x)).float()
+        return self.output(self.norm(x))
 
     def run_with_hooks(
         self, tokens: torch.Tensor, capture: Iterable[str] = (), splice: SpliceSpec | None = None, **kwargs
@@ -242,14 +264,14 @@ class Transformer(nn.Module):
         last: HookPoint | None = runner.last_capture_point()
         if last is None:
             raise LlamaInputError("capture: no hook point requested")
-        x, cos, sin, mask = self._prepare(tokens, 0, positions, key_valid)
+        x, freqs_cis, mask = self._prepare(tokens, 0, positions, key_valid)
         for layer in self.layers[: last.layer]:
-            x = layer(x, cos, sin, mask, 0, runner)
+            x = layer(x, freqs_cis, mask, 0, runner)
         if last.stage == 0:  # resid_pre.L is block L's input: block L itself never runs
             runner(last.layer, 0, x)
         else:
-            self.layers[last.layer](x, cos, sin, mask, 0, runner, stop_stage=last.stage)
+            self.layers[last.layer](x, freqs_cis, mask, 0, runner, stop_stage=last.stage)
         return runner.captured
 
 
-__all__ = ["Transformer", "ModelArgs", "KVCache", "RMSNorm", "apply_rotary_emb", "rope_cos_sin", "HOOK_KINDS"]
+__all__ = ["Transformer", "ModelArgs", "KVCache", "RMSNorm", "apply_rotary_emb", "rope_freqs_cis", "HOOK_KINDS"]

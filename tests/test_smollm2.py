@@ -36,9 +36,12 @@ def test_greedy_factual_completions(smol, prompt, answer):
 
 
 def test_batched_prompts_of_different_lengths(smol):
-    prompts = ["The capital of France is", "The opposite of hot is", "One, two,"]
-    outs = Generator(smol).text_completion(prompts, max_new_tokens=4, temperature=0)
-    assert [o.text.split()[0].strip(".,") for o in outs] == ["Paris", "cold", "three"]
+    gen = Generator(smol)
+    prompts = ["The capital of France is", "The opposite of hot is", "January, February, March,"]
+    outs = gen.text_completion(prompts, max_new_tokens=4, temperature=0)
+    assert [o.text.split()[0].strip(".,") for o in outs[:2]] == ["Paris", "cold"]
+    assert "April" in outs[2].text
+    assert [o.tokens for o in outs] == [gen.text_completion([p], max_new_tokens=4, temperature=0)[0].tokens for p in prompts]
 
 
 def test_chat_template_gives_sensible_replies(smol):
