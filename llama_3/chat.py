@@ -73,6 +73,8 @@ class JinjaChatFormat:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
         env.globals["raise_exception"] = raise_exception
+        # Some templates (Llama 3.2's HF one, among others) print today's date.
+        env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
         try:
             self.template = env.from_string(template)
         except TemplateError as e:

@@ -20,11 +20,11 @@ done
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "$PY" -m pip install "torch>=2.5"
+    "$PY" -m pip install -q "torch>=2.5"
   elif [ -n "${TORCH_INDEX_URL:-}" ]; then
-    "$PY" -m pip install "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
+    "$PY" -m pip install -q "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
   else
-    "$PY" -m pip install "torch==2.13.0"
+    "$PY" -m pip install -q "torch==2.13.0"
   fi
 fi
 "$PY" -m pip install -q -e ".${extras}"
