@@ -130,26 +130,20 @@ class Generator:
         self.model.allocate_kv_cache(B, total)
         try:
             logits = self.model(tokens, 0, positions=positions, key_valid=key_valid, hooks=hooks, last_only=True)
-            done = torch.zeros(B, dtype=torch.bool, device=device)
-            stop_lists = [torch.tensor(sorted(s), dtype=torch.long, device=device) for s in stops]
+            done = [False] * B
             for cur in range(P, total):
                 last = logits[:, -1].float()  # sample in fp32 whatever the model dtype
                 if temperature > 0:
                     nxt = sample_top_p(torch.softmax(last / temperature, dim=-1), top_p, gen)
                 else:
                     nxt = last.argmax(dim=-1)
+                # One device->host copy per step; stop checks are set lookups on the host.
                 out: list[int | None] = []
-                nxt_list = nxt.tolist()
-                for b in range(B):
-                    if done[b]:
-                        out.append(None)
-                    elif torch.isin(nxt[b], stop_lists[b]):
-                        done[b] = True
-                        out.append(None)
-                    else:
-                        out.append(nxt_list[b])
+                for b, t in enumerate(nxt.tolist()):
+                    done[b] = done[b] or t in stops[b]
+                    out.append(None if done[b] else t)
                 yield out
-                if bool(done.all()) or cur + 1 >= total:
+                if all(done) or cur + 1 >= total:
                     return
                 logits = self.model(nxt[:, None], cur, positions=(cur - pad)[:, None], key_valid=key_valid, hooks=hooks, last_only=True)
         finally:
