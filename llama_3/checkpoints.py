@@ -115,8 +115,7 @@ def load_model(
     kind = detect_format(path)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    loader = {"meta": _load_meta, "hf": _load_hf, "gguf": _load_gguf}[kind]
-    args, tokenizer, template, state_dict, config_hash, source = loader(path)
+    args, tokenizer, template, state_dict, config_hash, source = LOADERS[kind](path)
     if max_seq_len is not None:
         args.max_seq_len = max_seq_len
     if tokenizer.n_words > args.vocab_size:
@@ -383,4 +382,5 @@ def _load_gguf(path: Path):
     return args, tokenizer, meta.get("tokenizer.chat_template"), sd, config_hash, source
 
 
+# Each returns (args, tokenizer, chat template or None, Meta-named state dict, config hash, source for messages).
 LOADERS: dict[str, Callable] = {"meta": _load_meta, "hf": _load_hf, "gguf": _load_gguf}
