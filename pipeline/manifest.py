@@ -1,0 +1,89 @@
+"""Manifests and atomic files: every stage output carries one `manifest.json`.
+
+Schema (all stages): {"kind", "schema_version", "created", "config", "inputs", "counts",
+"versions", ...stage-specific keys}. A manifest is written last and atomically, so its presence
+means the output is complete; partial work lives in files a reader never trusts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from llama_3.errors import LlamaInputError
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+_VERSIONED_PACKAGES = ("torch", "numpy", "pyarrow", "nltk", "tokenizers", "tiktoken", "gguf", "safetensors", "datasets")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_manifest(kind: str, config: dict, inputs: dict, counts: dict, **extra: Any) -> dict:
+    return {
+        "kind": kind, "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config, "inputs": inputs, "counts": counts, "versions": package_versions(), **extra,
+    }
+
+
+def read_manifest(directory: Path, kind: str) -> dict:
+    """Load and check `directory/manifest.json` of the expected kind; one-line errors otherwise."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        if Path(directory).is_dir():
+            raise LlamaInputError(f"{path}: missing (is {directory} a finished {kind} output?)")
+        raise LlamaInputError(f"{directory}: no such directory")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LlamaInputError(f"{path}: not valid JSON ({e.msg})") from None
+    if m.get("kind") != kind:
+        raise LlamaInputError(f"{path}: holds a {m.get('kind')!r} output, expected {kind!r}")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise LlamaInputError(f"{path}: schema_version {m.get('schema_version')} is not {SCHEMA_VERSION}")
+    return m
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable sha256 of a JSON-able object (configs, to tell whether an output matches a request)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,8 @@
+"""Where stage outputs go by default: everything under one runs/ folder (git-ignored)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RUNS_DIR = Path("runs")
+SENTENCES_DIR = RUNS_DIR / "sentences"
