@@ -128,6 +128,17 @@ def load_model(
     return LoadedModel(model, tokenizer, chat, kind, path, config_hash, list(args.decisions))
 
 
+def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
+    """Only the tokenizer of a checkpoint (no weights are read): for readers that just tokenize."""
+    path = default_model_path() if path is None else Path(path)
+    kind = detect_format(path)
+    if kind == "meta":
+        return load_meta_tokenizer(path / "tokenizer.model")
+    if kind == "hf":
+        return load_hf_tokenizer(path)[0]
+    return build_gguf_tokenizer(_open_gguf(path)[1], str(path))
+
+
 def _build(args: ModelArgs, sd: dict[str, torch.Tensor], source: str, device: torch.device, dtype: torch.dtype) -> Transformer:
     """Check names and shapes against the architecture, then assign the weights into a meta-device model."""
     if "output.weight" not in sd and not args.tie_word_embeddings:
@@ -343,16 +354,23 @@ def read_gguf_metadata(reader) -> dict[str, Any]:
     return meta
 
 
+def _open_gguf(path: Path):
+    """(reader, decoded metadata); the tensors stay memory-mapped until dequantized."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise LlamaInputError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return reader, read_gguf_metadata(reader)
+
+
 def _load_gguf(path: Path):
     import gguf
     import numpy as np
 
     source = str(path)
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise LlamaInputError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    meta = read_gguf_metadata(reader)
+    reader, meta = _open_gguf(path)
     sd: dict[str, torch.Tensor] = {}
     rope_freq_factors = None
     for t in reader.tensors:

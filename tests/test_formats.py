@@ -85,3 +85,12 @@ def test_meta_model_parallel_shards_merge(tiny, tmp_path, all_three):
     tokens = random_tokens(all_three["hf"].args.vocab_size, (1, 9), seed=4)
     with torch.no_grad():
         torch.testing.assert_close(load_model(two).model(tokens), all_three["hf"].model(tokens), rtol=0, atol=0)
+
+
+def test_load_tokenizer_alone_matches_the_full_load(all_three, tiny):
+    from llama_3 import load_tokenizer
+
+    for kind, path in (("hf", tiny.hf_dir), ("meta", tiny.meta_dir), ("gguf", tiny.gguf_path)):
+        alone = load_tokenizer(path)
+        assert alone.fingerprint() == all_three[kind].tokenizer.fingerprint()
+        assert alone.encode_batch([SAMPLE_TEXT, "x"]) == [all_three[kind].tokenizer.encode(t) for t in (SAMPLE_TEXT, "x")]
