@@ -15,9 +15,7 @@ the tokenized reader live in pipeline/sentences.py.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -29,7 +27,7 @@ from tqdm import tqdm
 
 from llama_3.cli import parse_config, run_main
 from llama_3.errors import LlamaInputError
-from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.paths import SENTENCES_DIR
 from pipeline.sentences import KIND, ROW_GROUP_SENTENCES, SCHEMA, shard_filename
 from pipeline.splitter import SentenceSplitter
@@ -121,19 +119,11 @@ def _prepare_out(out: Path, fp: str, force: bool) -> dict | None:
 
 
 def _write_shard(out: Path, index: int, columns: dict[str, list], row_group_sentences: int) -> dict:
-    """Write one shard to a temp name, fsync, and rename: a shard is either complete or absent."""
+    """Write one shard atomically: a shard is either complete or absent."""
     table = pa.Table.from_pydict(columns, schema=SCHEMA)
     name = shard_filename(index)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out / name) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_sentences, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return {"file": name, "rows": table.num_rows, "first_sentence_id": columns["sentence_id"][0],
             "sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
 

@@ -6,3 +6,4 @@ from pathlib import Path
 
 RUNS_DIR = Path("runs")
 SENTENCES_DIR = RUNS_DIR / "sentences"
+ACTIVATIONS_DIR = RUNS_DIR / "activations"

@@ -146,6 +146,7 @@ class SentenceTokenDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         sort_by_length: bool = True,
+        max_sentences: int = 0,
     ):
         if not 0 <= rank < world_size:
             raise LlamaInputError(f"rank {rank} is out of range for world_size {world_size}")
@@ -153,6 +154,10 @@ class SentenceTokenDataset(IterableDataset):
             raise LlamaInputError(f"need max_tokens >= 1, max_batch_tokens >= max_tokens, max_batch_size >= 1 "
                                   f"(got {max_tokens}, {max_batch_tokens}, {max_batch_size})")
         self.manifest, all_units = open_sentence_dataset(directory)
+        if max_sentences:  # the first max_sentences sentence ids, whatever the number of ranks
+            all_units = [u if u.first_sentence_id + u.n_rows <= max_sentences else
+                         ReadUnit(u.path, u.row_group, u.first_sentence_id, max_sentences - u.first_sentence_id)
+                         for u in all_units if u.first_sentence_id < max_sentences]
         self.tokenizer = tokenizer
         self.max_tokens, self.add_bos = max_tokens, add_bos
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
@@ -174,6 +179,7 @@ class SentenceTokenDataset(IterableDataset):
         pad = self.tokenizer.pad_id
         for unit in self._worker_units():
             cols = read_unit(unit, ["sentence_id", "text"])
+            cols = {k: v[: unit.n_rows] for k, v in cols.items()}  # a unit cut by max_sentences
             ids = self.tokenizer.encode_batch(cols["text"], bos=self.add_bos)
             full = [len(t) for t in ids]
             ids = [t[: self.max_tokens] for t in ids]

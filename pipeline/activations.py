@@ -1,0 +1,211 @@
+"""Activation shards: the capture stage's on-disk format, its background writer and its reader.
+
+A capture folder holds `manifest.json` (kind "activations") and, per rank, shards
+`acts-r{rank}-{index}.safetensors` of exactly `shard_tokens` real tokens (a rank's last shard
+may hold fewer). Padding and BOS positions are never stored. Tensors in a shard:
+
+    act.<hook point>          [n_tokens, d_model]  storage dtype (bf16 by default)
+    token_ids                 [n_tokens]           int32
+    sentence_ids              [n_sentences]        int64, the sentence dataset's global ids
+    sentence_starts           [n_sentences + 1]    int64, rows of sentence i are [starts[i], starts[i+1])
+    sentence_first_position   [n_sentences]        int32, position in its sentence of its first row here
+                                                   (nonzero when a sentence continues from the previous shard)
+
+so every row traces back to (sentence id, position). safetensors files memory-map: readers pull
+slices without loading a shard whole. A shard is written to a temp name, fsynced and renamed, so
+a visible shard is complete; the per-rank progress file lists the shards a resume may keep.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llama_3.errors import LlamaInputError
+from pipeline.manifest import atomic_path, read_manifest, sha256_file
+
+KIND = "activations"
+
+
+def shard_filename(rank: int, index: int) -> str:
+    return f"acts-r{rank:03d}-{index:05d}.safetensors"
+
+
+def act_key(hook_point: str) -> str:
+    return f"act.{hook_point}"
+
+
+@dataclass
+class TokenChunk:
+    """Real tokens of consecutive sentences, packed row-major: what one forward hands the writer."""
+
+    acts: dict[str, torch.Tensor]  # hook point -> [n, d_model], possibly still on the GPU
+    token_ids: torch.Tensor  # [n]
+    sentence_ids: list[int]
+    first_positions: list[int]  # position within its sentence of each sentence's first row here
+    lengths: list[int]  # rows per sentence here
+    ready: torch.cuda.Event | None = None  # set when an async device->host copy has finished
+
+
+@dataclass
+class _Buffer:
+    acts: dict[str, np.ndarray]
+    token_ids: np.ndarray
+    n: int = 0
+    sentence_ids: list[int] = field(default_factory=list)
+    first_positions: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=lambda: [0])
+
+
+class ShardWriter:
+    """Fills fixed-size shards on a background thread (a bounded queue), so disk writes overlap forwards.
+
+    `on_shard(info)` runs on the writer thread after each shard is renamed into place, with
+    {"file", "n_tokens", "n_sentences", "sha256", "bytes"}; the capture records it as progress.
+    Errors on the thread (disk full, ...) re-raise in the caller at the next put() or close().
+    """
+
+    def __init__(self, out: Path, rank: int, hook_points: list[str], d_model: int, dtype: torch.dtype,
+                 shard_tokens: int, first_index: int, on_shard: Callable[[dict], None], max_queue: int = 4):
+        self.out, self.rank, self.hooks = Path(out), rank, list(hook_points)
+        self.d_model, self.dtype, self.shard_tokens = d_model, dtype, shard_tokens
+        self.index = first_index
+        self.on_shard = on_shard
+        # numpy has no bf16: buffers hold the raw 16-bit patterns and are viewed back on save.
+        self._np_dtype = np.uint16 if dtype in (torch.bfloat16, torch.float16) else np.float32
+        self.buf = self._new_buffer()
+        self.q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _new_buffer(self) -> _Buffer:
+        return _Buffer({h: np.empty((self.shard_tokens, self.d_model), self._np_dtype) for h in self.hooks},
+                       np.empty(self.shard_tokens, np.int32))
+
+    def put(self, chunk: TokenChunk) -> None:
+        self._check()
+        while True:
+            try:
+                self.q.put(chunk, timeout=1.0)
+                return
+            except queue.Full:
+                self._check()
+
+    def close(self) -> None:
+        """Flush the last (partial) shard and stop the thread."""
+        self.put(None)  # type: ignore[arg-type]
+        self.thread.join()
+        self._check()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def _run(self) -> None:
+        try:
+            while True:
+                chunk = self.q.get()
+                if chunk is None:
+                    if self.buf.n:
+                        self._flush()
+                    return
+                self._append(chunk)
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self.q.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _as_np(self, t: torch.Tensor) -> np.ndarray:
+        t = t.to(self.dtype)
+        if self._np_dtype is np.uint16:
+            t = t.view(torch.int16)
+        return t.numpy().view(self._np_dtype)
+
+    def _append(self, chunk: TokenChunk) -> None:
+        if chunk.ready is not None:
+            chunk.ready.synchronize()
+        acts = {h: self._as_np(chunk.acts[h]) for h in self.hooks}
+        ids = chunk.token_ids.numpy().astype(np.int32, copy=False)
+        row = 0
+        for sid, pos0, n in zip(chunk.sentence_ids, chunk.first_positions, chunk.lengths):
+            done = 0
+            while done < n:  # a sentence may straddle shards
+                b = self.buf
+                take = min(n - done, self.shard_tokens - b.n)
+                b.sentence_ids.append(sid)
+                b.first_positions.append(pos0 + done)
+                for h in self.hooks:
+                    b.acts[h][b.n : b.n + take] = acts[h][row : row + take]
+                b.token_ids[b.n : b.n + take] = ids[row : row + take]
+                b.n += take
+                b.starts.append(b.n)
+                row += take
+                done += take
+                if b.n == self.shard_tokens:
+                    self._flush()
+
+    def _flush(self) -> None:
+        b = self.buf
+        tensors = {}
+        for h in self.hooks:
+            raw = torch.from_numpy(b.acts[h][: b.n])
+            tensors[act_key(h)] = raw.view(self.dtype) if self._np_dtype is np.uint16 else raw
+        tensors["token_ids"] = torch.from_numpy(b.token_ids[: b.n])
+        tensors["sentence_ids"] = torch.tensor(b.sentence_ids, dtype=torch.int64)
+        tensors["sentence_starts"] = torch.tensor(b.starts, dtype=torch.int64)
+        tensors["sentence_first_position"] = torch.tensor(b.first_positions, dtype=torch.int32)
+        name = shard_filename(self.rank, self.index)
+        try:
+            with atomic_path(self.out / name) as tmp:
+                save_file(tensors, str(tmp), metadata={"rank": str(self.rank), "index": str(self.index), "n_tokens": str(b.n)})
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise LlamaInputError(f"{self.out}: disk full while writing {name}; free space and re-run to resume") from None
+            raise
+        self.on_shard({"file": name, "n_tokens": b.n, "n_sentences": len(b.sentence_ids),
+                       "sha256": sha256_file(self.out / name), "bytes": (self.out / name).stat().st_size})
+        self.index += 1
+        self.buf = self._new_buffer()
+
+
+def sentence_rows(shard: dict[str, torch.Tensor]) -> list[tuple[int, int, int, int]]:
+    """(sentence_id, first_position, row_start, row_end) for each sentence piece in a loaded shard."""
+    starts = shard["sentence_starts"].tolist()
+    return [(int(s), int(p), starts[i], starts[i + 1])
+            for i, (s, p) in enumerate(zip(shard["sentence_ids"].tolist(), shard["sentence_first_position"].tolist()))]
+
+
+def open_capture(directory: str | Path) -> tuple[dict, list[Path]]:
+    """Validate a finished capture and list its shards (rank-major, then index)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory, KIND)
+    paths = []
+    for s in manifest["shards"]:
+        p = directory / s["file"]
+        if not p.is_file():
+            raise LlamaInputError(f"{p}: listed in {directory / 'manifest.json'} but missing")
+        paths.append(p)
+    return manifest, paths
+
+
+def load_shard(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Load some or all tensors of one shard (memory-mapped reads)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (keys or list(f.keys()))}
+    except Exception as e:
+        raise LlamaInputError(f"{path}: not a readable activation shard ({str(e).splitlines()[0]})") from None

@@ -1,0 +1,46 @@
+"""Hardware-dependent choices made once per process: the fast CPU dtype and glibc's allocator."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX tiles or AVX-512 BF16 dot products: bf16 matmuls run several times faster than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, p, lambda: False)()) for p in probes)
+
+
+def capture_dtype(device: torch.device) -> torch.dtype:
+    """The model dtype for capture-only forwards: bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def tune_glibc_malloc() -> bool:
+    """Keep large freed blocks in the heap instead of returning them to the OS after every op.
+
+    Each forward allocates and frees the same multi-MB activations; with glibc's defaults every
+    one is a fresh mmap whose pages fault in zeroed (up to 1.5x slower on small VMs). The same as
+    setting MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ before start. No-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        # 32 MiB is glibc's ceiling for the mmap threshold on 64-bit.
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except OSError:
+        return False
+    if not ok:
+        log.debug("mallopt refused; keeping glibc's defaults")
+    return ok
