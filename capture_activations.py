@@ -20,6 +20,7 @@ times faster, ~0.4% relative error per activation), else fp32. Storage defaults 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,10 @@ from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, read_ma
 from pipeline.paths import ACTIVATIONS_DIR, SENTENCES_DIR
 from pipeline.runtime import capture_dtype, tune_glibc_malloc
 from pipeline.sentences import SentenceBatch, SentenceTokenDataset
+
+
+# Fault-injection tests slow each forward down so a SIGKILL lands mid-run; 0 in normal use.
+_TEST_SLEEP = float(os.environ.get("CAPTURE_TEST_SLEEP", "0"))
 
 
 @dataclass
@@ -170,6 +175,8 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
             with torch.inference_mode():
                 acts = model.capture(batch.tokens.to(info.device, non_blocking=True), hooks)
             writer.put(make_chunk(acts, batch, bos, skip, info.device))
+            if _TEST_SLEEP:
+                time.sleep(_TEST_SLEEP)
             new_tokens += real - skip
             if bar.n and info.is_main:
                 bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - t0):.0f} tokens/s", refresh=False)
