@@ -115,6 +115,8 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
         raise LlamaInputError("--shard-tokens and --max-tokens must be positive")
     model_dtype = resolve_dtype(cfg.model_dtype) or capture_dtype(info.device)
     lm = load_model(cfg.model, device=info.device, dtype=model_dtype)
+    if info.device.type == "cpu":
+        lm.model.pack_for_cpu_inference()
     n_layers = lm.args.n_layers
     hooks = cfg.hook_points or [f"resid_pre.{default_capture_layer(n_layers)}"]
     points = [HookPoint.parse(h, n_layers, "--hook-points") for h in hooks]

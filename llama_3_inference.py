@@ -74,6 +74,8 @@ class Generator:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        if self.device.type == "cpu":
+            self.model.pack_for_cpu_inference()
 
     @property
     def device(self) -> torch.device:

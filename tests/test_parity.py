@@ -118,3 +118,25 @@ def test_low_precision_runs_close_to_fp32(tiny_model, dtype):
         a, b = low.model(tokens), tiny_model.model(tokens)
     assert a.dtype == dtype and low.model.layers[0].attention.wq.weight.dtype == dtype
     assert ((a.float() - b).abs().max() / b.abs().max()).item() < 0.1
+
+
+def test_prepacked_cpu_linears_match_and_fall_back(tiny):
+    """oneDNN-prepacked projections give the same logits; autograd and weight edits use the plain path."""
+    from llama_3 import load_model
+
+    lm = load_model(tiny.hf_dir)
+    model = lm.model
+    tokens = random_tokens(lm.args.vocab_size, (2, 23), seed=9)
+    with torch.no_grad():
+        plain = model(tokens)
+        assert model.pack_for_cpu_inference() == 7 * lm.args.n_layers
+        packed = model(tokens)
+        assert ((packed - plain).abs().max() / plain.abs().max()).item() < 1e-5
+        assert ((packed - tiny.reference(tokens).logits).abs().max()).item() < FP32_ATOL
+        model.layers[0].attention.wq.weight.mul_(2)  # an edit invalidates the packed copy
+        edited = model(tokens)
+        model.layers[0].attention.wq.weight.div_(2)
+    assert (edited - plain).abs().max() > 1e-3
+    loss = model(tokens).float().logsumexp(-1).mean()  # with autograd: the differentiable path
+    loss.backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
