@@ -66,7 +66,8 @@ class Linear(nn.Linear):
 
     def _key(self) -> tuple:
         w = self.weight
-        return (w._version, w.dtype, w.data_ptr())
+        # Inference tensors (made under inference_mode) have no version counter.
+        return (-1 if w.is_inference() else w._version, w.dtype, w.data_ptr())
 
     def pack(self) -> bool:
         w = self.weight
