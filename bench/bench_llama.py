@@ -99,6 +99,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     lm = load_model(args.model, device=device, dtype=dtype)
     hf = to_transformers(lm)
+    if device.type == "cpu":
+        lm.model.pack_for_cpu_inference()  # our CPU path (the capture stage and Generator do the same)
     layer = default_capture_layer(lm.args.n_layers)
     hook = f"resid_pre.{layer}"
     batches = [b.to(device) for b in corpus_batches(lm, args.batch_size, args.seq_len, 1)]
