@@ -7,3 +7,4 @@ from pathlib import Path
 RUNS_DIR = Path("runs")
 SENTENCES_DIR = RUNS_DIR / "sentences"
 ACTIVATIONS_DIR = RUNS_DIR / "activations"
+PREPROCESSED_DIR = RUNS_DIR / "preprocessed"

@@ -1,0 +1,260 @@
+"""Exact dataset statistics and shuffled training batches from a capture.
+
+Usage (CPU; worker processes share the work, the result does not depend on how many):
+    python sae_preprocessing.py                                    # runs/activations -> runs/preprocessed
+    python sae_preprocessing.py --workers 8 --val-fraction 0.05 --seed 0 --batch-size 1024
+
+One pass over the capture: every shard is checked against the capture manifest's sha256, its
+training tokens are folded into float64 Welford/Chan moments and scattered to their place in a
+seeded global permutation (`train_acts.npy`), and held-out sentences' tokens go to `val_acts.npy`.
+Format and statistics: pipeline/preprocessed.py.
+
+Massive activations: without BOS the first token of every sentence is the attention sink (norm
+~100x the median). Policy: tokens at positions < --exclude-first-positions (default 1 for a capture
+without BOS, 0 with BOS) are excluded from training, validation and statistics; the same rule is
+recorded in the manifest for every later stage, with counts and the share of squared norm they held.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from llama_3.cli import parse_config, run_main
+from llama_3.errors import LlamaInputError
+from pipeline.activations import KIND as CAPTURE_KIND, act_key, open_capture
+from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, read_manifest, write_json_atomic
+from pipeline.paths import ACTIVATIONS_DIR, PREPROCESSED_DIR
+from pipeline.preprocessed import KIND, TORCH_TO_NP, Moments
+
+OUTPUT_FILES = ("train_acts.npy", "train_index.npy", "val_acts.npy", "val_index.npy", "val_sentence_ids.npy", "stats.json")
+
+
+@dataclass
+class PreprocessConfig:
+    capture: str = field(default=str(ACTIVATIONS_DIR), metadata={"help": "capture folder"})
+    out: str = field(default=str(PREPROCESSED_DIR), metadata={"help": "output folder"})
+    hook_point: str | None = field(default=None, metadata={"help": "which captured hook point (default: the capture's first)"})
+    batch_size: int = field(default=1024, metadata={"help": "activations per training batch"})
+    val_fraction: float = field(default=0.05, metadata={"help": "fraction of sentences held out"})
+    seed: int = field(default=0, metadata={"help": "seed of the split and the shuffle"})
+    exclude_first_positions: int = field(default=-1, metadata={"help": "exclude positions < N (attention sinks); -1: 1 without BOS, 0 with BOS"})
+    workers: int = field(default=2, metadata={"help": "worker processes"})
+    force: bool = field(default=False, metadata={"help": "overwrite an existing preprocessing output"})
+
+
+def val_mask(sentence_ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """Seeded, order-free choice of held-out sentences: splitmix64(id, seed) / 2^64 < fraction."""
+    x = sentence_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def rows_of(meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (sentence_id, position) of a shard from its per-sentence offsets."""
+    starts = meta["sentence_starts"].numpy()
+    lens = np.diff(starts)
+    sids = np.repeat(meta["sentence_ids"].numpy(), lens)
+    pos = np.arange(starts[-1]) - np.repeat(starts[:-1], lens) + np.repeat(meta["sentence_first_position"].numpy().astype(np.int64), lens)
+    return sids, pos
+
+
+def _process_shard(task: dict) -> dict:
+    """Worker: verify, load, fold train tokens into moments, scatter train/val rows into the outputs."""
+    import torch
+    from safetensors.torch import load as st_load
+
+    path = Path(task["path"])
+    data = path.read_bytes()  # read once: hash and parse the same bytes
+    if hashlib.sha256(data).hexdigest() != task["sha256"]:
+        raise LlamaInputError(f"{path}: checksum differs from the capture manifest (corrupted shard)")
+    try:
+        t = st_load(data)
+    except Exception as e:
+        raise LlamaInputError(f"{path}: not a readable activation shard ({str(e).splitlines()[0]})") from None
+    key = task["key"]
+    if key not in t or tuple(t[key].shape) != (task["n_tokens"], task["d_model"]):
+        raise LlamaInputError(f"{path}: no {key} of shape [{task['n_tokens']}, {task['d_model']}] (from another capture?)")
+    a = t[key]
+    raw = a.view(torch.int16).numpy().view(np.uint16) if a.dtype == torch.bfloat16 else a.numpy()
+    sids, pos = rows_of(t)
+    excluded = pos < task["exclude_first"]
+    is_val = ~excluded & val_mask(sids, task["seed"], task["val_fraction"])
+    is_train = ~excluded & ~is_val
+    sq = a.float().pow(2).sum(1, dtype=torch.float64).numpy()  # squared norms, accumulated in float64
+    moments = Moments.of(a[torch.from_numpy(is_train)])
+    out = Path(task["out"])
+    if is_train.any():
+        dest = np.load(out / ".train_perm.npy", mmap_mode="r")[task["train_start"] : task["train_start"] + int(is_train.sum())]
+        acts = np.load(out / "train_acts.npy", mmap_mode="r+")
+        index = np.load(out / "train_index.npy", mmap_mode="r+")
+        order = np.argsort(dest)  # ascending destinations: friendlier page-cache writes
+        acts[dest[order]] = raw[is_train][order]
+        index[dest[order]] = np.stack([sids[is_train], pos[is_train]], 1)[order]
+        acts.flush()
+        index.flush()
+    if is_val.any():
+        v0, n_val = task["val_start"], int(is_val.sum())
+        acts = np.load(out / "val_acts.npy", mmap_mode="r+")
+        index = np.load(out / "val_index.npy", mmap_mode="r+")
+        acts[v0 : v0 + n_val] = raw[is_val]
+        index[v0 : v0 + n_val] = np.stack([sids[is_val], pos[is_val]], 1)
+        acts.flush()
+        index.flush()
+    kept_norms = np.sqrt(sq[~excluded])
+    return {"index": task["index"], "moments": moments, "bytes": len(data),
+            "sq_norm_excluded": float(sq[excluded].sum()), "sq_norm_kept": float(sq[~excluded].sum()),
+            "max_norm_excluded": float(np.sqrt(sq[excluded].max())) if excluded.any() else 0.0,
+            "norm_sample": kept_norms[::16].tolist()}
+
+
+def plan(capture_dir: Path, manifest: dict, paths: list[Path], cfg: PreprocessConfig, exclude_first: int):
+    """Metadata-only pass: per-shard train/val/excluded counts, the held-out sentence ids."""
+    from pipeline.activations import load_shard
+
+    counts, val_ids = [], set()
+    for p, s in zip(paths, manifest["shards"]):
+        meta = load_shard(p, ["sentence_ids", "sentence_starts", "sentence_first_position"])
+        sids, pos = rows_of(meta)
+        if len(sids) != s["n_tokens"]:
+            raise LlamaInputError(f"{p}: holds {len(sids)} tokens, the capture manifest says {s['n_tokens']}")
+        excluded = pos < exclude_first
+        is_val = ~excluded & val_mask(sids, cfg.seed, cfg.val_fraction)
+        val_ids.update(np.unique(sids[is_val]).tolist())
+        counts.append((int((~excluded & ~is_val).sum()), int(is_val.sum()), int(excluded.sum())))
+    return counts, np.array(sorted(val_ids), dtype=np.int64)
+
+
+def check_capture_folder(capture_dir: Path, manifest: dict) -> list[Path]:
+    _, paths = open_capture(capture_dir)
+    listed = {p.name for p in paths}
+    strays = sorted(p.name for p in capture_dir.glob("acts-r*.safetensors") if p.name not in listed)
+    if strays:
+        raise LlamaInputError(f"{capture_dir}: shards {', '.join(strays[:3])} are not in its manifest (mixed captures?)")
+    return paths
+
+
+def prepare_out(out: Path, fp: str, force: bool) -> dict | None:
+    if out.exists() and not out.is_dir():
+        raise LlamaInputError(f"--out {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    names = {p.name for p in out.iterdir()}
+    foreign = sorted(n for n in names if n not in OUTPUT_FILES and n != MANIFEST_NAME and not n.startswith("."))
+    if foreign:
+        raise LlamaInputError(f"--out {out}: holds other files ({', '.join(foreign[:3])}); choose an empty or preprocessing folder")
+    if MANIFEST_NAME in names:
+        m = read_manifest(out, KIND)
+        if m.get("fingerprint") == fp and not force:
+            return m
+        if not force:
+            raise LlamaInputError(f"--out {out}: holds preprocessing of another capture or settings; use --force or another --out")
+    for n in names:  # a previous run's files, complete or partial: start over
+        (out / n).unlink()
+    return None
+
+
+def main(cfg: PreprocessConfig) -> dict:
+    capture_dir, out = Path(cfg.capture), Path(cfg.out)
+    cap = read_manifest(capture_dir, CAPTURE_KIND)
+    paths = check_capture_folder(capture_dir, cap)
+    hook = cfg.hook_point or cap["hook_points"][0]
+    if hook not in cap["hook_points"]:
+        raise LlamaInputError(f"--hook-point {hook}: not captured in {capture_dir} (has {', '.join(cap['hook_points'])})")
+    if cfg.batch_size < 1 or not 0 <= cfg.val_fraction < 1 or cfg.workers < 1:
+        raise LlamaInputError("--batch-size and --workers must be positive and --val-fraction in [0, 1)")
+    exclude_first = cfg.exclude_first_positions if cfg.exclude_first_positions >= 0 else (0 if cap["config"]["add_bos"] else 1)
+    request = {"capture": cap["fingerprint"], "hook_point": hook, "batch_size": cfg.batch_size, "val_fraction": cfg.val_fraction,
+               "seed": cfg.seed, "exclude_first_positions": exclude_first}
+    fp = fingerprint(request)
+    done = prepare_out(out, fp, cfg.force)
+    if done is not None:
+        print(f"preprocessing already done: {out}; --force redoes it")
+        return done
+
+    d = cap["d_model"]
+    np_dtype = TORCH_TO_NP[cap["storage_dtype"]]
+    counts, val_ids = plan(capture_dir, cap, paths, cfg, exclude_first)
+    n_train, n_val, n_excl = (sum(c[i] for c in counts) for i in range(3))
+    if n_train == 0:
+        raise LlamaInputError(f"{capture_dir}: no training tokens left after the split and exclusions")
+    rng = np.random.default_rng(cfg.seed)
+    np.save(out / ".train_perm.npy", rng.permutation(n_train))
+    np.lib.format.open_memmap(out / "train_acts.npy", mode="w+", dtype=np_dtype, shape=(n_train, d)).flush()
+    np.lib.format.open_memmap(out / "train_index.npy", mode="w+", dtype=np.int64, shape=(n_train, 2)).flush()
+    np.lib.format.open_memmap(out / "val_acts.npy", mode="w+", dtype=np_dtype, shape=(n_val, d)).flush()
+    np.lib.format.open_memmap(out / "val_index.npy", mode="w+", dtype=np.int64, shape=(n_val, 2)).flush()
+    tasks, t_off, v_off = [], 0, 0
+    for i, (p, s, c) in enumerate(zip(paths, cap["shards"], counts)):
+        tasks.append({"index": i, "path": str(p), "sha256": s["sha256"], "n_tokens": s["n_tokens"], "d_model": d, "key": act_key(hook),
+                      "storage": cap["storage_dtype"], "exclude_first": exclude_first, "seed": cfg.seed,
+                      "val_fraction": cfg.val_fraction, "train_start": t_off, "val_start": v_off, "out": str(out)})
+        t_off += c[0]
+        v_off += c[1]
+
+    total_bytes = sum(s["bytes"] for s in cap["shards"])
+    results: list[dict] = [None] * len(tasks)  # type: ignore[list-item]
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="preprocess", dynamic_ncols=True)
+    if cfg.workers == 1:
+        it = map(_process_shard, tasks)
+    else:
+        pool = mp.get_context("spawn").Pool(min(cfg.workers, len(tasks)))
+        it = pool.imap_unordered(_process_shard, tasks)
+    try:
+        for r in it:
+            results[r["index"]] = r
+            bar.update(r["bytes"])
+    finally:
+        bar.close()
+        if cfg.workers > 1:
+            pool.terminate()
+    elapsed = time.perf_counter() - t0
+
+    moments = Moments.empty(d)
+    for r in results:  # merged in shard order: identical bits whatever the number of workers
+        moments = moments.merge(r["moments"])
+    norms = np.array([x for r in results for x in r["norm_sample"]])
+    sq_excl, sq_kept = sum(r["sq_norm_excluded"] for r in results), sum(r["sq_norm_kept"] for r in results)
+    stats = {"count": moments.n, "mean": moments.mean.tolist(), "var": moments.var.tolist(),
+             "mean_sq_norm": moments.sq_norm_sum / moments.n,
+             "mean_centered_sq_norm": float(moments.m2.sum() / moments.n),
+             "median_norm_sampled": float(np.median(norms)) if len(norms) else 0.0, "dtype": "float64", "split": "train"}
+    write_json_atomic(out / "stats.json", stats)
+    np.save(out / "val_sentence_ids.npy", val_ids)
+    (out / ".train_perm.npy").unlink()
+    n_batches = -(-n_train // cfg.batch_size)
+    manifest = make_manifest(
+        KIND, config=asdict(cfg), inputs={"capture": str(capture_dir), "capture_fingerprint": cap["fingerprint"], "model": cap["inputs"]["model"]},
+        counts={"captured_tokens": cap["counts"]["tokens"], "train_tokens": n_train, "val_tokens": n_val, "excluded_tokens": n_excl,
+                "val_sentences": len(val_ids), "train_batches": n_batches,
+                "last_batch_size": n_train - (n_batches - 1) * cfg.batch_size},
+        fingerprint=fp, hook_point=hook, d_model=d, storage_dtype=cap["storage_dtype"], batch_size=cfg.batch_size,
+        massive_activation_policy={
+            "rule": f"exclude positions < {exclude_first} (the attention sink of BOS-less sentences)" if exclude_first else "none",
+            "exclude_first_positions": exclude_first, "excluded_tokens": n_excl,
+            "excluded_share_of_squared_norm": sq_excl / max(sq_excl + sq_kept, 1e-30),
+            "max_norm_excluded": max(r["max_norm_excluded"] for r in results), "median_norm_kept_sampled": stats["median_norm_sampled"],
+        },
+        split={"val_fraction": cfg.val_fraction, "seed": cfg.seed, "rule": "splitmix64(sentence_id, seed) / 2^53 < val_fraction",
+               "val_sentence_ids_file": "val_sentence_ids.npy"},
+        throughput={"seconds": round(elapsed, 2), "gb_per_s": round(total_bytes / 1e9 / elapsed, 3)},
+    )
+    assert n_train + n_val + n_excl == cap["counts"]["tokens"]
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    print(f"{out}: {n_train} train tokens ({n_batches} batches of {cfg.batch_size}, last {manifest['counts']['last_batch_size']}), "
+          f"{n_val} validation tokens from {len(val_ids)} sentences, {n_excl} excluded; {total_bytes / 1e9 / elapsed:.2f} GB/s")
+    return manifest
+
+
+if __name__ == "__main__":
+    run_main(main, parse_config(PreprocessConfig, sys.argv[1:], __doc__))
