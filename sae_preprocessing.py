@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from llama_3.cli import parse_config, run_main
@@ -71,9 +72,9 @@ def rows_of(meta: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def _process_shard(task: dict) -> dict:
     """Worker: verify, load, fold train tokens into moments, scatter train/val rows into the outputs."""
-    import torch
     from safetensors.torch import load as st_load
 
+    torch.set_num_threads(task["threads"])  # workers share the cores; oversubscription slows them all
     path = Path(task["path"])
     data = path.read_bytes()  # read once: hash and parse the same bytes
     if hashlib.sha256(data).hexdigest() != task["sha256"]:
@@ -91,7 +92,7 @@ def _process_shard(task: dict) -> dict:
     excluded = pos < task["exclude_first"]
     is_val = ~excluded & val_mask(sids, task["seed"], task["val_fraction"])
     is_train = ~excluded & ~is_val
-    sq = a.float().pow(2).sum(1, dtype=torch.float64).numpy()  # squared norms, accumulated in float64
+    sq = torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).double().pow(2).numpy()  # only for the policy report
     moments = Moments.of(a[torch.from_numpy(is_train)])
     out = Path(task["out"])
     if is_train.any():
@@ -197,7 +198,8 @@ def main(cfg: PreprocessConfig) -> dict:
     for i, (p, s, c) in enumerate(zip(paths, cap["shards"], counts)):
         tasks.append({"index": i, "path": str(p), "sha256": s["sha256"], "n_tokens": s["n_tokens"], "d_model": d, "key": act_key(hook),
                       "storage": cap["storage_dtype"], "exclude_first": exclude_first, "seed": cfg.seed,
-                      "val_fraction": cfg.val_fraction, "train_start": t_off, "val_start": v_off, "out": str(out)})
+                      "val_fraction": cfg.val_fraction, "train_start": t_off, "val_start": v_off, "out": str(out),
+                      "threads": max(1, torch.get_num_threads() // min(cfg.workers, len(paths)))})
         t_off += c[0]
         v_off += c[1]
 

@@ -42,7 +42,7 @@ class Moments:
         return Moments(0, np.zeros(d), np.zeros(d), 0.0)
 
     @staticmethod
-    def of(x: np.ndarray | torch.Tensor, chunk_rows: int = 8192) -> "Moments":
+    def of(x: np.ndarray | torch.Tensor, chunk_rows: int = 1024) -> "Moments":
         """Moments of rows [n, d] in float64: two passes within cache-sized chunks, merged with Chan's formula."""
         x = torch.as_tensor(x)
         m = Moments.empty(x.shape[1])
