@@ -18,7 +18,6 @@ recorded in the manifest for every later stage, with counts and the share of squ
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing as mp
 import sys
 import time
