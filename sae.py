@@ -1,0 +1,245 @@
+"""TopK sparse autoencoder with a fast sparse path and a dense reference path.
+
+    h  = TopK(W_enc (x̃ - b_pre) + b_enc + h_bias)      ReLU on the kept values; h_bias steers (not trained)
+    x̂  = W_dec^T h + b_pre                              each latent's decoder row W_dec[i] has unit norm
+
+x̃ is the normalised input: "dataset" divides every token by one scalar so that E||x̃||² = d_model
+(the default: it keeps the geometry between tokens, and undoing it is one multiply), "token"
+standardises each token on its own (the original system's choice), "none" leaves x alone.
+
+Shapes: N tokens, d = d_model, L = n_latents, k active latents per token.
+Fast path: the decoder sums only the k active rows (`embedding_bag`), and the encoder's backward
+uses only the k active entries of its gradient (a sparse [N, L] matrix), so neither pass touches the
+N x L dense latent matrix after the forward's matmul. The dense path computes the same thing with
+plain matmuls and is kept as the reference the tests compare against.
+
+Files: `sae.safetensors` + `cfg.json` (everything needed to rebuild, incl. normalisation statistics,
+hook point and model identity); `export_saelens()` writes SAELens' `cfg.json` + `sae_weights.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llama_3.errors import LlamaInputError
+from pipeline.manifest import atomic_path
+
+NORMALIZATIONS = ("dataset", "token", "none")
+
+
+@dataclass
+class SaeConfig:
+    d_model: int
+    """Width of the activations (the model's residual stream)."""
+    n_latents: int
+    """Dictionary size."""
+    k: int
+    """Active latents per token."""
+    normalize: str = "dataset"
+    """Input normalisation: dataset (one scalar), token (per-token standardisation) or none."""
+    input_scale: float = 1.0
+    """For "dataset": x̃ = x * input_scale, chosen so that E||x̃||² = d_model on the training data."""
+    hook_point: str = ""
+    """Where the activations were captured (e.g. resid_pre.25)."""
+    model: dict = field(default_factory=dict)
+    """Identity of the model the SAE was trained on (path, kind, config/tokenizer hashes)."""
+    exclude_first_positions: int = 0
+    """Positions the training data excluded (attention sinks); later stages apply the same rule."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.k <= self.n_latents:
+            raise LlamaInputError(f"SAE config: k={self.k} must be in 1..n_latents={self.n_latents}")
+        if self.normalize not in NORMALIZATIONS:
+            raise LlamaInputError(f"SAE config: normalize={self.normalize!r}, expected one of {NORMALIZATIONS}")
+
+
+@dataclass
+class SaeOutput:
+    x_hat: torch.Tensor  # [N, d] reconstruction in the input's (raw) space
+    values: torch.Tensor  # [N, k] post-ReLU activations of the active latents
+    indices: torch.Tensor  # [N, k] their latent ids
+    x_norm: torch.Tensor  # [N, d] the normalised input the SAE saw
+    x_hat_norm: torch.Tensor  # [N, d] the reconstruction in normalised space
+
+
+class _SparseEncoderGrad(torch.autograd.Function):
+    """Top-k of W_enc x + b whose backward only uses the k kept entries per token.
+
+    forward: x [N, d], W [L, d], b [L] -> values [N, k] (ReLU'd), indices [N, k]
+    backward: grad_values [N, k] -> a sparse [N, L] gradient G with N*k entries;
+              dx = G @ W, dW = G^T @ x, db = column sums of G.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, b, h_bias, k):
+        pre = torch.addmm(b + h_bias, x, W.t())  # [N, L]
+        top, idx = pre.topk(k, dim=-1, sorted=False)
+        values = top.relu()
+        ctx.save_for_backward(x, W, idx, values)
+        ctx.n_latents = W.shape[0]
+        return values, idx
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_idx):
+        x, W, idx, values = ctx.saved_tensors
+        N, k = idx.shape
+        g = grad_values * (values > 0)  # ReLU
+        rows = torch.arange(N, device=x.device).repeat_interleave(k)
+        G = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), g.reshape(-1).to(x.dtype), (N, ctx.n_latents),
+                                    check_invariants=False)
+        G = G.coalesce()
+        grad_x = torch.sparse.mm(G, W) if ctx.needs_input_grad[0] else None
+        grad_W = torch.sparse.mm(G.t(), x) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(ctx.n_latents, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return grad_x, grad_W, grad_b.to(x.dtype) if ctx.needs_input_grad[2] else None, None, None
+
+
+class TopKSae(nn.Module):
+    def __init__(self, cfg: SaeConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, L = cfg.d_model, cfg.n_latents
+        W_dec = torch.randn(L, d)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)  # [L, d]: one unit-norm row per latent
+        self.W_enc = nn.Parameter(W_dec.clone())  # encoder initialised as the decoder's transpose
+        self.b_enc = nn.Parameter(torch.zeros(L))
+        self.b_pre = nn.Parameter(torch.zeros(d))
+        self.register_buffer("h_bias", torch.zeros(L), persistent=False)  # steering; never trained
+
+    # ---- normalisation --------------------------------------------------------------------
+    def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        if self.cfg.normalize == "dataset":
+            return x * self.cfg.input_scale, ()
+        if self.cfg.normalize == "token":
+            mu = x.mean(-1, keepdim=True)
+            sd = x.std(-1, keepdim=True) + 1e-5
+            return (x - mu) / sd, (mu, sd)
+        return x, ()
+
+    def denormalize(self, x_norm: torch.Tensor, ctx: tuple) -> torch.Tensor:
+        if self.cfg.normalize == "dataset":
+            return x_norm / self.cfg.input_scale
+        if self.cfg.normalize == "token":
+            mu, sd = ctx
+            return x_norm * sd + mu
+        return x_norm
+
+    # ---- encode / decode ------------------------------------------------------------------
+    def encode(self, x_norm: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x̃ [N, d] -> (values [N, k], indices [N, k])."""
+        xc = x_norm - self.b_pre
+        if dense:
+            pre = xc @ self.W_enc.t() + self.b_enc + self.h_bias
+            top, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            return top.relu(), idx
+        return _SparseEncoderGrad.apply(xc, self.W_enc, self.b_enc, self.h_bias, self.cfg.k)
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """(values, indices) [N, k] -> x̂ in normalised space [N, d]."""
+        if dense:
+            h = torch.zeros(values.shape[0], self.cfg.n_latents, dtype=values.dtype, device=values.device)
+            h = h.scatter(1, indices, values)
+            return h @ self.W_dec + self.b_pre
+        # Sum of the k active decoder rows, weighted by their activations: never forms [N, L].
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum") + self.b_pre
+
+    def decode_residual(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Decode without b_pre (the aux-k reconstruction models the residual x̃ - x̂)."""
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+
+    def forward(self, x: torch.Tensor, dense: bool = False) -> SaeOutput:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x_norm, ctx = self.normalize_input(x2)
+        values, indices = self.encode(x_norm, dense)
+        x_hat_norm = self.decode(values, indices, dense)
+        x_hat = self.denormalize(x_hat_norm, ctx)
+        return SaeOutput(x_hat.reshape(shape), values, indices, x_norm, x_hat_norm)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] -> x̂ [..., d] in raw space: the callable a splice uses."""
+        return self(x).x_hat
+
+    # ---- decoder constraints --------------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Each latent's decoder row back to unit norm (after every optimizer step)."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from each row's gradient its component along that row (before the optimizer step).
+
+        g_i <- g_i - (g_i . w_i) / (w_i . w_i) w_i: moving along w_i would only change its norm,
+        which normalize_decoder undoes anyway (dividing by w_i . w_i keeps it exact when the
+        rows are only unit-norm up to rounding).
+        """
+        g = self.W_dec.grad
+        if g is not None:
+            w = self.W_dec
+            g -= (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True) * w
+
+    # ---- files ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / "sae.safetensors") as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
+        with atomic_path(directory / "cfg.json") as tmp:
+            tmp.write_text(json.dumps(asdict(self.cfg), indent=2))
+
+    @staticmethod
+    def load(directory: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
+        directory = Path(directory)
+        try:
+            cfg = SaeConfig(**json.loads((directory / "cfg.json").read_text()))
+        except FileNotFoundError:
+            raise LlamaInputError(f"{directory / 'cfg.json'}: file not found (not an SAE folder?)") from None
+        except (TypeError, json.JSONDecodeError) as e:
+            raise LlamaInputError(f"{directory / 'cfg.json'}: not an SAE config ({e})") from None
+        sae = TopKSae(cfg)
+        try:
+            sd = load_file(str(directory / "sae.safetensors"))
+        except Exception as e:
+            raise LlamaInputError(f"{directory / 'sae.safetensors'}: cannot be read ({str(e).splitlines()[0]})") from None
+        missing, unexpected = sae.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise LlamaInputError(f"{directory / 'sae.safetensors'}: weights {missing or unexpected} do not match cfg.json")
+        return sae.to(device)
+
+    def export_saelens(self, directory: str | Path) -> None:
+        """SAELens' layout: W_enc [d, L], W_dec [L, d], b_enc, b_dec; topk activation with k in cfg.json.
+
+        SAELens' encoder has no separate b_pre: its b_dec is subtracted from the input, as ours is.
+        Our input scaling is folded into the weights so the exported SAE works on raw activations.
+        """
+        if self.cfg.normalize == "token":
+            raise LlamaInputError("SAELens has no per-token standardisation; export needs normalize=dataset or none")
+        s = self.cfg.input_scale if self.cfg.normalize == "dataset" else 1.0
+        # x̃ = s x:  pre = W_enc (s x - b_pre) + b_enc = (s W_enc)(x - b_pre / s) + b_enc ;  x̂ = (W_dec h + b_pre) / s
+        tensors = {
+            "W_enc": (self.W_enc.detach() * s).t().contiguous().cpu(),
+            "W_dec": (self.W_dec.detach() / s).contiguous().cpu(),
+            "b_enc": self.b_enc.detach().contiguous().cpu(),
+            "b_dec": (self.b_pre.detach() / s).contiguous().cpu(),
+        }
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(directory / "sae_weights.safetensors"))
+        layer = int(self.cfg.hook_point.split(".")[-1]) if self.cfg.hook_point else 0
+        cfg = {
+            "architecture": "topk", "d_in": self.cfg.d_model, "d_sae": self.cfg.n_latents, "activation_fn": "topk",
+            "activation_fn_kwargs": {"k": self.cfg.k}, "apply_b_dec_to_input": True, "normalize_activations": "none",
+            "dtype": "float32", "device": "cpu", "hook_name": f"blocks.{layer}.hook_resid_pre", "hook_layer": layer,
+            "model_name": self.cfg.model.get("path", ""), "context_size": 192, "prepend_bos": False,
+            "dataset_path": "", "finetuning_scaling_factor": False, "sae_lens_training_version": None,
+        }
+        (directory / "cfg.json").write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,119 @@
+"""TopK SAE: fast sparse path vs dense reference, decoder constraints, files, SAELens export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llama_3 import LlamaInputError
+from sae import SaeConfig, TopKSae
+
+
+def make(normalize="dataset", dtype=torch.float64, seed=0, **kw) -> TopKSae:
+    torch.manual_seed(seed)
+    cfg = SaeConfig(d_model=16, n_latents=64, k=5, normalize=normalize, input_scale=0.3, hook_point="resid_pre.3", **kw)
+    sae = TopKSae(cfg).to(dtype)
+    with torch.no_grad():  # non-trivial biases so every term matters
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_pre.normal_(0, 0.5)
+        sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))
+    return sae
+
+
+@pytest.mark.parametrize("normalize", ["dataset", "token", "none"])
+def test_fast_and_dense_paths_agree_in_outputs_and_gradients(normalize):
+    sae = make(normalize)
+    x = torch.randn(50, 16, dtype=torch.float64) * 3 + 1
+    grads = {}
+    outs = {}
+    for dense in (False, True):
+        sae.zero_grad()
+        out = sae(x, dense=dense)
+        loss = (out.x_hat - x).pow(2).sum() + 0.1 * out.values.sum()
+        loss.backward()
+        order = out.indices.argsort(dim=1)
+        outs[dense] = (out.x_hat.detach(), out.indices.gather(1, order), out.values.detach().gather(1, order))
+        grads[dense] = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    torch.testing.assert_close(outs[False][0], outs[True][0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(outs[False][1], outs[True][1])
+    torch.testing.assert_close(outs[False][2], outs[True][2], rtol=1e-12, atol=1e-12)
+    for n in grads[True]:
+        torch.testing.assert_close(grads[False][n], grads[True][n], rtol=1e-10, atol=1e-10, msg=n)
+    assert grads[False]["W_enc"].abs().sum() > 0 and grads[False]["b_pre"].abs().sum() > 0
+
+
+def test_input_gradient_agrees_too():
+    sae = make()
+    x1 = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    sae(x1).x_hat.pow(2).sum().backward()
+    sae(x2, dense=True).x_hat.pow(2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_decoder_rows_unit_norm_and_projected_gradient_orthogonal():
+    sae = make()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64, dtype=torch.float64))  # per latent, not per dimension
+    x = torch.randn(40, 16, dtype=torch.float64)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        (sae(x).x_hat - x).pow(2).sum().backward()
+        sae.project_decoder_grad()
+        dots = (sae.W_dec.grad * sae.W_dec.detach()).sum(1)
+        assert dots.abs().max() < 1e-12 * sae.W_dec.grad.abs().max()  # no component along its own decoder row
+        opt.step()
+        sae.normalize_decoder()
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64, dtype=torch.float64))
+
+
+def test_encoder_initialised_as_decoder_transpose():
+    sae = TopKSae(SaeConfig(d_model=8, n_latents=32, k=4))
+    assert torch.equal(sae.W_enc, sae.W_dec)  # both [L, d]: encoding multiplies by W_enc^T = W_dec^T's transpose
+
+
+def test_h_bias_steers_without_being_trained():
+    sae = make()
+    x = torch.randn(10, 16, dtype=torch.float64)
+    sae.h_bias[7] = 100.0
+    out = sae(x)
+    assert (out.indices == 7).any(dim=1).all()
+    assert "h_bias" not in dict(sae.named_parameters()) and "h_bias" not in sae.state_dict()
+
+
+def test_save_load_round_trip(tmp_path):
+    sae = make(dtype=torch.float32, model={"path": "m.gguf"}, exclude_first_positions=1)
+    sae.save(tmp_path / "s")
+    again = TopKSae.load(tmp_path / "s")
+    assert again.cfg == sae.cfg
+    x = torch.randn(9, 16)
+    assert torch.equal(again(x).x_hat, sae(x).x_hat)
+    assert json.loads((tmp_path / "s" / "cfg.json").read_text())["k"] == 5
+
+
+def test_saelens_export_reproduces_raw_space_reconstruction(tmp_path):
+    from safetensors.torch import load_file
+
+    sae = make(dtype=torch.float32)
+    sae.export_saelens(tmp_path / "lens")
+    w = load_file(str(tmp_path / "lens" / "sae_weights.safetensors"))
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    assert cfg["d_in"] == 16 and cfg["d_sae"] == 64 and cfg["activation_fn_kwargs"]["k"] == 5
+    x = torch.randn(30, 16) * 4
+    # SAELens' TopK forward, written out independently: encode (x - b_dec) @ W_enc + b_enc, keep top k, ReLU.
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    top, idx = pre.topk(cfg["activation_fn_kwargs"]["k"], dim=-1)
+    h = torch.zeros_like(pre).scatter(1, idx, top.relu())
+    x_hat = h @ w["W_dec"] + w["b_dec"]
+    torch.testing.assert_close(x_hat, sae(x).x_hat, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_config_and_files(tmp_path):
+    with pytest.raises(LlamaInputError, match="k=65 must be in 1..n_latents=64"):
+        SaeConfig(d_model=16, n_latents=64, k=65)
+    with pytest.raises(LlamaInputError, match="normalize="):
+        SaeConfig(d_model=16, n_latents=64, k=4, normalize="layer")
+    with pytest.raises(LlamaInputError, match="cfg.json: file not found"):
+        TopKSae.load(tmp_path)
