@@ -8,3 +8,4 @@ RUNS_DIR = Path("runs")
 SENTENCES_DIR = RUNS_DIR / "sentences"
 ACTIVATIONS_DIR = RUNS_DIR / "activations"
 PREPROCESSED_DIR = RUNS_DIR / "preprocessed"
+SAE_DIR = RUNS_DIR / "sae"

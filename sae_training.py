@@ -1,0 +1,352 @@
+"""Train a TopK SAE on preprocessed activations (CPU, one GPU, or torchrun DDP).
+
+Usage:
+    python sae_training.py                                   # runs/preprocessed -> runs/sae, 8x expansion, k=32
+    python sae_training.py --expansion 16 --k 64 --epochs 4 --wandb offline
+    torchrun --nproc_per_node 8 sae_training.py --data runs/owt_preprocessed --batch-size 8192
+
+Every global batch is split evenly over the ranks; each rank's loss is its share of the global
+mean, gradients are all-reduced (sum), so every rank takes the same optimizer step as one process
+on the whole batch would. Decoder rows stay unit-norm per latent: the gradient component along each
+row is projected out before the step and the rows are renormalised after it. Aux-k (coefficient
+1/32) reconstructs the residual from latents that have not fired for --dead-tokens tokens (counted
+globally across ranks). Checkpoints (atomic, safetensors + JSON, no pickle) hold weights,
+optimizer, schedule, dead counters, RNG state and data position; --resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from llama_3.cli import parse_config, run_main
+from llama_3.errors import LlamaInputError
+from pipeline.distributed import DistInfo, barrier, setup_distributed, teardown
+from pipeline.manifest import atomic_path, fingerprint, make_manifest, write_json_atomic
+from pipeline.paths import PREPROCESSED_DIR, SAE_DIR
+from pipeline.preprocessed import activations, open_preprocessed
+from pipeline.runtime import tune_glibc_malloc
+from sae import SaeConfig, TopKSae
+
+# Fault-injection tests slow each step so a SIGKILL lands mid-run; 0 in normal use.
+_TEST_SLEEP = float(os.environ.get("TRAIN_TEST_SLEEP", "0"))
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(default=str(PREPROCESSED_DIR), metadata={"help": "preprocessing output folder"})
+    out: str = field(default=str(SAE_DIR), metadata={"help": "run folder (checkpoints, metrics, final SAE)"})
+    expansion: int = field(default=8, metadata={"help": "n_latents = expansion * d_model (unless --n-latents)"})
+    n_latents: int = field(default=0, metadata={"help": "dictionary size (0: expansion * d_model)"})
+    k: int = field(default=32, metadata={"help": "active latents per token"})
+    normalize: str = field(default="dataset", metadata={"help": "input normalisation: dataset, token, none"})
+    batch_size: int = field(default=1024, metadata={"help": "global batch (tokens per optimizer step, all ranks together)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training tokens"})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate (0: 2e-4 / sqrt(n_latents / 2^14), OpenAI's scaling)"})
+    beta1: float = field(default=0.85, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.9999, metadata={"help": "AdamW beta2"})
+    eps: float = field(default=6.25e-10, metadata={"help": "AdamW epsilon"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak"})
+    grad_clip: float = field(default=0.0, metadata={"help": "clip the global gradient norm (0: off)"})
+    dead_tokens: int = field(default=100_000, metadata={"help": "a latent silent for this many tokens is dead"})
+    k_aux: int = field(default=0, metadata={"help": "latents in the aux-k reconstruction (0: d_model / 2)"})
+    aux_coef: float = field(default=1 / 32, metadata={"help": "aux-k loss coefficient"})
+    val_every: int = field(default=50, metadata={"help": "validate every N steps"})
+    checkpoint_every: int = field(default=100, metadata={"help": "checkpoint every N steps"})
+    nonfinite: str = field(default="skip", metadata={"help": "a batch with NaN/inf: skip (and count) or stop"})
+    seed: int = field(default=0, metadata={"help": "initialisation and data-order seed"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    wandb: str = field(default="auto", metadata={"help": "online, offline, disabled, auto (online with WANDB_API_KEY, else offline)"})
+    wandb_project: str = field(default="llama-sae", metadata={"help": "W&B project"})
+    resume: bool = field(default=True, metadata={"help": "continue from the run folder's checkpoint if there is one"})
+    force: bool = field(default=False, metadata={"help": "discard an existing run in --out"})
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig, peak: float) -> float:
+    """Linear warmup, then cosine to min_lr_ratio * peak, evaluated per optimizer step."""
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """Start rows of this epoch's global batches, in a seeded order (the last batch may be short)."""
+    starts = np.arange(0, n_rows, batch_size)
+    return np.random.default_rng([seed, epoch]).permutation(starts)
+
+
+def aux_k_loss(sae: TopKSae, x_norm: torch.Tensor, x_hat_norm: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """Reconstruct the residual x̃ - x̂ from the top dead latents, decoded without b_pre; normalised MSE."""
+    dead_ids = dead.nonzero().squeeze(1)
+    if len(dead_ids) == 0:
+        return x_norm.new_zeros(())
+    residual = (x_norm - x_hat_norm).detach()
+    pre = (x_norm - sae.b_pre.detach()) @ sae.W_enc[dead_ids].t() + sae.b_enc[dead_ids]  # [N, n_dead]
+    top, local = pre.topk(min(k_aux, len(dead_ids)), dim=-1, sorted=False)
+    recon = sae.decode_residual(top.relu(), dead_ids[local])
+    denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return (recon - residual).pow(2).sum(-1).mean() / denom
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.manifest, self.stats = open_preprocessed(cfg.data)
+        self.train = activations(cfg.data, "train")
+        self.val = activations(cfg.data, "val")
+        d = self.manifest["d_model"]
+        n_latents = cfg.n_latents or cfg.expansion * d
+        if cfg.batch_size % info.world_size:
+            raise LlamaInputError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} ranks")
+        if cfg.nonfinite not in ("skip", "stop"):
+            raise LlamaInputError(f"--nonfinite {cfg.nonfinite!r}: expected skip or stop")
+        input_scale = math.sqrt(d / self.stats["mean_sq_norm"])  # E||x̃||² = d_model
+        self.sae_cfg = SaeConfig(d_model=d, n_latents=n_latents, k=cfg.k, normalize=cfg.normalize, input_scale=input_scale,
+                                 hook_point=self.manifest["hook_point"], model=self.manifest["inputs"]["model"],
+                                 exclude_first_positions=self.manifest["massive_activation_policy"]["exclude_first_positions"])
+        torch.manual_seed(cfg.seed)
+        self.sae = TopKSae(self.sae_cfg).to(info.device)
+        with torch.no_grad():  # b_pre starts at the (normalised) data mean
+            mean = torch.tensor(self.stats["mean"], dtype=torch.float32)
+            self.sae.b_pre.copy_(mean * input_scale if cfg.normalize == "dataset" else (mean if cfg.normalize == "none" else 0))
+        self.peak_lr = cfg.lr or 2e-4 / math.sqrt(n_latents / 2**14)
+        self.opt = torch.optim.AdamW(self.sae.parameters(), lr=self.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay)
+        self.k_aux = cfg.k_aux or d // 2
+        self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.long, device=info.device)
+        self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
+        self.steps_per_epoch = -(-len(self.train) // cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+
+    # ---- one step ---------------------------------------------------------------------------
+    def local_rows(self, start: int) -> torch.Tensor:
+        end = min(start + self.cfg.batch_size, len(self.train))
+        per = -(-(end - start) // self.info.world_size)
+        a = start + self.info.rank * per
+        return self.train[a : min(a + per, end)].to(self.info.device, torch.float32), end - start
+
+    def train_step(self, start: int) -> dict:
+        x, global_n = self.local_rows(start)
+        bad = torch.tensor(float(not torch.isfinite(x).all()), device=self.info.device)
+        if self.info.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            if self.cfg.nonfinite == "stop":
+                raise LlamaInputError(f"{self.cfg.data}: NaN/inf in the training batch at row {start}; --nonfinite skip skips such batches")
+            self.skipped += 1
+            return {"skipped": 1}
+        sae = self.sae
+        out = sae(x)
+        # Each rank's share of the global mean: summed over ranks it is the one-process loss.
+        sq = (out.x_hat_norm - out.x_norm).pow(2).sum(-1)
+        loss = sq.sum() / global_n
+        dead = self.tokens_since_fired >= self.cfg.dead_tokens
+        aux = aux_k_loss(sae, out.x_norm, out.x_hat_norm, dead, self.k_aux) * (len(x) / global_n)
+        self.opt.zero_grad(set_to_none=True)
+        (loss + self.cfg.aux_coef * aux).backward()
+        stats = torch.stack([loss.detach(), aux.detach()])
+        fired = torch.zeros_like(self.tokens_since_fired)
+        fired[out.indices[out.values > 0]] = 1
+        if self.info.distributed:
+            for p in sae.parameters():
+                dist.all_reduce(p.grad)
+            dist.all_reduce(stats)
+            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+        sae.project_decoder_grad()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.total_steps, self.cfg, self.peak_lr)
+        self.opt.step()
+        sae.normalize_decoder()
+        self.tokens_since_fired += global_n
+        self.tokens_since_fired[fired.bool()] = 0
+        return {"train/loss": stats[0].item(), "train/aux_loss": stats[1].item(), "train/lr": self.opt.param_groups[0]["lr"],
+                "debug/dead_latents_ratio": dead.float().mean().item()}
+
+    # ---- validation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, max_rows: int = 32768) -> dict:
+        sae, var = self.sae, torch.tensor(self.stats["var"], dtype=torch.float64)
+        n, sq_err, sq_norm_err, l0, counts = 0, 0.0, 0.0, 0.0, torch.zeros(sae.cfg.n_latents)
+        total_var = 0.0
+        for a in range(0, min(len(self.val), max_rows), 4096):
+            x = self.val[a : min(a + 4096, len(self.val), max_rows)].to(self.info.device, torch.float32)
+            out = sae(x)
+            sq_err += (out.x_hat - x).double().pow(2).sum().item()
+            sq_norm_err += (out.x_hat_norm - out.x_norm).double().pow(2).sum().item()
+            total_var += (x.double() - torch.tensor(self.stats["mean"], dtype=torch.float64)).pow(2).sum().item()
+            l0 += (out.values > 0).sum().item()
+            counts.index_add_(0, out.indices[out.values > 0].cpu(), torch.ones((out.values > 0).sum().item()))
+            n += len(x)
+        if n == 0:
+            return {}
+        freq = counts / n
+        return {"val/loss": sq_norm_err / n, "val/fvu": sq_err / max(total_var, 1e-30), "val/l0": l0 / n,
+                "val/dead_pct": 100 * (freq == 0).float().mean().item(), "val/dense_pct": 100 * (freq > 0.1).float().mean().item(),
+                "val/tokens": n, "val/var_ref": float(var.sum())}
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path) -> None:
+        if not self.info.is_main:
+            return
+        ckpt = directory / "checkpoint"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in self.sae.state_dict().items()}
+        for i, p in enumerate(self.sae.parameters()):
+            for name, v in self.opt.state.get(p, {}).items():
+                tensors[f"opt.{i}.{name}"] = v.detach().cpu().contiguous().reshape(v.shape) if v.dim() else v.detach().cpu().reshape(1)
+        tensors["tokens_since_fired"] = self.tokens_since_fired.cpu()
+        tensors["torch_rng"] = torch.get_rng_state()
+        with atomic_path(ckpt / "state.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        write_json_atomic(ckpt / "state.json", {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                                                "skipped": self.skipped, "sae_cfg": asdict(self.sae_cfg)})
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        ckpt = directory / "checkpoint"
+        if not (ckpt / "state.json").is_file():
+            return False
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["sae_cfg"] != asdict(self.sae_cfg):
+            raise LlamaInputError(f"{ckpt}: checkpoint of an incompatible SAE config; use --force or another --out")
+        tensors = load_file(str(ckpt / "state.safetensors"))
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        self.sae.to(self.info.device)
+        for i, p in enumerate(self.sae.parameters()):
+            st = {n.split(".", 2)[2]: v for n, v in tensors.items() if n.startswith(f"opt.{i}.")}
+            if st:
+                st["step"] = st["step"].reshape(())
+                self.opt.state[p] = {k: v.to(self.info.device) if k != "step" else v for k, v in st.items()}
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(self.info.device)
+        torch.set_rng_state(tensors["torch_rng"])
+        self.step, self.epoch, self.batch_in_epoch, self.skipped = state["step"], state["epoch"], state["batch_in_epoch"], state["skipped"]
+        return True
+
+
+class MetricsLog:
+    """metrics.jsonl always; W&B online/offline/disabled (offline without a key: never a login prompt)."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, enabled: bool, run_config: dict):
+        self.path = out / "metrics.jsonl"
+        self.enabled = enabled
+        self.wandb = None
+        mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        if mode not in ("online", "offline", "disabled"):
+            raise LlamaInputError(f"--wandb {cfg.wandb!r}: expected online, offline, disabled or auto")
+        self.mode = mode
+        if enabled and mode != "disabled":
+            try:
+                import wandb
+            except ImportError:
+                raise LlamaInputError("--wandb: the wandb package is not installed (pip install wandb) or use --wandb disabled") from None
+            id_file = out / "wandb_run_id.txt"
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", mode=mode, dir=str(out),
+                                    config=run_config, settings=wandb.Settings(login_timeout=0 if mode == "offline" else 30))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def main(cfg: TrainConfig) -> dict:
+    tune_glibc_malloc()
+    info = setup_distributed(cfg.device)
+    try:
+        return train(cfg, info)
+    finally:
+        teardown(info)
+
+
+def train(cfg: TrainConfig, info: DistInfo) -> dict:
+    out = Path(cfg.out)
+    trainer = Trainer(cfg, info)
+    request = {"data": trainer.manifest["fingerprint"], **{k: v for k, v in asdict(cfg).items()
+               if k not in ("out", "val_every", "checkpoint_every", "wandb", "wandb_project", "resume", "force", "device")}}
+    fp = fingerprint(request)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        run_file = out / "run.json"
+        if run_file.is_file() and json.loads(run_file.read_text())["fingerprint"] != fp and not cfg.force:
+            raise LlamaInputError(f"--out {out}: holds a run with another config; use --force or another --out")
+        if cfg.force:
+            for p in ("checkpoint/state.json", "checkpoint/state.safetensors", "metrics.jsonl", "manifest.json", "wandb_run_id.txt"):
+                (out / p).unlink(missing_ok=True)
+        write_json_atomic(run_file, {"fingerprint": fp, "config": asdict(cfg)})
+    barrier(info)
+    resumed = cfg.resume and trainer.load_checkpoint(out)
+    log = MetricsLog(out, cfg, info.is_main, asdict(cfg))
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", disable=not info.is_main, dynamic_ncols=True, desc="train")
+    t0, tokens_run = time.perf_counter(), 0
+    while trainer.epoch < cfg.epochs:
+        order = batch_order(len(trainer.train), cfg.batch_size, cfg.seed, trainer.epoch)
+        while trainer.batch_in_epoch < len(order):
+            start = int(order[trainer.batch_in_epoch])
+            metrics = trainer.train_step(start)
+            trainer.batch_in_epoch += 1
+            trainer.step += 1
+            tokens_run += min(cfg.batch_size, len(trainer.train) - start)
+            if _TEST_SLEEP:
+                time.sleep(_TEST_SLEEP)
+            if trainer.step % cfg.val_every == 0:
+                metrics.update(trainer.validate())
+            metrics["train/tokens_per_s"] = tokens_run / (time.perf_counter() - t0)
+            log.log(trainer.step, metrics)
+            bar.update(1)
+            if "train/loss" in metrics:
+                bar.set_postfix_str(f"loss {metrics['train/loss']:.4f} dead {metrics['debug/dead_latents_ratio']:.1%} "
+                                    f"{metrics['train/tokens_per_s']:.0f} tok/s", refresh=False)
+            if trainer.step % cfg.checkpoint_every == 0:
+                trainer.save_checkpoint(out)
+        trainer.epoch += 1
+        trainer.batch_in_epoch = 0
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    final = trainer.validate(max_rows=10**9)
+    trainer.save_checkpoint(out)
+    log.log(trainer.step, final)
+    log.close()
+    if not info.is_main:
+        return {}
+    trainer.sae.save(out / "sae")
+    manifest = make_manifest(
+        "sae", config=asdict(cfg), inputs={"data": str(cfg.data), "data_fingerprint": trainer.manifest["fingerprint"]},
+        counts={"steps": trainer.step, "tokens_seen": trainer.step * cfg.batch_size, "skipped_nonfinite_batches": trainer.skipped},
+        fingerprint=fp, sae=asdict(trainer.sae_cfg), final_validation=final, resumed=resumed, world_size=info.world_size,
+        throughput={"seconds_this_run": round(elapsed, 2), "tokens_per_s": round(tokens_run / max(elapsed, 1e-9), 1)},
+    )
+    write_json_atomic(out / "manifest.json", manifest)
+    print(f"{out}: {trainer.step} steps; val FVU {final.get('val/fvu', float('nan')):.4f}, L0 {final.get('val/l0', 0):.1f}, "
+          f"dead {final.get('val/dead_pct', 0):.1f}%, dense {final.get('val/dense_pct', 0):.1f}%; "
+          f"{tokens_run / max(elapsed, 1e-9):.0f} tokens/s")
+    return manifest
+
+
+if __name__ == "__main__":
+    run_main(main, parse_config(TrainConfig, sys.argv[1:], __doc__))

@@ -1,0 +1,152 @@
+"""SAE training: ground-truth recovery, aux-k revival, DDP equality, SIGKILL + resume bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.manifest import make_manifest, write_json_atomic
+from pipeline.preprocessed import KIND as PRE_KIND, Moments
+from sae import TopKSae
+from sae_training import TrainConfig, main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic(n: int, d: int = 32, n_true: int = 48, k_true: int = 3, seed: int = 0):
+    """Tokens that are sums of k_true of n_true known unit directions with positive magnitudes."""
+    g = np.random.default_rng(seed)
+    dirs = g.standard_normal((n_true, d))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    idx = np.stack([g.choice(n_true, k_true, replace=False) for _ in range(n)])
+    mags = g.uniform(1.0, 3.0, (n, k_true))
+    x = np.einsum("nk,nkd->nd", mags, dirs[idx]) + 0.01 * g.standard_normal((n, d))
+    return x.astype(np.float32), dirs
+
+
+def fake_preprocessed(directory: Path, train: np.ndarray, val: np.ndarray, batch_size: int = 256) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / "train_acts.npy", train)
+    np.save(directory / "val_acts.npy", val)
+    m = Moments.of(train)
+    write_json_atomic(directory / "stats.json", {"count": m.n, "mean": m.mean.tolist(), "var": m.var.tolist(),
+                                                 "mean_sq_norm": m.sq_norm_sum / m.n})
+    write_json_atomic(directory / "manifest.json", make_manifest(
+        PRE_KIND, config={}, inputs={"model": {"path": "synthetic"}}, counts={"train_tokens": len(train)},
+        fingerprint=f"synthetic-{len(train)}", hook_point="resid_pre.1", d_model=train.shape[1], storage_dtype="torch.float32",
+        batch_size=batch_size, massive_activation_policy={"exclude_first_positions": 0}))
+    return directory
+
+
+def cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), wandb="disabled", device="cpu", batch_size=256, val_every=10**9, checkpoint_every=10**9)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_recovers_known_sparse_directions(tmp_path):
+    x, dirs = synthetic(12_000)
+    data = fake_preprocessed(tmp_path / "data", x[:10_000], x[10_000:])
+    m = train_main(cfg(data, tmp_path / "run", n_latents=96, k=3, epochs=8, lr=4e-3, warmup_steps=10))
+    sae = TopKSae.load(tmp_path / "run" / "sae")
+    W = sae.W_dec.detach().numpy()
+    cos = dirs @ (W / np.linalg.norm(W, axis=1, keepdims=True)).T  # [n_true, n_latents]
+    best = cos.max(1)
+    assert best.mean() > 0.9, best
+    assert m["final_validation"]["val/fvu"] < 0.1
+    np.testing.assert_allclose(np.linalg.norm(W, axis=1), 1.0, rtol=1e-5)  # unit rows after training
+
+
+def test_aux_k_trains_only_dead_latents_toward_the_residual():
+    """The aux-k loss moves only the dead latents' rows, and lowers the residual they fail to explain."""
+    from sae import SaeConfig
+    from sae_training import aux_k_loss
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(synthetic(2_000)[0])
+    sae = TopKSae(SaeConfig(d_model=32, n_latents=64, k=3))
+    with torch.no_grad():
+        out = sae(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    opt = torch.optim.Adam([sae.W_enc, sae.W_dec, sae.b_enc], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = aux_k_loss(sae, out.x_norm, out.x_hat_norm, dead, k_aux=8)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    for name in ("W_enc", "W_dec", "b_enc"):
+        changed = (getattr(sae, name).detach() != before[name]).reshape(64, -1).any(1)
+        assert changed[dead].any() and not changed[~dead].any(), name
+    assert torch.equal(sae.b_pre, before["b_pre"])  # the residual is decoded without b_pre
+
+
+def run_cli(args: list[str], torchrun: int = 0, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    return subprocess.Popen(cmd + ["sae_training.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "sae" / "sae.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_ddp_equals_one_process(tmp_path):
+    x, _ = synthetic(4_096)
+    data = fake_preprocessed(tmp_path / "data", x[:3_584], x[3_584:])
+    args = ["--data", str(data), "--wandb", "disabled", "--device", "cpu", "--n-latents", "64", "--k", "3", "--batch-size", "256",
+            "--epochs", "1", "--dead-tokens", "512", "--val-every", "1000000"]
+    one, two = run_cli(args + ["--out", str(tmp_path / "one")]), run_cli(args + ["--out", str(tmp_path / "two")], torchrun=2)
+    for p in (one, two):
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["world_size"] == 2
+    for k in w1:  # same global batches and mean gradient; only the summation order differs
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert not torch.equal(w1["W_dec"], TopKSae.load(tmp_path / "one" / "sae").W_dec.new_zeros(1))
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted_bit_for_bit(tmp_path):
+    x, _ = synthetic(6_000)
+    data = fake_preprocessed(tmp_path / "data", x[:5_120], x[5_120:])
+    args = ["--data", str(data), "--wandb", "disabled", "--device", "cpu", "--n-latents", "64", "--k", "3", "--batch-size", "256",
+            "--epochs", "3", "--dead-tokens", "512", "--checkpoint-every", "7", "--val-every", "5"]
+    clean = run_cli(args + ["--out", str(tmp_path / "clean")])
+    assert clean.wait(timeout=300) == 0
+    out = tmp_path / "killed"
+    victim = run_cli(args + ["--out", str(out)], env_extra={"TRAIN_TEST_SLEEP": "0.05"})
+    deadline = time.time() + 120
+    while time.time() < deadline and victim.poll() is None:
+        st = out / "checkpoint" / "state.json"
+        if st.is_file() and json.loads(st.read_text())["step"] >= 21:
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "training finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    step_at_kill = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert 0 < step_at_kill < 60
+    resumed = run_cli(args + ["--out", str(out)])
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["resumed"] and m["counts"]["steps"] == 60
+    w_clean, w_res = weights(tmp_path / "clean"), weights(out)
+    for k in w_clean:
+        assert torch.equal(w_clean[k], w_res[k]), k
