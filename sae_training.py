@@ -72,6 +72,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     wandb: str = field(default="auto", metadata={"help": "online, offline, disabled, auto (online with WANDB_API_KEY, else offline)"})
     wandb_project: str = field(default="llama-sae", metadata={"help": "W&B project"})
+    eval_sentences: int = field(default=128, metadata={"help": "held-out sentences for the spliced CE/KL evaluation (0: skip)"})
     resume: bool = field(default=True, metadata={"help": "continue from the run folder's checkpoint if there is one"})
     force: bool = field(default=False, metadata={"help": "discard an existing run in --out"})
 
@@ -335,17 +336,55 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
     if not info.is_main:
         return {}
     trainer.sae.save(out / "sae")
+    spliced = spliced_evaluation(cfg, trainer, info)
     manifest = make_manifest(
         "sae", config=asdict(cfg), inputs={"data": str(cfg.data), "data_fingerprint": trainer.manifest["fingerprint"]},
         counts={"steps": trainer.step, "tokens_seen": trainer.step * cfg.batch_size, "skipped_nonfinite_batches": trainer.skipped},
-        fingerprint=fp, sae=asdict(trainer.sae_cfg), final_validation=final, resumed=resumed, world_size=info.world_size,
+        fingerprint=fp, sae=asdict(trainer.sae_cfg), final_validation=final, spliced_evaluation=spliced, resumed=resumed,
+        world_size=info.world_size,
         throughput={"seconds_this_run": round(elapsed, 2), "tokens_per_s": round(tokens_run / max(elapsed, 1e-9), 1)},
     )
     write_json_atomic(out / "manifest.json", manifest)
     print(f"{out}: {trainer.step} steps; val FVU {final.get('val/fvu', float('nan')):.4f}, L0 {final.get('val/l0', 0):.1f}, "
           f"dead {final.get('val/dead_pct', 0):.1f}%, dense {final.get('val/dense_pct', 0):.1f}%; "
           f"{tokens_run / max(elapsed, 1e-9):.0f} tokens/s")
+    if "eval/ce_loss_recovered" in spliced:
+        print(f"spliced into the model on {spliced['eval/sentences']} held-out sentences: CE clean {spliced['eval/ce_clean']:.3f}, "
+              f"with SAE {spliced['eval/ce_sae']:.3f}, zero-ablated {spliced['eval/ce_zero_ablation']:.3f} -> "
+              f"CE loss recovered {spliced['eval/ce_loss_recovered']:.1%}, KL {spliced['eval/kl_sae']:.3f}")
     return manifest
+
+
+def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo) -> dict:
+    """CE loss recovered and KL with the SAE spliced into the model, on held-out sentences (main rank)."""
+    from llama_3 import load_model
+    from pipeline.activations import KIND as CAPTURE_KIND
+    from pipeline.manifest import read_manifest
+    from pipeline.sentences import iter_sentences
+    from pipeline.splice_eval import splice_eval
+
+    capture_dir = trainer.manifest["inputs"].get("capture")
+    if not cfg.eval_sentences or not capture_dir:
+        return {"skipped": "disabled" if not cfg.eval_sentences else "the data does not name its capture"}
+    try:
+        cap = read_manifest(Path(capture_dir), CAPTURE_KIND)
+        wanted = set(np.load(Path(cfg.data) / "val_sentence_ids.npy")[: cfg.eval_sentences].tolist())
+        texts = []
+        for part in iter_sentences(cap["inputs"]["sentences"]["path"]):
+            texts += [t for s, t in zip(part["sentence_id"], part["text"]) if s in wanted]
+            if len(texts) >= len(wanted):
+                break
+        lm = load_model(cap["inputs"]["model"]["path"], device=info.device, dtype=torch.float32 if info.device.type == "cpu" else None)
+    except (LlamaInputError, OSError) as e:
+        return {"skipped": f"model or sentences unavailable: {e}"}
+    if lm.tokenizer.fingerprint() != cap["tokenizer"]["sha256"]:
+        return {"skipped": f"{lm.path}: not the tokenizer the capture used"}
+    if info.device.type == "cpu":
+        lm.model.pack_for_cpu_inference()
+    sae = trainer.sae.eval()
+    return splice_eval(lm, sae.reconstruct, texts, trainer.sae_cfg.hook_point,
+                       exclude_first_positions=trainer.sae_cfg.exclude_first_positions,
+                       add_bos=cap["config"]["add_bos"], max_tokens=cap["config"]["max_tokens"])
 
 
 if __name__ == "__main__":
