@@ -150,3 +150,22 @@ def test_sigkill_and_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     w_clean, w_res = weights(tmp_path / "clean"), weights(out)
     for k in w_clean:
         assert torch.equal(w_clean[k], w_res[k]), k
+
+
+def test_run_folder_refuses_another_config_and_bad_batches(tmp_path):
+    from llama_3 import LlamaInputError
+
+    x, _ = synthetic(1_500)
+    data = fake_preprocessed(tmp_path / "data", x[:1_280], x[1_280:])
+    train_main(cfg(data, tmp_path / "run", n_latents=64, k=3))
+    with pytest.raises(LlamaInputError, match="holds a run with another config"):
+        train_main(cfg(data, tmp_path / "run", n_latents=64, k=4))
+    with pytest.raises(LlamaInputError, match="k=65 must be in 1..n_latents=64"):
+        train_main(cfg(data, tmp_path / "run2", n_latents=64, k=65))
+    bad = x[:1_280].copy()
+    bad[300, 5] = np.nan
+    data_nan = fake_preprocessed(tmp_path / "data_nan", bad, x[1_280:])
+    m = train_main(cfg(data_nan, tmp_path / "run3", n_latents=64, k=3))
+    assert m["counts"]["skipped_nonfinite_batches"] == 1  # skipped and counted, never silent
+    with pytest.raises(LlamaInputError, match="NaN/inf in the training batch"):
+        train_main(cfg(data_nan, tmp_path / "run4", n_latents=64, k=3, nonfinite="stop"))
