@@ -33,10 +33,10 @@ from llama_3 import HookPoint, default_capture_layer, load_model
 from llama_3.cli import parse_config, resolve_dtype, run_main
 from llama_3.errors import LlamaInputError
 from pipeline.activations import KIND, ShardWriter, TokenChunk
-from pipeline.distributed import DistInfo, barrier, setup_distributed, teardown
+from pipeline.distributed import DistInfo, barrier, run_distributed
 from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, read_manifest, write_json_atomic
 from pipeline.paths import ACTIVATIONS_DIR, SENTENCES_DIR
-from pipeline.runtime import capture_dtype, tune_glibc_malloc
+from pipeline.runtime import capture_dtype
 from pipeline.sentences import SentenceBatch, SentenceTokenDataset
 
 
@@ -98,12 +98,7 @@ def prepare_output(out: Path, fp: str, info: DistInfo, force: bool) -> dict | No
 
 
 def main(cfg: CaptureConfig) -> dict:
-    tune_glibc_malloc()
-    info = setup_distributed(cfg.device)
-    try:
-        return capture(cfg, info)
-    finally:
-        teardown(info)
+    return run_distributed(capture, cfg)
 
 
 def capture(cfg: CaptureConfig, info: DistInfo) -> dict:

@@ -33,11 +33,10 @@ from tqdm import tqdm
 
 from llama_3.cli import parse_config, run_main
 from llama_3.errors import LlamaInputError
-from pipeline.distributed import DistInfo, barrier, setup_distributed, teardown
+from pipeline.distributed import DistInfo, barrier, run_distributed
 from pipeline.manifest import atomic_path, fingerprint, make_manifest, write_json_atomic
 from pipeline.paths import PREPROCESSED_DIR, SAE_DIR
 from pipeline.preprocessed import activations, open_preprocessed
-from pipeline.runtime import tune_glibc_malloc
 from sae import SaeConfig, TopKSae
 
 # Fault-injection tests slow each step so a SIGKILL lands mid-run; 0 in normal use.
@@ -277,12 +276,7 @@ class MetricsLog:
 
 
 def main(cfg: TrainConfig) -> dict:
-    tune_glibc_malloc()
-    info = setup_distributed(cfg.device)
-    try:
-        return train(cfg, info)
-    finally:
-        teardown(info)
+    return run_distributed(train, cfg)
 
 
 def train(cfg: TrainConfig, info: DistInfo) -> dict:

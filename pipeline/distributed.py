@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,18 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         except Exception as e:
             raise LlamaInputError(f"cannot join the torchrun process group ({backend}): {str(e).splitlines()[0]}") from None
     return DistInfo(rank, world, local_rank, local_world, dev)
+
+
+def run_distributed(work: Callable[[Any, DistInfo], Any], cfg: Any) -> Any:
+    """What every multi-process stage's main() does: tune malloc, join the group, work, leave it."""
+    from pipeline.runtime import tune_glibc_malloc
+
+    tune_glibc_malloc()
+    info = setup_distributed(cfg.device)
+    try:
+        return work(cfg, info)
+    finally:
+        teardown(info)
 
 
 def barrier(info: DistInfo) -> None:
