@@ -182,7 +182,8 @@ class Trainer:
     # ---- validation ---------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, max_rows: int = 32768) -> dict:
-        sae, var = self.sae, torch.tensor(self.stats["var"], dtype=torch.float64)
+        sae = self.sae
+        mean = torch.tensor(self.stats["mean"], dtype=torch.float64, device=self.info.device)  # once, on the data's device
         n, sq_err, sq_norm_err, l0, counts = 0, 0.0, 0.0, 0.0, torch.zeros(sae.cfg.n_latents)
         total_var = 0.0
         for a in range(0, min(len(self.val), max_rows), 4096):
@@ -190,7 +191,7 @@ class Trainer:
             out = sae(x)
             sq_err += (out.x_hat - x).double().pow(2).sum().item()
             sq_norm_err += (out.x_hat_norm - out.x_norm).double().pow(2).sum().item()
-            total_var += (x.double() - torch.tensor(self.stats["mean"], dtype=torch.float64)).pow(2).sum().item()
+            total_var += (x.double() - mean).pow(2).sum().item()
             l0 += (out.values > 0).sum().item()
             counts.index_add_(0, out.indices[out.values > 0].cpu(), torch.ones((out.values > 0).sum().item()))
             n += len(x)
@@ -199,7 +200,7 @@ class Trainer:
         freq = counts / n
         return {"val/loss": sq_norm_err / n, "val/fvu": sq_err / max(total_var, 1e-30), "val/l0": l0 / n,
                 "val/dead_pct": 100 * (freq == 0).float().mean().item(), "val/dense_pct": 100 * (freq > 0.1).float().mean().item(),
-                "val/tokens": n, "val/var_ref": float(var.sum())}
+                "val/tokens": n}
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> None:
