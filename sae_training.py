@@ -128,10 +128,21 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.sae.parameters(), lr=self.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                      weight_decay=cfg.weight_decay)
         self.k_aux = cfg.k_aux or d // 2
+        # The loss is MSE over the data's variance in the SAE's input space (≈ FVU), as OpenAI's and
+        # sparsify's trainers normalise it: aux_coef = 1/32 means the same there and here. A fixed
+        # number from the first rows (not each batch's variance), so every rank divides by the same.
+        self.loss_scale = self._input_variance()
         self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.long, device=info.device)
         self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
         self.steps_per_epoch = -(-len(self.train) // cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+
+    @torch.no_grad()
+    def _input_variance(self, n_rows: int = 65536) -> float:
+        x = self.train[: min(n_rows, len(self.train))].to(torch.float32)
+        x = x[torch.isfinite(x).all(1)]  # bad rows are the step's business (--nonfinite), not the scale's
+        x_norm, _ = self.sae.normalize_input(x)
+        return max((x_norm.double() - x_norm.double().mean(0)).pow(2).sum(-1).mean().item(), 1e-12)
 
     # ---- one step ---------------------------------------------------------------------------
     def local_rows(self, start: int) -> torch.Tensor:
@@ -154,7 +165,7 @@ class Trainer:
         out = sae(x)
         # Each rank's share of the global mean: summed over ranks it is the one-process loss.
         sq = (out.x_hat_norm - out.x_norm).pow(2).sum(-1)
-        loss = sq.sum() / global_n
+        loss = sq.sum() / (global_n * self.loss_scale)
         dead = self.tokens_since_fired >= self.cfg.dead_tokens
         aux = aux_k_loss(sae, out.x_norm, out.x_hat_norm, dead, self.k_aux) * (len(x) / global_n)
         self.opt.zero_grad(set_to_none=True)
@@ -198,7 +209,7 @@ class Trainer:
         if n == 0:
             return {}
         freq = counts / n
-        return {"val/loss": sq_norm_err / n, "val/fvu": sq_err / max(total_var, 1e-30), "val/l0": l0 / n,
+        return {"val/loss": sq_norm_err / (n * self.loss_scale), "val/fvu": sq_err / max(total_var, 1e-30), "val/l0": l0 / n,
                 "val/dead_pct": 100 * (freq == 0).float().mean().item(), "val/dense_pct": 100 * (freq > 0.1).float().mean().item(),
                 "val/tokens": n}
 

@@ -94,6 +94,42 @@ def test_aux_k_trains_only_dead_latents_toward_the_residual():
     assert torch.equal(sae.b_pre, before["b_pre"])  # the residual is decoded without b_pre
 
 
+def test_aux_k_revives_latents_that_plain_training_leaves_dead(tmp_path):
+    """Data in a 24-dim subspace of d=32 holds 128 features; half of 128 latents start in the
+    8-dim complement (as a latent can start nearly orthogonal to an anisotropic residual stream).
+    Those never reach the top k, so the main loss never trains them: plain training leaves them
+    dead and 64 features unlearned. Aux-k trains them on the residual until they fire."""
+    from pipeline.distributed import DistInfo
+    from sae_training import Trainer, batch_order
+
+    d, r, n_true, n = 32, 24, 128, 22_000
+    g = np.random.default_rng(0)
+    dirs = g.standard_normal((n_true, r))
+    dirs = np.concatenate([dirs / np.linalg.norm(dirs, axis=1, keepdims=True), np.zeros((n_true, d - r))], 1)
+    idx = np.stack([g.choice(n_true, 3, replace=False) for _ in range(n)])
+    x = (np.einsum("nk,nkd->nd", g.uniform(1, 3, (n, 3)), dirs[idx]) + 0.01 * g.standard_normal((n, d))).astype(np.float32)
+    data = fake_preprocessed(tmp_path / "data", x[:20_000], x[20_000:])
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"))
+    final = {}
+    for aux_coef in (0.0, 1 / 32):
+        t = Trainer(cfg(data, tmp_path / "run", n_latents=128, k=4, epochs=4, lr=4e-3, warmup_steps=10,
+                        dead_tokens=2_000, aux_coef=aux_coef), info)
+        with torch.no_grad():
+            t.sae.W_dec[64:, :r] = 0
+            t.sae.normalize_decoder()
+            t.sae.W_enc.copy_(t.sae.W_dec)
+        assert t.validate()["val/dead_pct"] == 50.0
+        for epoch in range(4):
+            for start in batch_order(len(t.train), 256, 0, epoch):
+                t.train_step(int(start))
+                t.step += 1
+        final[aux_coef] = t.validate()
+    plain, aux = final[0.0], final[1 / 32]
+    assert plain["val/dead_pct"] >= 45.0, plain
+    assert aux["val/dead_pct"] <= 15.0, aux
+    assert aux["val/fvu"] < plain["val/fvu"] - 0.03, (plain, aux)
+
+
 def run_cli(args: list[str], torchrun: int = 0, env_extra: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
