@@ -8,7 +8,7 @@ x̃ is the normalised input: "dataset" divides every token by one scalar so that
 standardises each token on its own (the original system's choice), "none" leaves x alone.
 
 Shapes: N tokens, d = d_model, L = n_latents, k active latents per token.
-Fast path: the decoder sums only the k active rows (`embedding_bag`), and the encoder's backward
+Fast path: the decoder sums only the k active rows (`embedding_bag`; backward via a sparse matmul), and the encoder's backward
 uses only the k active entries of its gradient (a sparse [N, L] matrix), so neither pass touches the
 N x L dense latent matrix after the forward's matmul. The dense path computes the same thing with
 plain matmuls and is kept as the reference the tests compare against.
@@ -20,6 +20,7 @@ hook point and model identity); `export_saelens()` writes SAELens' `cfg.json` + 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from llama_3.errors import LlamaInputError
 from pipeline.manifest import atomic_path
 
 NORMALIZATIONS = ("dataset", "token", "none")
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 @dataclass
@@ -69,36 +71,103 @@ class SaeOutput:
     x_hat_norm: torch.Tensor  # [N, d] the reconstruction in normalised space
 
 
+def encoder_preacts(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x [N, d] @ W[L, d]^T + b -> [N, L], in the autocast dtype when autocast is on.
+
+    On CPU the weight is reordered for oneDNN on every call: the reorder touches L*d values, the
+    matmul N*L*d multiply-adds, and the packed fp32 matmul runs ~2x faster than addmm here
+    (bench/bench_sae.py). The weight changes every step, so nothing is cached.
+    """
+    if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if dtype in (torch.float32, torch.bfloat16):
+            x, W, b = x.to(dtype).contiguous(), W.to(dtype), b.to(dtype)
+            return torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(W, None), b, "none", [], "")
+    return torch.addmm(b, x, W.t())
+
+
+def _token_major(indices: torch.Tensor, values: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse [N, L] latent matrix as CSR (row n: the k entries of token n, columns sorted),
+    and the [N, k] permutation that sorted each row."""
+    N, k = indices.shape
+    indices, order = indices.sort(dim=1)  # CSR wants each row's columns in order
+    crow = torch.arange(0, N * k + 1, k, device=indices.device)
+    csr = torch.sparse_csr_tensor(crow, indices.reshape(-1), values.gather(1, order).reshape(-1), (N, n_latents),
+                                  check_invariants=False)
+    return csr, order
+
+
+def _latent_major(indices: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Its transpose [L, N] as CSR: one row per latent listing the tokens it is active on."""
+    N, k = indices.shape
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)  # stable: tokens stay in order within a latent's row
+    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
+    crow[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
+    return torch.sparse_csr_tensor(crow, order // k, values.reshape(-1)[order], (n_latents, N), check_invariants=False)
+
+
 class _SparseEncoderGrad(torch.autograd.Function):
     """Top-k of W_enc x + b whose backward only uses the k kept entries per token.
 
     forward: x [N, d], W [L, d], b [L] -> values [N, k] (ReLU'd), indices [N, k]
     backward: grad_values [N, k] -> a sparse [N, L] gradient G with N*k entries;
-              dx = G @ W, dW = G^T @ x, db = column sums of G.
+              dx = G @ W, dW = Gᵀ @ x, db = column sums of G (CSR matmuls: N*k*d work).
     """
 
     @staticmethod
     def forward(ctx, x, W, b, h_bias, k):
-        pre = torch.addmm(b + h_bias, x, W.t())  # [N, L]
+        pre = encoder_preacts(x, W, b + h_bias)  # [N, L]
         top, idx = pre.topk(k, dim=-1, sorted=False)
         values = top.relu()
         ctx.save_for_backward(x, W, idx, values)
-        ctx.n_latents = W.shape[0]
         return values, idx
 
     @staticmethod
     def backward(ctx, grad_values, _grad_idx):
         x, W, idx, values = ctx.saved_tensors
-        N, k = idx.shape
-        g = grad_values * (values > 0)  # ReLU
-        rows = torch.arange(N, device=x.device).repeat_interleave(k)
-        G = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), g.reshape(-1).to(x.dtype), (N, ctx.n_latents),
-                                    check_invariants=False)
-        G = G.coalesce()
-        grad_x = torch.sparse.mm(G, W) if ctx.needs_input_grad[0] else None
-        grad_W = torch.sparse.mm(G.t(), x) if ctx.needs_input_grad[1] else None
-        grad_b = torch.zeros(ctx.n_latents, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b.to(x.dtype) if ctx.needs_input_grad[2] else None, None, None
+        n_latents = W.shape[0]
+        g = (grad_values * (values > 0)).to(x.dtype)  # ReLU; fp32 even when autocast made the values bf16
+        grad_x = _token_major(idx, g, n_latents)[0] @ W if ctx.needs_input_grad[0] else None
+        grad_W = _latent_major(idx, g, n_latents) @ x if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return grad_x, grad_W, grad_b if ctx.needs_input_grad[2] else None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """Σ_j values[n, j] · W[indices[n, j]]  ([N, k] x [L, d] -> [N, d]) with a sparse backward.
+
+    embedding_bag computes the same forward, but its backward materialises one [N*k, d] row per
+    index (302 MB at N 4096, k 32, d 576; 77 GB for an aux-k pass with k_aux 1536 at d 3072).
+    Here d values[n, j] = grad_out[n] · W[indices[n, j]] is a sampled dense-dense product (SDDMM)
+    and dW = Gᵀ @ grad_out a CSR matmul: nothing larger than the [N, k] and [L, d] results exists.
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, W):
+        ctx.save_for_backward(values, indices, W)
+        return F.embedding_bag(indices, W, per_sample_weights=values.to(W.dtype), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W = ctx.saved_tensors
+        n_latents = W.shape[0]
+        grad_out = grad_out.to(W.dtype)
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            pattern, order = _token_major(indices, torch.zeros_like(indices, dtype=W.dtype), n_latents)
+            sampled = torch.sparse.sampled_addmm(pattern, grad_out, W.t(), beta=0.0)  # [N, L] CSR on the pattern
+            # Products come in each row's sorted order; scatter them back to the caller's order.
+            grad_values = torch.empty_like(order, dtype=W.dtype).scatter_(1, order, sampled.values().view_as(order))
+            grad_values = grad_values.to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = _latent_major(indices, values.to(W.dtype), n_latents) @ grad_out  # [L, d]
+        return grad_values, None, grad_W
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """(values, indices) [N, k] over decoder rows W [L, d] -> [N, d], no b_pre."""
+    return _SparseDecode.apply(values, indices, W)
 
 
 class TopKSae(nn.Module):
@@ -149,11 +218,11 @@ class TopKSae(nn.Module):
             h = h.scatter(1, indices, values)
             return h @ self.W_dec + self.b_pre
         # Sum of the k active decoder rows, weighted by their activations: never forms [N, L].
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum") + self.b_pre
+        return sparse_decode(values, indices, self.W_dec) + self.b_pre
 
     def decode_residual(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Decode without b_pre (the aux-k reconstruction models the residual x̃ - x̂)."""
-        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        return sparse_decode(values, indices, self.W_dec)
 
     def forward(self, x: torch.Tensor, dense: bool = False) -> SaeOutput:
         shape = x.shape

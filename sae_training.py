@@ -37,6 +37,7 @@ from pipeline.distributed import DistInfo, barrier, run_distributed
 from pipeline.manifest import atomic_path, fingerprint, make_manifest, write_json_atomic
 from pipeline.paths import PREPROCESSED_DIR, SAE_DIR
 from pipeline.preprocessed import activations, open_preprocessed
+from pipeline.runtime import cpu_has_fast_bf16
 from sae import SaeConfig, TopKSae
 
 # Fault-injection tests slow each step so a SIGKILL lands mid-run; 0 in normal use.
@@ -69,6 +70,8 @@ class TrainConfig:
     nonfinite: str = field(default="skip", metadata={"help": "a batch with NaN/inf: skip (and count) or stop"})
     seed: int = field(default=0, metadata={"help": "initialisation and data-order seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    autocast: str = field(default="auto", metadata={"help": "bf16 autocast for the SAE's matmuls: on, off, auto (on for CUDA and "
+                                                            "for CPUs with native bf16; weights, optimizer and decoder stay fp32)"})
     wandb: str = field(default="auto", metadata={"help": "online, offline, disabled, auto (online with WANDB_API_KEY, else offline)"})
     wandb_project: str = field(default="llama-sae", metadata={"help": "W&B project"})
     eval_sentences: int = field(default=128, metadata={"help": "held-out sentences for the spliced CE/KL evaluation (0: skip)"})
@@ -113,6 +116,10 @@ class Trainer:
         n_latents = cfg.n_latents or cfg.expansion * d
         if cfg.batch_size % info.world_size:
             raise LlamaInputError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} ranks")
+        if cfg.autocast not in ("auto", "on", "off"):
+            raise LlamaInputError(f"--autocast {cfg.autocast!r}: expected auto, on or off")
+        self.autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and (
+            info.device.type == "cuda" and torch.cuda.is_bf16_supported() or info.device.type == "cpu" and cpu_has_fast_bf16()))
         if cfg.nonfinite not in ("skip", "stop"):
             raise LlamaInputError(f"--nonfinite {cfg.nonfinite!r}: expected skip or stop")
         input_scale = math.sqrt(d / self.stats["mean_sq_norm"])  # E||x̃||² = d_model
@@ -139,10 +146,16 @@ class Trainer:
 
     @torch.no_grad()
     def _input_variance(self, n_rows: int = 65536) -> float:
-        x = self.train[: min(n_rows, len(self.train))].to(torch.float32)
-        x = x[torch.isfinite(x).all(1)]  # bad rows are the step's business (--nonfinite), not the scale's
-        x_norm, _ = self.sae.normalize_input(x)
-        return max((x_norm.double() - x_norm.double().mean(0)).pow(2).sum(-1).mean().item(), 1e-12)
+        """E||x̃ - E x̃||² over the first rows, in float64 chunks (a full fp64 copy would cost GBs)."""
+        total, sq, n = 0.0, 0.0, 0
+        for a in range(0, min(n_rows, len(self.train)), 8192):
+            x = self.train[a : min(a + 8192, n_rows, len(self.train))].to(torch.float32)
+            x = x[torch.isfinite(x).all(1)]  # bad rows are the step's business (--nonfinite), not the scale's
+            x_norm = self.sae.normalize_input(x)[0].double()
+            total, sq, n = total + x_norm.sum(0), sq + x_norm.pow(2).sum().item(), n + len(x_norm)
+        if n == 0:
+            return 1.0
+        return max(sq / n - (total / n).pow(2).sum().item(), 1e-12)
 
     # ---- one step ---------------------------------------------------------------------------
     def local_rows(self, start: int) -> torch.Tensor:
@@ -162,12 +175,13 @@ class Trainer:
             self.skipped += 1
             return {"skipped": 1}
         sae = self.sae
-        out = sae(x)
-        # Each rank's share of the global mean: summed over ranks it is the one-process loss.
-        sq = (out.x_hat_norm - out.x_norm).pow(2).sum(-1)
-        loss = sq.sum() / (global_n * self.loss_scale)
         dead = self.tokens_since_fired >= self.cfg.dead_tokens
-        aux = aux_k_loss(sae, out.x_norm, out.x_hat_norm, dead, self.k_aux) * (len(x) / global_n)
+        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = sae(x)
+            # Each rank's share of the global mean: summed over ranks it is the one-process loss.
+            sq = (out.x_hat_norm.float() - out.x_norm).pow(2).sum(-1)
+            loss = sq.sum() / (global_n * self.loss_scale)
+            aux = aux_k_loss(sae, out.x_norm, out.x_hat_norm.float(), dead, self.k_aux).float() * (len(x) / global_n)
         self.opt.zero_grad(set_to_none=True)
         (loss + self.cfg.aux_coef * aux).backward()
         stats = torch.stack([loss.detach(), aux.detach()])
@@ -346,7 +360,7 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
     manifest = make_manifest(
         "sae", config=asdict(cfg), inputs={"data": str(cfg.data), "data_fingerprint": trainer.manifest["fingerprint"]},
         counts={"steps": trainer.step, "tokens_seen": trainer.step * cfg.batch_size, "skipped_nonfinite_batches": trainer.skipped},
-        fingerprint=fp, sae=asdict(trainer.sae_cfg), final_validation=final, spliced_evaluation=spliced, resumed=resumed,
+        fingerprint=fp, sae=asdict(trainer.sae_cfg), bf16_autocast=trainer.autocast, final_validation=final, spliced_evaluation=spliced, resumed=resumed,
         world_size=info.world_size,
         throughput={"seconds_this_run": round(elapsed, 2), "tokens_per_s": round(tokens_run / max(elapsed, 1e-9), 1)},
     )
