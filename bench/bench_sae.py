@@ -15,6 +15,7 @@ latents that never fire on them. Contenders:
   unit-norm decoder, FVU + auxk_alpha * auxk loss, parallel gradient removed, torch Adam with its
   default lr and a linear warmup/decay schedule). Its Trainer has no cached-activation path, so this
   is that loop on cached rows. Its bf16 autocast is CUDA-only, so on CPU it runs fp32;
+- sparsify Adam at our lr: the same with our default peak lr (its own default is 10x lower);
 - sparsify signum: the same with its default optimizer (schedule-free SignSGD), for FVU at
   convergence after --converge-epochs passes (against ours with its defaults).
 
@@ -70,7 +71,7 @@ def score(reconstruct, val: torch.Tensor, n_latents: int, indices_of) -> dict:
 def run_ours(args, autocast: str, epochs: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(data=args.data, out=tmp, n_latents=args.n_latents, k=args.k, batch_size=args.batch_size, epochs=epochs,
-                          warmup_steps=args.warmup_steps, lr=args.lr, aux_coef=AUX_COEF, dead_tokens=DEAD_TOKENS, autocast=autocast,
+                          warmup_steps=args.warmup_steps, lr=args.lr, beta1=args.beta1, beta2=args.beta2, aux_coef=AUX_COEF, dead_tokens=DEAD_TOKENS, autocast=autocast,
                           device="cpu", wandb="disabled", eval_sentences=0)
         base = rss_mb()
         t = Trainer(cfg, DistInfo(0, 1, 0, 1, torch.device("cpu")))
@@ -90,7 +91,7 @@ def run_ours(args, autocast: str, epochs: int) -> dict:
         return {**result, "tokens_per_s": tokens / seconds, "tokens": tokens, "peak_rss_mb": rss_mb(), "rss_before_setup_mb": base}
 
 
-def run_sparsify(args, optimizer: str, epochs: int) -> dict:
+def run_sparsify(args, optimizer: str, epochs: int, lr: float = 0.0) -> dict:
     from sparsify import SparseCoder, SparseCoderConfig
     from transformers import get_linear_schedule_with_warmup
 
@@ -101,7 +102,7 @@ def run_sparsify(args, optimizer: str, epochs: int) -> dict:
     sae = SparseCoder(d, SparseCoderConfig(num_latents=args.n_latents, k=args.k), device="cpu", dtype=torch.float32)
     steps = epochs * math.ceil(len(train) / args.batch_size)
     if optimizer == "adam":
-        opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (args.n_latents / 2**14) ** 0.5)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr or 2e-4 / (args.n_latents / 2**14) ** 0.5)
         sched = get_linear_schedule_with_warmup(opt, args.warmup_steps, steps)
     else:  # sparsify's default: schedule-free SignSGD
         from schedulefree import ScheduleFreeWrapper
@@ -157,6 +158,7 @@ WORKERS = {
     "ours_fp32": lambda a: run_ours(a, "off", a.epochs),
     "ours_bf16": lambda a: run_ours(a, "on", a.epochs),
     "sparsify_adam_fp32": lambda a: run_sparsify(a, "adam", a.epochs),
+    "sparsify_adam_fp32_our_lr": lambda a: run_sparsify(a, "adam", a.epochs, a.lr or 2e-3 / (a.n_latents / 2**14) ** 0.5),
     "ours_default_converged": lambda a: run_ours(a, "auto", a.converge_epochs),
     "sparsify_signum_converged": lambda a: run_sparsify(a, "signum", a.converge_epochs),
 }
@@ -173,6 +175,8 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.0, help="our peak lr (0: the trainer's default)")
+    p.add_argument("--beta1", type=float, default=0.85)
+    p.add_argument("--beta2", type=float, default=0.9999)
     p.add_argument("--only", nargs="*", default=list(WORKERS))
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = p.parse_args()

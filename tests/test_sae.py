@@ -71,7 +71,11 @@ def test_decoder_rows_unit_norm_and_projected_gradient_orthogonal():
 
 def test_encoder_initialised_as_decoder_transpose():
     sae = TopKSae(SaeConfig(d_model=8, n_latents=32, k=4))
-    assert torch.equal(sae.W_enc, sae.W_dec)  # both [L, d]: encoding multiplies by W_enc^T = W_dec^T's transpose
+    from sae import ENCODER_INIT_NORM
+
+    # both [L, d]: encoding multiplies by W_enc^T, i.e. the decoder's transpose, scaled
+    torch.testing.assert_close(sae.W_enc, sae.W_dec * ENCODER_INIT_NORM, rtol=0, atol=0)
+    torch.testing.assert_close(sae.W_enc.norm(dim=1), torch.full((32,), 3**-0.5))
 
 
 def test_h_bias_steers_without_being_trained():
