@@ -1,6 +1,6 @@
 """Benchmark SAE training against EleutherAI's sparsify on the same cached activations.
 
-    pip install eai-sparsify==1.3.3          # the peer (pulls accelerate, einops, schedulefree, ...)
+    pip install -e .[bench]                  # the peer, eai-sparsify 1.3.3 (pulls accelerate, einops, schedulefree, ...)
     python bench/bench_sae.py [--data runs/preprocessed] [--n-latents 4608] [--k 32] [--batch-size 4096]
                               [--epochs 1] [--converge-epochs 5] [--threads 2]
 
