@@ -1,0 +1,377 @@
+"""Top-activating sentences for every latent of an SAE, per-latent statistics, and a static feature browser.
+
+Usage:
+    # CPU or one GPU; defaults: runs/sae/sae on runs/sentences -> runs/top_sentences (+ browser/index.html)
+    python capture_top_activating_sentences.py
+    python capture_top_activating_sentences.py --top-n 100 --max-sentences 0          # every sentence
+    torchrun --nproc_per_node 8 capture_top_activating_sentences.py --model ~/models/Llama-3.2-3B \
+        --sae runs/sae/sae --sentences runs/owt_sentences
+
+Streams sentences through the model to the SAE's hook point (capture-only forward) and the SAE.
+For every latent it keeps the top N sentences under each aggregation over the sentence's tokens
+(mean, max, last token) on the device, the latent's per-token activations in those sentences,
+firing frequency, mean activation when active, a log-spaced activation histogram, and a fixed
+sample of sentences where it never fires (for scoring explanations). Ranks take every
+world_size-th row group; their tables merge exactly (ties: lower sentence id first).
+
+Default sentence set: the sentences the SAE's training capture covered (its held-out sentences
+plus its training sentences), read from the run's manifests; --max-sentences N overrides.
+Tables: pipeline/top_sentences.py. Browser: pipeline/feature_browser.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from llama_3 import load_model
+from llama_3.cli import parse_config, resolve_dtype, run_main
+from llama_3.errors import LlamaInputError
+from pipeline.distributed import DistInfo, run_distributed
+from pipeline.manifest import (
+    MANIFEST_NAME,
+    atomic_path,
+    make_manifest,
+    write_json_atomic,
+)
+from pipeline.paths import SAE_DIR, SENTENCES_DIR, TOP_SENTENCES_DIR
+from pipeline.runtime import capture_dtype
+from pipeline.sentences import SentenceTokenDataset, iter_sentences
+from pipeline.top_sentences import (
+    AGGREGATIONS,
+    HIST_BINS,
+    KIND,
+    LatentStats,
+    TopTable,
+    histogram_edges,
+    sample_key,
+    sentence_scores,
+)
+from sae import TopKSae
+
+_TEST_SLEEP = float(os.environ.get("TOP_SENTENCES_TEST_SLEEP", "0"))
+
+
+@dataclass
+class TopSentencesConfig:
+    sae: str = field(default=str(SAE_DIR / "sae"), metadata={"help": "SAE folder (sae.safetensors + cfg.json)"})
+    sentences: str = field(default=str(SENTENCES_DIR), metadata={"help": "sentence dataset folder"})
+    out: str = field(default=str(TOP_SENTENCES_DIR), metadata={"help": "output folder"})
+    model: str | None = field(default=None, metadata={"help": "the SAE's model (Meta dir, HF dir or GGUF); default: the path in the SAE's cfg.json"})
+    hook_point: str | None = field(default=None, metadata={"help": "must match the SAE's (default: the SAE's)"})
+    top_n: int = field(default=50, metadata={"help": "sentences kept per latent and aggregation"})
+    non_activating: int = field(default=20, metadata={"help": "sentences sampled per latent where it never fires"})
+    max_sentences: int = field(default=-1, metadata={"help": "first N sentences (-1: those the SAE's capture covered; 0: all)"})
+    max_tokens: int = field(default=192, metadata={"help": "tokens kept per sentence"})
+    add_bos: bool = field(default=False, metadata={"help": "prepend BOS (as the capture did)"})
+    output_tokens: int = field(default=10, metadata={"help": "promoted / suppressed output tokens listed per latent"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    model_dtype: str = field(default="auto", metadata={"help": "auto (as the capture: bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16"})
+    max_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward"})
+    browser: bool = field(default=True, metadata={"help": "write the static HTML feature browser"})
+    browser_sentences: int = field(default=10, metadata={"help": "sentences per aggregation on each latent page"})
+    meanings: str = field(default="latent_index_meaning", metadata={"help": "folder of interpretation results the browser shows"})
+    force: bool = field(default=False, metadata={"help": "overwrite an existing output"})
+
+
+def covered_sentences(sae_dir: Path) -> int:
+    """How many sentences the SAE's capture took (0: unknown or all), following the run's manifests."""
+    try:
+        run = json.loads((sae_dir.parent / MANIFEST_NAME).read_text())
+        pre = json.loads((Path(run["inputs"]["data"]) / MANIFEST_NAME).read_text())
+        cap = json.loads((Path(pre["inputs"]["capture"]) / MANIFEST_NAME).read_text())
+        return int(cap["config"].get("max_sentences") or 0)
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0
+
+
+def check_compatible(sae: TopKSae, identity: dict, cfg: TopSentencesConfig) -> None:
+    trained = sae.cfg.model or {}
+    for key in ("config_sha256", "tokenizer_sha256", "d_model"):
+        if key in trained and trained[key] != identity[key]:
+            raise LlamaInputError(f"--sae {cfg.sae}: trained on {trained.get('path')} ({key} {str(trained[key])[:12]}), "
+                                  f"not on --model {identity['path']} ({str(identity[key])[:12]})")
+    if cfg.hook_point and cfg.hook_point != sae.cfg.hook_point:
+        raise LlamaInputError(f"--hook-point {cfg.hook_point}: the SAE in {cfg.sae} was trained at {sae.cfg.hook_point}")
+
+
+class CodeStore:
+    """Each processed sentence's token ids and SAE codes, appended to temporary files on disk.
+
+    Kept so the per-token activations of the finally chosen sentences can be read back without a
+    second model pass; memory stays bounded (files, not RAM), and the files go away at the end."""
+
+    def __init__(self, directory: Path, k: int):
+        self.dir = Path(tempfile.mkdtemp(prefix=".codes-", dir=directory))
+        self.k = k
+        self.files = {n: open(self.dir / n, "wb") for n in ("tokens", "values", "indices")}
+        self.where: dict[int, tuple[int, int, int]] = {}  # sentence id -> (first token, n tokens, first counted position)
+        self.n = 0
+
+    def add(self, sid: int, token_ids: np.ndarray, first_counted: int, values: np.ndarray, indices: np.ndarray) -> None:
+        """token_ids [T]; values/indices [T, k] with zeros at positions < first_counted."""
+        self.files["tokens"].write(token_ids.astype(np.int32).tobytes())
+        self.files["values"].write(values.astype(np.float32).tobytes())
+        self.files["indices"].write(indices.astype(np.int32).tobytes())
+        self.where[sid] = (self.n, len(token_ids), first_counted)
+        self.n += len(token_ids)
+
+    def open(self) -> None:
+        for f in self.files.values():
+            f.close()
+        if self.n == 0:
+            self.tokens = self.values = self.indices = None
+            return
+        self.tokens = np.memmap(self.dir / "tokens", np.int32, "r", shape=(self.n,))
+        self.values = np.memmap(self.dir / "values", np.float32, "r", shape=(self.n, self.k))
+        self.indices = np.memmap(self.dir / "indices", np.int32, "r", shape=(self.n, self.k))
+
+    def activations(self, sid: int, latent: int) -> list[float]:
+        a, n, _ = self.where[sid]
+        v, i = self.values[a : a + n], self.indices[a : a + n]
+        return np.where(i == latent, v, 0.0).sum(1).round(4).tolist()
+
+    def token_ids(self, sid: int) -> list[int]:
+        a, n, _ = self.where[sid]
+        return self.tokens[a : a + n].tolist()
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.tokens = self.values = self.indices = None
+        for p in self.dir.iterdir():
+            p.unlink()
+        self.dir.rmdir()
+
+
+def main(cfg: TopSentencesConfig) -> dict:
+    return run_distributed(collect, cfg)
+
+
+def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
+    out = Path(cfg.out)
+    if (out / MANIFEST_NAME).is_file() and not cfg.force:
+        if info.is_main:
+            print(f"{out}: already complete (use --force to recompute)")
+        return json.loads((out / MANIFEST_NAME).read_text())
+    if cfg.top_n < 1 or cfg.non_activating < 0:
+        raise LlamaInputError(f"--top-n {cfg.top_n} / --non-activating {cfg.non_activating}: need top-n >= 1, non-activating >= 0")
+    sae_dir = Path(cfg.sae)
+    sae = TopKSae.load(sae_dir, device=info.device).eval()
+    model_path = cfg.model or (sae.cfg.model or {}).get("path")
+    if model_path == "synthetic":
+        raise LlamaInputError(f"--sae {cfg.sae}: trained on synthetic data; there is no model to run")
+    lm = load_model(model_path, device=info.device, dtype=resolve_dtype(cfg.model_dtype) or capture_dtype(info.device))
+    check_compatible(sae, lm.identity(), cfg)
+    max_sentences = covered_sentences(sae_dir) if cfg.max_sentences < 0 else cfg.max_sentences
+    bos = 1 if cfg.add_bos else 0
+    skip_first = bos + sae.cfg.exclude_first_positions  # positions the SAE never saw in training
+    data = SentenceTokenDataset(cfg.sentences, lm.tokenizer, max_tokens=cfg.max_tokens + bos, add_bos=cfg.add_bos,
+                                max_batch_tokens=cfg.max_batch_tokens, rank=info.rank, world_size=info.world_size,
+                                max_sentences=max_sentences)
+    total_sentences = data.manifest["counts"]["sentences"] if not max_sentences else min(max_sentences, data.manifest["counts"]["sentences"])
+    if total_sentences == 0:
+        raise LlamaInputError(f"--sentences {cfg.sentences}: no sentences to run")
+    L, hook = sae.cfg.n_latents, sae.cfg.hook_point
+    tables = {a: TopTable(L, cfg.top_n, info.device) for a in AGGREGATIONS}
+    silent = TopTable(L, max(cfg.non_activating, 1), info.device)
+    stats = LatentStats(L, info.device)
+    out.mkdir(parents=True, exist_ok=True)
+    store = CodeStore(out, sae.cfg.k)
+    bar = tqdm(total=data.n_sentences, unit="sent", disable=not info.is_main, dynamic_ncols=True, desc="top sentences")
+    t0, n_sentences, n_tokens = time.perf_counter(), 0, 0
+    try:
+        with torch.inference_mode():
+            for batch in data:
+                tokens = batch.tokens.to(info.device)
+                acts = lm.model.capture(tokens, [hook])[hook]  # [B, T, d]
+                B, T = batch.tokens.shape
+                pos = torch.arange(T)[None, :]
+                counted = (pos < batch.lengths[:, None]) & (pos >= skip_first)  # [B, T]
+                rows = counted.nonzero()  # [n, 2] (sentence row, position), row-major
+                out_sae = sae(acts[counted.to(info.device)].float())
+                values, indices = out_sae.values, out_sae.indices  # [n, k]
+                row = rows[:, 0].to(info.device)
+                is_last = (rows[:, 1] == (batch.lengths[rows[:, 0]] - 1)).to(info.device)
+                scores = sentence_scores(values, indices, row, is_last, B, L)
+                has_tokens = counted.any(1).to(info.device)  # a sentence with no counted token ranks nowhere
+                sids = batch.sentence_ids.to(info.device)
+                for a in AGGREGATIONS:
+                    s = scores[a].t().masked_fill(~has_tokens[None, :], -torch.inf)
+                    tables[a].update(s.masked_fill(s <= 0, -torch.inf), sids)
+                never = (scores["max"].t() <= 0) & has_tokens[None, :]  # [L, B]
+                silent.update(sample_key(sids, L).masked_fill(~never, -torch.inf), sids)
+                stats.add(values, indices)
+                # Per-token codes for later highlighting, positions before skip_first left at zero.
+                v_np, i_np = values.float().cpu().numpy(), indices.cpu().numpy()
+                starts = np.concatenate([[0], np.cumsum(counted.sum(1).numpy())])
+                for r, sid in enumerate(batch.sentence_ids.tolist()):
+                    n = int(batch.lengths[r])
+                    full_v, full_i = np.zeros((n, sae.cfg.k), np.float32), np.zeros((n, sae.cfg.k), np.int32)
+                    c = slice(starts[r], starts[r + 1])
+                    full_v[min(skip_first, n):], full_i[min(skip_first, n):] = v_np[c], i_np[c]
+                    store.add(sid, batch.tokens[r, :n].numpy(), skip_first, full_v, full_i)
+                n_sentences += B
+                n_tokens += int(counted.sum())
+                bar.update(B)
+                bar.set_postfix_str(f"{n_sentences / (time.perf_counter() - t0):.0f} sent/s", refresh=False)
+                if _TEST_SLEEP:
+                    time.sleep(_TEST_SLEEP)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        tables, silent, stats = merge_ranks(tables, silent, stats, info)
+        store.open()
+        rows = top_rows(tables, silent, store, info)
+        n_sentences = n_sentences_all(info, n_sentences)
+        if not info.is_main:
+            return {}
+        return write_outputs(cfg, out, lm, sae, tables, silent, stats, rows, n_sentences, elapsed, max_sentences)
+    finally:
+        store.close()
+
+
+def n_sentences_all(info: DistInfo, n: int) -> int:
+    if not info.distributed:
+        return n
+    t = torch.tensor([n], device=info.device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def merge_ranks(tables: dict, silent: TopTable, stats: LatentStats, info: DistInfo):
+    """Every rank ends with the exact merged tables (gathered, merged in rank order, same everywhere)."""
+    if not info.distributed:
+        return tables, silent, stats
+    for t in stats.tensors():
+        dist.all_reduce(t)
+    for table in [*tables.values(), silent]:
+        parts = [None] * info.world_size
+        dist.all_gather_object(parts, (table.scores.cpu(), table.ids.cpu()))
+        merged = TopTable(table.scores.shape[0], table.n, "cpu")
+        for scores, ids in parts:
+            merged.update(scores, ids)
+        table.scores, table.ids = merged.scores.to(info.device), merged.ids.to(info.device)
+    return tables, silent, stats
+
+
+def top_rows(tables: dict, silent: TopTable, store: CodeStore, info: DistInfo) -> dict:
+    """Rows for the output tables, each filled by the rank that holds the sentence's codes."""
+    top, sentences = [], {}
+    for agg, table in tables.items():
+        scores, ids = table.scores.cpu().numpy(), table.ids.cpu().numpy()
+        for latent, rank in zip(*np.nonzero(np.isfinite(scores))):
+            sid = int(ids[latent, rank])
+            if sid in store.where:
+                top.append((int(latent), agg, int(rank), sid, float(scores[latent, rank]), store.activations(sid, int(latent))))
+                sentences.setdefault(sid, store.token_ids(sid))
+    silent_rows = [(int(latent), int(silent.ids[latent, j])) for latent, j in zip(*np.nonzero(np.isfinite(silent.scores.cpu().numpy())))]
+    local = {"top": top, "sentences": sentences}
+    if info.distributed:
+        parts = [None] * info.world_size
+        dist.all_gather_object(parts, local)
+        local = {"top": [r for p in parts for r in p["top"]], "sentences": {k: v for p in parts for k, v in p["sentences"].items()}}
+    local["silent"] = silent_rows
+    return local
+
+
+def output_token_effects(lm, sae: TopKSae, n: int) -> tuple[list[list[str]], list[list[str]]]:
+    """Per latent, the output tokens its decoder row promotes and suppresses most directly.
+
+    Logit-lens direction: unembedding · (final-norm gain ⊙ decoder row), [L, vocab] in chunks."""
+    W_out = lm.model.output.weight.float()  # [vocab, d]
+    gain = lm.model.norm.weight.float()
+    promoted, suppressed = [], []
+    with torch.inference_mode():
+        for a in range(0, sae.cfg.n_latents, 512):
+            effect = (sae.W_dec[a : a + 512].float() * gain) @ W_out.t()  # [chunk, vocab]
+            top, bottom = effect.topk(n, dim=1).indices.tolist(), (-effect).topk(n, dim=1).indices.tolist()
+            promoted += [[lm.tokenizer.id_to_piece(i) for i in row] for row in top]
+            suppressed += [[lm.tokenizer.id_to_piece(i) for i in row] for row in bottom]
+    return promoted, suppressed
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_outputs(cfg, out: Path, lm, sae: TopKSae, tables, silent, stats, rows, n_sentences: int, elapsed: float, max_sentences: int) -> dict:
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # the manifest marks completion: written last
+    top = sorted(rows["top"], key=lambda r: (r[0], AGGREGATIONS.index(r[1]), r[2]))
+    write_parquet(out / "top_sentences.parquet", pa.table({
+        "latent": pa.array([r[0] for r in top], pa.int32()), "aggregation": [r[1] for r in top],
+        "rank": pa.array([r[2] for r in top], pa.int16()), "sentence_id": pa.array([r[3] for r in top], pa.int64()),
+        "score": pa.array([r[4] for r in top], pa.float32()),
+        "token_activations": pa.array([r[5] for r in top], pa.list_(pa.float32()))}))
+    silent_rows = sorted(rows["silent"])
+    write_parquet(out / "non_activating.parquet", pa.table({
+        "latent": pa.array([r[0] for r in silent_rows], pa.int32()), "sentence_id": pa.array([r[1] for r in silent_rows], pa.int64())}))
+    # Sentence texts and token strings for every referenced sentence.
+    wanted = set(rows["sentences"]) | {r[1] for r in silent_rows}
+    texts = {}
+    for cols in iter_sentences(cfg.sentences):
+        for sid, text in zip(cols["sentence_id"], cols["text"]):
+            if sid in wanted:
+                texts[sid] = text
+        if max_sentences and cols["sentence_id"] and cols["sentence_id"][-1] >= max_sentences:
+            break
+    sids = sorted(wanted)
+    pieces = {}
+    write_parquet(out / "sentences.parquet", pa.table({
+        "sentence_id": pa.array(sids, pa.int64()), "text": [texts.get(s, "") for s in sids],
+        "tokens": pa.array([[pieces.setdefault(t, lm.tokenizer.id_to_piece(t)) for t in rows["sentences"].get(s, [])] for s in sids],
+                           pa.list_(pa.string()))}))
+    promoted, suppressed = output_token_effects(lm, sae, cfg.output_tokens)
+    tokens = max(int(stats.tokens.item()), 1)
+    firing = stats.firing.cpu().numpy()
+    mean_act = (stats.total.cpu().numpy() / np.maximum(firing, 1)).astype(np.float32)
+    write_parquet(out / "latent_stats.parquet", pa.table({
+        "latent": pa.array(np.arange(sae.cfg.n_latents), pa.int32()), "firing_tokens": pa.array(firing, pa.int64()),
+        "frequency": pa.array(firing / tokens, pa.float64()), "mean_activation": pa.array(mean_act, pa.float32()),
+        "histogram": pa.array(stats.hist.view(-1, HIST_BINS).cpu().tolist(), pa.list_(pa.int64())),
+        "promoted": pa.array(promoted, pa.list_(pa.string())), "suppressed": pa.array(suppressed, pa.list_(pa.string()))}))
+    per_latent = np.zeros((len(AGGREGATIONS), sae.cfg.n_latents), np.int64)
+    for r in top:
+        per_latent[AGGREGATIONS.index(r[1]), r[0]] += 1
+    coverage = {a: int((per_latent[i] >= cfg.top_n).sum()) for i, a in enumerate(AGGREGATIONS)}
+    counts = {"sentences": n_sentences, "tokens": tokens, "latents": sae.cfg.n_latents,
+              "latents_with_top_n": coverage, "latents_with_any_sentence": int((per_latent[1] > 0).sum()),
+              "latents_never_firing": int((firing == 0).sum()), "top_rows": len(top), "non_activating_rows": len(silent_rows)}
+    shortfall = None
+    if n_sentences < cfg.top_n:
+        shortfall = f"only {n_sentences} sentences for --top-n {cfg.top_n}: every latent has fewer than N"
+        print(f"warning: {shortfall}")
+    manifest = make_manifest(
+        KIND, config=asdict(cfg), inputs={"sae": str(cfg.sae), "sae_cfg": asdict(sae.cfg), "sentences": str(cfg.sentences),
+                                          "model": lm.identity()},
+        counts=counts, sentence_set=(f"the first {max_sentences} sentences (the SAE capture's: held-out + training)"
+                                     if max_sentences else "every sentence of the dataset"),
+        aggregations=list(AGGREGATIONS), histogram_edges=histogram_edges(), excluded_positions=cfg.add_bos + sae.cfg.exclude_first_positions,
+        shortfall=shortfall, throughput={"seconds": round(elapsed, 2), "sentences_per_s": round(n_sentences / max(elapsed, 1e-9), 1)})
+    browser_index = None
+    if cfg.browser:
+        from pipeline.feature_browser import write_browser
+        browser_index = write_browser(out, manifest, cfg.browser_sentences, cfg.meanings)
+        manifest["browser"] = str(browser_index)
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    print(f"{out}: {n_sentences} sentences ({n_sentences / max(elapsed, 1e-9):.0f}/s), {sae.cfg.n_latents} latents; "
+          f"{coverage['max']} have >= {cfg.top_n} sentences (max), {counts['latents_never_firing']} never fire")
+    if browser_index:
+        print(f"feature browser: {browser_index.resolve()}")
+    return manifest
+
+
+if __name__ == "__main__":
+    run_main(main, parse_config(TopSentencesConfig, sys.argv[1:], __doc__))

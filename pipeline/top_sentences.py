@@ -1,0 +1,142 @@
+"""Per-latent top sentences: running top-N tables, per-latent statistics, and the output contract.
+
+Every latent keeps its own top N sentences under each aggregation of its activation over the
+sentence's tokens (mean, max, last token) — the original credited a sentence only to its single
+strongest latent. Tables live on the device as [L, N] score / sentence-id tensors and merge with
+one sort per batch, never a Python heap per latent. Ties rank the lower sentence id first, so the
+result does not depend on batch order or on how sentences were split across ranks.
+
+Output folder (written by capture_top_activating_sentences.py, read by the browser, interpretation
+and steering stages through `open_top_sentences`):
+    top_sentences.parquet   latent, aggregation, rank, sentence_id, score, token_activations (list<float>)
+    non_activating.parquet  latent, sentence_id: a deterministic sample where the latent never fires
+    latent_stats.parquet    latent, firing_tokens, frequency, mean_activation, histogram (list<int>),
+                            promoted / suppressed (list<string>: output tokens, unembedding · decoder row)
+    sentences.parquet       sentence_id, text, tokens (list<string>) for every sentence referenced
+    manifest.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from llama_3.errors import LlamaInputError
+from pipeline.manifest import read_manifest
+
+KIND = "top_sentences"
+AGGREGATIONS = ("mean", "max", "last")
+# log10(activation) histogram: HIST_BINS bins over [HIST_LOG10_MIN, HIST_LOG10_MAX], ends clamped.
+HIST_BINS, HIST_LOG10_MIN, HIST_LOG10_MAX = 40, -3.0, 3.0
+FILES = ("top_sentences.parquet", "non_activating.parquet", "latent_stats.parquet", "sentences.parquet")
+
+
+class TopTable:
+    """For each of L rows, the N best (score, sentence id) pairs seen so far; -inf marks an empty slot."""
+
+    def __init__(self, n_rows: int, n: int, device: torch.device | str = "cpu"):
+        self.scores = torch.full((n_rows, n), -torch.inf, device=device)
+        self.ids = torch.full((n_rows, n), -1, dtype=torch.long, device=device)
+
+    @property
+    def n(self) -> int:
+        return self.scores.shape[1]
+
+    def update(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
+        """scores [L, B] for sentences ids [B] (or [L, B]); -inf entries never enter."""
+        if ids.dim() == 1:
+            ids = ids[None, :].expand_as(scores)
+        self.scores, self.ids = merge_top(torch.cat([self.scores, scores.float()], 1), torch.cat([self.ids, ids], 1), self.n)
+
+    def merge(self, other: TopTable) -> None:
+        self.update(other.scores.to(self.scores.device), other.ids.to(self.ids.device))
+
+
+def merge_top(scores: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best n per row by score, ties by lower id: two stable sorts (id ascending, then score descending)."""
+    by_id = ids.argsort(dim=1, stable=True)
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    by_score = scores.argsort(dim=1, descending=True, stable=True)[:, :n]
+    return scores.gather(1, by_score), ids.gather(1, by_score)
+
+
+def sentence_scores(values: torch.Tensor, indices: torch.Tensor, row: torch.Tensor, is_last: torch.Tensor,
+                    n_sentences: int, n_latents: int) -> dict[str, torch.Tensor]:
+    """Aggregate token codes into per-sentence latent scores.
+
+    values, indices [n, k]: the SAE's active latents for n tokens; row [n]: the sentence (0..B-1) of
+    each token; is_last [n]: the sentence's last counted token. Returns {aggregation: [B, L]}.
+    """
+    k = values.shape[1]
+    flat = (row[:, None] * n_latents + indices).reshape(-1)  # [n*k] positions in a [B, L] matrix
+    v = values.reshape(-1).float()
+    total = torch.zeros(n_sentences * n_latents, device=values.device).index_add_(0, flat, v)
+    peak = torch.zeros(n_sentences * n_latents, device=values.device).scatter_reduce_(0, flat, v, "amax")
+    last = torch.zeros(n_sentences * n_latents, device=values.device)
+    last_mask = is_last[:, None].expand(-1, k).reshape(-1)
+    last[flat[last_mask]] = v[last_mask]
+    n_tokens = torch.bincount(row, minlength=n_sentences).clamp_min(1).float()
+    return {"mean": total.view(n_sentences, n_latents) / n_tokens[:, None], "max": peak.view(n_sentences, n_latents),
+            "last": last.view(n_sentences, n_latents)}
+
+
+def sample_key(sentence_ids: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """A pseudo-random but fixed key per (latent, sentence), [L, B], exact in float32 (< 2^24).
+
+    The non-activating sample keeps the sentences with the largest keys among those where the latent
+    never fires: a deterministic reservoir that merges across ranks like any top-N table."""
+    lat = torch.arange(n_latents, device=sentence_ids.device, dtype=torch.long)[:, None]
+    h = (sentence_ids[None, :] * 2654435761 + lat * 40503 + 12345) % 2147483647
+    h = (h * 48271) % 2147483647
+    return (h % (1 << 24)).float()
+
+
+class LatentStats:
+    """Token counts, activation sums and log-spaced activation histograms per latent."""
+
+    def __init__(self, n_latents: int, device: torch.device | str = "cpu"):
+        self.tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.firing = torch.zeros(n_latents, dtype=torch.long, device=device)
+        self.total = torch.zeros(n_latents, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(n_latents * HIST_BINS, dtype=torch.long, device=device)
+        self.n_latents = n_latents
+
+    def add(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        active = values > 0
+        idx, v = indices[active], values[active].float()
+        self.tokens += values.shape[0]
+        self.firing.index_add_(0, idx, torch.ones_like(idx))
+        self.total.index_add_(0, idx, v.double())
+        b = ((v.log10() - HIST_LOG10_MIN) / (HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
+        self.hist.index_add_(0, idx * HIST_BINS + b, torch.ones_like(idx))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tokens.view(1), self.firing, self.total, self.hist]
+
+
+def histogram_edges() -> list[float]:
+    step = (HIST_LOG10_MAX - HIST_LOG10_MIN) / HIST_BINS
+    return [10 ** (HIST_LOG10_MIN + i * step) for i in range(HIST_BINS + 1)]
+
+
+@dataclass
+class TopSentences:
+    """An opened output folder: manifest plus its tables (pyarrow)."""
+
+    directory: Path
+    manifest: dict
+
+    def table(self, name: str, columns: list[str] | None = None):
+        return pq.read_table(self.directory / f"{name}.parquet", columns=columns)
+
+
+def open_top_sentences(directory: str | Path) -> TopSentences:
+    directory = Path(directory)
+    manifest = read_manifest(directory, KIND)
+    missing = [f for f in FILES if not (directory / f).is_file()]
+    if missing:
+        raise LlamaInputError(f"{directory}: incomplete top-sentences output, missing {', '.join(missing)}; run the stage again")
+    return TopSentences(directory, manifest)

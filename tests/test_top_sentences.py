@@ -1,0 +1,220 @@
+"""Top sentences per latent: brute-force equality, deterministic ties, ranks merge, HTML browser, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capture_top_activating_sentences import TopSentencesConfig
+from capture_top_activating_sentences import main as top_main
+from llama_3 import LlamaInputError, load_model
+from openwebtext_sentences_dataset import SentencesConfig
+from openwebtext_sentences_dataset import main as sentences_main
+from pipeline.sentences import iter_sentences
+from pipeline.top_sentences import AGGREGATIONS, TopTable, merge_top, open_top_sentences
+from sae import SaeConfig, TopKSae
+
+REPO = Path(__file__).resolve().parents[1]
+HOOK, N_LATENTS, K, TOP_N = "resid_pre.1", 40, 4, 5
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sent") / "s"
+    sentences_main(SentencesConfig(out=str(out), max_documents=40, row_group_sentences=24, splitter="trained", punkt_train_chars=200_000))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory, tiny):
+    lm = load_model(tiny.hf_dir)
+    torch.manual_seed(0)
+    sae = TopKSae(SaeConfig(d_model=lm.args.dim, n_latents=N_LATENTS, k=K, hook_point=HOOK, model=lm.identity(),
+                            exclude_first_positions=1))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_enc[-3:] = -1e4  # three latents that can never fire
+    out = tmp_path_factory.mktemp("sae") / "sae"
+    sae.save(out)
+    return out
+
+
+def run(tmp_path, tiny, sentences, sae_dir, **kw) -> Path:
+    out = tmp_path / kw.pop("name", "top")
+    base = dict(sae=str(sae_dir), sentences=str(sentences), out=str(out), model=str(tiny.hf_dir), top_n=TOP_N, non_activating=6,
+                model_dtype="float32", device="cpu", max_sentences=0, meanings=str(tmp_path / "none"))
+    cfg = TopSentencesConfig(**{**base, **kw})
+    top_main(cfg)
+    return out
+
+
+def brute_force(tiny, sentences, sae_dir):
+    """Each sentence alone through the model and the dense SAE path: per-token latent activations [T, L]."""
+    lm = load_model(tiny.hf_dir)
+    sae = TopKSae.load(sae_dir)
+    per_sentence = {}
+    for part in iter_sentences(sentences):
+        for sid, text in zip(part["sentence_id"], part["text"]):
+            ids = lm.tokenizer.encode(text, bos=False)[:192]
+            with torch.no_grad():
+                acts = lm.model.capture(torch.tensor([ids]), [HOOK])[HOOK][0]
+                values, idx = sae.encode(sae.normalize_input(acts.float())[0], dense=True)
+            h = torch.zeros(len(ids), N_LATENTS).scatter(1, idx, values)
+            h[:1] = 0  # the excluded first position
+            per_sentence[sid] = h
+    return per_sentence
+
+
+def scores_of(h: torch.Tensor) -> dict[str, torch.Tensor]:
+    counted = h[1:]
+    if len(counted) == 0:
+        return {a: torch.zeros(h.shape[1]) for a in AGGREGATIONS}
+    return {"mean": counted.mean(0), "max": counted.max(0).values, "last": counted[-1]}
+
+
+def test_top_n_equals_brute_force_and_browser_shows_it(tmp_path, tiny, sentences, sae_dir):
+    out = run(tmp_path, tiny, sentences, sae_dir)
+    res = open_top_sentences(out)
+    ref = brute_force(tiny, sentences, sae_dir)
+    ref_scores = {sid: scores_of(h) for sid, h in ref.items()}
+    top = res.table("top_sentences").to_pylist()
+    got: dict[tuple[int, str], list] = {}
+    for r in top:
+        got.setdefault((r["latent"], r["aggregation"]), []).append(r)
+    for latent in range(N_LATENTS):
+        for agg in AGGREGATIONS:
+            # reference ranking: score descending, ties by lower sentence id, only sentences where it fired
+            cand = sorted(((-float(s[agg][latent]), sid) for sid, s in ref_scores.items() if s[agg][latent] > 0))[:TOP_N]
+            rows = sorted(got.get((latent, agg), []), key=lambda r: r["rank"])
+            assert len(rows) == len(cand), (latent, agg)
+            np.testing.assert_allclose([r["score"] for r in rows], [-c[0] for c in cand], rtol=1e-4, atol=1e-5)
+            for r, (neg, sid) in zip(rows, cand):
+                # the same sentence unless two scores tie to within float noise
+                if r["sentence_id"] != sid:
+                    assert abs(float(ref_scores[r["sentence_id"]][agg][latent]) + neg) < 1e-5, (latent, agg, r["sentence_id"], sid)
+                np.testing.assert_allclose(r["token_activations"], ref[r["sentence_id"]][:, latent].tolist(), rtol=1e-4, atol=1e-5)
+    # statistics against the brute force
+    stats = {r["latent"]: r for r in res.table("latent_stats").to_pylist()}
+    all_h = torch.cat([h[1:] for h in ref.values()])
+    for latent in range(N_LATENTS):
+        fired = all_h[:, latent] > 0
+        assert stats[latent]["firing_tokens"] == int(fired.sum())
+        if fired.any():
+            assert stats[latent]["mean_activation"] == pytest.approx(float(all_h[fired, latent].mean()), rel=1e-4)
+        assert sum(stats[latent]["histogram"]) == int(fired.sum())
+    assert res.manifest["counts"]["latents_never_firing"] == 3
+    # non-activating samples never fire; every latent that is silent somewhere gets min(6, #silent)
+    silent = {}
+    for r in res.table("non_activating").to_pylist():
+        assert float(ref_scores[r["sentence_id"]]["max"][r["latent"]]) == 0
+        silent[r["latent"]] = silent.get(r["latent"], 0) + 1
+    for latent in range(N_LATENTS):
+        n_silent = sum(1 for sid, s in ref_scores.items() if s["max"][latent] == 0 and len(ref[sid]) > 1)
+        assert silent.get(latent, 0) == min(6, n_silent)
+    # the browser: an index row per latent, and the top sentence of latent 0 highlighted on its page
+    index = (out / "browser" / "index.html").read_text()
+    links = LinkParser.of(index)
+    assert {f"latents/{i}.html" for i in range(N_LATENTS)} <= set(links.hrefs)
+    best = min(got[(0, "max")], key=lambda r: r["rank"])
+    sent = {r["sentence_id"]: r for r in res.table("sentences").to_pylist()}[best["sentence_id"]]
+    page = (out / "browser" / "latents" / "0.html").read_text()
+    parsed = LinkParser.of(page)
+    assert "".join(sent["tokens"]) in parsed.text_blocks
+    shaded = [float(t) for t in parsed.titles]
+    peak_token = int(np.argmax(best["token_activations"]))
+    assert any(abs(v - best["token_activations"][peak_token]) <= 1e-3 * max(1, abs(v)) for v in shaded)
+
+
+class LinkParser(HTMLParser):
+    """Collects hrefs, span titles and the text of each sentence block (div.s without its score)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hrefs, self.titles, self.text_blocks = [], [], []
+        self._in_block, self._skip, self._buf = False, False, []
+
+    @classmethod
+    def of(cls, text: str) -> LinkParser:
+        p = cls()
+        p.feed(text)
+        p.close()
+        return p
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "a" and "href" in a:
+            self.hrefs.append(a["href"])
+        if tag == "span" and "title" in a and a.get("class") == "a":
+            self.titles.append(a["title"])
+        if tag == "div" and a.get("class") == "s":
+            self._in_block, self._buf = True, []
+        if tag == "span" and a.get("class") == "score":
+            self._skip = True
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self._skip:
+            self._skip = False
+        elif tag == "div" and self._in_block:
+            self._in_block = False
+            self.text_blocks.append("".join(self._buf))
+
+    def handle_data(self, data):
+        if self._in_block and not self._skip:
+            self._buf.append(data)
+
+
+def test_ties_rank_lower_sentence_id_first_whatever_the_order():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (7, 60), generator=g).float()  # many ties
+    ids = torch.arange(60)
+    expect = sorted(range(60), key=lambda i: (-scores[0, i].item(), i))[:10]
+    for perm in (torch.arange(60), torch.randperm(60, generator=g), torch.arange(59, -1, -1)):
+        t = TopTable(7, 10)
+        for chunk in perm.split(13):
+            t.update(scores[:, chunk], ids[chunk])
+        assert t.ids[0].tolist() == expect
+        s, i = merge_top(scores, ids[None].expand(7, -1), 10)
+        assert torch.equal(t.ids, i) and torch.equal(t.scores, s)
+
+
+@pytest.mark.slow
+def test_two_ranks_merge_to_the_single_process_result(tmp_path, tiny, sentences, sae_dir):
+    one = run(tmp_path, tiny, sentences, sae_dir, name="one", browser=False)
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "capture_top_activating_sentences.py",
+           "--sae", str(sae_dir), "--sentences", str(sentences), "--out", str(two), "--model", str(tiny.hf_dir), "--top-n", str(TOP_N),
+           "--non-activating", "6", "--model-dtype", "float32", "--device", "cpu", "--max-sentences", "0", "--no-browser"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    a, b = open_top_sentences(one), open_top_sentences(two)
+    ta, tb = a.table("top_sentences").to_pylist(), b.table("top_sentences").to_pylist()
+    assert [(r["latent"], r["aggregation"], r["rank"], r["sentence_id"]) for r in ta] == \
+           [(r["latent"], r["aggregation"], r["rank"], r["sentence_id"]) for r in tb]
+    np.testing.assert_allclose([r["score"] for r in ta], [r["score"] for r in tb], rtol=1e-5)
+    assert a.table("non_activating").to_pylist() == b.table("non_activating").to_pylist()
+    assert a.table("latent_stats").column("firing_tokens").to_pylist() == b.table("latent_stats").column("firing_tokens").to_pylist()
+    assert a.manifest["counts"]["sentences"] == b.manifest["counts"]["sentences"]
+
+
+def test_bad_inputs_and_shortfall(tmp_path, tiny, sentences, sae_dir):
+    with pytest.raises(LlamaInputError, match="--hook-point resid_pre.0"):
+        run(tmp_path, tiny, sentences, sae_dir, name="h", hook_point="resid_pre.0")
+    other = TopKSae.load(sae_dir)
+    other.cfg.model = {**other.cfg.model, "config_sha256": "0" * 64}
+    other.save(tmp_path / "other_sae")
+    with pytest.raises(LlamaInputError, match="--sae .*trained on"):
+        run(tmp_path, tiny, sentences, tmp_path / "other_sae", name="o")
+    with pytest.raises(LlamaInputError, match="--top-n"):
+        run(tmp_path, tiny, sentences, sae_dir, name="n", top_n=0)
+    out = run(tmp_path, tiny, sentences, sae_dir, name="short", max_sentences=3, browser=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["sentences"] == 3 and "only 3 sentences" in m["shortfall"]
