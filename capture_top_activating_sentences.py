@@ -43,9 +43,11 @@ from pipeline.distributed import DistInfo, run_distributed
 from pipeline.manifest import (
     MANIFEST_NAME,
     atomic_path,
+    fingerprint,
     make_manifest,
     write_json_atomic,
 )
+from pipeline.meanings import sae_sha256
 from pipeline.paths import SAE_DIR, SENTENCES_DIR, TOP_SENTENCES_DIR
 from pipeline.runtime import capture_dtype
 from pipeline.sentences import SentenceTokenDataset, iter_sentences
@@ -95,6 +97,14 @@ def covered_sentences(sae_dir: Path) -> int:
         return int(cap["config"].get("max_sentences") or 0)
     except (OSError, KeyError, ValueError, TypeError):
         return 0
+
+
+def request_fingerprint(cfg: TopSentencesConfig) -> str:
+    """What the output depends on: the SAE's weights, the sentence dataset, and the config."""
+    sentences = Path(cfg.sentences) / MANIFEST_NAME
+    keys = {k: v for k, v in asdict(cfg).items() if k not in ("out", "force", "device", "browser", "meanings")}
+    return fingerprint({"sae_sha256": sae_sha256(cfg.sae) if (Path(cfg.sae) / "sae.safetensors").is_file() else None,
+                        "sentences": sentences.read_text() if sentences.is_file() else None, **keys})
 
 
 def check_compatible(sae: TopKSae, identity: dict, cfg: TopSentencesConfig) -> None:
@@ -162,10 +172,14 @@ def main(cfg: TopSentencesConfig) -> dict:
 
 def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     out = Path(cfg.out)
+    request = request_fingerprint(cfg)
     if (out / MANIFEST_NAME).is_file() and not cfg.force:
+        done = json.loads((out / MANIFEST_NAME).read_text())
+        if done.get("fingerprint") != request:
+            raise LlamaInputError(f"--out {out}: holds top sentences of another SAE, sentence set or config; use --force or another --out")
         if info.is_main:
-            print(f"{out}: already complete (use --force to recompute)")
-        return json.loads((out / MANIFEST_NAME).read_text())
+            print(f"{out}: already complete for this SAE and config (use --force to recompute)")
+        return done
     if cfg.top_n < 1 or cfg.non_activating < 0:
         raise LlamaInputError(f"--top-n {cfg.top_n} / --non-activating {cfg.non_activating}: need top-n >= 1, non-activating >= 0")
     sae_dir = Path(cfg.sae)
@@ -237,7 +251,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
         n_sentences = n_sentences_all(info, n_sentences)
         if not info.is_main:
             return {}
-        return write_outputs(cfg, out, lm, sae, tables, silent, stats, rows, n_sentences, elapsed, max_sentences)
+        return write_outputs(cfg, out, lm, sae, tables, silent, stats, rows, n_sentences, elapsed, max_sentences, request)
     finally:
         store.close()
 
@@ -307,7 +321,8 @@ def write_parquet(path: Path, table: pa.Table) -> None:
         pq.write_table(table, tmp)
 
 
-def write_outputs(cfg, out: Path, lm, sae: TopKSae, tables, silent, stats, rows, n_sentences: int, elapsed: float, max_sentences: int) -> dict:
+def write_outputs(cfg, out: Path, lm, sae: TopKSae, tables, silent, stats, rows, n_sentences: int, elapsed: float, max_sentences: int,
+                  request: str) -> dict:
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # the manifest marks completion: written last
     top = sorted(rows["top"], key=lambda r: (r[0], AGGREGATIONS.index(r[1]), r[2]))
     write_parquet(out / "top_sentences.parquet", pa.table({
@@ -354,9 +369,9 @@ def write_outputs(cfg, out: Path, lm, sae: TopKSae, tables, silent, stats, rows,
         shortfall = f"only {n_sentences} sentences for --top-n {cfg.top_n}: every latent has fewer than N"
         print(f"warning: {shortfall}")
     manifest = make_manifest(
-        KIND, config=asdict(cfg), inputs={"sae": str(cfg.sae), "sae_cfg": asdict(sae.cfg), "sentences": str(cfg.sentences),
+        KIND, config=asdict(cfg), inputs={"sae": str(cfg.sae), "sae_sha256": sae_sha256(cfg.sae), "sae_cfg": asdict(sae.cfg), "sentences": str(cfg.sentences),
                                           "model": lm.identity()},
-        counts=counts, sentence_set=(f"the first {max_sentences} sentences (the SAE capture's: held-out + training)"
+        counts=counts, fingerprint=request, sentence_set=(f"the first {max_sentences} sentences (the SAE capture's: held-out + training)"
                                      if max_sentences else "every sentence of the dataset"),
         aggregations=list(AGGREGATIONS), histogram_edges=histogram_edges(), excluded_positions=cfg.add_bos + sae.cfg.exclude_first_positions,
         shortfall=shortfall, throughput={"seconds": round(elapsed, 2), "sentences_per_s": round(n_sentences / max(elapsed, 1e-9), 1)})

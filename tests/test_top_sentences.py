@@ -218,3 +218,23 @@ def test_bad_inputs_and_shortfall(tmp_path, tiny, sentences, sae_dir):
     out = run(tmp_path, tiny, sentences, sae_dir, name="short", max_sentences=3, browser=False)
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["sentences"] == 3 and "only 3 sentences" in m["shortfall"]
+
+
+def test_browser_shows_meanings_and_rerun_reuses_or_refuses(tmp_path, tiny, sentences, sae_dir):
+    from pipeline.meanings import sae_sha256
+
+    meanings = tmp_path / "meanings"
+    meanings.mkdir()
+    (meanings / "run1.json").write_text(json.dumps({"sae_sha256": sae_sha256(sae_dir), "explainer": "test", "latents": [
+        {"latent": 2, "meaning": "words about <rivers> & lakes", "certainty": 0.8, "score": 0.71}]}))
+    (meanings / "other.json").write_text(json.dumps({"sae_sha256": "0" * 64, "latents": [{"latent": 3, "meaning": "not this SAE",
+                                                                                          "certainty": 1.0, "score": None}]}))
+    out = run(tmp_path, tiny, sentences, sae_dir, meanings=str(meanings))
+    page = (out / "browser" / "latents" / "2.html").read_text()
+    assert "words about &lt;rivers&gt; &amp; lakes" in page and "0.71" in page
+    assert "not this SAE" not in (out / "browser" / "index.html").read_text()
+    before = (out / "top_sentences.parquet").stat().st_mtime_ns
+    run(tmp_path, tiny, sentences, sae_dir, meanings=str(meanings))  # same inputs: reused, not recomputed
+    assert (out / "top_sentences.parquet").stat().st_mtime_ns == before
+    with pytest.raises(LlamaInputError, match="another SAE, sentence set or config"):
+        run(tmp_path, tiny, sentences, sae_dir, top_n=3)
