@@ -71,7 +71,7 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
 def write_browser(out: Path, manifest: dict, per_aggregation: int, meanings_dir: str | Path) -> Path:
     """Write browser/ under a top-sentences output folder; returns the index path."""
     data = TopSentences(out, manifest)
-    meanings = load_meanings(meanings_dir, manifest["inputs"]["sae"])
+    meanings = load_meanings(meanings_dir, manifest["inputs"]["sae_sha256"])
     stats = data.table("latent_stats").to_pylist()
     top = data.table("top_sentences")
     top = top.filter(pc.less(top["rank"], per_aggregation)).to_pylist()

@@ -19,12 +19,12 @@ def sae_sha256(sae_dir: str | Path) -> str:
     return sha256_file(Path(sae_dir) / "sae.safetensors")
 
 
-def load_meanings(directory: str | Path, sae_dir: str | Path) -> dict[int, dict]:
-    """{latent: {"meaning", "certainty", "score", "explainer", "file"}} for this SAE ({} when there are none)."""
+def load_meanings(directory: str | Path, digest: str) -> dict[int, dict]:
+    """{latent: {"meaning", "certainty", "score", "explainer", "file"}} for the SAE whose
+    sae.safetensors has this sha256 ({} when there are none)."""
     directory = Path(directory)
     if not directory.is_dir():
         return {}
-    digest = sae_sha256(sae_dir)
     found: dict[int, dict] = {}
     for path in sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime):
         try:

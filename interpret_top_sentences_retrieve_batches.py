@@ -1,0 +1,85 @@
+"""Poll the submitted Message Batches and download the results of those that have ended.
+
+Usage:
+    python interpret_top_sentences_retrieve_batches.py                  # one pass: fetch what has ended
+    python interpret_top_sentences_retrieve_batches.py --wait           # poll until every batch has ended
+    python interpret_top_sentences_retrieve_batches.py --task detect --wait --poll-seconds 30
+
+Every result type is recorded per request (succeeded, errored, canceled, expired); raw result
+lines are kept in <out>/<task>/results/<batch id>.jsonl, written atomically, so a re-run fetches
+only batches that have no results file yet. Errored, expired and canceled latents are sent again by
+the send script. 429 and 5xx answers are retried with backoff by the SDK (--max-retries).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from llama_3.cli import parse_config, run_main
+from pipeline.interpretation import INTERPRETATION_DIR, BatchState, make_client, task_dir, write_results
+
+
+@dataclass
+class RetrieveConfig:
+    out: str = field(default=str(INTERPRETATION_DIR), metadata={"help": "interpretation folder (state, results)"})
+    task: str = field(default="explain", metadata={"help": "explain or detect"})
+    wait: bool = field(default=False, metadata={"help": "poll until every batch has ended"})
+    poll_seconds: float = field(default=60.0, metadata={"help": "seconds between polls with --wait"})
+    timeout_minutes: float = field(default=0.0, metadata={"help": "give up waiting after this long (0: never)"})
+    base_url: str | None = field(default=None, metadata={"help": "API base URL (default: the SDK's; e.g. a local test server)"})
+    max_retries: int = field(default=5, metadata={"help": "SDK retries with backoff on 429 / 5xx"})
+
+
+def fetch_ended(state: BatchState, client, directory) -> int:
+    """Download the results of every ended batch that has none yet; returns how many are still running."""
+    running = 0
+    for sub in state.submissions:
+        if sub["ended"] or not sub["batch_id"]:
+            continue
+        batch = client.messages.batches.retrieve(sub["batch_id"])
+        if batch.processing_status != "ended":
+            running += 1
+            continue
+        lines = [r.model_dump(mode="json") for r in client.messages.batches.results(sub["batch_id"])]
+        write_results(directory / "results" / f"{sub['batch_id']}.jsonl", lines)  # raw, before any bookkeeping
+        seen = set()
+        for line in lines:
+            entry = state.requests.get(line["custom_id"])
+            if entry is not None:
+                entry["status"] = line["result"]["type"]
+                seen.add(line["custom_id"])
+        for cid in sub["custom_ids"]:
+            if cid not in seen:  # the API returned no line for it: treat it like an expired request
+                state.requests[cid]["status"] = "expired"
+        sub["ended"] = True
+        state.save()
+    return running
+
+
+def main(cfg: RetrieveConfig) -> dict:
+    directory = task_dir(cfg.out, cfg.task)
+    state = BatchState.load(directory)
+    waiting = [s for s in state.submissions if not s["ended"] and s["batch_id"]]
+    running = 0
+    if waiting:
+        client = make_client(cfg.base_url, cfg.max_retries)
+        t0 = time.monotonic()
+        while True:
+            running = fetch_ended(state, client, directory)
+            if not running or not cfg.wait:
+                break
+            if cfg.timeout_minutes and time.monotonic() - t0 > 60 * cfg.timeout_minutes:
+                break
+            print(f"{running} batch(es) still processing; next poll in {cfg.poll_seconds:.0f} s", flush=True)
+            time.sleep(cfg.poll_seconds)
+    counts: dict[str, int] = {}
+    for e in state.requests.values():
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    print(f"{directory}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + (f"; {running} batch(es) still processing" if running else ""))
+    return {"counts": counts, "running": running}
+
+
+if __name__ == "__main__":
+    run_main(main, parse_config(RetrieveConfig, sys.argv[1:], __doc__))

