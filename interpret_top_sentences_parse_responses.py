@@ -9,7 +9,8 @@ integer or percent certainties) and validates it; every failure is kept with its
 <out>/explain/parse_failures.jsonl. Scores: detection by the offline judge (AUROC of MiniLM
 similarity between the meaning and held-out activating vs. silent sentences) and, when the detect
 task has answers, Claude's balanced accuracy. Writes latent_index_meaning/<run>.json (highest
-certainty first; the file the browser, inference and the Gradio page read) and a manifest.
+certainty first; the file the browser, inference and the Gradio page read) and a manifest, and
+refreshes the feature browser when the top-sentences output has one.
 """
 
 from __future__ import annotations
@@ -116,6 +117,11 @@ def main(cfg: ParseConfig) -> dict:
     manifest = make_manifest("interpretation", config=asdict(cfg), inputs={"top_sentences": cfg.top_sentences, "sae_sha256": digest},
                              counts=summary, explainer=explainer, meaning_file=str(meaning_file))
     write_json_atomic(directory / "manifest.json", manifest)
+    if data.manifest.get("browser"):  # refresh the feature browser so it shows the new meanings and scores
+        from pipeline.feature_browser import write_browser
+
+        write_browser(data.directory, data.manifest, data.manifest["config"]["browser_sentences"], cfg.meanings)
+        print(f"feature browser updated: {Path(data.manifest['browser']).resolve()}")
     auroc = summary["mean_detection_auroc_minilm"]
     print(f"{meaning_file}: {len(latents)} meanings by {explainer}, {len(failures)} failures"
           + (f"; mean detection AUROC (MiniLM judge) {auroc:.3f} over {len(minilm)} latents" if auroc is not None else "")

