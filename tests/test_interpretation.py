@@ -189,3 +189,57 @@ def test_batches_respect_the_api_limits():
     assert [len(c) for c in chunks] == [10, 10, 5]
     size = max(len(json.dumps(r).encode()) for r in reqs)
     assert [len(c) for c in chunk_requests(reqs, max_requests=100, max_bytes=3 * size)] == [3] * 8 + [1]
+
+
+def test_minilm_embeddings_equal_transformers_bert_mean_pooled():
+    import torch
+    from transformers import BertModel
+
+    from pipeline.sentence_embedding import SentenceEncoder, default_model_dir
+
+    enc = SentenceEncoder()
+    texts = RIVER[:3] + ["x", OTHER[0] + " " + OTHER[1]]
+    ours = enc.encode(texts)
+    ref_model = BertModel.from_pretrained(str(default_model_dir())).eval()
+    batch = enc.tokenizer.encode_batch(texts)
+    ids, mask = torch.tensor([b.ids for b in batch]), torch.tensor([b.attention_mask for b in batch])
+    with torch.no_grad():
+        h = ref_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    ref = torch.nn.functional.normalize((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_claude_judge_through_the_same_batch_machinery(tmp_path, monkeypatch):
+    """--task detect: Claude picks the activating sentences of a shuffled mix; balanced accuracy per latent."""
+    import re
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+
+    def judge(cid, params):
+        if cid.startswith("explain"):
+            return "succeeded", VERDICT
+        body = params["messages"][0]["content"]
+        picks = [int(n) for n, text in re.findall(r"^(\d+)\. (.*)$", body, re.M) if re.search(r"river|lake", text, re.I)]
+        if cid.startswith("detect-1-"):
+            picks = picks[:1]  # a worse judge answer for latent 1: one hit, the rest missed
+        return "succeeded", f"Thinking...\n{json.dumps({'activating': picks})}"
+
+    top = write_top_sentences(tmp_path / "top", n_latents=2)
+    server = FakeBatches(judge, polls_until_end=0)
+    try:
+        common = dict(out=str(tmp_path / "interp"), base_url=server.url)
+        meanings = str(tmp_path / "meanings")
+        send_main(SendConfig(top_sentences=str(top), **common))
+        retrieve_main(RetrieveConfig(**common))
+        parse_main(ParseConfig(top_sentences=str(top), out=common["out"], meanings=meanings, judge="none"))
+        send_main(SendConfig(top_sentences=str(top), task="detect", meanings=meanings, sentences_per_latent=6, **common))
+        retrieve_main(RetrieveConfig(task="detect", **common))
+        m = parse_main(ParseConfig(top_sentences=str(top), out=common["out"], meanings=meanings, judge="none"))
+    finally:
+        server.close()
+    doc = json.loads(Path(m["meaning_file"]).read_text())
+    scores = {e["latent"]: e["scores"]["claude-balanced-accuracy"] for e in doc["latents"]}
+    assert scores[0] == 1.0  # 5 activating + 5 silent, all picked right
+    assert scores[1] == pytest.approx((1 / 5 + 1.0) / 2)
+    assert doc["latents"][0]["score"] == scores[doc["latents"][0]["latent"]]
+    assert KEY not in files_text(tmp_path)
