@@ -77,7 +77,9 @@ class Splice:
             raise ValueError(f"splice callable returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
         if self.add_error:
             clean = out if self.clean_fn is None else self.clean_fn(x)
-            out = out + (x - clean)
+            # x + (out - clean), not out + (x - clean): when the intervention changes nothing,
+            # out - clean is exactly 0 and the model sees exactly x (the other order rounds).
+            out = x + (out - clean)
         return out.to(x.dtype)
 
 
