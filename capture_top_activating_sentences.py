@@ -45,6 +45,7 @@ from pipeline.manifest import (
     atomic_path,
     fingerprint,
     make_manifest,
+    read_manifest,
     write_json_atomic,
 )
 from pipeline.meanings import sae_sha256
@@ -90,13 +91,16 @@ class TopSentencesConfig:
 
 def covered_sentences(sae_dir: Path) -> int:
     """How many sentences the SAE's capture took (0: unknown or all), following the run's manifests."""
+    from pipeline.activations import KIND as CAPTURE_KIND
+    from pipeline.preprocessed import KIND as PREPROCESSED_KIND
+
     try:
-        run = json.loads((sae_dir.parent / MANIFEST_NAME).read_text())
-        pre = json.loads((Path(run["inputs"]["data"]) / MANIFEST_NAME).read_text())
-        cap = json.loads((Path(pre["inputs"]["capture"]) / MANIFEST_NAME).read_text())
+        run = read_manifest(sae_dir.parent, "sae")
+        pre = read_manifest(Path(run["inputs"]["data"]), PREPROCESSED_KIND)
+        cap = read_manifest(Path(pre["inputs"]["capture"]), CAPTURE_KIND)
         return int(cap["config"].get("max_sentences") or 0)
-    except (OSError, KeyError, ValueError, TypeError):
-        return 0
+    except (LlamaInputError, KeyError, TypeError, ValueError):
+        return 0  # an SAE without its run folder (copied alone): every sentence
 
 
 def request_fingerprint(cfg: TopSentencesConfig) -> str:
@@ -195,8 +199,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     data = SentenceTokenDataset(cfg.sentences, lm.tokenizer, max_tokens=cfg.max_tokens + bos, add_bos=cfg.add_bos,
                                 max_batch_tokens=cfg.max_batch_tokens, rank=info.rank, world_size=info.world_size,
                                 max_sentences=max_sentences)
-    total_sentences = data.manifest["counts"]["sentences"] if not max_sentences else min(max_sentences, data.manifest["counts"]["sentences"])
-    if total_sentences == 0:
+    if data.manifest["counts"]["sentences"] == 0:
         raise LlamaInputError(f"--sentences {cfg.sentences}: no sentences to run")
     L, hook = sae.cfg.n_latents, sae.cfg.hook_point
     tables = {a: TopTable(L, cfg.top_n, info.device) for a in AGGREGATIONS}

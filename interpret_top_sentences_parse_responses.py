@@ -112,7 +112,7 @@ def main(cfg: ParseConfig) -> dict:
     summary = {"explained": len(latents), "failures": len(failures),
                "failure_reasons": sorted({f["reason"] for f in failures}),
                "mean_detection_auroc_minilm": mean(minilm.values()),
-               "mean_detection_balanced_accuracy_claude": mean(claude.values()) if claude else None,
+               "mean_detection_balanced_accuracy_claude": mean(claude.values()),
                "mean_certainty": mean(e["certainty"] for e in latents)}
     manifest = make_manifest("interpretation", config=asdict(cfg), inputs={"top_sentences": cfg.top_sentences, "sae_sha256": digest},
                              counts=summary, explainer=explainer, meaning_file=str(meaning_file))

@@ -19,14 +19,15 @@ import datetime as dt
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llama_3.cli import parse_config, run_main
 from llama_3.errors import LlamaInputError
 from pipeline.explainers import OFFLINE_EXPLAINER, LatentExamples, detection_prompt_sentences, offline_explanation
 from pipeline.interpretation import (DEFAULT_MODEL, INTERPRETATION_DIR, OFFLINE_BATCH, BatchState, chunk_requests, custom_id,
-                                     detect_params, estimate_cost, explain_params, make_client, mark_tokens, succeeded_line,
+                                     detect_params, estimate_cost, explain_params, make_client, mark_tokens, parse_custom_id,
+                                     succeeded_line,
                                      task_dir, write_results)
 from pipeline.manifest import write_json_atomic
 from pipeline.meanings import load_meanings
@@ -123,7 +124,7 @@ def main(cfg: SendConfig) -> dict:
                "model": OFFLINE_EXPLAINER if offline else cfg.model, "estimate": None if offline else estimate,
                "sent_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "submissions": len(state.submissions)}
-    write_json_atomic(directory / "send_manifest.json", {"config": {k: v for k, v in vars(cfg).items()}, **summary})
+    write_json_atomic(directory / "send_manifest.json", {"config": asdict(cfg), **summary})
     where = "explained offline" if offline else f"submitted in {len({r['submission'] for r in state.requests.values()})} batch(es)"
     print(f"{directory}: {len(requests)} requests {where}; {len(lats) - len(requests)} latents already submitted or answered"
           + ("" if offline else f"; estimated ${estimate['usd_est']:.2f} (${estimate['usd_per_1000_requests_est']:.2f} per 1,000 latents)"))
@@ -133,17 +134,12 @@ def main(cfg: SendConfig) -> dict:
 def explain_offline(state: BatchState, directory: Path, requests: list[dict], examples: LatentExamples) -> None:
     lines = []
     for r in requests:
-        lat = int(r["custom_id"].rsplit("-", 2)[1])
+        lat = parse_custom_id(r["custom_id"])[1]
         text = offline_explanation(lat, examples.top[lat], examples.silent.get(lat, []), examples.sentences)
         lines.append(succeeded_line(r["custom_id"], text, OFFLINE_EXPLAINER))
-    index = len(state.submissions)
-    name = f"{OFFLINE_BATCH}-{index}"
+    name = f"{OFFLINE_BATCH}-{len(state.submissions)}"
     write_results(directory / "results" / f"{name}.jsonl", lines)
-    state.submissions.append({"index": index, "batch_id": name, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
-                              "custom_ids": [r["custom_id"] for r in requests], "ended": True})
-    for r in requests:
-        _, lat, attempt = r["custom_id"].rsplit("-", 2)
-        state.requests[r["custom_id"]] = {"latent": int(lat), "attempt": int(attempt), "submission": index, "status": "succeeded"}
+    state.add_submission(name, [r["custom_id"] for r in requests], "succeeded", ended=True)
     state.save()
 
 
@@ -151,13 +147,7 @@ def submit(state: BatchState, client, requests: list[dict]) -> None:
     """One batch per chunk; the submission is recorded (pending) before the API call, so a crash
     between the call and the record is recovered by adopt_pending() on the next run."""
     for chunk in chunk_requests(requests):
-        index = len(state.submissions)
-        sub = {"index": index, "batch_id": None, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
-               "custom_ids": [r["custom_id"] for r in chunk], "ended": False}
-        state.submissions.append(sub)
-        for r in chunk:
-            _, lat, attempt = r["custom_id"].rsplit("-", 2)
-            state.requests[r["custom_id"]] = {"latent": int(lat), "attempt": int(attempt), "submission": index, "status": "pending"}
+        sub = state.add_submission(None, [r["custom_id"] for r in chunk], "pending", ended=False)
         state.save()
         batch = client.messages.batches.create(requests=chunk)
         if _TEST_CRASH_AFTER_CREATE:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import html
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -55,8 +56,6 @@ def highlight(tokens: list[str], activations: list[float], peak: float) -> str:
 
 def histogram_svg(counts: list[int], edges: list[float]) -> str:
     """Bars of the log-spaced activation histogram, log-scaled heights; labels at the ends."""
-    import math
-
     width, height, n = 480, 90, len(counts)
     top = max((math.log1p(c) for c in counts), default=0) or 1
     bw = width / max(n, 1)

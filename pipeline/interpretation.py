@@ -13,10 +13,10 @@ sent again with the next attempt number; one that is submitted or answered never
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ PRICES = {"claude-sonnet-4-5": (3.0, 15.0), "claude-haiku-4-5": (1.0, 5.0), "cla
 BATCH_DISCOUNT = 0.5
 MAX_REQUESTS_PER_BATCH = 100_000  # API limits per batch: 100,000 requests or 256 MB
 MAX_BATCH_BYTES = 256 * 1000 * 1000
-FINAL_STATUSES = ("succeeded", "errored", "canceled", "expired")
 RETRY_STATUSES = ("errored", "canceled", "expired")
 OFFLINE_BATCH = "offline"
 
@@ -127,6 +126,17 @@ class BatchState:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path, {"submissions": self.submissions, "requests": self.requests, "extra": self.extra})
+
+    def add_submission(self, batch_id: str | None, custom_ids: list[str], status: str, ended: bool) -> dict:
+        """Record a submission and its requests (status: pending before the API call, succeeded offline)."""
+        index = len(self.submissions)
+        sub = {"index": index, "batch_id": batch_id, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+               "custom_ids": list(custom_ids), "ended": ended}
+        self.submissions.append(sub)
+        for cid in custom_ids:
+            _, latent, attempt = parse_custom_id(cid)
+            self.requests[cid] = {"latent": latent, "attempt": attempt, "submission": index, "status": status}
+        return sub
 
     def latest(self) -> dict[int, tuple[str, dict]]:
         """latent -> (custom_id, entry) of its highest attempt."""
@@ -276,7 +286,3 @@ def parse_detection(text: str, n: int) -> tuple[list[int] | None, str]:
     if any(not 1 <= i <= n for i in picked):
         return None, f"sentence numbers outside 1..{n}"
     return picked, ""
-
-
-def now() -> float:
-    return time.time()

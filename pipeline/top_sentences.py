@@ -51,9 +51,6 @@ class TopTable:
             ids = ids[None, :].expand_as(scores)
         self.scores, self.ids = merge_top(torch.cat([self.scores, scores.float()], 1), torch.cat([self.ids, ids], 1), self.n)
 
-    def merge(self, other: TopTable) -> None:
-        self.update(other.scores.to(self.scores.device), other.ids.to(self.ids.device))
-
 
 def merge_top(scores: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best n per row by score, ties by lower id: two stable sorts (id ascending, then score descending)."""
