@@ -148,6 +148,8 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
     for p in out.glob(f"*acts-r{info.rank:03d}-*"):  # complete-looking shards no progress file vouches for, and temp files
         if p.name not in keep:
             p.unlink()
+    for p in out.glob(f".{progress_path.name}.*.tmp"):  # a progress write cut short by a kill
+        p.unlink()
 
     def on_shard(shard: dict) -> None:
         progress["shards"].append(shard)

@@ -112,11 +112,7 @@ def request_fingerprint(cfg: TopSentencesConfig) -> str:
 
 
 def check_compatible(sae: TopKSae, identity: dict, cfg: TopSentencesConfig) -> None:
-    trained = sae.cfg.model or {}
-    for key in ("config_sha256", "tokenizer_sha256", "d_model"):
-        if key in trained and trained[key] != identity[key]:
-            raise LlamaInputError(f"--sae {cfg.sae}: trained on {trained.get('path')} ({key} {str(trained[key])[:12]}), "
-                                  f"not on --model {identity['path']} ({str(identity[key])[:12]})")
+    sae.check_model(identity, f"--sae {cfg.sae}")
     if cfg.hook_point and cfg.hook_point != sae.cfg.hook_point:
         raise LlamaInputError(f"--hook-point {cfg.hook_point}: the SAE in {cfg.sae} was trained at {sae.cfg.hook_point}")
 
@@ -188,10 +184,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
         raise LlamaInputError(f"--top-n {cfg.top_n} / --non-activating {cfg.non_activating}: need top-n >= 1, non-activating >= 0")
     sae_dir = Path(cfg.sae)
     sae = TopKSae.load(sae_dir, device=info.device).eval()
-    model_path = cfg.model or (sae.cfg.model or {}).get("path")
-    if model_path == "synthetic":
-        raise LlamaInputError(f"--sae {cfg.sae}: trained on synthetic data; there is no model to run")
-    lm = load_model(model_path, device=info.device, dtype=resolve_dtype(cfg.model_dtype) or capture_dtype(info.device))
+    lm = load_model(sae.model_path(cfg.model, f"--sae {cfg.sae}"), device=info.device, dtype=resolve_dtype(cfg.model_dtype) or capture_dtype(info.device))
     check_compatible(sae, lm.identity(), cfg)
     max_sentences = covered_sentences(sae_dir) if cfg.max_sentences < 0 else cfg.max_sentences
     bos = 1 if cfg.add_bos else 0

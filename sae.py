@@ -288,6 +288,21 @@ class TopKSae(nn.Module):
             raise LlamaInputError(f"{directory / 'sae.safetensors'}: weights {missing or unexpected} do not match cfg.json")
         return sae.to(device)
 
+    def model_path(self, override: str | None, flag: str = "--sae") -> str:
+        """The checkpoint to run this SAE with: `override` (--model) or the path in cfg.json."""
+        path = override or (self.cfg.model or {}).get("path")
+        if path == "synthetic":
+            raise LlamaInputError(f"{flag}: this SAE was trained on synthetic data; there is no model to run")
+        return path
+
+    def check_model(self, identity: dict, where: str) -> None:
+        """Refuse a model other than the one the SAE was trained on (config, tokenizer or width differ)."""
+        trained = self.cfg.model or {}
+        for key in ("config_sha256", "tokenizer_sha256", "d_model"):
+            if key in trained and trained[key] != identity[key]:
+                raise LlamaInputError(f"{where}: trained on {trained.get('path')} ({key} {str(trained[key])[:12]}), "
+                                      f"not on --model {identity['path']} ({str(identity[key])[:12]})")
+
     def export_saelens(self, directory: str | Path) -> None:
         """SAELens' layout: W_enc [d, L], W_dec [L, d], b_enc, b_dec; topk activation with k in cfg.json.
 

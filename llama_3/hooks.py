@@ -70,8 +70,11 @@ class Splice:
     """Add back x - clean_fn(x), the part of x that `clean_fn` does not reconstruct."""
     clean_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Reconstruction without the intervention, for the error term; defaults to `fn`."""
+    skip_first_positions: int = 0
+    """Sequence positions < N keep x untouched (e.g. the attention sink an SAE never saw in training)."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d]; positions [B, T] (each token's position in its own sequence) when known."""
         out = self.fn(x)
         if out.shape != x.shape:
             raise ValueError(f"splice callable returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
@@ -80,6 +83,8 @@ class Splice:
             # x + (out - clean), not out + (x - clean): when the intervention changes nothing,
             # out - clean is exactly 0 and the model sees exactly x (the other order rounds).
             out = x + (out - clean)
+        if self.skip_first_positions and positions is not None:
+            out = torch.where((positions >= self.skip_first_positions)[..., None], out, x)
         return out.to(x.dtype)
 
 
@@ -102,6 +107,8 @@ class HookRunner:
         points = self.capture_points | set(self.splices)
         self.blocks_with_hooks = {hp.layer for hp in points}
         self.captured: dict[str, torch.Tensor] = {}
+        self.positions: torch.Tensor | None = None
+        """[B, T] positions of the current forward's tokens, set by the model."""
 
     @property
     def active(self) -> bool:
@@ -115,4 +122,4 @@ class HookRunner:
         if hp in self.capture_points:
             self.captured[hp.name] = x
         splice = self.splices.get(hp)
-        return splice(x) if splice is not None else x
+        return splice(x, self.positions) if splice is not None else x

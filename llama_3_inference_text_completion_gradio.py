@@ -1,0 +1,166 @@
+"""A web page for steered text completion: prompts, sampling, latent search, steering entries,
+steered and unsteered output streamed side by side, and the latents active on every generated token.
+
+Usage:
+    # CPU, the demo run: SAE from sae_training.py, meanings from latent_index_meaning/
+    python llama_3_inference_text_completion_gradio.py            # then open http://127.0.0.1:7860
+    # one GPU, a Llama 3.x SAE; --share asks Gradio for a public link (off by default)
+    python llama_3_inference_text_completion_gradio.py --sae runs/sae/sae --device cuda --port 7861
+
+The page binds to 127.0.0.1 unless --host says otherwise. Everything it loads (model, SAE,
+meanings) is named on this command line; the browser sends only prompts, numbers and choices.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports from a research tool by default
+import gradio as gr  # noqa: E402
+
+from llama_3.cli import parse_config, run_main  # noqa: E402
+from llama_3.errors import LlamaInputError  # noqa: E402
+from llama_3_inference import SPLICE_ON, Session  # noqa: E402
+from pipeline.paths import SAE_DIR  # noqa: E402
+from pipeline.steering import MODES, SteeringEntry, check_entries  # noqa: E402
+
+TITLE = "SAE steering"
+
+
+@dataclass
+class GradioConfig:
+    sae: str = field(default=str(SAE_DIR / "sae"), metadata={"help": "SAE folder (sae.safetensors + cfg.json)"})
+    meanings: str = field(default="latent_index_meaning", metadata={"help": "folder of latent meanings"})
+    model: str | None = field(default=None, metadata={"help": "default: the SAE's model"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16"})
+    host: str = field(default="127.0.0.1", metadata={"help": "interface to bind (0.0.0.0 exposes the page to your network)"})
+    port: int = field(default=7860, metadata={"help": "port"})
+    share: bool = field(default=False, metadata={"help": "ask Gradio for a public share link"})
+    max_prompts: int = field(default=8, metadata={"help": "most prompts per request"})
+    max_new_tokens_limit: int = field(default=256, metadata={"help": "upper end of the max-new-tokens slider"})
+    inspect_top: int = field(default=5, metadata={"help": "latents shown per generated token"})
+
+
+def entries_table(entries: list[SteeringEntry], session: Session) -> list[list]:
+    return [[e.latent, e.mode, e.strength, session.steerable.meaning(e.latent)] for e in entries]
+
+
+def format_outputs(labels: list[str], texts: list[str]) -> str:
+    if len(labels) == 1:
+        return texts[0]
+    return "\n\n".join(f"[{i + 1}] {label}{text}" for i, (label, text) in enumerate(zip(labels, texts)))
+
+
+def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
+    if session.steerable is None:
+        raise LlamaInputError("the Gradio page needs --sae")
+    steerable = session.steerable
+    n_latents = steerable.sae.cfg.n_latents
+
+    def search(query: str):
+        hits = steerable.search(query or "", limit=50)
+        return [[h["latent"], h.get("certainty"), h.get("score"), h.get("meaning", "")] for h in hits]
+
+    def pick(evt: gr.SelectData, table):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        try:
+            return int(table.iloc[row, 0])
+        except (AttributeError, IndexError, ValueError, TypeError):
+            return gr.update()
+
+    def add_entry(latent, mode, strength, entries: list[SteeringEntry]):
+        try:
+            entry = SteeringEntry(int(latent), str(mode), float(strength))
+            check_entries(steerable.sae, [entry])
+        except (LlamaInputError, TypeError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        entries = [e for e in entries if e.latent != entry.latent or e.mode != entry.mode] + [entry]
+        return entries, entries_table(entries, session)
+
+    def clear_entries():
+        return [], []
+
+    def generate(prompts_text: str, entries: list[SteeringEntry], greedy: bool, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int, steer_on: str, keep_error: bool):
+        labels = [line for line in (prompts_text or "").splitlines() if line.strip()]
+        if not labels:
+            raise gr.Error("write at least one prompt (one per line)")
+        if len(labels) > cfg.max_prompts:
+            raise gr.Error(f"at most {cfg.max_prompts} prompts per request")
+        if steer_on not in SPLICE_ON:
+            raise gr.Error(f"steer on: one of {', '.join(SPLICE_ON)}")
+        prompts = [session.loaded.tokenizer.encode(p) for p in labels]
+        sampling = {"max_new_tokens": max(1, min(int(max_new_tokens), cfg.max_new_tokens_limit)),
+                    "temperature": 0.0 if greedy else float(temperature), "top_p": float(top_p), "seed": int(seed)}
+        pairs = []
+        for pairs in session.stream(prompts, list(entries), keep_error=bool(keep_error), compare=True, steer_on=steer_on, **sampling):
+            plain = [p.text if p is not None else s.text for p, s in pairs]
+            yield format_outputs(labels, plain), format_outputs(labels, [s.text for _, s in pairs]), gr.update()
+        rows = []
+        for i, (_, steered) in enumerate(pairs):
+            for position, item in enumerate(session.inspect(steered, list(entries), steer_on, cfg.inspect_top)):
+                latents = "; ".join(f"{x['latent']} ({x['activation']:.2f}) {x['meaning']}".strip() for x in item["latents"])
+                rows.append([i + 1, position, item["token"], latents])
+        yield gr.update(), gr.update(), rows
+
+    sae_name = Path(steerable.directory).resolve().name
+    with gr.Blocks(title=TITLE) as app:
+        gr.Markdown(f"## {TITLE}\nModel `{Path(str(session.loaded.path)).name}` · SAE `{sae_name}` at `{steerable.hook_point}` "
+                    f"({n_latents} latents, k {steerable.sae.cfg.k}) · {len(steerable.meanings)} latents with meanings")
+        entries_state = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompts = gr.Textbox(label="Prompts (one per line)", lines=4, value="My favourite food is", elem_id="prompts")
+                with gr.Row():
+                    greedy = gr.Checkbox(label="Greedy", value=True, elem_id="greedy")
+                    temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+                    max_new = gr.Slider(1, cfg.max_new_tokens_limit, value=32, step=1, label="Max new tokens", elem_id="max_new_tokens")
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                with gr.Row():
+                    steer_on = gr.Radio(list(SPLICE_ON), value="all", label="Steer on")
+                    keep_error = gr.Checkbox(label="Keep the SAE error term (off: pure reconstruction)", value=True)
+            with gr.Column(scale=2):
+                query = gr.Textbox(label="Find latents by meaning", placeholder="e.g. bone", elem_id="search_query")
+                search_btn = gr.Button("Search", elem_id="search_button")
+                hits = gr.Dataframe(headers=["latent", "certainty", "score", "meaning"], interactive=False, max_height=240,
+                                    elem_id="search_results")
+        with gr.Row():
+            latent = gr.Number(label=f"Latent (0..{n_latents - 1}; click a search result)", precision=0, value=0, elem_id="latent")
+            mode = gr.Radio(list(MODES), value="clamp", label="Mode", elem_id="mode")
+            strength = gr.Number(label="Strength", value=8.0, elem_id="strength")
+            add_btn = gr.Button("Add steering entry", elem_id="add_entry")
+            clear_btn = gr.Button("Clear entries")
+        entries_view = gr.Dataframe(headers=["latent", "mode", "strength", "meaning"], interactive=False, elem_id="entries")
+        run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            out_plain = gr.Textbox(label="Unsteered", lines=8, elem_id="out_unsteered")
+            out_steered = gr.Textbox(label="Steered", lines=8, elem_id="out_steered")
+        inspection = gr.Dataframe(headers=["prompt", "position", "token", f"top {cfg.inspect_top} latents (activation) meaning"],
+                                  interactive=False, max_height=400, elem_id="inspection", label="Latents on each steered token")
+
+        search_btn.click(search, query, hits)
+        query.submit(search, query, hits)
+        hits.select(pick, hits, latent)
+        add_btn.click(add_entry, [latent, mode, strength, entries_state], [entries_state, entries_view])
+        clear_btn.click(clear_entries, None, [entries_state, entries_view])
+        run_btn.click(generate, [prompts, entries_state, greedy, temperature, top_p, max_new, seed, steer_on, keep_error],
+                      [out_plain, out_steered, inspection])
+    return app
+
+
+def main(cfg: GradioConfig, block: bool = True) -> gr.Blocks:
+    session = Session.open(cfg.model, cfg.sae, cfg.meanings, cfg.device, cfg.dtype)
+    app = build_app(session, cfg)
+    app.queue(default_concurrency_limit=1)  # one model: requests take turns
+    app.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, prevent_thread_lock=not block,
+               show_error=True, quiet=not block)
+    return app
+
+
+if __name__ == "__main__":
+    run_main(main, parse_config(GradioConfig, sys.argv[1:], __doc__))
