@@ -23,9 +23,9 @@ from pathlib import Path
 from llama_3.cli import parse_config, run_main
 from llama_3.errors import LlamaInputError
 from pipeline.explainers import OFFLINE_JUDGE, LatentExamples, balanced_accuracy, mean, minilm_scores
-from pipeline.interpretation import (INTERPRETATION_DIR, BatchState, message_text, parse_detection, parse_verdict, read_results,
+from pipeline.interpretation import (INTERPRETATION_DIR, BatchState, bind_state_to_sae, message_text, parse_detection, parse_verdict, read_results,
                                      task_dir)
-from pipeline.manifest import atomic_path, make_manifest, write_json_atomic
+from pipeline.manifest import atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.paths import TOP_SENTENCES_DIR
 from pipeline.top_sentences import open_top_sentences
 
@@ -82,6 +82,15 @@ def claude_detection(directory: Path) -> dict[int, float]:
     return out
 
 
+def parse_fingerprint(cfg: ParseConfig, directory: Path, data) -> str:
+    """What the parse output depends on: the state and every results file, the top sentences, the
+    Claude-judge results, and the config."""
+    files = sorted(p for d in (directory, task_dir(cfg.out, "detect")) for p in [d / "state.json", *(d / "results").glob("*")]
+                   if p.is_file())
+    return fingerprint({"files": {str(p): sha256_file(p) for p in files}, "top_sentences": data.manifest.get("fingerprint"),
+                        "config": asdict(cfg)})
+
+
 def main(cfg: ParseConfig) -> dict:
     if cfg.judge not in ("minilm", "none"):
         raise LlamaInputError(f"--judge {cfg.judge!r}: expected minilm or none")
@@ -89,6 +98,15 @@ def main(cfg: ParseConfig) -> dict:
     directory = task_dir(cfg.out, "explain")
     if not (directory / "state.json").is_file():
         raise LlamaInputError(f"{directory}: nothing sent yet; run interpret_top_sentences_send_batches.py first")
+    digest = data.manifest["inputs"]["sae_sha256"]
+    bind_state_to_sae(BatchState.load(directory), digest, f"--out {cfg.out}")
+    request = parse_fingerprint(cfg, directory, data)
+    done = directory / "manifest.json"
+    if done.is_file():
+        previous = json.loads(done.read_text())
+        if previous.get("fingerprint") == request and Path(previous.get("meaning_file", "")).is_file():
+            print(f"{directory}: responses already parsed and scored for these results and settings -> {previous['meaning_file']}")
+            return previous["counts"]
     verdicts, failures, explainer = explain_results(directory)
     with atomic_path(directory / "parse_failures.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
@@ -102,7 +120,6 @@ def main(cfg: ParseConfig) -> dict:
         primary = scores.get("claude-balanced-accuracy", scores.get(OFFLINE_JUDGE))
         latents.append({"latent": lat, **v, "score": primary, "scores": scores})
     latents.sort(key=lambda e: (-e["certainty"], e["latent"]))
-    digest = data.manifest["inputs"]["sae_sha256"]
     name = cfg.run_name or f"{digest[:8]}-{explainer}"
     doc = {"sae_sha256": digest, "sae": data.manifest["inputs"]["sae"], "explainer": explainer,
            "judges": sorted({k for e in latents for k in e["scores"]}), "latents": latents}
@@ -115,7 +132,7 @@ def main(cfg: ParseConfig) -> dict:
                "mean_detection_balanced_accuracy_claude": mean(claude.values()),
                "mean_certainty": mean(e["certainty"] for e in latents)}
     manifest = make_manifest("interpretation", config=asdict(cfg), inputs={"top_sentences": cfg.top_sentences, "sae_sha256": digest},
-                             counts=summary, explainer=explainer, meaning_file=str(meaning_file))
+                             counts=summary, explainer=explainer, meaning_file=str(meaning_file), fingerprint=request)
     write_json_atomic(directory / "manifest.json", manifest)
     if data.manifest.get("browser"):  # refresh the feature browser so it shows the new meanings and scores
         from pipeline.feature_browser import write_browser

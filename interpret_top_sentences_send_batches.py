@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from pathlib import Path
 from llama_3.cli import parse_config, run_main
 from llama_3.errors import LlamaInputError
 from pipeline.explainers import OFFLINE_EXPLAINER, LatentExamples, detection_prompt_sentences, offline_explanation
-from pipeline.interpretation import (DEFAULT_MODEL, INTERPRETATION_DIR, OFFLINE_BATCH, BatchState, chunk_requests, custom_id,
+from pipeline.interpretation import (DEFAULT_MODEL, INTERPRETATION_DIR, OFFLINE_BATCH, BatchState, bind_state_to_sae, chunk_requests,
+                                     custom_id,
                                      detect_params, estimate_cost, explain_params, make_client, mark_tokens, parse_custom_id,
                                      succeeded_line,
                                      task_dir, write_results)
@@ -57,6 +59,7 @@ class SendConfig:
     meanings: str = field(default="latent_index_meaning", metadata={"help": "detect task: the meanings to judge"})
     detect_activating: int = field(default=5, metadata={"help": "detect task: activating sentences per request"})
     detect_silent: int = field(default=5, metadata={"help": "detect task: silent sentences per request"})
+    force: bool = field(default=False, metadata={"help": "discard this task's state and results (and any batches in flight) and start over"})
 
 
 def eligible_latents(cfg: SendConfig, examples: LatentExamples, frequency: dict[int, float]) -> list[int]:
@@ -99,7 +102,10 @@ def main(cfg: SendConfig) -> dict:
     data = open_top_sentences(cfg.top_sentences)
     examples = LatentExamples.load(data, cfg.aggregation)
     frequency = {r["latent"]: r["frequency"] for r in data.table("latent_stats", ["latent", "frequency"]).to_pylist()}
+    if cfg.force and directory.exists() and not cfg.dry_run:
+        shutil.rmtree(directory)  # batches still running on the API are abandoned (their results never read)
     state = BatchState.load(directory)
+    bind_state_to_sae(state, data.manifest["inputs"]["sae_sha256"], f"--out {cfg.out} ({cfg.task})")
     offline = cfg.offline or not os.environ.get("ANTHROPIC_API_KEY")
     if offline and cfg.task == "detect" and not cfg.dry_run:
         raise LlamaInputError("--task detect sends to Claude and needs ANTHROPIC_API_KEY; the offline judge runs in the parse step")
@@ -116,7 +122,9 @@ def main(cfg: SendConfig) -> dict:
         print(f"{path}: {len(requests)} requests (nothing sent); estimated ${estimate['usd_est']:.2f} with {cfg.model} batches")
         return {"requests": len(requests), "estimate": estimate}
     state.extra.setdefault("keys", {}).update(keys)
-    if offline:
+    if not requests:  # nothing new to send: leave the state exactly as it is
+        pass
+    elif offline:
         explain_offline(state, directory, requests, examples)
     else:
         submit(state, client, requests)

@@ -315,6 +315,14 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
     request = {"data": trainer.manifest["fingerprint"], **{k: v for k, v in asdict(cfg).items()
                if k not in ("out", "val_every", "checkpoint_every", "wandb", "wandb_project", "resume", "force", "device")}}
     fp = fingerprint(request)
+    finished = out / "manifest.json"
+    if not cfg.force and finished.is_file() and (out / "sae" / "sae.safetensors").is_file():
+        done = json.loads(finished.read_text())
+        if done.get("fingerprint") == fp:  # every rank reads it, so all agree to stop here
+            if info.is_main:
+                print(f"{out}: already trained with this data and config (val FVU {done['final_validation'].get('val/fvu', float('nan')):.4f}); "
+                      "--force retrains")
+            return done
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         run_file = out / "run.json"

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from llama_3.cli import parse_config, run_main
 from llama_3.errors import LlamaInputError
 from llama_3_inference import SPLICE_ON, Session
-from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
+from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.meanings import sae_sha256
 from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
 from pipeline.steering import MODES, SteeringEntry
@@ -59,7 +59,7 @@ class SteeringEvalConfig:
 
 def request_fingerprint(cfg: SteeringEvalConfig) -> str:
     keys = {k: v for k, v in asdict(cfg).items() if k not in ("out", "force", "device", "meanings")}
-    meanings = sorted(str(p.stat().st_mtime_ns) + p.name for p in Path(cfg.meanings).glob("*.json")) if Path(cfg.meanings).is_dir() else []
+    meanings = sorted(p.name + sha256_file(p) for p in Path(cfg.meanings).glob("*.json")) if Path(cfg.meanings).is_dir() else []
     sae_file = Path(cfg.sae) / "sae.safetensors"
     return fingerprint({"sae": sae_sha256(cfg.sae) if sae_file.is_file() else None, "meanings": meanings, **keys})
 

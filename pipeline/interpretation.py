@@ -154,6 +154,16 @@ class BatchState:
         return cur[1]["attempt"] + 1 if cur[1]["status"] in RETRY_STATUSES else None
 
 
+def bind_state_to_sae(state: BatchState, digest: str, where: str) -> None:
+    """An interpretation folder belongs to one SAE: answers about another SAE's latents would be
+    silently wrong, so a mismatch is refused (states written before this check are adopted)."""
+    bound = state.extra.get("sae_sha256")
+    if bound and bound != digest:
+        raise LlamaInputError(f"{where}: holds interpretation requests for SAE {bound[:8]}, but the top sentences are of SAE "
+                              f"{digest[:8]}; use --force (discards that state) or another --out")
+    state.extra["sae_sha256"] = digest
+
+
 def chunk_requests(requests: list[dict], max_requests: int = MAX_REQUESTS_PER_BATCH, max_bytes: int = MAX_BATCH_BYTES) -> list[list[dict]]:
     """Split into batches within the API's per-batch request count and size limits."""
     chunks, cur, size = [], [], 0

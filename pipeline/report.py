@@ -1,0 +1,242 @@
+"""The run report: one HTML page with PNG plots, built from the files the stages wrote.
+
+Every number comes from a stage's own output (metrics.jsonl, manifests, parquet, meaning files,
+steering results), so the report can be rebuilt at any time and never disagrees with the run.
+A stage that has not run yet is listed as missing instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipeline.manifest import write_json_atomic  # noqa: E402
+from pipeline.meanings import load_meanings  # noqa: E402
+
+
+@dataclass
+class RunPaths:
+    runs: Path
+    meanings: Path
+
+    @property
+    def sae(self) -> Path:
+        return self.runs / "sae"
+
+    @property
+    def top_sentences(self) -> Path:
+        return self.runs / "top_sentences"
+
+    @property
+    def steering(self) -> Path:
+        return self.runs / "steering_eval"
+
+    @property
+    def report(self) -> Path:
+        return self.runs / "report"
+
+
+@dataclass
+class Report:
+    summary: dict = field(default_factory=dict)
+    plots: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    missing: list[str] = field(default_factory=list)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a kill
+    return rows
+
+
+def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+    return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts])) if pts else (np.zeros(0), np.zeros(0))
+
+
+def save(fig, report: Report, out: Path, name: str, caption: str) -> None:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    report.plots.append((name, caption))
+
+
+def training_plots(paths: RunPaths, report: Report, out: Path) -> None:
+    rows = read_metrics(paths.sae / "metrics.jsonl")
+    manifest = read_json(paths.sae / "manifest.json")
+    if not rows or manifest is None:
+        report.missing.append("SAE training (runs/sae)")
+        return
+    step, loss = series(rows, "train/loss")
+    vstep, vloss = series(rows, "val/loss")
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(step, loss, lw=0.8, label="train loss (MSE / input variance)")
+    ax.plot(vstep, vloss, "o-", label="validation loss")
+    ax.set_xlabel("step"), ax.set_ylabel("normalised MSE"), ax.set_yscale("log"), ax.legend()
+    save(fig, report, out, "loss.png", "Training and validation loss")
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    dstep, dead = series(rows, "debug/dead_latents_ratio")
+    astep, aux = series(rows, "train/aux_loss")
+    ax.plot(dstep, 100 * dead, color="C3", label="dead latents (%)")
+    ax.set_xlabel("step"), ax.set_ylabel("dead latents (%)", color="C3")
+    ax2 = ax.twinx()
+    ax2.plot(astep, aux, color="C2", lw=0.8, label="aux-k loss")
+    ax2.set_ylabel("aux-k loss", color="C2")
+    save(fig, report, out, "dead_aux.png", "Dead-latent fraction and aux-k loss over training")
+
+    lstep, l0 = series(rows, "val/l0")
+    fstep, fvu = series(rows, "val/fvu")
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(lstep, l0, "o-", label="validation L0")
+    ax.set_xlabel("step"), ax.set_ylabel("L0 (active latents per token)")
+    ax2 = ax.twinx()
+    ax2.plot(fstep, fvu, "s--", color="C1", label="validation FVU")
+    ax2.set_ylabel("FVU", color="C1")
+    save(fig, report, out, "l0_fvu.png", "L0 and fraction of variance unexplained on held-out tokens")
+
+    spliced = manifest.get("spliced_evaluation", {})
+    final = manifest.get("final_validation", {})
+    report.summary["training"] = {"steps": manifest["counts"]["steps"], "val_fvu": final.get("val/fvu"), "val_l0": final.get("val/l0"),
+                                  "val_dead_pct": final.get("val/dead_pct"), "tokens_per_s": manifest.get("throughput", {}).get("tokens_per_s"),
+                                  "ce_loss_recovered": spliced.get("eval/ce_loss_recovered"), "kl": spliced.get("eval/kl_sae")}
+    if "eval/ce_clean" in spliced:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        labels = ["clean model", "SAE spliced in", "zero-ablated"]
+        values = [spliced["eval/ce_clean"], spliced["eval/ce_sae"], spliced["eval/ce_zero_ablation"]]
+        ax.barh(labels, values, color=["C0", "C1", "C7"])
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.2f}", va="center")
+        ax.set_xlabel("next-token cross-entropy (nats)")
+        ax.set_title(f"CE loss recovered {spliced['eval/ce_loss_recovered']:.1%}, KL {spliced['eval/kl_sae']:.2f} "
+                     f"({spliced['eval/sentences']} held-out sentences)", fontsize=9)
+        ax.set_xlim(0, max(values) * 1.2)
+        save(fig, report, out, "ce_recovered.png", "Cross-entropy with the SAE spliced in versus the clean and zero-ablated model")
+
+
+def density_plot(paths: RunPaths, report: Report, out: Path) -> None:
+    stats = paths.top_sentences / "latent_stats.parquet"
+    if not stats.is_file():
+        report.missing.append("top sentences (runs/top_sentences)")
+        return
+    freq = np.asarray(pq.read_table(stats, columns=["frequency"]).column("frequency").to_numpy(), dtype=float)
+    alive = freq[freq > 0]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if len(alive):
+        ax.hist(np.log10(alive), bins=50, color="C0")
+    ax.set_xlabel("log10(firing frequency per token)"), ax.set_ylabel("latents")
+    ax.set_title(f"{len(alive)} of {len(freq)} latents fire on the corpus ({len(freq) - len(alive)} never)", fontsize=9)
+    save(fig, report, out, "density.png", "Latent density: how often each latent fires (the feature-browser corpus)")
+    report.summary["latents"] = {"total": len(freq), "firing": int(len(alive)),
+                                 "median_frequency": float(np.median(alive)) if len(alive) else None}
+
+
+def detection_plot(paths: RunPaths, report: Report, out: Path) -> None:
+    sae_file = paths.sae / "sae" / "sae.safetensors"
+    if not sae_file.is_file():
+        return
+    from pipeline.meanings import sae_sha256
+
+    meanings = load_meanings(paths.meanings, sae_sha256(paths.sae / "sae"))
+    scores = [m["score"] for m in meanings.values() if isinstance(m.get("score"), (int, float))]
+    if not scores:
+        report.missing.append("interpretation scores (latent_index_meaning/)")
+        return
+    explainers = sorted({str(m.get("explainer")) for m in meanings.values()})
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(scores, bins=40, range=(0, 1), color="C4")
+    ax.axvline(0.5, color="k", ls=":", lw=1)
+    ax.set_xlabel("detection score (AUROC / balanced accuracy; 0.5 = chance)"), ax.set_ylabel("latents")
+    ax.set_title(f"{len(scores)} explained latents, mean {np.mean(scores):.3f} ({', '.join(explainers)})", fontsize=9)
+    save(fig, report, out, "detection.png", "How well each latent's explanation predicts where it fires")
+    report.summary["interpretation"] = {"explained": len(meanings), "scored": len(scores), "mean_score": float(np.mean(scores)),
+                                        "explainers": explainers}
+
+
+def steering_plot(paths: RunPaths, report: Report, out: Path) -> None:
+    doc = read_json(paths.steering / "results.json")
+    if not doc:
+        report.missing.append("steering evaluation (runs/steering_eval)")
+        return
+    summary = doc["summary"]
+    modes = list(summary)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    for ax, key, label in zip(axes, ("activation", "in_stream", "keyword_rate"),
+                              ("latent activation on the text", "activation in the steered stream", "continuations with a key word")):
+        ax.bar(modes, [summary[m][key] or 0 for m in modes], color=["C7"] + [f"C{i}" for i in range(len(modes) - 1)])
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30)
+    save(fig, report, out, "steering.png", f"Steering evaluation: means over {len(doc['latents'])} highest-certainty latents")
+    report.summary["steering"] = summary
+
+
+def stage_table(pipeline_doc: dict | None) -> str:
+    if not pipeline_doc:
+        return "<p>No stage timings (the stages were run one by one, not through run_pipeline.py).</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(s['name'])}</td><td>{s['seconds']:.1f}</td><td>{s['peak_rss_mb']:.0f}</td>"
+        f"<td>{'reused' if s.get('reused') else 'computed'}</td></tr>" for s in pipeline_doc["stages"])
+    return ("<table><tr><th>stage</th><th>wall s</th><th>peak RSS MB</th><th></th></tr>" + rows +
+            f"<tr><th>total</th><th>{pipeline_doc['seconds']:.1f}</th><th>{max(s['peak_rss_mb'] for s in pipeline_doc['stages']):.0f}</th>"
+            "<th></th></tr></table>")
+
+
+def write_report(runs: str | Path = "runs", meanings: str | Path = "latent_index_meaning") -> Path:
+    """Build runs/report/index.html (+ PNGs, summary.json) from whatever the stages have written."""
+    paths = RunPaths(Path(runs), Path(meanings))
+    out = paths.report
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report()
+    training_plots(paths, report, out)
+    density_plot(paths, report, out)
+    detection_plot(paths, report, out)
+    steering_plot(paths, report, out)
+    pipeline_doc = read_json(paths.runs / "pipeline.json")
+    report.summary["stages"] = pipeline_doc["stages"] if pipeline_doc else None
+    write_json_atomic(out / "summary.json", report.summary)
+    figures = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(cap)}"><figcaption>{html.escape(cap)}</figcaption></figure>'
+                      for name, cap in report.plots)
+    missing = "".join(f"<li>{html.escape(m)}: not run yet</li>" for m in report.missing)
+    numbers = html.escape(json.dumps({k: v for k, v in report.summary.items() if k != "stages"}, indent=2, default=str))
+    browser = paths.top_sentences / "browser" / "index.html"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SAE pipeline report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
+figure{{display:inline-block;margin:0.5em;vertical-align:top}} img{{max-width:520px;border:1px solid #ddd}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} pre{{background:#f6f6f6;padding:1em}}</style>
+</head><body><h1>SAE pipeline report</h1>
+<p>Feature browser: <a href="{html.escape(_relative(browser, out))}">{html.escape(str(browser))}</a> ·
+steering page: <code>python llama_3_inference_text_completion_gradio.py</code> → http://127.0.0.1:7860</p>
+<h2>Stages</h2>{stage_table(pipeline_doc)}
+{"<ul>" + missing + "</ul>" if missing else ""}
+<h2>Plots</h2>{figures}
+<h2>Numbers</h2><pre>{numbers}</pre></body></html>"""
+    (out / "index.html").write_text(page)
+    return out / "index.html"
+
+
+def _relative(target: Path, base: Path) -> str:
+    import os
+
+    return os.path.relpath(target, base)

@@ -1,0 +1,162 @@
+"""The whole pipeline in one command, then a report: every stage script in order, each in its own
+process (so its wall time and peak memory are measured), each reusing its finished output.
+
+Usage:
+    # CPU, embedded default (SmolLM2-135M-Instruct, Wikipedia summaries), offline explainer
+    python run_pipeline.py
+    # recompute everything, or from one stage on (earlier stages are reused)
+    python run_pipeline.py --force
+    python run_pipeline.py --force-from training
+    # explain with Claude Message Batches (needs ANTHROPIC_API_KEY; waits for the batches to end)
+    python run_pipeline.py --claude
+    # only rebuild the report from what is on disk
+    python run_pipeline.py --report-only
+GPUs: run the stages themselves with torchrun (README, "8 GPUs"); this driver runs one process per stage.
+Output: runs/pipeline.json (stage timings and memory) and runs/report/index.html.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_3.cli import parse_config, run_main
+from llama_3.errors import LlamaInputError
+from pipeline.manifest import make_manifest, write_json_atomic
+from pipeline.paths import RUNS_DIR, TOP_SENTENCES_DIR
+
+REPO = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    script: str
+    args: tuple[str, ...] = ()
+    forceable: bool = True
+    """Takes --force (the retrieve and parse steps have nothing to force: they follow the state)."""
+
+
+def stages(cfg: "PipelineConfig") -> list[Stage]:
+    send = ("--offline",) if not cfg.claude else ()
+    retrieve = ("--wait", "--poll-seconds", "60") if cfg.claude else ()
+    return [
+        Stage("sentences", "openwebtext_sentences_dataset.py"),
+        Stage("capture", "capture_activations.py", ("--max-sentences", str(cfg.max_sentences))),
+        Stage("preprocessing", "sae_preprocessing.py"),
+        Stage("training", "sae_training.py"),
+        Stage("top_sentences", "capture_top_activating_sentences.py"),
+        Stage("interpret_send", "interpret_top_sentences_send_batches.py", send),
+        Stage("interpret_retrieve", "interpret_top_sentences_retrieve_batches.py", retrieve, forceable=False),
+        Stage("interpret_parse", "interpret_top_sentences_parse_responses.py", forceable=False),
+        Stage("steering_eval", "steering_evaluation.py"),
+    ]
+
+
+@dataclass
+class PipelineConfig:
+    max_sentences: int = field(default=8192, metadata={"help": "sentences captured for SAE training (0: all)"})
+    force: bool = field(default=False, metadata={"help": "recompute every stage"})
+    force_from: str | None = field(default=None, metadata={"help": "recompute this stage and every later one"})
+    claude: bool = field(default=False, metadata={"help": "explain with Claude batches (ANTHROPIC_API_KEY) and wait for them"})
+    report_only: bool = field(default=False, metadata={"help": "only rebuild runs/report from the outputs on disk"})
+
+
+def run_stage(stage: Stage, force: bool) -> dict:
+    """Run one stage script; returns its timing, peak RSS and whether it reused its output."""
+    argv = [sys.executable, str(REPO / stage.script), *stage.args, *(["--force"] if force and stage.forceable else [])]
+    print(f"\n=== {stage.name}: {' '.join(Path(a).name if a.endswith('.py') else a for a in argv[1:])}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True, bufsize=1)
+    reused = False
+    try:
+        for line in proc.stdout:  # echo the stage's own output; its progress bars go to stderr directly
+            print(line, end="", flush=True)
+            reused = reused or "already" in line
+        _, status, usage = os.wait4(proc.pid, 0)
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    # ru_maxrss is in KiB on Linux: this child's own peak (its torchrun-free, single process)
+    record = {"name": stage.name, "script": stage.script, "args": list(stage.args), "forced": force and stage.forceable,
+              "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "reused": reused,
+              "exit_code": proc.returncode}
+    if proc.returncode != 0:
+        raise StageFailed(record)
+    return record
+
+
+class StageFailed(Exception):
+    def __init__(self, record: dict):
+        super().__init__(f"stage {record['name']} ({record['script']}) exited with status {record['exit_code']}")
+        self.record = record
+
+
+def summary_screen(doc: dict, report: Path) -> str:
+    from pipeline.report import read_json
+
+    s = read_json(report.parent / "summary.json") or {}
+    t, i, st = s.get("training") or {}, s.get("interpretation") or {}, s.get("steering") or {}
+    lines = ["", "=" * 78, f"pipeline finished in {doc['seconds'] / 60:.1f} min "
+             f"(peak RSS {max(x['peak_rss_mb'] for x in doc['stages']) / 1024:.1f} GB, stage "
+             f"{max(doc['stages'], key=lambda x: x['peak_rss_mb'])['name']})"]
+    lines += [f"  {x['name']:<19} {x['seconds']:>7.1f} s  {x['peak_rss_mb']:>7.0f} MB  {'reused' if x['reused'] else ''}" for x in doc["stages"]]
+    if t:
+        lines.append(f"SAE: val FVU {t['val_fvu']:.3f}, L0 {t['val_l0']:.0f}, CE loss recovered {t['ce_loss_recovered']:.1%}, KL {t['kl']:.2f}")
+    if i:
+        lines.append(f"interpretation: {i['explained']} latents explained ({', '.join(i['explainers'])}), mean detection score {i['mean_score']:.3f}")
+    if st:
+        modes = [m for m in st if m != "unsteered"]
+        lines.append("steering (mean latent activation on the continuation, unsteered -> " + " / ".join(modes) + "): "
+                     + f"{st['unsteered']['activation']:.3f} -> " + " / ".join(f"{st[m]['activation']:.3f}" for m in modes))
+    lines += [f"report:          {report.resolve()}",
+              f"feature browser: {(TOP_SENTENCES_DIR / 'browser' / 'index.html').resolve()}",
+              "steering page:   python llama_3_inference_text_completion_gradio.py   (then open http://127.0.0.1:7860)",
+              "=" * 78]
+    return "\n".join(lines)
+
+
+def main(cfg: PipelineConfig) -> dict:
+    from pipeline.report import write_report
+
+    plan = stages(cfg)
+    names = [s.name for s in plan]
+    if cfg.force_from is not None and cfg.force_from not in names:
+        raise LlamaInputError(f"--force-from {cfg.force_from!r}: expected one of {', '.join(names)}")
+    if cfg.claude and not os.environ.get("ANTHROPIC_API_KEY"):
+        raise LlamaInputError("--claude needs ANTHROPIC_API_KEY in the environment")
+    if cfg.report_only:
+        report = write_report(RUNS_DIR)
+        print(f"report: {report.resolve()}")
+        return {"report": str(report)}
+    first_forced = 0 if cfg.force else names.index(cfg.force_from) if cfg.force_from else len(plan)
+    start = time.perf_counter()
+    records = []
+    try:
+        for n, stage in enumerate(plan):
+            records.append(run_stage(stage, force=n >= first_forced))
+    except StageFailed as e:
+        records.append(e.record)
+        write_json_atomic(RUNS_DIR / "pipeline.json", make_manifest("pipeline", config=vars(cfg), inputs={}, counts={}, stages=records,
+                                                                  seconds=round(time.perf_counter() - start, 1), failed=e.record["name"]))
+        raise LlamaInputError(f"{e} (its message is above); fix it and re-run: finished stages are reused") from None
+    doc = make_manifest("pipeline", config=vars(cfg), inputs={}, counts={"stages": len(records)}, stages=records,
+                        seconds=round(time.perf_counter() - start, 1),
+                        self_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    write_json_atomic(RUNS_DIR / "pipeline.json", doc)
+    report = write_report(RUNS_DIR)
+    print(summary_screen(doc, report))
+    return doc
+
+
+if __name__ == "__main__":
+    run_main(main, parse_config(PipelineConfig, sys.argv[1:], __doc__))
