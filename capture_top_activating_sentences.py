@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -46,6 +47,7 @@ from pipeline.manifest import (
     fingerprint,
     make_manifest,
     read_manifest,
+    sha256_file,
     write_json_atomic,
 )
 from pipeline.meanings import sae_sha256
@@ -54,6 +56,7 @@ from pipeline.runtime import capture_dtype
 from pipeline.sentences import SentenceTokenDataset, iter_sentences
 from pipeline.top_sentences import (
     AGGREGATIONS,
+    FILES,
     HIST_BINS,
     KIND,
     LatentStats,
@@ -123,8 +126,10 @@ class CodeStore:
     Kept so the per-token activations of the finally chosen sentences can be read back without a
     second model pass; memory stays bounded (files, not RAM), and the files go away at the end."""
 
-    def __init__(self, directory: Path, k: int):
-        self.dir = Path(tempfile.mkdtemp(prefix=".codes-", dir=directory))
+    def __init__(self, directory: Path, k: int, rank: int):
+        for stale in Path(directory).glob(f".codes-r{rank}-*"):  # left by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".codes-r{rank}-", dir=directory))
         self.k = k
         self.files = {n: open(self.dir / n, "wb") for n in ("tokens", "values", "indices")}
         self.where: dict[int, tuple[int, int, int]] = {}  # sentence id -> (first token, n tokens, first counted position)
@@ -199,7 +204,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     silent = TopTable(L, max(cfg.non_activating, 1), info.device)
     stats = LatentStats(L, info.device)
     out.mkdir(parents=True, exist_ok=True)
-    store = CodeStore(out, sae.cfg.k)
+    store = CodeStore(out, sae.cfg.k, info.rank)
     bar = tqdm(total=data.n_sentences, unit="sent", disable=not info.is_main, dynamic_ncols=True, desc="top sentences")
     t0, n_sentences, n_tokens = time.perf_counter(), 0, 0
     try:
@@ -370,7 +375,8 @@ def write_outputs(cfg, out: Path, lm, sae: TopKSae, tables, silent, stats, rows,
         counts=counts, fingerprint=request, sentence_set=(f"the first {max_sentences} sentences (the SAE capture's: held-out + training)"
                                      if max_sentences else "every sentence of the dataset"),
         aggregations=list(AGGREGATIONS), histogram_edges=histogram_edges(), excluded_positions=cfg.add_bos + sae.cfg.exclude_first_positions,
-        shortfall=shortfall, throughput={"seconds": round(elapsed, 2), "sentences_per_s": round(n_sentences / max(elapsed, 1e-9), 1)})
+        shortfall=shortfall, throughput={"seconds": round(elapsed, 2), "sentences_per_s": round(n_sentences / max(elapsed, 1e-9), 1)},
+        files={name: sha256_file(out / name) for name in FILES})  # readers verify them: a changed byte is refused
     browser_index = None
     if cfg.browser:
         from pipeline.feature_browser import write_browser

@@ -85,10 +85,11 @@ def claude_detection(directory: Path) -> dict[int, float]:
 def parse_fingerprint(cfg: ParseConfig, directory: Path, data) -> str:
     """What the parse output depends on: the state and every results file, the top sentences, the
     Claude-judge results, and the config."""
-    files = sorted(p for d in (directory, task_dir(cfg.out, "detect")) for p in [d / "state.json", *(d / "results").glob("*")]
-                   if p.is_file())
-    return fingerprint({"files": {str(p): sha256_file(p) for p in files}, "top_sentences": data.manifest.get("fingerprint"),
-                        "config": asdict(cfg)})
+    dirs = (directory, task_dir(cfg.out, "detect"))
+    files = sorted(p for d in dirs for p in (d / "results").glob("*") if p.is_file())
+    states = [BatchState.load(d).requests for d in dirs]  # the statuses; not the submission times
+    return fingerprint({"files": {str(p): sha256_file(p) for p in files}, "states": states,
+                        "top_sentences": data.manifest.get("fingerprint"), "config": asdict(cfg)})
 
 
 def main(cfg: ParseConfig) -> dict:

@@ -134,8 +134,11 @@ def main(cfg: SendConfig) -> dict:
                "submissions": len(state.submissions)}
     write_json_atomic(directory / "send_manifest.json", {"config": asdict(cfg), **summary})
     where = "explained offline" if offline else f"submitted in {len({r['submission'] for r in state.requests.values()})} batch(es)"
-    print(f"{directory}: {len(requests)} requests {where}; {len(lats) - len(requests)} latents already submitted or answered"
-          + ("" if offline else f"; estimated ${estimate['usd_est']:.2f} (${estimate['usd_per_1000_requests_est']:.2f} per 1,000 latents)"))
+    if not requests:
+        print(f"{directory}: nothing new to send; all {len(lats)} eligible latents were submitted or answered before")
+    else:
+        print(f"{directory}: {len(requests)} requests {where}; {len(lats) - len(requests)} latents were submitted or answered before"
+              + ("" if offline else f"; estimated ${estimate['usd_est']:.2f} (${estimate['usd_per_1000_requests_est']:.2f} per 1,000 latents)"))
     return summary
 
 

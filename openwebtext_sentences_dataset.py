@@ -80,7 +80,13 @@ def get_splitter(cfg: SentencesConfig, source: TextSource, out: Path) -> Sentenc
         return SentenceSplitter.load(cache)
     texts = (r.text for r in source.records(cfg.max_document_chars) if isinstance(r, Document))
     t = time.perf_counter()
-    splitter = SentenceSplitter.train(texts, cfg.punkt_train_chars)
+    try:
+        splitter = SentenceSplitter.train(texts, cfg.punkt_train_chars)
+    except LlamaInputError as e:
+        if "no text" not in str(e):
+            raise
+        where = f"--input {' '.join(cfg.input)}" if cfg.input else f"--hf-dataset {cfg.hf_dataset}" if cfg.hf_dataset else "the corpus"
+        raise LlamaInputError(f"{where}: {e}") from None  # name the source the user gave
     splitter.info["train_seconds"] = round(time.perf_counter() - t, 2)
     splitter.save(cache)
     return splitter

@@ -18,6 +18,7 @@ Output: runs/pipeline.json (stage timings and memory) and runs/report/index.html
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from pipeline.manifest import make_manifest, write_json_atomic
 from pipeline.paths import RUNS_DIR, TOP_SENTENCES_DIR
 
 REPO = Path(__file__).resolve().parent
+REUSED = re.compile(r"already (built|complete|done|trained|parsed)|nothing new to send")  # what stages print when they reuse
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,10 @@ class Stage:
 def stages(cfg: "PipelineConfig") -> list[Stage]:
     send = ("--offline",) if not cfg.claude else ()
     retrieve = ("--wait", "--poll-seconds", "60") if cfg.claude else ()
-    return [
+    model = ("--model", cfg.model) if cfg.model else ()
+    plan = [
         Stage("sentences", "openwebtext_sentences_dataset.py"),
-        Stage("capture", "capture_activations.py", ("--max-sentences", str(cfg.max_sentences))),
+        Stage("capture", "capture_activations.py", ("--max-sentences", str(cfg.max_sentences), *model)),
         Stage("preprocessing", "sae_preprocessing.py"),
         Stage("training", "sae_training.py"),
         Stage("top_sentences", "capture_top_activating_sentences.py"),
@@ -57,6 +60,13 @@ def stages(cfg: "PipelineConfig") -> list[Stage]:
         Stage("interpret_parse", "interpret_top_sentences_parse_responses.py", forceable=False),
         Stage("steering_eval", "steering_evaluation.py"),
     ]
+    extra: dict[str, list[str]] = {}
+    for item in cfg.stage_args:
+        name, sep, flag = item.partition(":")
+        if not sep or not flag.startswith("--") or name not in {s.name for s in plan}:
+            raise LlamaInputError(f"--stage-args {item!r}: expected STAGE:--flag[=value] with STAGE one of {', '.join(s.name for s in plan)}")
+        extra.setdefault(name, []).extend(flag.split("=", 1))
+    return [Stage(s.name, s.script, (*s.args, *extra.get(s.name, [])), s.forceable) for s in plan]
 
 
 @dataclass
@@ -66,6 +76,8 @@ class PipelineConfig:
     force_from: str | None = field(default=None, metadata={"help": "recompute this stage and every later one"})
     claude: bool = field(default=False, metadata={"help": "explain with Claude batches (ANTHROPIC_API_KEY) and wait for them"})
     report_only: bool = field(default=False, metadata={"help": "only rebuild runs/report from the outputs on disk"})
+    model: str | None = field(default=None, metadata={"help": "checkpoint to capture from (later stages follow the SAE's model); default: embedded SmolLM2"})
+    stage_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for one stage, STAGE:FLAG[=VALUE], e.g. training:--expansion=16 sentences:--max-documents=500"})
 
 
 def run_stage(stage: Stage, force: bool) -> dict:
@@ -73,12 +85,12 @@ def run_stage(stage: Stage, force: bool) -> dict:
     argv = [sys.executable, str(REPO / stage.script), *stage.args, *(["--force"] if force and stage.forceable else [])]
     print(f"\n=== {stage.name}: {' '.join(Path(a).name if a.endswith('.py') else a for a in argv[1:])}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True, bufsize=1)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)  # outputs go under ./runs, as for each script
     reused = False
     try:
         for line in proc.stdout:  # echo the stage's own output; its progress bars go to stderr directly
             print(line, end="", flush=True)
-            reused = reused or "already" in line
+            reused = reused or REUSED.search(line) is not None
         _, status, usage = os.wait4(proc.pid, 0)
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)

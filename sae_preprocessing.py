@@ -187,6 +187,8 @@ def main(cfg: PreprocessConfig) -> dict:
     n_train, n_val, n_excl = (sum(c[i] for c in counts) for i in range(3))
     if n_train == 0:
         raise LlamaInputError(f"{capture_dir}: no training tokens left after the split and exclusions")
+    if cfg.batch_size > n_train:
+        raise LlamaInputError(f"--batch-size {cfg.batch_size}: larger than the {n_train} training tokens in {capture_dir}")
     rng = np.random.default_rng(cfg.seed)
     np.save(out / ".train_perm.npy", rng.permutation(n_train))
     np.lib.format.open_memmap(out / "train_acts.npy", mode="w+", dtype=np_dtype, shape=(n_train, d)).flush()

@@ -115,8 +115,14 @@ class Trainer:
         self.val = activations(cfg.data, "val")
         d = self.manifest["d_model"]
         n_latents = cfg.n_latents or cfg.expansion * d
+        if not 0 < cfg.k <= n_latents:
+            raise LlamaInputError(f"--k {cfg.k}: must be in 1..{n_latents} (the number of latents)")
+        if not 0 < cfg.batch_size <= len(self.train):
+            raise LlamaInputError(f"--batch-size {cfg.batch_size}: must be in 1..{len(self.train)} (the training tokens in {cfg.data})")
         if cfg.batch_size % info.world_size:
             raise LlamaInputError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} ranks")
+        if cfg.epochs < 1:
+            raise LlamaInputError(f"--epochs {cfg.epochs}: need at least 1")
         if cfg.autocast not in ("auto", "on", "off"):
             raise LlamaInputError(f"--autocast {cfg.autocast!r}: expected auto, on or off")
         self.autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and (
@@ -255,7 +261,11 @@ class Trainer:
         state = json.loads((ckpt / "state.json").read_text())
         if state["sae_cfg"] != asdict(self.sae_cfg):
             raise LlamaInputError(f"{ckpt}: checkpoint of an incompatible SAE config; use --force or another --out")
-        tensors = load_file(str(ckpt / "state.safetensors"))
+        try:
+            tensors = load_file(str(ckpt / "state.safetensors"))
+        except Exception as e:  # safetensors raises its own error type for a truncated or corrupted file
+            raise LlamaInputError(f"{ckpt / 'state.safetensors'}: cannot be read ({str(e).splitlines()[0]}); the checkpoint is "
+                                  "corrupted: --no-resume or --force starts over") from None
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         self.sae.to(self.info.device)
         for i, p in enumerate(self.sae.parameters()):
@@ -272,10 +282,12 @@ class Trainer:
 class MetricsLog:
     """metrics.jsonl always; W&B online/offline/disabled (offline without a key: never a login prompt)."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, enabled: bool, run_config: dict):
+    def __init__(self, out: Path, cfg: TrainConfig, enabled: bool, run_config: dict, resume_step: int = 0):
         self.path = out / "metrics.jsonl"
         self.enabled = enabled
         self.wandb = None
+        if enabled:
+            self.rewind(resume_step)
         mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         if mode not in ("online", "offline", "disabled"):
             raise LlamaInputError(f"--wandb {cfg.wandb!r}: expected online, offline, disabled or auto")
@@ -291,6 +303,22 @@ class MetricsLog:
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", mode=mode, dir=str(out),
                                     config=run_config, settings=wandb.Settings(login_timeout=0 if mode == "offline" else 30))
+
+    def rewind(self, step: int) -> None:
+        """Keep only rows up to the checkpoint's step: a killed run logged steps that the resumed
+        run repeats, and a kill can cut the last line short."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("step", 0) <= step and not row.get("final"):  # the final row is written again at the end
+                kept.append(line + "\n")
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(kept))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -334,7 +362,7 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
         write_json_atomic(run_file, {"fingerprint": fp, "config": asdict(cfg)})
     barrier(info)
     resumed = cfg.resume and trainer.load_checkpoint(out)
-    log = MetricsLog(out, cfg, info.is_main, asdict(cfg))
+    log = MetricsLog(out, cfg, info.is_main, asdict(cfg), resume_step=trainer.step if resumed else 0)
     bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", disable=not info.is_main, dynamic_ncols=True, desc="train")
     t0, tokens_run = time.perf_counter(), 0
     while trainer.epoch < cfg.epochs:
@@ -363,7 +391,7 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
     elapsed = time.perf_counter() - t0
     final = trainer.validate(max_rows=10**9)
     trainer.save_checkpoint(out)
-    log.log(trainer.step, final)
+    log.log(trainer.step, {**final, "final": 1})
     log.close()
     if not info.is_main:
         return {}

@@ -19,6 +19,7 @@ a visible shard is complete; the per-rank progress file lists the shards a resum
 from __future__ import annotations
 
 import errno
+import json
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -171,7 +172,9 @@ class ShardWriter:
         name = shard_filename(self.rank, self.index)
         try:
             with atomic_path(self.out / name) as tmp:
-                save_file(tensors, str(tmp), metadata={"rank": str(self.rank), "index": str(self.index), "n_tokens": str(b.n)})
+                # One metadata key: safetensors writes a multi-key metadata map in hash order, which would
+                # make identical shards differ byte for byte between runs.
+                save_file(tensors, str(tmp), metadata={"shard": json.dumps({"rank": self.rank, "index": self.index, "n_tokens": b.n})})
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise LlamaInputError(f"{self.out}: disk full while writing {name}; free space and re-run to resume") from None

@@ -213,10 +213,15 @@ def read_results(directory: Path) -> dict[str, dict]:
     """custom_id -> raw result line, over every results file of the task."""
     out = {}
     for p in sorted((Path(directory) / "results").glob("*.jsonl")):
-        for line in p.read_text().splitlines():
+        for number, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
             if line.strip():
-                r = json.loads(line)
-                out[r["custom_id"]] = r
+                try:
+                    r = json.loads(line)
+                    out[r["custom_id"]] = r
+                except (ValueError, KeyError, TypeError):
+                    raise LlamaInputError(f"{p}: line {number} is not a result record (the file is truncated or corrupted; "
+                                          "it is written atomically, so it was changed afterwards): delete it and re-run "
+                                          "the retrieve step, or send --force for offline results") from None
     return out
 
 

@@ -80,6 +80,8 @@ def read_manifest(directory: Path, kind: str) -> dict:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise LlamaInputError(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(m, dict):
+        raise LlamaInputError(f"{path}: not a manifest (expected a JSON object, found {type(m).__name__})")
     if m.get("kind") != kind:
         raise LlamaInputError(f"{path}: holds a {m.get('kind')!r} output, expected {kind!r}")
     if m.get("schema_version") != SCHEMA_VERSION:

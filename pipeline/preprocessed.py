@@ -87,7 +87,14 @@ def activations(directory: str | Path, split: str) -> torch.Tensor:
     path = directory / f"{split}_acts.npy"
     if not path.is_file():
         raise LlamaInputError(f"{path}: missing")
-    arr = np.load(path, mmap_mode="r")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:  # a truncated .npy: its header promises more bytes than there are
+        raise LlamaInputError(f"{path}: not a readable activation array ({e}); the file is truncated or corrupted: "
+                              "run sae_preprocessing.py --force") from None
+    expected = manifest.get("counts", {}).get(f"{split}_tokens")
+    if expected is not None and arr.shape[0] != expected:
+        raise LlamaInputError(f"{path}: holds {arr.shape[0]} rows, the manifest says {expected}; run sae_preprocessing.py --force")
     with warnings.catch_warnings():  # a read-only mmap is the point: nothing writes through it
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(arr)

@@ -68,6 +68,11 @@ def open_sentence_dataset(directory: str | Path) -> tuple[dict, list[ReadUnit]]:
         path = directory / shard["file"]
         if not path.is_file():
             raise LlamaInputError(f"{path}: listed in {directory / 'manifest.json'} but missing")
+        # The size, not the sha256: every reader (each rank and DataLoader worker) opens the dataset, and
+        # hashing an OpenWebText-sized corpus each time would cost minutes; zstd pages catch corruption.
+        if "bytes" in shard and path.stat().st_size != shard["bytes"]:
+            raise LlamaInputError(f"{path}: {path.stat().st_size} bytes, {directory / 'manifest.json'} says {shard['bytes']} "
+                                  "(truncated or overwritten); rebuild the sentence dataset with --force")
         try:
             md = pq.ParquetFile(path).metadata
         except Exception as e:
@@ -84,7 +89,11 @@ def open_sentence_dataset(directory: str | Path) -> tuple[dict, list[ReadUnit]]:
 
 
 def read_unit(unit: ReadUnit, columns: list[str]) -> dict[str, list]:
-    table = pq.ParquetFile(unit.path).read_row_group(unit.row_group, columns=columns)
+    try:
+        table = pq.ParquetFile(unit.path).read_row_group(unit.row_group, columns=columns)
+    except (OSError, ValueError, pa.ArrowException) as e:  # corrupted pages: bad compression, bad checksums
+        raise LlamaInputError(f"{unit.path}: row group {unit.row_group} cannot be read ({str(e).splitlines()[0]}); "
+                              "the file is corrupted: rebuild the sentence dataset with --force") from None
     return table.to_pydict()
 
 
@@ -151,8 +160,8 @@ class SentenceTokenDataset(IterableDataset):
         if not 0 <= rank < world_size:
             raise LlamaInputError(f"rank {rank} is out of range for world_size {world_size}")
         if max_tokens < 1 or max_batch_tokens < max_tokens or max_batch_size < 1:
-            raise LlamaInputError(f"need max_tokens >= 1, max_batch_tokens >= max_tokens, max_batch_size >= 1 "
-                                  f"(got {max_tokens}, {max_batch_tokens}, {max_batch_size})")
+            raise LlamaInputError(f"--max-tokens {max_tokens} / --max-batch-tokens {max_batch_tokens} / --max-batch-size "
+                                  f"{max_batch_size}: need max-tokens >= 1, max-batch-tokens >= max-tokens, max-batch-size >= 1")
         self.manifest, all_units = open_sentence_dataset(directory)
         if max_sentences:  # the first max_sentences sentence ids, whatever the number of ranks
             all_units = [u if u.first_sentence_id + u.n_rows <= max_sentences else

@@ -21,11 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from llama_3.errors import LlamaInputError
-from pipeline.manifest import read_manifest
+from pipeline.manifest import read_manifest, sha256_file
 
 KIND = "top_sentences"
 AGGREGATIONS = ("mean", "max", "last")
@@ -127,7 +128,12 @@ class TopSentences:
     manifest: dict
 
     def table(self, name: str, columns: list[str] | None = None):
-        return pq.read_table(self.directory / f"{name}.parquet", columns=columns)
+        path = self.directory / f"{name}.parquet"
+        try:
+            return pq.read_table(path, columns=columns)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise LlamaInputError(f"{path}: cannot be read ({str(e).splitlines()[0]}); the file is truncated or corrupted: "
+                                  "run capture_top_activating_sentences.py --force") from None
 
 
 def open_top_sentences(directory: str | Path) -> TopSentences:
@@ -136,4 +142,8 @@ def open_top_sentences(directory: str | Path) -> TopSentences:
     missing = [f for f in FILES if not (directory / f).is_file()]
     if missing:
         raise LlamaInputError(f"{directory}: incomplete top-sentences output, missing {', '.join(missing)}; run the stage again")
+    for name, digest in manifest.get("files", {}).items():
+        if sha256_file(directory / name) != digest:
+            raise LlamaInputError(f"{directory / name}: checksum differs from its manifest (truncated or corrupted); "
+                                  "run capture_top_activating_sentences.py --force")
     return TopSentences(directory, manifest)

@@ -45,3 +45,11 @@ def tiny_model(tiny):
 def random_tokens(n_vocab: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, n_vocab, shape, generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny):
+    """Every stage run once, uninterrupted, on the tiny model: (root, stages, snapshots, seconds)."""
+    from tiny_pipeline import build_reference
+
+    return build_reference(tmp_path_factory.mktemp("tiny_pipeline"), tiny.hf_dir)

@@ -196,7 +196,7 @@ def test_run_folder_refuses_another_config_and_bad_batches(tmp_path):
     train_main(cfg(data, tmp_path / "run", n_latents=64, k=3))
     with pytest.raises(LlamaInputError, match="holds a run with another config"):
         train_main(cfg(data, tmp_path / "run", n_latents=64, k=4))
-    with pytest.raises(LlamaInputError, match="k=65 must be in 1..n_latents=64"):
+    with pytest.raises(LlamaInputError, match=r"--k 65: must be in 1\.\.64"):
         train_main(cfg(data, tmp_path / "run2", n_latents=64, k=65))
     bad = x[:1_280].copy()
     bad[300, 5] = np.nan
