@@ -40,7 +40,7 @@ def splice_eval(
     exclude_first_positions: int = 0,
     add_bos: bool = False,
     max_tokens: int = 192,
-    batch_size: int = 32,
+    max_batch_tokens: int = 1024,
 ) -> dict:
     """CE clean / with the reconstruction / zero-ablated, CE loss recovered and KL, over `texts`."""
     model, tok = lm.model, lm.tokenizer
@@ -50,8 +50,16 @@ def splice_eval(
     ids = sorted((t for t in ids if len(t) >= 2), key=len)
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n = 0
-    for a in range(0, len(ids), batch_size):
-        chunk = ids[a : a + batch_size]
+    # Batches by padded-token budget: three [B, T, vocab] fp32 logits tensors and their log-softmaxes
+    # are alive at once (49k vocab: 200 MB each per 1k tokens), the peak memory of the training stage.
+    chunks, cur = [], []
+    for t in ids:  # sorted by length, so the padded size is (len(cur) + 1) * len(t)
+        if cur and (len(cur) + 1) * len(t) > max_batch_tokens:
+            chunks.append(cur)
+            cur = []
+        cur.append(t)
+    chunks += [cur] if cur else []
+    for chunk in chunks:
         T = max(map(len, chunk))
         tokens = torch.full((len(chunk), T), tok.pad_id, dtype=torch.long)
         for i, t in enumerate(chunk):

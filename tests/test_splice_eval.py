@@ -42,7 +42,7 @@ def reference_ce(reference, tok, texts, layer, edit, exclude_first):
 def test_splice_eval_matches_reference_and_identity_recovers_everything(tiny, tiny_model):
     tok = tiny_model.tokenizer
     shrink = lambda x: 0.5 * x  # noqa: E731  a lossy stand-in for an SAE
-    m = splice_eval(tiny_model, shrink, TEXTS, "resid_pre.2", exclude_first_positions=1, batch_size=3)
+    m = splice_eval(tiny_model, shrink, TEXTS, "resid_pre.2", exclude_first_positions=1, max_batch_tokens=24)
     ref_clean = reference_ce(tiny.reference, tok, TEXTS, 2, lambda h: h, 1)
     ref_sae = reference_ce(tiny.reference, tok, TEXTS, 2, shrink, 1)
     ref_zero = reference_ce(tiny.reference, tok, TEXTS, 2, torch.zeros_like, 1)
