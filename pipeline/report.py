@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,6 +238,4 @@ steering page: <code>python llama_3_inference_text_completion_gradio.py</code> â
 
 
 def _relative(target: Path, base: Path) -> str:
-    import os
-
     return os.path.relpath(target, base)
