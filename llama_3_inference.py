@@ -201,10 +201,7 @@ class Generator:
         return self.generate([self.tokenizer.encode(p) for p in prompts], on_text=on_text, **kwargs)
 
     def chat_completion(self, dialogs: Sequence[Dialog], on_text=None, **kwargs) -> list[Completion]:
-        chat = self.loaded.chat_format
-        if chat is None:
-            raise LlamaInputError(f"{self.loaded.path}: this checkpoint has no chat template; use text completion")
-        return self.generate([chat.encode_dialog(d) for d in dialogs], on_text=on_text, **kwargs)
+        return self.generate([chat_tokens(self.loaded, d) for d in dialogs], on_text=on_text, **kwargs)
 
 
 @dataclass
@@ -290,9 +287,8 @@ class Session:
     def inspect(self, completion: Completion, entries: list[SteeringEntry], steer_on: str, top: int) -> list[dict]:
         """Per generated token: its text and the `top` latents active on it, with meanings."""
         tokens = completion.prompt_tokens + completion.tokens
-        steer_from = {"all": 0, "prompt": 0, "generated": len(completion.prompt_tokens)}[steer_on]
-        if steer_on == "prompt":  # steering stopped at the prompt: generated tokens saw the plain SAE
-            steer_from = len(tokens)
+        # where the steering acted; with "prompt" the generated tokens saw the plain SAE
+        steer_from = {"all": 0, "generated": len(completion.prompt_tokens), "prompt": len(tokens)}[steer_on]
         per_position = inspect_tokens(self.loaded.model, self.steerable.sae, tokens, entries, steer_from, top)
         start = len(completion.prompt_tokens)
         return [{"token": self.loaded.tokenizer.decode([t]), "latents": [

@@ -123,7 +123,8 @@ def summary_screen(doc: dict, report: Path) -> str:
              f"{max(doc['stages'], key=lambda x: x['peak_rss_mb'])['name']})"]
     lines += [f"  {x['name']:<19} {x['seconds']:>7.1f} s  {x['peak_rss_mb']:>7.0f} MB  {'reused' if x['reused'] else ''}" for x in doc["stages"]]
     if t:
-        lines.append(f"SAE: val FVU {t['val_fvu']:.3f}, L0 {t['val_l0']:.0f}, CE loss recovered {t['ce_loss_recovered']:.1%}, KL {t['kl']:.2f}")
+        ce = f", CE loss recovered {t['ce_loss_recovered']:.1%}, KL {t['kl']:.2f}" if t.get("ce_loss_recovered") is not None else ""
+        lines.append(f"SAE: val FVU {t['val_fvu']:.3f}, L0 {t['val_l0']:.0f}{ce}")
     if i:
         lines.append(f"interpretation: {i['explained']} latents explained ({', '.join(i['explainers'])}), mean detection score {i['mean_score']:.3f}")
     if st:
