@@ -25,7 +25,7 @@ from llama_3.errors import LlamaInputError
 from pipeline.explainers import OFFLINE_JUDGE, LatentExamples, balanced_accuracy, mean, minilm_scores
 from pipeline.interpretation import (INTERPRETATION_DIR, BatchState, bind_state_to_sae, message_text, parse_detection, parse_verdict, read_results,
                                      task_dir)
-from pipeline.manifest import atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.manifest import atomic_path, finished_manifest, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.paths import TOP_SENTENCES_DIR
 from pipeline.top_sentences import open_top_sentences
 
@@ -102,12 +102,10 @@ def main(cfg: ParseConfig) -> dict:
     digest = data.manifest["inputs"]["sae_sha256"]
     bind_state_to_sae(BatchState.load(directory), digest, f"--out {cfg.out}")
     request = parse_fingerprint(cfg, directory, data)
-    done = directory / "manifest.json"
-    if done.is_file():
-        previous = json.loads(done.read_text())
-        if previous.get("fingerprint") == request and Path(previous.get("meaning_file", "")).is_file():
-            print(f"{directory}: responses already parsed and scored for these results and settings -> {previous['meaning_file']}")
-            return previous["counts"]
+    previous = finished_manifest(directory, request)
+    if previous is not None and Path(previous.get("meaning_file", "")).is_file():
+        print(f"{directory}: responses already parsed and scored for these results and settings -> {previous['meaning_file']}")
+        return previous["counts"]
     verdicts, failures, explainer = explain_results(directory)
     with atomic_path(directory / "parse_failures.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))

@@ -122,11 +122,9 @@ def main(cfg: SendConfig) -> dict:
         print(f"{path}: {len(requests)} requests (nothing sent); estimated ${estimate['usd_est']:.2f} with {cfg.model} batches")
         return {"requests": len(requests), "estimate": estimate}
     state.extra.setdefault("keys", {}).update(keys)
-    if not requests:  # nothing new to send: leave the state exactly as it is
-        pass
-    elif offline:
+    if requests and offline:  # nothing new to send: the state stays exactly as it is
         explain_offline(state, directory, requests, examples)
-    else:
+    elif requests:
         submit(state, client, requests)
     summary = {"task": cfg.task, "requests_sent": len(requests), "latents_eligible": len(lats), "offline": offline,
                "model": OFFLINE_EXPLAINER if offline else cfg.model, "estimate": None if offline else estimate,

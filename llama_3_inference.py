@@ -40,6 +40,12 @@ from pipeline.steering import SteerableSae, SteeringEntry, check_entries, inspec
 SPLICE_ON = ("all", "prompt", "generated")
 
 
+def check_splice_on(value: str) -> None:
+    """Callers check before loading a model, so a typo fails at once."""
+    if value not in SPLICE_ON:
+        raise LlamaInputError(f"--steer-on {value!r}: expected one of {', '.join(SPLICE_ON)}")
+
+
 @dataclass
 class Completion:
     prompt_tokens: list[int]
@@ -116,8 +122,7 @@ class Generator:
             raise LlamaInputError("generate: every prompt needs at least one token")
         if temperature < 0 or not 0 < top_p <= 1:
             raise LlamaInputError(f"generate: temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
-        if splice_on not in SPLICE_ON:
-            raise LlamaInputError(f"--steer-on {splice_on!r}: expected one of {', '.join(SPLICE_ON)}")
+        check_splice_on(splice_on)
         B = len(prompts)
         if stop_tokens is None:
             stops = [self.tokenizer.stop_ids] * B
@@ -316,8 +321,7 @@ def print_search(steerable: SteerableSae, query: str, limit: int = 20) -> list[d
 def main(cfg: InferenceConfig) -> dict:
     if (cfg.inspect or cfg.search) and not cfg.sae:
         raise LlamaInputError("--inspect / --search need --sae (the SAE whose latents to show)")
-    if cfg.steer_on not in SPLICE_ON:
-        raise LlamaInputError(f"--steer-on {cfg.steer_on!r}: expected one of {', '.join(SPLICE_ON)}")
+    check_splice_on(cfg.steer_on)
     session = Session.open(cfg.model, cfg.sae, cfg.meanings, cfg.device, cfg.dtype)
     if cfg.search is not None:
         return {"search": print_search(session.steerable, cfg.search)}

@@ -23,7 +23,7 @@ import gradio as gr  # noqa: E402
 
 from llama_3.cli import parse_config, run_main  # noqa: E402
 from llama_3.errors import LlamaInputError  # noqa: E402
-from llama_3_inference import SPLICE_ON, Session  # noqa: E402
+from llama_3_inference import SPLICE_ON, Session, check_splice_on  # noqa: E402
 from pipeline.paths import SAE_DIR  # noqa: E402
 from pipeline.steering import MODES, SteeringEntry, check_entries  # noqa: E402
 
@@ -91,8 +91,10 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
             raise gr.Error("write at least one prompt (one per line)")
         if len(labels) > cfg.max_prompts:
             raise gr.Error(f"at most {cfg.max_prompts} prompts per request")
-        if steer_on not in SPLICE_ON:
-            raise gr.Error(f"steer on: one of {', '.join(SPLICE_ON)}")
+        try:
+            check_splice_on(steer_on)
+        except LlamaInputError as e:
+            raise gr.Error(str(e)) from None
         prompts = [session.loaded.tokenizer.encode(p) for p in labels]
         sampling = {"max_new_tokens": max(1, min(int(max_new_tokens), cfg.max_new_tokens_limit)),
                     "temperature": 0.0 if greedy else float(temperature), "top_p": float(top_p), "seed": int(seed)}

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from llama_3.cli import parse_config, run_main
 from llama_3.errors import LlamaInputError
 from pipeline.distributed import DistInfo, barrier, run_distributed
-from pipeline.manifest import atomic_path, fingerprint, make_manifest, write_json_atomic
+from pipeline.manifest import atomic_path, finished_manifest, fingerprint, make_manifest, read_jsonl, write_json_atomic
 from pipeline.paths import PREPROCESSED_DIR, SAE_DIR
 from pipeline.preprocessed import activations, open_preprocessed
 from pipeline.runtime import cpu_has_fast_bf16
@@ -309,16 +309,10 @@ class MetricsLog:
         run repeats, and a kill can cut the last line short."""
         if not self.path.is_file():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if row.get("step", 0) <= step and not row.get("final"):  # the final row is written again at the end
-                kept.append(line + "\n")
+        # the final row is written again at the end
+        kept = [row for row in read_jsonl(self.path) if row.get("step", 0) <= step and not row.get("final")]
         with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(kept))
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -339,18 +333,17 @@ def main(cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig, info: DistInfo) -> dict:
     out = Path(cfg.out)
-    trainer = Trainer(cfg, info)
-    request = {"data": trainer.manifest["fingerprint"], **{k: v for k, v in asdict(cfg).items()
+    data_manifest, _ = open_preprocessed(cfg.data)
+    request = {"data": data_manifest["fingerprint"], **{k: v for k, v in asdict(cfg).items()
                if k not in ("out", "val_every", "checkpoint_every", "wandb", "wandb_project", "resume", "force", "device")}}
     fp = fingerprint(request)
-    finished = out / "manifest.json"
-    if not cfg.force and finished.is_file() and (out / "sae" / "sae.safetensors").is_file():
-        done = json.loads(finished.read_text())
-        if done.get("fingerprint") == fp:  # every rank reads it, so all agree to stop here
-            if info.is_main:
-                print(f"{out}: already trained with this data and config (val FVU {done['final_validation'].get('val/fvu', float('nan')):.4f}); "
-                      "--force retrains")
-            return done
+    done = None if cfg.force else finished_manifest(out, fp, "sae/sae.safetensors")
+    if done is not None:  # every rank reads it, so all agree to stop here (before loading any data)
+        if info.is_main:
+            print(f"{out}: already trained with this data and config (val FVU {done['final_validation'].get('val/fvu', float('nan')):.4f}); "
+                  "--force retrains")
+        return done
+    trainer = Trainer(cfg, info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         run_file = out / "run.json"

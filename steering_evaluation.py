@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from llama_3.cli import parse_config, run_main
 from llama_3.errors import LlamaInputError
-from llama_3_inference import SPLICE_ON, Session
-from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
+from llama_3_inference import Session, check_splice_on
+from pipeline.manifest import MANIFEST_NAME, finished_manifest, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.meanings import sae_sha256
 from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
 from pipeline.steering import MODES, SteeringEntry
@@ -67,21 +67,18 @@ def request_fingerprint(cfg: SteeringEvalConfig) -> str:
 def main(cfg: SteeringEvalConfig) -> dict:
     out = Path(cfg.out)
     request = request_fingerprint(cfg)
-    if (out / MANIFEST_NAME).is_file() and (out / "results.json").is_file() and not cfg.force:
-        done = json.loads((out / MANIFEST_NAME).read_text())
-        if done.get("fingerprint") == request:
-            print(f"{out}: already complete for this SAE, meanings and config (use --force to recompute)")
-            results = json.loads((out / "results.json").read_text())
-            print_table(results)
-            print_next_steps(cfg)
-            return results
+    if not cfg.force and finished_manifest(out, request, "results.json") is not None:
+        print(f"{out}: already complete for this SAE, meanings and config (use --force to recompute)")
+        results = json.loads((out / "results.json").read_text())
+        print_table(results)
+        print_next_steps(cfg)
+        return results
     bad = [m for m in cfg.modes if m not in MODES]
     if bad or not cfg.modes:
         raise LlamaInputError(f"--modes {' '.join(cfg.modes)}: expected some of {', '.join(MODES)}")
     if not cfg.prompts or cfg.max_new_tokens < 1 or cfg.strength_factor <= 0:
         raise LlamaInputError("--prompts must be non-empty, --max-new-tokens >= 1, --strength-factor > 0")
-    if cfg.steer_on not in SPLICE_ON:
-        raise LlamaInputError(f"--steer-on {cfg.steer_on!r}: expected one of {', '.join(SPLICE_ON)}")
+    check_splice_on(cfg.steer_on)
 
     session = Session.open(cfg.model, cfg.sae, cfg.meanings, cfg.device, cfg.dtype)
     steerable = session.steerable

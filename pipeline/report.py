@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipeline.manifest import write_json_atomic  # noqa: E402
+from pipeline.manifest import read_jsonl, write_json_atomic  # noqa: E402
 from pipeline.meanings import load_meanings  # noqa: E402
 
 
@@ -61,17 +61,6 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a kill
-    return rows
-
-
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
     return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts])) if pts else (np.zeros(0), np.zeros(0))
@@ -85,7 +74,7 @@ def save(fig, report: Report, out: Path, name: str, caption: str) -> None:
 
 
 def training_plots(paths: RunPaths, report: Report, out: Path) -> None:
-    rows = read_metrics(paths.sae / "metrics.jsonl")
+    rows = read_jsonl(paths.sae / "metrics.jsonl")
     manifest = read_json(paths.sae / "manifest.json")
     if not rows or manifest is None:
         report.missing.append("SAE training (runs/sae)")

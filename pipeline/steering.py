@@ -175,17 +175,22 @@ def steering_batch(sae: TopKSae, prompts: list[list[int]], entries: list[Steerin
 
 
 @torch.inference_mode()
+def hook_activations(model, hook_point: str, tokens: list[int]) -> torch.Tensor:
+    """One token sequence's activations at the hook point, [T, d] in fp32.
+
+    The hook point's activation at a position depends only on earlier layers, so this clean forward
+    up to the hook point is exactly what a splice there saw, steered or not."""
+    device = model.tok_embeddings.weight.device
+    return model.capture(torch.tensor([tokens], device=device), [hook_point])[hook_point][0].float()
+
+
+@torch.inference_mode()
 def inspect_tokens(model, sae: TopKSae, tokens: list[int], entries: list[SteeringEntry] = (), steer_from: int = 0,
                    top: int = 5) -> list[list[tuple[int, float]]]:
     """Per position of `tokens`: the `top` active latents (id, activation), strongest first, with the
-    entries' h_bias / clamp applied at positions >= steer_from (what the steered SAE saw there).
-
-    The hook point's activation at a position depends only on earlier layers, so a clean forward
-    up to the hook point gives exactly what a splice at that point saw; positions the SAE never saw
-    in training (the attention sink) get an empty list."""
-    device = model.tok_embeddings.weight.device
-    x = model.capture(torch.tensor([tokens], device=device), [sae.cfg.hook_point])[sae.cfg.hook_point][0].float()  # [T, d]
-    x_norm, _ = sae.normalize_input(x)
+    entries' h_bias / clamp applied at positions >= steer_from (what the steered SAE saw there);
+    positions the SAE never saw in training (the attention sink) get an empty list."""
+    x_norm, _ = sae.normalize_input(hook_activations(model, sae.cfg.hook_point, tokens))
     values, indices = sae.encode(x_norm)
     if entries and steer_from < len(tokens):
         s_values, s_indices = steered_codes(sae, x_norm[steer_from:], list(entries))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.steering import SteeringEntry, steering_batch
+from pipeline.steering import SteeringEntry, hook_activations, steering_batch
 from pipeline.top_sentences import open_top_sentences
 
 DEFAULT_PROMPTS = (
@@ -52,17 +52,13 @@ def dense_codes(sae, x: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def continuation_activations(model, sae, splice, prompt: list[int], continuation: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean model reads prompt + continuation. Returns, for the continuation's tokens, the SAE
-    codes [T_cont, n_latents] of (the text's own activations, the stream after the splice).
-
-    The hook point's activation depends only on earlier layers, so the clean capture is what the
-    splice saw during generation; applying the splice to it gives what the model saw there."""
-    device = model.tok_embeddings.weight.device
-    tokens = torch.tensor([prompt + continuation], device=device)
-    x = model.capture(tokens, [sae.cfg.hook_point])[sae.cfg.hook_point]  # [1, T, d]
-    positions = torch.arange(x.shape[1], device=device)[None]
-    stream = splice(x, positions)
+    codes [T_cont, n_latents] of (the text's own activations, the stream after the splice): the
+    clean capture is what the splice saw during generation, the splice of it what the model saw."""
+    x = hook_activations(model, sae.cfg.hook_point, prompt + continuation)  # [T, d]
+    positions = torch.arange(len(x), device=x.device)[None]
+    stream = splice(x[None], positions)[0]
     start = len(prompt)
-    return dense_codes(sae, x[0, start:]), dense_codes(sae, stream[0, start:])
+    return dense_codes(sae, x[start:]), dense_codes(sae, stream[start:])
 
 
 def repetition(tokens: list[int]) -> float:
