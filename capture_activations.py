@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from llama_3 import HookPoint, default_capture_layer, load_model
 from llama_3.cli import parse_config, resolve_dtype, run_main
+from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import LlamaInputError
 from pipeline.activations import KIND, ShardWriter, TokenChunk
 from pipeline.distributed import DistInfo, barrier, run_distributed
@@ -109,6 +110,7 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
     if cfg.shard_tokens < 1 or cfg.max_tokens < 1:
         raise LlamaInputError("--shard-tokens and --max-tokens must be positive")
     model_dtype = resolve_dtype(cfg.model_dtype) or capture_dtype(info.device)
+    warn_if_emulated(model_dtype, info.device, f"--model-dtype {cfg.model_dtype}")
     lm = load_model(cfg.model, device=info.device, dtype=model_dtype)
     if info.device.type == "cpu":
         lm.model.pack_for_cpu_inference()

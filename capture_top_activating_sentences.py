@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from llama_3 import load_model
 from llama_3.cli import parse_config, resolve_dtype, run_main
+from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import LlamaInputError
 from pipeline.distributed import DistInfo, run_distributed
 from pipeline.manifest import (
@@ -189,7 +190,9 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
         raise LlamaInputError(f"--top-n {cfg.top_n} / --non-activating {cfg.non_activating}: need top-n >= 1, non-activating >= 0")
     sae_dir = Path(cfg.sae)
     sae = TopKSae.load(sae_dir, device=info.device).eval()
-    lm = load_model(sae.model_path(cfg.model, f"--sae {cfg.sae}"), device=info.device, dtype=resolve_dtype(cfg.model_dtype) or capture_dtype(info.device))
+    model_dtype = resolve_dtype(cfg.model_dtype) or capture_dtype(info.device)
+    warn_if_emulated(model_dtype, info.device, f"--model-dtype {cfg.model_dtype}")
+    lm = load_model(sae.model_path(cfg.model, f"--sae {cfg.sae}"), device=info.device, dtype=model_dtype)
     check_compatible(sae, lm.identity(), cfg)
     max_sentences = covered_sentences(sae_dir) if cfg.max_sentences < 0 else cfg.max_sentences
     bos = 1 if cfg.add_bos else 0

@@ -32,6 +32,7 @@ import torch
 from llama_3.checkpoints import LoadedModel, load_model
 from llama_3.chat import Dialog
 from llama_3.cli import parse_config, resolve_device, resolve_dtype, run_main
+from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import LlamaInputError
 from llama_3.hooks import HookRunner, SpliceSpec
 from pipeline.steering import SteerableSae, SteeringEntry, check_entries, inspect_tokens, open_steering, steering_batch
@@ -248,6 +249,7 @@ class Session:
     @classmethod
     def open(cls, model: str | None, sae: str | None, meanings: str, device: str, dtype: str) -> "Session":
         dev = resolve_device(device)
+        warn_if_emulated(resolve_dtype(dtype), dev, f"--dtype {dtype}")
         if sae is None:
             loaded = load_model(model, device=dev, dtype=resolve_dtype(dtype))
             return cls(loaded, Generator(loaded))

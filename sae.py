@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llama_3.cpu_features import can_prepack
 from llama_3.errors import LlamaInputError
 from pipeline.manifest import atomic_path
 
@@ -76,12 +77,12 @@ def encoder_preacts(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.
     """x [N, d] @ W[L, d]^T + b -> [N, L], in the autocast dtype when autocast is on.
 
     On CPU the weight is reordered for oneDNN on every call: the reorder touches L*d values, the
-    matmul N*L*d multiply-adds, and the packed fp32 matmul runs ~2x faster than addmm here
+    matmul N*L*d multiply-adds, and the packed fp32 matmul ran ~2x faster than addmm on AMD EPYC
     (bench/bench_sae.py). The weight changes every step, so nothing is cached.
     """
-    if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+    if x.device.type == "cpu":
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if dtype in (torch.float32, torch.bfloat16):
+        if can_prepack(dtype):  # not bf16 where oneDNN has no bf16 path: addmm then emulates it
             x, W, b = x.to(dtype).contiguous(), W.to(dtype), b.to(dtype)
             return torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(W, None), b, "none", [], "")
     return torch.addmm(b, x, W.t())

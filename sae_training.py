@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from llama_3.cli import parse_config, run_main
+from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import LlamaInputError
 from pipeline.distributed import DistInfo, barrier, run_distributed
 from pipeline.manifest import atomic_path, finished_manifest, fingerprint, make_manifest, read_jsonl, write_json_atomic
@@ -127,6 +128,8 @@ class Trainer:
             raise LlamaInputError(f"--autocast {cfg.autocast!r}: expected auto, on or off")
         self.autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and (
             info.device.type == "cuda" and torch.cuda.is_bf16_supported() or info.device.type == "cpu" and cpu_has_fast_bf16()))
+        if self.autocast:
+            warn_if_emulated(torch.bfloat16, info.device, "--autocast on")
         if cfg.nonfinite not in ("skip", "stop"):
             raise LlamaInputError(f"--nonfinite {cfg.nonfinite!r}: expected skip or stop")
         input_scale = math.sqrt(d / self.stats["mean_sq_norm"])  # E||x̃||² = d_model

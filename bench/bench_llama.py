@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_3 import default_capture_layer, load_model  # noqa: E402
 from llama_3.checkpoints import meta_to_hf_state_dict  # noqa: E402
+from llama_3.cpu_features import cpu_name  # noqa: E402
+from llama_3.model import Linear  # noqa: E402
 from llama_3_inference import Generator  # noqa: E402
 
 
@@ -130,6 +131,14 @@ def main() -> None:
     n_tok = x.numel()
     results["capture"] = dict(ours_tok_s=n_tok / t_ours, hf_tok_s=n_tok / t_hf, hf_base_tok_s=n_tok / t_hf_base,
                               ratio=t_hf / t_ours, ratio_vs_base=t_hf_base / t_ours)
+    if device.type == "cpu":  # does prepacking pay on this CPU? (llama_3/cpu_features.py decides per dtype)
+        linears = [m for m in lm.model.modules() if isinstance(m, Linear)]
+        packed = sum(m._packed is not None for m in linears)
+        for m in linears:
+            m.unpack()
+        t_unpacked = timeit(run(lambda: lm.model.capture(x, [hook])), args.repeats)
+        lm.model.pack_for_cpu_inference()
+        results["capture"].update(prepacked_layers=packed, ours_unpacked_tok_s=n_tok / t_unpacked, prepack_gain=t_unpacked / t_ours)
     t_ours_full = timeit(run(lambda: lm.model(x)), args.repeats)
     t_hf_full = timeit(run(lambda: hf(x)), args.repeats)
     results["forward"] = dict(ours_tok_s=n_tok / t_ours_full, hf_tok_s=n_tok / t_hf_full, ratio=t_hf_full / t_ours_full)
@@ -164,8 +173,7 @@ def main() -> None:
     import transformers
 
     meta = dict(
-        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads" if device.type == "cpu"
-        else torch.cuda.get_device_name(device),
+        machine=cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
         device=str(device), dtype=args.dtype, torch=torch.__version__, transformers=transformers.__version__,
         model=str(lm.path.name), batch=f"{args.batch_size}x{args.seq_len}", hook=hook,
         max_rel_hidden_diff=rel_h, max_abs_logit_diff=logit_diff,
@@ -176,6 +184,9 @@ def main() -> None:
     print("|---|---|---|---|")
     c = results["capture"]
     print(f"| capture-only forward to {hook} ({meta['batch']}) | {c['ours_tok_s']:.0f} | {c['hf_tok_s']:.0f} (CausalLM) / {c['hf_base_tok_s']:.0f} (LlamaModel) | {c['ratio']:.2f}x / {c['ratio_vs_base']:.2f}x |")
+    if "prepack_gain" in c:
+        print(f"| capture-only forward, weights not prepacked ({c['prepacked_layers']} layers were) | {c['ours_unpacked_tok_s']:.0f} | "
+              f"| prepacking gains {c['prepack_gain']:.2f}x |")
     f = results["forward"]
     print(f"| full forward to logits ({meta['batch']}) | {f['ours_tok_s']:.0f} | {f['hf_tok_s']:.0f} | {f['ratio']:.2f}x |")
     g = results["generate"]

@@ -47,7 +47,7 @@ class LoadedModel:
     path: Path
     """The checkpoint directory or GGUF file."""
     config_hash: str
-    """sha256 of the architecture description (params.json / config.json bytes, GGUF llama.* metadata)."""
+    """`config_sha256` of the architecture description (params.json, config.json, GGUF llama.* metadata)."""
     decisions: list[str] = field(default_factory=list)
     """Choices made while loading that the files did not spell out (also logged)."""
 
@@ -172,8 +172,19 @@ def _abbrev(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+# Keys that record who wrote a config file, not the model it describes: re-saving a checkpoint with
+# another transformers release must not change the model's identity (and so orphan its SAEs).
+WRITER_ONLY_KEYS = frozenset({"transformers_version", "_name_or_path"})
+
+
+def config_sha256(description: dict[str, Any]) -> str:
+    """sha256 of an architecture description as canonical JSON: sorted keys, no whitespace or writer keys."""
+    arch = {k: v for k, v in description.items() if k not in WRITER_ONLY_KEYS}
+    return hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _config_file_sha256(path: Path) -> str:
+    return config_sha256(json.loads(path.read_text()))  # already parsed (and checked) by the args reader
 
 
 # ---- Meta ------------------------------------------------------------------------------------
@@ -213,7 +224,7 @@ def _load_meta(path: Path):
         tensors = [p[name] for p in parts]
         dim = _meta_shard_dim(name)
         sd[name] = tensors[0] if len(tensors) == 1 or dim is None else torch.cat(tensors, dim=dim)
-    return args, tokenizer, None, sd, _sha256_file(path / "params.json"), str(shards[0] if len(shards) == 1 else path)
+    return args, tokenizer, None, sd, _config_file_sha256(path / "params.json"), str(shards[0] if len(shards) == 1 else path)
 
 
 # ---- Hugging Face ----------------------------------------------------------------------------
@@ -306,7 +317,7 @@ def _load_hf(path: Path):
         missing = sorted(set(weight_map) - {k for f in files for k in _safetensors_names(f)})
         if missing:
             raise LlamaInputError(f"{index}: weights {_abbrev(missing)} are not in their shards")
-    return args, tokenizer, tok_cfg.get("chat_template"), sd, _sha256_file(path / "config.json"), str(path)
+    return args, tokenizer, tok_cfg.get("chat_template"), sd, _config_file_sha256(path / "config.json"), str(path)
 
 
 def _safetensors_names(f: Path) -> list[str]:
@@ -396,8 +407,7 @@ def _load_gguf(path: Path):
         args.vocab_size = sd["tok_embeddings.weight"].shape[0]
     tokenizer = build_gguf_tokenizer(meta, source)
     arch = {k: v for k, v in meta.items() if k.startswith("llama.")}
-    config_hash = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()
-    return args, tokenizer, meta.get("tokenizer.chat_template"), sd, config_hash, source
+    return args, tokenizer, meta.get("tokenizer.chat_template"), sd, config_sha256(arch), source
 
 
 # Each returns (args, tokenizer, chat template or None, Meta-named state dict, config hash, source for messages).

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_3.args import ModelArgs, rope_inverse_frequencies
+from llama_3.cpu_features import can_prepack
 from llama_3.errors import LlamaInputError
 from llama_3.hooks import HOOK_KINDS, HookPoint, HookRunner, SpliceSpec
 
@@ -52,8 +53,8 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 class Linear(nn.Linear):
     """nn.Linear (no bias) that can run from oneDNN-prepacked weights for CPU inference.
 
-    On CPUs, `F.linear` in fp32 goes through a generic GEMM; oneDNN with the weight reordered
-    once into its blocked layout runs the same product ~2x faster here (fp32; bf16 gains little).
+    On CPUs oneDNN with the weight reordered once into its blocked layout runs the same product as
+    `F.linear` as fast or faster (up to ~2x; which dtypes pack on which CPU: llama_3/cpu_features.py).
     `pack()` keeps the packed copy beside the weight, which stays the parameter the state dict
     and autograd see; the packed path is taken only without autograd and while the weight is
     unchanged (its version counter), so training or a weight edit silently falls back.
@@ -71,7 +72,7 @@ class Linear(nn.Linear):
 
     def pack(self) -> bool:
         w = self.weight
-        if w.device.type != "cpu" or not torch.backends.mkldnn.is_available() or w.dtype not in (torch.float32, torch.bfloat16):
+        if w.device.type != "cpu" or not can_prepack(w.dtype):
             return False
         with torch.no_grad():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)

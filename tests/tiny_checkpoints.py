@@ -95,17 +95,20 @@ def make_hf_reference(seed: int = 0, vocab_size: int | None = None, tie: bool = 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok, _ = train_tiny_bpe()
-    torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab_size or tok.get_vocab_size(), rope_theta=TINY_ROPE_THETA, rope_scaling=dict(TINY_ROPE),
         bos_token_id=tok.token_to_id("<|begin_of_text|>"), eos_token_id=tok.token_to_id("<|end_of_text|>"),
         **{**TINY_CONFIG, "tie_word_embeddings": tie},
     )
     model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # random norm weights, so a swapped or missing norm cannot go unnoticed
+    # Every weight drawn by numpy, not by torch's init: ATen's normal_ is vectorised per instruction set
+    # and draws other numbers on a CPU without AVX2, and the tests' model must be the same on any CPU.
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
+            draw = rng.standard_normal(tuple(p.shape), dtype=np.float32)
+            # Random norm weights, so a swapped or missing norm cannot go unnoticed.
+            p.copy_(torch.from_numpy(1 + 0.1 * draw if "norm" in name else cfg.initializer_range * draw))
     return model, tok
 
 

@@ -1,0 +1,125 @@
+"""The same results on AVX2-only, AVX-512 and AMX CPUs.
+
+ATen and oneDNN are held to a lower instruction set in subprocesses (`ATEN_CPU_CAPABILITY`,
+`ONEDNN_MAX_CPU_ISA`), so every check runs on any x86 machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_3 import load_model
+from llama_3.cpu_features import onednn_allows
+
+REPO = Path(__file__).resolve().parents[1]
+CAPS = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+# Builds the tests' tiny reference model and prints the sha256 of every weight's bytes.
+TINY_MODEL_DIGEST = """
+import hashlib, json, sys
+sys.path[:0] = ["tests", "."]
+from tiny_checkpoints import make_hf_reference
+model, tok = make_hf_reference(seed=0)
+h = hashlib.sha256()
+for name, t in sorted(model.state_dict().items()):
+    h.update(name.encode()); h.update(t.contiguous().numpy().tobytes())
+print(json.dumps({"weights": h.hexdigest(), "vocab": tok.get_vocab_size()}))
+"""
+
+# What the CPU probes answer, and whether the bf16 paths run and compute the right thing.
+PROBES = """
+import json, sys
+sys.path[:0] = ["."]
+import torch
+from llama_3.cpu_features import can_prepack, has_native_bf16, onednn_has_bf16
+from llama_3.model import Linear
+from sae import encoder_preacts
+g = torch.Generator().manual_seed(0)
+x, W, b = torch.randn(64, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+exact = (x.double() @ W.double().T + b.double())
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    y = encoder_preacts(x, W, b)
+lin = Linear(32, 48).to(torch.bfloat16)
+packed = lin.pack()
+with torch.inference_mode():
+    out = lin(x.to(torch.bfloat16)).double()
+ref = x.to(torch.bfloat16).double() @ lin.weight.double().T
+print(json.dumps({
+    "native_bf16": has_native_bf16(), "onednn_bf16": onednn_has_bf16(),
+    "prepack_bf16": can_prepack(torch.bfloat16), "prepack_fp32": can_prepack(torch.float32), "packed_bf16_linear": packed,
+    "autocast_dtype": str(y.dtype), "autocast_rel_err": ((y.double() - exact).norm() / exact.norm()).item(),
+    "linear_rel_err": ((out - ref).norm() / ref.norm()).item(),
+}))
+"""
+
+
+def run_python(code: str, cap: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in CAPS["avx2"]}  # "native" even inside CI's capped pass
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, **CAPS[cap]}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_tiny_test_model_is_bit_identical_under_every_instruction_set():
+    digests = {cap: run_python(TINY_MODEL_DIGEST, cap) for cap in CAPS}
+    assert digests["avx2"] == digests["native"] == digests["default"], digests
+
+
+def test_config_hash_names_the_architecture_not_the_writer(tiny, tmp_path):
+    """Re-saving a checkpoint with another transformers release (or other whitespace) keeps its identity."""
+    import shutil
+
+    base = load_model(tiny.hf_dir).config_hash
+    resaved = tmp_path / "resaved"
+    shutil.copytree(tiny.hf_dir, resaved)
+    cfg = json.loads((resaved / "config.json").read_text())
+    cfg.update(transformers_version="0.0.1", _name_or_path="/somewhere/else")
+    (resaved / "config.json").write_text(json.dumps(cfg, indent=4, sort_keys=False))
+    assert load_model(resaved).config_hash == base
+    cfg["rms_norm_eps"] = 1e-6
+    (resaved / "config.json").write_text(json.dumps(cfg))
+    assert load_model(resaved).config_hash != base
+
+    meta = load_model(tiny.meta_dir).config_hash
+    moved = tmp_path / "meta"
+    shutil.copytree(tiny.meta_dir, moved)
+    (moved / "params.json").write_text(json.dumps(json.loads((moved / "params.json").read_text()), indent=2))
+    assert load_model(moved).config_hash == meta
+
+
+def test_bf16_paths_on_a_cpu_without_native_bf16():
+    """oneDNN capped to AVX2: no bf16 packing, and bf16 matmuls still run (emulated) and are right."""
+    capped = run_python(PROBES, "avx2")
+    assert not capped["native_bf16"] and not capped["onednn_bf16"] and not capped["prepack_bf16"]
+    assert capped["prepack_fp32"] and not capped["packed_bf16_linear"]
+    assert capped["autocast_dtype"] == "torch.bfloat16"
+    assert capped["autocast_rel_err"] < 2e-2 and capped["linear_rel_err"] < 2e-2, capped
+    native = run_python(PROBES, "native")
+    assert native["prepack_bf16"] == native["onednn_bf16"] == native["packed_bf16_linear"]
+    assert native["autocast_rel_err"] < 2e-2 and native["linear_rel_err"] < 2e-2, native
+
+
+def test_onednn_cap_parsing(monkeypatch):
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for cap, allows_bf16 in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                             ("AVX512_CORE_AMX", True), ("ALL", True), ("", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert onednn_allows("AVX512_CORE_BF16") is allows_bf16, cap
+        assert onednn_allows("AVX2") is True, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "SSE41")
+    assert not onednn_allows("AVX2")
+    assert torch.backends.cpu.get_cpu_capability()  # the probe the benchmarks report exists
