@@ -189,9 +189,12 @@ class Generator:
                     deltas[b] = decoders[b].push(t)
             yield [Completion(list(p), list(d.ids), d.emitted, "stop" if f else "length")
                    for p, d, f in zip(prompts, decoders, finished)], deltas
-        # Last, the full texts: what was held back as an incomplete UTF-8 sequence, decoded as it stands.
-        yield [Completion(list(p), list(d.ids), self.tokenizer.decode(d.ids), "stop" if f else "length")
-               for p, d, f in zip(prompts, decoders, finished)], [""] * len(prompts)
+        # Last, the full texts: what was held back as an incomplete UTF-8 sequence, decoded as it stands
+        # and streamed too, so the deltas always add up to the final text.
+        texts = [self.tokenizer.decode(d.ids) for d in decoders]
+        yield [Completion(list(p), list(d.ids), text, "stop" if f else "length")
+               for p, d, text, f in zip(prompts, decoders, texts, finished)], \
+            [text[len(d.emitted):] for d, text in zip(decoders, texts)]
 
     def generate(self, prompts: Sequence[Sequence[int]], on_text=None, **kwargs) -> list[Completion]:
         """Run `stream` to the end. on_text(row, delta) receives decoded text as it is produced."""
