@@ -172,12 +172,18 @@ def dtype_row_id(row: DtypeRow) -> str:
     return f"{row.stage}-{'_'.join(row.args[:2])}".replace("--", "")
 
 
+def run_stage_on_copy(root: Path, plan: dict, name: str, args: tuple[str, ...], work: Path,
+                      mutate: Callable[[Path], None] = nothing, env: dict | None = None):
+    """The finished tiny pipeline copied to `work`, changed by `mutate`, then one stage run there with `args` added."""
+    shutil.copytree(root, work)
+    mutate(work)
+    stage = plan[name]
+    return run(type(stage)(stage.name, stage.script, (*stage.args, *args), stage.forceable), work, env)
+
+
 def run_dtype_row(root: Path, plan: dict, row: DtypeRow, work: Path) -> str:
     """Run the row under the AVX2 cap; returns its warning line ('' when none), or fails the test."""
-    shutil.copytree(root, work)
-    stage = plan[row.stage]
-    stage = type(stage)(stage.name, stage.script, (*stage.args, *row.args), stage.forceable)
-    done = run(stage, work, CAPPED_TO_AVX2)
+    done = run_stage_on_copy(root, plan, row.stage, row.args, work, env=CAPPED_TO_AVX2)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if "matmuls run emulated" in line]
@@ -189,11 +195,7 @@ def run_dtype_row(root: Path, plan: dict, row: DtypeRow, work: Path) -> str:
 
 
 def run_row(root: Path, plan: dict, row: Row, work: Path) -> str:
-    shutil.copytree(root, work)
-    row.mutate(work)
-    stage = plan[row.stage]
-    stage = type(stage)(stage.name, stage.script, (*stage.args, *row.args), stage.forceable)
-    done = run(stage, work)
+    done = run_stage_on_copy(root, plan, row.stage, row.args, work, row.mutate)
     assert done.returncode == 2, f"exit {done.returncode}\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     line = done.stderr.strip().splitlines()[-1]
