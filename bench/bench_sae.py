@@ -206,7 +206,8 @@ def main() -> None:
             print(f"{name:28s} failed: {last}", flush=True)
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        peak = results["encoder_matmul_gflops"]["bf16" if "bf16" in name or "default" in name else "fp32"]
+        ran_bf16 = name == "ours_bf16" or name == "ours_default_converged" and has_native_bf16()  # autocast auto
+        peak = results["encoder_matmul_gflops"]["bf16" if ran_bf16 else "fp32"]
         r["fraction_of_matmul_peak"] = r["tokens_per_s"] * flops_per_token / 1e9 / peak
         results[name] = r
         print(f"{name:28s} {r['tokens_per_s']:8.0f} tok/s  FVU {r['fvu']:.4f}  dead {r['dead_pct']:5.1f}%  "
