@@ -4,13 +4,13 @@ The hardware flags alone are not enough: `ONEDNN_MAX_CPU_ISA` (or `DNNL_MAX_CPU_
 oneDNN may use, and CI runs the quick suite with it capped to AVX2 on any machine, so that a code
 path that only works on AVX-512 shows up there. Every probe here answers for the capped library.
 
-Measured (bench/bench_llama.py reports both paths on every run; figures in the README):
-- fp32: oneDNN's prepacked weights run the model's projections 1.0-1.07x (Intel, AVX-512),
-  ~2x (AMD EPYC, AVX-512, where MKL's sgemm is slower) and 1.0-1.3x (AVX2, MKL capped too) as fast
-  as `F.linear`, so fp32 weights are packed on every CPU.
-- bf16: without AVX-512 BF16 or AMX a bf16 matmul is emulated, ~7x slower than fp32 (24 vs
-  160 GFLOP/s, AVX2), and oneDNN refuses to pack bf16 weights at all without AVX-512 BW or
-  AVX-NE-CONVERT; bf16 weights are packed only where oneDNN has a bf16 path.
+Measured (bench/bench_llama.py times the capture with and without prepacking on every run; README):
+- fp32: the capture-only forward with oneDNN-prepacked weights runs ~2.3x `F.linear`'s on AMD EPYC
+  (AVX-512; MKL's sgemm is slow there), 0.96-1.03x on Intel Xeon natively and capped to AVX2
+  (run-to-run noise on that VM is larger): never worse beyond noise, so fp32 is packed on every CPU.
+- bf16: without AVX-512 BF16 or AMX a bf16 matmul is emulated, ~7x slower than fp32 (24 vs 160
+  GFLOP/s, Xeon capped to AVX2), and oneDNN refuses to pack bf16 weights at all without AVX-512 BW
+  or AVX-NE-CONVERT; bf16 weights are packed only where oneDNN has a bf16 path.
 """
 
 from __future__ import annotations
