@@ -20,7 +20,6 @@ times faster, ~0.4% relative error per activation), else fp32. Storage defaults 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,8 +30,10 @@ from tqdm import tqdm
 
 from llama_3 import HookPoint, default_capture_layer, load_model
 from llama_3.cli import parse_config, resolve_dtype, run_main
+from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import warn_if_emulated
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
+from pipeline import fault_injection
 from pipeline.activations import KIND, ShardWriter, TokenChunk
 from pipeline.distributed import DistInfo, barrier, run_distributed
 from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, read_manifest, write_json_atomic
@@ -41,22 +42,29 @@ from pipeline.runtime import capture_dtype
 from pipeline.sentences import SentenceBatch, SentenceTokenDataset
 
 
-# Fault-injection tests slow each forward down so a SIGKILL lands mid-run; 0 in normal use.
-_TEST_SLEEP = float(os.environ.get("CAPTURE_TEST_SLEEP", "0"))
-
-
 @dataclass
 class CaptureConfig:
     sentences: str = field(default=str(SENTENCES_DIR), metadata={"help": "sentence dataset folder"})
     out: str = field(default=str(ACTIVATIONS_DIR), metadata={"help": "output folder"})
-    model: str | None = field(default=None, metadata={"help": "Meta dir, HF dir or GGUF file; default: embedded SmolLM2-135M-Instruct"})
-    hook_points: list[str] = field(default_factory=list, metadata={"help": "hook points, e.g. resid_pre.25 attn_norm.25 (default: resid_pre at 5/6 depth)"})
-    max_tokens: int = field(default=192, metadata={"help": "tokens kept per sentence (longer ones are truncated and counted)"})
+    model: str | None = field(
+        default=None, metadata={"help": "Meta dir, HF dir or GGUF file; default: embedded SmolLM2-135M-Instruct"}
+    )
+    hook_points: list[str] = field(
+        default_factory=list,
+        metadata={"help": "hook points, e.g. resid_pre.25 attn_norm.25 (default: resid_pre at 5/6 depth)"},
+    )
+    max_tokens: int = field(
+        default=192, metadata={"help": "tokens kept per sentence (longer ones are truncated and counted)"}
+    )
     add_bos: bool = field(default=False, metadata={"help": "prepend BOS (its own activation is never stored)"})
     max_sentences: int = field(default=0, metadata={"help": "capture only the first N sentences (0: all)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda (torchrun: each rank its local GPU)"})
-    model_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16"})
-    storage_dtype: str = field(default="bfloat16", metadata={"help": "dtype of stored activations: bfloat16, float16, float32"})
+    model_dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16"}
+    )
+    storage_dtype: str = field(
+        default="bfloat16", metadata={"help": "dtype of stored activations: bfloat16, float16, float32"}
+    )
     shard_tokens: int = field(default=131_072, metadata={"help": "tokens per shard"})
     max_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward"})
     max_batch_size: int = field(default=256, metadata={"help": "sentences per forward"})
@@ -68,26 +76,33 @@ def _progress_path(out: Path, rank: int) -> Path:
 
 
 def _own_file(name: str) -> bool:
-    return (name == MANIFEST_NAME or name.startswith(("acts-r", "_progress-r", ".acts-r", "._progress-r", f".{MANIFEST_NAME}")))
+    return name == MANIFEST_NAME or name.startswith(
+        ("acts-r", "_progress-r", ".acts-r", "._progress-r", f".{MANIFEST_NAME}")
+    )
 
 
 def prepare_output(out: Path, fp: str, info: DistInfo, force: bool) -> dict | None:
     """Finished matching manifest -> it; other capture -> error (or wipe with --force); foreign files -> error."""
     if info.is_main:
         if out.exists() and not out.is_dir():
-            raise LlamaInputError(f"--out {out}: exists and is not a folder")
+            raise PipelineInputError(f"--out {out}: exists and is not a folder")
         out.mkdir(parents=True, exist_ok=True)
     barrier(info)
     foreign = sorted(p.name for p in out.iterdir() if not _own_file(p.name))
     if foreign:
-        raise LlamaInputError(f"--out {out}: holds other files ({', '.join(foreign[:3])}); choose an empty or capture folder")
+        raise PipelineInputError(
+            f"--out {out}: holds other files ({', '.join(foreign[:3])}); choose an empty or capture folder"
+        )
     states = []
     if (out / MANIFEST_NAME).is_file():
         states.append(read_manifest(out, KIND))
     states += [json.loads(p.read_text()) for p in sorted(out.glob("_progress-r*.json"))]
     if any(s.get("fingerprint") != fp for s in states):
         if not force:
-            raise LlamaInputError(f"--out {out}: holds a capture with other settings (model, hooks, dtype, sentences...); use --force or another --out")
+            raise PipelineInputError(
+                f"--out {out}: holds a capture with other settings (model, hooks, dtype, sentences...); use --force or "
+                "another --out"
+            )
         barrier(info)
         if info.is_main:
             for p in out.iterdir():
@@ -106,33 +121,45 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
     out = Path(cfg.out)
     storage_dtype = resolve_dtype(cfg.storage_dtype)
     if storage_dtype is None:
-        raise LlamaInputError("--storage-dtype must be bfloat16, float16 or float32")
+        raise PipelineInputError("--storage-dtype must be bfloat16, float16 or float32")
     if cfg.shard_tokens < 1 or cfg.max_tokens < 1:
-        raise LlamaInputError("--shard-tokens and --max-tokens must be positive")
+        raise PipelineInputError("--shard-tokens and --max-tokens must be positive")
     model_dtype = resolve_dtype(cfg.model_dtype) or capture_dtype(info.device)
     warn_if_emulated(model_dtype, info.device, f"--model-dtype {cfg.model_dtype}")
     lm = load_model(cfg.model, device=info.device, dtype=model_dtype)
-    if info.device.type == "cpu":
-        lm.model.pack_for_cpu_inference()
+    apply_cpu_fast_paths(lm.model)
     n_layers = lm.args.n_layers
     hooks = cfg.hook_points or [f"resid_pre.{default_capture_layer(n_layers)}"]
     points = [HookPoint.parse(h, n_layers, "--hook-points") for h in hooks]
     hooks = [p.name for p in points]
     if len(set(hooks)) != len(hooks):
-        raise LlamaInputError(f"--hook-points: {hooks} names a point twice")
+        raise PipelineInputError(f"--hook-points: {hooks} names a point twice")
     bos = 1 if cfg.add_bos else 0
     if bos and lm.tokenizer.bos_id is None:
-        raise LlamaInputError(f"--add-bos: {lm.path} has no BOS token")
+        raise PipelineInputError(f"--add-bos: {lm.path} has no BOS token")
     dataset = SentenceTokenDataset(
-        cfg.sentences, lm.tokenizer, max_tokens=cfg.max_tokens + bos, add_bos=cfg.add_bos,
-        max_batch_tokens=cfg.max_batch_tokens, max_batch_size=cfg.max_batch_size,
-        rank=info.rank, world_size=info.world_size, max_sentences=cfg.max_sentences,
+        cfg.sentences,
+        lm.tokenizer,
+        max_tokens=cfg.max_tokens + bos,
+        add_bos=cfg.add_bos,
+        max_batch_tokens=cfg.max_batch_tokens,
+        max_batch_size=cfg.max_batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        max_sentences=cfg.max_sentences,
     )
     request = {
-        "model": lm.identity(), "hook_points": hooks, "model_dtype": str(model_dtype), "storage_dtype": str(storage_dtype),
-        "max_tokens": cfg.max_tokens, "add_bos": cfg.add_bos, "max_sentences": cfg.max_sentences,
+        "model": lm.identity(),
+        "hook_points": hooks,
+        "model_dtype": str(model_dtype),
+        "storage_dtype": str(storage_dtype),
+        "max_tokens": cfg.max_tokens,
+        "add_bos": cfg.add_bos,
+        "max_sentences": cfg.max_sentences,
         "sentences": {"path": str(Path(cfg.sentences)), "fingerprint": dataset.manifest["fingerprint"]},
-        "shard_tokens": cfg.shard_tokens, "max_batch_tokens": cfg.max_batch_tokens, "max_batch_size": cfg.max_batch_size,
+        "shard_tokens": cfg.shard_tokens,
+        "max_batch_tokens": cfg.max_batch_tokens,
+        "max_batch_size": cfg.max_batch_size,
     }
     fp = fingerprint(request)
     finished = prepare_output(out, fp, info, cfg.force)
@@ -144,10 +171,21 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
     progress_path = _progress_path(out, info.rank)
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else None
     if progress and progress["world_size"] != info.world_size:
-        raise LlamaInputError(f"{progress_path}: this capture was started with {progress['world_size']} ranks; resume with the same number or --force")
-    progress = progress or {"fingerprint": fp, "rank": info.rank, "world_size": info.world_size, "shards": [], "finished": False}
+        raise PipelineInputError(
+            f"{progress_path}: this capture was started with {progress['world_size']} ranks; resume with the same "
+            "number or --force"
+        )
+    progress = progress or {
+        "fingerprint": fp,
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "shards": [],
+        "finished": False,
+    }
     keep = {s["file"] for s in progress["shards"]}
-    for p in out.glob(f"*acts-r{info.rank:03d}-*"):  # complete-looking shards no progress file vouches for, and temp files
+    for p in out.glob(
+        f"*acts-r{info.rank:03d}-*"
+    ):  # complete-looking shards no progress file vouches for, and temp files
         if p.name not in keep:
             p.unlink()
     for p in out.glob(f".{progress_path.name}.*.tmp"):  # a progress write cut short by a kill
@@ -158,11 +196,19 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
         write_json_atomic(progress_path, progress)
 
     committed = sum(s["n_tokens"] for s in progress["shards"])
-    writer = ShardWriter(out, info.rank, hooks, lm.args.dim, storage_dtype, cfg.shard_tokens, len(progress["shards"]), on_shard)
+    writer = ShardWriter(
+        out, info.rank, hooks, lm.args.dim, storage_dtype, cfg.shard_tokens, len(progress["shards"]), on_shard
+    )
     model = lm.model
     seen = 0  # real tokens of this rank's stream so far, stored or not
     new_tokens = 0
-    bar = tqdm(total=dataset.n_sentences, unit="sent", desc=f"capture r{info.rank}", disable=not info.is_main, dynamic_ncols=True)
+    bar = tqdm(
+        total=dataset.n_sentences,
+        unit="sent",
+        desc=f"capture r{info.rank}",
+        disable=not info.is_main,
+        dynamic_ncols=True,
+    )
     t0 = time.perf_counter()
     try:
         for batch in dataset:
@@ -176,8 +222,7 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
             with torch.inference_mode():
                 acts = model.capture(batch.tokens.to(info.device, non_blocking=True), hooks)
             writer.put(make_chunk(acts, batch, bos, skip, info.device))
-            if _TEST_SLEEP:
-                time.sleep(_TEST_SLEEP)
+            fault_injection.point("capture.batch")
             new_tokens += real - skip
             if bar.n and info.is_main:
                 bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - t0):.0f} tokens/s", refresh=False)
@@ -195,7 +240,9 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
     return finalize(out, cfg, request, fp, info, lm, hooks)
 
 
-def make_chunk(acts: dict[str, torch.Tensor], batch: SentenceBatch, bos: int, skip: int, device: torch.device) -> TokenChunk:
+def make_chunk(
+    acts: dict[str, torch.Tensor], batch: SentenceBatch, bos: int, skip: int, device: torch.device
+) -> TokenChunk:
     """Pack real text tokens of a [B, T] batch row-major, minus BOS columns and the first `skip` tokens.
 
     `skip` > 0 only on resume, for the batch that a completed shard cut in two.
@@ -228,7 +275,7 @@ def finalize(out: Path, cfg: CaptureConfig, request: dict, fp: str, info: DistIn
     for r in range(info.world_size):
         p = json.loads(_progress_path(out, r).read_text())
         if not p.get("finished"):
-            raise LlamaInputError(f"{_progress_path(out, r)}: rank {r} did not finish")
+            raise PipelineInputError(f"{_progress_path(out, r)}: rank {r} did not finish")
         shards += [{**s, "rank": r} for s in p["shards"]]
         totals["sentences"] += p["stats"].get("sentences", 0)
         totals["truncated_sentences"] += p["stats"].get("truncated_sentences", 0)
@@ -238,23 +285,44 @@ def finalize(out: Path, cfg: CaptureConfig, request: dict, fp: str, info: DistIn
     totals["bytes"] = sum(s["bytes"] for s in shards)
     layers = sorted({HookPoint.parse(h).layer for h in hooks})
     manifest = make_manifest(
-        KIND, config=asdict(cfg), inputs={"sentences": request["sentences"], "model": request["model"]},
-        counts=totals, fingerprint=fp, hook_points=hooks, layers=layers, d_model=lm.args.dim,
-        model_dtype=request["model_dtype"], storage_dtype=request["storage_dtype"],
+        KIND,
+        config=asdict(cfg),
+        inputs={"sentences": request["sentences"], "model": request["model"]},
+        counts=totals,
+        fingerprint=fp,
+        hook_points=hooks,
+        layers=layers,
+        d_model=lm.args.dim,
+        model_dtype=request["model_dtype"],
+        storage_dtype=request["storage_dtype"],
         bos_policy="BOS prepended; its position is not stored" if cfg.add_bos else "no BOS",
-        max_tokens=cfg.max_tokens, tokenizer={"source": lm.tokenizer.source, "sha256": lm.tokenizer.fingerprint()},
-        world_size=info.world_size, shard_tokens=cfg.shard_tokens, shards=shards,
-        throughput={"seconds": round(seconds, 2), "tokens_this_run": new_tokens, "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)},
-        tensors={"act.<hook>": "[n_tokens, d_model]", "token_ids": "[n_tokens] int32", "sentence_ids": "[n_sentences] int64",
-                 "sentence_starts": "[n_sentences + 1] int64", "sentence_first_position": "[n_sentences] int32"},
+        max_tokens=cfg.max_tokens,
+        tokenizer={"source": lm.tokenizer.source, "sha256": lm.tokenizer.fingerprint()},
+        world_size=info.world_size,
+        shard_tokens=cfg.shard_tokens,
+        shards=shards,
+        throughput={
+            "seconds": round(seconds, 2),
+            "tokens_this_run": new_tokens,
+            "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+        },
+        tensors={
+            "act.<hook>": "[n_tokens, d_model]",
+            "token_ids": "[n_tokens] int32",
+            "sentence_ids": "[n_sentences] int64",
+            "sentence_starts": "[n_sentences + 1] int64",
+            "sentence_first_position": "[n_sentences] int32",
+        },
     )
     write_json_atomic(out / MANIFEST_NAME, manifest)
     for r in range(info.world_size):
         _progress_path(out, r).unlink(missing_ok=True)
     gb = totals["bytes"] / 1e9
-    print(f"{out}: {totals['sentences']} sentences, {totals['tokens']} tokens at {', '.join(hooks)} "
-          f"({totals['truncated_sentences']} truncated) in {len(shards)} shards, {gb:.2f} GB written, "
-          f"{new_tokens / max(seconds, 1e-9):.0f} tokens/s this run")
+    print(
+        f"{out}: {totals['sentences']} sentences, {totals['tokens']} tokens at {', '.join(hooks)} "
+        f"({totals['truncated_sentences']} truncated) in {len(shards)} shards, {gb:.2f} GB written, "
+        f"{new_tokens / max(seconds, 1e-9):.0f} tokens/s this run"
+    )
     return manifest
 
 

@@ -22,7 +22,6 @@ Tables: pipeline/top_sentences.py. Browser: pipeline/feature_browser.py.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -40,7 +39,8 @@ from tqdm import tqdm
 from llama_3 import load_model
 from llama_3.cli import parse_config, resolve_dtype, run_main
 from llama_3.cpu_features import warn_if_emulated
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
+from pipeline import fault_injection
 from pipeline.distributed import DistInfo, run_distributed
 from pipeline.manifest import (
     MANIFEST_NAME,
@@ -68,28 +68,36 @@ from pipeline.top_sentences import (
 )
 from sae import TopKSae
 
-_TEST_SLEEP = float(os.environ.get("TOP_SENTENCES_TEST_SLEEP", "0"))
-
 
 @dataclass
 class TopSentencesConfig:
     sae: str = field(default=str(SAE_DIR / "sae"), metadata={"help": "SAE folder (sae.safetensors + cfg.json)"})
     sentences: str = field(default=str(SENTENCES_DIR), metadata={"help": "sentence dataset folder"})
     out: str = field(default=str(TOP_SENTENCES_DIR), metadata={"help": "output folder"})
-    model: str | None = field(default=None, metadata={"help": "the SAE's model (Meta dir, HF dir or GGUF); default: the path in the SAE's cfg.json"})
+    model: str | None = field(
+        default=None,
+        metadata={"help": "the SAE's model (Meta dir, HF dir or GGUF); default: the path in the SAE's cfg.json"},
+    )
     hook_point: str | None = field(default=None, metadata={"help": "must match the SAE's (default: the SAE's)"})
     top_n: int = field(default=50, metadata={"help": "sentences kept per latent and aggregation"})
     non_activating: int = field(default=20, metadata={"help": "sentences sampled per latent where it never fires"})
-    max_sentences: int = field(default=-1, metadata={"help": "first N sentences (-1: those the SAE's capture covered; 0: all)"})
+    max_sentences: int = field(
+        default=-1, metadata={"help": "first N sentences (-1: those the SAE's capture covered; 0: all)"}
+    )
     max_tokens: int = field(default=192, metadata={"help": "tokens kept per sentence"})
     add_bos: bool = field(default=False, metadata={"help": "prepend BOS (as the capture did)"})
     output_tokens: int = field(default=10, metadata={"help": "promoted / suppressed output tokens listed per latent"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    model_dtype: str = field(default="auto", metadata={"help": "auto (as the capture: bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16"})
+    model_dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (as the capture: bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16"},
+    )
     max_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward"})
     browser: bool = field(default=True, metadata={"help": "write the static HTML feature browser"})
     browser_sentences: int = field(default=10, metadata={"help": "sentences per aggregation on each latent page"})
-    meanings: str = field(default="latent_index_meaning", metadata={"help": "folder of interpretation results the browser shows"})
+    meanings: str = field(
+        default="latent_index_meaning", metadata={"help": "folder of interpretation results the browser shows"}
+    )
     force: bool = field(default=False, metadata={"help": "overwrite an existing output"})
 
 
@@ -103,7 +111,7 @@ def covered_sentences(sae_dir: Path) -> int:
         pre = read_manifest(Path(run["inputs"]["data"]), PREPROCESSED_KIND)
         cap = read_manifest(Path(pre["inputs"]["capture"]), CAPTURE_KIND)
         return int(cap["config"].get("max_sentences") or 0)
-    except (LlamaInputError, KeyError, TypeError, ValueError):
+    except (PipelineInputError, KeyError, TypeError, ValueError):
         return 0  # an SAE without its run folder (copied alone): every sentence
 
 
@@ -111,14 +119,21 @@ def request_fingerprint(cfg: TopSentencesConfig) -> str:
     """What the output depends on: the SAE's weights, the sentence dataset, and the config."""
     sentences = Path(cfg.sentences) / MANIFEST_NAME
     keys = {k: v for k, v in asdict(cfg).items() if k not in ("out", "force", "device", "browser", "meanings")}
-    return fingerprint({"sae_sha256": sae_sha256(cfg.sae) if (Path(cfg.sae) / "sae.safetensors").is_file() else None,
-                        "sentences": sentences.read_text() if sentences.is_file() else None, **keys})
+    return fingerprint(
+        {
+            "sae_sha256": sae_sha256(cfg.sae) if (Path(cfg.sae) / "sae.safetensors").is_file() else None,
+            "sentences": sentences.read_text() if sentences.is_file() else None,
+            **keys,
+        }
+    )
 
 
 def check_compatible(sae: TopKSae, identity: dict, cfg: TopSentencesConfig) -> None:
     sae.check_model(identity, f"--sae {cfg.sae}")
     if cfg.hook_point and cfg.hook_point != sae.cfg.hook_point:
-        raise LlamaInputError(f"--hook-point {cfg.hook_point}: the SAE in {cfg.sae} was trained at {sae.cfg.hook_point}")
+        raise PipelineInputError(
+            f"--hook-point {cfg.hook_point}: the SAE in {cfg.sae} was trained at {sae.cfg.hook_point}"
+        )
 
 
 class CodeStore:
@@ -133,7 +148,9 @@ class CodeStore:
         self.dir = Path(tempfile.mkdtemp(prefix=f".codes-r{rank}-", dir=directory))
         self.k = k
         self.files = {n: open(self.dir / n, "wb") for n in ("tokens", "values", "indices")}
-        self.where: dict[int, tuple[int, int, int]] = {}  # sentence id -> (first token, n tokens, first counted position)
+        self.where: dict[
+            int, tuple[int, int, int]
+        ] = {}  # sentence id -> (first token, n tokens, first counted position)
         self.n = 0
 
     def add(self, sid: int, token_ids: np.ndarray, first_counted: int, values: np.ndarray, indices: np.ndarray) -> None:
@@ -182,12 +199,16 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     if (out / MANIFEST_NAME).is_file() and not cfg.force:
         done = json.loads((out / MANIFEST_NAME).read_text())
         if done.get("fingerprint") != request:
-            raise LlamaInputError(f"--out {out}: holds top sentences of another SAE, sentence set or config; use --force or another --out")
+            raise PipelineInputError(
+                f"--out {out}: holds top sentences of another SAE, sentence set or config; use --force or another --out"
+            )
         if info.is_main:
             print(f"{out}: already complete for this SAE and config (use --force to recompute)")
         return done
     if cfg.top_n < 1 or cfg.non_activating < 0:
-        raise LlamaInputError(f"--top-n {cfg.top_n} / --non-activating {cfg.non_activating}: need top-n >= 1, non-activating >= 0")
+        raise PipelineInputError(
+            f"--top-n {cfg.top_n} / --non-activating {cfg.non_activating}: need top-n >= 1, non-activating >= 0"
+        )
     sae_dir = Path(cfg.sae)
     sae = TopKSae.load(sae_dir, device=info.device).eval()
     model_dtype = resolve_dtype(cfg.model_dtype) or capture_dtype(info.device)
@@ -197,11 +218,18 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     max_sentences = covered_sentences(sae_dir) if cfg.max_sentences < 0 else cfg.max_sentences
     bos = 1 if cfg.add_bos else 0
     skip_first = bos + sae.cfg.exclude_first_positions  # positions the SAE never saw in training
-    data = SentenceTokenDataset(cfg.sentences, lm.tokenizer, max_tokens=cfg.max_tokens + bos, add_bos=cfg.add_bos,
-                                max_batch_tokens=cfg.max_batch_tokens, rank=info.rank, world_size=info.world_size,
-                                max_sentences=max_sentences)
+    data = SentenceTokenDataset(
+        cfg.sentences,
+        lm.tokenizer,
+        max_tokens=cfg.max_tokens + bos,
+        add_bos=cfg.add_bos,
+        max_batch_tokens=cfg.max_batch_tokens,
+        rank=info.rank,
+        world_size=info.world_size,
+        max_sentences=max_sentences,
+    )
     if data.manifest["counts"]["sentences"] == 0:
-        raise LlamaInputError(f"--sentences {cfg.sentences}: no sentences to run")
+        raise PipelineInputError(f"--sentences {cfg.sentences}: no sentences to run")
     L, hook = sae.cfg.n_latents, sae.cfg.hook_point
     tables = {a: TopTable(L, cfg.top_n, info.device) for a in AGGREGATIONS}
     silent = TopTable(L, max(cfg.non_activating, 1), info.device)
@@ -239,14 +267,13 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
                     n = int(batch.lengths[r])
                     full_v, full_i = np.zeros((n, sae.cfg.k), np.float32), np.zeros((n, sae.cfg.k), np.int32)
                     c = slice(starts[r], starts[r + 1])
-                    full_v[min(skip_first, n):], full_i[min(skip_first, n):] = v_np[c], i_np[c]
+                    full_v[min(skip_first, n) :], full_i[min(skip_first, n) :] = v_np[c], i_np[c]
                     store.add(sid, batch.tokens[r, :n].numpy(), skip_first, full_v, full_i)
                 n_sentences += B
                 n_tokens += int(counted.sum())
                 bar.update(B)
                 bar.set_postfix_str(f"{n_sentences / (time.perf_counter() - t0):.0f} sent/s", refresh=False)
-                if _TEST_SLEEP:
-                    time.sleep(_TEST_SLEEP)
+                fault_injection.point("top_sentences.batch")
         bar.close()
         elapsed = time.perf_counter() - t0
         tables, silent, stats = merge_ranks(tables, silent, stats, info)
@@ -255,7 +282,9 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
         n_sentences = n_sentences_all(info, n_sentences)
         if not info.is_main:
             return {}
-        return write_outputs(cfg, out, lm, sae, tables, silent, stats, rows, n_sentences, elapsed, max_sentences, request)
+        return write_outputs(
+            cfg, out, lm, sae, tables, silent, stats, rows, n_sentences, elapsed, max_sentences, request
+        )
     finally:
         store.close()
 
@@ -292,14 +321,22 @@ def top_rows(tables: dict, silent: TopTable, store: CodeStore, info: DistInfo) -
         for latent, rank in zip(*np.nonzero(np.isfinite(scores))):
             sid = int(ids[latent, rank])
             if sid in store.where:
-                top.append((int(latent), agg, int(rank), sid, float(scores[latent, rank]), store.activations(sid, int(latent))))
+                top.append(
+                    (int(latent), agg, int(rank), sid, float(scores[latent, rank]), store.activations(sid, int(latent)))
+                )
                 sentences.setdefault(sid, store.token_ids(sid))
-    silent_rows = [(int(latent), int(silent.ids[latent, j])) for latent, j in zip(*np.nonzero(np.isfinite(silent.scores.cpu().numpy())))]
+    silent_rows = [
+        (int(latent), int(silent.ids[latent, j]))
+        for latent, j in zip(*np.nonzero(np.isfinite(silent.scores.cpu().numpy())))
+    ]
     local = {"top": top, "sentences": sentences}
     if info.distributed:
         parts = [None] * info.world_size
         dist.all_gather_object(parts, local)
-        local = {"top": [r for p in parts for r in p["top"]], "sentences": {k: v for p in parts for k, v in p["sentences"].items()}}
+        local = {
+            "top": [r for p in parts for r in p["top"]],
+            "sentences": {k: v for p in parts for k, v in p["sentences"].items()},
+        }
     local["silent"] = silent_rows
     return local
 
@@ -325,18 +362,45 @@ def write_parquet(path: Path, table: pa.Table) -> None:
         pq.write_table(table, tmp)
 
 
-def write_outputs(cfg, out: Path, lm, sae: TopKSae, tables, silent, stats, rows, n_sentences: int, elapsed: float, max_sentences: int,
-                  request: str) -> dict:
+def write_outputs(
+    cfg,
+    out: Path,
+    lm,
+    sae: TopKSae,
+    tables,
+    silent,
+    stats,
+    rows,
+    n_sentences: int,
+    elapsed: float,
+    max_sentences: int,
+    request: str,
+) -> dict:
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # the manifest marks completion: written last
     top = sorted(rows["top"], key=lambda r: (r[0], AGGREGATIONS.index(r[1]), r[2]))
-    write_parquet(out / "top_sentences.parquet", pa.table({
-        "latent": pa.array([r[0] for r in top], pa.int32()), "aggregation": [r[1] for r in top],
-        "rank": pa.array([r[2] for r in top], pa.int16()), "sentence_id": pa.array([r[3] for r in top], pa.int64()),
-        "score": pa.array([r[4] for r in top], pa.float32()),
-        "token_activations": pa.array([r[5] for r in top], pa.list_(pa.float32()))}))
+    write_parquet(
+        out / "top_sentences.parquet",
+        pa.table(
+            {
+                "latent": pa.array([r[0] for r in top], pa.int32()),
+                "aggregation": [r[1] for r in top],
+                "rank": pa.array([r[2] for r in top], pa.int16()),
+                "sentence_id": pa.array([r[3] for r in top], pa.int64()),
+                "score": pa.array([r[4] for r in top], pa.float32()),
+                "token_activations": pa.array([r[5] for r in top], pa.list_(pa.float32())),
+            }
+        ),
+    )
     silent_rows = sorted(rows["silent"])
-    write_parquet(out / "non_activating.parquet", pa.table({
-        "latent": pa.array([r[0] for r in silent_rows], pa.int32()), "sentence_id": pa.array([r[1] for r in silent_rows], pa.int64())}))
+    write_parquet(
+        out / "non_activating.parquet",
+        pa.table(
+            {
+                "latent": pa.array([r[0] for r in silent_rows], pa.int32()),
+                "sentence_id": pa.array([r[1] for r in silent_rows], pa.int64()),
+            }
+        ),
+    )
     # Sentence texts and token strings for every referenced sentence.
     wanted = set(rows["sentences"]) | {r[1] for r in silent_rows}
     texts = {}
@@ -348,46 +412,93 @@ def write_outputs(cfg, out: Path, lm, sae: TopKSae, tables, silent, stats, rows,
             break
     sids = sorted(wanted)
     pieces = {}
-    write_parquet(out / "sentences.parquet", pa.table({
-        "sentence_id": pa.array(sids, pa.int64()), "text": [texts.get(s, "") for s in sids],
-        "tokens": pa.array([[pieces.setdefault(t, lm.tokenizer.id_to_piece(t)) for t in rows["sentences"].get(s, [])] for s in sids],
-                           pa.list_(pa.string()))}))
+    write_parquet(
+        out / "sentences.parquet",
+        pa.table(
+            {
+                "sentence_id": pa.array(sids, pa.int64()),
+                "text": [texts.get(s, "") for s in sids],
+                "tokens": pa.array(
+                    [
+                        [pieces.setdefault(t, lm.tokenizer.id_to_piece(t)) for t in rows["sentences"].get(s, [])]
+                        for s in sids
+                    ],
+                    pa.list_(pa.string()),
+                ),
+            }
+        ),
+    )
     promoted, suppressed = output_token_effects(lm, sae, cfg.output_tokens)
     tokens = max(int(stats.tokens.item()), 1)
     firing = stats.firing.cpu().numpy()
     mean_act = (stats.total.cpu().numpy() / np.maximum(firing, 1)).astype(np.float32)
-    write_parquet(out / "latent_stats.parquet", pa.table({
-        "latent": pa.array(np.arange(sae.cfg.n_latents), pa.int32()), "firing_tokens": pa.array(firing, pa.int64()),
-        "frequency": pa.array(firing / tokens, pa.float64()), "mean_activation": pa.array(mean_act, pa.float32()),
-        "histogram": pa.array(stats.hist.view(-1, HIST_BINS).cpu().tolist(), pa.list_(pa.int64())),
-        "promoted": pa.array(promoted, pa.list_(pa.string())), "suppressed": pa.array(suppressed, pa.list_(pa.string()))}))
+    write_parquet(
+        out / "latent_stats.parquet",
+        pa.table(
+            {
+                "latent": pa.array(np.arange(sae.cfg.n_latents), pa.int32()),
+                "firing_tokens": pa.array(firing, pa.int64()),
+                "frequency": pa.array(firing / tokens, pa.float64()),
+                "mean_activation": pa.array(mean_act, pa.float32()),
+                "histogram": pa.array(stats.hist.view(-1, HIST_BINS).cpu().tolist(), pa.list_(pa.int64())),
+                "promoted": pa.array(promoted, pa.list_(pa.string())),
+                "suppressed": pa.array(suppressed, pa.list_(pa.string())),
+            }
+        ),
+    )
     per_latent = np.zeros((len(AGGREGATIONS), sae.cfg.n_latents), np.int64)
     for r in top:
         per_latent[AGGREGATIONS.index(r[1]), r[0]] += 1
     coverage = {a: int((per_latent[i] >= cfg.top_n).sum()) for i, a in enumerate(AGGREGATIONS)}
-    counts = {"sentences": n_sentences, "tokens": tokens, "latents": sae.cfg.n_latents,
-              "latents_with_top_n": coverage, "latents_with_any_sentence": int((per_latent[1] > 0).sum()),
-              "latents_never_firing": int((firing == 0).sum()), "top_rows": len(top), "non_activating_rows": len(silent_rows)}
+    counts = {
+        "sentences": n_sentences,
+        "tokens": tokens,
+        "latents": sae.cfg.n_latents,
+        "latents_with_top_n": coverage,
+        "latents_with_any_sentence": int((per_latent[1] > 0).sum()),
+        "latents_never_firing": int((firing == 0).sum()),
+        "top_rows": len(top),
+        "non_activating_rows": len(silent_rows),
+    }
     shortfall = None
     if n_sentences < cfg.top_n:
         shortfall = f"only {n_sentences} sentences for --top-n {cfg.top_n}: every latent has fewer than N"
         print(f"warning: {shortfall}")
     manifest = make_manifest(
-        KIND, config=asdict(cfg), inputs={"sae": str(cfg.sae), "sae_sha256": sae_sha256(cfg.sae), "sae_cfg": asdict(sae.cfg), "sentences": str(cfg.sentences),
-                                          "model": lm.identity()},
-        counts=counts, fingerprint=request, sentence_set=(f"the first {max_sentences} sentences (the SAE capture's: held-out + training)"
-                                     if max_sentences else "every sentence of the dataset"),
-        aggregations=list(AGGREGATIONS), histogram_edges=histogram_edges(), excluded_positions=cfg.add_bos + sae.cfg.exclude_first_positions,
-        shortfall=shortfall, throughput={"seconds": round(elapsed, 2), "sentences_per_s": round(n_sentences / max(elapsed, 1e-9), 1)},
-        files={name: sha256_file(out / name) for name in FILES})  # readers verify them: a changed byte is refused
+        KIND,
+        config=asdict(cfg),
+        inputs={
+            "sae": str(cfg.sae),
+            "sae_sha256": sae_sha256(cfg.sae),
+            "sae_cfg": asdict(sae.cfg),
+            "sentences": str(cfg.sentences),
+            "model": lm.identity(),
+        },
+        counts=counts,
+        fingerprint=request,
+        sentence_set=(
+            f"the first {max_sentences} sentences (the SAE capture's: held-out + training)"
+            if max_sentences
+            else "every sentence of the dataset"
+        ),
+        aggregations=list(AGGREGATIONS),
+        histogram_edges=histogram_edges(),
+        excluded_positions=cfg.add_bos + sae.cfg.exclude_first_positions,
+        shortfall=shortfall,
+        throughput={"seconds": round(elapsed, 2), "sentences_per_s": round(n_sentences / max(elapsed, 1e-9), 1)},
+        files={name: sha256_file(out / name) for name in FILES},
+    )  # readers verify them: a changed byte is refused
     browser_index = None
     if cfg.browser:
         from pipeline.feature_browser import write_browser
+
         browser_index = write_browser(out, manifest, cfg.browser_sentences, cfg.meanings)
         manifest["browser"] = str(browser_index)
     write_json_atomic(out / MANIFEST_NAME, manifest)
-    print(f"{out}: {n_sentences} sentences ({n_sentences / max(elapsed, 1e-9):.0f}/s), {sae.cfg.n_latents} latents; "
-          f"{coverage['max']} have >= {cfg.top_n} sentences (max), {counts['latents_never_firing']} never fire")
+    print(
+        f"{out}: {n_sentences} sentences ({n_sentences / max(elapsed, 1e-9):.0f}/s), {sae.cfg.n_latents} latents; "
+        f"{coverage['max']} have >= {cfg.top_n} sentences (max), {counts['latents_never_firing']} never fire"
+    )
     if browser_index:
         print(f"feature browser: {browser_index.resolve()}")
     return manifest

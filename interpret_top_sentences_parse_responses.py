@@ -19,15 +19,24 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from llama_3.cli import parse_config, run_main
-from llama_3.errors import LlamaInputError
+from llama_3.cli import check_choices, parse_config, run_main
+from llama_3.errors import PipelineInputError
 from pipeline.explainers import OFFLINE_JUDGE, LatentExamples, balanced_accuracy, mean, minilm_scores
-from pipeline.interpretation import (INTERPRETATION_DIR, BatchState, bind_state_to_sae, message_text, parse_detection, parse_verdict, read_results,
-                                     task_dir)
+from pipeline.interpretation import (
+    INTERPRETATION_DIR,
+    BatchState,
+    bind_state_to_sae,
+    message_text,
+    parse_detection,
+    parse_verdict,
+    read_results,
+    task_dir,
+)
 from pipeline.manifest import atomic_path, finished_manifest, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.paths import TOP_SENTENCES_DIR
-from pipeline.top_sentences import open_top_sentences
+from pipeline.top_sentences import Aggregation, open_top_sentences
 
 
 @dataclass
@@ -36,11 +45,18 @@ class ParseConfig:
     out: str = field(default=str(INTERPRETATION_DIR), metadata={"help": "interpretation folder (state, results)"})
     meanings: str = field(default="latent_index_meaning", metadata={"help": "where the meaning file goes"})
     run_name: str = field(default="", metadata={"help": "meaning file name (default: <sae sha256[:8]>-<explainer>)"})
-    judge: str = field(default="minilm", metadata={"help": "offline detection judge: minilm or none"})
-    aggregation: str = field(default="max", metadata={"help": "top sentences the judge draws activating examples from"})
+    judge: Literal["minilm", "none"] = field(
+        default="minilm", metadata={"help": "offline detection judge: minilm or none"}
+    )
+    aggregation: Aggregation = field(
+        default="max", metadata={"help": "top sentences the judge draws activating examples from"}
+    )
     judge_activating: int = field(default=10, metadata={"help": "held-out activating sentences per latent"})
     judge_silent: int = field(default=20, metadata={"help": "silent sentences per latent"})
     skip_top: int = field(default=20, metadata={"help": "activating examples start after the explainer's top N"})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def explain_results(directory: Path) -> tuple[dict[int, dict], list[dict], str]:
@@ -50,8 +66,14 @@ def explain_results(directory: Path) -> tuple[dict[int, dict], list[dict], str]:
     verdicts, failures, models = {}, [], set()
     for lat, (cid, entry) in sorted(state.latest().items()):
         if entry["status"] != "succeeded":
-            failures.append({"latent": lat, "custom_id": cid, "reason": f"request {entry['status']}",
-                             "detail": (results.get(cid) or {}).get("result", {}).get("error")})
+            failures.append(
+                {
+                    "latent": lat,
+                    "custom_id": cid,
+                    "reason": f"request {entry['status']}",
+                    "detail": (results.get(cid) or {}).get("result", {}).get("error"),
+                }
+            )
             continue
         line = results.get(cid)
         if line is None:
@@ -88,50 +110,85 @@ def parse_fingerprint(cfg: ParseConfig, directory: Path, data) -> str:
     dirs = (directory, task_dir(cfg.out, "detect"))
     files = sorted(p for d in dirs for p in (d / "results").glob("*") if p.is_file())
     states = [BatchState.load(d).requests for d in dirs]  # the statuses; not the submission times
-    return fingerprint({"files": {str(p): sha256_file(p) for p in files}, "states": states,
-                        "top_sentences": data.manifest.get("fingerprint"), "config": asdict(cfg)})
+    return fingerprint(
+        {
+            "files": {str(p): sha256_file(p) for p in files},
+            "states": states,
+            "top_sentences": data.manifest.get("fingerprint"),
+            "config": asdict(cfg),
+        }
+    )
 
 
 def main(cfg: ParseConfig) -> dict:
-    if cfg.judge not in ("minilm", "none"):
-        raise LlamaInputError(f"--judge {cfg.judge!r}: expected minilm or none")
     data = open_top_sentences(cfg.top_sentences)
     directory = task_dir(cfg.out, "explain")
     if not (directory / "state.json").is_file():
-        raise LlamaInputError(f"{directory}: nothing sent yet; run interpret_top_sentences_send_batches.py first")
+        raise PipelineInputError(f"{directory}: nothing sent yet; run interpret_top_sentences_send_batches.py first")
     digest = data.manifest["inputs"]["sae_sha256"]
     bind_state_to_sae(BatchState.load(directory), digest, f"--out {cfg.out}")
     request = parse_fingerprint(cfg, directory, data)
     previous = finished_manifest(directory, request)
     if previous is not None and Path(previous.get("meaning_file", "")).is_file():
-        print(f"{directory}: responses already parsed and scored for these results and settings -> {previous['meaning_file']}")
+        print(
+            f"{directory}: responses already parsed and scored for these results and settings -> "
+            f"{previous['meaning_file']}"
+        )
         return previous["counts"]
     verdicts, failures, explainer = explain_results(directory)
     with atomic_path(directory / "parse_failures.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
     examples = LatentExamples.load(data, cfg.aggregation)
-    minilm = (minilm_scores({lat: v["meaning"] for lat, v in verdicts.items()}, examples, cfg.judge_activating, cfg.judge_silent,
-                            cfg.skip_top) if cfg.judge == "minilm" and verdicts else {})
+    minilm = (
+        minilm_scores(
+            {lat: v["meaning"] for lat, v in verdicts.items()},
+            examples,
+            cfg.judge_activating,
+            cfg.judge_silent,
+            cfg.skip_top,
+        )
+        if cfg.judge == "minilm" and verdicts
+        else {}
+    )
     claude = claude_detection(task_dir(cfg.out, "detect"))
     latents = []
     for lat, v in verdicts.items():
-        scores = {k: s for k, s in ((OFFLINE_JUDGE, minilm.get(lat)), ("claude-balanced-accuracy", claude.get(lat))) if s is not None}
+        scores = {
+            k: s
+            for k, s in ((OFFLINE_JUDGE, minilm.get(lat)), ("claude-balanced-accuracy", claude.get(lat)))
+            if s is not None
+        }
         primary = scores.get("claude-balanced-accuracy", scores.get(OFFLINE_JUDGE))
         latents.append({"latent": lat, **v, "score": primary, "scores": scores})
     latents.sort(key=lambda e: (-e["certainty"], e["latent"]))
     name = cfg.run_name or f"{digest[:8]}-{explainer}"
-    doc = {"sae_sha256": digest, "sae": data.manifest["inputs"]["sae"], "explainer": explainer,
-           "judges": sorted({k for e in latents for k in e["scores"]}), "latents": latents}
+    doc = {
+        "sae_sha256": digest,
+        "sae": data.manifest["inputs"]["sae"],
+        "explainer": explainer,
+        "judges": sorted({k for e in latents for k in e["scores"]}),
+        "latents": latents,
+    }
     Path(cfg.meanings).mkdir(parents=True, exist_ok=True)
     meaning_file = Path(cfg.meanings) / f"{name}.json"
     write_json_atomic(meaning_file, doc)
-    summary = {"explained": len(latents), "failures": len(failures),
-               "failure_reasons": sorted({f["reason"] for f in failures}),
-               "mean_detection_auroc_minilm": mean(minilm.values()),
-               "mean_detection_balanced_accuracy_claude": mean(claude.values()),
-               "mean_certainty": mean(e["certainty"] for e in latents)}
-    manifest = make_manifest("interpretation", config=asdict(cfg), inputs={"top_sentences": cfg.top_sentences, "sae_sha256": digest},
-                             counts=summary, explainer=explainer, meaning_file=str(meaning_file), fingerprint=request)
+    summary = {
+        "explained": len(latents),
+        "failures": len(failures),
+        "failure_reasons": sorted({f["reason"] for f in failures}),
+        "mean_detection_auroc_minilm": mean(minilm.values()),
+        "mean_detection_balanced_accuracy_claude": mean(claude.values()),
+        "mean_certainty": mean(e["certainty"] for e in latents),
+    }
+    manifest = make_manifest(
+        "interpretation",
+        config=asdict(cfg),
+        inputs={"top_sentences": cfg.top_sentences, "sae_sha256": digest},
+        counts=summary,
+        explainer=explainer,
+        meaning_file=str(meaning_file),
+        fingerprint=request,
+    )
     write_json_atomic(directory / "manifest.json", manifest)
     if data.manifest.get("browser"):  # refresh the feature browser so it shows the new meanings and scores
         from pipeline.feature_browser import write_browser
@@ -139,9 +196,15 @@ def main(cfg: ParseConfig) -> dict:
         write_browser(data.directory, data.manifest, data.manifest["config"]["browser_sentences"], cfg.meanings)
         print(f"feature browser updated: {Path(data.manifest['browser']).resolve()}")
     auroc = summary["mean_detection_auroc_minilm"]
-    print(f"{meaning_file}: {len(latents)} meanings by {explainer}, {len(failures)} failures"
-          + (f"; mean detection AUROC (MiniLM judge) {auroc:.3f} over {len(minilm)} latents" if auroc is not None else "")
-          + (f"; Claude judge balanced accuracy {summary['mean_detection_balanced_accuracy_claude']:.3f}" if claude else ""))
+    print(
+        f"{meaning_file}: {len(latents)} meanings by {explainer}, {len(failures)} failures"
+        + (f"; mean detection AUROC (MiniLM judge) {auroc:.3f} over {len(minilm)} latents" if auroc is not None else "")
+        + (
+            f"; Claude judge balanced accuracy {summary['mean_detection_balanced_accuracy_claude']:.3f}"
+            if claude
+            else ""
+        )
+    )
     return manifest
 
 

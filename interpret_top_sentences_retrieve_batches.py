@@ -17,19 +17,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from llama_3.cli import parse_config, run_main
-from pipeline.interpretation import INTERPRETATION_DIR, BatchState, make_client, task_dir, write_results
+from llama_3.cli import check_choices, parse_config, run_main
+from pipeline.interpretation import BatchState, INTERPRETATION_DIR, Task, make_client, task_dir, write_results
 
 
 @dataclass
 class RetrieveConfig:
     out: str = field(default=str(INTERPRETATION_DIR), metadata={"help": "interpretation folder (state, results)"})
-    task: str = field(default="explain", metadata={"help": "explain or detect"})
+    task: Task = field(default="explain", metadata={"help": "explain or detect"})
     wait: bool = field(default=False, metadata={"help": "poll until every batch has ended"})
     poll_seconds: float = field(default=60.0, metadata={"help": "seconds between polls with --wait"})
     timeout_minutes: float = field(default=0.0, metadata={"help": "give up waiting after this long (0: never)"})
-    base_url: str | None = field(default=None, metadata={"help": "API base URL (default: the SDK's; e.g. a local test server)"})
+    base_url: str | None = field(
+        default=None, metadata={"help": "API base URL (default: the SDK's; e.g. a local test server)"}
+    )
     max_retries: int = field(default=5, metadata={"help": "SDK retries with backoff on 429 / 5xx"})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def fetch_ended(state: BatchState, client, directory) -> int:
@@ -77,7 +82,11 @@ def main(cfg: RetrieveConfig) -> dict:
     counts: dict[str, int] = {}
     for e in state.requests.values():
         counts[e["status"]] = counts.get(e["status"], 0) + 1
-    print(f"{directory}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + (f"; {running} batch(es) still processing" if running else ""))
+    print(
+        f"{directory}: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        + (f"; {running} batch(es) still processing" if running else "")
+    )
     return {"counts": counts, "running": running}
 
 

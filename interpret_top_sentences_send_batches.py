@@ -23,43 +23,70 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llama_3.cli import parse_config, run_main
-from llama_3.errors import LlamaInputError
+from llama_3.cli import check_choices, parse_config, run_main
+from llama_3.errors import PipelineInputError
+from pipeline import fault_injection
 from pipeline.explainers import OFFLINE_EXPLAINER, LatentExamples, detection_prompt_sentences, offline_explanation
-from pipeline.interpretation import (DEFAULT_MODEL, INTERPRETATION_DIR, OFFLINE_BATCH, BatchState, bind_state_to_sae, chunk_requests,
-                                     custom_id,
-                                     detect_params, estimate_cost, explain_params, make_client, mark_tokens, parse_custom_id,
-                                     succeeded_line,
-                                     task_dir, write_results)
+from pipeline.interpretation import (
+    DEFAULT_MODEL,
+    INTERPRETATION_DIR,
+    OFFLINE_BATCH,
+    BatchState,
+    Task,
+    bind_state_to_sae,
+    chunk_requests,
+    custom_id,
+    detect_params,
+    estimate_cost,
+    explain_params,
+    make_client,
+    mark_tokens,
+    parse_custom_id,
+    succeeded_line,
+    task_dir,
+    write_results,
+)
 from pipeline.manifest import write_json_atomic
 from pipeline.meanings import load_meanings
 from pipeline.paths import TOP_SENTENCES_DIR
-from pipeline.top_sentences import AGGREGATIONS, open_top_sentences
-
-_TEST_CRASH_AFTER_CREATE = os.environ.get("INTERPRET_TEST_CRASH_AFTER_CREATE") == "1"
+from pipeline.top_sentences import Aggregation, open_top_sentences
 
 
 @dataclass
 class SendConfig:
     top_sentences: str = field(default=str(TOP_SENTENCES_DIR), metadata={"help": "top-sentences output folder"})
     out: str = field(default=str(INTERPRETATION_DIR), metadata={"help": "interpretation folder (state, results)"})
-    task: str = field(default="explain", metadata={"help": "explain (one meaning per latent) or detect (Claude judges the meanings)"})
-    aggregation: str = field(default="max", metadata={"help": "which top sentences to show: mean, max, last"})
+    task: Task = field(
+        default="explain", metadata={"help": "explain (one meaning per latent) or detect (Claude judges the meanings)"}
+    )
+    aggregation: Aggregation = field(default="max", metadata={"help": "which top sentences to show: mean, max, last"})
     sentences_per_latent: int = field(default=20, metadata={"help": "top sentences per explain request"})
     min_sentences: int = field(default=5, metadata={"help": "skip latents with fewer top sentences"})
     latents: list[int] = field(default_factory=list, metadata={"help": "only these latents"})
     max_latents: int = field(default=0, metadata={"help": "at most this many latents, most frequent first (0: all)"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Claude model"})
     max_tokens: int = field(default=1024, metadata={"help": "max output tokens per request"})
-    expected_output_tokens: int = field(default=450, metadata={"help": "output tokens per answer, for the cost estimate"})
+    expected_output_tokens: int = field(
+        default=450, metadata={"help": "output tokens per answer, for the cost estimate"}
+    )
     offline: bool = field(default=False, metadata={"help": "use the offline explainer even when a key is set"})
-    dry_run: bool = field(default=False, metadata={"help": "write the requests to <out>/<task>/dry_run.jsonl and send nothing"})
-    base_url: str | None = field(default=None, metadata={"help": "API base URL (default: the SDK's; e.g. a local test server)"})
+    dry_run: bool = field(
+        default=False, metadata={"help": "write the requests to <out>/<task>/dry_run.jsonl and send nothing"}
+    )
+    base_url: str | None = field(
+        default=None, metadata={"help": "API base URL (default: the SDK's; e.g. a local test server)"}
+    )
     max_retries: int = field(default=5, metadata={"help": "SDK retries with backoff on 429 / 5xx"})
     meanings: str = field(default="latent_index_meaning", metadata={"help": "detect task: the meanings to judge"})
     detect_activating: int = field(default=5, metadata={"help": "detect task: activating sentences per request"})
     detect_silent: int = field(default=5, metadata={"help": "detect task: silent sentences per request"})
-    force: bool = field(default=False, metadata={"help": "discard this task's state and results (and any batches in flight) and start over"})
+    force: bool = field(
+        default=False,
+        metadata={"help": "discard this task's state and results (and any batches in flight) and start over"},
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def eligible_latents(cfg: SendConfig, examples: LatentExamples, frequency: dict[int, float]) -> list[int]:
@@ -67,13 +94,15 @@ def eligible_latents(cfg: SendConfig, examples: LatentExamples, frequency: dict[
     if cfg.latents:
         unknown = sorted(set(cfg.latents) - set(frequency))
         if unknown:
-            raise LlamaInputError(f"--latents {unknown[:5]}: not latents of this SAE (0..{len(frequency) - 1})")
+            raise PipelineInputError(f"--latents {unknown[:5]}: not latents of this SAE (0..{len(frequency) - 1})")
         lats = [lat for lat in lats if lat in set(cfg.latents)]
     lats.sort(key=lambda lat: (-frequency[lat], lat))
     return lats[: cfg.max_latents] if cfg.max_latents else lats
 
 
-def build_requests(cfg: SendConfig, lats: list[int], examples: LatentExamples, state: BatchState, data) -> tuple[list[dict], dict]:
+def build_requests(
+    cfg: SendConfig, lats: list[int], examples: LatentExamples, state: BatchState, data
+) -> tuple[list[dict], dict]:
     requests, keys = [], {}
     meanings = load_meanings(cfg.meanings, data.manifest["inputs"]["sae_sha256"]) if cfg.task == "detect" else {}
     for lat in lats:
@@ -84,20 +113,24 @@ def build_requests(cfg: SendConfig, lats: list[int], examples: LatentExamples, s
         if cfg.task == "explain":
             rows = examples.top[lat][: cfg.sentences_per_latent]
             peak = max(max(r["token_activations"], default=0) for r in rows)
-            marked = [mark_tokens(examples.sentences[r["sentence_id"]]["tokens"], r["token_activations"], peak) for r in rows]
+            marked = [
+                mark_tokens(examples.sentences[r["sentence_id"]]["tokens"], r["token_activations"], peak) for r in rows
+            ]
             requests.append({"custom_id": cid, "params": explain_params(lat, marked, cfg.model, cfg.max_tokens)})
         else:
             if lat not in meanings:
                 continue
-            texts, truth = detection_prompt_sentences(examples, lat, cfg.detect_activating, cfg.detect_silent, cfg.sentences_per_latent)
-            requests.append({"custom_id": cid, "params": detect_params(meanings[lat]["meaning"], texts, cfg.model, cfg.max_tokens)})
+            texts, truth = detection_prompt_sentences(
+                examples, lat, cfg.detect_activating, cfg.detect_silent, cfg.sentences_per_latent
+            )
+            requests.append(
+                {"custom_id": cid, "params": detect_params(meanings[lat]["meaning"], texts, cfg.model, cfg.max_tokens)}
+            )
             keys[cid] = {"truth": truth, "n": len(texts), "meaning": meanings[lat]["meaning"]}
     return requests, keys
 
 
 def main(cfg: SendConfig) -> dict:
-    if cfg.aggregation not in AGGREGATIONS:
-        raise LlamaInputError(f"--aggregation {cfg.aggregation!r}: expected one of {AGGREGATIONS}")
     directory = task_dir(cfg.out, cfg.task)
     data = open_top_sentences(cfg.top_sentences)
     examples = LatentExamples.load(data, cfg.aggregation)
@@ -108,7 +141,9 @@ def main(cfg: SendConfig) -> dict:
     bind_state_to_sae(state, data.manifest["inputs"]["sae_sha256"], f"--out {cfg.out} ({cfg.task})")
     offline = cfg.offline or not os.environ.get("ANTHROPIC_API_KEY")
     if offline and cfg.task == "detect" and not cfg.dry_run:
-        raise LlamaInputError("--task detect sends to Claude and needs ANTHROPIC_API_KEY; the offline judge runs in the parse step")
+        raise PipelineInputError(
+            "--task detect sends to Claude and needs ANTHROPIC_API_KEY; the offline judge runs in the parse step"
+        )
     client = None if offline or cfg.dry_run else make_client(cfg.base_url, cfg.max_retries)
     if client is not None:
         adopt_pending(state, client)
@@ -119,24 +154,45 @@ def main(cfg: SendConfig) -> dict:
     if cfg.dry_run:
         path = directory / "dry_run.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in requests))
-        print(f"{path}: {len(requests)} requests (nothing sent); estimated ${estimate['usd_est']:.2f} with {cfg.model} batches")
+        print(
+            f"{path}: {len(requests)} requests (nothing sent); estimated ${estimate['usd_est']:.2f} with {cfg.model} "
+            "batches"
+        )
         return {"requests": len(requests), "estimate": estimate}
     state.extra.setdefault("keys", {}).update(keys)
     if requests and offline:  # nothing new to send: the state stays exactly as it is
         explain_offline(state, directory, requests, examples)
     elif requests:
         submit(state, client, requests)
-    summary = {"task": cfg.task, "requests_sent": len(requests), "latents_eligible": len(lats), "offline": offline,
-               "model": OFFLINE_EXPLAINER if offline else cfg.model, "estimate": None if offline else estimate,
-               "sent_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "submissions": len(state.submissions)}
+    summary = {
+        "task": cfg.task,
+        "requests_sent": len(requests),
+        "latents_eligible": len(lats),
+        "offline": offline,
+        "model": OFFLINE_EXPLAINER if offline else cfg.model,
+        "estimate": None if offline else estimate,
+        "sent_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "submissions": len(state.submissions),
+    }
     write_json_atomic(directory / "send_manifest.json", {"config": asdict(cfg), **summary})
-    where = "explained offline" if offline else f"submitted in {len({r['submission'] for r in state.requests.values()})} batch(es)"
+    where = (
+        "explained offline"
+        if offline
+        else f"submitted in {len({r['submission'] for r in state.requests.values()})} batch(es)"
+    )
     if not requests:
         print(f"{directory}: nothing new to send; all {len(lats)} eligible latents were submitted or answered before")
     else:
-        print(f"{directory}: {len(requests)} requests {where}; {len(lats) - len(requests)} latents were submitted or answered before"
-              + ("" if offline else f"; estimated ${estimate['usd_est']:.2f} (${estimate['usd_per_1000_requests_est']:.2f} per 1,000 latents)"))
+        print(
+            f"{directory}: {len(requests)} requests {where}; {len(lats) - len(requests)} latents were submitted or "
+            "answered before"
+            + (
+                ""
+                if offline
+                else f"; estimated ${estimate['usd_est']:.2f} (${estimate['usd_per_1000_requests_est']:.2f} per 1,000 "
+                "latents)"
+            )
+        )
     return summary
 
 
@@ -159,8 +215,7 @@ def submit(state: BatchState, client, requests: list[dict]) -> None:
         sub = state.add_submission(None, [r["custom_id"] for r in chunk], "pending", ended=False)
         state.save()
         batch = client.messages.batches.create(requests=chunk)
-        if _TEST_CRASH_AFTER_CREATE:
-            os._exit(9)  # fault-injection tests: die after the API accepted the batch, before recording it
+        fault_injection.point("interpret_send.after_create")  # the worst moment to crash (tests)
         sub["batch_id"] = batch.id
         for r in chunk:
             state.requests[r["custom_id"]]["status"] = "submitted"
@@ -178,8 +233,16 @@ def adopt_pending(state: BatchState, client) -> None:
     batches = list(client.messages.batches.list(limit=100))
     for sub in pending:
         created = dt.datetime.fromisoformat(sub["created"])
-        match = next((b for b in batches if b.id not in known and b.created_at >= created - dt.timedelta(minutes=5)
-                      and sum(b.request_counts.model_dump().values()) == len(sub["custom_ids"])), None)
+        match = next(
+            (
+                b
+                for b in batches
+                if b.id not in known
+                and b.created_at >= created - dt.timedelta(minutes=5)
+                and sum(b.request_counts.model_dump().values()) == len(sub["custom_ids"])
+            ),
+            None,
+        )
         if match is not None:
             sub["batch_id"] = match.id
             known.add(match.id)

@@ -22,10 +22,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports f
 import gradio as gr  # noqa: E402
 
 from llama_3.cli import parse_config, run_main  # noqa: E402
-from llama_3.errors import LlamaInputError  # noqa: E402
-from llama_3_inference import SPLICE_ON, Session, check_splice_on  # noqa: E402
+from llama_3.errors import PipelineInputError  # noqa: E402
+from llama_3.generation import SPLICE_ON, check_splice_on  # noqa: E402
 from pipeline.paths import SAE_DIR  # noqa: E402
 from pipeline.steering import MODES, SteeringEntry, check_entries  # noqa: E402
+from pipeline.steering_session import Session  # noqa: E402
 
 TITLE = "SAE steering"
 
@@ -37,7 +38,9 @@ class GradioConfig:
     model: str | None = field(default=None, metadata={"help": "default: the SAE's model"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16"})
-    host: str = field(default="127.0.0.1", metadata={"help": "interface to bind (0.0.0.0 exposes the page to your network)"})
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "interface to bind (0.0.0.0 exposes the page to your network)"}
+    )
     port: int = field(default=7860, metadata={"help": "port"})
     share: bool = field(default=False, metadata={"help": "ask Gradio for a public share link"})
     max_prompts: int = field(default=8, metadata={"help": "most prompts per request"})
@@ -57,7 +60,7 @@ def format_outputs(labels: list[str], texts: list[str]) -> str:
 
 def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
     if session.steerable is None:
-        raise LlamaInputError("the Gradio page needs --sae")
+        raise PipelineInputError("the Gradio page needs --sae")
     steerable = session.steerable
     n_latents = steerable.sae.cfg.n_latents
 
@@ -76,7 +79,7 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
         try:
             entry = SteeringEntry(int(latent), str(mode), float(strength))
             check_entries(steerable.sae, [entry])
-        except (LlamaInputError, TypeError, ValueError) as e:
+        except (PipelineInputError, TypeError, ValueError) as e:
             raise gr.Error(str(e)) from None
         entries = [e for e in entries if e.latent != entry.latent or e.mode != entry.mode] + [entry]
         return entries, entries_table(entries, session)
@@ -84,8 +87,17 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
     def clear_entries():
         return [], []
 
-    def generate(prompts_text: str, entries: list[SteeringEntry], greedy: bool, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int, steer_on: str, keep_error: bool):
+    def generate(
+        prompts_text: str,
+        entries: list[SteeringEntry],
+        greedy: bool,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        steer_on: str,
+        keep_error: bool,
+    ):
         labels = [line for line in (prompts_text or "").splitlines() if line.strip()]
         if not labels:
             raise gr.Error("write at least one prompt (one per line)")
@@ -93,35 +105,49 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
             raise gr.Error(f"at most {cfg.max_prompts} prompts per request")
         try:
             check_splice_on(steer_on)
-        except LlamaInputError as e:
+        except PipelineInputError as e:
             raise gr.Error(str(e)) from None
         prompts = [session.loaded.tokenizer.encode(p) for p in labels]
-        sampling = {"max_new_tokens": max(1, min(int(max_new_tokens), cfg.max_new_tokens_limit)),
-                    "temperature": 0.0 if greedy else float(temperature), "top_p": float(top_p), "seed": int(seed)}
+        sampling = {
+            "max_new_tokens": max(1, min(int(max_new_tokens), cfg.max_new_tokens_limit)),
+            "temperature": 0.0 if greedy else float(temperature),
+            "top_p": float(top_p),
+            "seed": int(seed),
+        }
         pairs = []
-        for pairs in session.stream(prompts, list(entries), keep_error=bool(keep_error), compare=True, steer_on=steer_on, **sampling):
+        for pairs in session.stream(
+            prompts, list(entries), keep_error=bool(keep_error), compare=True, steer_on=steer_on, **sampling
+        ):
             plain = [p.text if p is not None else s.text for p, s in pairs]
             yield format_outputs(labels, plain), format_outputs(labels, [s.text for _, s in pairs]), gr.update()
         rows = []
         for i, (_, steered) in enumerate(pairs):
             for position, item in enumerate(session.inspect(steered, list(entries), steer_on, cfg.inspect_top)):
-                latents = "; ".join(f"{x['latent']} ({x['activation']:.2f}) {x['meaning']}".strip() for x in item["latents"])
+                latents = "; ".join(
+                    f"{x['latent']} ({x['activation']:.2f}) {x['meaning']}".strip() for x in item["latents"]
+                )
                 rows.append([i + 1, position, item["token"], latents])
         yield gr.update(), gr.update(), rows
 
     sae_name = Path(steerable.directory).resolve().name
     with gr.Blocks(title=TITLE) as app:
-        gr.Markdown(f"## {TITLE}\nModel `{Path(str(session.loaded.path)).name}` · SAE `{sae_name}` at `{steerable.hook_point}` "
-                    f"({n_latents} latents, k {steerable.sae.cfg.k}) · {len(steerable.meanings)} latents with meanings")
+        gr.Markdown(
+            f"## {TITLE}\nModel `{Path(str(session.loaded.path)).name}` · SAE `{sae_name}` at `{steerable.hook_point}` "
+            f"({n_latents} latents, k {steerable.sae.cfg.k}) · {len(steerable.meanings)} latents with meanings"
+        )
         entries_state = gr.State([])
         with gr.Row():
             with gr.Column(scale=3):
-                prompts = gr.Textbox(label="Prompts (one per line)", lines=4, value="My favourite food is", elem_id="prompts")
+                prompts = gr.Textbox(
+                    label="Prompts (one per line)", lines=4, value="My favourite food is", elem_id="prompts"
+                )
                 with gr.Row():
                     greedy = gr.Checkbox(label="Greedy", value=True, elem_id="greedy")
                     temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-                    max_new = gr.Slider(1, cfg.max_new_tokens_limit, value=32, step=1, label="Max new tokens", elem_id="max_new_tokens")
+                    max_new = gr.Slider(
+                        1, cfg.max_new_tokens_limit, value=32, step=1, label="Max new tokens", elem_id="max_new_tokens"
+                    )
                     seed = gr.Number(value=0, precision=0, label="Seed")
                 with gr.Row():
                     steer_on = gr.Radio(list(SPLICE_ON), value="all", label="Steer on")
@@ -129,29 +155,45 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
             with gr.Column(scale=2):
                 query = gr.Textbox(label="Find latents by meaning", placeholder="e.g. bone", elem_id="search_query")
                 search_btn = gr.Button("Search", elem_id="search_button")
-                hits = gr.Dataframe(headers=["latent", "certainty", "score", "meaning"], interactive=False, max_height=240,
-                                    elem_id="search_results")
+                hits = gr.Dataframe(
+                    headers=["latent", "certainty", "score", "meaning"],
+                    interactive=False,
+                    max_height=240,
+                    elem_id="search_results",
+                )
         with gr.Row():
-            latent = gr.Number(label=f"Latent (0..{n_latents - 1}; click a search result)", precision=0, value=0, elem_id="latent")
+            latent = gr.Number(
+                label=f"Latent (0..{n_latents - 1}; click a search result)", precision=0, value=0, elem_id="latent"
+            )
             mode = gr.Radio(list(MODES), value="clamp", label="Mode", elem_id="mode")
             strength = gr.Number(label="Strength", value=8.0, elem_id="strength")
             add_btn = gr.Button("Add steering entry", elem_id="add_entry")
             clear_btn = gr.Button("Clear entries")
-        entries_view = gr.Dataframe(headers=["latent", "mode", "strength", "meaning"], interactive=False, elem_id="entries")
+        entries_view = gr.Dataframe(
+            headers=["latent", "mode", "strength", "meaning"], interactive=False, elem_id="entries"
+        )
         run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             out_plain = gr.Textbox(label="Unsteered", lines=8, elem_id="out_unsteered")
             out_steered = gr.Textbox(label="Steered", lines=8, elem_id="out_steered")
-        inspection = gr.Dataframe(headers=["prompt", "position", "token", f"top {cfg.inspect_top} latents (activation) meaning"],
-                                  interactive=False, max_height=400, elem_id="inspection", label="Latents on each steered token")
+        inspection = gr.Dataframe(
+            headers=["prompt", "position", "token", f"top {cfg.inspect_top} latents (activation) meaning"],
+            interactive=False,
+            max_height=400,
+            elem_id="inspection",
+            label="Latents on each steered token",
+        )
 
         search_btn.click(search, query, hits)
         query.submit(search, query, hits)
         hits.select(pick, hits, latent)
         add_btn.click(add_entry, [latent, mode, strength, entries_state], [entries_state, entries_view])
         clear_btn.click(clear_entries, None, [entries_state, entries_view])
-        run_btn.click(generate, [prompts, entries_state, greedy, temperature, top_p, max_new, seed, steer_on, keep_error],
-                      [out_plain, out_steered, inspection])
+        run_btn.click(
+            generate,
+            [prompts, entries_state, greedy, temperature, top_p, max_new, seed, steer_on, keep_error],
+            [out_plain, out_steered, inspection],
+        )
     return app
 
 
@@ -159,8 +201,14 @@ def main(cfg: GradioConfig, block: bool = True) -> gr.Blocks:
     session = Session.open(cfg.model, cfg.sae, cfg.meanings, cfg.device, cfg.dtype)
     app = build_app(session, cfg)
     app.queue(default_concurrency_limit=1)  # one model: requests take turns
-    app.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, prevent_thread_lock=not block,
-               show_error=True, quiet=not block)
+    app.launch(
+        server_name=cfg.host,
+        server_port=cfg.port,
+        share=cfg.share,
+        prevent_thread_lock=not block,
+        show_error=True,
+        quiet=not block,
+    )
     return app
 
 

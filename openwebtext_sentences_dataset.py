@@ -20,13 +20,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from llama_3.cli import parse_config, run_main
-from llama_3.errors import LlamaInputError
+from llama_3.cli import check_choices, parse_config, run_main
+from llama_3.errors import PipelineInputError
 from pipeline.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.paths import SENTENCES_DIR
 from pipeline.sentences import KIND, ROW_GROUP_SENTENCES, SCHEMA, shard_filename
@@ -40,24 +41,45 @@ PUNKT_NAME = "punkt_params.json"
 @dataclass
 class SentencesConfig:
     out: str = field(default=str(SENTENCES_DIR), metadata={"help": "output folder"})
-    input: list[str] = field(default_factory=list, metadata={"help": "local .txt/.jsonl/.parquet files or folders (default: embedded Wikipedia summaries)"})
-    hf_dataset: str | None = field(default=None, metadata={"help": "Hugging Face dataset name or local path, streamed (e.g. Skylion007/openwebtext)"})
+    input: list[str] = field(
+        default_factory=list,
+        metadata={"help": "local .txt/.jsonl/.parquet files or folders (default: embedded Wikipedia summaries)"},
+    )
+    hf_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Hugging Face dataset name or local path, streamed (e.g. Skylion007/openwebtext)"},
+    )
     hf_config: str | None = field(default=None, metadata={"help": "dataset config name"})
     hf_split: str = field(default="train", metadata={"help": "dataset split"})
     text_column: str = field(default="text", metadata={"help": "column/field holding the document text"})
     title_column: str | None = field(default="title", metadata={"help": "column/field holding a title, if any"})
     max_documents: int = field(default=0, metadata={"help": "stop after this many documents (0: all)"})
     max_document_chars: int = field(default=1_000_000, metadata={"help": "longer documents are skipped and counted"})
-    shard_sentences: int = field(default=262_144, metadata={"help": "sentences per parquet shard (shards end at document boundaries)"})
-    row_group_sentences: int = field(default=ROW_GROUP_SENTENCES, metadata={"help": "sentences per parquet row group: the readers' unit of work and of rank sharding"})
-    splitter: str = field(default="auto", metadata={"help": "auto (pretrained English Punkt if installed, else trained), pretrained, trained"})
-    punkt_train_chars: int = field(default=20_000_000, metadata={"help": "characters of the corpus to train Punkt on, when trained"})
-    force: bool = field(default=False, metadata={"help": "rebuild even if the output folder holds a (different) dataset"})
+    shard_sentences: int = field(
+        default=262_144, metadata={"help": "sentences per parquet shard (shards end at document boundaries)"}
+    )
+    row_group_sentences: int = field(
+        default=ROW_GROUP_SENTENCES,
+        metadata={"help": "sentences per parquet row group: the readers' unit of work and of rank sharding"},
+    )
+    splitter: Literal["auto", "pretrained", "trained"] = field(
+        default="auto",
+        metadata={"help": "auto (pretrained English Punkt if installed, else trained), pretrained, trained"},
+    )
+    punkt_train_chars: int = field(
+        default=20_000_000, metadata={"help": "characters of the corpus to train Punkt on, when trained"}
+    )
+    force: bool = field(
+        default=False, metadata={"help": "rebuild even if the output folder holds a (different) dataset"}
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def make_source(cfg: SentencesConfig) -> TextSource:
     if cfg.input and cfg.hf_dataset:
-        raise LlamaInputError("--input and --hf-dataset are exclusive")
+        raise PipelineInputError("--input and --hf-dataset are exclusive")
     if cfg.hf_dataset:
         return HFDatasetSource(cfg.hf_dataset, cfg.hf_config, cfg.hf_split, cfg.text_column, cfg.title_column)
     if cfg.input:
@@ -67,14 +89,14 @@ def make_source(cfg: SentencesConfig) -> TextSource:
 
 def get_splitter(cfg: SentencesConfig, source: TextSource, out: Path) -> SentenceSplitter:
     """Pretrained English Punkt when installed (and allowed), else cached or freshly trained parameters."""
-    if cfg.splitter not in ("auto", "pretrained", "trained"):
-        raise LlamaInputError(f"--splitter {cfg.splitter!r}: expected auto, pretrained or trained")
     if cfg.splitter != "trained":
         pre = SentenceSplitter.pretrained_english()
         if pre is not None:
             return pre
         if cfg.splitter == "pretrained":
-            raise LlamaInputError("--splitter pretrained: NLTK's punkt_tab English data is not installed (nothing is downloaded)")
+            raise PipelineInputError(
+                "--splitter pretrained: NLTK's punkt_tab English data is not installed (nothing is downloaded)"
+            )
     cache = out / PUNKT_NAME
     if cache.is_file():
         return SentenceSplitter.load(cache)
@@ -82,11 +104,17 @@ def get_splitter(cfg: SentencesConfig, source: TextSource, out: Path) -> Sentenc
     t = time.perf_counter()
     try:
         splitter = SentenceSplitter.train(texts, cfg.punkt_train_chars)
-    except LlamaInputError as e:
+    except PipelineInputError as e:
         if "no text" not in str(e):
             raise
-        where = f"--input {' '.join(cfg.input)}" if cfg.input else f"--hf-dataset {cfg.hf_dataset}" if cfg.hf_dataset else "the corpus"
-        raise LlamaInputError(f"{where}: {e}") from None  # name the source the user gave
+        where = (
+            f"--input {' '.join(cfg.input)}"
+            if cfg.input
+            else f"--hf-dataset {cfg.hf_dataset}"
+            if cfg.hf_dataset
+            else "the corpus"
+        )
+        raise PipelineInputError(f"{where}: {e}") from None  # name the source the user gave
     splitter.info["train_seconds"] = round(time.perf_counter() - t, 2)
     splitter.save(cache)
     return splitter
@@ -94,7 +122,14 @@ def get_splitter(cfg: SentencesConfig, source: TextSource, out: Path) -> Sentenc
 
 def _request(cfg: SentencesConfig, source: TextSource) -> dict:
     """What determines the output; a finished or partial build is reused only if this matches."""
-    keys = ("max_documents", "max_document_chars", "shard_sentences", "row_group_sentences", "splitter", "punkt_train_chars")
+    keys = (
+        "max_documents",
+        "max_document_chars",
+        "shard_sentences",
+        "row_group_sentences",
+        "splitter",
+        "punkt_train_chars",
+    )
     return {"source": source.describe(), **{k: getattr(cfg, k) for k in keys}}
 
 
@@ -104,11 +139,19 @@ def _prepare_out(out: Path, fp: str, force: bool) -> dict | None:
 
     ours = {MANIFEST_NAME, PROGRESS_NAME, PUNKT_NAME}
     if out.exists() and not out.is_dir():
-        raise LlamaInputError(f"--out {out}: exists and is not a folder")
+        raise PipelineInputError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(("sentences-", ".sentences-", f".{MANIFEST_NAME}", f".{PROGRESS_NAME}"))]
+    foreign = [
+        p.name
+        for p in out.iterdir()
+        if p.name not in ours
+        and not p.name.startswith(("sentences-", ".sentences-", f".{MANIFEST_NAME}", f".{PROGRESS_NAME}"))
+    ]
     if foreign:
-        raise LlamaInputError(f"--out {out}: holds other files ({', '.join(sorted(foreign)[:3])}); choose an empty or sentence-dataset folder")
+        raise PipelineInputError(
+            f"--out {out}: holds other files ({', '.join(sorted(foreign)[:3])}); choose an empty or sentence-dataset "
+            "folder"
+        )
     for name in (MANIFEST_NAME, PROGRESS_NAME):
         path = out / name
         if not path.is_file():
@@ -117,7 +160,10 @@ def _prepare_out(out: Path, fp: str, force: bool) -> dict | None:
         if state.get("fingerprint") == fp and not force:
             return state
         if not force:
-            raise LlamaInputError(f"--out {out}: holds a sentence dataset built with other settings; use --force to rebuild or another --out")
+            raise PipelineInputError(
+                f"--out {out}: holds a sentence dataset built with other settings; use --force to rebuild or another "
+                "--out"
+            )
     if force:  # start over: drop every file of ours, the trained splitter included
         for p in out.iterdir():
             p.unlink()
@@ -130,8 +176,13 @@ def _write_shard(out: Path, index: int, columns: dict[str, list], row_group_sent
     name = shard_filename(index)
     with atomic_path(out / name) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_sentences, compression="zstd")
-    return {"file": name, "rows": table.num_rows, "first_sentence_id": columns["sentence_id"][0],
-            "sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
+    return {
+        "file": name,
+        "rows": table.num_rows,
+        "first_sentence_id": columns["sentence_id"][0],
+        "sha256": sha256_file(out / name),
+        "bytes": (out / name).stat().st_size,
+    }
 
 
 def _empty_columns() -> dict[str, list]:
@@ -142,7 +193,7 @@ def build(cfg: SentencesConfig) -> dict:
     out = Path(cfg.out)
     for name in ("shard_sentences", "row_group_sentences", "max_document_chars", "punkt_train_chars"):
         if getattr(cfg, name) < 1:
-            raise LlamaInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            raise PipelineInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     source = make_source(cfg)
     request = _request(cfg, source)
     fp = fingerprint(request)
@@ -151,8 +202,16 @@ def build(cfg: SentencesConfig) -> dict:
         print(f"sentence dataset already built: {out} ({state['counts']['sentences']} sentences); --force rebuilds")
         return state
     splitter = get_splitter(cfg, source, out)
-    state = state or {"fingerprint": fp, "records_consumed": 0, "documents": 0, "sentences": 0, "characters": 0,
-                      "skipped": {}, "shards": [], "seconds": 0.0}
+    state = state or {
+        "fingerprint": fp,
+        "records_consumed": 0,
+        "documents": 0,
+        "sentences": 0,
+        "characters": 0,
+        "skipped": {},
+        "shards": [],
+        "seconds": 0.0,
+    }
     # A crash can leave a renamed shard the progress file never recorded, and temp files: drop them.
     known = {s["file"] for s in state["shards"]}
     for p in out.iterdir():
@@ -171,8 +230,13 @@ def build(cfg: SentencesConfig) -> dict:
         if columns["sentence_id"]:
             state["shards"].append(_write_shard(out, len(state["shards"]), columns, cfg.row_group_sentences))
         columns = _empty_columns()
-        state.update(records_consumed=records_done, documents=docs_done, sentences=sentence_id,
-                     skipped=dict(skipped), seconds=time.perf_counter() - t0)
+        state.update(
+            records_consumed=records_done,
+            documents=docs_done,
+            sentences=sentence_id,
+            skipped=dict(skipped),
+            seconds=time.perf_counter() - t0,
+        )
         write_json_atomic(out / PROGRESS_NAME, state)
 
     for i, rec in enumerate(source.records(cfg.max_document_chars)):
@@ -202,28 +266,46 @@ def build(cfg: SentencesConfig) -> dict:
         bar.update(1)
         if docs_done % 500 == 0:
             elapsed = time.perf_counter() - t0
-            bar.set_postfix_str(f"{sentence_id} sentences, {sentence_id / max(elapsed, 1e-9):.0f} sentences/s", refresh=False)
+            bar.set_postfix_str(
+                f"{sentence_id} sentences, {sentence_id / max(elapsed, 1e-9):.0f} sentences/s", refresh=False
+            )
         if len(columns["sentence_id"]) >= cfg.shard_sentences:
             checkpoint()
     checkpoint()
     bar.close()
     if sentence_id == 0:
-        raise LlamaInputError(f"the source produced no sentences ({dict(skipped) or 'no documents'}); nothing written")
+        raise PipelineInputError(
+            f"the source produced no sentences ({dict(skipped) or 'no documents'}); nothing written"
+        )
 
     elapsed = time.perf_counter() - t0
     manifest = make_manifest(
-        KIND, config=asdict(cfg), inputs={"source": source.describe()},
-        counts={"records_read": records_done, "documents": docs_done, "sentences": sentence_id,
-                "characters": state["characters"], "skipped": dict(skipped)},
-        fingerprint=fp, splitter=splitter.describe(), schema=[f"{f.name}: {f.type}" for f in SCHEMA],
+        KIND,
+        config=asdict(cfg),
+        inputs={"source": source.describe()},
+        counts={
+            "records_read": records_done,
+            "documents": docs_done,
+            "sentences": sentence_id,
+            "characters": state["characters"],
+            "skipped": dict(skipped),
+        },
+        fingerprint=fp,
+        splitter=splitter.describe(),
+        schema=[f"{f.name}: {f.type}" for f in SCHEMA],
         shards=state["shards"],
-        throughput={"seconds": round(elapsed, 2), "documents_per_s": round(docs_done / elapsed, 1),
-                    "sentences_per_s": round(sentence_id / elapsed, 1)},
+        throughput={
+            "seconds": round(elapsed, 2),
+            "documents_per_s": round(docs_done / elapsed, 1),
+            "sentences_per_s": round(sentence_id / elapsed, 1),
+        },
     )
     write_json_atomic(out / MANIFEST_NAME, manifest)
     (out / PROGRESS_NAME).unlink(missing_ok=True)
-    print(f"{out}: {docs_done} documents -> {sentence_id} sentences in {len(state['shards'])} shard(s), "
-          f"{sentence_id / elapsed:.0f} sentences/s; skipped {dict(skipped) or 'nothing'}")
+    print(
+        f"{out}: {docs_done} documents -> {sentence_id} sentences in {len(state['shards'])} shard(s), "
+        f"{sentence_id / elapsed:.0f} sentences/s; skipped {dict(skipped) or 'nothing'}"
+    )
     return manifest
 
 

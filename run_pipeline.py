@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama_3.cli import parse_config, run_main
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from pipeline.manifest import make_manifest, write_json_atomic
 from pipeline.paths import RUNS_DIR, TOP_SENTENCES_DIR
 
 REPO = Path(__file__).resolve().parent
-REUSED = re.compile(r"already (built|complete|done|trained|parsed)|nothing new to send")  # what stages print when they reuse
+REUSED = re.compile(
+    r"already (built|complete|done|trained|parsed)|nothing new to send"
+)  # what stages print when they reuse
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,10 @@ def stages(cfg: "PipelineConfig") -> list[Stage]:
     for item in cfg.stage_args:
         name, sep, flag = item.partition(":")
         if not sep or not flag.startswith("--") or name not in {s.name for s in plan}:
-            raise LlamaInputError(f"--stage-args {item!r}: expected STAGE:--flag[=value] with STAGE one of {', '.join(s.name for s in plan)}")
+            raise PipelineInputError(
+                f"--stage-args {item!r}: expected STAGE:--flag[=value] with STAGE one of "
+                f"{', '.join(s.name for s in plan)}"
+            )
         extra.setdefault(name, []).extend(flag.split("=", 1))
     return [Stage(s.name, s.script, (*s.args, *extra.get(s.name, [])), s.forceable) for s in plan]
 
@@ -74,10 +79,23 @@ class PipelineConfig:
     max_sentences: int = field(default=8192, metadata={"help": "sentences captured for SAE training (0: all)"})
     force: bool = field(default=False, metadata={"help": "recompute every stage"})
     force_from: str | None = field(default=None, metadata={"help": "recompute this stage and every later one"})
-    claude: bool = field(default=False, metadata={"help": "explain with Claude batches (ANTHROPIC_API_KEY) and wait for them"})
+    claude: bool = field(
+        default=False, metadata={"help": "explain with Claude batches (ANTHROPIC_API_KEY) and wait for them"}
+    )
     report_only: bool = field(default=False, metadata={"help": "only rebuild runs/report from the outputs on disk"})
-    model: str | None = field(default=None, metadata={"help": "checkpoint to capture from (later stages follow the SAE's model); default: embedded SmolLM2"})
-    stage_args: list[str] = field(default_factory=list, metadata={"help": "extra flags for one stage, STAGE:FLAG[=VALUE], e.g. training:--expansion=16 sentences:--max-documents=500"})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "checkpoint to capture from (later stages follow the SAE's model); default: embedded SmolLM2"
+        },
+    )
+    stage_args: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "extra flags for one stage, STAGE:FLAG[=VALUE], "
+            "e.g. training:--expansion=16 sentences:--max-documents=500"
+        },
+    )
 
 
 def run_stage(stage: Stage, force: bool) -> dict:
@@ -85,7 +103,9 @@ def run_stage(stage: Stage, force: bool) -> dict:
     argv = [sys.executable, str(REPO / stage.script), *stage.args, *(["--force"] if force and stage.forceable else [])]
     print(f"\n=== {stage.name}: {' '.join(Path(a).name if a.endswith('.py') else a for a in argv[1:])}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)  # outputs go under ./runs, as for each script
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, text=True, bufsize=1
+    )  # outputs go under ./runs, as for each script
     reused = False
     try:
         for line in proc.stdout:  # echo the stage's own output; its progress bars go to stderr directly
@@ -99,9 +119,16 @@ def run_stage(stage: Stage, force: bool) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     # ru_maxrss is in KiB on Linux: this child's own peak (its torchrun-free, single process)
-    record = {"name": stage.name, "script": stage.script, "args": list(stage.args), "forced": force and stage.forceable,
-              "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "reused": reused,
-              "exit_code": proc.returncode}
+    record = {
+        "name": stage.name,
+        "script": stage.script,
+        "args": list(stage.args),
+        "forced": force and stage.forceable,
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "reused": reused,
+        "exit_code": proc.returncode,
+    }
     if proc.returncode != 0:
         raise StageFailed(record)
     return record
@@ -118,23 +145,44 @@ def summary_screen(doc: dict, report: Path) -> str:
 
     s = read_json(report.parent / "summary.json") or {}
     t, i, st = s.get("training") or {}, s.get("interpretation") or {}, s.get("steering") or {}
-    lines = ["", "=" * 78, f"pipeline finished in {doc['seconds'] / 60:.1f} min "
-             f"(peak RSS {max(x['peak_rss_mb'] for x in doc['stages']) / 1024:.1f} GB, stage "
-             f"{max(doc['stages'], key=lambda x: x['peak_rss_mb'])['name']})"]
-    lines += [f"  {x['name']:<19} {x['seconds']:>7.1f} s  {x['peak_rss_mb']:>7.0f} MB  {'reused' if x['reused'] else ''}" for x in doc["stages"]]
+    lines = [
+        "",
+        "=" * 78,
+        f"pipeline finished in {doc['seconds'] / 60:.1f} min "
+        f"(peak RSS {max(x['peak_rss_mb'] for x in doc['stages']) / 1024:.1f} GB, stage "
+        f"{max(doc['stages'], key=lambda x: x['peak_rss_mb'])['name']})",
+    ]
+    lines += [
+        f"  {x['name']:<19} {x['seconds']:>7.1f} s  {x['peak_rss_mb']:>7.0f} MB  {'reused' if x['reused'] else ''}"
+        for x in doc["stages"]
+    ]
     if t:
-        ce = f", CE loss recovered {t['ce_loss_recovered']:.1%}, KL {t['kl']:.2f}" if t.get("ce_loss_recovered") is not None else ""
+        ce = (
+            f", CE loss recovered {t['ce_loss_recovered']:.1%}, KL {t['kl']:.2f}"
+            if t.get("ce_loss_recovered") is not None
+            else ""
+        )
         lines.append(f"SAE: val FVU {t['val_fvu']:.3f}, L0 {t['val_l0']:.0f}{ce}")
     if i:
-        lines.append(f"interpretation: {i['explained']} latents explained ({', '.join(i['explainers'])}), mean detection score {i['mean_score']:.3f}")
+        lines.append(
+            f"interpretation: {i['explained']} latents explained ({', '.join(i['explainers'])}), mean detection score "
+            f"{i['mean_score']:.3f}"
+        )
     if st:
         modes = [m for m in st if m != "unsteered"]
-        lines.append("steering (mean latent activation on the continuation, unsteered -> " + " / ".join(modes) + "): "
-                     + f"{st['unsteered']['activation']:.3f} -> " + " / ".join(f"{st[m]['activation']:.3f}" for m in modes))
-    lines += [f"report:          {report.resolve()}",
-              f"feature browser: {(TOP_SENTENCES_DIR / 'browser' / 'index.html').resolve()}",
-              "steering page:   python llama_3_inference_text_completion_gradio.py   (then open http://127.0.0.1:7860)",
-              "=" * 78]
+        lines.append(
+            "steering (mean latent activation on the continuation, unsteered -> "
+            + " / ".join(modes)
+            + "): "
+            + f"{st['unsteered']['activation']:.3f} -> "
+            + " / ".join(f"{st[m]['activation']:.3f}" for m in modes)
+        )
+    lines += [
+        f"report:          {report.resolve()}",
+        f"feature browser: {(TOP_SENTENCES_DIR / 'browser' / 'index.html').resolve()}",
+        "steering page:   python llama_3_inference_text_completion_gradio.py   (then open http://127.0.0.1:7860)",
+        "=" * 78,
+    ]
     return "\n".join(lines)
 
 
@@ -144,9 +192,9 @@ def main(cfg: PipelineConfig) -> dict:
     plan = stages(cfg)
     names = [s.name for s in plan]
     if cfg.force_from is not None and cfg.force_from not in names:
-        raise LlamaInputError(f"--force-from {cfg.force_from!r}: expected one of {', '.join(names)}")
+        raise PipelineInputError(f"--force-from {cfg.force_from!r}: expected one of {', '.join(names)}")
     if cfg.claude and not os.environ.get("ANTHROPIC_API_KEY"):
-        raise LlamaInputError("--claude needs ANTHROPIC_API_KEY in the environment")
+        raise PipelineInputError("--claude needs ANTHROPIC_API_KEY in the environment")
     if cfg.report_only:
         report = write_report(RUNS_DIR)
         print(f"report: {report.resolve()}")
@@ -159,12 +207,28 @@ def main(cfg: PipelineConfig) -> dict:
             records.append(run_stage(stage, force=n >= first_forced))
     except StageFailed as e:
         records.append(e.record)
-        write_json_atomic(RUNS_DIR / "pipeline.json", make_manifest("pipeline", config=vars(cfg), inputs={}, counts={}, stages=records,
-                                                                  seconds=round(time.perf_counter() - start, 1), failed=e.record["name"]))
-        raise LlamaInputError(f"{e} (its message is above); fix it and re-run: finished stages are reused") from None
-    doc = make_manifest("pipeline", config=vars(cfg), inputs={}, counts={"stages": len(records)}, stages=records,
-                        seconds=round(time.perf_counter() - start, 1),
-                        self_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        write_json_atomic(
+            RUNS_DIR / "pipeline.json",
+            make_manifest(
+                "pipeline",
+                config=vars(cfg),
+                inputs={},
+                counts={},
+                stages=records,
+                seconds=round(time.perf_counter() - start, 1),
+                failed=e.record["name"],
+            ),
+        )
+        raise PipelineInputError(f"{e} (its message is above); fix it and re-run: finished stages are reused") from None
+    doc = make_manifest(
+        "pipeline",
+        config=vars(cfg),
+        inputs={},
+        counts={"stages": len(records)},
+        stages=records,
+        seconds=round(time.perf_counter() - start, 1),
+        self_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
     write_json_atomic(RUNS_DIR / "pipeline.json", doc)
     report = write_report(RUNS_DIR)
     print(summary_screen(doc, report))

@@ -8,8 +8,8 @@ x̃ is the normalised input: "dataset" divides every token by one scalar so that
 standardises each token on its own (the original system's choice), "none" leaves x alone.
 
 Shapes: N tokens, d = d_model, L = n_latents, k active latents per token.
-Fast path: the decoder sums only the k active rows (`embedding_bag`; backward via a sparse matmul), and the encoder's backward
-uses only the k active entries of its gradient (a sparse [N, L] matrix), so neither pass touches the
+Fast path: the decoder sums only the k active rows (`embedding_bag`; backward via a sparse matmul), and the
+encoder's backward uses only the k active entries of its gradient (a sparse [N, L] matrix), so neither pass touches the
 N x L dense latent matrix after the forward's matmul. The dense path computes the same thing with
 plain matmuls and is kept as the reference the tests compare against.
 
@@ -23,6 +23,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llama_3.cpu_features import can_prepack
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from pipeline.manifest import atomic_path
 
-NORMALIZATIONS = ("dataset", "token", "none")
+Normalize = Literal["dataset", "token", "none"]
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalize)
 ENCODER_INIT_NORM = 3**-0.5
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -59,9 +61,9 @@ class SaeConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.k <= self.n_latents:
-            raise LlamaInputError(f"SAE config: k={self.k} must be in 1..n_latents={self.n_latents}")
+            raise PipelineInputError(f"SAE config: k={self.k} must be in 1..n_latents={self.n_latents}")
         if self.normalize not in NORMALIZATIONS:
-            raise LlamaInputError(f"SAE config: normalize={self.normalize!r}, expected one of {NORMALIZATIONS}")
+            raise PipelineInputError(f"SAE config: normalize={self.normalize!r}, expected one of {NORMALIZATIONS}")
 
 
 @dataclass
@@ -84,7 +86,9 @@ def encoder_preacts(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         if can_prepack(dtype):  # not bf16 where oneDNN has no bf16 path: addmm then emulates it
             x, W, b = x.to(dtype).contiguous(), W.to(dtype), b.to(dtype)
-            return torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(W, None), b, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(
+                x, torch.ops.mkldnn._reorder_linear_weight(W, None), b, "none", [], ""
+            )
     return torch.addmm(b, x, W.t())
 
 
@@ -94,8 +98,9 @@ def _token_major(indices: torch.Tensor, values: torch.Tensor, n_latents: int) ->
     N, k = indices.shape
     indices, order = indices.sort(dim=1)  # CSR wants each row's columns in order
     crow = torch.arange(0, N * k + 1, k, device=indices.device)
-    csr = torch.sparse_csr_tensor(crow, indices.reshape(-1), values.gather(1, order).reshape(-1), (N, n_latents),
-                                  check_invariants=False)
+    csr = torch.sparse_csr_tensor(
+        crow, indices.reshape(-1), values.gather(1, order).reshape(-1), (N, n_latents), check_invariants=False
+    )
     return csr, order
 
 
@@ -276,24 +281,28 @@ class TopKSae(nn.Module):
         try:
             cfg = SaeConfig(**json.loads((directory / "cfg.json").read_text()))
         except FileNotFoundError:
-            raise LlamaInputError(f"{directory / 'cfg.json'}: file not found (not an SAE folder?)") from None
+            raise PipelineInputError(f"{directory / 'cfg.json'}: file not found (not an SAE folder?)") from None
         except (TypeError, json.JSONDecodeError) as e:
-            raise LlamaInputError(f"{directory / 'cfg.json'}: not an SAE config ({e})") from None
+            raise PipelineInputError(f"{directory / 'cfg.json'}: not an SAE config ({e})") from None
         sae = TopKSae(cfg)
         try:
             sd = load_file(str(directory / "sae.safetensors"))
         except Exception as e:
-            raise LlamaInputError(f"{directory / 'sae.safetensors'}: cannot be read ({str(e).splitlines()[0]})") from None
+            raise PipelineInputError(
+                f"{directory / 'sae.safetensors'}: cannot be read ({str(e).splitlines()[0]})"
+            ) from None
         missing, unexpected = sae.load_state_dict(sd, strict=False)
         if missing or unexpected:
-            raise LlamaInputError(f"{directory / 'sae.safetensors'}: weights {missing or unexpected} do not match cfg.json")
+            raise PipelineInputError(
+                f"{directory / 'sae.safetensors'}: weights {missing or unexpected} do not match cfg.json"
+            )
         return sae.to(device)
 
     def model_path(self, override: str | None, flag: str = "--sae") -> str:
         """The checkpoint to run this SAE with: `override` (--model) or the path in cfg.json."""
         path = override or (self.cfg.model or {}).get("path")
         if path == "synthetic":
-            raise LlamaInputError(f"{flag}: this SAE was trained on synthetic data; there is no model to run")
+            raise PipelineInputError(f"{flag}: this SAE was trained on synthetic data; there is no model to run")
         return path
 
     def check_model(self, identity: dict, where: str) -> None:
@@ -301,8 +310,10 @@ class TopKSae(nn.Module):
         trained = self.cfg.model or {}
         for key in ("config_sha256", "tokenizer_sha256", "d_model"):
             if key in trained and trained[key] != identity[key]:
-                raise LlamaInputError(f"{where}: trained on {trained.get('path')} ({key} {str(trained[key])[:12]}), "
-                                      f"not on --model {identity['path']} ({str(identity[key])[:12]})")
+                raise PipelineInputError(
+                    f"{where}: trained on {trained.get('path')} ({key} {str(trained[key])[:12]}), "
+                    f"not on --model {identity['path']} ({str(identity[key])[:12]})"
+                )
 
     def export_saelens(self, directory: str | Path) -> None:
         """SAELens' layout: W_enc [d, L], W_dec [L, d], b_enc, b_dec; topk activation with k in cfg.json.
@@ -311,7 +322,7 @@ class TopKSae(nn.Module):
         Our input scaling is folded into the weights so the exported SAE works on raw activations.
         """
         if self.cfg.normalize == "token":
-            raise LlamaInputError("SAELens has no per-token standardisation; export needs normalize=dataset or none")
+            raise PipelineInputError("SAELens has no per-token standardisation; export needs normalize=dataset or none")
         s = self.cfg.input_scale if self.cfg.normalize == "dataset" else 1.0
         # x̃ = s x:  pre = W_enc (s x - b_pre) + b_enc = (s W_enc)(x - b_pre / s) + b_enc ;  x̂ = (W_dec h + b_pre) / s
         tensors = {
@@ -325,10 +336,22 @@ class TopKSae(nn.Module):
         save_file(tensors, str(directory / "sae_weights.safetensors"))
         layer = int(self.cfg.hook_point.split(".")[-1]) if self.cfg.hook_point else 0
         cfg = {
-            "architecture": "topk", "d_in": self.cfg.d_model, "d_sae": self.cfg.n_latents, "activation_fn": "topk",
-            "activation_fn_kwargs": {"k": self.cfg.k}, "apply_b_dec_to_input": True, "normalize_activations": "none",
-            "dtype": "float32", "device": "cpu", "hook_name": f"blocks.{layer}.hook_resid_pre", "hook_layer": layer,
-            "model_name": self.cfg.model.get("path", ""), "context_size": 192, "prepend_bos": False,
-            "dataset_path": "", "finetuning_scaling_factor": False, "sae_lens_training_version": None,
+            "architecture": "topk",
+            "d_in": self.cfg.d_model,
+            "d_sae": self.cfg.n_latents,
+            "activation_fn": "topk",
+            "activation_fn_kwargs": {"k": self.cfg.k},
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "dtype": "float32",
+            "device": "cpu",
+            "hook_name": f"blocks.{layer}.hook_resid_pre",
+            "hook_layer": layer,
+            "model_name": self.cfg.model.get("path", ""),
+            "context_size": 192,
+            "prepend_bos": False,
+            "dataset_path": "",
+            "finetuning_scaling_factor": False,
+            "sae_lens_training_version": None,
         }
         (directory / "cfg.json").write_text(json.dumps(cfg, indent=2))

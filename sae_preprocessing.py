@@ -29,24 +29,35 @@ import torch
 from tqdm import tqdm
 
 from llama_3.cli import parse_config, run_main
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from pipeline.activations import KIND as CAPTURE_KIND, act_key, open_capture
 from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, read_manifest, write_json_atomic
 from pipeline.paths import ACTIVATIONS_DIR, PREPROCESSED_DIR
 from pipeline.preprocessed import KIND, TORCH_TO_NP, Moments
 
-OUTPUT_FILES = ("train_acts.npy", "train_index.npy", "val_acts.npy", "val_index.npy", "val_sentence_ids.npy", "stats.json")
+OUTPUT_FILES = (
+    "train_acts.npy",
+    "train_index.npy",
+    "val_acts.npy",
+    "val_index.npy",
+    "val_sentence_ids.npy",
+    "stats.json",
+)
 
 
 @dataclass
 class PreprocessConfig:
     capture: str = field(default=str(ACTIVATIONS_DIR), metadata={"help": "capture folder"})
     out: str = field(default=str(PREPROCESSED_DIR), metadata={"help": "output folder"})
-    hook_point: str | None = field(default=None, metadata={"help": "which captured hook point (default: the capture's first)"})
+    hook_point: str | None = field(
+        default=None, metadata={"help": "which captured hook point (default: the capture's first)"}
+    )
     batch_size: int = field(default=1024, metadata={"help": "activations per training batch"})
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of sentences held out"})
     seed: int = field(default=0, metadata={"help": "seed of the split and the shuffle"})
-    exclude_first_positions: int = field(default=-1, metadata={"help": "exclude positions < N (attention sinks); -1: 1 without BOS, 0 with BOS"})
+    exclude_first_positions: int = field(
+        default=-1, metadata={"help": "exclude positions < N (attention sinks); -1: 1 without BOS, 0 with BOS"}
+    )
     workers: int = field(default=2, metadata={"help": "worker processes"})
     force: bool = field(default=False, metadata={"help": "overwrite an existing preprocessing output"})
 
@@ -65,7 +76,11 @@ def rows_of(meta: dict) -> tuple[np.ndarray, np.ndarray]:
     starts = meta["sentence_starts"].numpy()
     lens = np.diff(starts)
     sids = np.repeat(meta["sentence_ids"].numpy(), lens)
-    pos = np.arange(starts[-1]) - np.repeat(starts[:-1], lens) + np.repeat(meta["sentence_first_position"].numpy().astype(np.int64), lens)
+    pos = (
+        np.arange(starts[-1])
+        - np.repeat(starts[:-1], lens)
+        + np.repeat(meta["sentence_first_position"].numpy().astype(np.int64), lens)
+    )
     return sids, pos
 
 
@@ -77,14 +92,16 @@ def _process_shard(task: dict) -> dict:
     path = Path(task["path"])
     data = path.read_bytes()  # read once: hash and parse the same bytes
     if hashlib.sha256(data).hexdigest() != task["sha256"]:
-        raise LlamaInputError(f"{path}: checksum differs from the capture manifest (corrupted shard)")
+        raise PipelineInputError(f"{path}: checksum differs from the capture manifest (corrupted shard)")
     try:
         t = st_load(data)
     except Exception as e:
-        raise LlamaInputError(f"{path}: not a readable activation shard ({str(e).splitlines()[0]})") from None
+        raise PipelineInputError(f"{path}: not a readable activation shard ({str(e).splitlines()[0]})") from None
     key = task["key"]
     if key not in t or tuple(t[key].shape) != (task["n_tokens"], task["d_model"]):
-        raise LlamaInputError(f"{path}: no {key} of shape [{task['n_tokens']}, {task['d_model']}] (from another capture?)")
+        raise PipelineInputError(
+            f"{path}: no {key} of shape [{task['n_tokens']}, {task['d_model']}] (from another capture?)"
+        )
     a = t[key]
     raw = a.view(torch.int16).numpy().view(np.uint16) if a.dtype == torch.bfloat16 else a.numpy()
     sids, pos = rows_of(t)
@@ -95,7 +112,9 @@ def _process_shard(task: dict) -> dict:
     moments = Moments.of(a[torch.from_numpy(is_train)])
     out = Path(task["out"])
     if is_train.any():
-        dest = np.load(out / ".train_perm.npy", mmap_mode="r")[task["train_start"] : task["train_start"] + int(is_train.sum())]
+        dest = np.load(out / ".train_perm.npy", mmap_mode="r")[
+            task["train_start"] : task["train_start"] + int(is_train.sum())
+        ]
         acts = np.load(out / "train_acts.npy", mmap_mode="r+")
         index = np.load(out / "train_index.npy", mmap_mode="r+")
         order = np.argsort(dest)  # ascending destinations: friendlier page-cache writes
@@ -112,10 +131,15 @@ def _process_shard(task: dict) -> dict:
         acts.flush()
         index.flush()
     kept_norms = np.sqrt(sq[~excluded])
-    return {"index": task["index"], "moments": moments, "bytes": len(data),
-            "sq_norm_excluded": float(sq[excluded].sum()), "sq_norm_kept": float(sq[~excluded].sum()),
-            "max_norm_excluded": float(np.sqrt(sq[excluded].max())) if excluded.any() else 0.0,
-            "norm_sample": kept_norms[::16].tolist()}
+    return {
+        "index": task["index"],
+        "moments": moments,
+        "bytes": len(data),
+        "sq_norm_excluded": float(sq[excluded].sum()),
+        "sq_norm_kept": float(sq[~excluded].sum()),
+        "max_norm_excluded": float(np.sqrt(sq[excluded].max())) if excluded.any() else 0.0,
+        "norm_sample": kept_norms[::16].tolist(),
+    }
 
 
 def plan(capture_dir: Path, manifest: dict, paths: list[Path], cfg: PreprocessConfig, exclude_first: int):
@@ -127,7 +151,7 @@ def plan(capture_dir: Path, manifest: dict, paths: list[Path], cfg: PreprocessCo
         meta = load_shard(p, ["sentence_ids", "sentence_starts", "sentence_first_position"])
         sids, pos = rows_of(meta)
         if len(sids) != s["n_tokens"]:
-            raise LlamaInputError(f"{p}: holds {len(sids)} tokens, the capture manifest says {s['n_tokens']}")
+            raise PipelineInputError(f"{p}: holds {len(sids)} tokens, the capture manifest says {s['n_tokens']}")
         excluded = pos < exclude_first
         is_val = ~excluded & val_mask(sids, cfg.seed, cfg.val_fraction)
         val_ids.update(np.unique(sids[is_val]).tolist())
@@ -140,24 +164,30 @@ def check_capture_folder(capture_dir: Path, manifest: dict) -> list[Path]:
     listed = {p.name for p in paths}
     strays = sorted(p.name for p in capture_dir.glob("acts-r*.safetensors") if p.name not in listed)
     if strays:
-        raise LlamaInputError(f"{capture_dir}: shards {', '.join(strays[:3])} are not in its manifest (mixed captures?)")
+        raise PipelineInputError(
+            f"{capture_dir}: shards {', '.join(strays[:3])} are not in its manifest (mixed captures?)"
+        )
     return paths
 
 
 def prepare_out(out: Path, fp: str, force: bool) -> dict | None:
     if out.exists() and not out.is_dir():
-        raise LlamaInputError(f"--out {out}: exists and is not a folder")
+        raise PipelineInputError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     names = {p.name for p in out.iterdir()}
     foreign = sorted(n for n in names if n not in OUTPUT_FILES and n != MANIFEST_NAME and not n.startswith("."))
     if foreign:
-        raise LlamaInputError(f"--out {out}: holds other files ({', '.join(foreign[:3])}); choose an empty or preprocessing folder")
+        raise PipelineInputError(
+            f"--out {out}: holds other files ({', '.join(foreign[:3])}); choose an empty or preprocessing folder"
+        )
     if MANIFEST_NAME in names:
         m = read_manifest(out, KIND)
         if m.get("fingerprint") == fp and not force:
             return m
         if not force:
-            raise LlamaInputError(f"--out {out}: holds preprocessing of another capture or settings; use --force or another --out")
+            raise PipelineInputError(
+                f"--out {out}: holds preprocessing of another capture or settings; use --force or another --out"
+            )
     for n in names:  # a previous run's files, complete or partial: start over
         (out / n).unlink()
     return None
@@ -169,12 +199,22 @@ def main(cfg: PreprocessConfig) -> dict:
     paths = check_capture_folder(capture_dir, cap)
     hook = cfg.hook_point or cap["hook_points"][0]
     if hook not in cap["hook_points"]:
-        raise LlamaInputError(f"--hook-point {hook}: not captured in {capture_dir} (has {', '.join(cap['hook_points'])})")
+        raise PipelineInputError(
+            f"--hook-point {hook}: not captured in {capture_dir} (has {', '.join(cap['hook_points'])})"
+        )
     if cfg.batch_size < 1 or not 0 <= cfg.val_fraction < 1 or cfg.workers < 1:
-        raise LlamaInputError("--batch-size and --workers must be positive and --val-fraction in [0, 1)")
-    exclude_first = cfg.exclude_first_positions if cfg.exclude_first_positions >= 0 else (0 if cap["config"]["add_bos"] else 1)
-    request = {"capture": cap["fingerprint"], "hook_point": hook, "batch_size": cfg.batch_size, "val_fraction": cfg.val_fraction,
-               "seed": cfg.seed, "exclude_first_positions": exclude_first}
+        raise PipelineInputError("--batch-size and --workers must be positive and --val-fraction in [0, 1)")
+    exclude_first = (
+        cfg.exclude_first_positions if cfg.exclude_first_positions >= 0 else (0 if cap["config"]["add_bos"] else 1)
+    )
+    request = {
+        "capture": cap["fingerprint"],
+        "hook_point": hook,
+        "batch_size": cfg.batch_size,
+        "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed,
+        "exclude_first_positions": exclude_first,
+    }
     fp = fingerprint(request)
     done = prepare_out(out, fp, cfg.force)
     if done is not None:
@@ -186,9 +226,11 @@ def main(cfg: PreprocessConfig) -> dict:
     counts, val_ids = plan(capture_dir, cap, paths, cfg, exclude_first)
     n_train, n_val, n_excl = (sum(c[i] for c in counts) for i in range(3))
     if n_train == 0:
-        raise LlamaInputError(f"{capture_dir}: no training tokens left after the split and exclusions")
+        raise PipelineInputError(f"{capture_dir}: no training tokens left after the split and exclusions")
     if cfg.batch_size > n_train:
-        raise LlamaInputError(f"--batch-size {cfg.batch_size}: larger than the {n_train} training tokens in {capture_dir}")
+        raise PipelineInputError(
+            f"--batch-size {cfg.batch_size}: larger than the {n_train} training tokens in {capture_dir}"
+        )
     rng = np.random.default_rng(cfg.seed)
     np.save(out / ".train_perm.npy", rng.permutation(n_train))
     np.lib.format.open_memmap(out / "train_acts.npy", mode="w+", dtype=np_dtype, shape=(n_train, d)).flush()
@@ -197,10 +239,24 @@ def main(cfg: PreprocessConfig) -> dict:
     np.lib.format.open_memmap(out / "val_index.npy", mode="w+", dtype=np.int64, shape=(n_val, 2)).flush()
     tasks, t_off, v_off = [], 0, 0
     for i, (p, s, c) in enumerate(zip(paths, cap["shards"], counts)):
-        tasks.append({"index": i, "path": str(p), "sha256": s["sha256"], "n_tokens": s["n_tokens"], "d_model": d, "key": act_key(hook),
-                      "storage": cap["storage_dtype"], "exclude_first": exclude_first, "seed": cfg.seed,
-                      "val_fraction": cfg.val_fraction, "train_start": t_off, "val_start": v_off, "out": str(out),
-                      "threads": max(1, torch.get_num_threads() // min(cfg.workers, len(paths)))})
+        tasks.append(
+            {
+                "index": i,
+                "path": str(p),
+                "sha256": s["sha256"],
+                "n_tokens": s["n_tokens"],
+                "d_model": d,
+                "key": act_key(hook),
+                "storage": cap["storage_dtype"],
+                "exclude_first": exclude_first,
+                "seed": cfg.seed,
+                "val_fraction": cfg.val_fraction,
+                "train_start": t_off,
+                "val_start": v_off,
+                "out": str(out),
+                "threads": max(1, torch.get_num_threads() // min(cfg.workers, len(paths))),
+            }
+        )
         t_off += c[0]
         v_off += c[1]
 
@@ -228,34 +284,68 @@ def main(cfg: PreprocessConfig) -> dict:
         moments = moments.merge(r["moments"])
     norms = np.array([x for r in results for x in r["norm_sample"]])
     sq_excl, sq_kept = sum(r["sq_norm_excluded"] for r in results), sum(r["sq_norm_kept"] for r in results)
-    stats = {"count": moments.n, "mean": moments.mean.tolist(), "var": moments.var.tolist(),
-             "mean_sq_norm": moments.sq_norm_sum / moments.n,
-             "mean_centered_sq_norm": float(moments.m2.sum() / moments.n),
-             "median_norm_sampled": float(np.median(norms)) if len(norms) else 0.0, "dtype": "float64", "split": "train"}
+    stats = {
+        "count": moments.n,
+        "mean": moments.mean.tolist(),
+        "var": moments.var.tolist(),
+        "mean_sq_norm": moments.sq_norm_sum / moments.n,
+        "mean_centered_sq_norm": float(moments.m2.sum() / moments.n),
+        "median_norm_sampled": float(np.median(norms)) if len(norms) else 0.0,
+        "dtype": "float64",
+        "split": "train",
+    }
     write_json_atomic(out / "stats.json", stats)
     np.save(out / "val_sentence_ids.npy", val_ids)
     (out / ".train_perm.npy").unlink()
     n_batches = -(-n_train // cfg.batch_size)
     manifest = make_manifest(
-        KIND, config=asdict(cfg), inputs={"capture": str(capture_dir), "capture_fingerprint": cap["fingerprint"], "model": cap["inputs"]["model"]},
-        counts={"captured_tokens": cap["counts"]["tokens"], "train_tokens": n_train, "val_tokens": n_val, "excluded_tokens": n_excl,
-                "val_sentences": len(val_ids), "train_batches": n_batches,
-                "last_batch_size": n_train - (n_batches - 1) * cfg.batch_size},
-        fingerprint=fp, hook_point=hook, d_model=d, storage_dtype=cap["storage_dtype"], batch_size=cfg.batch_size,
-        massive_activation_policy={
-            "rule": f"exclude positions < {exclude_first} (the attention sink of BOS-less sentences)" if exclude_first else "none",
-            "exclude_first_positions": exclude_first, "excluded_tokens": n_excl,
-            "excluded_share_of_squared_norm": sq_excl / max(sq_excl + sq_kept, 1e-30),
-            "max_norm_excluded": max(r["max_norm_excluded"] for r in results), "median_norm_kept_sampled": stats["median_norm_sampled"],
+        KIND,
+        config=asdict(cfg),
+        inputs={
+            "capture": str(capture_dir),
+            "capture_fingerprint": cap["fingerprint"],
+            "model": cap["inputs"]["model"],
         },
-        split={"val_fraction": cfg.val_fraction, "seed": cfg.seed, "rule": "splitmix64(sentence_id, seed) / 2^53 < val_fraction",
-               "val_sentence_ids_file": "val_sentence_ids.npy"},
+        counts={
+            "captured_tokens": cap["counts"]["tokens"],
+            "train_tokens": n_train,
+            "val_tokens": n_val,
+            "excluded_tokens": n_excl,
+            "val_sentences": len(val_ids),
+            "train_batches": n_batches,
+            "last_batch_size": n_train - (n_batches - 1) * cfg.batch_size,
+        },
+        fingerprint=fp,
+        hook_point=hook,
+        d_model=d,
+        storage_dtype=cap["storage_dtype"],
+        batch_size=cfg.batch_size,
+        massive_activation_policy={
+            "rule": f"exclude positions < {exclude_first} (the attention sink of BOS-less sentences)"
+            if exclude_first
+            else "none",
+            "exclude_first_positions": exclude_first,
+            "excluded_tokens": n_excl,
+            "excluded_share_of_squared_norm": sq_excl / max(sq_excl + sq_kept, 1e-30),
+            "max_norm_excluded": max(r["max_norm_excluded"] for r in results),
+            "median_norm_kept_sampled": stats["median_norm_sampled"],
+        },
+        split={
+            "val_fraction": cfg.val_fraction,
+            "seed": cfg.seed,
+            "rule": "splitmix64(sentence_id, seed) / 2^53 < val_fraction",
+            "val_sentence_ids_file": "val_sentence_ids.npy",
+        },
         throughput={"seconds": round(elapsed, 2), "gb_per_s": round(total_bytes / 1e9 / elapsed, 3)},
     )
     assert n_train + n_val + n_excl == cap["counts"]["tokens"]
     write_json_atomic(out / MANIFEST_NAME, manifest)
-    print(f"{out}: {n_train} train tokens ({n_batches} batches of {cfg.batch_size}, last {manifest['counts']['last_batch_size']}), "
-          f"{n_val} validation tokens from {len(val_ids)} sentences, {n_excl} excluded; {total_bytes / 1e9 / elapsed:.2f} GB/s")
+    print(
+        f"{out}: {n_train} train tokens ({n_batches} batches of {cfg.batch_size}, last "
+        f"{manifest['counts']['last_batch_size']}), "
+        f"{n_val} validation tokens from {len(val_ids)} sentences, {n_excl} excluded; "
+        f"{total_bytes / 1e9 / elapsed:.2f} GB/s"
+    )
     return manifest
 
 

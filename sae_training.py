@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,18 +32,17 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from llama_3.cli import parse_config, run_main
+from llama_3.cli import check_choices, parse_config, run_main
+from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import warn_if_emulated
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
+from pipeline import fault_injection
 from pipeline.distributed import DistInfo, barrier, run_distributed
 from pipeline.manifest import atomic_path, finished_manifest, fingerprint, make_manifest, read_jsonl, write_json_atomic
 from pipeline.paths import PREPROCESSED_DIR, SAE_DIR
 from pipeline.preprocessed import activations, open_preprocessed
 from pipeline.runtime import cpu_has_fast_bf16
-from sae import SaeConfig, TopKSae
-
-# Fault-injection tests slow each step so a SIGKILL lands mid-run; 0 in normal use.
-_TEST_SLEEP = float(os.environ.get("TRAIN_TEST_SLEEP", "0"))
+from sae import Normalize, SaeConfig, TopKSae
 
 
 @dataclass
@@ -52,11 +52,18 @@ class TrainConfig:
     expansion: int = field(default=8, metadata={"help": "n_latents = expansion * d_model (unless --n-latents)"})
     n_latents: int = field(default=0, metadata={"help": "dictionary size (0: expansion * d_model)"})
     k: int = field(default=32, metadata={"help": "active latents per token"})
-    normalize: str = field(default="dataset", metadata={"help": "input normalisation: dataset, token, none"})
-    batch_size: int = field(default=1024, metadata={"help": "global batch (tokens per optimizer step, all ranks together)"})
+    normalize: Normalize = field(default="dataset", metadata={"help": "input normalisation: dataset, token, none"})
+    batch_size: int = field(
+        default=1024, metadata={"help": "global batch (tokens per optimizer step, all ranks together)"}
+    )
     epochs: int = field(default=1, metadata={"help": "passes over the training tokens"})
-    lr: float = field(default=0.0, metadata={"help": "peak learning rate (0: 2e-3 / sqrt(n_latents / 2^14): OpenAI's "
-                                                            "1/sqrt scaling at 10x its base, see the README)"})
+    lr: float = field(
+        default=0.0,
+        metadata={
+            "help": "peak learning rate (0: 2e-3 / sqrt(n_latents / 2^14): OpenAI's "
+            "1/sqrt scaling at 10x its base, see the README)"
+        },
+    )
     beta1: float = field(default=0.85, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.9999, metadata={"help": "AdamW beta2"})
     eps: float = field(default=6.25e-10, metadata={"help": "AdamW epsilon"})
@@ -69,16 +76,30 @@ class TrainConfig:
     aux_coef: float = field(default=1 / 32, metadata={"help": "aux-k loss coefficient"})
     val_every: int = field(default=50, metadata={"help": "validate every N steps"})
     checkpoint_every: int = field(default=100, metadata={"help": "checkpoint every N steps"})
-    nonfinite: str = field(default="skip", metadata={"help": "a batch with NaN/inf: skip (and count) or stop"})
+    nonfinite: Literal["skip", "stop"] = field(
+        default="skip", metadata={"help": "a batch with NaN/inf: skip (and count) or stop"}
+    )
     seed: int = field(default=0, metadata={"help": "initialisation and data-order seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    autocast: str = field(default="auto", metadata={"help": "bf16 autocast for the SAE's matmuls: on, off, auto (on for CUDA and "
-                                                            "for CPUs with native bf16; weights, optimizer and decoder stay fp32)"})
-    wandb: str = field(default="auto", metadata={"help": "online, offline, disabled, auto (online with WANDB_API_KEY, else offline)"})
+    autocast: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "bf16 autocast for the SAE's matmuls: on, off, auto (on for CUDA and "
+            "for CPUs with native bf16; weights, optimizer and decoder stay fp32)"
+        },
+    )
+    wandb: Literal["online", "offline", "disabled", "auto"] = field(
+        default="auto", metadata={"help": "online, offline, disabled, auto (online with WANDB_API_KEY, else offline)"}
+    )
     wandb_project: str = field(default="llama-sae", metadata={"help": "W&B project"})
-    eval_sentences: int = field(default=128, metadata={"help": "held-out sentences for the spliced CE/KL evaluation (0: skip)"})
+    eval_sentences: int = field(
+        default=128, metadata={"help": "held-out sentences for the spliced CE/KL evaluation (0: skip)"}
+    )
     resume: bool = field(default=True, metadata={"help": "continue from the run folder's checkpoint if there is one"})
     force: bool = field(default=False, metadata={"help": "discard an existing run in --out"})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, peak: float) -> float:
@@ -95,7 +116,9 @@ def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> np.ndarr
     return np.random.default_rng([seed, epoch]).permutation(starts)
 
 
-def aux_k_loss(sae: TopKSae, x_norm: torch.Tensor, x_hat_norm: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+def aux_k_loss(
+    sae: TopKSae, x_norm: torch.Tensor, x_hat_norm: torch.Tensor, dead: torch.Tensor, k_aux: int
+) -> torch.Tensor:
     """Reconstruct the residual x̃ - x̂ from the top dead latents, decoded without b_pre; normalised MSE."""
     dead_ids = dead.nonzero().squeeze(1)
     if len(dead_ids) == 0:
@@ -117,36 +140,55 @@ class Trainer:
         d = self.manifest["d_model"]
         n_latents = cfg.n_latents or cfg.expansion * d
         if not 0 < cfg.k <= n_latents:
-            raise LlamaInputError(f"--k {cfg.k}: must be in 1..{n_latents} (the number of latents)")
+            raise PipelineInputError(f"--k {cfg.k}: must be in 1..{n_latents} (the number of latents)")
         if not 0 < cfg.batch_size <= len(self.train):
-            raise LlamaInputError(f"--batch-size {cfg.batch_size}: must be in 1..{len(self.train)} (the training tokens in {cfg.data})")
+            raise PipelineInputError(
+                f"--batch-size {cfg.batch_size}: must be in 1..{len(self.train)} (the training tokens in {cfg.data})"
+            )
         if cfg.batch_size % info.world_size:
-            raise LlamaInputError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} ranks")
+            raise PipelineInputError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} ranks")
         if cfg.epochs < 1:
-            raise LlamaInputError(f"--epochs {cfg.epochs}: need at least 1")
-        if cfg.autocast not in ("auto", "on", "off"):
-            raise LlamaInputError(f"--autocast {cfg.autocast!r}: expected auto, on or off")
-        self.autocast = cfg.autocast == "on" or (cfg.autocast == "auto" and (
-            info.device.type == "cuda" and torch.cuda.is_bf16_supported() or info.device.type == "cpu" and cpu_has_fast_bf16()))
+            raise PipelineInputError(f"--epochs {cfg.epochs}: need at least 1")
+        self.autocast = cfg.autocast == "on" or (
+            cfg.autocast == "auto"
+            and (
+                info.device.type == "cuda"
+                and torch.cuda.is_bf16_supported()
+                or info.device.type == "cpu"
+                and cpu_has_fast_bf16()
+            )
+        )
         if self.autocast:
             warn_if_emulated(torch.bfloat16, info.device, "--autocast on")
-        if cfg.nonfinite not in ("skip", "stop"):
-            raise LlamaInputError(f"--nonfinite {cfg.nonfinite!r}: expected skip or stop")
         input_scale = math.sqrt(d / self.stats["mean_sq_norm"])  # E||x̃||² = d_model
-        self.sae_cfg = SaeConfig(d_model=d, n_latents=n_latents, k=cfg.k, normalize=cfg.normalize, input_scale=input_scale,
-                                 hook_point=self.manifest["hook_point"], model=self.manifest["inputs"]["model"],
-                                 exclude_first_positions=self.manifest["massive_activation_policy"]["exclude_first_positions"])
+        self.sae_cfg = SaeConfig(
+            d_model=d,
+            n_latents=n_latents,
+            k=cfg.k,
+            normalize=cfg.normalize,
+            input_scale=input_scale,
+            hook_point=self.manifest["hook_point"],
+            model=self.manifest["inputs"]["model"],
+            exclude_first_positions=self.manifest["massive_activation_policy"]["exclude_first_positions"],
+        )
         torch.manual_seed(cfg.seed)
         self.sae = TopKSae(self.sae_cfg).to(info.device)
         with torch.no_grad():  # b_pre starts at the (normalised) data mean
             mean = torch.tensor(self.stats["mean"], dtype=torch.float32)
-            self.sae.b_pre.copy_(mean * input_scale if cfg.normalize == "dataset" else (mean if cfg.normalize == "none" else 0))
+            self.sae.b_pre.copy_(
+                mean * input_scale if cfg.normalize == "dataset" else (mean if cfg.normalize == "none" else 0)
+            )
         # OpenAI's 2e-4 base was tuned for ~10^9-token runs; at 10^5-10^7 tokens it leaves FVU twice as high
         # (0.20 vs 0.11 after 1M SmolLM2 tokens, bench/bench_sae.py). sparsify's default SignSGD steps
         # 5e-3 / sqrt(n / 2^14) per weight, the size of an Adam step at that lr; 2e-3 sits between.
         self.peak_lr = cfg.lr or 2e-3 / math.sqrt(n_latents / 2**14)
-        self.opt = torch.optim.AdamW(self.sae.parameters(), lr=self.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                     weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.sae.parameters(),
+            lr=self.peak_lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
         self.k_aux = cfg.k_aux or d // 2
         # The loss is MSE over the data's variance in the SAE's input space (≈ FVU), as OpenAI's and
         # sparsify's trainers normalise it: aux_coef = 1/32 means the same there and here. A fixed
@@ -184,7 +226,10 @@ class Trainer:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             if self.cfg.nonfinite == "stop":
-                raise LlamaInputError(f"{self.cfg.data}: NaN/inf in the training batch at row {start}; --nonfinite skip skips such batches")
+                raise PipelineInputError(
+                    f"{self.cfg.data}: NaN/inf in the training batch at row {start}; --nonfinite skip skips such "
+                    "batches"
+                )
             self.skipped += 1
             return {"skipped": 1}
         sae = self.sae
@@ -214,14 +259,20 @@ class Trainer:
         sae.normalize_decoder()
         self.tokens_since_fired += global_n
         self.tokens_since_fired[fired.bool()] = 0
-        return {"train/loss": stats[0].item(), "train/aux_loss": stats[1].item(), "train/lr": self.opt.param_groups[0]["lr"],
-                "debug/dead_latents_ratio": dead.float().mean().item()}
+        return {
+            "train/loss": stats[0].item(),
+            "train/aux_loss": stats[1].item(),
+            "train/lr": self.opt.param_groups[0]["lr"],
+            "debug/dead_latents_ratio": dead.float().mean().item(),
+        }
 
     # ---- validation ---------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, max_rows: int = 32768) -> dict:
         sae = self.sae
-        mean = torch.tensor(self.stats["mean"], dtype=torch.float64, device=self.info.device)  # once, on the data's device
+        mean = torch.tensor(
+            self.stats["mean"], dtype=torch.float64, device=self.info.device
+        )  # once, on the data's device
         n, sq_err, sq_norm_err, l0, counts = 0, 0.0, 0.0, 0.0, torch.zeros(sae.cfg.n_latents)
         total_var = 0.0
         for a in range(0, min(len(self.val), max_rows), 4096):
@@ -236,9 +287,14 @@ class Trainer:
         if n == 0:
             return {}
         freq = counts / n
-        return {"val/loss": sq_norm_err / (n * self.loss_scale), "val/fvu": sq_err / max(total_var, 1e-30), "val/l0": l0 / n,
-                "val/dead_pct": 100 * (freq == 0).float().mean().item(), "val/dense_pct": 100 * (freq > 0.1).float().mean().item(),
-                "val/tokens": n}
+        return {
+            "val/loss": sq_norm_err / (n * self.loss_scale),
+            "val/fvu": sq_err / max(total_var, 1e-30),
+            "val/l0": l0 / n,
+            "val/dead_pct": 100 * (freq == 0).float().mean().item(),
+            "val/dense_pct": 100 * (freq > 0.1).float().mean().item(),
+            "val/tokens": n,
+        }
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> None:
@@ -249,13 +305,23 @@ class Trainer:
         tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in self.sae.state_dict().items()}
         for i, p in enumerate(self.sae.parameters()):
             for name, v in self.opt.state.get(p, {}).items():
-                tensors[f"opt.{i}.{name}"] = v.detach().cpu().contiguous().reshape(v.shape) if v.dim() else v.detach().cpu().reshape(1)
+                tensors[f"opt.{i}.{name}"] = (
+                    v.detach().cpu().contiguous().reshape(v.shape) if v.dim() else v.detach().cpu().reshape(1)
+                )
         tensors["tokens_since_fired"] = self.tokens_since_fired.cpu()
         tensors["torch_rng"] = torch.get_rng_state()
         with atomic_path(ckpt / "state.safetensors") as tmp:
             save_file(tensors, str(tmp))
-        write_json_atomic(ckpt / "state.json", {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                                                "skipped": self.skipped, "sae_cfg": asdict(self.sae_cfg)})
+        write_json_atomic(
+            ckpt / "state.json",
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "skipped": self.skipped,
+                "sae_cfg": asdict(self.sae_cfg),
+            },
+        )
 
     def load_checkpoint(self, directory: Path) -> bool:
         ckpt = directory / "checkpoint"
@@ -263,12 +329,14 @@ class Trainer:
             return False
         state = json.loads((ckpt / "state.json").read_text())
         if state["sae_cfg"] != asdict(self.sae_cfg):
-            raise LlamaInputError(f"{ckpt}: checkpoint of an incompatible SAE config; use --force or another --out")
+            raise PipelineInputError(f"{ckpt}: checkpoint of an incompatible SAE config; use --force or another --out")
         try:
             tensors = load_file(str(ckpt / "state.safetensors"))
         except Exception as e:  # safetensors raises its own error type for a truncated or corrupted file
-            raise LlamaInputError(f"{ckpt / 'state.safetensors'}: cannot be read ({str(e).splitlines()[0]}); the checkpoint is "
-                                  "corrupted: --no-resume or --force starts over") from None
+            raise PipelineInputError(
+                f"{ckpt / 'state.safetensors'}: cannot be read ({str(e).splitlines()[0]}); the checkpoint is "
+                "corrupted: --no-resume or --force starts over"
+            ) from None
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         self.sae.to(self.info.device)
         for i, p in enumerate(self.sae.parameters()):
@@ -278,7 +346,12 @@ class Trainer:
                 self.opt.state[p] = {k: v.to(self.info.device) if k != "step" else v for k, v in st.items()}
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.info.device)
         torch.set_rng_state(tensors["torch_rng"])
-        self.step, self.epoch, self.batch_in_epoch, self.skipped = state["step"], state["epoch"], state["batch_in_epoch"], state["skipped"]
+        self.step, self.epoch, self.batch_in_epoch, self.skipped = (
+            state["step"],
+            state["epoch"],
+            state["batch_in_epoch"],
+            state["skipped"],
+        )
         return True
 
 
@@ -292,20 +365,27 @@ class MetricsLog:
         if enabled:
             self.rewind(resume_step)
         mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        if mode not in ("online", "offline", "disabled"):
-            raise LlamaInputError(f"--wandb {cfg.wandb!r}: expected online, offline, disabled or auto")
         self.mode = mode
         if enabled and mode != "disabled":
             try:
                 import wandb
             except ImportError:
-                raise LlamaInputError("--wandb: the wandb package is not installed (pip install wandb) or use --wandb disabled") from None
+                raise PipelineInputError(
+                    "--wandb: the wandb package is not installed (pip install wandb) or use --wandb disabled"
+                ) from None
             id_file = out / "wandb_run_id.txt"
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", mode=mode, dir=str(out),
-                                    config=run_config, settings=wandb.Settings(login_timeout=0 if mode == "offline" else 30))
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                id=run_id,
+                resume="allow",
+                mode=mode,
+                dir=str(out),
+                config=run_config,
+                settings=wandb.Settings(login_timeout=0 if mode == "offline" else 30),
+            )
 
     def rewind(self, step: int) -> None:
         """Keep only rows up to the checkpoint's step: a killed run logged steps that the resumed
@@ -337,29 +417,51 @@ def main(cfg: TrainConfig) -> dict:
 def train(cfg: TrainConfig, info: DistInfo) -> dict:
     out = Path(cfg.out)
     data_manifest, _ = open_preprocessed(cfg.data)
-    request = {"data": data_manifest["fingerprint"], **{k: v for k, v in asdict(cfg).items()
-               if k not in ("out", "val_every", "checkpoint_every", "wandb", "wandb_project", "resume", "force", "device")}}
+    request = {
+        "data": data_manifest["fingerprint"],
+        **{
+            k: v
+            for k, v in asdict(cfg).items()
+            if k not in ("out", "val_every", "checkpoint_every", "wandb", "wandb_project", "resume", "force", "device")
+        },
+    }
     fp = fingerprint(request)
     done = None if cfg.force else finished_manifest(out, fp, "sae/sae.safetensors")
     if done is not None:  # every rank reads it, so all agree to stop here (before loading any data)
         if info.is_main:
-            print(f"{out}: already trained with this data and config (val FVU {done['final_validation'].get('val/fvu', float('nan')):.4f}); "
-                  "--force retrains")
+            print(
+                f"{out}: already trained with this data and config (val FVU "
+                f"{done['final_validation'].get('val/fvu', float('nan')):.4f}); "
+                "--force retrains"
+            )
         return done
     trainer = Trainer(cfg, info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         run_file = out / "run.json"
         if run_file.is_file() and json.loads(run_file.read_text())["fingerprint"] != fp and not cfg.force:
-            raise LlamaInputError(f"--out {out}: holds a run with another config; use --force or another --out")
+            raise PipelineInputError(f"--out {out}: holds a run with another config; use --force or another --out")
         if cfg.force:
-            for p in ("checkpoint/state.json", "checkpoint/state.safetensors", "metrics.jsonl", "manifest.json", "wandb_run_id.txt"):
+            for p in (
+                "checkpoint/state.json",
+                "checkpoint/state.safetensors",
+                "metrics.jsonl",
+                "manifest.json",
+                "wandb_run_id.txt",
+            ):
                 (out / p).unlink(missing_ok=True)
         write_json_atomic(run_file, {"fingerprint": fp, "config": asdict(cfg)})
     barrier(info)
     resumed = cfg.resume and trainer.load_checkpoint(out)
     log = MetricsLog(out, cfg, info.is_main, asdict(cfg), resume_step=trainer.step if resumed else 0)
-    bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", disable=not info.is_main, dynamic_ncols=True, desc="train")
+    bar = tqdm(
+        total=trainer.total_steps,
+        initial=trainer.step,
+        unit="step",
+        disable=not info.is_main,
+        dynamic_ncols=True,
+        desc="train",
+    )
     t0, tokens_run = time.perf_counter(), 0
     while trainer.epoch < cfg.epochs:
         order = batch_order(len(trainer.train), cfg.batch_size, cfg.seed, trainer.epoch)
@@ -369,16 +471,18 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
             trainer.batch_in_epoch += 1
             trainer.step += 1
             tokens_run += min(cfg.batch_size, len(trainer.train) - start)
-            if _TEST_SLEEP:
-                time.sleep(_TEST_SLEEP)
+            fault_injection.point("training.step")
             if trainer.step % cfg.val_every == 0:
                 metrics.update(trainer.validate())
             metrics["train/tokens_per_s"] = tokens_run / (time.perf_counter() - t0)
             log.log(trainer.step, metrics)
             bar.update(1)
             if "train/loss" in metrics:
-                bar.set_postfix_str(f"loss {metrics['train/loss']:.4f} dead {metrics['debug/dead_latents_ratio']:.1%} "
-                                    f"{metrics['train/tokens_per_s']:.0f} tok/s", refresh=False)
+                bar.set_postfix_str(
+                    f"loss {metrics['train/loss']:.4f} dead {metrics['debug/dead_latents_ratio']:.1%} "
+                    f"{metrics['train/tokens_per_s']:.0f} tok/s",
+                    refresh=False,
+                )
             if trainer.step % cfg.checkpoint_every == 0:
                 trainer.save_checkpoint(out)
         trainer.epoch += 1
@@ -394,20 +498,37 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
     trainer.sae.save(out / "sae")
     spliced = spliced_evaluation(cfg, trainer, info)
     manifest = make_manifest(
-        "sae", config=asdict(cfg), inputs={"data": str(cfg.data), "data_fingerprint": trainer.manifest["fingerprint"]},
-        counts={"steps": trainer.step, "tokens_seen": trainer.step * cfg.batch_size, "skipped_nonfinite_batches": trainer.skipped},
-        fingerprint=fp, sae=asdict(trainer.sae_cfg), bf16_autocast=trainer.autocast, final_validation=final, spliced_evaluation=spliced, resumed=resumed,
+        "sae",
+        config=asdict(cfg),
+        inputs={"data": str(cfg.data), "data_fingerprint": trainer.manifest["fingerprint"]},
+        counts={
+            "steps": trainer.step,
+            "tokens_seen": trainer.step * cfg.batch_size,
+            "skipped_nonfinite_batches": trainer.skipped,
+        },
+        fingerprint=fp,
+        sae=asdict(trainer.sae_cfg),
+        bf16_autocast=trainer.autocast,
+        final_validation=final,
+        spliced_evaluation=spliced,
+        resumed=resumed,
         world_size=info.world_size,
         throughput={"seconds_this_run": round(elapsed, 2), "tokens_per_s": round(tokens_run / max(elapsed, 1e-9), 1)},
     )
     write_json_atomic(out / "manifest.json", manifest)
-    print(f"{out}: {trainer.step} steps; val FVU {final.get('val/fvu', float('nan')):.4f}, L0 {final.get('val/l0', 0):.1f}, "
-          f"dead {final.get('val/dead_pct', 0):.1f}%, dense {final.get('val/dense_pct', 0):.1f}%; "
-          f"{tokens_run / max(elapsed, 1e-9):.0f} tokens/s")
+    print(
+        f"{out}: {trainer.step} steps; val FVU {final.get('val/fvu', float('nan')):.4f}, L0 "
+        f"{final.get('val/l0', 0):.1f}, "
+        f"dead {final.get('val/dead_pct', 0):.1f}%, dense {final.get('val/dense_pct', 0):.1f}%; "
+        f"{tokens_run / max(elapsed, 1e-9):.0f} tokens/s"
+    )
     if "eval/ce_loss_recovered" in spliced:
-        print(f"spliced into the model on {spliced['eval/sentences']} held-out sentences: CE clean {spliced['eval/ce_clean']:.3f}, "
-              f"with SAE {spliced['eval/ce_sae']:.3f}, zero-ablated {spliced['eval/ce_zero_ablation']:.3f} -> "
-              f"CE loss recovered {spliced['eval/ce_loss_recovered']:.1%}, KL {spliced['eval/kl_sae']:.3f}")
+        print(
+            f"spliced into the model on {spliced['eval/sentences']} held-out sentences: CE clean "
+            f"{spliced['eval/ce_clean']:.3f}, "
+            f"with SAE {spliced['eval/ce_sae']:.3f}, zero-ablated {spliced['eval/ce_zero_ablation']:.3f} -> "
+            f"CE loss recovered {spliced['eval/ce_loss_recovered']:.1%}, KL {spliced['eval/kl_sae']:.3f}"
+        )
     return manifest
 
 
@@ -430,17 +551,26 @@ def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo) -> di
             texts += [t for s, t in zip(part["sentence_id"], part["text"]) if s in wanted]
             if len(texts) >= len(wanted):
                 break
-        lm = load_model(cap["inputs"]["model"]["path"], device=info.device, dtype=torch.float32 if info.device.type == "cpu" else None)
-    except (LlamaInputError, OSError) as e:
+        lm = load_model(
+            cap["inputs"]["model"]["path"],
+            device=info.device,
+            dtype=torch.float32 if info.device.type == "cpu" else None,
+        )
+    except (PipelineInputError, OSError) as e:
         return {"skipped": f"model or sentences unavailable: {e}"}
     if lm.tokenizer.fingerprint() != cap["tokenizer"]["sha256"]:
         return {"skipped": f"{lm.path}: not the tokenizer the capture used"}
-    if info.device.type == "cpu":
-        lm.model.pack_for_cpu_inference()
+    apply_cpu_fast_paths(lm.model)
     sae = trainer.sae.eval()
-    return splice_eval(lm, sae.reconstruct, texts, trainer.sae_cfg.hook_point,
-                       exclude_first_positions=trainer.sae_cfg.exclude_first_positions,
-                       add_bos=cap["config"]["add_bos"], max_tokens=cap["config"]["max_tokens"])
+    return splice_eval(
+        lm,
+        sae.reconstruct,
+        texts,
+        trainer.sae_cfg.hook_point,
+        exclude_first_positions=trainer.sae_cfg.exclude_first_positions,
+        add_bos=cap["config"]["add_bos"],
+        max_tokens=cap["config"]["max_tokens"],
+    )
 
 
 if __name__ == "__main__":

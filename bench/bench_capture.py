@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from bench.bench_llama import to_transformers  # noqa: E402
 from llama_3 import default_capture_layer, load_model  # noqa: E402
 from llama_3.cpu_features import cpu_name, missing_bf16_feature  # noqa: E402
+from llama_3.cpu_fast import apply_cpu_fast_paths  # noqa: E402
 from pipeline.runtime import cpu_has_fast_bf16, tune_glibc_malloc  # noqa: E402
 from pipeline.sentences import SentenceTokenDataset, iter_sentences  # noqa: E402
 
@@ -35,15 +36,14 @@ MAX_TOKENS = 64
 
 def matmul_flops_per_s(dtype: torch.dtype, m: int = 4096, k: int = 576, n: int = 1536) -> float:
     """The best of F.linear and oneDNN with a prepacked weight, on a block-sized product."""
-    from llama_3.model import Linear
+    from llama_3.cpu_features import can_prepack
+    from llama_3.cpu_fast import PackedLinear
 
     a = torch.randn(m, k, dtype=dtype)
-    lin = Linear(k, n).to(dtype)
+    plain = torch.nn.Linear(k, n, bias=False).to(dtype)
     best = 0.0
     with torch.inference_mode():
-        for packed in (False, True):
-            if packed:
-                lin.pack()
+        for lin in (plain, PackedLinear(plain)) if can_prepack(dtype) else (plain,):
             for _ in range(3):
                 lin(a)
             t, reps = time.perf_counter(), 20
@@ -83,7 +83,9 @@ def main() -> None:
     tune_glibc_malloc()
     torch.manual_seed(0)
 
-    results: dict = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "fast_bf16": cpu_has_fast_bf16()}}
+    results: dict = {
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "fast_bf16": cpu_has_fast_bf16()}
+    }
     # Emulated bf16 (no AVX-512 BF16 / AMX) runs several times slower than fp32: reported as skipped.
     dtypes = (torch.float32, torch.bfloat16) if cpu_has_fast_bf16() else (torch.float32,)
     if not cpu_has_fast_bf16():
@@ -110,11 +112,19 @@ def main() -> None:
     for i in range(0, len(ids), 32):
         chunk = ids[i : i + 32]
         T = max(map(len, chunk))
-        naive.append((torch.tensor([c + [tok.pad_id] * (T - len(c)) for c in chunk]),
-                      torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in chunk])))
+        naive.append(
+            (
+                torch.tensor([c + [tok.pad_id] * (T - len(c)) for c in chunk]),
+                torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in chunk]),
+            )
+        )
     padded = sum(t.numel() for t, _ in naive)
-    results["data"] = {"sentences": len(ids), "tokens": n_tokens, "naive_padding_fraction": round(1 - n_tokens / padded, 3),
-                       "sorted_padding_fraction": round(1 - n_tokens / sum(b.tokens.numel() for b in sorted_batches), 3)}
+    results["data"] = {
+        "sentences": len(ids),
+        "tokens": n_tokens,
+        "naive_padding_fraction": round(1 - n_tokens / padded, 3),
+        "sorted_padding_fraction": round(1 - n_tokens / sum(b.tokens.numel() for b in sorted_batches), 3),
+    }
 
     rates = {}
     with torch.inference_mode():
@@ -125,14 +135,16 @@ def main() -> None:
                 hf32(input_ids=t, attention_mask=m, output_hidden_states=True)
 
         rates["A: transformers, user-style, fp32"] = n_tokens / timed(hf_naive, lambda: hf_naive(naive[:2]))
-        del hf32
+        hf32 = None  # free it (the closures above have run)
         for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))[: len(dtypes)]:
             hf = to_transformers(models[dt])  # from the plain weights
             ours = models[dt].model
-            ours.pack_for_cpu_inference()  # as capture_activations.py does on CPU
+            apply_cpu_fast_paths(ours)  # as capture_activations.py does on CPU
             hf.model.layers = hf.model.layers[:L]  # cut at the layer: blocks 0..L-1, as ours
             grabbed = {}
-            hf.model.layers[L - 1].register_forward_hook(lambda m, i, o: grabbed.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+            hf.model.layers[L - 1].register_forward_hook(
+                lambda m, i, o: grabbed.__setitem__("x", o[0] if isinstance(o, tuple) else o)
+            )
 
             def hf_sorted(batches=sorted_batches):
                 for b in batches:
@@ -146,19 +158,21 @@ def main() -> None:
 
             # Same hidden state from both before timing.
             b = sorted_batches[len(sorted_batches) // 2]
-            mask = (torch.arange(b.tokens.shape[1])[None] < b.lengths[:, None])
+            mask = torch.arange(b.tokens.shape[1])[None] < b.lengths[:, None]
             hf.model(input_ids=b.tokens, attention_mask=mask.long())
             a_ref, a_ours = grabbed["x"][mask].float(), ours.capture(b.tokens, [hook])[hook][mask].float()
             rel = ((a_ref - a_ours).norm(dim=-1) / a_ref.norm(dim=-1)).median().item()
             assert rel < (1e-5 if dt == torch.float32 else 0.05), rel
             reps = 1 if dt == torch.float32 else 3
             warm = sorted_batches[-2:]  # the longest batches
-            rates[f"B: transformers, sorted + cut at layer, {name}"] = n_tokens / timed(hf_sorted, lambda: hf_sorted(warm), reps)
+            rates[f"B: transformers, sorted + cut at layer, {name}"] = n_tokens / timed(
+                hf_sorted, lambda: hf_sorted(warm), reps
+            )
             rates[f"C: ours, {name}"] = n_tokens / timed(ours_sorted, lambda: ours_sorted(warm), reps)
             mean_len = sum(b.tokens.shape[1] * b.n_tokens for b in sorted_batches) / n_tokens
             limit = matmul_flops_per_s(dt) / flops_per_token(lm.args, L, mean_len)
             rates[f"D: limit (FLOPs / matmul FLOP/s), {name}"] = limit
-            del hf
+            hf = None  # free it before the next dtype
 
         # What bf16 costs: per-token relative error of bf16 activations against fp32.
         errs, coss = [], []
@@ -170,18 +184,23 @@ def main() -> None:
             coss += torch.nn.functional.cosine_similarity(a16, a32, dim=-1).tolist()
     errs.sort()
     if errs:
-        results["bf16_accuracy"] = {"median_rel_error": errs[len(errs) // 2], "p99_rel_error": errs[int(len(errs) * 0.99)],
-                                    "min_cosine": min(coss)}
+        results["bf16_accuracy"] = {
+            "median_rel_error": errs[len(errs) // 2],
+            "p99_rel_error": errs[int(len(errs) * 0.99)],
+            "min_cosine": min(coss),
+        }
     results["tokens_per_s"] = {k: round(v) for k, v in rates.items()}
     a = rates["A: transformers, user-style, fp32"]
     results["ratios"] = {}
     for name in ("fp32", "bf16")[: len(dtypes)]:
         ours = rates[f"C: ours, {name}"]
-        results["ratios"].update({
-            f"ours {name} / A": ours / a,
-            f"ours {name} / B {name}": ours / rates[f"B: transformers, sorted + cut at layer, {name}"],
-            f"ours {name} / limit": ours / rates[f"D: limit (FLOPs / matmul FLOP/s), {name}"],
-        })
+        results["ratios"].update(
+            {
+                f"ours {name} / A": ours / a,
+                f"ours {name} / B {name}": ours / rates[f"B: transformers, sorted + cut at layer, {name}"],
+                f"ours {name} / limit": ours / rates[f"D: limit (FLOPs / matmul FLOP/s), {name}"],
+            }
+        )
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

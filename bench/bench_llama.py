@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama_3 import default_capture_layer, load_model  # noqa: E402
 from llama_3.checkpoints import meta_to_hf_state_dict  # noqa: E402
 from llama_3.cpu_features import cpu_name  # noqa: E402
-from llama_3.model import Linear  # noqa: E402
-from llama_3_inference import Generator  # noqa: E402
+from llama_3.cpu_fast import apply_cpu_fast_paths, revert_cpu_fast_paths  # noqa: E402
+from llama_3.generation import Generator  # noqa: E402
 
 
 def to_transformers(lm, attn: str = "sdpa"):
@@ -36,10 +36,19 @@ def to_transformers(lm, attn: str = "sdpa"):
 
     a = lm.args
     cfg = LlamaConfig(
-        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
-        max_position_embeddings=a.max_seq_len, tie_word_embeddings=a.tie_word_embeddings,
-        bos_token_id=lm.tokenizer.bos_id, eos_token_id=lm.tokenizer.eos_id, pad_token_id=lm.tokenizer.pad_id,
+        vocab_size=a.vocab_size,
+        hidden_size=a.dim,
+        intermediate_size=a.hidden_dim,
+        num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads,
+        rms_norm_eps=a.norm_eps,
+        rope_theta=a.rope_theta,
+        max_position_embeddings=a.max_seq_len,
+        tie_word_embeddings=a.tie_word_embeddings,
+        bos_token_id=lm.tokenizer.bos_id,
+        eos_token_id=lm.tokenizer.eos_id,
+        pad_token_id=lm.tokenizer.pad_id,
         attn_implementation=attn,
     )
     if a.rope_scaling or a.rope_freq_factors:
@@ -101,7 +110,7 @@ def main() -> None:
     lm = load_model(args.model, device=device, dtype=dtype)
     hf = to_transformers(lm)
     if device.type == "cpu":
-        lm.model.pack_for_cpu_inference()  # our CPU path (the capture stage and Generator do the same)
+        apply_cpu_fast_paths(lm.model)  # our CPU path (the capture stage and Generator do the same)
     layer = default_capture_layer(lm.args.n_layers)
     hook = f"resid_pre.{layer}"
     batches = [b.to(device) for b in corpus_batches(lm, args.batch_size, args.seq_len, 1)]
@@ -113,6 +122,7 @@ def main() -> None:
             with torch.inference_mode():
                 fn()
             sync()
+
         return f
 
     with torch.inference_mode():
@@ -129,16 +139,20 @@ def main() -> None:
     t_hf = timeit(run(lambda: hf(x, output_hidden_states=True)), args.repeats)
     t_hf_base = timeit(run(lambda: hf.model(x, output_hidden_states=True)), args.repeats)
     n_tok = x.numel()
-    results["capture"] = dict(ours_tok_s=n_tok / t_ours, hf_tok_s=n_tok / t_hf, hf_base_tok_s=n_tok / t_hf_base,
-                              ratio=t_hf / t_ours, ratio_vs_base=t_hf_base / t_ours)
+    results["capture"] = dict(
+        ours_tok_s=n_tok / t_ours,
+        hf_tok_s=n_tok / t_hf,
+        hf_base_tok_s=n_tok / t_hf_base,
+        ratio=t_hf / t_ours,
+        ratio_vs_base=t_hf_base / t_ours,
+    )
     if device.type == "cpu":  # does prepacking pay on this CPU? (llama_3/cpu_features.py decides per dtype)
-        linears = [m for m in lm.model.modules() if isinstance(m, Linear)]
-        packed = sum(m._packed is not None for m in linears)
-        for m in linears:
-            m.unpack()
+        revert_cpu_fast_paths(lm.model)
         t_unpacked = timeit(run(lambda: lm.model.capture(x, [hook])), args.repeats)
-        lm.model.pack_for_cpu_inference()
-        results["capture"].update(prepacked_layers=packed, ours_unpacked_tok_s=n_tok / t_unpacked, prepack_gain=t_unpacked / t_ours)
+        packed = apply_cpu_fast_paths(lm.model)
+        results["capture"].update(
+            prepacked_layers=packed, ours_unpacked_tok_s=n_tok / t_unpacked, prepack_gain=t_unpacked / t_ours
+        )
     t_ours_full = timeit(run(lambda: lm.model(x)), args.repeats)
     t_hf_full = timeit(run(lambda: hf(x)), args.repeats)
     results["forward"] = dict(ours_tok_s=n_tok / t_ours_full, hf_tok_s=n_tok / t_hf_full, ratio=t_hf_full / t_ours_full)
@@ -157,8 +171,15 @@ def main() -> None:
         return gen.generate(prompts, max_new_tokens=n, temperature=0, stop_tokens=set())
 
     def hf_gen():
-        return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=pad, eos_token_id=None)
+        return hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=None,
+        )
 
     with torch.inference_mode():
         ours_out = [c.tokens for c in ours_gen()]
@@ -167,30 +188,58 @@ def main() -> None:
     t_ours_gen = timeit(run(ours_gen), max(1, args.repeats // 2))
     t_hf_gen = timeit(run(hf_gen), max(1, args.repeats // 2))
     n_gen = args.gen_batch * n
-    results["generate"] = dict(ours_tok_s=n_gen / t_ours_gen, hf_tok_s=n_gen / t_hf_gen, ratio=t_hf_gen / t_ours_gen,
-                               greedy_sequences_identical=agree)
+    results["generate"] = dict(
+        ours_tok_s=n_gen / t_ours_gen,
+        hf_tok_s=n_gen / t_hf_gen,
+        ratio=t_hf_gen / t_ours_gen,
+        greedy_sequences_identical=agree,
+    )
 
     import transformers
 
     meta = dict(
         machine=cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
-        device=str(device), dtype=args.dtype, torch=torch.__version__, transformers=transformers.__version__,
-        model=str(lm.path.name), batch=f"{args.batch_size}x{args.seq_len}", hook=hook,
-        max_rel_hidden_diff=rel_h, max_abs_logit_diff=logit_diff,
+        device=str(device),
+        dtype=args.dtype,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        model=str(lm.path.name),
+        batch=f"{args.batch_size}x{args.seq_len}",
+        hook=hook,
+        max_rel_hidden_diff=rel_h,
+        max_abs_logit_diff=logit_diff,
     )
-    print(f"\n{meta['model']} on {meta['machine']} ({args.dtype}, torch {torch.__version__}, transformers {transformers.__version__})")
-    print(f"parity: hidden state rel diff {rel_h:.2e}, max |logit diff| {logit_diff:.2e}, greedy sequences identical {agree:.0%}\n")
+    print(
+        f"\n{meta['model']} on {meta['machine']} ({args.dtype}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__})"
+    )
+    print(
+        f"parity: hidden state rel diff {rel_h:.2e}, max |logit diff| {logit_diff:.2e}, greedy sequences identical "
+        f"{agree:.0%}\n"
+    )
     print("| benchmark | ours tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|")
     c = results["capture"]
-    print(f"| capture-only forward to {hook} ({meta['batch']}) | {c['ours_tok_s']:.0f} | {c['hf_tok_s']:.0f} (CausalLM) / {c['hf_base_tok_s']:.0f} (LlamaModel) | {c['ratio']:.2f}x / {c['ratio_vs_base']:.2f}x |")
+    print(
+        f"| capture-only forward to {hook} ({meta['batch']}) | {c['ours_tok_s']:.0f} | {c['hf_tok_s']:.0f} (CausalLM) "
+        f"/ {c['hf_base_tok_s']:.0f} (LlamaModel) | {c['ratio']:.2f}x / {c['ratio_vs_base']:.2f}x |"
+    )
     if "prepack_gain" in c:
-        print(f"| capture-only forward, weights not prepacked ({c['prepacked_layers']} layers were) | {c['ours_unpacked_tok_s']:.0f} | "
-              f"| prepacking gains {c['prepack_gain']:.2f}x |")
+        print(
+            f"| capture-only forward, weights not prepacked ({c['prepacked_layers']} layers were) | "
+            f"{c['ours_unpacked_tok_s']:.0f} | "
+            f"| prepacking gains {c['prepack_gain']:.2f}x |"
+        )
     f = results["forward"]
-    print(f"| full forward to logits ({meta['batch']}) | {f['ours_tok_s']:.0f} | {f['hf_tok_s']:.0f} | {f['ratio']:.2f}x |")
+    print(
+        f"| full forward to logits ({meta['batch']}) | {f['ours_tok_s']:.0f} | {f['hf_tok_s']:.0f} | {f['ratio']:.2f}x "
+        "|"
+    )
     g = results["generate"]
-    print(f"| greedy generation ({args.gen_batch} prompts, {n} new tokens) | {g['ours_tok_s']:.1f} | {g['hf_tok_s']:.1f} | {g['ratio']:.2f}x |")
+    print(
+        f"| greedy generation ({args.gen_batch} prompts, {n} new tokens) | {g['ours_tok_s']:.1f} | {g['hf_tok_s']:.1f} "
+        f"| {g['ratio']:.2f}x |"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

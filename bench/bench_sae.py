@@ -1,6 +1,6 @@
 """Benchmark SAE training against EleutherAI's sparsify on the same cached activations.
 
-    pip install -e .[bench]                  # the peer, eai-sparsify 1.3.3 (pulls accelerate, einops, schedulefree, ...)
+    pip install -e .[bench]                  # the peer, eai-sparsify 1.3.3 (+ accelerate, einops, schedulefree, ...)
     python bench/bench_sae.py [--data runs/preprocessed] [--n-latents 4608] [--k 32] [--batch-size 4096]
                               [--epochs 1] [--converge-epochs 5] [--threads 2]
 
@@ -71,9 +71,24 @@ def score(reconstruct, val: torch.Tensor, n_latents: int, indices_of) -> dict:
 
 def run_ours(args, autocast: str, epochs: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(data=args.data, out=tmp, n_latents=args.n_latents, k=args.k, batch_size=args.batch_size, epochs=epochs,
-                          warmup_steps=args.warmup_steps, lr=args.lr, beta1=args.beta1, beta2=args.beta2, aux_coef=AUX_COEF, dead_tokens=DEAD_TOKENS, autocast=autocast,
-                          device="cpu", wandb="disabled", eval_sentences=0)
+        cfg = TrainConfig(
+            data=args.data,
+            out=tmp,
+            n_latents=args.n_latents,
+            k=args.k,
+            batch_size=args.batch_size,
+            epochs=epochs,
+            warmup_steps=args.warmup_steps,
+            lr=args.lr,
+            beta1=args.beta1,
+            beta2=args.beta2,
+            aux_coef=AUX_COEF,
+            dead_tokens=DEAD_TOKENS,
+            autocast=autocast,
+            device="cpu",
+            wandb="disabled",
+            eval_sentences=0,
+        )
         base = rss_mb()
         t = Trainer(cfg, DistInfo(0, 1, 0, 1, torch.device("cpu")))
         seconds, tokens = 0.0, 0
@@ -85,11 +100,19 @@ def run_ours(args, autocast: str, epochs: int) -> dict:
                 t.step += 1
                 tokens += min(args.batch_size, len(t.train) - int(start))
         sae = t.sae
+
         def indices_of(x):
             out = sae(x)
             return out.values, out.indices
+
         result = score(sae.reconstruct, t.val, args.n_latents, indices_of)
-        return {**result, "tokens_per_s": tokens / seconds, "tokens": tokens, "peak_rss_mb": rss_mb(), "rss_before_setup_mb": base}
+        return {
+            **result,
+            "tokens_per_s": tokens / seconds,
+            "tokens": tokens,
+            "peak_rss_mb": rss_mb(),
+            "rss_before_setup_mb": base,
+        }
 
 
 def run_sparsify(args, optimizer: str, epochs: int, lr: float = 0.0) -> dict:
@@ -108,6 +131,7 @@ def run_sparsify(args, optimizer: str, epochs: int, lr: float = 0.0) -> dict:
     else:  # sparsify's default: schedule-free SignSGD
         from schedulefree import ScheduleFreeWrapper
         from sparsify.sign_sgd import SignSGD
+
         opt = ScheduleFreeWrapper(SignSGD(sae.parameters(), lr=5e-3 / (args.n_latents / 2**14) ** 0.5), momentum=0.95)
         opt.train()
         sched = None
@@ -137,16 +161,29 @@ def run_sparsify(args, optimizer: str, epochs: int, lr: float = 0.0) -> dict:
     if sched is None:
         opt.eval()  # schedule-free: evaluate the averaged weights
     sae.set_decoder_norm_to_unit_norm()
+
     def indices_of(x):
         enc = sae.encode(x)
         return enc.top_acts, enc.top_indices
+
     result = score(lambda x: sae(x).sae_out, val, args.n_latents, indices_of)
-    return {**result, "tokens_per_s": tokens / seconds, "tokens": tokens, "peak_rss_mb": rss_mb(), "rss_before_setup_mb": base}
+    return {
+        **result,
+        "tokens_per_s": tokens / seconds,
+        "tokens": tokens,
+        "peak_rss_mb": rss_mb(),
+        "rss_before_setup_mb": base,
+    }
 
 
 def matmul_gflops(n: int, d: int, n_latents: int, dtype: torch.dtype) -> float:
     from sae import encoder_preacts
-    x, W, b = torch.randn(n, d, dtype=dtype), torch.randn(n_latents, d, dtype=dtype), torch.zeros(n_latents, dtype=dtype)
+
+    x, W, b = (
+        torch.randn(n, d, dtype=dtype),
+        torch.randn(n_latents, d, dtype=dtype),
+        torch.zeros(n_latents, dtype=dtype),
+    )
     best = math.inf
     for _ in range(10):
         s = time.perf_counter()
@@ -159,7 +196,9 @@ WORKERS = {
     "ours_fp32": lambda a: run_ours(a, "off", a.epochs),
     "ours_bf16": lambda a: run_ours(a, "on", a.epochs),
     "sparsify_adam_fp32": lambda a: run_sparsify(a, "adam", a.epochs),
-    "sparsify_adam_fp32_our_lr": lambda a: run_sparsify(a, "adam", a.epochs, a.lr or 2e-3 / (a.n_latents / 2**14) ** 0.5),
+    "sparsify_adam_fp32_our_lr": lambda a: run_sparsify(
+        a, "adam", a.epochs, a.lr or 2e-3 / (a.n_latents / 2**14) ** 0.5
+    ),
     "ours_default_converged": lambda a: run_ours(a, "auto", a.converge_epochs),
     "sparsify_signum_converged": lambda a: run_sparsify(a, "signum", a.converge_epochs),
 }
@@ -187,10 +226,17 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](args)))
         return
     d = activations(args.data, "val").shape[1]
-    results = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "only")},
-               "torch": torch.__version__, "threads": args.threads, "cpu": cpu_name(), "native_bf16": has_native_bf16(),
-               "encoder_matmul_gflops": {"fp32": matmul_gflops(args.batch_size, d, args.n_latents, torch.float32),
-                                         "bf16": matmul_gflops(args.batch_size, d, args.n_latents, torch.bfloat16)}}
+    results = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "only")},
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpu": cpu_name(),
+        "native_bf16": has_native_bf16(),
+        "encoder_matmul_gflops": {
+            "fp32": matmul_gflops(args.batch_size, d, args.n_latents, torch.float32),
+            "bf16": matmul_gflops(args.batch_size, d, args.n_latents, torch.bfloat16),
+        },
+    }
     flops_per_token = 2 * d * args.n_latents
     for name in args.only:
         if name == "ours_bf16" and not has_native_bf16():
@@ -198,7 +244,9 @@ def main() -> None:
             results[name] = {"skipped": missing_bf16_feature()}
             print(f"{name:28s} skipped: {missing_bf16_feature()}", flush=True)
             continue
-        cmd = [sys.executable, __file__, "--worker", name] + [a for a in sys.argv[1:] if a != "--only" and a not in args.only]
+        cmd = [sys.executable, __file__, "--worker", name] + [
+            a for a in sys.argv[1:] if a != "--only" and a not in args.only
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             last = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -210,16 +258,23 @@ def main() -> None:
         peak = results["encoder_matmul_gflops"]["bf16" if ran_bf16 else "fp32"]
         r["fraction_of_matmul_peak"] = r["tokens_per_s"] * flops_per_token / 1e9 / peak
         results[name] = r
-        print(f"{name:28s} {r['tokens_per_s']:8.0f} tok/s  FVU {r['fvu']:.4f}  dead {r['dead_pct']:5.1f}%  "
-              f"peak RSS {r['peak_rss_mb']:6.0f} MB (+{r['peak_rss_mb'] - r['rss_before_setup_mb']:.0f})  "
-              f"{r['fraction_of_matmul_peak']:.0%} of matmul peak", flush=True)
+        print(
+            f"{name:28s} {r['tokens_per_s']:8.0f} tok/s  FVU {r['fvu']:.4f}  dead {r['dead_pct']:5.1f}%  "
+            f"peak RSS {r['peak_rss_mb']:6.0f} MB (+{r['peak_rss_mb'] - r['rss_before_setup_mb']:.0f})  "
+            f"{r['fraction_of_matmul_peak']:.0%} of matmul peak",
+            flush=True,
+        )
     for ours, key in (("ours_bf16", "speedup_bf16_vs_sparsify"), ("ours_fp32", "speedup_fp32_vs_sparsify")):
         if "tokens_per_s" in results.get(ours, {}) and "tokens_per_s" in results.get("sparsify_adam_fp32", {}):
             results[key] = results[ours]["tokens_per_s"] / results["sparsify_adam_fp32"]["tokens_per_s"]
     out_dir = REPO / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_sae.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k.startswith("speedup") or k == "encoder_matmul_gflops"}, indent=2))
+    print(
+        json.dumps(
+            {k: v for k, v in results.items() if k.startswith("speedup") or k == "encoder_matmul_gflops"}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -92,24 +92,45 @@ def main() -> None:
         m = json.loads((tmp / "wiki" / "manifest.json").read_text())
         read = json.loads(run_child(["-c", READ_SNIPPET, str(tmp / "wiki")])[0])
         results["embedded"] = {
-            "documents": m["counts"]["documents"], "sentences": m["counts"]["sentences"], "characters": m["counts"]["characters"],
-            "build_seconds_total": round(seconds, 1), "punkt_train_seconds": m["splitter"].get("train_seconds"),
-            "build_peak_rss_mb": round(wiki_rss), "read_peak_rss_mb": round(read["peak_rss_mb"]),
-            "build_sentences_per_s": m["throughput"]["sentences_per_s"], "tokens": read["tokens"],
-            "truncated_sentences": read["truncated_sentences"], "read_tokens_per_s": round(read["tokens_per_s"]),
+            "documents": m["counts"]["documents"],
+            "sentences": m["counts"]["sentences"],
+            "characters": m["counts"]["characters"],
+            "build_seconds_total": round(seconds, 1),
+            "punkt_train_seconds": m["splitter"].get("train_seconds"),
+            "build_peak_rss_mb": round(wiki_rss),
+            "read_peak_rss_mb": round(read["peak_rss_mb"]),
+            "build_sentences_per_s": m["throughput"]["sentences_per_s"],
+            "tokens": read["tokens"],
+            "truncated_sentences": read["truncated_sentences"],
+            "read_tokens_per_s": round(read["tokens_per_s"]),
             "padding_fraction": round(1 - read["tokens"] / read["padded_tokens"], 4),
         }
         print(json.dumps(results["embedded"], indent=2))
         if args.big_gb > 0:
             big = tmp / "big.txt"
             nbytes = generate_big_text(big, args.big_gb)
-            build_s, build_rss = run_script(["openwebtext_sentences_dataset.py", "--input", str(big), "--out", str(tmp / "big"), "--splitter", "trained"])
+            build_s, build_rss = run_script(
+                [
+                    "openwebtext_sentences_dataset.py",
+                    "--input",
+                    str(big),
+                    "--out",
+                    str(tmp / "big"),
+                    "--splitter",
+                    "trained",
+                ]
+            )
             mb = json.loads((tmp / "big" / "manifest.json").read_text())
             read = json.loads(run_child(["-c", READ_SNIPPET, str(tmp / "big")])[0])
             results["big"] = {
-                "text_bytes": nbytes, "documents": mb["counts"]["documents"], "sentences": mb["counts"]["sentences"],
-                "build_seconds": round(build_s), "build_sentences_per_s": mb["throughput"]["sentences_per_s"],
-                "build_peak_rss_mb": round(build_rss), "tokens": read["tokens"], "read_tokens_per_s": round(read["tokens_per_s"]),
+                "text_bytes": nbytes,
+                "documents": mb["counts"]["documents"],
+                "sentences": mb["counts"]["sentences"],
+                "build_seconds": round(build_s),
+                "build_sentences_per_s": mb["throughput"]["sentences_per_s"],
+                "build_peak_rss_mb": round(build_rss),
+                "tokens": read["tokens"],
+                "read_tokens_per_s": round(read["tokens_per_s"]),
                 "read_peak_rss_mb": round(read["peak_rss_mb"]),
                 "dataset_bytes": sum(s["bytes"] for s in mb["shards"]),
             }

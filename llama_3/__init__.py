@@ -2,12 +2,24 @@
 
 from llama_3.args import ModelArgs, RopeScaling
 from llama_3.checkpoints import LoadedModel, default_model_path, load_model, load_tokenizer
-from llama_3.errors import LlamaInputError
+from llama_3.errors import LlamaInputError, PipelineInputError
 from llama_3.hooks import HOOK_KINDS, HookPoint, Splice, default_capture_layer
 from llama_3.model import Transformer
 from llama_3.tokenizer import Tokenizer
 
 __all__ = [
-    "ModelArgs", "RopeScaling", "LoadedModel", "default_model_path", "load_model", "load_tokenizer", "LlamaInputError",
-    "HOOK_KINDS", "HookPoint", "Splice", "default_capture_layer", "Transformer", "Tokenizer",
+    "ModelArgs",
+    "RopeScaling",
+    "LoadedModel",
+    "default_model_path",
+    "load_model",
+    "load_tokenizer",
+    "PipelineInputError",
+    "LlamaInputError",
+    "HOOK_KINDS",
+    "HookPoint",
+    "Splice",
+    "default_capture_layer",
+    "Transformer",
+    "Tokenizer",
 ]

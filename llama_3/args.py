@@ -6,7 +6,7 @@ Three sources describe the same architecture in different words:
 - GGUF metadata (llama.embedding_length, ..., plus a `rope_freqs` tensor for Llama-3 scaling).
 
 Each reader maps its keys onto one `ModelArgs`, refuses contradictions with a
-`LlamaInputError`, and logs every decision it takes on the user's behalf.
+`PipelineInputError`, and logs every decision it takes on the user's behalf.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,21 @@ class ModelArgs:
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise LlamaInputError(f"model args: {name} must be a positive integer, got {getattr(self, name)!r}")
+                raise PipelineInputError(f"model args: {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.dim % self.n_heads:
-            raise LlamaInputError(f"model args: dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            raise PipelineInputError(f"model args: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise LlamaInputError(f"model args: n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+            raise PipelineInputError(
+                f"model args: n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
+            )
         if self.head_dim % 2:
-            raise LlamaInputError(f"model args: head_dim={self.head_dim} must be even for RoPE")
+            raise PipelineInputError(f"model args: head_dim={self.head_dim} must be even for RoPE")
         if self.rope_scaling is not None and self.rope_freq_factors is not None:
-            raise LlamaInputError("model args: rope_scaling and rope_freq_factors are exclusive")
+            raise PipelineInputError("model args: rope_scaling and rope_freq_factors are exclusive")
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
-            raise LlamaInputError(
-                f"model args: rope_freq_factors has {len(self.rope_freq_factors)} entries, expected head_dim/2={self.head_dim // 2}"
+            raise PipelineInputError(
+                f"model args: rope_freq_factors has {len(self.rope_freq_factors)} entries, expected "
+                f"head_dim/2={self.head_dim // 2}"
             )
 
     @property
@@ -114,22 +117,22 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise LlamaInputError(f"{path}: file not found") from None
+        raise PipelineInputError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
-        raise LlamaInputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise PipelineInputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict):
-        raise LlamaInputError(f"{path}: expected a JSON object")
+        raise PipelineInputError(f"{path}: expected a JSON object")
     return data
 
 
 def _require(d: dict[str, Any], key: str, source: str, kind: type = int) -> Any:
     if key not in d:
-        raise LlamaInputError(f"{source}: missing required field '{key}'")
+        raise PipelineInputError(f"{source}: missing required field '{key}'")
     value = d[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise LlamaInputError(f"{source}: field '{key}' must be {kind.__name__}, got {value!r}")
+        raise PipelineInputError(f"{source}: field '{key}' must be {kind.__name__}, got {value!r}")
     return value
 
 
@@ -141,15 +144,28 @@ _LLAMA_32_SHAPES = {(2048, 16), (3072, 28)}
 # params.json keys that do not change the architecture.
 _META_BENIGN_KEYS = {"max_batch_size"}
 _META_KEYS = {
-    "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-    "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "low_freq_factor",
-    "high_freq_factor", "original_max_position_embeddings", "rope_scaling", "max_seq_len",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+    "use_scaled_rope",
+    "rope_scaling_factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "rope_scaling",
+    "max_seq_len",
 }
 
 
 def _rope_scaling_from_dict(d: dict[str, Any], source: str) -> RopeScaling:
     if "factor" not in d:
-        raise LlamaInputError(f"{source}: rope_scaling has no 'factor'")
+        raise PipelineInputError(f"{source}: rope_scaling has no 'factor'")
     try:
         return RopeScaling(
             factor=float(d["factor"]),
@@ -158,7 +174,7 @@ def _rope_scaling_from_dict(d: dict[str, Any], source: str) -> RopeScaling:
             original_max_position_embeddings=int(d.get("original_max_position_embeddings", 8192)),
         )
     except (TypeError, ValueError) as e:
-        raise LlamaInputError(f"{source}: bad rope_scaling {d!r} ({e})") from None
+        raise PipelineInputError(f"{source}: bad rope_scaling {d!r} ({e})") from None
 
 
 def args_from_meta_params(path: str | Path) -> ModelArgs:
@@ -174,7 +190,7 @@ def args_from_meta_params(path: str | Path) -> ModelArgs:
     p = _read_json(path)
     unknown = set(p) - _META_KEYS - _META_BENIGN_KEYS
     if unknown:
-        raise LlamaInputError(f"{source}: unknown field(s) {sorted(unknown)} (not a Llama 3 text model?)")
+        raise PipelineInputError(f"{source}: unknown field(s) {sorted(unknown)} (not a Llama 3 text model?)")
     dim = _require(p, "dim", source)
     n_layers = _require(p, "n_layers", source)
     n_heads = _require(p, "n_heads", source)
@@ -190,11 +206,18 @@ def args_from_meta_params(path: str | Path) -> ModelArgs:
         explicit = _rope_scaling_from_dict(p["rope_scaling"], source)
     elif "rope_scaling_factor" in p:
         explicit = _rope_scaling_from_dict(
-            {"factor": p["rope_scaling_factor"], **{k: p[k] for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k in p}},
+            {
+                "factor": p["rope_scaling_factor"],
+                **{
+                    k: p[k]
+                    for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                    if k in p
+                },
+            },
             source,
         )
     if explicit is not None and use_scaled is False:
-        raise LlamaInputError(f"{source}: use_scaled_rope is false but a RoPE scaling factor is given")
+        raise PipelineInputError(f"{source}: use_scaled_rope is false but a RoPE scaling factor is given")
     rope_scaling = explicit
     if rope_scaling is None and use_scaled:
         for hf_config in (path.parent / "config.json", path.parent.parent / "config.json"):
@@ -210,17 +233,27 @@ def args_from_meta_params(path: str | Path) -> ModelArgs:
             rope_scaling = RopeScaling(factor=factor)
             decisions.append(
                 f"{source}: use_scaled_rope without a factor; dim={dim}, n_layers={n_layers} is {family}'s "
-                f"shape, so factor={factor:g} (add \"rope_scaling_factor\" to params.json to override)"
+                f'shape, so factor={factor:g} (add "rope_scaling_factor" to params.json to override)'
             )
     if "max_seq_len" in p:
         max_seq_len = int(p["max_seq_len"])
     else:
         max_seq_len = 131072 if use_scaled else 8192
-        decisions.append(f"{source}: no max_seq_len; using {max_seq_len} ({'scaled' if use_scaled else 'unscaled'} RoPE)")
+        decisions.append(
+            f"{source}: no max_seq_len; using {max_seq_len} ({'scaled' if use_scaled else 'unscaled'} RoPE)"
+        )
     args = ModelArgs(
-        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
-        hidden_dim=hidden_dim, norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 500000.0)),
-        rope_scaling=rope_scaling, max_seq_len=max_seq_len, tie_word_embeddings=False,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=vocab_size,
+        hidden_dim=hidden_dim,
+        norm_eps=float(p.get("norm_eps", 1e-5)),
+        rope_theta=float(p.get("rope_theta", 500000.0)),
+        rope_scaling=rope_scaling,
+        max_seq_len=max_seq_len,
+        tie_word_embeddings=False,
     )
     for d in decisions:
         args.decide(d)
@@ -229,14 +262,48 @@ def args_from_meta_params(path: str | Path) -> ModelArgs:
 
 # config.json keys that are metadata, generation defaults or values we check elsewhere.
 _HF_BENIGN_KEYS = {
-    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
-    "transformers_version", "use_cache", "initializer_range", "attention_dropout", "_name_or_path",
-    "_attn_implementation_autoset", "hidden_act", "attention_bias", "mlp_bias", "pretraining_tp",
-    "head_dim", "tie_word_embeddings", "rope_scaling", "rope_theta", "rope_parameters",
-    "max_position_embeddings", "hidden_size", "intermediate_size", "num_attention_heads",
-    "num_hidden_layers", "num_key_value_heads", "rms_norm_eps", "vocab_size", "is_llama_config",
-    "rope_interleaved", "quantization_config", "_commit_hash", "output_attentions", "output_hidden_states",
-    "return_dict", "id2label", "label2id", "chunk_size_feed_forward", "problem_type", "tokenizer_class",
+    "architectures",
+    "model_type",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "use_cache",
+    "initializer_range",
+    "attention_dropout",
+    "_name_or_path",
+    "_attn_implementation_autoset",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "pretraining_tp",
+    "head_dim",
+    "tie_word_embeddings",
+    "rope_scaling",
+    "rope_theta",
+    "rope_parameters",
+    "max_position_embeddings",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "vocab_size",
+    "is_llama_config",
+    "rope_interleaved",
+    "quantization_config",
+    "_commit_hash",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "id2label",
+    "label2id",
+    "chunk_size_feed_forward",
+    "problem_type",
+    "tokenizer_class",
 }
 
 
@@ -246,39 +313,46 @@ def args_from_hf_config(path: str | Path) -> ModelArgs:
     source = str(path)
     c = _read_json(path)
     if c.get("model_type", "llama") != "llama":
-        raise LlamaInputError(f"{source}: model_type is {c['model_type']!r}, expected 'llama'")
+        raise PipelineInputError(f"{source}: model_type is {c['model_type']!r}, expected 'llama'")
     if c.get("hidden_act", "silu") != "silu":
-        raise LlamaInputError(f"{source}: hidden_act {c['hidden_act']!r} is not supported (Llama uses 'silu')")
+        raise PipelineInputError(f"{source}: hidden_act {c['hidden_act']!r} is not supported (Llama uses 'silu')")
     for flag in ("attention_bias", "mlp_bias"):
         if c.get(flag):
-            raise LlamaInputError(f"{source}: {flag}=true is not supported by Llama 3")
+            raise PipelineInputError(f"{source}: {flag}=true is not supported by Llama 3")
     if c.get("pretraining_tp", 1) != 1:
         log.warning("%s: pretraining_tp=%s only affects HF's slicing of matmuls; ignored", source, c["pretraining_tp"])
     dim = _require(c, "hidden_size", source)
     n_heads = _require(c, "num_attention_heads", source)
     if c.get("head_dim") not in (None, dim // n_heads):
-        raise LlamaInputError(f"{source}: head_dim={c['head_dim']} differs from hidden_size/num_attention_heads={dim // n_heads}")
+        raise PipelineInputError(
+            f"{source}: head_dim={c['head_dim']} differs from hidden_size/num_attention_heads={dim // n_heads}"
+        )
 
     # transformers >= 4.56 may nest rope_theta and the scaling under "rope_parameters".
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if not isinstance(rope, dict):
-        raise LlamaInputError(f"{source}: rope_scaling must be an object or null")
+        raise PipelineInputError(f"{source}: rope_scaling must be an object or null")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     rope_theta = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
     if rope_type == "llama3":
         rope_scaling = _rope_scaling_from_dict(rope, source)
     elif rope_type in ("default", None):
         if "factor" in rope:
-            raise LlamaInputError(f"{source}: rope scaling has a factor but rope_type is {rope_type!r}")
+            raise PipelineInputError(f"{source}: rope scaling has a factor but rope_type is {rope_type!r}")
         rope_scaling = None
     else:
-        raise LlamaInputError(f"{source}: rope_type {rope_type!r} is not supported (only 'llama3' or none)")
+        raise PipelineInputError(f"{source}: rope_type {rope_type!r} is not supported (only 'llama3' or none)")
 
     args = ModelArgs(
-        dim=dim, n_layers=_require(c, "num_hidden_layers", source), n_heads=n_heads,
-        n_kv_heads=c.get("num_key_value_heads") or n_heads, vocab_size=_require(c, "vocab_size", source),
-        hidden_dim=_require(c, "intermediate_size", source), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta, rope_scaling=rope_scaling,
+        dim=dim,
+        n_layers=_require(c, "num_hidden_layers", source),
+        n_heads=n_heads,
+        n_kv_heads=c.get("num_key_value_heads") or n_heads,
+        vocab_size=_require(c, "vocab_size", source),
+        hidden_dim=_require(c, "intermediate_size", source),
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         max_seq_len=int(c.get("max_position_embeddings", 8192)),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
     )
@@ -292,13 +366,13 @@ def args_from_gguf_metadata(meta: dict[str, Any], source: str, rope_freq_factors
     """Read GGUF `llama.*` metadata (already decoded to Python values)."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise LlamaInputError(f"{source}: general.architecture is {arch!r}, expected 'llama'")
+        raise PipelineInputError(f"{source}: general.architecture is {arch!r}, expected 'llama'")
 
     def g(key: str, default: Any = None) -> Any:
         full = f"llama.{key}"
         if full not in meta:
             if default is None:
-                raise LlamaInputError(f"{source}: missing GGUF metadata '{full}'")
+                raise PipelineInputError(f"{source}: missing GGUF metadata '{full}'")
             return default
         return meta[full]
 
@@ -306,21 +380,27 @@ def args_from_gguf_metadata(meta: dict[str, Any], source: str, rope_freq_factors
     n_heads = int(g("attention.head_count"))
     rope_dims = meta.get("llama.rope.dimension_count")
     if rope_dims is not None and int(rope_dims) != dim // n_heads:
-        raise LlamaInputError(f"{source}: partial RoPE (rope.dimension_count={rope_dims}) is not supported")
+        raise PipelineInputError(f"{source}: partial RoPE (rope.dimension_count={rope_dims}) is not supported")
     scaling_type = meta.get("llama.rope.scaling.type", "none")
     if scaling_type not in ("none", None):
-        raise LlamaInputError(f"{source}: llama.rope.scaling.type={scaling_type!r} is not supported")
+        raise PipelineInputError(f"{source}: llama.rope.scaling.type={scaling_type!r} is not supported")
     n_vocab = meta.get("llama.vocab_size")
     if n_vocab is None:
         n_vocab = len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta else None
     if n_vocab is None:
-        raise LlamaInputError(f"{source}: no llama.vocab_size and no tokenizer.ggml.tokens")
+        raise PipelineInputError(f"{source}: no llama.vocab_size and no tokenizer.ggml.tokens")
     return ModelArgs(
-        dim=dim, n_layers=int(g("block_count")), n_heads=n_heads,
-        n_kv_heads=int(g("attention.head_count_kv", n_heads)), vocab_size=int(n_vocab),
-        hidden_dim=int(g("feed_forward_length")), norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(g("rope.freq_base", 10000.0)), rope_freq_factors=rope_freq_factors,
-        max_seq_len=int(g("context_length", 8192)), tie_word_embeddings=False,
+        dim=dim,
+        n_layers=int(g("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(g("attention.head_count_kv", n_heads)),
+        vocab_size=int(n_vocab),
+        hidden_dim=int(g("feed_forward_length")),
+        norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rope_freq_factors=rope_freq_factors,
+        max_seq_len=int(g("context_length", 8192)),
+        tie_word_embeddings=False,
     )
 
 
@@ -332,7 +412,9 @@ def rope_inverse_frequencies(args: ModelArgs) -> list[float]:
     """
     hd = args.head_dim
     # Meta and HF compute the base frequencies in float32; so do we, so parity holds to the last bit.
-    freqs = (1.0 / (np.float32(args.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    freqs = (1.0 / (np.float32(args.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(
+        np.float32
+    )
     if args.rope_freq_factors is not None:
         return (freqs / np.asarray(args.rope_freq_factors, dtype=np.float32)).tolist()
     rs = args.rope_scaling
@@ -348,6 +430,8 @@ def rope_inverse_frequencies(args: ModelArgs) -> list[float]:
         elif wavelen > low_freq_wavelen:
             out.append(f / rs.factor)
         else:
-            smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+            smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+                rs.high_freq_factor - rs.low_freq_factor
+            )
             out.append((1 - smooth) * f / rs.factor + smooth * f)
     return out

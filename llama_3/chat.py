@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, TypedDict
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from llama_3.tokenizer import Tokenizer
 
 
@@ -30,10 +30,10 @@ class ChatFormat(Protocol):
 
 def _check_dialog(dialog: Dialog) -> None:
     if not dialog:
-        raise LlamaInputError("chat: empty dialog")
+        raise PipelineInputError("chat: empty dialog")
     for m in dialog:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise LlamaInputError(f"chat: each message needs string 'role' and 'content', got {m!r}")
+            raise PipelineInputError(f"chat: each message needs string 'role' and 'content', got {m!r}")
 
 
 class Llama3ChatFormat:
@@ -48,7 +48,12 @@ class Llama3ChatFormat:
         self.eot = tokenizer.token_to_id("<|eot_id|>")
 
     def _header(self, role: str) -> list[int]:
-        return [self.start_header, *self.tok.encode(role, bos=False), self.end_header, *self.tok.encode("\n\n", bos=False)]
+        return [
+            self.start_header,
+            *self.tok.encode(role, bos=False),
+            self.end_header,
+            *self.tok.encode("\n\n", bos=False),
+        ]
 
     def encode_dialog(self, dialog: Dialog) -> list[int]:
         _check_dialog(dialog)
@@ -69,7 +74,7 @@ class JinjaChatFormat:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str):
-            raise LlamaInputError(f"chat template: {message}")
+            raise PipelineInputError(f"chat template: {message}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
         env.globals["raise_exception"] = raise_exception
@@ -78,7 +83,7 @@ class JinjaChatFormat:
         try:
             self.template = env.from_string(template)
         except TemplateError as e:
-            raise LlamaInputError(f"chat template does not compile: {e}") from None
+            raise PipelineInputError(f"chat template does not compile: {e}") from None
         self.tok = tokenizer
         self.bos_token, self.eos_token = bos_token, eos_token
 

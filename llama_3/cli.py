@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 import types
 import typing
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 
 C = TypeVar("C")
 
@@ -26,9 +27,53 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        """A bad flag is bad input like any other: one line, exit status 2 (no usage dump)."""
+        choice = re.sub(r"^argument (\S+): \1 ", r"\1 ", message)  # a choice error names its flag already
+        print(f"error: {choice if choice != message else message + ' (--help lists the flags)'}", file=sys.stderr)
+        sys.exit(2)
+
+
+def literal_choices(tp: Any) -> tuple | None:
+    """The values of a `Literal[...]` type, else None."""
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+
+
+def _choice_error(flag: str, value: Any, choices: tuple) -> str:
+    return f"{flag} {value!r}: expected one of {', '.join(map(str, choices))}"
+
+
+def _choice(flag: str, choices: tuple) -> Callable[[str], str]:
+    def convert(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(_choice_error(flag, value, choices))
+        return value
+
+    return convert
+
+
+def check_choices(cfg: Any) -> None:
+    """Every `Literal` field of a config dataclass (or list of them) holds one of its values; configs call
+    this in `__post_init__`, so a config built in code is checked as the command line is."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp, value = hints[f.name], getattr(cfg, f.name)
+        choices = literal_choices(tp)
+        if choices is not None and value not in choices:
+            raise PipelineInputError(_choice_error(_flag(f.name), value, choices))
+        if typing.get_origin(tp) is list and (item_choices := literal_choices(typing.get_args(tp)[0])) is not None:
+            for item in value:
+                if item not in item_choices:
+                    raise PipelineInputError(_choice_error(_flag(f.name), item, item_choices))
+
+
 def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: str | None = None) -> C:
-    """Build an argparse parser from a config dataclass and parse argv into an instance."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Build an argparse parser from a config dataclass and parse argv into an instance.
+
+    `Literal` fields (and lists of them) become argparse choices; a bad value is a one-line error.
+    """
+    parser = _OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         help_text = f.metadata.get("help", "")
@@ -38,13 +83,35 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: s
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if origin in (typing.Union, types.UnionType) and len(args) == 1:
             tp, origin, args = args[0], typing.get_origin(args[0]), typing.get_args(args[0])
+        choices = literal_choices(tp)
+        item_choices = literal_choices(args[0]) if origin is list and args else None
         if tp is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif choices is not None:
+            flag = _flag(f.name)
+            parser.add_argument(
+                flag,
+                type=_choice(flag, choices),
+                choices=choices,
+                default=default,
+                help=f"{help_text} (default: {default})",
+            )
+        elif item_choices is not None:
+            flag = _flag(f.name)
+            parser.add_argument(
+                flag, nargs="*", type=_choice(flag, item_choices), choices=item_choices, default=default, help=help_text
+            )
         elif origin is list:
-            parser.add_argument(_flag(f.name), nargs="*", type=args[0] if args else str, default=default, help=help_text)
+            parser.add_argument(
+                _flag(f.name), nargs="*", type=args[0] if args else str, default=default, help=help_text
+            )
         else:
-            parser.add_argument(_flag(f.name), type=tp if tp in (int, float, str) else str, default=default,
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(
+                _flag(f.name),
+                type=tp if tp in (int, float, str) else str,
+                default=default,
+                help=f"{help_text} (default: {default})",
+            )
     ns = parser.parse_args(argv)
     return cls(**vars(ns))
 
@@ -54,7 +121,7 @@ def run_main(main: Callable[[Any], Any], cfg: Any) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main(cfg)
-    except LlamaInputError as e:
+    except PipelineInputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -69,14 +136,20 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise LlamaInputError(f"--device {name!r}: not a torch device") from None
+        raise PipelineInputError(f"--device {name!r}: not a torch device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise LlamaInputError(f"--device {name}: CUDA is not available on this machine")
+        raise PipelineInputError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(name: str) -> torch.dtype | None:
@@ -84,5 +157,5 @@ def resolve_dtype(name: str) -> torch.dtype | None:
     if name == "auto":
         return None
     if name not in _DTYPES:
-        raise LlamaInputError(f"--dtype {name!r}: expected auto, {', '.join(_DTYPES)}")
+        raise PipelineInputError(f"--dtype {name!r}: expected auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]

@@ -24,9 +24,19 @@ import torch
 
 # oneDNN's ISA names, lowest first (its `dnnl_cpu_isa_t`); an alias maps to the same rank.
 _ONEDNN_ISA_ORDER = [
-    ("SSE41",), ("AVX",), ("AVX2",), ("AVX2_VNNI",), ("AVX2_VNNI_2",), ("AVX512_CORE",), ("AVX512_CORE_VNNI",),
-    ("AVX512_CORE_BF16",), ("AVX10_1_512", "AVX512_CORE_FP16"), ("AVX10_1_512_AMX", "AVX512_CORE_AMX"),
-    ("AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16"), ("AVX10_2_512",), ("AVX10_2_512_AMX_2",),
+    ("SSE41",),
+    ("AVX",),
+    ("AVX2",),
+    ("AVX2_VNNI",),
+    ("AVX2_VNNI_2",),
+    ("AVX512_CORE",),
+    ("AVX512_CORE_VNNI",),
+    ("AVX512_CORE_BF16",),
+    ("AVX10_1_512", "AVX512_CORE_FP16"),
+    ("AVX10_1_512_AMX", "AVX512_CORE_AMX"),
+    ("AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16"),
+    ("AVX10_2_512",),
+    ("AVX10_2_512_AMX_2",),
 ]
 _ONEDNN_ISA_RANK = {name: rank for rank, names in enumerate(_ONEDNN_ISA_ORDER) for name in names}
 
@@ -97,7 +107,8 @@ def warn_if_emulated(dtype: torch.dtype | None, device: torch.device, flag: str)
     name = "bfloat16" if dtype == torch.bfloat16 else "float16"
     feature = missing_bf16_feature() if dtype == torch.bfloat16 else "this CPU has no native fp16 (AMX-FP16)"
     logging.getLogger("llama_3").warning(
-        f"{flag}: {feature}; {name} matmuls run emulated, several times slower than float32")
+        f"{flag}: {feature}; {name} matmuls run emulated, several times slower than float32"
+    )
     return True
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 
 HOOK_KINDS = ("resid_pre", "attn_norm", "resid_mid", "ffn_norm", "resid_post")
 
@@ -48,10 +48,13 @@ class HookPoint:
     def parse(cls, name: str, n_layers: int | None = None, flag: str = "hook point") -> "HookPoint":
         kind, _, layer = str(name).partition(".")
         if kind not in HOOK_KINDS or not layer.lstrip("-").isdigit():
-            raise LlamaInputError(f"{flag} {name!r}: expected <kind>.<layer> with kind in {', '.join(HOOK_KINDS)}")
+            raise PipelineInputError(f"{flag} {name!r}: expected <kind>.<layer> with kind in {', '.join(HOOK_KINDS)}")
         hp = cls(layer=int(layer), stage=HOOK_KINDS.index(kind))
         if n_layers is not None and not 0 <= hp.layer < n_layers:
-            raise LlamaInputError(f"{flag} {name!r}: layer {hp.layer} is out of range for a model with {n_layers} layers (0..{n_layers - 1})")
+            raise PipelineInputError(
+                f"{flag} {name!r}: layer {hp.layer} is out of range for a model with {n_layers} layers "
+                f"(0..{n_layers - 1})"
+            )
         return hp
 
 

@@ -4,8 +4,10 @@ Weight names are Meta's (tok_embeddings, layers.N.attention.wq, feed_forward.w1,
 are in Meta's layout, where RoPE rotates interleaved pairs (x[2i], x[2i+1]).
 
 Device- and dtype-agnostic: nothing here picks a device, and `forward` bakes in no
-`inference_mode`; callers choose both. Shapes: B batch, T new tokens, S cached + new tokens,
-H query heads, Hkv key/value heads, hd head_dim, D d_model, V vocab.
+`inference_mode`; callers choose both. Plain nn.Linear and SDPA throughout; the CPU fast paths
+(oneDNN-prepacked projections, grouped decode attention) are swapped in by llama_3/cpu_fast.py.
+Shapes: B batch, T new tokens, S cached + new tokens, H query heads, Hkv key/value heads, hd head_dim,
+D d_model, V vocab.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_3.args import ModelArgs, rope_inverse_frequencies
-from llama_3.cpu_features import can_prepack
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from llama_3.hooks import HOOK_KINDS, HookPoint, HookRunner, SpliceSpec
 
 
@@ -36,7 +37,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_freqs_cis(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Unit complex rotations e^(i * pos * freq): inv_freq [hd/2] fp32, positions [B, T] -> [B, T, 1, hd/2] complex64."""
+    """Unit complex rotations e^(i pos freq): inv_freq [hd/2] fp32, positions [B, T] -> complex64 [B, T, 1, hd/2]."""
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, hd/2]
     return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
 
@@ -50,49 +51,18 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)
 
 
-class Linear(nn.Linear):
-    """nn.Linear (no bias) that can run from oneDNN-prepacked weights for CPU inference.
-
-    On CPUs oneDNN with the weight reordered once into its blocked layout runs the same product as
-    `F.linear` as fast or faster (up to ~2x; which dtypes pack on which CPU: llama_3/cpu_features.py).
-    `pack()` keeps the packed copy beside the weight, which stays the parameter the state dict
-    and autograd see; the packed path is taken only without autograd and while the weight is
-    unchanged (its version counter), so training or a weight edit silently falls back.
-    """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-        self._packed: torch.Tensor | None = None
-        self._packed_key: tuple | None = None
-
-    def _key(self) -> tuple:
-        w = self.weight
-        # Inference tensors (made under inference_mode) have no version counter.
-        return (-1 if w.is_inference() else w._version, w.dtype, w.data_ptr())
-
-    def pack(self) -> bool:
-        w = self.weight
-        if w.device.type != "cpu" or not can_prepack(w.dtype):
-            return False
-        with torch.no_grad():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-        self._packed_key = self._key()
-        return True
-
-    def unpack(self) -> None:
-        self._packed = self._packed_key = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
-                and x.dtype == self.weight.dtype and x.device.type == "cpu" and self._packed_key == self._key():
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
-        return F.linear(x, self.weight)
-
-
 class KVCache(nn.Module):
     """Keys and values of past positions, as buffers (so `.to()` moves them) allocated on demand."""
 
-    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -102,39 +72,39 @@ class KVCache(nn.Module):
         """Write k, v [B, Hkv, T, hd] at start_pos; return all keys/values so far [B, Hkv, start_pos+T, hd]."""
         end = start_pos + k.shape[2]
         if end > self.k.shape[2]:
-            raise LlamaInputError(f"sequence length {end} exceeds the KV cache ({self.k.shape[2]} positions)")
+            raise PipelineInputError(f"sequence length {end} exceeds the KV cache ({self.k.shape[2]} positions)")
         b = k.shape[0]
         self.k[:b, :, start_pos:end] = k
         self.v[:b, :, start_pos:end] = v
         return self.k[:b, :, :end], self.v[:b, :, :end]
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query step: q [B, H, 1, hd], k/v [B, Hkv, S, hd], mask [B|1, 1, 1, S] bool -> [B, H, 1, hd].
+class SdpaAttention(nn.Module):
+    """softmax(q kᵀ / sqrt(hd) + mask) v with PyTorch's SDPA: q [B, H, T, hd], k/v [B, Hkv, S, hd] -> [B, H, T, hd].
 
-    On CPU, SDPA's flash kernel costs ~3x this for a single bf16 query; grouping the query heads
-    that share a key/value head turns GQA into one batched matmul without repeating K/V.
+    A module of its own so that a device's faster kernel can be swapped in (llama_3/cpu_fast.py).
     """
-    B, H, _, hd = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    qg = q.view(B, Hkv, H // Hkv, hd)  # heads h = g * (H/Hkv) + r share kv head g, as in repeat_interleave
-    scores = (qg @ k.transpose(-1, -2)).float() * hd**-0.5  # [B, Hkv, H/Hkv, S]
-    if mask is not None:
-        scores = scores.masked_fill(~mask.view(mask.shape[0], 1, 1, S), float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, hd)
+
+    def forward(self, q, k, v, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+        )
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
-        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.attend = SdpaAttention()
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None, start_pos: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None, start_pos: int
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -145,21 +115,17 @@ class Attention(nn.Module):
             k, v = self.cache.update(start_pos, k, v)  # [B, Hkv, S, hd]
         elif start_pos:
             raise ValueError("start_pos > 0 needs a KV cache (call allocate_kv_cache first)")
-        if T == 1 and x.device.type == "cpu":
-            out = decode_attention(q, k, v, mask)
-        else:
-            # Without padding, a fresh sequence is plain causal and a one-token step sees every cached key.
-            is_causal = mask is None and T > 1
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads)
+        # Without padding, a fresh sequence is plain causal and a one-token step sees every cached key.
+        out = self.attend(q, k, v, mask, is_causal=mask is None and T > 1)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = Linear(dim, hidden_dim)  # gate
-        self.w2 = Linear(hidden_dim, dim)  # down
-        self.w3 = Linear(dim, hidden_dim)  # up
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In place: saves two [B, T, hidden_dim] allocations per block (not under autograd recording).
@@ -177,7 +143,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis, mask, start_pos, hooks: HookRunner | None = None, stop_stage: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x, freqs_cis, mask, start_pos, hooks: HookRunner | None = None, stop_stage: int | None = None
+    ) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]. With `stop_stage`, return right after that hook point (capture-only)."""
         if hooks is None or self.layer_id not in hooks.blocks_with_hooks:
             h = x + self.attention(self.attention_norm(x), freqs_cis, mask, start_pos)
@@ -217,21 +185,18 @@ class Transformer(nn.Module):
             self._rope_inv_freq = self._rope_inv_freq.to(device)
         return self._rope_inv_freq
 
-    def pack_for_cpu_inference(self) -> int:
-        """Prepack the blocks' projection weights for oneDNN (CPU only); returns how many were packed.
-
-        The output projection stays unpacked: with tied embeddings it shares the embedding's storage.
-        """
-        return sum(m.pack() for m in self.layers.modules() if isinstance(m, Linear))
-
     # ---- KV cache -------------------------------------------------------------------------
     def allocate_kv_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate per-layer K/V buffers for `batch_size` sequences of up to `max_seq_len` tokens."""
         if max_seq_len > self.args.max_seq_len:
-            raise LlamaInputError(f"max_seq_len {max_seq_len} exceeds the model's context of {self.args.max_seq_len} tokens")
+            raise PipelineInputError(
+                f"max_seq_len {max_seq_len} exceeds the model's context of {self.args.max_seq_len} tokens"
+            )
         w = self.tok_embeddings.weight
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim, w.dtype, w.device)
+            layer.attention.cache = KVCache(
+                batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim, w.dtype, w.device
+            )
 
     def free_kv_cache(self) -> None:
         for layer in self.layers:
@@ -245,7 +210,9 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start_pos, start_pos + T, device=device).expand(B, T)
         if start_pos + T > self.args.max_seq_len:
-            raise LlamaInputError(f"sequence of {start_pos + T} tokens exceeds the model's context of {self.args.max_seq_len}")
+            raise PipelineInputError(
+                f"sequence of {start_pos + T} tokens exceeds the model's context of {self.args.max_seq_len}"
+            )
         freqs_cis = rope_freqs_cis(self.rope_inv_freq(device), positions)
         mask = None
         if key_valid is not None or (start_pos > 0 and T > 1):
@@ -312,7 +279,7 @@ class Transformer(nn.Module):
         runner = HookRunner(self.args.n_layers, hook_points, splice)
         last: HookPoint | None = runner.last_capture_point()
         if last is None:
-            raise LlamaInputError("capture: no hook point requested")
+            raise PipelineInputError("capture: no hook point requested")
         x, freqs_cis, mask, runner.positions = self._prepare(tokens, 0, positions, key_valid)
         for layer in self.layers[: last.layer]:
             x = layer(x, freqs_cis, mask, 0, runner)

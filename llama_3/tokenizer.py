@@ -16,18 +16,28 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 
 # Meta's Llama 3 pre-tokenizer regex (also in Llama 3's tokenizer.json and llama.cpp's "llama-bpe").
 LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 LLAMA3_NUM_RESERVED_SPECIAL = 256
 # Llama 3.1/3.2 special tokens, in id order after the BPE ranks (llama-models' tokenizer.py).
 LLAMA3_SPECIAL_TOKENS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
 ]
 # Tokens that end a generation whenever the vocabulary has them.
 END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>", "</s>")
@@ -101,15 +111,18 @@ class TiktokenBackend(_Backend):
         try:
             ranks = load_tiktoken_bpe(str(model_path))
         except FileNotFoundError:
-            raise LlamaInputError(f"{model_path}: file not found") from None
+            raise PipelineInputError(f"{model_path}: file not found") from None
         except Exception as e:  # tiktoken raises bare ValueError/binascii errors on bad lines
-            raise LlamaInputError(f"{model_path}: not a tiktoken BPE ranks file ({e})") from None
+            raise PipelineInputError(f"{model_path}: not a tiktoken BPE ranks file ({e})") from None
         n_base = len(ranks)
         names = LLAMA3_SPECIAL_TOKENS + [
-            f"<|reserved_special_token_{2 + i}|>" for i in range(LLAMA3_NUM_RESERVED_SPECIAL - len(LLAMA3_SPECIAL_TOKENS))
+            f"<|reserved_special_token_{2 + i}|>"
+            for i in range(LLAMA3_NUM_RESERVED_SPECIAL - len(LLAMA3_SPECIAL_TOKENS))
         ]
         self.special = {t: n_base + i for i, t in enumerate(names)}
-        self.enc = tiktoken.Encoding(name=model_path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=self.special)
+        self.enc = tiktoken.Encoding(
+            name=model_path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=self.special
+        )
         self.n_words = n_base + len(self.special)
         self._ranks = ranks
 
@@ -185,18 +198,18 @@ def load_hf_tokenizer(directory: Path) -> tuple[Tokenizer, dict]:
 
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise LlamaInputError(f"{path}: file not found (a Hugging Face checkpoint needs tokenizer.json)")
+        raise PipelineInputError(f"{path}: file not found (a Hugging Face checkpoint needs tokenizer.json)")
     try:
         tok = HFTokenizer.from_file(str(path))
     except Exception as e:
-        raise LlamaInputError(f"{path}: cannot be read by `tokenizers` ({str(e).splitlines()[0]})") from None
+        raise PipelineInputError(f"{path}: cannot be read by `tokenizers` ({str(e).splitlines()[0]})") from None
     cfg_path = directory / "tokenizer_config.json"
     cfg: dict = {}
     if cfg_path.is_file():
         try:
             cfg = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
-            raise LlamaInputError(f"{cfg_path}: not valid JSON ({e.msg})") from None
+            raise PipelineInputError(f"{cfg_path}: not valid JSON ({e.msg})") from None
 
     def special_id(key: str) -> int | None:
         v = cfg.get(key)
@@ -243,38 +256,46 @@ def build_gguf_tokenizer(meta: dict, source: str) -> Tokenizer:
 
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
-        raise LlamaInputError(f"{source}: tokenizer.ggml.model={model!r} is not supported (Llama 3 uses byte-level BPE, 'gpt2')")
+        raise PipelineInputError(
+            f"{source}: tokenizer.ggml.model={model!r} is not supported (Llama 3 uses byte-level BPE, 'gpt2')"
+        )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     merges_raw: list[str] = meta.get("tokenizer.ggml.merges", [])
     types: list[int] = meta.get("tokenizer.ggml.token_type", [GGUF_TOKEN_NORMAL] * len(tokens))
     pre = meta.get("tokenizer.ggml.pre", "default")
 
     if pre in ("llama-bpe", "llama3", "llama-v3"):
-        pre_tok = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        pre_tok = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         ignore_merges = True  # llama.cpp and HF both take whole-word vocab hits first for Llama 3
     elif pre == "smollm":
-        pre_tok = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        pre_tok = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
         ignore_merges = False
     elif pre in ("default", "gpt2"):
         pre_tok = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         ignore_merges = False
     else:
-        raise LlamaInputError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported (known: llama-bpe, smollm, gpt2)")
+        raise PipelineInputError(
+            f"{source}: tokenizer.ggml.pre={pre!r} is not supported (known: llama-bpe, smollm, gpt2)"
+        )
 
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise LlamaInputError(f"{source}: tokenizer.ggml.tokens has duplicate entries")
+        raise PipelineInputError(f"{source}: tokenizer.ggml.tokens has duplicate entries")
     merges = []
     for m in merges_raw:
         a, sep, b = m.partition(" ")
         if not sep:
-            raise LlamaInputError(f"{source}: malformed merge {m!r}")
+            raise PipelineInputError(f"{source}: malformed merge {m!r}")
         merges.append((a, b))
     bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
     tok = HFTokenizer(bpe)

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from pipeline.manifest import atomic_path, read_manifest, sha256_file
 
 KIND = "activations"
@@ -75,8 +75,18 @@ class ShardWriter:
     Errors on the thread (disk full, ...) re-raise in the caller at the next put() or close().
     """
 
-    def __init__(self, out: Path, rank: int, hook_points: list[str], d_model: int, dtype: torch.dtype,
-                 shard_tokens: int, first_index: int, on_shard: Callable[[dict], None], max_queue: int = 4):
+    def __init__(
+        self,
+        out: Path,
+        rank: int,
+        hook_points: list[str],
+        d_model: int,
+        dtype: torch.dtype,
+        shard_tokens: int,
+        first_index: int,
+        on_shard: Callable[[dict], None],
+        max_queue: int = 4,
+    ):
         self.out, self.rank, self.hooks = Path(out), rank, list(hook_points)
         self.d_model, self.dtype, self.shard_tokens = d_model, dtype, shard_tokens
         self.index = first_index
@@ -90,8 +100,10 @@ class ShardWriter:
         self.thread.start()
 
     def _new_buffer(self) -> _Buffer:
-        return _Buffer({h: np.empty((self.shard_tokens, self.d_model), self._np_dtype) for h in self.hooks},
-                       np.empty(self.shard_tokens, np.int32))
+        return _Buffer(
+            {h: np.empty((self.shard_tokens, self.d_model), self._np_dtype) for h in self.hooks},
+            np.empty(self.shard_tokens, np.int32),
+        )
 
     def put(self, chunk: TokenChunk) -> None:
         self._check()
@@ -174,13 +186,26 @@ class ShardWriter:
             with atomic_path(self.out / name) as tmp:
                 # One metadata key: safetensors writes a multi-key metadata map in hash order, which would
                 # make identical shards differ byte for byte between runs.
-                save_file(tensors, str(tmp), metadata={"shard": json.dumps({"rank": self.rank, "index": self.index, "n_tokens": b.n})})
+                save_file(
+                    tensors,
+                    str(tmp),
+                    metadata={"shard": json.dumps({"rank": self.rank, "index": self.index, "n_tokens": b.n})},
+                )
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise LlamaInputError(f"{self.out}: disk full while writing {name}; free space and re-run to resume") from None
+                raise PipelineInputError(
+                    f"{self.out}: disk full while writing {name}; free space and re-run to resume"
+                ) from None
             raise
-        self.on_shard({"file": name, "n_tokens": b.n, "n_sentences": len(b.sentence_ids),
-                       "sha256": sha256_file(self.out / name), "bytes": (self.out / name).stat().st_size})
+        self.on_shard(
+            {
+                "file": name,
+                "n_tokens": b.n,
+                "n_sentences": len(b.sentence_ids),
+                "sha256": sha256_file(self.out / name),
+                "bytes": (self.out / name).stat().st_size,
+            }
+        )
         self.index += 1
         self.buf = self._new_buffer()
 
@@ -188,8 +213,10 @@ class ShardWriter:
 def sentence_rows(shard: dict[str, torch.Tensor]) -> list[tuple[int, int, int, int]]:
     """(sentence_id, first_position, row_start, row_end) for each sentence piece in a loaded shard."""
     starts = shard["sentence_starts"].tolist()
-    return [(int(s), int(p), starts[i], starts[i + 1])
-            for i, (s, p) in enumerate(zip(shard["sentence_ids"].tolist(), shard["sentence_first_position"].tolist()))]
+    return [
+        (int(s), int(p), starts[i], starts[i + 1])
+        for i, (s, p) in enumerate(zip(shard["sentence_ids"].tolist(), shard["sentence_first_position"].tolist()))
+    ]
 
 
 def open_capture(directory: str | Path) -> tuple[dict, list[Path]]:
@@ -200,7 +227,7 @@ def open_capture(directory: str | Path) -> tuple[dict, list[Path]]:
     for s in manifest["shards"]:
         p = directory / s["file"]
         if not p.is_file():
-            raise LlamaInputError(f"{p}: listed in {directory / 'manifest.json'} but missing")
+            raise PipelineInputError(f"{p}: listed in {directory / 'manifest.json'} but missing")
         paths.append(p)
     return manifest, paths
 
@@ -211,4 +238,4 @@ def load_shard(path: Path, keys: list[str] | None = None) -> dict[str, torch.Ten
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in (keys or list(f.keys()))}
     except Exception as e:
-        raise LlamaInputError(f"{path}: not a readable activation shard ({str(e).splitlines()[0]})") from None
+        raise PipelineInputError(f"{path}: not a readable activation shard ({str(e).splitlines()[0]})") from None

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from llama_3.cli import resolve_device
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,9 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         try:
             dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
         except Exception as e:
-            raise LlamaInputError(f"cannot join the torchrun process group ({backend}): {str(e).splitlines()[0]}") from None
+            raise PipelineInputError(
+                f"cannot join the torchrun process group ({backend}): {str(e).splitlines()[0]}"
+            ) from None
     return DistInfo(rank, world, local_rank, local_world, dev)
 
 

@@ -90,8 +90,10 @@ def offline_explanation(latent: int, rows: list[dict], silent_ids: list[int], se
     words = ", ".join(f'"{k}"' for k in best)
     ctx = context[best[0]].most_common(1)
     meaning = f"the token{'s' if len(best) > 1 else ''} {words}" + (f' (often after "{ctx[0][0]}")' if ctx else "")
-    analysis = (f"Key tokens by activation mass: {', '.join(f'{k} ({mass[k] / total:.0%})' for k in best)}. "
-                f"They carry {share:.0%} of the activation in {len(rows)} top sentences.")
+    analysis = (
+        f"Key tokens by activation mass: {', '.join(f'{k} ({mass[k] / total:.0%})' for k in best)}. "
+        f"They carry {share:.0%} of the activation in {len(rows)} top sentences."
+    )
     return f"{analysis}\n{json.dumps({'meaning': meaning, 'certainty': round(min(1.0, share), 3)})}"
 
 
@@ -103,7 +105,9 @@ def auroc(pos: list[float], neg: list[float]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def judge_split(examples: LatentExamples, latent: int, n_activating: int, n_silent: int, skip_top: int) -> tuple[list[int], list[int]]:
+def judge_split(
+    examples: LatentExamples, latent: int, n_activating: int, n_silent: int, skip_top: int
+) -> tuple[list[int], list[int]]:
     """Held-out sentences for judging: activating ones ranked after the explainer's skip_top (falling
     back to the top ones when there are too few), and the silent sample."""
     rows = examples.top.get(latent, [])
@@ -113,8 +117,9 @@ def judge_split(examples: LatentExamples, latent: int, n_activating: int, n_sile
     return held, examples.silent.get(latent, [])[:n_silent]
 
 
-def minilm_scores(meanings: dict[int, str], examples: LatentExamples, n_activating: int, n_silent: int, skip_top: int,
-                  encoder=None) -> dict[int, float]:
+def minilm_scores(
+    meanings: dict[int, str], examples: LatentExamples, n_activating: int, n_silent: int, skip_top: int, encoder=None
+) -> dict[int, float]:
     """latent -> AUROC of cos(explanation, sentence) for activating vs silent sentences."""
     from pipeline.sentence_embedding import SentenceEncoder
 
@@ -131,8 +136,9 @@ def minilm_scores(meanings: dict[int, str], examples: LatentExamples, n_activati
     return out
 
 
-def detection_prompt_sentences(examples: LatentExamples, latent: int, n_activating: int, n_silent: int, skip_top: int,
-                               seed: int = 0) -> tuple[list[str], list[int]]:
+def detection_prompt_sentences(
+    examples: LatentExamples, latent: int, n_activating: int, n_silent: int, skip_top: int, seed: int = 0
+) -> tuple[list[str], list[int]]:
     """Shuffled sentences for the Claude judge, and the 1-based numbers of the activating ones."""
     act, sil = judge_split(examples, latent, n_activating, n_silent, skip_top)
     items = [(examples.sentences[s]["text"], True) for s in act] + [(examples.sentences[s]["text"], False) for s in sil]
@@ -151,4 +157,3 @@ def balanced_accuracy(picked: list[int], truth: list[int], n: int) -> float:
 def mean(values) -> float | None:
     v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(v) / len(v) if v else None
-

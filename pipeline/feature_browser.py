@@ -1,10 +1,10 @@
 """A static HTML feature browser over a top-sentences output: opens from disk, no server, no network.
 
-    browser/index.html        every latent: frequency, mean activation, meaning, certainty, detection
-                              score, top promoted tokens; click a column header to sort
-    browser/latents/N.html    one latent: its activation histogram, promoted / suppressed output
-                              tokens, top sentences per aggregation with each token shaded by the
-                              latent's activation (hover for the value), and sentences where it is silent
+browser/index.html        every latent: frequency, mean activation, meaning, certainty, detection
+                          score, top promoted tokens; click a column header to sort
+browser/latents/N.html    one latent: its activation histogram, promoted / suppressed output
+                          tokens, top sentences per aggregation with each token shaded by the
+                          latent's activation (hover for the value), and sentences where it is silent
 """
 
 from __future__ import annotations
@@ -26,19 +26,24 @@ table{border-collapse:collapse;width:100%}td,th{padding:3px 8px;border-bottom:1p
 th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}.num{text-align:right;font-variant-numeric:tabular-nums}
 .s{white-space:pre-wrap;margin:2px 0;padding:3px 6px;background:#fafafa;border-left:3px solid #ddd}
 .a{border-radius:2px}.score{color:#888;font-size:12px;margin-right:.6em}.tok{display:inline-block;margin:1px 3px;
-padding:0 4px;background:#eef;border-radius:3px;white-space:pre}.neg-tok{display:inline-block;margin:1px 3px;padding:0 4px;background:#fee;border-radius:3px;white-space:pre}h2{margin-top:1.4em}
+padding:0 4px;background:#eef;border-radius:3px;white-space:pre}
+.neg-tok{display:inline-block;margin:1px 3px;padding:0 4px;background:#fee;border-radius:3px;white-space:pre}
+h2{margin-top:1.4em}
 </style>"""
 SORT_JS = """<script>
 document.querySelectorAll('th').forEach((th,i)=>th.onclick=()=>{const tb=th.closest('table').tBodies[0];
 const rows=[...tb.rows];const asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
-const key=r=>{const c=r.cells[i];const v=c.dataset.v!==undefined?c.dataset.v:c.textContent;const n=parseFloat(v);return isNaN(n)?v.toLowerCase():n};
+const key=r=>{const c=r.cells[i];const v=c.dataset.v!==undefined?c.dataset.v:c.textContent;
+const n=parseFloat(v);return isNaN(n)?v.toLowerCase():n};
 rows.sort((a,b)=>{const x=key(a),y=key(b);return (x<y?-1:x>y?1:0)*(asc?1:-1)});rows.forEach(r=>tb.appendChild(r))});
 </script>"""
 
 
 def _page(title: str, body: str, script: str = "") -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{STYLE}</head>"
-            f"<body>{body}{script}</body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{STYLE}</head>"
+        f"<body>{body}{script}</body></html>\n"
+    )
 
 
 def highlight(tokens: list[str], activations: list[float], peak: float) -> str:
@@ -48,7 +53,10 @@ def highlight(tokens: list[str], activations: list[float], peak: float) -> str:
         t = html.escape(tok)
         if a > 0:
             alpha = min(1.0, a / peak) if peak > 0 else 1.0
-            parts.append(f"<span class='a' style='background:rgba(255,140,0,{0.15 + 0.75 * alpha:.2f})' title='{a:.3g}'>{t}</span>")
+            parts.append(
+                f"<span class='a' style='background:rgba(255,140,0,{0.15 + 0.75 * alpha:.2f})' "
+                f"title='{a:.3g}'>{t}</span>"
+            )
         else:
             parts.append(t)
     return "".join(parts)
@@ -59,12 +67,18 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
     width, height, n = 480, 90, len(counts)
     top = max((math.log1p(c) for c in counts), default=0) or 1
     bw = width / max(n, 1)
-    bars = "".join(f"<rect x='{i * bw:.1f}' y='{height - math.log1p(c) / top * height:.1f}' width='{bw - 1:.1f}' "
-                   f"height='{math.log1p(c) / top * height:.1f}' fill='#e8871e'><title>{edges[i]:.3g}–{edges[i + 1]:.3g}: {c}</title></rect>"
-                   for i, c in enumerate(counts) if c)
-    return (f"<svg width='{width}' height='{height + 16}' role='img' aria-label='activation histogram'>{bars}"
-            f"<text x='0' y='{height + 13}' font-size='11'>{edges[0]:.3g}</text>"
-            f"<text x='{width}' y='{height + 13}' font-size='11' text-anchor='end'>{edges[-1]:.3g}</text></svg>")
+    bars = "".join(
+        f"<rect x='{i * bw:.1f}' y='{height - math.log1p(c) / top * height:.1f}' width='{bw - 1:.1f}' "
+        f"height='{math.log1p(c) / top * height:.1f}' fill='#e8871e'><title>{edges[i]:.3g}–{edges[i + 1]:.3g}: "
+        f"{c}</title></rect>"
+        for i, c in enumerate(counts)
+        if c
+    )
+    return (
+        f"<svg width='{width}' height='{height + 16}' role='img' aria-label='activation histogram'>{bars}"
+        f"<text x='0' y='{height + 13}' font-size='11'>{edges[0]:.3g}</text>"
+        f"<text x='{width}' y='{height + 13}' font-size='11' text-anchor='end'>{edges[-1]:.3g}</text></svg>"
+    )
 
 
 def write_browser(out: Path, manifest: dict, per_aggregation: int, meanings_dir: str | Path) -> Path:
@@ -87,7 +101,10 @@ def write_browser(out: Path, manifest: dict, per_aggregation: int, meanings_dir:
     edges = manifest["histogram_edges"]
     for s in stats:
         i = s["latent"]
-        write_text(browser / "latents" / f"{i}.html", latent_page(s, by_latent.get(i, {}), silent_by.get(i, []), sent, meanings.get(i), edges))
+        write_text(
+            browser / "latents" / f"{i}.html",
+            latent_page(s, by_latent.get(i, {}), silent_by.get(i, []), sent, meanings.get(i), edges),
+        )
     rows = []
     for s in stats:
         i, m = s["latent"], meanings.get(s["latent"], {})
@@ -97,39 +114,54 @@ def write_browser(out: Path, manifest: dict, per_aggregation: int, meanings_dir:
             f"<td class='num' data-v='{s['frequency']:.6g}'>{s['frequency']:.3%}</td>"
             f"<td class='num' data-v='{s['mean_activation']:.6g}'>{s['mean_activation']:.3g}</td>"
             f"<td>{html.escape(m.get('meaning', ''))}</td>"
-            f"<td class='num' data-v='{m.get('certainty', -1)}'>{'' if 'certainty' not in m else format(m['certainty'], '.2f')}</td>"
-            f"<td class='num' data-v='{-1 if score is None else score}'>{'' if score is None else format(score, '.2f')}</td>"
-            f"<td>{' '.join(f'<span class=tok>{html.escape(t)}</span>' for t in s['promoted'][:5])}</td></tr>")
+            "<td class='num' "
+            f"data-v='{m.get('certainty', -1)}'>{'' if 'certainty' not in m else format(m['certainty'], '.2f')}</td>"
+            "<td class='num' "
+            f"data-v='{-1 if score is None else score}'>{'' if score is None else format(score, '.2f')}</td>"
+            f"<td>{' '.join(f'<span class=tok>{html.escape(t)}</span>' for t in s['promoted'][:5])}</td></tr>"
+        )
     c = manifest["counts"]
-    body = (f"<h1>Feature browser</h1><p>SAE <code>{html.escape(str(manifest['inputs']['sae']))}</code> at "
-            f"<code>{html.escape(manifest['inputs']['sae_cfg']['hook_point'])}</code>, {c['latents']} latents, "
-            f"{c['sentences']} sentences ({c['tokens']} tokens). {c['latents_never_firing']} latents never fire; "
-            f"{c['latents_with_top_n']['max']} have a full top {manifest['config']['top_n']}."
-            f"{' Meanings: ' + str(len(meanings)) + '.' if meanings else ' No meanings yet (run the interpretation stage).'}</p>"
-            "<table><thead><tr><th>latent</th><th>frequency</th><th>mean act.</th><th>meaning</th><th>certainty</th>"
-            f"<th>detection score</th><th>promotes</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    meaning_note = f" Meanings: {len(meanings)}." if meanings else " No meanings yet (run the interpretation stage)."
+    body = (
+        f"<h1>Feature browser</h1><p>SAE <code>{html.escape(str(manifest['inputs']['sae']))}</code> at "
+        f"<code>{html.escape(manifest['inputs']['sae_cfg']['hook_point'])}</code>, {c['latents']} latents, "
+        f"{c['sentences']} sentences ({c['tokens']} tokens). {c['latents_never_firing']} latents never fire; "
+        f"{c['latents_with_top_n']['max']} have a full top {manifest['config']['top_n']}."
+        f"{meaning_note}</p>"
+        "<table><thead><tr><th>latent</th><th>frequency</th><th>mean act.</th><th>meaning</th><th>certainty</th>"
+        f"<th>detection score</th><th>promotes</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
     index = browser / "index.html"
     write_text(index, _page("Feature browser", body, SORT_JS))
     return index
 
 
-def latent_page(s: dict, tops: dict, silent_ids: list[int], sent: dict, meaning: dict | None, edges: list[float]) -> str:
+def latent_page(
+    s: dict, tops: dict, silent_ids: list[int], sent: dict, meaning: dict | None, edges: list[float]
+) -> str:
     i = s["latent"]
     head = f"<p><a href='../index.html'>← all latents</a></p><h1>Latent {i}</h1>"
     if meaning:
         score = "" if meaning.get("score") is None else f", detection score {meaning['score']:.2f}"
-        head += (f"<p><b>{html.escape(meaning.get('meaning', ''))}</b> (certainty {meaning.get('certainty', 0):.2f}"
-                 f"{score}; {html.escape(str(meaning.get('explainer')))})</p>")
-    head += (f"<p>fires on {s['frequency']:.3%} of tokens ({s['firing_tokens']}), mean activation when active "
-             f"{s['mean_activation']:.3g}</p>{histogram_svg(s['histogram'], edges)}"
-             f"<p>promotes {' '.join(f'<span class=tok>{html.escape(t)}</span>' for t in s['promoted'])}</p>"
-             f"<p>suppresses {' '.join(f'<span class=neg-tok>{html.escape(t)}</span>' for t in s['suppressed'])}</p>")
+        head += (
+            f"<p><b>{html.escape(meaning.get('meaning', ''))}</b> (certainty {meaning.get('certainty', 0):.2f}"
+            f"{score}; {html.escape(str(meaning.get('explainer')))})</p>"
+        )
+    head += (
+        f"<p>fires on {s['frequency']:.3%} of tokens ({s['firing_tokens']}), mean activation when active "
+        f"{s['mean_activation']:.3g}</p>{histogram_svg(s['histogram'], edges)}"
+        f"<p>promotes {' '.join(f'<span class=tok>{html.escape(t)}</span>' for t in s['promoted'])}</p>"
+        f"<p>suppresses {' '.join(f'<span class=neg-tok>{html.escape(t)}</span>' for t in s['suppressed'])}</p>"
+    )
     sections = []
     for agg in AGGREGATIONS:
         rows = tops.get(agg, [])
         peak = max((max(r["token_activations"], default=0) for r in rows), default=0)
-        items = "".join(f"<div class='s'><span class='score'>{r['score']:.3g}</span>"
-                        f"{highlight(sent[r['sentence_id']]['tokens'], r['token_activations'], peak)}</div>" for r in rows)
+        items = "".join(
+            f"<div class='s'><span class='score'>{r['score']:.3g}</span>"
+            f"{highlight(sent[r['sentence_id']]['tokens'], r['token_activations'], peak)}</div>"
+            for r in rows
+        )
         sections.append(f"<h2>Top sentences by {agg} activation</h2>{items or '<p>none: the latent never fired</p>'}")
     silent = "".join(f"<div class='s'>{html.escape(sent[sid]['text'])}</div>" for sid in silent_ids[:5] if sid in sent)
     sections.append(f"<h2>Sentences where it does not fire</h2>{silent or '<p>none sampled</p>'}")

@@ -19,9 +19,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from pipeline.manifest import atomic_path, write_json_atomic
 from pipeline.paths import RUNS_DIR
 
@@ -37,34 +37,48 @@ OFFLINE_BATCH = "offline"
 
 EXPLAIN_SYSTEM = (
     "You are an interpretability researcher. You study one feature (a latent of a sparse autoencoder) of a "
-    "language model at a time, from the sentences where it activates most strongly.")
+    "language model at a time, from the sentences where it activates most strongly."
+)
 
-EXPLAIN_PROMPT = """Below are {n} sentences on which feature {latent} activates most strongly. Tokens where it activates are marked «like this»(a), where a is the activation on a 0-10 scale relative to the feature's strongest activation.
+# Format strings (str.format): {{ }} are literal braces.
+EXPLAIN_PROMPT = (
+    "Below are {n} sentences on which feature {latent} activates most strongly. Tokens where it "
+    "activates are marked «like this»(a), where a is the activation on a 0-10 scale relative to the "
+    "feature's strongest activation.\n"
+    "\n"
+    "{sentences}\n"
+    "\n"
+    "Analyse step by step:\n"
+    "1. Key words and phrases: which marked tokens and their immediate contexts recur?\n"
+    "2. Themes: what topics, grammatical roles or kinds of text do the sentences share?\n"
+    "3. Outliers: which sentences do not fit, and does that change your reading?\n"
+    "4. Shared meaning: state, in a short phrase, what the feature responds to.\n"
+    "\n"
+    "End your answer with one line of JSON and nothing after it:\n"
+    '{{"meaning": "<a short phrase>", "certainty": <a number from 0 to 1: how sure you are that the '
+    "phrase covers most of these sentences>}}"
+)
 
-{sentences}
+DETECT_PROMPT = (
+    'A feature of a language model was described as: "{meaning}"\n'
+    "\n"
+    "Below are {n} numbered sentences. Some of them are sentences where the feature activates strongly; "
+    "the others are sentences where it does not activate at all.\n"
+    "\n"
+    "{sentences}\n"
+    "\n"
+    "Which sentences fit the description? Think briefly, then end your answer with one line of JSON and "
+    "nothing after it:\n"
+    '{{"activating": [<the numbers of the sentences that fit>]}}'
+)
 
-Analyse step by step:
-1. Key words and phrases: which marked tokens and their immediate contexts recur?
-2. Themes: what topics, grammatical roles or kinds of text do the sentences share?
-3. Outliers: which sentences do not fit, and does that change your reading?
-4. Shared meaning: state, in a short phrase, what the feature responds to.
 
-End your answer with one line of JSON and nothing after it:
-{{"meaning": "<a short phrase>", "certainty": <a number from 0 to 1: how sure you are that the phrase covers most of these sentences>}}"""
-
-DETECT_PROMPT = """A feature of a language model was described as: "{meaning}"
-
-Below are {n} numbered sentences. Some of them are sentences where the feature activates strongly; the others are sentences where it does not activate at all.
-
-{sentences}
-
-Which sentences fit the description? Think briefly, then end your answer with one line of JSON and nothing after it:
-{{"activating": [<the numbers of the sentences that fit>]}}"""
+Task = Literal["explain", "detect"]
 
 
 def task_dir(root: str | Path, task: str) -> Path:
     if task not in ("explain", "detect"):
-        raise LlamaInputError(f"--task {task!r}: expected explain or detect")
+        raise PipelineInputError(f"--task {task!r}: expected explain or detect")
     return Path(root) / task
 
 
@@ -91,17 +105,29 @@ def mark_tokens(tokens: list[str], activations: list[float], peak: float, thresh
 
 def explain_params(latent: int, marked_sentences: list[str], model: str, max_tokens: int) -> dict:
     body = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(marked_sentences))
-    return {"model": model, "max_tokens": max_tokens, "system": EXPLAIN_SYSTEM,
-            "messages": [{"role": "user", "content": EXPLAIN_PROMPT.format(n=len(marked_sentences), latent=latent, sentences=body)}]}
+    return {
+        "model": model,
+        "max_tokens": max_tokens,
+        "system": EXPLAIN_SYSTEM,
+        "messages": [
+            {"role": "user", "content": EXPLAIN_PROMPT.format(n=len(marked_sentences), latent=latent, sentences=body)}
+        ],
+    }
 
 
 def detect_params(meaning: str, sentences: list[str], model: str, max_tokens: int) -> dict:
     body = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(sentences))
-    return {"model": model, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": DETECT_PROMPT.format(meaning=meaning, n=len(sentences), sentences=body)}]}
+    return {
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [
+            {"role": "user", "content": DETECT_PROMPT.format(meaning=meaning, n=len(sentences), sentences=body)}
+        ],
+    }
 
 
 # ---- batch state ------------------------------------------------------------------------------
+
 
 @dataclass
 class BatchState:
@@ -109,7 +135,9 @@ class BatchState:
 
     path: Path
     submissions: list[dict] = field(default_factory=list)  # {"index", "batch_id", "created", "custom_ids", "ended"}
-    requests: dict[str, dict] = field(default_factory=dict)  # custom_id -> {"latent", "attempt", "submission", "status"}
+    requests: dict[str, dict] = field(
+        default_factory=dict
+    )  # custom_id -> {"latent", "attempt", "submission", "status"}
     extra: dict = field(default_factory=dict)  # task data, e.g. the detect task's answer keys
 
     @staticmethod
@@ -120,7 +148,9 @@ class BatchState:
         try:
             doc = json.loads(path.read_text())
         except ValueError as e:
-            raise LlamaInputError(f"{path}: not valid JSON ({e}); it is written atomically, so this file was edited by hand") from None
+            raise PipelineInputError(
+                f"{path}: not valid JSON ({e}); it is written atomically, so this file was edited by hand"
+            ) from None
         return BatchState(path, doc["submissions"], doc["requests"], doc.get("extra", {}))
 
     def save(self) -> None:
@@ -130,8 +160,13 @@ class BatchState:
     def add_submission(self, batch_id: str | None, custom_ids: list[str], status: str, ended: bool) -> dict:
         """Record a submission and its requests (status: pending before the API call, succeeded offline)."""
         index = len(self.submissions)
-        sub = {"index": index, "batch_id": batch_id, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
-               "custom_ids": list(custom_ids), "ended": ended}
+        sub = {
+            "index": index,
+            "batch_id": batch_id,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "custom_ids": list(custom_ids),
+            "ended": ended,
+        }
         self.submissions.append(sub)
         for cid in custom_ids:
             _, latent, attempt = parse_custom_id(cid)
@@ -159,12 +194,16 @@ def bind_state_to_sae(state: BatchState, digest: str, where: str) -> None:
     silently wrong, so a mismatch is refused (states written before this check are adopted)."""
     bound = state.extra.get("sae_sha256")
     if bound and bound != digest:
-        raise LlamaInputError(f"{where}: holds interpretation requests for SAE {bound[:8]}, but the top sentences are of SAE "
-                              f"{digest[:8]}; use --force (discards that state) or another --out")
+        raise PipelineInputError(
+            f"{where}: holds interpretation requests for SAE {bound[:8]}, but the top sentences are of SAE "
+            f"{digest[:8]}; use --force (discards that state) or another --out"
+        )
     state.extra["sae_sha256"] = digest
 
 
-def chunk_requests(requests: list[dict], max_requests: int = MAX_REQUESTS_PER_BATCH, max_bytes: int = MAX_BATCH_BYTES) -> list[list[dict]]:
+def chunk_requests(
+    requests: list[dict], max_requests: int = MAX_REQUESTS_PER_BATCH, max_bytes: int = MAX_BATCH_BYTES
+) -> list[list[dict]]:
     """Split into batches within the API's per-batch request count and size limits."""
     chunks, cur, size = [], [], 0
     for r in requests:
@@ -181,14 +220,22 @@ def chunk_requests(requests: list[dict], max_requests: int = MAX_REQUESTS_PER_BA
 
 def estimate_cost(requests: list[dict], model: str, expected_output_tokens: int) -> dict:
     """Batch-priced estimate: input tokens ~ characters / 3.5 (English prose with markup)."""
-    chars = sum(len(r["params"].get("system", "")) + sum(len(m["content"]) for m in r["params"]["messages"]) for r in requests)
+    chars = sum(
+        len(r["params"].get("system", "")) + sum(len(m["content"]) for m in r["params"]["messages"]) for r in requests
+    )
     tokens_in, tokens_out = chars / 3.5, expected_output_tokens * len(requests)
     price_in, price_out = PRICES.get(model, PRICES[DEFAULT_MODEL])
     usd = BATCH_DISCOUNT * (tokens_in * price_in + tokens_out * price_out) / 1e6
-    return {"model": model, "requests": len(requests), "input_tokens_est": round(tokens_in), "output_tokens_est": tokens_out,
-            "usd_est": round(usd, 4), "usd_per_1000_requests_est": round(1000 * usd / max(len(requests), 1), 4),
-            "prices_per_mtok": {"input": price_in, "output": price_out, "batch_discount": BATCH_DISCOUNT},
-            "price_source": "known list price" if model in PRICES else f"unknown model: {DEFAULT_MODEL} prices assumed"}
+    return {
+        "model": model,
+        "requests": len(requests),
+        "input_tokens_est": round(tokens_in),
+        "output_tokens_est": tokens_out,
+        "usd_est": round(usd, 4),
+        "usd_per_1000_requests_est": round(1000 * usd / max(len(requests), 1), 4),
+        "prices_per_mtok": {"input": price_in, "output": price_out, "batch_discount": BATCH_DISCOUNT},
+        "price_source": "known list price" if model in PRICES else f"unknown model: {DEFAULT_MODEL} prices assumed",
+    }
 
 
 def make_client(base_url: str | None = None, max_retries: int = 5):
@@ -197,11 +244,14 @@ def make_client(base_url: str | None = None, max_retries: int = 5):
     import anthropic
 
     if not os.environ.get("ANTHROPIC_API_KEY"):
-        raise LlamaInputError("ANTHROPIC_API_KEY is not set (without it, send uses the offline explainer)")
-    return anthropic.Anthropic(base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or None, max_retries=max_retries)
+        raise PipelineInputError("ANTHROPIC_API_KEY is not set (without it, send uses the offline explainer)")
+    return anthropic.Anthropic(
+        base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or None, max_retries=max_retries
+    )
 
 
 # ---- results -----------------------------------------------------------------------------------
+
 
 def write_results(path: Path, lines: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,9 +269,11 @@ def read_results(directory: Path) -> dict[str, dict]:
                     r = json.loads(line)
                     out[r["custom_id"]] = r
                 except (ValueError, KeyError, TypeError):
-                    raise LlamaInputError(f"{p}: line {number} is not a result record (the file is truncated or corrupted; "
-                                          "it is written atomically, so it was changed afterwards): delete it and re-run "
-                                          "the retrieve step, or send --force for offline results") from None
+                    raise PipelineInputError(
+                        f"{p}: line {number} is not a result record (the file is truncated or corrupted; "
+                        "it is written atomically, so it was changed afterwards): delete it and re-run "
+                        "the retrieve step, or send --force for offline results"
+                    ) from None
     return out
 
 
@@ -232,10 +284,22 @@ def message_text(result: dict) -> str:
 
 def succeeded_line(cid: str, text: str, model: str) -> dict:
     """A results line in the API's shape, for answers produced locally (the offline explainer)."""
-    return {"custom_id": cid, "result": {"type": "succeeded", "message": {
-        "id": f"local_{cid}", "type": "message", "role": "assistant", "model": model,
-        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
-        "usage": {"input_tokens": 0, "output_tokens": 0}}}}
+    return {
+        "custom_id": cid,
+        "result": {
+            "type": "succeeded",
+            "message": {
+                "id": f"local_{cid}",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
+            },
+        },
+    }
 
 
 # ---- verdicts ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -63,9 +63,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def make_manifest(kind: str, config: dict, inputs: dict, counts: dict, **extra: Any) -> dict:
     return {
-        "kind": kind, "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": config, "inputs": inputs, "counts": counts, "versions": package_versions(), **extra,
+        "config": config,
+        "inputs": inputs,
+        "counts": counts,
+        "versions": package_versions(),
+        **extra,
     }
 
 
@@ -74,18 +79,18 @@ def read_manifest(directory: Path, kind: str) -> dict:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         if Path(directory).is_dir():
-            raise LlamaInputError(f"{path}: missing (is {directory} a finished {kind} output?)")
-        raise LlamaInputError(f"{directory}: no such directory")
+            raise PipelineInputError(f"{path}: missing (is {directory} a finished {kind} output?)")
+        raise PipelineInputError(f"{directory}: no such directory")
     try:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise LlamaInputError(f"{path}: not valid JSON ({e.msg})") from None
+        raise PipelineInputError(f"{path}: not valid JSON ({e.msg})") from None
     if not isinstance(m, dict):
-        raise LlamaInputError(f"{path}: not a manifest (expected a JSON object, found {type(m).__name__})")
+        raise PipelineInputError(f"{path}: not a manifest (expected a JSON object, found {type(m).__name__})")
     if m.get("kind") != kind:
-        raise LlamaInputError(f"{path}: holds a {m.get('kind')!r} output, expected {kind!r}")
+        raise PipelineInputError(f"{path}: holds a {m.get('kind')!r} output, expected {kind!r}")
     if m.get("schema_version") != SCHEMA_VERSION:
-        raise LlamaInputError(f"{path}: schema_version {m.get('schema_version')} is not {SCHEMA_VERSION}")
+        raise PipelineInputError(f"{path}: schema_version {m.get('schema_version')} is not {SCHEMA_VERSION}")
     return m
 
 
@@ -110,7 +115,11 @@ def finished_manifest(directory: Path, request: str, *files: str) -> dict | None
         m = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(m, dict) or m.get("fingerprint") != request or not all((Path(directory) / f).is_file() for f in files):
+    if (
+        not isinstance(m, dict)
+        or m.get("fingerprint") != request
+        or not all((Path(directory) / f).is_file() for f in files)
+    ):
         return None
     return m
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from pipeline.manifest import read_manifest
 
 KIND = "preprocessed"
@@ -86,15 +86,19 @@ def activations(directory: str | Path, split: str) -> torch.Tensor:
     manifest = read_manifest(directory, KIND)
     path = directory / f"{split}_acts.npy"
     if not path.is_file():
-        raise LlamaInputError(f"{path}: missing")
+        raise PipelineInputError(f"{path}: missing")
     try:
         arr = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as e:  # a truncated .npy: its header promises more bytes than there are
-        raise LlamaInputError(f"{path}: not a readable activation array ({e}); the file is truncated or corrupted: "
-                              "run sae_preprocessing.py --force") from None
+        raise PipelineInputError(
+            f"{path}: not a readable activation array ({e}); the file is truncated or corrupted: "
+            "run sae_preprocessing.py --force"
+        ) from None
     expected = manifest.get("counts", {}).get(f"{split}_tokens")
     if expected is not None and arr.shape[0] != expected:
-        raise LlamaInputError(f"{path}: holds {arr.shape[0]} rows, the manifest says {expected}; run sae_preprocessing.py --force")
+        raise PipelineInputError(
+            f"{path}: holds {arr.shape[0]} rows, the manifest says {expected}; run sae_preprocessing.py --force"
+        )
     with warnings.catch_warnings():  # a read-only mmap is the point: nothing writes through it
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(arr)

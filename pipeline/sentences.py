@@ -26,22 +26,24 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from llama_3.tokenizer import Tokenizer
 from pipeline.manifest import read_manifest
 
 KIND = "sentences"
 ROW_GROUP_SENTENCES = 4096
-SCHEMA = pa.schema([
-    ("sentence_id", pa.int64()),
-    ("doc_id", pa.int64()),
-    ("sentence_index", pa.int32()),
-    ("char_start", pa.int64()),
-    ("text", pa.string()),
-    ("doc_key", pa.string()),
-    ("title", pa.string()),
-    ("topic", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("sentence_id", pa.int64()),
+        ("doc_id", pa.int64()),
+        ("sentence_index", pa.int32()),
+        ("char_start", pa.int64()),
+        ("text", pa.string()),
+        ("doc_key", pa.string()),
+        ("title", pa.string()),
+        ("topic", pa.string()),
+    ]
+)
 
 
 def shard_filename(index: int) -> str:
@@ -67,24 +69,31 @@ def open_sentence_dataset(directory: str | Path) -> tuple[dict, list[ReadUnit]]:
     for shard in manifest["shards"]:
         path = directory / shard["file"]
         if not path.is_file():
-            raise LlamaInputError(f"{path}: listed in {directory / 'manifest.json'} but missing")
+            raise PipelineInputError(f"{path}: listed in {directory / 'manifest.json'} but missing")
         # The size, not the sha256: every reader (each rank and DataLoader worker) opens the dataset, and
         # hashing an OpenWebText-sized corpus each time would cost minutes; zstd pages catch corruption.
         if "bytes" in shard and path.stat().st_size != shard["bytes"]:
-            raise LlamaInputError(f"{path}: {path.stat().st_size} bytes, {directory / 'manifest.json'} says {shard['bytes']} "
-                                  "(truncated or overwritten); rebuild the sentence dataset with --force")
+            raise PipelineInputError(
+                f"{path}: {path.stat().st_size} bytes, {directory / 'manifest.json'} says {shard['bytes']} "
+                "(truncated or overwritten); rebuild the sentence dataset with --force"
+            )
         try:
             md = pq.ParquetFile(path).metadata
         except Exception as e:
-            raise LlamaInputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+            raise PipelineInputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
         if md.num_rows != shard["rows"] or shard["first_sentence_id"] != next_id:
-            raise LlamaInputError(f"{path}: has {md.num_rows} rows from id {shard['first_sentence_id']}, the manifest expects {shard['rows']} from {next_id}")
+            raise PipelineInputError(
+                f"{path}: has {md.num_rows} rows from id {shard['first_sentence_id']}, the manifest expects "
+                f"{shard['rows']} from {next_id}"
+            )
         for rg in range(md.num_row_groups):
             n = md.row_group(rg).num_rows
             units.append(ReadUnit(path, rg, next_id, n))
             next_id += n
     if next_id != manifest["counts"]["sentences"]:
-        raise LlamaInputError(f"{directory}: shards hold {next_id} sentences, the manifest says {manifest['counts']['sentences']}")
+        raise PipelineInputError(
+            f"{directory}: shards hold {next_id} sentences, the manifest says {manifest['counts']['sentences']}"
+        )
     return manifest, units
 
 
@@ -92,12 +101,16 @@ def read_unit(unit: ReadUnit, columns: list[str]) -> dict[str, list]:
     try:
         table = pq.ParquetFile(unit.path).read_row_group(unit.row_group, columns=columns)
     except (OSError, ValueError, pa.ArrowException) as e:  # corrupted pages: bad compression, bad checksums
-        raise LlamaInputError(f"{unit.path}: row group {unit.row_group} cannot be read ({str(e).splitlines()[0]}); "
-                              "the file is corrupted: rebuild the sentence dataset with --force") from None
+        raise PipelineInputError(
+            f"{unit.path}: row group {unit.row_group} cannot be read ({str(e).splitlines()[0]}); "
+            "the file is corrupted: rebuild the sentence dataset with --force"
+        ) from None
     return table.to_pydict()
 
 
-def iter_sentences(directory: str | Path, columns: tuple[str, ...] = ("sentence_id", "text")) -> Iterator[dict[str, list]]:
+def iter_sentences(
+    directory: str | Path, columns: tuple[str, ...] = ("sentence_id", "text")
+) -> Iterator[dict[str, list]]:
     """All sentences in id order, one row group (as a dict of columns) at a time."""
     _, units = open_sentence_dataset(directory)
     for u in units:
@@ -158,15 +171,21 @@ class SentenceTokenDataset(IterableDataset):
         max_sentences: int = 0,
     ):
         if not 0 <= rank < world_size:
-            raise LlamaInputError(f"rank {rank} is out of range for world_size {world_size}")
+            raise PipelineInputError(f"rank {rank} is out of range for world_size {world_size}")
         if max_tokens < 1 or max_batch_tokens < max_tokens or max_batch_size < 1:
-            raise LlamaInputError(f"--max-tokens {max_tokens} / --max-batch-tokens {max_batch_tokens} / --max-batch-size "
-                                  f"{max_batch_size}: need max-tokens >= 1, max-batch-tokens >= max-tokens, max-batch-size >= 1")
+            raise PipelineInputError(
+                f"--max-tokens {max_tokens} / --max-batch-tokens {max_batch_tokens} / --max-batch-size "
+                f"{max_batch_size}: need max-tokens >= 1, max-batch-tokens >= max-tokens, max-batch-size >= 1"
+            )
         self.manifest, all_units = open_sentence_dataset(directory)
         if max_sentences:  # the first max_sentences sentence ids, whatever the number of ranks
-            all_units = [u if u.first_sentence_id + u.n_rows <= max_sentences else
-                         ReadUnit(u.path, u.row_group, u.first_sentence_id, max_sentences - u.first_sentence_id)
-                         for u in all_units if u.first_sentence_id < max_sentences]
+            all_units = [
+                u
+                if u.first_sentence_id + u.n_rows <= max_sentences
+                else ReadUnit(u.path, u.row_group, u.first_sentence_id, max_sentences - u.first_sentence_id)
+                for u in all_units
+                if u.first_sentence_id < max_sentences
+            ]
         self.tokenizer = tokenizer
         self.max_tokens, self.add_bos = max_tokens, add_bos
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size

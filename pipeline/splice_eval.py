@@ -90,6 +90,13 @@ def splice_eval(
         return {}
     ce = {k: v / n for k, v in sums.items()}
     denom = ce["zero"] - ce["clean"]
-    return {"eval/ce_clean": ce["clean"], "eval/ce_sae": ce["sae"], "eval/ce_zero_ablation": ce["zero"],
-            "eval/ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if denom else float("nan"),
-            "eval/kl_sae": ce["kl_sae"], "eval/kl_zero_ablation": ce["kl_zero"], "eval/tokens": n, "eval/sentences": len(ids)}
+    return {
+        "eval/ce_clean": ce["clean"],
+        "eval/ce_sae": ce["sae"],
+        "eval/ce_zero_ablation": ce["zero"],
+        "eval/ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if denom else float("nan"),
+        "eval/kl_sae": ce["kl_sae"],
+        "eval/kl_zero_ablation": ce["kl_zero"],
+        "eval/tokens": n,
+        "eval/sentences": len(ids),
+    }

@@ -19,13 +19,58 @@ from typing import Iterable
 
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTrainer
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 
 # Lower-case, without the final period, as Punkt stores them.
 SEED_ABBREVIATIONS = (
-    "dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "cf", "al", "approx", "inc", "ltd",
-    "co", "corp", "no", "vol", "fig", "gen", "col", "lt", "sgt", "capt", "rev", "u.s", "u.k", "u.n", "jan", "feb",
-    "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "mt", "ft", "est", "dept", "univ",
+    "dr",
+    "mr",
+    "mrs",
+    "ms",
+    "prof",
+    "st",
+    "jr",
+    "sr",
+    "vs",
+    "etc",
+    "e.g",
+    "i.e",
+    "cf",
+    "al",
+    "approx",
+    "inc",
+    "ltd",
+    "co",
+    "corp",
+    "no",
+    "vol",
+    "fig",
+    "gen",
+    "col",
+    "lt",
+    "sgt",
+    "capt",
+    "rev",
+    "u.s",
+    "u.k",
+    "u.n",
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "sept",
+    "oct",
+    "nov",
+    "dec",
+    "mt",
+    "ft",
+    "est",
+    "dept",
+    "univ",
 )
 _LINE = re.compile(r"[^\n]+")
 
@@ -79,24 +124,37 @@ class SentenceSplitter:
         if chunk:
             trainer.train("\n\n".join(chunk), finalize=False)
         if used == 0:
-            raise LlamaInputError("cannot train the Punkt splitter: the source has no text")
+            raise PipelineInputError("cannot train the Punkt splitter: the source has no text")
         trainer.finalize_training()
         params = trainer.get_params()
         params.abbrev_types.update(SEED_ABBREVIATIONS)
-        return SentenceSplitter(PunktSentenceTokenizer(params), "trained-on-corpus",
-                                {"train_chars": used, "seed_abbreviations": list(SEED_ABBREVIATIONS),
-                                 "n_abbreviations": len(params.abbrev_types), "n_collocations": len(params.collocations),
-                                 "n_sentence_starters": len(params.sent_starters)})
+        return SentenceSplitter(
+            PunktSentenceTokenizer(params),
+            "trained-on-corpus",
+            {
+                "train_chars": used,
+                "seed_abbreviations": list(SEED_ABBREVIATIONS),
+                "n_abbreviations": len(params.abbrev_types),
+                "n_collocations": len(params.collocations),
+                "n_sentence_starters": len(params.sent_starters),
+            },
+        )
 
     def save(self, path: Path) -> None:
         from pipeline.manifest import write_json_atomic
 
         p = self.tokenizer._params
-        write_json_atomic(path, {
-            "kind": self.kind, "info": self.info,
-            "abbrev_types": sorted(p.abbrev_types), "collocations": sorted(map(list, p.collocations)),
-            "sent_starters": sorted(p.sent_starters), "ortho_context": dict(sorted(p.ortho_context.items())),
-        })
+        write_json_atomic(
+            path,
+            {
+                "kind": self.kind,
+                "info": self.info,
+                "abbrev_types": sorted(p.abbrev_types),
+                "collocations": sorted(map(list, p.collocations)),
+                "sent_starters": sorted(p.sent_starters),
+                "ortho_context": dict(sorted(p.ortho_context.items())),
+            },
+        )
 
     @staticmethod
     def load(path: Path) -> "SentenceSplitter":
@@ -110,4 +168,4 @@ class SentenceSplitter:
                 p.ortho_context[word] = int(flags)
             return SentenceSplitter(PunktSentenceTokenizer(p), d["kind"], d["info"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LlamaInputError(f"{path}: not a Punkt parameter file ({e}); delete it to retrain") from None
+            raise PipelineInputError(f"{path}: not a Punkt parameter file ({e}); delete it to retrain") from None

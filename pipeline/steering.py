@@ -14,16 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
 from llama_3.checkpoints import LoadedModel, load_model
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from llama_3.hooks import Splice
 from pipeline.meanings import load_meanings, sae_sha256
 from sae import TopKSae
 
-MODES = ("h_bias", "clamp", "add")
+Mode = Literal["h_bias", "clamp", "add"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 @dataclass(frozen=True)
@@ -43,19 +45,24 @@ class SteeringEntry:
                 return SteeringEntry(int(parts[0]), parts[1], float(parts[2]))
         except ValueError:
             pass
-        raise LlamaInputError(f"--steer {text!r}: expected LATENT:MODE:STRENGTH with MODE one of {', '.join(MODES)}")
+        raise PipelineInputError(f"--steer {text!r}: expected LATENT:MODE:STRENGTH with MODE one of {', '.join(MODES)}")
 
 
 def check_entries(sae: TopKSae, entries: list[SteeringEntry]) -> None:
     for e in entries:
         if e.mode not in MODES:
-            raise LlamaInputError(f"--steer {e.latent}:{e.mode}:{e.strength}: mode must be one of {', '.join(MODES)}")
+            raise PipelineInputError(
+                f"--steer {e.latent}:{e.mode}:{e.strength}: mode must be one of {', '.join(MODES)}"
+            )
         if not 0 <= e.latent < sae.cfg.n_latents:
-            raise LlamaInputError(f"--steer {e.latent}: the SAE has latents 0..{sae.cfg.n_latents - 1}")
+            raise PipelineInputError(f"--steer {e.latent}: the SAE has latents 0..{sae.cfg.n_latents - 1}")
 
 
-def steered_codes(sae: TopKSae, x_norm: torch.Tensor, entries: list[SteeringEntry]) -> tuple[torch.Tensor, torch.Tensor]:
-    """x̃ [N, d] (normalised) -> the SAE's code with h_bias and clamp entries applied: (values, indices) [N, k + n_clamp].
+def steered_codes(
+    sae: TopKSae, x_norm: torch.Tensor, entries: list[SteeringEntry]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x̃ [N, d] (normalised) -> the SAE's code with h_bias and clamp entries applied:
+    (values, indices) [N, k + n_clamp].
 
     A clamped latent's own slot is zeroed and the clamp value appended as an extra column, so the
     code decodes to the reconstruction with that latent set to the value whether or not TopK kept it."""
@@ -71,7 +78,9 @@ def steered_codes(sae: TopKSae, x_norm: torch.Tensor, entries: list[SteeringEntr
         sae.h_bias.copy_(saved)
     for e in entries:
         if e.mode == "clamp":
-            values = torch.cat([values.masked_fill(indices == e.latent, 0.0), values.new_full((len(values), 1), e.strength)], 1)
+            values = torch.cat(
+                [values.masked_fill(indices == e.latent, 0.0), values.new_full((len(values), 1), e.strength)], 1
+            )
             indices = torch.cat([indices, indices.new_full((len(indices), 1), e.latent)], 1)
     return values, indices
 
@@ -88,8 +97,9 @@ def steered_reconstruction(sae: TopKSae, x: torch.Tensor, entries: list[Steering
     return sae.denormalize(x_hat_norm, ctx).reshape(shape)
 
 
-def sae_splice(sae: TopKSae, entries: list[SteeringEntry] = (), keep_error: bool = True,
-               position_mask: torch.Tensor | None = None) -> Splice:
+def sae_splice(
+    sae: TopKSae, entries: list[SteeringEntry] = (), keep_error: bool = True, position_mask: torch.Tensor | None = None
+) -> Splice:
     """A Splice for the model's run_with_hooks / generation at sae.cfg.hook_point.
 
     position_mask [B, T] or [B, 1] (a per-row switch, e.g. for steered and unsteered rows in one
@@ -113,8 +123,12 @@ def sae_splice(sae: TopKSae, entries: list[SteeringEntry] = (), keep_error: bool
         c = clean(x)
         return c if position_mask is None else torch.where(position_mask[..., None].to(c.device), c, x.float())
 
-    return Splice(steered, add_error=keep_error, clean_fn=masked_clean if keep_error else None,
-                  skip_first_positions=sae.cfg.exclude_first_positions)
+    return Splice(
+        steered,
+        add_error=keep_error,
+        clean_fn=masked_clean if keep_error else None,
+        skip_first_positions=sae.cfg.exclude_first_positions,
+    )
 
 
 # ---- an SAE loaded next to a model, with its meanings ------------------------------------------
@@ -140,9 +154,17 @@ class SteerableSae:
         query = query.strip()
         if query.isdigit():
             latent = int(query)
-            return [{"latent": latent, **self.meanings.get(latent, {"meaning": ""})}] if latent < self.sae.cfg.n_latents else []
+            return (
+                [{"latent": latent, **self.meanings.get(latent, {"meaning": ""})}]
+                if latent < self.sae.cfg.n_latents
+                else []
+            )
         words = query.lower().split()
-        hits = [{"latent": i, **m} for i, m in self.meanings.items() if all(w in m.get("meaning", "").lower() for w in words)]
+        hits = [
+            {"latent": i, **m}
+            for i, m in self.meanings.items()
+            if all(w in m.get("meaning", "").lower() for w in words)
+        ]
         return sorted(hits, key=rank_key)[:limit]
 
     def best_latents(self, n: int) -> list[int]:
@@ -154,8 +176,13 @@ def rank_key(entry: dict) -> tuple:
     return (-float(entry.get("certainty") or 0), -float(entry.get("score") or 0), entry["latent"])
 
 
-def open_steering(sae_dir: str | Path, model: str | None, meanings_dir: str | Path, device: torch.device,
-                  dtype: torch.dtype | None = None) -> tuple[LoadedModel, SteerableSae]:
+def open_steering(
+    sae_dir: str | Path,
+    model: str | None,
+    meanings_dir: str | Path,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> tuple[LoadedModel, SteerableSae]:
     """The SAE at sae_dir, the model it was trained on (or --model, if the same architecture and
     tokenizer), and the SAE's meanings from latent_index_meaning/ (none is fine)."""
     sae = TopKSae.load(sae_dir, device=device).eval()
@@ -164,8 +191,9 @@ def open_steering(sae_dir: str | Path, model: str | None, meanings_dir: str | Pa
     return lm, SteerableSae(sae, Path(sae_dir), load_meanings(meanings_dir, sae_sha256(sae_dir)))
 
 
-def steering_batch(sae: TopKSae, prompts: list[list[int]], entries: list[SteeringEntry], keep_error: bool = True,
-                   compare: bool = True) -> tuple[list[list[int]], Splice]:
+def steering_batch(
+    sae: TopKSae, prompts: list[list[int]], entries: list[SteeringEntry], keep_error: bool = True, compare: bool = True
+) -> tuple[list[list[int]], Splice]:
     """Prompts -> (batch, splice): with `compare`, the batch holds each prompt twice, unsteered rows
     first, so both versions generate side by side in one pass (a per-row switch in the splice)."""
     if not compare:
@@ -185,8 +213,9 @@ def hook_activations(model, hook_point: str, tokens: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def inspect_tokens(model, sae: TopKSae, tokens: list[int], entries: list[SteeringEntry] = (), steer_from: int = 0,
-                   top: int = 5) -> list[list[tuple[int, float]]]:
+def inspect_tokens(
+    model, sae: TopKSae, tokens: list[int], entries: list[SteeringEntry] = (), steer_from: int = 0, top: int = 5
+) -> list[list[tuple[int, float]]]:
     """Per position of `tokens`: the `top` active latents (id, activation), strongest first, with the
     entries' h_bias / clamp applied at positions >= steer_from (what the steered SAE saw there);
     positions the SAE never saw in training (the attention sink) get an empty list."""
@@ -202,4 +231,6 @@ def inspect_tokens(model, sae: TopKSae, tokens: list[int], entries: list[Steerin
     order = values.argsort(dim=1, descending=True)[:, :top]
     top_values, top_indices = values.gather(1, order).tolist(), indices.gather(1, order).tolist()
     skip = sae.cfg.exclude_first_positions
-    return [[] if t < skip else [(i, v) for i, v in zip(top_indices[t], top_values[t]) if v > 0] for t in range(len(tokens))]
+    return [
+        [] if t < skip else [(i, v) for i, v in zip(top_indices[t], top_values[t]) if v > 0] for t in range(len(tokens))
+    ]

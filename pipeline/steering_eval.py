@@ -39,8 +39,11 @@ def latent_scales(top_sentences_dir: str) -> dict[int, float]:
     """{latent: its largest per-token activation on the corpus} from the top-sentences output."""
     table = open_top_sentences(top_sentences_dir).table("top_sentences", ["latent", "aggregation", "rank", "score"])
     rows = table.to_pydict()
-    return {lat: float(s) for lat, agg, rank, s in zip(rows["latent"], rows["aggregation"], rows["rank"], rows["score"])
-            if agg == "max" and rank == 0}
+    return {
+        lat: float(s)
+        for lat, agg, rank, s in zip(rows["latent"], rows["aggregation"], rows["rank"], rows["score"])
+        if agg == "max" and rank == 0
+    }
 
 
 def dense_codes(sae, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +53,9 @@ def dense_codes(sae, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def continuation_activations(model, sae, splice, prompt: list[int], continuation: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def continuation_activations(
+    model, sae, splice, prompt: list[int], continuation: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean model reads prompt + continuation. Returns, for the continuation's tokens, the SAE
     codes [T_cont, n_latents] of (the text's own activations, the stream after the splice): the
     clean capture is what the splice saw during generation, the splice of it what the model saw."""
@@ -65,8 +70,10 @@ def repetition(tokens: list[int]) -> float:
     return 1.0 - len(set(tokens)) / len(tokens) if tokens else 0.0
 
 
-KEYWORD_STOPWORDS = frozenset("""a an the and or of to in on at for with by from as is are was were be been it its this that these
-those token tokens often after before word words text about into over under than then such like mostly mainly""".split())
+KEYWORD_STOPWORDS = frozenset(
+    """a an the and or of to in on at for with by from as is are was were be been it its this that these
+those token tokens often after before word words text about into over under than then such like mostly mainly""".split()
+)
 
 
 def meaning_keywords(meaning: str) -> list[str]:
@@ -98,8 +105,9 @@ class Continuations:
     """The same for the stream the model saw (the text's activations with the steering applied)."""
 
 
-def generate_and_encode(session, prompts: list[list[int]], entries: list[SteeringEntry], sampling: dict,
-                        keep_error: bool) -> Continuations:
+def generate_and_encode(
+    session, prompts: list[list[int]], entries: list[SteeringEntry], sampling: dict, keep_error: bool
+) -> Continuations:
     sae = session.steerable.sae
     batch, splice = steering_batch(sae, prompts, entries, keep_error, compare=False)
     out = session.gen.generate(batch, splice={session.steerable.hook_point: splice}, **sampling)

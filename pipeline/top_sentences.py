@@ -20,16 +20,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from llama_3.errors import LlamaInputError
+from llama_3.errors import PipelineInputError
 from pipeline.manifest import read_manifest, sha256_file
 
 KIND = "top_sentences"
-AGGREGATIONS = ("mean", "max", "last")
+Aggregation = Literal["mean", "max", "last"]
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 # log10(activation) histogram: HIST_BINS bins over [HIST_LOG10_MIN, HIST_LOG10_MAX], ends clamped.
 HIST_BINS, HIST_LOG10_MIN, HIST_LOG10_MAX = 40, -3.0, 3.0
 FILES = ("top_sentences.parquet", "non_activating.parquet", "latent_stats.parquet", "sentences.parquet")
@@ -50,7 +52,9 @@ class TopTable:
         """scores [L, B] for sentences ids [B] (or [L, B]); -inf entries never enter."""
         if ids.dim() == 1:
             ids = ids[None, :].expand_as(scores)
-        self.scores, self.ids = merge_top(torch.cat([self.scores, scores.float()], 1), torch.cat([self.ids, ids], 1), self.n)
+        self.scores, self.ids = merge_top(
+            torch.cat([self.scores, scores.float()], 1), torch.cat([self.ids, ids], 1), self.n
+        )
 
 
 def merge_top(scores: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +65,14 @@ def merge_top(scores: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Te
     return scores.gather(1, by_score), ids.gather(1, by_score)
 
 
-def sentence_scores(values: torch.Tensor, indices: torch.Tensor, row: torch.Tensor, is_last: torch.Tensor,
-                    n_sentences: int, n_latents: int) -> dict[str, torch.Tensor]:
+def sentence_scores(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    row: torch.Tensor,
+    is_last: torch.Tensor,
+    n_sentences: int,
+    n_latents: int,
+) -> dict[str, torch.Tensor]:
     """Aggregate token codes into per-sentence latent scores.
 
     values, indices [n, k]: the SAE's active latents for n tokens; row [n]: the sentence (0..B-1) of
@@ -77,8 +87,11 @@ def sentence_scores(values: torch.Tensor, indices: torch.Tensor, row: torch.Tens
     last_mask = is_last[:, None].expand(-1, k).reshape(-1)
     last[flat[last_mask]] = v[last_mask]
     n_tokens = torch.bincount(row, minlength=n_sentences).clamp_min(1).float()
-    return {"mean": total.view(n_sentences, n_latents) / n_tokens[:, None], "max": peak.view(n_sentences, n_latents),
-            "last": last.view(n_sentences, n_latents)}
+    return {
+        "mean": total.view(n_sentences, n_latents) / n_tokens[:, None],
+        "max": peak.view(n_sentences, n_latents),
+        "last": last.view(n_sentences, n_latents),
+    }
 
 
 def sample_key(sentence_ids: torch.Tensor, n_latents: int) -> torch.Tensor:
@@ -108,7 +121,11 @@ class LatentStats:
         self.tokens += values.shape[0]
         self.firing.index_add_(0, idx, torch.ones_like(idx))
         self.total.index_add_(0, idx, v.double())
-        b = ((v.log10() - HIST_LOG10_MIN) / (HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
+        b = (
+            ((v.log10() - HIST_LOG10_MIN) / (HIST_LOG10_MAX - HIST_LOG10_MIN) * HIST_BINS)
+            .long()
+            .clamp_(0, HIST_BINS - 1)
+        )
         self.hist.index_add_(0, idx * HIST_BINS + b, torch.ones_like(idx))
 
     def tensors(self) -> list[torch.Tensor]:
@@ -132,8 +149,10 @@ class TopSentences:
         try:
             return pq.read_table(path, columns=columns)
         except (OSError, ValueError, pa.ArrowException) as e:
-            raise LlamaInputError(f"{path}: cannot be read ({str(e).splitlines()[0]}); the file is truncated or corrupted: "
-                                  "run capture_top_activating_sentences.py --force") from None
+            raise PipelineInputError(
+                f"{path}: cannot be read ({str(e).splitlines()[0]}); the file is truncated or corrupted: "
+                "run capture_top_activating_sentences.py --force"
+            ) from None
 
 
 def open_top_sentences(directory: str | Path) -> TopSentences:
@@ -141,9 +160,13 @@ def open_top_sentences(directory: str | Path) -> TopSentences:
     manifest = read_manifest(directory, KIND)
     missing = [f for f in FILES if not (directory / f).is_file()]
     if missing:
-        raise LlamaInputError(f"{directory}: incomplete top-sentences output, missing {', '.join(missing)}; run the stage again")
+        raise PipelineInputError(
+            f"{directory}: incomplete top-sentences output, missing {', '.join(missing)}; run the stage again"
+        )
     for name, digest in manifest.get("files", {}).items():
         if sha256_file(directory / name) != digest:
-            raise LlamaInputError(f"{directory / name}: checksum differs from its manifest (truncated or corrupted); "
-                                  "run capture_top_activating_sentences.py --force")
+            raise PipelineInputError(
+                f"{directory / name}: checksum differs from its manifest (truncated or corrupted); "
+                "run capture_top_activating_sentences.py --force"
+            )
     return TopSentences(directory, manifest)

@@ -1,8 +1,8 @@
 """Run `poetry lock` against a package index that serves only HTML simple pages.
 
 Poetry asks PyPI for PEP 691 JSON simple pages; some mirrors answer with the PEP 503 HTML page
-instead (and no per-version JSON API), and `poetry lock` dies with a JSONDecodeError. This wrapper converts the HTML page to the
-JSON shape poetry expects and then runs poetry unchanged, so the lock file is the one `poetry lock`
+instead (and no per-version JSON API), and `poetry lock` dies with a JSONDecodeError. This wrapper converts
+the HTML page to the JSON shape poetry expects and then runs poetry unchanged, so the lock file is the one `poetry lock`
 writes. Usage: python scripts/poetry_lock.py [extra poetry lock flags]
 """
 

@@ -20,7 +20,9 @@ def _iso(t: dt.datetime) -> str:
 
 
 class FakeBatches:
-    def __init__(self, answer: Callable[[str, dict], tuple[str, str | None]], polls_until_end: int = 1, fail_creates: int = 0):
+    def __init__(
+        self, answer: Callable[[str, dict], tuple[str, str | None]], polls_until_end: int = 1, fail_creates: int = 0
+    ):
         self.answer, self.polls_until_end, self.fail_creates = answer, polls_until_end, fail_creates
         self.batches: dict[str, dict] = {}
         self.headers_seen: list[dict] = []
@@ -50,11 +52,18 @@ class FakeBatches:
                     with server.lock:
                         server.create_attempts += 1
                         if server.create_attempts <= server.fail_creates:
-                            return self._send(429, {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}},
-                                              headers={"retry-after": "0"})
+                            return self._send(
+                                429,
+                                {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}},
+                                headers={"retry-after": "0"},
+                            )
                         bid = f"msgbatch_{len(server.batches):04d}"
-                        server.batches[bid] = {"requests": body["requests"], "created": dt.datetime.now(dt.timezone.utc),
-                                               "polls": 0, "canceled": False}
+                        server.batches[bid] = {
+                            "requests": body["requests"],
+                            "created": dt.datetime.now(dt.timezone.utc),
+                            "polls": 0,
+                            "canceled": False,
+                        }
                     return self._send(200, server.batch_object(bid))
                 if len(parts) == 5 and parts[4] == "cancel":
                     server.batches[parts[3]]["canceled"] = True
@@ -66,8 +75,15 @@ class FakeBatches:
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if parts == ["v1", "messages", "batches"]:
                     data = [server.batch_object(b, count_poll=False) for b in sorted(server.batches, reverse=True)]
-                    return self._send(200, {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
-                                            "last_id": data[-1]["id"] if data else None})
+                    return self._send(
+                        200,
+                        {
+                            "data": data,
+                            "has_more": False,
+                            "first_id": data[0]["id"] if data else None,
+                            "last_id": data[-1]["id"] if data else None,
+                        },
+                    )
                 if len(parts) == 4 and parts[3] in server.batches:
                     return self._send(200, server.batch_object(parts[3], count_poll=True))
                 if len(parts) == 5 and parts[4] == "results":
@@ -99,23 +115,44 @@ class FakeBatches:
                 counts[line["result"]["type"]] += 1
         else:
             counts["processing"] = len(b["requests"])
-        return {"id": bid, "type": "message_batch", "processing_status": "ended" if ended else "in_progress",
-                "request_counts": counts, "created_at": _iso(b["created"]), "expires_at": _iso(b["created"] + dt.timedelta(days=1)),
-                "ended_at": _iso(b["created"]) if ended else None, "archived_at": None,
-                "cancel_initiated_at": _iso(b["created"]) if b["canceled"] else None,
-                "results_url": f"{self.url}/v1/messages/batches/{bid}/results" if ended else None}
+        return {
+            "id": bid,
+            "type": "message_batch",
+            "processing_status": "ended" if ended else "in_progress",
+            "request_counts": counts,
+            "created_at": _iso(b["created"]),
+            "expires_at": _iso(b["created"] + dt.timedelta(days=1)),
+            "ended_at": _iso(b["created"]) if ended else None,
+            "archived_at": None,
+            "cancel_initiated_at": _iso(b["created"]) if b["canceled"] else None,
+            "results_url": f"{self.url}/v1/messages/batches/{bid}/results" if ended else None,
+        }
 
     def results(self, bid: str) -> list[dict]:
         out = []
         for r in self.batches[bid]["requests"]:
-            kind, text = ("canceled", None) if self.batches[bid]["canceled"] else self.answer(r["custom_id"], r["params"])
+            kind, text = (
+                ("canceled", None) if self.batches[bid]["canceled"] else self.answer(r["custom_id"], r["params"])
+            )
             if kind == "succeeded":
-                result = {"type": "succeeded", "message": {
-                    "id": f"msg_{r['custom_id']}", "type": "message", "role": "assistant", "model": r["params"]["model"],
-                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
-                    "usage": {"input_tokens": 100, "output_tokens": 50}}}
+                result = {
+                    "type": "succeeded",
+                    "message": {
+                        "id": f"msg_{r['custom_id']}",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": r["params"]["model"],
+                        "content": [{"type": "text", "text": text}],
+                        "stop_reason": "end_turn",
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": 100, "output_tokens": 50},
+                    },
+                }
             elif kind == "errored":
-                result = {"type": "errored", "error": {"type": "error", "error": {"type": "invalid_request_error", "message": text}}}
+                result = {
+                    "type": "errored",
+                    "error": {"type": "error", "error": {"type": "invalid_request_error", "message": text}},
+                }
             else:
                 result = {"type": kind}
             out.append({"custom_id": r["custom_id"], "result": result})

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_3 import LlamaInputError, load_model
-from llama_3_inference import Generator
+from llama_3 import PipelineInputError, load_model
+from llama_3.generation import Generator
 from tests.tiny_checkpoints import make_hf_reference, write_hf_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,19 +24,19 @@ def copy(src: Path, dst: Path) -> Path:
 
 
 def test_missing_path():
-    with pytest.raises(LlamaInputError, match="no such file or directory"):
+    with pytest.raises(PipelineInputError, match="no such file or directory"):
         load_model("/nonexistent/model")
 
 
 def test_empty_dir(tmp_path):
-    with pytest.raises(LlamaInputError, match="neither a Meta checkpoint"):
+    with pytest.raises(PipelineInputError, match="neither a Meta checkpoint"):
         load_model(tmp_path)
 
 
 def test_hf_missing_tokenizer(tiny, tmp_path):
     d = copy(tiny.hf_dir, tmp_path / "hf")
     (d / "tokenizer.json").unlink()
-    with pytest.raises(LlamaInputError, match=r"tokenizer\.json: file not found"):
+    with pytest.raises(PipelineInputError, match=r"tokenizer\.json: file not found"):
         load_model(d)
 
 
@@ -44,14 +44,16 @@ def test_hf_truncated_weights(tiny, tmp_path):
     d = copy(tiny.hf_dir, tmp_path / "hf")
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(LlamaInputError, match=r"model\.safetensors: not a readable safetensors file"):
+    with pytest.raises(PipelineInputError, match=r"model\.safetensors: not a readable safetensors file"):
         load_model(d)
 
 
 def test_hf_index_names_missing_shard(tiny, tmp_path):
     d = copy(tiny.hf_dir, tmp_path / "hf")
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
-    with pytest.raises(LlamaInputError, match="missing"):
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
+    )
+    with pytest.raises(PipelineInputError, match="missing"):
         load_model(d)
 
 
@@ -60,7 +62,9 @@ def test_meta_partial_checkpoint(tiny, tmp_path):
     sd = torch.load(d / "consolidated.00.pth", weights_only=True)
     del sd["layers.3.feed_forward.w2.weight"]
     torch.save(sd, d / "consolidated.00.pth")
-    with pytest.raises(LlamaInputError, match=r"consolidated\.00\.pth: missing weight\(s\) layers\.3\.feed_forward\.w2\.weight"):
+    with pytest.raises(
+        PipelineInputError, match=r"consolidated\.00\.pth: missing weight\(s\) layers\.3\.feed_forward\.w2\.weight"
+    ):
         load_model(d)
 
 
@@ -68,17 +72,17 @@ def test_meta_params_do_not_match_weights(tiny, tmp_path):
     d = copy(tiny.meta_dir, tmp_path / "meta")
     params = json.loads((d / "params.json").read_text())
     (d / "params.json").write_text(json.dumps({**params, "n_layers": params["n_layers"] - 1}))
-    with pytest.raises(LlamaInputError, match="unexpected weight"):
+    with pytest.raises(PipelineInputError, match="unexpected weight"):
         load_model(d)
     (d / "params.json").write_text(json.dumps({**params, "n_kv_heads": params["n_heads"]}))
-    with pytest.raises(LlamaInputError, match=r"weight layers\.0\.attention\.wk\.weight has shape"):
+    with pytest.raises(PipelineInputError, match=r"weight layers\.0\.attention\.wk\.weight has shape"):
         load_model(d)
 
 
 def test_meta_missing_tokenizer_and_pickle_is_refused(tiny, tmp_path):
     d = copy(tiny.meta_dir, tmp_path / "meta")
     (d / "tokenizer.model").unlink()
-    with pytest.raises(LlamaInputError, match=r"tokenizer\.model: file not found"):
+    with pytest.raises(PipelineInputError, match=r"tokenizer\.model: file not found"):
         load_model(d)
     d2 = copy(tiny.meta_dir, tmp_path / "meta2")
 
@@ -87,7 +91,7 @@ def test_meta_missing_tokenizer_and_pickle_is_refused(tiny, tmp_path):
             return (print, ("pwned",))
 
     torch.save({"x": Evil()}, d2 / "consolidated.00.pth")
-    with pytest.raises(LlamaInputError, match="weights-only"):
+    with pytest.raises(PipelineInputError, match="weights-only"):
         load_model(d2)
 
 
@@ -95,27 +99,29 @@ def test_vocabulary_mismatch(tmp_path):
     model, tok = make_hf_reference(seed=1, vocab_size=300)  # tokenizer has 616 ids
     model.save_pretrained(tmp_path / "hf")
     write_hf_tokenizer(tok, tmp_path / "hf")
-    with pytest.raises(LlamaInputError, match=r"tokenizer has \d+ tokens but the model's vocab_size is 300"):
+    with pytest.raises(PipelineInputError, match=r"tokenizer has \d+ tokens but the model's vocab_size is 300"):
         load_model(tmp_path / "hf")
 
 
 def test_corrupt_gguf(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 20)
-    with pytest.raises(LlamaInputError, match=r"bad\.gguf: not a readable GGUF file"):
+    with pytest.raises(PipelineInputError, match=r"bad\.gguf: not a readable GGUF file"):
         load_model(bad)
 
 
 def test_prompt_longer_than_context(tiny):
     lm = load_model(tiny.hf_dir, max_seq_len=16)
-    with pytest.raises(LlamaInputError, match="does not fit the model's context of 16 tokens"):
+    with pytest.raises(PipelineInputError, match="does not fit the model's context of 16 tokens"):
         Generator(lm).generate([[1] * 16], max_new_tokens=4)
     out = Generator(lm).generate([[1] * 10], max_new_tokens=50, temperature=0, stop_tokens=set())
     assert len(out[0].tokens) == 6 and out[0].finish_reason == "length"  # generation stops at the context
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "llama_3_inference.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "llama_3_inference.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_bad_model_path_is_one_line_and_nonzero():

@@ -32,18 +32,22 @@ pytestmark = pytest.mark.bad_input_matrix
 
 def truncate(pattern: str, keep: int | None = None) -> Callable[[Path], None]:
     """Cut the first matching file to `keep` bytes (default: half)."""
+
     def go(root: Path) -> None:
         f = sorted(root.glob(pattern))[0]
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2 if keep is None else keep])
+
     return go
 
 
 def cut_in_line(pattern: str, line: int) -> Callable[[Path], None]:
     """Cut the first matching text file in the middle of its `line`-th line (1-based), whatever the lines hold."""
+
     def go(root: Path) -> None:
         f = sorted(root.glob(pattern))[0]
         lines = f.read_bytes().splitlines(keepends=True)
         f.write_bytes(b"".join(lines[: line - 1]) + lines[line - 1][: len(lines[line - 1]) // 2])
+
     return go
 
 
@@ -52,8 +56,9 @@ def flip(pattern: str) -> Callable[[Path], None]:
         f = sorted(root.glob(pattern))[0]
         data = bytearray(f.read_bytes())
         mid = len(data) // 2
-        data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+        data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
         f.write_bytes(bytes(data))
+
     return go
 
 
@@ -61,6 +66,7 @@ def write(rel: str, content: bytes | str) -> Callable[[Path], None]:
     def go(root: Path) -> None:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(content.encode() if isinstance(content, str) else content)
+
     return go
 
 
@@ -69,6 +75,7 @@ def edit_json(rel: str, change: Callable[[dict], None]) -> Callable[[Path], None
         doc = json.loads((root / rel).read_text())
         change(doc)
         (root / rel).write_text(json.dumps(doc))
+
     return go
 
 
@@ -99,44 +106,202 @@ class Row:
 
 ROWS = [
     Row("sentences", "--input", "missing", nothing, ("--input", "no_such.txt", "--out", "runs/s2"), r"no_such\.txt"),
-    Row("sentences", "--input", "empty", write("empty.txt", ""), ("--input", "empty.txt", "--out", "runs/s2"), r"empty\.txt|no document"),
-    Row("sentences", "--input", "wrong type", write("data.bin", bytes(range(256)) * 64), ("--input", "data.bin", "--out", "runs/s2"), r"data\.bin"),
+    Row(
+        "sentences",
+        "--input",
+        "empty",
+        write("empty.txt", ""),
+        ("--input", "empty.txt", "--out", "runs/s2"),
+        r"empty\.txt|no document",
+    ),
+    Row(
+        "sentences",
+        "--input",
+        "wrong type",
+        write("data.bin", bytes(range(256)) * 64),
+        ("--input", "data.bin", "--out", "runs/s2"),
+        r"data\.bin",
+    ),
     Row("sentences", "--out", "mismatched", nothing, ("--out", "runs/activations"), r"--out runs/activations"),
     Row("capture", "--sentences", "missing", nothing, ("--sentences", "runs/nope", "--out", "runs/a2"), r"runs/nope"),
-    Row("capture", "sentence shard", "truncated", truncate("runs/sentences/*.parquet", keep=4096), ("--out", "runs/a2"),
-        r"sentences-00000\.parquet", varies=r"(?<=says )\d+"),
-    Row("capture", "sentence shard", "corrupted", flip("runs/sentences/*.parquet"), ("--out", "runs/a2"), r"sentences-00000\.parquet"),
-    Row("capture", "--model", "wrong type", nothing, ("--model", "runs/sentences/manifest.json", "--out", "runs/a2"), r"manifest\.json"),
-    Row("capture", "--hook-points", "mismatched", nothing, ("--hook-points", "resid_pre.99", "--out", "runs/a2"), r"resid_pre\.99"),
-    Row("capture", "--max-tokens", "enormous", nothing, ("--max-tokens", "1000000000", "--out", "runs/a2"), r"--max-tokens"),
+    Row(
+        "capture",
+        "sentence shard",
+        "truncated",
+        truncate("runs/sentences/*.parquet", keep=4096),
+        ("--out", "runs/a2"),
+        r"sentences-00000\.parquet",
+        varies=r"(?<=says )\d+",
+    ),
+    Row(
+        "capture",
+        "sentence shard",
+        "corrupted",
+        flip("runs/sentences/*.parquet"),
+        ("--out", "runs/a2"),
+        r"sentences-00000\.parquet",
+    ),
+    Row(
+        "capture",
+        "--model",
+        "wrong type",
+        nothing,
+        ("--model", "runs/sentences/manifest.json", "--out", "runs/a2"),
+        r"manifest\.json",
+    ),
+    Row(
+        "capture",
+        "--hook-points",
+        "mismatched",
+        nothing,
+        ("--hook-points", "resid_pre.99", "--out", "runs/a2"),
+        r"resid_pre\.99",
+    ),
+    Row(
+        "capture",
+        "--max-tokens",
+        "enormous",
+        nothing,
+        ("--max-tokens", "1000000000", "--out", "runs/a2"),
+        r"--max-tokens",
+    ),
     Row("preprocessing", "--capture", "missing", nothing, ("--capture", "runs/nope", "--out", "runs/p2"), r"runs/nope"),
-    Row("preprocessing", "activation shard", "truncated", truncate("runs/activations/acts-*.safetensors"), ("--out", "runs/p2"), r"acts-r000-\d+\.safetensors"),
-    Row("preprocessing", "activation shard", "corrupted", flip("runs/activations/acts-*.safetensors"), ("--out", "runs/p2"), r"acts-r000-\d+\.safetensors"),
-    Row("preprocessing", "capture manifest", "wrong type", write("runs/activations/manifest.json", "[]"), ("--out", "runs/p2"), r"manifest\.json"),
-    Row("preprocessing", "--hook-point", "mismatched", nothing, ("--hook-point", "resid_pre.2", "--out", "runs/p2"), r"resid_pre\.2"),
-    Row("preprocessing", "--batch-size", "enormous", nothing, ("--batch-size", "1000000000000", "--out", "runs/p2"), r"--batch-size"),
+    Row(
+        "preprocessing",
+        "activation shard",
+        "truncated",
+        truncate("runs/activations/acts-*.safetensors"),
+        ("--out", "runs/p2"),
+        r"acts-r000-\d+\.safetensors",
+    ),
+    Row(
+        "preprocessing",
+        "activation shard",
+        "corrupted",
+        flip("runs/activations/acts-*.safetensors"),
+        ("--out", "runs/p2"),
+        r"acts-r000-\d+\.safetensors",
+    ),
+    Row(
+        "preprocessing",
+        "capture manifest",
+        "wrong type",
+        write("runs/activations/manifest.json", "[]"),
+        ("--out", "runs/p2"),
+        r"manifest\.json",
+    ),
+    Row(
+        "preprocessing",
+        "--hook-point",
+        "mismatched",
+        nothing,
+        ("--hook-point", "resid_pre.2", "--out", "runs/p2"),
+        r"resid_pre\.2",
+    ),
+    Row(
+        "preprocessing",
+        "--batch-size",
+        "enormous",
+        nothing,
+        ("--batch-size", "1000000000000", "--out", "runs/p2"),
+        r"--batch-size",
+    ),
     Row("training", "--data", "missing", nothing, ("--data", "runs/nope", "--out", "runs/t2"), r"runs/nope"),
-    Row("training", "train_acts.npy", "truncated", truncate("runs/preprocessed/train_acts.npy"), ("--out", "runs/t2"), r"train_acts\.npy"),
-    Row("training", "preprocessing manifest", "truncated", truncate("runs/preprocessed/manifest.json", keep=20), ("--out", "runs/t2"), r"manifest\.json"),
+    Row(
+        "training",
+        "train_acts.npy",
+        "truncated",
+        truncate("runs/preprocessed/train_acts.npy"),
+        ("--out", "runs/t2"),
+        r"train_acts\.npy",
+    ),
+    Row(
+        "training",
+        "preprocessing manifest",
+        "truncated",
+        truncate("runs/preprocessed/manifest.json", keep=20),
+        ("--out", "runs/t2"),
+        r"manifest\.json",
+    ),
     Row("training", "--k", "mismatched", nothing, ("--k", "100000", "--out", "runs/t2"), r"--k 100000"),
-    Row("training", "--batch-size", "enormous", nothing, ("--batch-size", "1000000000000", "--out", "runs/t2"), r"--batch-size"),
-    Row("training", "checkpoint", "truncated", lambda r: (truncate("runs/sae/checkpoint/state.safetensors")(r), delete("runs/sae/manifest.json")(r)),
-        (), r"state\.safetensors"),
+    Row(
+        "training",
+        "--batch-size",
+        "enormous",
+        nothing,
+        ("--batch-size", "1000000000000", "--out", "runs/t2"),
+        r"--batch-size",
+    ),
+    Row(
+        "training",
+        "checkpoint",
+        "truncated",
+        lambda r: (truncate("runs/sae/checkpoint/state.safetensors")(r), delete("runs/sae/manifest.json")(r)),
+        (),
+        r"state\.safetensors",
+    ),
     Row("top_sentences", "--sae", "missing", nothing, ("--sae", "runs/nope", "--out", "runs/ts2"), r"runs/nope"),
-    Row("top_sentences", "sae.safetensors", "truncated", truncate("runs/sae/sae/sae.safetensors"), ("--out", "runs/ts2"), r"sae\.safetensors"),
-    Row("top_sentences", "cfg.json", "wrong type", write("runs/sae/sae/cfg.json", "not json"), ("--out", "runs/ts2"), r"cfg\.json"),
-    Row("top_sentences", "SAE of another model", "mismatched", edit_json("runs/sae/sae/cfg.json", other_model), ("--out", "runs/ts2"), r"--sae"),
+    Row(
+        "top_sentences",
+        "sae.safetensors",
+        "truncated",
+        truncate("runs/sae/sae/sae.safetensors"),
+        ("--out", "runs/ts2"),
+        r"sae\.safetensors",
+    ),
+    Row(
+        "top_sentences",
+        "cfg.json",
+        "wrong type",
+        write("runs/sae/sae/cfg.json", "not json"),
+        ("--out", "runs/ts2"),
+        r"cfg\.json",
+    ),
+    Row(
+        "top_sentences",
+        "SAE of another model",
+        "mismatched",
+        edit_json("runs/sae/sae/cfg.json", other_model),
+        ("--out", "runs/ts2"),
+        r"--sae",
+    ),
     Row("top_sentences", "--top-n", "empty", nothing, ("--top-n", "0", "--out", "runs/ts2"), r"--top-n"),
     Row("interpret_send", "--top-sentences", "missing", nothing, ("--top-sentences", "runs/nope"), r"runs/nope"),
-    Row("interpret_send", "top_sentences.parquet", "corrupted", flip("runs/top_sentences/top_sentences.parquet"), (), r"top_sentences\.parquet"),
+    Row(
+        "interpret_send",
+        "top_sentences.parquet",
+        "corrupted",
+        flip("runs/top_sentences/top_sentences.parquet"),
+        (),
+        r"top_sentences\.parquet",
+    ),
     Row("interpret_send", "--aggregation", "mismatched", nothing, ("--aggregation", "median"), r"--aggregation"),
-    Row("interpret_parse", "results file", "truncated", cut_in_line("runs/interpretation/explain/results/*.jsonl", 3), (),
-        r"results/offline-0\.jsonl"),
+    Row(
+        "interpret_parse",
+        "results file",
+        "truncated",
+        cut_in_line("runs/interpretation/explain/results/*.jsonl", 3),
+        (),
+        r"results/offline-0\.jsonl",
+    ),
     Row("interpret_parse", "--out", "empty", nothing, ("--out", "runs/nope"), r"runs/nope"),
     Row("steering_eval", "--modes", "mismatched", nothing, ("--modes", "boost", "--force"), r"--modes"),
-    Row("steering_eval", "--meanings", "missing", nothing, ("--meanings", "runs/nope", "--force"), r"--meanings runs/nope"),
-    Row("steering_eval", "top_sentences.parquet", "corrupted", flip("runs/top_sentences/top_sentences.parquet"), ("--force",),
-        r"top_sentences\.parquet"),
+    Row(
+        "steering_eval",
+        "--meanings",
+        "missing",
+        nothing,
+        ("--meanings", "runs/nope", "--force"),
+        r"--meanings runs/nope",
+    ),
+    Row(
+        "steering_eval",
+        "top_sentences.parquet",
+        "corrupted",
+        flip("runs/top_sentences/top_sentences.parquet"),
+        ("--force",),
+        r"top_sentences\.parquet",
+    ),
 ]
 
 
@@ -172,8 +337,15 @@ def dtype_row_id(row: DtypeRow) -> str:
     return f"{row.stage}-{'_'.join(row.args[:2])}".replace("--", "")
 
 
-def run_stage_on_copy(root: Path, plan: dict, name: str, args: tuple[str, ...], work: Path,
-                      mutate: Callable[[Path], None] = nothing, env: dict | None = None):
+def run_stage_on_copy(
+    root: Path,
+    plan: dict,
+    name: str,
+    args: tuple[str, ...],
+    work: Path,
+    mutate: Callable[[Path], None] = nothing,
+    env: dict | None = None,
+):
     """The finished tiny pipeline copied to `work`, changed by `mutate`, then one stage run there with `args` added."""
     shutil.copytree(root, work)
     mutate(work)
@@ -216,8 +388,9 @@ def test_bad_input_gives_one_line_naming_it(tiny_pipeline, tmp_path, row):
     line = run_row(root, plan, row, tmp_path / "work")
     assert re.search(row.expect, line), line
     documented = documented_messages()
-    assert documented.get(row_id(row)) == line[len("error: "):], \
+    assert documented.get(row_id(row)) == line[len("error: ") :], (
         f"docs/bad_inputs.md is out of date for {row_id(row)}; run python tests/test_bad_input_matrix.py"
+    )
 
 
 @pytest.mark.slow
@@ -236,8 +409,9 @@ def test_dtype_choice_without_native_bf16_runs_on_the_slower_path(tiny_pipeline,
                 assert x.shape == y.shape
                 rel = ((x - y).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-6)).median().item()
                 assert rel < (5e-2 if "bfloat16" in row.args else 1e-2), rel
-    assert documented_dtype_rows().get(dtype_row_id(row)) == warning, \
+    assert documented_dtype_rows().get(dtype_row_id(row)) == warning, (
         f"docs/bad_inputs.md is out of date for {dtype_row_id(row)}; run python tests/test_bad_input_matrix.py"
+    )
 
 
 def _doc_cells(line: str) -> list[str]:
@@ -249,7 +423,9 @@ def documented_messages() -> dict[str, str]:
     for line in DOC.read_text().splitlines() if DOC.is_file() else []:
         cells = _doc_cells(line)
         if len(cells) == 5 and cells[0] not in ("stage", "---"):
-            out[f"{cells[0]}-{cells[1].strip('`')}-{cells[2]}".replace(" ", "_")] = cells[4].strip("`").replace("\\|", "|")
+            out[f"{cells[0]}-{cells[1].strip('`')}-{cells[2]}".replace(" ", "_")] = (
+                cells[4].strip("`").replace("\\|", "|")
+            )
     return out
 
 
@@ -259,7 +435,9 @@ def documented_dtype_rows() -> dict[str, str]:
         cells = _doc_cells(line)
         if len(cells) == 3 and cells[0] not in ("stage", "---"):
             args = tuple(cells[1].strip("`").split())
-            out[dtype_row_id(DtypeRow(cells[0], args, None))] = cells[2].strip("`") if cells[2] != "runs, no warning" else ""
+            out[dtype_row_id(DtypeRow(cells[0], args, None))] = (
+                cells[2].strip("`") if cells[2] != "runs, no warning" else ""
+            )
     return out
 
 
@@ -277,26 +455,39 @@ def write_doc() -> None:
         write_hf_tokenizer(tok, tmp / "hf")
         (tmp / "runs_root").mkdir()
         root, plan, _, _ = build_reference(tmp / "runs_root", tmp / "hf")
-        lines = ["# Bad inputs: what each stage is given and what the user sees", "",
-                 "Generated by `python tests/test_bad_input_matrix.py` from the rows that "
-                 "`tests/test_bad_input_matrix.py` runs (each against a finished tiny pipeline, one input broken). "
-                 "Every row exits with status 2 and prints no traceback. "
-                 "Paths are relative to the run's working directory.", "",
-                 "| stage | input | bad | flags | error shown |", "|---|---|---|---|---|"]
+        lines = [
+            "# Bad inputs: what each stage is given and what the user sees",
+            "",
+            "Generated by `python tests/test_bad_input_matrix.py` from the rows that "
+            "`tests/test_bad_input_matrix.py` runs (each against a finished tiny pipeline, one input broken). "
+            "Every row exits with status 2 and prints no traceback. "
+            "Paths are relative to the run's working directory.",
+            "",
+            "| stage | input | bad | flags | error shown |",
+            "|---|---|---|---|---|",
+        ]
         for i, row in enumerate(ROWS):
             line = run_row(root, plan, row, tmp / f"row{i}")
-            message = line[len("error: "):].replace("|", "\\|")
+            message = line[len("error: ") :].replace("|", "\\|")
             flags = " ".join(row.args).replace("|", "\\|")
             lines.append(f"| {row.stage} | `{row.input}` | {row.kind} | {flags and f'`{flags}`'} | `{message}` |")
             print(lines[-1])
-        lines += ["", "## Dtype choices on a CPU without native bf16", "",
-                  "Each row runs with ATen and oneDNN capped to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, "
-                  "as CI's second pass runs the quick suite), exits 0 and prints no traceback; a choice that makes "
-                  "matmuls run emulated prints this one warning line and goes on, on the slower path.", "",
-                  "| stage | flags | warning |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Dtype choices on a CPU without native bf16",
+            "",
+            "Each row runs with ATen and oneDNN capped to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, "
+            "as CI's second pass runs the quick suite), exits 0 and prints no traceback; a choice that makes "
+            "matmuls run emulated prints this one warning line and goes on, on the slower path.",
+            "",
+            "| stage | flags | warning |",
+            "|---|---|---|",
+        ]
         for i, row in enumerate(DTYPE_ROWS):
             warning = run_dtype_row(root, plan, row, tmp / f"dtype{i}")
-            lines.append(f"| {row.stage} | `{' '.join(row.args)}` | {f'`{warning}`' if warning else 'runs, no warning'} |")
+            lines.append(
+                f"| {row.stage} | `{' '.join(row.args)}` | {f'`{warning}`' if warning else 'runs, no warning'} |"
+            )
             print(lines[-1])
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text("\n".join(lines) + "\n")

@@ -15,7 +15,7 @@ import torch
 
 import pipeline.activations as activations_mod
 from capture_activations import CaptureConfig, main as capture_main
-from llama_3 import LlamaInputError, load_model
+from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig, main as sentences_main
 from pipeline.activations import load_shard, open_capture, sentence_rows
 from pipeline.sentences import iter_sentences
@@ -27,7 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 def sentences(tmp_path_factory):
     """~300 real sentences (first 90 wiki summaries) in row groups of 32: many units for ranks."""
     out = tmp_path_factory.mktemp("sent") / "s"
-    sentences_main(SentencesConfig(out=str(out), max_documents=90, row_group_sentences=32, splitter="trained", punkt_train_chars=200_000))
+    sentences_main(
+        SentencesConfig(
+            out=str(out), max_documents=90, row_group_sentences=32, splitter="trained", punkt_train_chars=200_000
+        )
+    )
     return out
 
 
@@ -56,18 +60,30 @@ def read_capture(directory) -> tuple[dict, dict[tuple[int, int], dict[str, torch
 def base_cfg(tmp_path, tiny, sentences, **kw) -> CaptureConfig:
     kw.setdefault("model_dtype", "float32")
     kw.setdefault("storage_dtype", "float32")
-    return CaptureConfig(sentences=str(sentences), out=str(tmp_path / kw.pop("name", "acts")), model=str(tiny.hf_dir), device="cpu", **kw)
+    return CaptureConfig(
+        sentences=str(sentences), out=str(tmp_path / kw.pop("name", "acts")), model=str(tiny.hf_dir), device="cpu", **kw
+    )
 
 
 def test_captured_activations_equal_reference_hidden_states(tmp_path, tiny, sentences):
     """Every stored row equals transformers' hidden state for that sentence and position, truncation included."""
-    cfg = base_cfg(tmp_path, tiny, sentences, hook_points=["resid_pre.2", "attn_norm.3"], max_tokens=10, shard_tokens=97, max_batch_tokens=200)
+    cfg = base_cfg(
+        tmp_path,
+        tiny,
+        sentences,
+        hook_points=["resid_pre.2", "attn_norm.3"],
+        max_tokens=10,
+        shard_tokens=97,
+        max_batch_tokens=200,
+    )
     manifest = capture_main(cfg)
     _, rows, toks = read_capture(cfg.out)
     tok = load_model(tiny.hf_dir).tokenizer
     texts = texts_of(sentences)
     norm_out = {}
-    handle = tiny.reference.model.layers[3].input_layernorm.register_forward_hook(lambda m, i, o: norm_out.__setitem__("x", o))
+    handle = tiny.reference.model.layers[3].input_layernorm.register_forward_hook(
+        lambda m, i, o: norm_out.__setitem__("x", o)
+    )
     n_truncated, n_rows = 0, 0
     try:
         for sid, text in texts.items():
@@ -103,19 +119,47 @@ def test_bos_position_is_not_stored(tmp_path, tiny, sentences):
         assert (sid, len(ids) - 1) not in rows and (sid, len(ids) - 2) in rows
         for pos in range(len(ids) - 1):
             # fp32 sums in another order than transformers: tolerance relative to the stream's scale
-            torch.testing.assert_close(rows[(sid, pos)]["resid_post.1"], hs[pos + 1], rtol=1e-5, atol=1e-5 * hs.abs().max().item())
+            torch.testing.assert_close(
+                rows[(sid, pos)]["resid_post.1"], hs[pos + 1], rtol=1e-5, atol=1e-5 * hs.abs().max().item()
+            )
 
 
 def run_capture_cli(args: list[str], torchrun: int = 0, env_extra: dict | None = None, **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
-    return subprocess.Popen(cmd + ["capture_activations.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+        if torchrun
+        else [sys.executable]
+    )
+    return subprocess.Popen(
+        cmd + ["capture_activations.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 @pytest.mark.slow
 def test_two_rank_gloo_torchrun_equals_one_process(tmp_path, tiny, sentences):
-    common = ["--sentences", str(sentences), "--model", str(tiny.hf_dir), "--device", "cpu", "--model-dtype", "float32",
-              "--storage-dtype", "float32", "--shard-tokens", "211", "--hook-points", "resid_pre.3"]
+    common = [
+        "--sentences",
+        str(sentences),
+        "--model",
+        str(tiny.hf_dir),
+        "--device",
+        "cpu",
+        "--model-dtype",
+        "float32",
+        "--storage-dtype",
+        "float32",
+        "--shard-tokens",
+        "211",
+        "--hook-points",
+        "resid_pre.3",
+    ]
     one = run_capture_cli(common + ["--out", str(tmp_path / "one")])
     two = run_capture_cli(common + ["--out", str(tmp_path / "two")], torchrun=2)
     for p in (one, two):
@@ -131,14 +175,31 @@ def test_two_rank_gloo_torchrun_equals_one_process(tmp_path, tiny, sentences):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_stores_every_sentence_once(tmp_path, tiny, sentences):
-    args = ["--sentences", str(sentences), "--model", str(tiny.hf_dir), "--device", "cpu", "--model-dtype", "float32",
-            "--storage-dtype", "float32", "--shard-tokens", "50", "--max-tokens", "32", "--max-batch-tokens", "64",
-            "--hook-points", "resid_pre.2"]
+    args = [
+        "--sentences",
+        str(sentences),
+        "--model",
+        str(tiny.hf_dir),
+        "--device",
+        "cpu",
+        "--model-dtype",
+        "float32",
+        "--storage-dtype",
+        "float32",
+        "--shard-tokens",
+        "50",
+        "--max-tokens",
+        "32",
+        "--max-batch-tokens",
+        "64",
+        "--hook-points",
+        "resid_pre.2",
+    ]
     clean = run_capture_cli(args + ["--out", str(tmp_path / "clean")])
     assert clean.wait(timeout=300) == 0
     out = tmp_path / "killed"
     # Slow the forward a little so the kill lands mid-run, after some shards are complete.
-    victim = run_capture_cli(args + ["--out", str(out)], env_extra={"CAPTURE_TEST_SLEEP": "0.02"})
+    victim = run_capture_cli(args + ["--out", str(out)], env_extra={"PIPELINE_FAULTS": "capture.batch=sleep:0.02"})
     deadline = time.time() + 120
     while len(list(out.glob("acts-r000-*.safetensors"))) < 5 and time.time() < deadline and victim.poll() is None:
         time.sleep(0.05)
@@ -151,29 +212,34 @@ def test_sigkill_mid_run_then_resume_stores_every_sentence_once(tmp_path, tiny, 
     assert resumed.returncode == 0, log[-3000:]
     m_clean, rows_clean, _ = read_capture(tmp_path / "clean")
     m_res, rows_res, _ = read_capture(out)
-    assert rows_res.keys() == rows_clean.keys()  # every (sentence, position) exactly once (read_capture checks duplicates)
+    assert (
+        rows_res.keys() == rows_clean.keys()
+    )  # every (sentence, position) exactly once (read_capture checks duplicates)
     for key in rows_clean:
         assert torch.equal(rows_res[key]["resid_pre.2"], rows_clean[key]["resid_pre.2"])
-    assert m_res["counts"]["tokens"] == m_clean["counts"]["tokens"] and m_res["throughput"]["tokens_this_run"] < m_clean["counts"]["tokens"]
+    assert (
+        m_res["counts"]["tokens"] == m_clean["counts"]["tokens"]
+        and m_res["throughput"]["tokens_this_run"] < m_clean["counts"]["tokens"]
+    )
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith("_progress")]
 
 
 def test_bad_inputs(tmp_path, tiny, sentences):
-    with pytest.raises(LlamaInputError, match=r"--hook-points 'resid_pre.9': layer 9 is out of range"):
+    with pytest.raises(PipelineInputError, match=r"--hook-points 'resid_pre.9': layer 9 is out of range"):
         capture_main(base_cfg(tmp_path, tiny, sentences, hook_points=["resid_pre.9"]))
-    with pytest.raises(LlamaInputError, match="expected <kind>.<layer>"):
+    with pytest.raises(PipelineInputError, match="expected <kind>.<layer>"):
         capture_main(base_cfg(tmp_path, tiny, sentences, hook_points=["mlp_out.1"]))
     capture_main(base_cfg(tmp_path, tiny, sentences, max_sentences=10))
     again = capture_main(base_cfg(tmp_path, tiny, sentences, max_sentences=10))  # reused
     assert again["counts"]["sentences"] == 10
-    with pytest.raises(LlamaInputError, match="holds a capture with other settings"):
+    with pytest.raises(PipelineInputError, match="holds a capture with other settings"):
         capture_main(base_cfg(tmp_path, tiny, sentences, max_sentences=11))
     assert capture_main(base_cfg(tmp_path, tiny, sentences, max_sentences=11, force=True))["counts"]["sentences"] == 11
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x.bin").write_bytes(b"1")
-    with pytest.raises(LlamaInputError, match="holds other files"):
+    with pytest.raises(PipelineInputError, match="holds other files"):
         capture_main(base_cfg(tmp_path, tiny, sentences, name="foreign"))
-    with pytest.raises(LlamaInputError, match="missing"):
+    with pytest.raises(PipelineInputError, match="missing"):
         capture_main(CaptureConfig(sentences=str(tmp_path), out=str(tmp_path / "z"), model=str(tiny.hf_dir)))
 
 
@@ -190,7 +256,7 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, tiny, sentences, monkeypatc
 
     monkeypatch.setattr(activations_mod, "save_file", full_disk)
     cfg = base_cfg(tmp_path, tiny, sentences, shard_tokens=100, max_sentences=40)
-    with pytest.raises(LlamaInputError, match="disk full"):
+    with pytest.raises(PipelineInputError, match="disk full"):
         capture_main(cfg)
     out = Path(cfg.out)
     assert sorted(p.name for p in out.iterdir()) == ["_progress-r000.json", "acts-r000-00000.safetensors"]

@@ -43,21 +43,26 @@ import json, sys
 sys.path[:0] = ["."]
 import torch
 from llama_3.cpu_features import can_prepack, has_native_bf16, onednn_has_bf16
-from llama_3.model import Linear
+from llama_3.cpu_fast import apply_cpu_fast_paths, revert_cpu_fast_paths
+from llama_3.model import ModelArgs, Transformer
 from sae import encoder_preacts
 g = torch.Generator().manual_seed(0)
 x, W, b = torch.randn(64, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
 exact = (x.double() @ W.double().T + b.double())
 with torch.autocast("cpu", dtype=torch.bfloat16):
     y = encoder_preacts(x, W, b)
-lin = Linear(32, 48).to(torch.bfloat16)
-packed = lin.pack()
+torch.manual_seed(0)
+model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64)).bfloat16()
+tokens = torch.randint(0, 50, (2, 7), generator=g)
+packed = apply_cpu_fast_paths(model) > 0
 with torch.inference_mode():
-    out = lin(x.to(torch.bfloat16)).double()
-ref = x.to(torch.bfloat16).double() @ lin.weight.double().T
+    out = model(tokens).double()
+    revert_cpu_fast_paths(model)
+    ref = model(tokens).double()
 print(json.dumps({
     "native_bf16": has_native_bf16(), "onednn_bf16": onednn_has_bf16(),
-    "prepack_bf16": can_prepack(torch.bfloat16), "prepack_fp32": can_prepack(torch.float32), "packed_bf16_linear": packed,
+    "prepack_bf16": can_prepack(torch.bfloat16), "prepack_fp32": can_prepack(torch.float32),
+    "packed_bf16_linear": packed,
     "autocast_dtype": str(y.dtype), "autocast_rel_err": ((y.double() - exact).norm() / exact.norm()).item(),
     "linear_rel_err": ((out - ref).norm() / ref.norm()).item(),
 }))
@@ -66,8 +71,9 @@ print(json.dumps({
 
 def run_python(code: str, cap: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in CAPS["avx2"]}  # "native" even inside CI's capped pass
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, **CAPS[cap]}, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env={**env, **CAPS[cap]}, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -114,8 +120,14 @@ def test_bf16_paths_on_a_cpu_without_native_bf16():
 
 def test_onednn_cap_parsing(monkeypatch):
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    for cap, allows_bf16 in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
-                             ("AVX512_CORE_AMX", True), ("ALL", True), ("", True)):
+    for cap, allows_bf16 in (
+        ("AVX2", False),
+        ("avx512_core", False),
+        ("AVX512_CORE_BF16", True),
+        ("AVX512_CORE_AMX", True),
+        ("ALL", True),
+        ("", True),
+    ):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
         assert onednn_allows("AVX512_CORE_BF16") is allows_bf16, cap
         assert onednn_allows("AVX2") is True, cap

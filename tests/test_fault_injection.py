@@ -28,7 +28,7 @@ from tiny_pipeline import OUTPUTS, run, snapshot, stage_argv
 
 SEEDS = range(int(os.environ.get("FAULT_SEEDS", "1")))
 # Slow the per-batch loops a little where a stage has such a knob, so a kill lands mid-work.
-SLOWDOWN = {"CAPTURE_TEST_SLEEP": "0.05", "TRAIN_TEST_SLEEP": "0.03", "TOP_SENTENCES_TEST_SLEEP": "0.03"}
+SLOWDOWN = {"PIPELINE_FAULTS": "capture.batch=sleep:0.05,training.step=sleep:0.03,top_sentences.batch=sleep:0.03"}
 
 KEEP_FOR_PARSE = ["runs/top_sentences/browser"]  # parse rewrites it in place; the stale copy is its input
 
@@ -37,7 +37,7 @@ def prepare(reference_root: Path, dest: Path, stage: str) -> None:
     """dest = the reference tree with this stage's outputs and everything after it removed."""
     shutil.copytree(reference_root, dest)
     order = list(OUTPUTS)
-    for later in order[order.index(stage):]:
+    for later in order[order.index(stage) :]:
         for rel in OUTPUTS[later]:
             if later == "interpret_parse" and stage == "interpret_parse" and rel in KEEP_FOR_PARSE:
                 continue
@@ -60,7 +60,9 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_outputs(tiny_pipeline, tmp_p
         work = tmp_path / f"attempt{attempt}"
         prepare(ref_root, work, stage)
         env = {**os.environ, "WANDB_MODE": "disabled", **SLOWDOWN}
-        victim = subprocess.Popen(stage_argv(plan[stage]), cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        victim = subprocess.Popen(
+            stage_argv(plan[stage]), cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(delay)
         if victim.poll() is None:
             victim.send_signal(signal.SIGKILL)
@@ -76,10 +78,14 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_outputs(tiny_pipeline, tmp_p
         assert run(plan["interpret_retrieve"], work).returncode == 0
         expected = snapshot(ref_root, OUTPUTS[stage])
         expected = {k: v for k, v in expected.items() if "manifest.json" not in k and "parse_failures" not in k}
-        got = {k: v for k, v in snapshot(work, OUTPUTS[stage]).items() if k in expected or "results" in k or "state" in k}
+        got = {
+            k: v for k, v in snapshot(work, OUTPUTS[stage]).items() if k in expected or "results" in k or "state" in k
+        }
         # the reference tree went on to parse; compare only what send + retrieve write
         assert got.keys() == expected.keys() and got == expected
     else:
-        assert snapshot(work, OUTPUTS[stage]) == snaps[stage], f"{stage}: outputs after kill at {delay:.2f}s + re-run differ"
+        assert snapshot(work, OUTPUTS[stage]) == snaps[stage], (
+            f"{stage}: outputs after kill at {delay:.2f}s + re-run differ"
+        )
     leftovers = [p for p in work.rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers, f"temporary files left behind: {leftovers}"

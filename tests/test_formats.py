@@ -93,4 +93,6 @@ def test_load_tokenizer_alone_matches_the_full_load(all_three, tiny):
     for kind, path in (("hf", tiny.hf_dir), ("meta", tiny.meta_dir), ("gguf", tiny.gguf_path)):
         alone = load_tokenizer(path)
         assert alone.fingerprint() == all_three[kind].tokenizer.fingerprint()
-        assert alone.encode_batch([SAMPLE_TEXT, "x"]) == [all_three[kind].tokenizer.encode(t) for t in (SAMPLE_TEXT, "x")]
+        assert alone.encode_batch([SAMPLE_TEXT, "x"]) == [
+            all_three[kind].tokenizer.encode(t) for t in (SAMPLE_TEXT, "x")
+        ]

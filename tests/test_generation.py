@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llama_3_inference import Generator, sample_top_p
+from llama_3.generation import Generator, sample_top_p
 from tests.conftest import random_tokens
 
 
@@ -30,7 +30,7 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_batched_greedy_with_unequal_lengths_equals_one_by_one(tiny_model):
@@ -82,7 +82,9 @@ def test_sample_top_p_never_picks_outside_nucleus():
 def test_streaming_text_equals_final_text(tiny_model):
     gen = Generator(tiny_model)
     pieces: list[str] = []
-    out = gen.text_completion(["The fox"], on_text=lambda b, d: pieces.append(d), max_new_tokens=20, temperature=0, stop_tokens=set())
+    out = gen.text_completion(
+        ["The fox"], on_text=lambda b, d: pieces.append(d), max_new_tokens=20, temperature=0, stop_tokens=set()
+    )
     assert "".join(pieces) == out[0].text
 
 
@@ -93,6 +95,8 @@ def test_generation_with_splice_changes_output_and_capture_is_pre_splice(tiny_mo
     # An identity splice changes nothing; a large constant shift changes the continuation.
     same = gen.generate(prompt, max_new_tokens=8, temperature=0, stop_tokens=set(), splice={"resid_pre.2": lambda x: x})
     shift = torch.randn(tiny_model.args.dim, generator=torch.Generator().manual_seed(1)) * 50
-    steered = gen.generate(prompt, max_new_tokens=8, temperature=0, stop_tokens=set(), splice={"resid_pre.2": lambda x: x + shift})
+    steered = gen.generate(
+        prompt, max_new_tokens=8, temperature=0, stop_tokens=set(), splice={"resid_pre.2": lambda x: x + shift}
+    )
     assert same[0].tokens == plain[0].tokens
     assert steered[0].tokens != plain[0].tokens

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from llama_3 import load_model
-from llama_3_inference import Session
+from pipeline.steering_session import Session
 from pipeline.meanings import sae_sha256
 from pipeline.steering import SteeringEntry
 from sae import SaeConfig, TopKSae
@@ -44,13 +44,35 @@ def page(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("gradio")
     lm = load_model(tiny.hf_dir)
     torch.manual_seed(2)
-    TopKSae(SaeConfig(d_model=lm.args.dim, n_latents=32, k=4, hook_point="resid_pre.1", model=lm.identity(),
-                      exclude_first_positions=1)).save(root / "sae")
+    TopKSae(
+        SaeConfig(
+            d_model=lm.args.dim,
+            n_latents=32,
+            k=4,
+            hook_point="resid_pre.1",
+            model=lm.identity(),
+            exclude_first_positions=1,
+        )
+    ).save(root / "sae")
     (root / "m").mkdir()
-    (root / "m" / "run.json").write_text(json.dumps({"sae_sha256": sae_sha256(root / "sae"), "explainer": "test", "latents": [
-        {"latent": LATENT, "meaning": "greetings and salutations", "certainty": 0.9, "score": 0.8}]}))
-    cfg = GradioConfig(sae=str(root / "sae"), meanings=str(root / "m"), model=str(tiny.hf_dir), device="cpu", dtype="float32",
-                       port=free_port(), inspect_top=3)
+    (root / "m" / "run.json").write_text(
+        json.dumps(
+            {
+                "sae_sha256": sae_sha256(root / "sae"),
+                "explainer": "test",
+                "latents": [{"latent": LATENT, "meaning": "greetings and salutations", "certainty": 0.9, "score": 0.8}],
+            }
+        )
+    )
+    cfg = GradioConfig(
+        sae=str(root / "sae"),
+        meanings=str(root / "m"),
+        model=str(tiny.hf_dir),
+        device="cpu",
+        dtype="float32",
+        port=free_port(),
+        inspect_top=3,
+    )
     app = main(cfg, block=False)
     yield app, cfg
     app.close()
@@ -60,7 +82,10 @@ def page(tiny, tmp_path_factory):
 def browser():
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: run `bash scripts/install.sh --test` (Debian packages chromium, chromium-driver)")
+        pytest.fail(
+            f"{', '.join(missing)} not installed: run `bash scripts/install.sh --test` (Debian packages chromium, "
+            "chromium-driver)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -68,9 +93,19 @@ def browser():
     opts.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     # The flags that keep Chromium from phoning home (it would fail, loudly, on a closed network).
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1700",
-                f"--user-data-dir={profile}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1700",
+        f"--user-data-dir={profile}",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     yield driver

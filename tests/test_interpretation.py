@@ -25,15 +25,34 @@ from pipeline.top_sentences import KIND, open_top_sentences
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-ant-test-DO-NOT-WRITE-0123456789"
-RIVER = ["The river flows into the lake near the town.", "Fish swim up the river every spring.",
-         "A boat drifted down the river at dawn.", "The lake froze over in January.", "They built a bridge across the river.",
-         "The river banks flooded after the storm.", "Swans nest on the lake shore.", "The river carved a deep canyon.",
-         "We rowed across the lake to the island.", "Trout live in the cold river water.", "The river delta is home to many birds.",
-         "The lake is fed by three mountain streams."]
-OTHER = ["The committee approved the annual budget.", "She plays the violin in an orchestra.", "The software update fixed a bug.",
-         "Prices rose by three percent last year.", "The museum opened a new wing.", "He wrote a novel about the war.",
-         "The train leaves at noon.", "Tomatoes grow best in warm weather.", "The election results were announced.",
-         "The team won the championship.", "A new vaccine was approved.", "The bakery sells fresh bread daily."]
+RIVER = [
+    "The river flows into the lake near the town.",
+    "Fish swim up the river every spring.",
+    "A boat drifted down the river at dawn.",
+    "The lake froze over in January.",
+    "They built a bridge across the river.",
+    "The river banks flooded after the storm.",
+    "Swans nest on the lake shore.",
+    "The river carved a deep canyon.",
+    "We rowed across the lake to the island.",
+    "Trout live in the cold river water.",
+    "The river delta is home to many birds.",
+    "The lake is fed by three mountain streams.",
+]
+OTHER = [
+    "The committee approved the annual budget.",
+    "She plays the violin in an orchestra.",
+    "The software update fixed a bug.",
+    "Prices rose by three percent last year.",
+    "The museum opened a new wing.",
+    "He wrote a novel about the war.",
+    "The train leaves at noon.",
+    "Tomatoes grow best in warm weather.",
+    "The election results were announced.",
+    "The team won the championship.",
+    "A new vaccine was approved.",
+    "The bakery sells fresh bread daily.",
+]
 
 
 def write_top_sentences(directory: Path, n_latents: int = 6) -> Path:
@@ -50,12 +69,22 @@ def write_top_sentences(directory: Path, n_latents: int = 6) -> Path:
                 rows["sentence_id"].append(sid), rows["score"].append(max(acts)), rows["token_activations"].append(acts)
     pq.write_table(pa.table(rows), directory / "top_sentences.parquet")
     silent = [(lat, sid) for lat in range(n_latents) for sid in range(len(RIVER), len(texts))]
-    pq.write_table(pa.table({"latent": [s[0] for s in silent], "sentence_id": [s[1] for s in silent]}), directory / "non_activating.parquet")
-    pq.write_table(pa.table({"latent": list(range(n_latents)), "frequency": [0.1 - 0.01 * i for i in range(n_latents)]}),
-                   directory / "latent_stats.parquet")
-    pq.write_table(pa.table({"sentence_id": list(range(len(texts))), "text": texts, "tokens": tokens}), directory / "sentences.parquet")
-    write_json_atomic(directory / "manifest.json", make_manifest(KIND, config={}, inputs={"sae": "sae", "sae_sha256": "ab" * 32},
-                                                                 counts={"latents": n_latents}))
+    pq.write_table(
+        pa.table({"latent": [s[0] for s in silent], "sentence_id": [s[1] for s in silent]}),
+        directory / "non_activating.parquet",
+    )
+    pq.write_table(
+        pa.table({"latent": list(range(n_latents)), "frequency": [0.1 - 0.01 * i for i in range(n_latents)]}),
+        directory / "latent_stats.parquet",
+    )
+    pq.write_table(
+        pa.table({"sentence_id": list(range(len(texts))), "text": texts, "tokens": tokens}),
+        directory / "sentences.parquet",
+    )
+    write_json_atomic(
+        directory / "manifest.json",
+        make_manifest(KIND, config={}, inputs={"sae": "sae", "sae_sha256": "ab" * 32}, counts={"latents": n_latents}),
+    )
     return directory
 
 
@@ -65,8 +94,14 @@ VERDICT = 'Key words: river, lake.\n```json\n{"meaning": "rivers and lakes", "ce
 def answers(cid: str, params: dict):
     lat, attempt = int(cid.split("-")[1]), int(cid.split("-")[2])
     assert KEY not in json.dumps(params)
-    table = {0: ("succeeded", VERDICT), 1: ("errored", "overloaded"), 2: ("expired", None), 3: ("succeeded", "I cannot tell."),
-             4: ("canceled", None), 5: ("succeeded", 'Analysis...\n{"meaning": "water bodies", "certainty": 85}')}
+    table = {
+        0: ("succeeded", VERDICT),
+        1: ("errored", "overloaded"),
+        2: ("expired", None),
+        3: ("succeeded", "I cannot tell."),
+        4: ("canceled", None),
+        5: ("succeeded", 'Analysis...\n{"meaning": "water bodies", "certainty": 85}'),
+    }
     if attempt > 0:  # retried requests succeed
         return "succeeded", '{"meaning": "retried meaning", "certainty": 0.5}'
     return table[lat]
@@ -88,24 +123,43 @@ def test_full_cycle_every_result_type_429_resend_and_no_key_on_disk(tmp_path, mo
         assert r1["running"] == 1  # still processing on the first poll
         r2 = retrieve_main(RetrieveConfig(**common))
         assert r2["running"] == 0 and r2["counts"] == {"succeeded": 3, "errored": 1, "expired": 1, "canceled": 1}
-        m = parse_main(ParseConfig(top_sentences=str(top), out=str(tmp_path / "interp"), meanings=str(tmp_path / "meanings")))
+        m = parse_main(
+            ParseConfig(top_sentences=str(top), out=str(tmp_path / "interp"), meanings=str(tmp_path / "meanings"))
+        )
         doc = json.loads(Path(m["meaning_file"]).read_text())
         got = {e["latent"]: e for e in doc["latents"]}
         assert set(got) == {0, 5} and got[0]["meaning"] == "rivers and lakes" and got[5]["certainty"] == 0.85
-        assert [e["certainty"] for e in doc["latents"]] == sorted((e["certainty"] for e in doc["latents"]), reverse=True)
-        failures = [json.loads(x) for x in (tmp_path / "interp" / "explain" / "parse_failures.jsonl").read_text().splitlines()]
-        assert {f["latent"]: f["reason"] for f in failures} == {1: "request errored", 2: "request expired", 3: "no JSON object with a 'meaning' field",
-                                                                4: "request canceled"}
+        assert [e["certainty"] for e in doc["latents"]] == sorted(
+            (e["certainty"] for e in doc["latents"]), reverse=True
+        )
+        failures = [
+            json.loads(x) for x in (tmp_path / "interp" / "explain" / "parse_failures.jsonl").read_text().splitlines()
+        ]
+        assert {f["latent"]: f["reason"] for f in failures} == {
+            1: "request errored",
+            2: "request expired",
+            3: "no JSON object with a 'meaning' field",
+            4: "request canceled",
+        }
         # a re-run resubmits exactly the errored, expired and canceled latents
         send_main(SendConfig(top_sentences=str(top), **common))
         assert len(server.batches) == 2
-        assert sorted(r["custom_id"] for r in server.batches["msgbatch_0001"]["requests"]) == ["explain-1-1", "explain-2-1", "explain-4-1"]
+        assert sorted(r["custom_id"] for r in server.batches["msgbatch_0001"]["requests"]) == [
+            "explain-1-1",
+            "explain-2-1",
+            "explain-4-1",
+        ]
         retrieve_main(RetrieveConfig(**common, wait=True, poll_seconds=0.01))
         send_main(SendConfig(top_sentences=str(top), **common))  # nothing left to send
         assert len(server.batches) == 2
-        m = parse_main(ParseConfig(top_sentences=str(top), out=str(tmp_path / "interp"), meanings=str(tmp_path / "meanings")))
+        m = parse_main(
+            ParseConfig(top_sentences=str(top), out=str(tmp_path / "interp"), meanings=str(tmp_path / "meanings"))
+        )
         assert m["counts"]["explained"] == 5 and m["counts"]["failures"] == 1
-        assert any(KEY in (h.get("x-api-key", ""), h.get("authorization", "").removeprefix("Bearer ")) for h in server.headers_seen)  # sent ...
+        assert any(
+            KEY in (h.get("x-api-key", ""), h.get("authorization", "").removeprefix("Bearer "))
+            for h in server.headers_seen
+        )  # sent ...
     finally:
         server.close()
     assert KEY not in files_text(tmp_path)  # ... and written nowhere
@@ -115,22 +169,49 @@ def test_crash_between_create_and_record_neither_resubmits_nor_loses(tmp_path):
     top = write_top_sentences(tmp_path / "top", n_latents=3)
     server = FakeBatches(lambda cid, p: ("succeeded", VERDICT), polls_until_end=0)
     try:
-        env = {**os.environ, "ANTHROPIC_API_KEY": KEY, "INTERPRET_TEST_CRASH_AFTER_CREATE": "1"}
-        args = [sys.executable, "interpret_top_sentences_send_batches.py", "--top-sentences", str(top), "--out", str(tmp_path / "interp"),
-                "--base-url", server.url]
+        env = {**os.environ, "ANTHROPIC_API_KEY": KEY, "PIPELINE_FAULTS": "interpret_send.after_create=exit:9"}
+        args = [
+            sys.executable,
+            "interpret_top_sentences_send_batches.py",
+            "--top-sentences",
+            str(top),
+            "--out",
+            str(tmp_path / "interp"),
+            "--base-url",
+            server.url,
+        ]
         p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 9 and len(server.batches) == 1
         state = BatchState.load(tmp_path / "interp" / "explain")
         assert state.submissions[0]["batch_id"] is None  # died before recording the batch id
-        env.pop("INTERPRET_TEST_CRASH_AFTER_CREATE")
+        env.pop("PIPELINE_FAULTS")
         p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         assert len(server.batches) == 1  # adopted, not sent again
-        p = subprocess.run([sys.executable, "interpret_top_sentences_retrieve_batches.py", "--out", str(tmp_path / "interp"),
-                            "--base-url", server.url], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "interpret_top_sentences_retrieve_batches.py",
+                "--out",
+                str(tmp_path / "interp"),
+                "--base-url",
+                server.url,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert p.returncode == 0, p.stderr
-        assert sorted(BatchState.load(tmp_path / "interp" / "explain").requests) == ["explain-0-0", "explain-1-0", "explain-2-0"]
-        assert all(e["status"] == "succeeded" for e in BatchState.load(tmp_path / "interp" / "explain").requests.values())
+        assert sorted(BatchState.load(tmp_path / "interp" / "explain").requests) == [
+            "explain-0-0",
+            "explain-1-0",
+            "explain-2-0",
+        ]
+        assert all(
+            e["status"] == "succeeded" for e in BatchState.load(tmp_path / "interp" / "explain").requests.values()
+        )
     finally:
         server.close()
     assert KEY not in files_text(tmp_path)
@@ -145,25 +226,32 @@ def test_dry_run_writes_requests_and_offline_run_needs_no_key(tmp_path, monkeypa
     assert len(lines) == 4 == r["requests"] and "«river»(10)" in lines[0]["params"]["messages"][0]["content"]
     assert r["estimate"]["usd_est"] > 0
     send_main(SendConfig(top_sentences=str(top), out=out))
-    m = parse_main(ParseConfig(top_sentences=str(top), out=out, meanings=str(tmp_path / "meanings"), skip_top=6, judge_activating=6))
+    m = parse_main(
+        ParseConfig(
+            top_sentences=str(top), out=out, meanings=str(tmp_path / "meanings"), skip_top=6, judge_activating=6
+        )
+    )
     assert m["explainer"] == "offline-ngram" and m["counts"]["explained"] == 6
     doc = json.loads(Path(m["meaning_file"]).read_text())
     assert "river" in doc["latents"][0]["meaning"] and doc["latents"][0]["scores"]["minilm-auroc"] > 0.8
 
 
-@pytest.mark.parametrize("text,expect", [
-    ('{"meaning": "dates", "certainty": 0.7}', ("dates", 0.7)),
-    ('analysis\n```json\n{"meaning": "dates", "certainty": 1}\n```\n', ("dates", 1.0)),
-    ('Sure! {"meaning": "dates", "certainty": 85} hope that helps', ("dates", 0.85)),
-    ('{"meaning": "a", "certainty": 0.1} then corrected: {"meaning": "b", "certainty": "0.6"}', ("b", 0.6)),
-    ('{"meaning": "x  \\n y", "certainty": "70%"}', ("x y", 0.7)),
-    ('{"meaning": "", "certainty": 0.5}', "empty or non-string meaning"),
-    ('{"meaning": "dates", "certainty": 140}', "outside [0, 1]"),
-    ('{"meaning": "dates", "certainty": "high"}', "not a number"),
-    ('{"meaning": "dates", "certainty": true}', "not a number"),
-    ('{"meaning": "dates"', "no JSON object"),
-    ("no verdict at all", "no JSON object"),
-])
+@pytest.mark.parametrize(
+    "text,expect",
+    [
+        ('{"meaning": "dates", "certainty": 0.7}', ("dates", 0.7)),
+        ('analysis\n```json\n{"meaning": "dates", "certainty": 1}\n```\n', ("dates", 1.0)),
+        ('Sure! {"meaning": "dates", "certainty": 85} hope that helps', ("dates", 0.85)),
+        ('{"meaning": "a", "certainty": 0.1} then corrected: {"meaning": "b", "certainty": "0.6"}', ("b", 0.6)),
+        ('{"meaning": "x  \\n y", "certainty": "70%"}', ("x y", 0.7)),
+        ('{"meaning": "", "certainty": 0.5}', "empty or non-string meaning"),
+        ('{"meaning": "dates", "certainty": 140}', "outside [0, 1]"),
+        ('{"meaning": "dates", "certainty": "high"}', "not a number"),
+        ('{"meaning": "dates", "certainty": true}', "not a number"),
+        ('{"meaning": "dates"', "no JSON object"),
+        ("no verdict at all", "no JSON object"),
+    ],
+)
 def test_parse_awkward_answers(text, expect):
     verdict, reason = parse_verdict(text)
     if isinstance(expect, tuple):
@@ -219,7 +307,9 @@ def test_claude_judge_through_the_same_batch_machinery(tmp_path, monkeypatch):
         if cid.startswith("explain"):
             return "succeeded", VERDICT
         body = params["messages"][0]["content"]
-        picks = [int(n) for n, text in re.findall(r"^(\d+)\. (.*)$", body, re.M) if re.search(r"river|lake", text, re.I)]
+        picks = [
+            int(n) for n, text in re.findall(r"^(\d+)\. (.*)$", body, re.M) if re.search(r"river|lake", text, re.I)
+        ]
         if cid.startswith("detect-1-"):
             picks = picks[:1]  # a worse judge answer for latent 1: one hit, the rest missed
         return "succeeded", f"Thinking...\n{json.dumps({'activating': picks})}"
@@ -232,7 +322,9 @@ def test_claude_judge_through_the_same_batch_machinery(tmp_path, monkeypatch):
         send_main(SendConfig(top_sentences=str(top), **common))
         retrieve_main(RetrieveConfig(**common))
         parse_main(ParseConfig(top_sentences=str(top), out=common["out"], meanings=meanings, judge="none"))
-        send_main(SendConfig(top_sentences=str(top), task="detect", meanings=meanings, sentences_per_latent=6, **common))
+        send_main(
+            SendConfig(top_sentences=str(top), task="detect", meanings=meanings, sentences_per_latent=6, **common)
+        )
         retrieve_main(RetrieveConfig(task="detect", **common))
         m = parse_main(ParseConfig(top_sentences=str(top), out=common["out"], meanings=meanings, judge="none"))
     finally:

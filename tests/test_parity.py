@@ -59,7 +59,9 @@ def test_resid_pre_capture_matches_hidden_states(tiny, tiny_model):
 def test_attn_norm_capture_matches_input_layernorm_output(tiny, tiny_model):
     layer = 2
     seen = {}
-    handle = tiny.reference.model.layers[layer].input_layernorm.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    handle = tiny.reference.model.layers[layer].input_layernorm.register_forward_hook(
+        lambda m, i, o: seen.setdefault("x", o)
+    )
     tokens = random_tokens(tiny_model.args.vocab_size, (2, 21), seed=6)
     try:
         with torch.no_grad():
@@ -73,9 +75,14 @@ def test_attn_norm_capture_matches_input_layernorm_output(tiny, tiny_model):
 def test_capture_only_forward_skips_later_blocks(tiny_model):
     model = tiny_model.model
     calls: list[str] = []
-    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(f"block{i}")) for i, layer in enumerate(model.layers)]
-    handles += [model.norm.register_forward_pre_hook(lambda m, a: calls.append("norm")),
-                model.output.register_forward_pre_hook(lambda m, a: calls.append("output"))]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(f"block{i}"))
+        for i, layer in enumerate(model.layers)
+    ]
+    handles += [
+        model.norm.register_forward_pre_hook(lambda m, a: calls.append("norm")),
+        model.output.register_forward_pre_hook(lambda m, a: calls.append("output")),
+    ]
     ffn = model.layers[1].feed_forward.register_forward_pre_hook(lambda m, a: calls.append("ffn1"))
     tokens = random_tokens(model.args.vocab_size, (1, 8))
     try:
@@ -123,13 +130,16 @@ def test_low_precision_runs_close_to_fp32(tiny_model, dtype):
 def test_prepacked_cpu_linears_match_and_fall_back(tiny):
     """oneDNN-prepacked projections give the same logits; autograd and weight edits use the plain path."""
     from llama_3 import load_model
+    from llama_3.cpu_fast import apply_cpu_fast_paths
 
     lm = load_model(tiny.hf_dir)
     model = lm.model
+    names = set(model.state_dict())
     tokens = random_tokens(lm.args.vocab_size, (2, 23), seed=9)
     with torch.no_grad():
         plain = model(tokens)
-        assert model.pack_for_cpu_inference() == 7 * lm.args.n_layers
+        assert apply_cpu_fast_paths(model) == 7 * lm.args.n_layers
+        assert set(model.state_dict()) == names  # the swap keeps every weight's name
         packed = model(tokens)
         assert ((packed - plain).abs().max() / plain.abs().max()).item() < 1e-5
         assert ((packed - tiny.reference(tokens).logits).abs().max()).item() < FP32_ATOL

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama_3 import LlamaInputError
+from llama_3 import PipelineInputError
 from pipeline.activations import KIND as CAPTURE_KIND, ShardWriter, TokenChunk
 from pipeline.manifest import make_manifest, write_json_atomic
 from pipeline.preprocessed import Moments, activations, open_preprocessed
@@ -20,7 +20,8 @@ HOOK = "resid_pre.3"
 
 
 def fake_capture(directory: Path, seed: int = 0, n_sentences: int = 300, shard_tokens: int = 211, dtype=torch.float32):
-    """A capture folder written by the real ShardWriter from random data with a large offset (hard for naive variance)."""
+    """A capture folder written by the real ShardWriter from random data with a large offset (hard for naive
+    variance)."""
     directory.mkdir(parents=True)
     g = np.random.default_rng(seed)
     shards: list[dict] = []
@@ -36,9 +37,17 @@ def fake_capture(directory: Path, seed: int = 0, n_sentences: int = 300, shard_t
         writer.put(TokenChunk({HOOK: t}, torch.arange(n), [sid], [0], [n]))
     writer.close()
     total = sum(s["n_tokens"] for s in shards)
-    m = make_manifest(CAPTURE_KIND, config={"add_bos": False}, inputs={"model": {"path": "fake"}},
-                      counts={"tokens": total, "sentences": n_sentences}, fingerprint=f"fake-{seed}", hook_points=[HOOK],
-                      d_model=D, storage_dtype=str(dtype), shards=[{**s, "rank": 0} for s in shards])
+    m = make_manifest(
+        CAPTURE_KIND,
+        config={"add_bos": False},
+        inputs={"model": {"path": "fake"}},
+        counts={"tokens": total, "sentences": n_sentences},
+        fingerprint=f"fake-{seed}",
+        hook_points=[HOOK],
+        d_model=D,
+        storage_dtype=str(dtype),
+        shards=[{**s, "rank": 0} for s in shards],
+    )
     write_json_atomic(directory / "manifest.json", m)
     return truth
 
@@ -105,7 +114,14 @@ def test_output_does_not_depend_on_worker_count(tmp_path):
     fake_capture(tmp_path / "cap", dtype=torch.bfloat16)
     run(tmp_path, tmp_path / "cap", "w1", workers=1, seed=5)
     run(tmp_path, tmp_path / "cap", "w3", workers=3, seed=5)
-    for name in ("train_acts.npy", "train_index.npy", "val_acts.npy", "val_index.npy", "val_sentence_ids.npy", "stats.json"):
+    for name in (
+        "train_acts.npy",
+        "train_index.npy",
+        "val_acts.npy",
+        "val_index.npy",
+        "val_sentence_ids.npy",
+        "stats.json",
+    ):
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w3" / name).read_bytes(), name
     run(tmp_path, tmp_path / "cap", "s6", workers=2, seed=6)
     assert (tmp_path / "w1" / "train_index.npy").read_bytes() != (tmp_path / "s6" / "train_index.npy").read_bytes()
@@ -117,23 +133,23 @@ def test_bad_inputs(tmp_path):
     shard = sorted(cap.glob("acts-*.safetensors"))[1]
     good = shard.read_bytes()
     shard.write_bytes(good[:-10] + bytes(10))
-    with pytest.raises(LlamaInputError, match="checksum differs"):
+    with pytest.raises(PipelineInputError, match="checksum differs"):
         run(tmp_path, cap, "a")
     shard.unlink()
-    with pytest.raises(LlamaInputError, match="missing"):
+    with pytest.raises(PipelineInputError, match="missing"):
         run(tmp_path, cap, "b")
     shard.write_bytes(good)
     fake_capture(tmp_path / "other", seed=1)
     stray = sorted((tmp_path / "other").glob("acts-*.safetensors"))[0]
     (cap / "acts-r001-00000.safetensors").write_bytes(stray.read_bytes())
-    with pytest.raises(LlamaInputError, match="not in its manifest"):
+    with pytest.raises(PipelineInputError, match="not in its manifest"):
         run(tmp_path, cap, "c")
     (cap / "acts-r001-00000.safetensors").unlink()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("x")
-    with pytest.raises(LlamaInputError, match="holds other files"):
+    with pytest.raises(PipelineInputError, match="holds other files"):
         run(tmp_path, cap, "busy")
-    with pytest.raises(LlamaInputError, match="not captured"):
+    with pytest.raises(PipelineInputError, match="not captured"):
         run(tmp_path, cap, "d", hook_point="resid_pre.9")
     run(tmp_path, cap, "e")
     assert json.loads((tmp_path / "e" / "manifest.json").read_text())["kind"] == "preprocessed"

@@ -16,8 +16,17 @@ from tiny_pipeline import REPO, pipeline_config
 
 def driver_argv(model: Path, *extra: str) -> list[str]:
     cfg = pipeline_config(model)
-    return [sys.executable, str(REPO / "run_pipeline.py"), "--model", cfg.model, "--max-sentences", str(cfg.max_sentences),
-            "--stage-args", *cfg.stage_args, *extra]
+    return [
+        sys.executable,
+        str(REPO / "run_pipeline.py"),
+        "--model",
+        cfg.model,
+        "--max-sentences",
+        str(cfg.max_sentences),
+        "--stage-args",
+        *cfg.stage_args,
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -33,16 +42,30 @@ def test_rerun_reuses_every_stage_and_force_from_recomputes_the_rest(tiny_pipeli
     assert reused == set(plan) - {"interpret_retrieve"}  # retrieve only reads the state: nothing to reuse
     assert all(s["peak_rss_mb"] > 50 and s["seconds"] > 0 for s in doc["stages"])
     report = work / "runs" / "report"
-    for png in ("loss.png", "dead_aux.png", "l0_fvu.png", "ce_recovered.png", "density.png", "detection.png", "steering.png"):
+    for png in (
+        "loss.png",
+        "dead_aux.png",
+        "l0_fvu.png",
+        "ce_recovered.png",
+        "density.png",
+        "detection.png",
+        "steering.png",
+    ):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f'src="{png}"' in (report / "index.html").read_text()
-    assert "report:" in done.stdout and "feature browser:" in done.stdout and "llama_3_inference_text_completion_gradio.py" in done.stdout
+    assert (
+        "report:" in done.stdout
+        and "feature browser:" in done.stdout
+        and "llama_3_inference_text_completion_gradio.py" in done.stdout
+    )
     summary = json.loads((report / "summary.json").read_text())
     sae_manifest = json.loads((work / "runs" / "sae" / "manifest.json").read_text())
     assert summary["training"]["val_fvu"] == sae_manifest["final_validation"]["val/fvu"]
 
     before = (work / "runs" / "steering_eval" / "results.json").stat().st_mtime_ns
-    done = subprocess.run(driver_argv(tiny.hf_dir, "--force-from", "steering_eval"), cwd=work, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        driver_argv(tiny.hf_dir, "--force-from", "steering_eval"), cwd=work, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads((work / "runs" / "pipeline.json").read_text())
     assert [s["name"] for s in doc["stages"] if s["forced"]] == ["steering_eval"]
@@ -50,6 +73,13 @@ def test_rerun_reuses_every_stage_and_force_from_recomputes_the_rest(tiny_pipeli
 
 
 def test_bad_driver_flags(tmp_path):
-    for extra, message in ((["--force-from", "nope"], "--force-from 'nope'"), (["--stage-args", "training:expansion=2"], "--stage-args")):
-        done = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), *extra], cwd=tmp_path, capture_output=True, text=True)
-        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), done.stderr
+    for extra, message in (
+        (["--force-from", "nope"], "--force-from 'nope'"),
+        (["--stage-args", "training:expansion=2"], "--stage-args"),
+    ):
+        done = subprocess.run(
+            [sys.executable, str(REPO / "run_pipeline.py"), *extra], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), (
+            done.stderr
+        )

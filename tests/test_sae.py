@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from llama_3 import LlamaInputError
+from llama_3 import PipelineInputError
 from sae import SaeConfig, TopKSae
 
 
@@ -115,9 +115,9 @@ def test_saelens_export_reproduces_raw_space_reconstruction(tmp_path):
 
 
 def test_bad_config_and_files(tmp_path):
-    with pytest.raises(LlamaInputError, match="k=65 must be in 1..n_latents=64"):
+    with pytest.raises(PipelineInputError, match="k=65 must be in 1..n_latents=64"):
         SaeConfig(d_model=16, n_latents=64, k=65)
-    with pytest.raises(LlamaInputError, match="normalize="):
+    with pytest.raises(PipelineInputError, match="normalize="):
         SaeConfig(d_model=16, n_latents=64, k=4, normalize="layer")
-    with pytest.raises(LlamaInputError, match="cfg.json: file not found"):
+    with pytest.raises(PipelineInputError, match="cfg.json: file not found"):
         TopKSae.load(tmp_path)

@@ -39,17 +39,38 @@ def fake_preprocessed(directory: Path, train: np.ndarray, val: np.ndarray, batch
     np.save(directory / "train_acts.npy", train)
     np.save(directory / "val_acts.npy", val)
     m = Moments.of(train)
-    write_json_atomic(directory / "stats.json", {"count": m.n, "mean": m.mean.tolist(), "var": m.var.tolist(),
-                                                 "mean_sq_norm": m.sq_norm_sum / m.n})
-    write_json_atomic(directory / "manifest.json", make_manifest(
-        PRE_KIND, config={}, inputs={"model": {"path": "synthetic"}}, counts={"train_tokens": len(train)},
-        fingerprint=f"synthetic-{len(train)}", hook_point="resid_pre.1", d_model=train.shape[1], storage_dtype="torch.float32",
-        batch_size=batch_size, massive_activation_policy={"exclude_first_positions": 0}))
+    write_json_atomic(
+        directory / "stats.json",
+        {"count": m.n, "mean": m.mean.tolist(), "var": m.var.tolist(), "mean_sq_norm": m.sq_norm_sum / m.n},
+    )
+    write_json_atomic(
+        directory / "manifest.json",
+        make_manifest(
+            PRE_KIND,
+            config={},
+            inputs={"model": {"path": "synthetic"}},
+            counts={"train_tokens": len(train)},
+            fingerprint=f"synthetic-{len(train)}",
+            hook_point="resid_pre.1",
+            d_model=train.shape[1],
+            storage_dtype="torch.float32",
+            batch_size=batch_size,
+            massive_activation_policy={"exclude_first_positions": 0},
+        ),
+    )
     return directory
 
 
 def cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), wandb="disabled", device="cpu", batch_size=256, val_every=10**9, checkpoint_every=10**9)
+    base = dict(
+        data=str(data),
+        out=str(out),
+        wandb="disabled",
+        device="cpu",
+        batch_size=256,
+        val_every=10**9,
+        checkpoint_every=10**9,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -107,13 +128,27 @@ def test_aux_k_revives_latents_that_plain_training_leaves_dead(tmp_path):
     dirs = g.standard_normal((n_true, r))
     dirs = np.concatenate([dirs / np.linalg.norm(dirs, axis=1, keepdims=True), np.zeros((n_true, d - r))], 1)
     idx = np.stack([g.choice(n_true, 3, replace=False) for _ in range(n)])
-    x = (np.einsum("nk,nkd->nd", g.uniform(1, 3, (n, 3)), dirs[idx]) + 0.01 * g.standard_normal((n, d))).astype(np.float32)
+    x = (np.einsum("nk,nkd->nd", g.uniform(1, 3, (n, 3)), dirs[idx]) + 0.01 * g.standard_normal((n, d))).astype(
+        np.float32
+    )
     data = fake_preprocessed(tmp_path / "data", x[:20_000], x[20_000:])
     info = DistInfo(0, 1, 0, 1, torch.device("cpu"))
     final = {}
     for aux_coef in (0.0, 1 / 32):
-        t = Trainer(cfg(data, tmp_path / "run", n_latents=128, k=4, epochs=4, lr=4e-3, warmup_steps=10,
-                        dead_tokens=2_000, aux_coef=aux_coef), info)
+        t = Trainer(
+            cfg(
+                data,
+                tmp_path / "run",
+                n_latents=128,
+                k=4,
+                epochs=4,
+                lr=4e-3,
+                warmup_steps=10,
+                dead_tokens=2_000,
+                aux_coef=aux_coef,
+            ),
+            info,
+        )
         with torch.no_grad():
             t.sae.W_dec[64:, :r] = 0
             t.sae.normalize_decoder()
@@ -132,8 +167,14 @@ def test_aux_k_revives_latents_that_plain_training_leaves_dead(tmp_path):
 
 def run_cli(args: list[str], torchrun: int = 0, env_extra: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
-    return subprocess.Popen(cmd + ["sae_training.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+        if torchrun
+        else [sys.executable]
+    )
+    return subprocess.Popen(
+        cmd + ["sae_training.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -144,9 +185,30 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 def test_two_rank_gloo_ddp_equals_one_process(tmp_path):
     x, _ = synthetic(4_096)
     data = fake_preprocessed(tmp_path / "data", x[:3_584], x[3_584:])
-    args = ["--data", str(data), "--wandb", "disabled", "--device", "cpu", "--n-latents", "64", "--k", "3", "--batch-size", "256",
-            "--epochs", "1", "--dead-tokens", "512", "--val-every", "1000000"]
-    one, two = run_cli(args + ["--out", str(tmp_path / "one")]), run_cli(args + ["--out", str(tmp_path / "two")], torchrun=2)
+    args = [
+        "--data",
+        str(data),
+        "--wandb",
+        "disabled",
+        "--device",
+        "cpu",
+        "--n-latents",
+        "64",
+        "--k",
+        "3",
+        "--batch-size",
+        "256",
+        "--epochs",
+        "1",
+        "--dead-tokens",
+        "512",
+        "--val-every",
+        "1000000",
+    ]
+    one, two = (
+        run_cli(args + ["--out", str(tmp_path / "one")]),
+        run_cli(args + ["--out", str(tmp_path / "two")], torchrun=2),
+    )
     for p in (one, two):
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-3000:]
@@ -161,12 +223,32 @@ def test_two_rank_gloo_ddp_equals_one_process(tmp_path):
 def test_sigkill_and_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     x, _ = synthetic(6_000)
     data = fake_preprocessed(tmp_path / "data", x[:5_120], x[5_120:])
-    args = ["--data", str(data), "--wandb", "disabled", "--device", "cpu", "--n-latents", "64", "--k", "3", "--batch-size", "256",
-            "--epochs", "3", "--dead-tokens", "512", "--checkpoint-every", "7", "--val-every", "5"]
+    args = [
+        "--data",
+        str(data),
+        "--wandb",
+        "disabled",
+        "--device",
+        "cpu",
+        "--n-latents",
+        "64",
+        "--k",
+        "3",
+        "--batch-size",
+        "256",
+        "--epochs",
+        "3",
+        "--dead-tokens",
+        "512",
+        "--checkpoint-every",
+        "7",
+        "--val-every",
+        "5",
+    ]
     clean = run_cli(args + ["--out", str(tmp_path / "clean")])
     assert clean.wait(timeout=300) == 0
     out = tmp_path / "killed"
-    victim = run_cli(args + ["--out", str(out)], env_extra={"TRAIN_TEST_SLEEP": "0.05"})
+    victim = run_cli(args + ["--out", str(out)], env_extra={"PIPELINE_FAULTS": "training.step=sleep:0.05"})
     deadline = time.time() + 120
     while time.time() < deadline and victim.poll() is None:
         st = out / "checkpoint" / "state.json"
@@ -189,19 +271,19 @@ def test_sigkill_and_resume_equals_uninterrupted_bit_for_bit(tmp_path):
 
 
 def test_run_folder_refuses_another_config_and_bad_batches(tmp_path):
-    from llama_3 import LlamaInputError
+    from llama_3 import PipelineInputError
 
     x, _ = synthetic(1_500)
     data = fake_preprocessed(tmp_path / "data", x[:1_280], x[1_280:])
     train_main(cfg(data, tmp_path / "run", n_latents=64, k=3))
-    with pytest.raises(LlamaInputError, match="holds a run with another config"):
+    with pytest.raises(PipelineInputError, match="holds a run with another config"):
         train_main(cfg(data, tmp_path / "run", n_latents=64, k=4))
-    with pytest.raises(LlamaInputError, match=r"--k 65: must be in 1\.\.64"):
+    with pytest.raises(PipelineInputError, match=r"--k 65: must be in 1\.\.64"):
         train_main(cfg(data, tmp_path / "run2", n_latents=64, k=65))
     bad = x[:1_280].copy()
     bad[300, 5] = np.nan
     data_nan = fake_preprocessed(tmp_path / "data_nan", bad, x[1_280:])
     m = train_main(cfg(data_nan, tmp_path / "run3", n_latents=64, k=3))
     assert m["counts"]["skipped_nonfinite_batches"] == 1  # skipped and counted, never silent
-    with pytest.raises(LlamaInputError, match="NaN/inf in the training batch"):
+    with pytest.raises(PipelineInputError, match="NaN/inf in the training batch"):
         train_main(cfg(data_nan, tmp_path / "run4", n_latents=64, k=3, nonfinite="stop"))

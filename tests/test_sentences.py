@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import openwebtext_sentences_dataset as build_script
-from llama_3 import LlamaInputError
+from llama_3 import PipelineInputError
 from openwebtext_sentences_dataset import SentencesConfig, main
 from pipeline.sentences import SentenceTokenDataset, iter_sentences, length_batches, open_sentence_dataset
 from pipeline.splitter import SentenceSplitter
@@ -139,14 +139,19 @@ def test_length_batches_respect_budget():
 def test_punkt_fallback_learns_and_handles_abbreviations(tmp_path):
     lines = []
     for i in range(300):  # a corpus in which "Ave." is mostly followed by lower-case words
-        lines.append(f"The office on Fifth Ave. near the park opened in {1900 + i}. Dr. Smith of the U.S. Navy visited it.")
+        lines.append(
+            f"The office on Fifth Ave. near the park opened in {1900 + i}. Dr. Smith of the U.S. Navy visited it."
+        )
         lines.append(f"Traffic on Park Ave. was heavy that day, number {i}. Everyone went home early.")
     (tmp_path / "corpus.txt").write_text("\n\n".join(lines))
     splitter = SentenceSplitter.train(iter(lines), 10**6)
     assert "ave" in splitter.tokenizer._params.abbrev_types  # learned from this corpus, not a seed
     text = "Dr. Jones met the U.S. ambassador on Madison Ave. near noon. They talked for an hour. Then it rained."
     assert [text[s:e] for s, e in splitter.spans(text)] == [
-        "Dr. Jones met the U.S. ambassador on Madison Ave. near noon.", "They talked for an hour.", "Then it rained."]
+        "Dr. Jones met the U.S. ambassador on Madison Ave. near noon.",
+        "They talked for an hour.",
+        "Then it rained.",
+    ]
     # The trained parameters survive the JSON cache exactly.
     splitter.save(tmp_path / "p.json")
     again = SentenceSplitter.load(tmp_path / "p.json")
@@ -157,18 +162,37 @@ def test_local_txt_jsonl_parquet_with_bad_input_counted(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_bytes(
-        b"First doc. It has two sentences.\n\nSecond doc here.\n\n   \n\nBad bytes \xff\xfe here.\n\n" + b"x" * 5000 + b".\n"
+        b"First doc. It has two sentences.\n\nSecond doc here.\n\n   \n\nBad bytes \xff\xfe here.\n\n"
+        + b"x" * 5000
+        + b".\n"
     )
     (src / "b.txt").write_bytes(b"")
-    (src / "c.jsonl").write_text(json.dumps({"text": "From JSON. Really.", "title": "T"}) + "\n{not json\n"
-                                 + json.dumps({"text": "   "}) + "\n")
-    pq.write_table(pa.table({"text": ["Parquet row one. And two.", "Row two."], "topic": ["Sci", None]}), src / "d.parquet")
+    (src / "c.jsonl").write_text(
+        json.dumps({"text": "From JSON. Really.", "title": "T"}) + "\n{not json\n" + json.dumps({"text": "   "}) + "\n"
+    )
+    pq.write_table(
+        pa.table({"text": ["Parquet row one. And two.", "Row two."], "topic": ["Sci", None]}), src / "d.parquet"
+    )
     m = main(cfg(tmp_path, input=[str(src)], max_document_chars=1000))
     skipped = m["counts"]["skipped"]
-    assert skipped == {"invalid_utf8": 1, "document_too_long": 1, "empty_file": 1, "invalid_json": 1, "empty_document": 1}
+    assert skipped == {
+        "invalid_utf8": 1,
+        "document_too_long": 1,
+        "empty_file": 1,
+        "invalid_json": 1,
+        "empty_document": 1,
+    }
     rows = read_all(tmp_path / "out")
-    assert rows["text"] == ["First doc.", "It has two sentences.", "Second doc here.", "From JSON.", "Really.",
-                            "Parquet row one.", "And two.", "Row two."]
+    assert rows["text"] == [
+        "First doc.",
+        "It has two sentences.",
+        "Second doc here.",
+        "From JSON.",
+        "Really.",
+        "Parquet row one.",
+        "And two.",
+        "Row two.",
+    ]
     assert rows["doc_id"] == [0, 0, 1, 2, 2, 3, 3, 4]
     assert rows["title"][3] == "T" and rows["topic"][5] == "Sci" and rows["topic"][7] is None
     assert m["counts"]["records_read"] == 4 + 1 + 3 + 2  # a.txt blocks + empty b.txt + c.jsonl lines + d.parquet rows
@@ -187,9 +211,9 @@ def test_hf_datasets_source_on_a_local_dataset(tmp_path, monkeypatch):
     assert m["counts"]["documents"] == 20 and len(rows["text"]) == 40
     assert rows["text"][:2] == ["Article 0 starts.", "It continues with detail 0."]
     assert rows["doc_key"][0].endswith(":train:0")
-    with pytest.raises(LlamaInputError, match="--text-column 'text': not in dataset"):
+    with pytest.raises(PipelineInputError, match="--text-column 'text': not in dataset"):
         main(cfg(tmp_path, name="out2", hf_dataset=str(tmp_path / "owt_like")))
-    with pytest.raises(LlamaInputError, match="--hf-dataset .*cannot be loaded"):
+    with pytest.raises(PipelineInputError, match="--hf-dataset .*cannot be loaded"):
         main(cfg(tmp_path, name="out3", hf_dataset=str(tmp_path / "missing")))
 
 
@@ -211,7 +235,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     out = tmp_path / "resumed"
     assert not (out / "manifest.json").exists() and (out / "_progress.json").exists()
     assert not list(out.glob("*.tmp"))
-    with pytest.raises(LlamaInputError, match="missing"):  # readers refuse the unfinished dataset
+    with pytest.raises(PipelineInputError, match="missing"):  # readers refuse the unfinished dataset
         open_sentence_dataset(out)
     monkeypatch.setattr(build_script, "_write_shard", real_write)
     main(cfg(tmp_path, name="resumed", **kw))
@@ -225,24 +249,41 @@ def test_output_folder_guards(tmp_path):
     main(cfg(tmp_path, max_documents=20))
     again = main(cfg(tmp_path, max_documents=20))  # same settings: reused, not rebuilt
     assert again["counts"]["documents"] == 20
-    with pytest.raises(LlamaInputError, match="built with other settings"):
+    with pytest.raises(PipelineInputError, match="built with other settings"):
         main(cfg(tmp_path, max_documents=30))
     assert main(cfg(tmp_path, max_documents=30, force=True))["counts"]["documents"] == 30
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.md").write_text("mine")
-    with pytest.raises(LlamaInputError, match="holds other files"):
+    with pytest.raises(PipelineInputError, match="holds other files"):
         main(cfg(tmp_path, name="other", max_documents=5))
-    with pytest.raises(LlamaInputError, match="--input .*no such file"):
+    with pytest.raises(PipelineInputError, match="--input .*no such file"):
         main(cfg(tmp_path, name="x", input=[str(tmp_path / "nope.txt")]))
     (tmp_path / "empty.txt").write_text("\n\n  \n")
-    with pytest.raises(LlamaInputError, match="has no text|no sentences"):
+    with pytest.raises(PipelineInputError, match="has no text|no sentences"):
         main(cfg(tmp_path, name="y", input=[str(tmp_path / "empty.txt")]))
     assert not (tmp_path / "y" / "manifest.json").exists()
 
 
 def test_cli_missing_jsonl_column_is_one_line(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-    r = subprocess.run([sys.executable, "openwebtext_sentences_dataset.py", "--input", str(tmp_path / "c.jsonl"),
-                        "--out", str(tmp_path / "o"), "--splitter", "trained"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "openwebtext_sentences_dataset.py",
+            "--input",
+            str(tmp_path / "c.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+            "--splitter",
+            "trained",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'c.jsonl'}:1: no 'text' field (has: body); set --text-column"
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == f"error: {tmp_path / 'c.jsonl'}:1: no 'text' field (has: body); set --text-column"
+    )

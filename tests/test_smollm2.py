@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llama_3 import default_model_path, load_model
-from llama_3_inference import Generator
+from llama_3.generation import Generator
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +23,16 @@ def test_default_is_the_packaged_gguf(smol):
     assert a.tie_word_embeddings and smol.tokenizer.n_words == 49152
 
 
-@pytest.mark.parametrize("prompt, answer", [
-    ("The capital of France is", "Paris"),
-    ("The largest planet in the solar system is", "Jupiter"),
-    ("The chemical symbol for gold is", "Au"),
-    ("One, two, three, four,", "five"),
-    ("The opposite of hot is", "cold"),
-])
+@pytest.mark.parametrize(
+    "prompt, answer",
+    [
+        ("The capital of France is", "Paris"),
+        ("The largest planet in the solar system is", "Jupiter"),
+        ("The chemical symbol for gold is", "Au"),
+        ("One, two, three, four,", "five"),
+        ("The opposite of hot is", "cold"),
+    ],
+)
 def test_greedy_factual_completions(smol, prompt, answer):
     out = Generator(smol).text_completion([prompt], max_new_tokens=6, temperature=0)[0]
     assert out.text.split()[0].strip(".,") == answer, out.text
@@ -41,7 +44,9 @@ def test_batched_prompts_of_different_lengths(smol):
     outs = gen.text_completion(prompts, max_new_tokens=4, temperature=0)
     assert [o.text.split()[0].strip(".,") for o in outs[:2]] == ["Paris", "cold"]
     assert "April" in outs[2].text
-    assert [o.tokens for o in outs] == [gen.text_completion([p], max_new_tokens=4, temperature=0)[0].tokens for p in prompts]
+    assert [o.tokens for o in outs] == [
+        gen.text_completion([p], max_new_tokens=4, temperature=0)[0].tokens for p in prompts
+    ]
 
 
 def test_chat_template_gives_sensible_replies(smol):

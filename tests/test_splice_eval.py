@@ -50,7 +50,9 @@ def test_splice_eval_matches_reference_and_identity_recovers_everything(tiny, ti
     assert math.isclose(m["eval/ce_sae"], ref_sae, rel_tol=1e-5)
     assert math.isclose(m["eval/ce_zero_ablation"], ref_zero, rel_tol=1e-5)
     # The ratio is ill-conditioned where zero ablation barely moves CE (a random model): check its numerator.
-    assert math.isclose(m["eval/ce_loss_recovered"] * (ref_zero - ref_clean), ref_zero - ref_sae, abs_tol=1e-5 * ref_clean)
+    assert math.isclose(
+        m["eval/ce_loss_recovered"] * (ref_zero - ref_clean), ref_zero - ref_sae, abs_tol=1e-5 * ref_clean
+    )
     assert m["eval/kl_sae"] > 0 and m["eval/kl_zero_ablation"] > 0
     ident = splice_eval(tiny_model, lambda x: x, TEXTS, "resid_pre.2", exclude_first_positions=1)
     assert math.isclose(ident["eval/ce_loss_recovered"], 1.0, rel_tol=1e-6) and abs(ident["eval/kl_sae"]) < 1e-6

@@ -12,11 +12,20 @@ import pytest
 import torch
 
 from conftest import random_tokens
-from llama_3 import LlamaInputError, load_model
-from llama_3_inference import Generator, InferenceConfig, Session
+from llama_3 import PipelineInputError, load_model
+from llama_3.generation import Generator
+from llama_3_inference import InferenceConfig
 from llama_3_inference import main as inference_main
-from pipeline.steering import SteerableSae, SteeringEntry, inspect_tokens, sae_splice, steered_reconstruction, steering_batch
+from pipeline.steering import (
+    SteerableSae,
+    SteeringEntry,
+    inspect_tokens,
+    sae_splice,
+    steered_reconstruction,
+    steering_batch,
+)
 from pipeline.steering_eval import continuation_activations, keyword_hit, latent_scales, meaning_keywords
+from pipeline.steering_session import Session
 from sae import SaeConfig, TopKSae
 
 HOOK = "resid_pre.1"
@@ -43,7 +52,9 @@ def test_unsteered_splice_with_error_term_is_exactly_the_clean_model(lm_and_sae)
     assert not torch.allclose(pure, clean)  # a random SAE loses a lot
 
 
-@pytest.mark.parametrize("entry", [SteeringEntry(5, "h_bias", 20.0), SteeringEntry(5, "clamp", 10.0), SteeringEntry(5, "add", 10.0)])
+@pytest.mark.parametrize(
+    "entry", [SteeringEntry(5, "h_bias", 20.0), SteeringEntry(5, "clamp", 10.0), SteeringEntry(5, "add", 10.0)]
+)
 def test_each_mode_raises_its_latent_in_the_steered_stream(lm_and_sae, entry):
     lm, sae = lm_and_sae
     tokens = random_tokens(lm.args.vocab_size, (2, 10), seed=1)
@@ -61,16 +72,18 @@ def test_each_mode_raises_its_latent_in_the_steered_stream(lm_and_sae, entry):
         mask[:, 6:] = True
         logits_masked, _ = lm.model.run_with_hooks(tokens, splice={HOOK: sae_splice(sae, [entry], position_mask=mask)})
         clean = lm.model(tokens)
-        assert torch.equal(logits_masked[:, :6], clean[:, :6]) and not torch.allclose(logits_masked[:, 6:], clean[:, 6:])
+        assert torch.equal(logits_masked[:, :6], clean[:, :6]) and not torch.allclose(
+            logits_masked[:, 6:], clean[:, 6:]
+        )
 
 
 def test_bad_steering_entries(lm_and_sae):
     _, sae = lm_and_sae
-    with pytest.raises(LlamaInputError, match="LATENT:MODE:STRENGTH"):
+    with pytest.raises(PipelineInputError, match="LATENT:MODE:STRENGTH"):
         SteeringEntry.parse("five:clamp:1")
-    with pytest.raises(LlamaInputError, match="mode must be one of"):
+    with pytest.raises(PipelineInputError, match="mode must be one of"):
         sae_splice(sae, [SteeringEntry.parse("3:boost:1")])
-    with pytest.raises(LlamaInputError, match="latents 0..63"):
+    with pytest.raises(PipelineInputError, match="latents 0..63"):
         sae_splice(sae, [SteeringEntry.parse("64:clamp:1")])
     assert SteeringEntry.parse("7:2.5") == SteeringEntry(7, "h_bias", 2.5)
 
@@ -78,12 +91,15 @@ def test_bad_steering_entries(lm_and_sae):
 # ---- generation, inspection, CLI, evaluation ---------------------------------------------------
 
 
-
 @pytest.fixture(scope="module")
 def sae_dir(tmp_path_factory, lm_and_sae):
     lm, _ = lm_and_sae
     torch.manual_seed(1)
-    sae = TopKSae(SaeConfig(d_model=lm.args.dim, n_latents=48, k=4, hook_point=HOOK, model=lm.identity(), exclude_first_positions=1))
+    sae = TopKSae(
+        SaeConfig(
+            d_model=lm.args.dim, n_latents=48, k=4, hook_point=HOOK, model=lm.identity(), exclude_first_positions=1
+        )
+    )
     out = tmp_path_factory.mktemp("sae") / "sae"
     sae.save(out)
     return out
@@ -93,8 +109,11 @@ def write_meanings(directory: Path, sae_dir: Path, meanings: dict[int, tuple[str
     from pipeline.meanings import sae_sha256
 
     directory.mkdir(parents=True, exist_ok=True)
-    doc = {"sae_sha256": sae_sha256(sae_dir), "explainer": "test",
-           "latents": [{"latent": i, "meaning": m, "certainty": c, "score": None} for i, (m, c) in meanings.items()]}
+    doc = {
+        "sae_sha256": sae_sha256(sae_dir),
+        "explainer": "test",
+        "latents": [{"latent": i, "meaning": m, "certainty": c, "score": None} for i, (m, c) in meanings.items()],
+    }
     (directory / "test.json").write_text(json.dumps(doc))
 
 
@@ -126,7 +145,10 @@ def test_each_mode_raises_the_target_latent_on_the_continuation(tiny, sae_dir, t
     def continuation_activation(entries):
         batch, splice = steering_batch(sae, PROMPTS, entries, compare=False)
         out = session.gen.generate(batch, splice={HOOK: splice}, max_new_tokens=6, temperature=0)
-        acts = [continuation_activations(session.loaded.model, sae, splice, p, c.tokens)[1][:, latent] for p, c in zip(PROMPTS, out)]
+        acts = [
+            continuation_activations(session.loaded.model, sae, splice, p, c.tokens)[1][:, latent]
+            for p, c in zip(PROMPTS, out)
+        ]
         return torch.cat(acts).mean().item(), out
 
     base, _ = continuation_activation([])
@@ -144,12 +166,14 @@ def test_inspection_equals_the_dense_sae_on_the_clean_stream(tiny, sae_dir, tmp_
     with torch.no_grad():
         x = model.capture(torch.tensor([tokens]), [HOOK])[HOOK][0]
         pre = sae.normalize_input(x.float())[0] - sae.b_pre
-        dense = (pre @ sae.W_enc.t() + sae.b_enc)
+        dense = pre @ sae.W_enc.t() + sae.b_enc
     rows = inspect_tokens(model, sae, tokens, top=3)
     assert rows[0] == []  # the attention sink the SAE never saw
     for t in range(1, len(tokens)):
         kept = dense[t].topk(sae.cfg.k)
-        expected = sorted(((int(i), float(v)) for v, i in zip(kept.values, kept.indices) if v > 0), key=lambda p: -p[1])[:3]
+        expected = sorted(
+            ((int(i), float(v)) for v, i in zip(kept.values, kept.indices) if v > 0), key=lambda p: -p[1]
+        )[:3]
         assert [i for i, _ in rows[t]] == [i for i, _ in expected]
         assert [v for _, v in rows[t]] == pytest.approx([v for _, v in expected], rel=1e-4, abs=1e-5)
     clamped = inspect_tokens(model, sae, tokens, [SteeringEntry(11, "clamp", 99.0)], steer_from=3, top=3)
@@ -162,13 +186,22 @@ def test_splice_leaves_the_attention_sink_untouched(tiny, sae_dir, tmp_path):
     tokens = random_tokens(session.loaded.args.vocab_size, (2, 7), seed=3)
     with torch.no_grad():
         clean = session.loaded.model(tokens)
-        pure, _ = session.loaded.model.run_with_hooks(tokens, splice={HOOK: sae_splice(session.steerable.sae, keep_error=False)})
+        pure, _ = session.loaded.model.run_with_hooks(
+            tokens, splice={HOOK: sae_splice(session.steerable.sae, keep_error=False)}
+        )
     assert torch.equal(pure[:, 0], clean[:, 0]) and not torch.allclose(pure[:, 1:], clean[:, 1:])
 
 
 def test_meaning_search_keywords_and_ranking(tiny, sae_dir, tmp_path):
-    write_meanings(tmp_path / "m", sae_dir, {3: ('the tokens "bone", "bones" (often after "the")', 0.9),
-                                             8: ("rivers and lakes in Europe", 0.95), 9: ("Bone marrow", 0.5)})
+    write_meanings(
+        tmp_path / "m",
+        sae_dir,
+        {
+            3: ('the tokens "bone", "bones" (often after "the")', 0.9),
+            8: ("rivers and lakes in Europe", 0.95),
+            9: ("Bone marrow", 0.5),
+        },
+    )
     session = session_for(tiny, sae_dir, tmp_path / "m")
     s: SteerableSae = session.steerable
     assert [h["latent"] for h in s.search("bone")] == [3, 9]
@@ -177,7 +210,11 @@ def test_meaning_search_keywords_and_ranking(tiny, sae_dir, tmp_path):
     assert s.best_latents(2) == [8, 3]
     assert meaning_keywords('the tokens "bone", "bones" (often after "the")') == ["bone", "bones"]
     assert meaning_keywords("rivers and lakes in Europe") == ["rivers", "lakes", "europe"]
-    assert keyword_hit("Bones heal.", ["bone"]) and not keyword_hit("trombone", ["bone"]) and not keyword_hit("a to b", ["to"])
+    assert (
+        keyword_hit("Bones heal.", ["bone"])
+        and not keyword_hit("trombone", ["bone"])
+        and not keyword_hit("a to b", ["to"])
+    )
 
 
 def test_inference_cli_steers_inspects_and_chats(tiny, sae_dir, tmp_path, capsys, monkeypatch):
@@ -186,23 +223,35 @@ def test_inference_cli_steers_inspects_and_chats(tiny, sae_dir, tmp_path, capsys
     base = dict(model=str(tiny.hf_dir), sae=str(sae_dir), meanings=str(meanings), device="cpu", max_new_tokens=5)
     out = inference_main(InferenceConfig(**base, prompt=["hello world", "a b"], steer=["3:clamp:25"], inspect=2))
     assert len(out["text"]) == 2 and len(out["text_unsteered"]) == 2 and len(out["inspection"]) == 2
-    assert all(row["latents"][0]["latent"] == 3 and row["latents"][0]["meaning"] == "numbers" for row in out["inspection"][0])
+    assert all(
+        row["latents"][0]["latent"] == 3 and row["latents"][0]["meaning"] == "numbers" for row in out["inspection"][0]
+    )
     printed = capsys.readouterr().out
     assert "unsteered >>>" in printed and "steered   >>>" in printed and "3:clamp:25 (numbers)" in printed
     assert inference_main(InferenceConfig(**base, search="NUMB"))["search"][0]["latent"] == 3
-    with pytest.raises(LlamaInputError, match="--steer needs --sae"):
+    with pytest.raises(PipelineInputError, match="--steer needs --sae"):
         inference_main(InferenceConfig(model=str(tiny.hf_dir), device="cpu", steer=["3:clamp:1"], prompt=["x"]))
-    with pytest.raises(LlamaInputError, match="--inspect / --search need --sae"):
+    with pytest.raises(PipelineInputError, match="--inspect / --search need --sae"):
         inference_main(InferenceConfig(model=str(tiny.hf_dir), device="cpu", inspect=3))
-    with pytest.raises(LlamaInputError, match="--steer-on"):
+    with pytest.raises(PipelineInputError, match="--steer-on"):
         inference_main(InferenceConfig(**base, steer_on="middle"))
     # a multi-turn chat on stdin, with commands, on a checkpoint that has a chat format (Meta layout)
     lm = load_model(tiny.meta_dir)
     chat_sae = TopKSae(SaeConfig(d_model=lm.args.dim, n_latents=16, k=2, hook_point=HOOK, model=lm.identity()))
     chat_sae.save(tmp_path / "chat_sae")
-    monkeypatch.setattr(sys, "stdin", StringIO("hi there\n/steer 2:add:5\n/steer 99:add:1\nand again\n/reset\n/quit\nnever read\n"))
-    dialog = inference_main(InferenceConfig(model=str(tiny.meta_dir), sae=str(tmp_path / "chat_sae"), meanings=str(meanings),
-                                            device="cpu", max_new_tokens=4, interactive=True))["chat"]
+    monkeypatch.setattr(
+        sys, "stdin", StringIO("hi there\n/steer 2:add:5\n/steer 99:add:1\nand again\n/reset\n/quit\nnever read\n")
+    )
+    dialog = inference_main(
+        InferenceConfig(
+            model=str(tiny.meta_dir),
+            sae=str(tmp_path / "chat_sae"),
+            meanings=str(meanings),
+            device="cpu",
+            max_new_tokens=4,
+            interactive=True,
+        )
+    )["chat"]
     assert dialog == []  # /reset cleared it
     printed = capsys.readouterr().out
     assert printed.count("assistant> ") == 2 and "(steering: 2:add:5)" in printed and "error: --steer 99" in printed
@@ -216,14 +265,37 @@ def test_steering_evaluation_reports_and_reuses(tiny, sae_dir, tmp_path, capsys)
     from steering_evaluation import SteeringEvalConfig
     from steering_evaluation import main as eval_main
 
-    sentences_main(SentencesConfig(out=str(tmp_path / "s"), max_documents=20, splitter="trained", punkt_train_chars=100_000))
-    top_main(TopSentencesConfig(sae=str(sae_dir), sentences=str(tmp_path / "s"), out=str(tmp_path / "top"), model=str(tiny.hf_dir),
-                                top_n=3, device="cpu", model_dtype="float32", max_sentences=0, browser=False, meanings=str(tmp_path / "m")))
+    sentences_main(
+        SentencesConfig(out=str(tmp_path / "s"), max_documents=20, splitter="trained", punkt_train_chars=100_000)
+    )
+    top_main(
+        TopSentencesConfig(
+            sae=str(sae_dir),
+            sentences=str(tmp_path / "s"),
+            out=str(tmp_path / "top"),
+            model=str(tiny.hf_dir),
+            top_n=3,
+            device="cpu",
+            model_dtype="float32",
+            max_sentences=0,
+            browser=False,
+            meanings=str(tmp_path / "m"),
+        )
+    )
     scales = latent_scales(str(tmp_path / "top"))
     firing = sorted(scales)[:2]
     write_meanings(tmp_path / "m", sae_dir, {firing[0]: ('the token "zz"', 0.9), firing[1]: ("anything", 0.8)})
-    cfg = SteeringEvalConfig(sae=str(sae_dir), top_sentences=str(tmp_path / "top"), meanings=str(tmp_path / "m"), out=str(tmp_path / "eval"),
-                             model=str(tiny.hf_dir), n_latents=5, prompts=["a b c", "d e"], max_new_tokens=4, device="cpu")
+    cfg = SteeringEvalConfig(
+        sae=str(sae_dir),
+        top_sentences=str(tmp_path / "top"),
+        meanings=str(tmp_path / "m"),
+        out=str(tmp_path / "eval"),
+        model=str(tiny.hf_dir),
+        n_latents=5,
+        prompts=["a b c", "d e"],
+        max_new_tokens=4,
+        device="cpu",
+    )
     doc = eval_main(cfg)
     assert [r["latent"] for r in doc["latents"]] == firing  # best certainty first; only latents with meanings
     for r in doc["latents"]:
@@ -236,7 +308,7 @@ def test_steering_evaluation_reports_and_reuses(tiny, sae_dir, tmp_path, capsys)
     capsys.readouterr()
     assert eval_main(cfg) == json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "already complete" in capsys.readouterr().out
-    with pytest.raises(LlamaInputError, match="--modes"):
+    with pytest.raises(PipelineInputError, match="--modes"):
         eval_main(SteeringEvalConfig(**{**cfg.__dict__, "modes": ["boost"], "force": True}))
-    with pytest.raises(LlamaInputError, match="no meanings for this SAE"):
+    with pytest.raises(PipelineInputError, match="no meanings for this SAE"):
         eval_main(SteeringEvalConfig(**{**cfg.__dict__, "meanings": str(tmp_path / "empty"), "force": True}))

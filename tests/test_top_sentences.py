@@ -15,7 +15,7 @@ import torch
 
 from capture_top_activating_sentences import TopSentencesConfig
 from capture_top_activating_sentences import main as top_main
-from llama_3 import LlamaInputError, load_model
+from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
 from pipeline.sentences import iter_sentences
@@ -29,7 +29,11 @@ HOOK, N_LATENTS, K, TOP_N = "resid_pre.1", 40, 4, 5
 @pytest.fixture(scope="module")
 def sentences(tmp_path_factory):
     out = tmp_path_factory.mktemp("sent") / "s"
-    sentences_main(SentencesConfig(out=str(out), max_documents=40, row_group_sentences=24, splitter="trained", punkt_train_chars=200_000))
+    sentences_main(
+        SentencesConfig(
+            out=str(out), max_documents=40, row_group_sentences=24, splitter="trained", punkt_train_chars=200_000
+        )
+    )
     return out
 
 
@@ -37,8 +41,16 @@ def sentences(tmp_path_factory):
 def sae_dir(tmp_path_factory, tiny):
     lm = load_model(tiny.hf_dir)
     torch.manual_seed(0)
-    sae = TopKSae(SaeConfig(d_model=lm.args.dim, n_latents=N_LATENTS, k=K, hook_point=HOOK, model=lm.identity(),
-                            exclude_first_positions=1))
+    sae = TopKSae(
+        SaeConfig(
+            d_model=lm.args.dim,
+            n_latents=N_LATENTS,
+            k=K,
+            hook_point=HOOK,
+            model=lm.identity(),
+            exclude_first_positions=1,
+        )
+    )
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
         sae.b_enc[-3:] = -1e4  # three latents that can never fire
@@ -49,8 +61,18 @@ def sae_dir(tmp_path_factory, tiny):
 
 def run(tmp_path, tiny, sentences, sae_dir, **kw) -> Path:
     out = tmp_path / kw.pop("name", "top")
-    base = dict(sae=str(sae_dir), sentences=str(sentences), out=str(out), model=str(tiny.hf_dir), top_n=TOP_N, non_activating=6,
-                model_dtype="float32", device="cpu", max_sentences=0, meanings=str(tmp_path / "none"))
+    base = dict(
+        sae=str(sae_dir),
+        sentences=str(sentences),
+        out=str(out),
+        model=str(tiny.hf_dir),
+        top_n=TOP_N,
+        non_activating=6,
+        model_dtype="float32",
+        device="cpu",
+        max_sentences=0,
+        meanings=str(tmp_path / "none"),
+    )
     cfg = TopSentencesConfig(**{**base, **kw})
     top_main(cfg)
     return out
@@ -92,15 +114,24 @@ def test_top_n_equals_brute_force_and_browser_shows_it(tmp_path, tiny, sentences
     for latent in range(N_LATENTS):
         for agg in AGGREGATIONS:
             # reference ranking: score descending, ties by lower sentence id, only sentences where it fired
-            cand = sorted(((-float(s[agg][latent]), sid) for sid, s in ref_scores.items() if s[agg][latent] > 0))[:TOP_N]
+            cand = sorted(((-float(s[agg][latent]), sid) for sid, s in ref_scores.items() if s[agg][latent] > 0))[
+                :TOP_N
+            ]
             rows = sorted(got.get((latent, agg), []), key=lambda r: r["rank"])
             assert len(rows) == len(cand), (latent, agg)
             np.testing.assert_allclose([r["score"] for r in rows], [-c[0] for c in cand], rtol=1e-4, atol=1e-5)
             for r, (neg, sid) in zip(rows, cand):
                 # the same sentence unless two scores tie to within float noise
                 if r["sentence_id"] != sid:
-                    assert abs(float(ref_scores[r["sentence_id"]][agg][latent]) + neg) < 1e-5, (latent, agg, r["sentence_id"], sid)
-                np.testing.assert_allclose(r["token_activations"], ref[r["sentence_id"]][:, latent].tolist(), rtol=1e-4, atol=1e-5)
+                    assert abs(float(ref_scores[r["sentence_id"]][agg][latent]) + neg) < 1e-5, (
+                        latent,
+                        agg,
+                        r["sentence_id"],
+                        sid,
+                    )
+                np.testing.assert_allclose(
+                    r["token_activations"], ref[r["sentence_id"]][:, latent].tolist(), rtol=1e-4, atol=1e-5
+                )
     # statistics against the brute force
     stats = {r["latent"]: r for r in res.table("latent_stats").to_pylist()}
     all_h = torch.cat([h[1:] for h in ref.values()])
@@ -190,30 +221,58 @@ def test_two_ranks_merge_to_the_single_process_result(tmp_path, tiny, sentences,
     one = run(tmp_path, tiny, sentences, sae_dir, name="one", browser=False)
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "capture_top_activating_sentences.py",
-           "--sae", str(sae_dir), "--sentences", str(sentences), "--out", str(two), "--model", str(tiny.hf_dir), "--top-n", str(TOP_N),
-           "--non-activating", "6", "--model-dtype", "float32", "--device", "cpu", "--max-sentences", "0", "--no-browser"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "capture_top_activating_sentences.py",
+        "--sae",
+        str(sae_dir),
+        "--sentences",
+        str(sentences),
+        "--out",
+        str(two),
+        "--model",
+        str(tiny.hf_dir),
+        "--top-n",
+        str(TOP_N),
+        "--non-activating",
+        "6",
+        "--model-dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--max-sentences",
+        "0",
+        "--no-browser",
+    ]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     a, b = open_top_sentences(one), open_top_sentences(two)
     ta, tb = a.table("top_sentences").to_pylist(), b.table("top_sentences").to_pylist()
-    assert [(r["latent"], r["aggregation"], r["rank"], r["sentence_id"]) for r in ta] == \
-           [(r["latent"], r["aggregation"], r["rank"], r["sentence_id"]) for r in tb]
+    assert [(r["latent"], r["aggregation"], r["rank"], r["sentence_id"]) for r in ta] == [
+        (r["latent"], r["aggregation"], r["rank"], r["sentence_id"]) for r in tb
+    ]
     np.testing.assert_allclose([r["score"] for r in ta], [r["score"] for r in tb], rtol=1e-5)
     assert a.table("non_activating").to_pylist() == b.table("non_activating").to_pylist()
-    assert a.table("latent_stats").column("firing_tokens").to_pylist() == b.table("latent_stats").column("firing_tokens").to_pylist()
+    assert (
+        a.table("latent_stats").column("firing_tokens").to_pylist()
+        == b.table("latent_stats").column("firing_tokens").to_pylist()
+    )
     assert a.manifest["counts"]["sentences"] == b.manifest["counts"]["sentences"]
 
 
 def test_bad_inputs_and_shortfall(tmp_path, tiny, sentences, sae_dir):
-    with pytest.raises(LlamaInputError, match="--hook-point resid_pre.0"):
+    with pytest.raises(PipelineInputError, match="--hook-point resid_pre.0"):
         run(tmp_path, tiny, sentences, sae_dir, name="h", hook_point="resid_pre.0")
     other = TopKSae.load(sae_dir)
     other.cfg.model = {**other.cfg.model, "config_sha256": "0" * 64}
     other.save(tmp_path / "other_sae")
-    with pytest.raises(LlamaInputError, match="--sae .*trained on"):
+    with pytest.raises(PipelineInputError, match="--sae .*trained on"):
         run(tmp_path, tiny, sentences, tmp_path / "other_sae", name="o")
-    with pytest.raises(LlamaInputError, match="--top-n"):
+    with pytest.raises(PipelineInputError, match="--top-n"):
         run(tmp_path, tiny, sentences, sae_dir, name="n", top_n=0)
     out = run(tmp_path, tiny, sentences, sae_dir, name="short", max_sentences=3, browser=False)
     m = json.loads((out / "manifest.json").read_text())
@@ -225,10 +284,23 @@ def test_browser_shows_meanings_and_rerun_reuses_or_refuses(tmp_path, tiny, sent
 
     meanings = tmp_path / "meanings"
     meanings.mkdir()
-    (meanings / "run1.json").write_text(json.dumps({"sae_sha256": sae_sha256(sae_dir), "explainer": "test", "latents": [
-        {"latent": 2, "meaning": "words about <rivers> & lakes", "certainty": 0.8, "score": 0.71}]}))
-    (meanings / "other.json").write_text(json.dumps({"sae_sha256": "0" * 64, "latents": [{"latent": 3, "meaning": "not this SAE",
-                                                                                          "certainty": 1.0, "score": None}]}))
+    (meanings / "run1.json").write_text(
+        json.dumps(
+            {
+                "sae_sha256": sae_sha256(sae_dir),
+                "explainer": "test",
+                "latents": [{"latent": 2, "meaning": "words about <rivers> & lakes", "certainty": 0.8, "score": 0.71}],
+            }
+        )
+    )
+    (meanings / "other.json").write_text(
+        json.dumps(
+            {
+                "sae_sha256": "0" * 64,
+                "latents": [{"latent": 3, "meaning": "not this SAE", "certainty": 1.0, "score": None}],
+            }
+        )
+    )
     out = run(tmp_path, tiny, sentences, sae_dir, meanings=str(meanings))
     page = (out / "browser" / "latents" / "2.html").read_text()
     assert "words about &lt;rivers&gt; &amp; lakes" in page and "0.71" in page
@@ -236,5 +308,5 @@ def test_browser_shows_meanings_and_rerun_reuses_or_refuses(tmp_path, tiny, sent
     before = (out / "top_sentences.parquet").stat().st_mtime_ns
     run(tmp_path, tiny, sentences, sae_dir, meanings=str(meanings))  # same inputs: reused, not recomputed
     assert (out / "top_sentences.parquet").stat().st_mtime_ns == before
-    with pytest.raises(LlamaInputError, match="another SAE, sentence set or config"):
+    with pytest.raises(PipelineInputError, match="another SAE, sentence set or config"):
         run(tmp_path, tiny, sentences, sae_dir, top_n=3)

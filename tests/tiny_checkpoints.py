@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from llama_3.args import ModelArgs
-from llama_3.tokenizer import BYTE_TO_UNICODE, GGUF_TOKEN_CONTROL, GGUF_TOKEN_NORMAL, LLAMA3_NUM_RESERVED_SPECIAL, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS
+from llama_3.tokenizer import (
+    BYTE_TO_UNICODE,
+    GGUF_TOKEN_CONTROL,
+    GGUF_TOKEN_NORMAL,
+    LLAMA3_NUM_RESERVED_SPECIAL,
+    LLAMA3_PATTERN,
+    LLAMA3_SPECIAL_TOKENS,
+)
 
 TRAIN_TEXT = (
     "The quick brown fox jumps over the lazy dog. Sparse autoencoders find features in the residual stream "
@@ -28,13 +35,25 @@ TRAIN_TEXT = (
 SAMPLE_TEXT = "The lazy fox said: Paris is in France, 42 times?! Émile's «café» — naïve 日本 text.\n\nNew line."
 
 TINY_CONFIG = dict(
-    hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=False,
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
     # Large enough weights that attention is peaked and positions (RoPE) visibly matter.
     initializer_range=0.15,
 )
 # Bands: wavelengths < 8 kept, > 32 divided by factor, in between smoothed (head_dim 16, theta 10000).
-TINY_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+TINY_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 TINY_ROPE_THETA = 10000.0
 
 
@@ -49,17 +68,23 @@ def train_tiny_bpe(vocab_size: int = 360):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator([TRAIN_TEXT], trainer)
     n_base = tok.get_vocab_size()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens()])
     bos = n_base
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     return tok, n_base
 
 
@@ -96,8 +121,11 @@ def make_hf_reference(seed: int = 0, vocab_size: int | None = None, tie: bool = 
 
     tok, _ = train_tiny_bpe()
     cfg = LlamaConfig(
-        vocab_size=vocab_size or tok.get_vocab_size(), rope_theta=TINY_ROPE_THETA, rope_scaling=dict(TINY_ROPE),
-        bos_token_id=tok.token_to_id("<|begin_of_text|>"), eos_token_id=tok.token_to_id("<|end_of_text|>"),
+        vocab_size=vocab_size or tok.get_vocab_size(),
+        rope_theta=TINY_ROPE_THETA,
+        rope_scaling=dict(TINY_ROPE),
+        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
+        eos_token_id=tok.token_to_id("<|end_of_text|>"),
         **{**TINY_CONFIG, "tie_word_embeddings": tie},
     )
     model = LlamaForCausalLM(cfg).eval()
@@ -120,13 +148,25 @@ def write_meta_checkpoint(directory: Path, state_dict: dict, args: ModelArgs, to
     assert meta_ffn_hidden_dim(args.dim, multiple_of, None) == args.hidden_dim, "pick dims Meta's FFN rule reproduces"
     rs = args.rope_scaling
     params = {
-        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-        "vocab_size": args.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": None, "norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "use_scaled_rope": rs is not None, "max_seq_len": args.max_seq_len,
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size,
+        "multiple_of": multiple_of,
+        "ffn_dim_multiplier": None,
+        "norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "use_scaled_rope": rs is not None,
+        "max_seq_len": args.max_seq_len,
     }
     if rs is not None:
-        params.update(rope_scaling_factor=rs.factor, low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
-                      original_max_position_embeddings=rs.original_max_position_embeddings)
+        params.update(
+            rope_scaling_factor=rs.factor,
+            low_freq_factor=rs.low_freq_factor,
+            high_freq_factor=rs.high_freq_factor,
+            original_max_position_embeddings=rs.original_max_position_embeddings,
+        )
     (directory / "params.json").write_text(json.dumps(params))
     sd = {k: v.clone() for k, v in state_dict.items()}
     if args.tie_word_embeddings:
@@ -150,7 +190,9 @@ def llama_cpp_rope_factors(args: ModelArgs) -> np.ndarray:
         elif wl > low_wl:
             factors.append(rs.factor)
         else:
-            smooth = (rs.original_max_position_embeddings / wl - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+            smooth = (rs.original_max_position_embeddings / wl - rs.low_freq_factor) / (
+                rs.high_freq_factor - rs.low_freq_factor
+            )
             factors.append(1.0 / ((1 - smooth) / rs.factor + smooth))
     return np.asarray(factors, dtype=np.float32)
 

@@ -15,7 +15,16 @@ from pathlib import Path
 from run_pipeline import PipelineConfig, stages
 
 REPO = Path(__file__).resolve().parents[1]
-VOLATILE = {"created", "sent_at", "throughput", "seconds", "train_seconds", "tokens_per_s", "train/tokens_per_s", "resumed"}
+VOLATILE = {
+    "created",
+    "sent_at",
+    "throughput",
+    "seconds",
+    "train_seconds",
+    "tokens_per_s",
+    "train/tokens_per_s",
+    "resumed",
+}
 # What each stage writes (compared after a kill + re-run), and what must go before the stage runs again.
 OUTPUTS = {
     "sentences": ["runs/sentences"],
@@ -24,22 +33,47 @@ OUTPUTS = {
     "training": ["runs/sae"],
     "top_sentences": ["runs/top_sentences"],
     "interpret_send": ["runs/interpretation"],
-    "interpret_parse": ["latent_index_meaning", "runs/interpretation/explain/manifest.json",
-                        "runs/interpretation/explain/parse_failures.jsonl", "runs/top_sentences/browser"],
+    "interpret_parse": [
+        "latent_index_meaning",
+        "runs/interpretation/explain/manifest.json",
+        "runs/interpretation/explain/parse_failures.jsonl",
+        "runs/top_sentences/browser",
+    ],
     "steering_eval": ["runs/steering_eval"],
 }
 
 
 def pipeline_config(model: Path) -> PipelineConfig:
-    return PipelineConfig(model=str(model), max_sentences=0, stage_args=[
-        "sentences:--max-documents=30", "sentences:--splitter=trained", "sentences:--punkt-train-chars=100000",
-        "capture:--device=cpu", "capture:--model-dtype=float32", "capture:--shard-tokens=1500", "capture:--max-batch-tokens=512",
-        "preprocessing:--batch-size=256",
-        "training:--expansion=2", "training:--k=4", "training:--batch-size=256", "training:--wandb=disabled", "training:--device=cpu",
-        "training:--val-every=5", "training:--checkpoint-every=3", "training:--epochs=3", "training:--eval-sentences=16",
-        "top_sentences:--device=cpu", "top_sentences:--top-n=5", "top_sentences:--max-batch-tokens=256",
-        "interpret_send:--min-sentences=2",
-        "steering_eval:--n-latents=2", "steering_eval:--max-new-tokens=4", "steering_eval:--device=cpu"])
+    return PipelineConfig(
+        model=str(model),
+        max_sentences=0,
+        stage_args=[
+            "sentences:--max-documents=30",
+            "sentences:--splitter=trained",
+            "sentences:--punkt-train-chars=100000",
+            "capture:--device=cpu",
+            "capture:--model-dtype=float32",
+            "capture:--shard-tokens=1500",
+            "capture:--max-batch-tokens=512",
+            "preprocessing:--batch-size=256",
+            "training:--expansion=2",
+            "training:--k=4",
+            "training:--batch-size=256",
+            "training:--wandb=disabled",
+            "training:--device=cpu",
+            "training:--val-every=5",
+            "training:--checkpoint-every=3",
+            "training:--epochs=3",
+            "training:--eval-sentences=16",
+            "top_sentences:--device=cpu",
+            "top_sentences:--top-n=5",
+            "top_sentences:--max-batch-tokens=256",
+            "interpret_send:--min-sentences=2",
+            "steering_eval:--n-latents=2",
+            "steering_eval:--max-new-tokens=4",
+            "steering_eval:--device=cpu",
+        ],
+    )
 
 
 def stage_argv(stage) -> list[str]:
@@ -63,7 +97,9 @@ def file_digest(path: Path) -> str:
     if path.suffix == ".json":
         return json.dumps(normalize(json.loads(path.read_text())), sort_keys=True)
     if path.suffix == ".jsonl":
-        return "\n".join(json.dumps(normalize(json.loads(line)), sort_keys=True) for line in path.read_text().splitlines())
+        return "\n".join(
+            json.dumps(normalize(json.loads(line)), sort_keys=True) for line in path.read_text().splitlines()
+        )
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -75,7 +111,6 @@ def snapshot(root: Path, rels: list[str]) -> dict[str, str]:
         for p in files:
             out[str(p.relative_to(root))] = file_digest(p)
     return out
-
 
 
 def build_reference(root: Path, model: Path):
