@@ -34,14 +34,13 @@ from tqdm import tqdm
 
 from llama_3.cli import check_choices, parse_config, run_main
 from llama_3.cpu_fast import apply_cpu_fast_paths
-from llama_3.cpu_features import warn_if_emulated
+from llama_3.cpu_features import has_native_bf16, warn_if_emulated
 from llama_3.errors import PipelineInputError
 from pipeline import fault_injection
 from pipeline.distributed import DistInfo, barrier, run_distributed
 from pipeline.manifest import atomic_path, finished_manifest, fingerprint, make_manifest, read_jsonl, write_json_atomic
 from pipeline.paths import PREPROCESSED_DIR, SAE_DIR
 from pipeline.preprocessed import activations, open_preprocessed
-from pipeline.runtime import cpu_has_fast_bf16
 from sae import Normalize, SaeConfig, TopKSae
 
 
@@ -155,7 +154,7 @@ class Trainer:
                 info.device.type == "cuda"
                 and torch.cuda.is_bf16_supported()
                 or info.device.type == "cpu"
-                and cpu_has_fast_bf16()
+                and has_native_bf16()
             )
         )
         if self.autocast:

@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_llama import to_transformers  # noqa: E402
 from llama_3 import default_capture_layer, load_model  # noqa: E402
-from llama_3.cpu_features import cpu_name, missing_bf16_feature  # noqa: E402
+from llama_3.cpu_features import cpu_name, has_native_bf16, missing_bf16_feature  # noqa: E402
 from llama_3.cpu_fast import apply_cpu_fast_paths  # noqa: E402
-from pipeline.runtime import cpu_has_fast_bf16, tune_glibc_malloc  # noqa: E402
+from pipeline.runtime import tune_glibc_malloc  # noqa: E402
 from pipeline.sentences import SentenceTokenDataset, iter_sentences  # noqa: E402
 
 MAX_TOKENS = 64
@@ -83,12 +83,10 @@ def main() -> None:
     tune_glibc_malloc()
     torch.manual_seed(0)
 
-    results: dict = {
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "fast_bf16": cpu_has_fast_bf16()}
-    }
+    results: dict = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "fast_bf16": has_native_bf16()}}
     # Emulated bf16 (no AVX-512 BF16 / AMX) runs several times slower than fp32: reported as skipped.
-    dtypes = (torch.float32, torch.bfloat16) if cpu_has_fast_bf16() else (torch.float32,)
-    if not cpu_has_fast_bf16():
+    dtypes = (torch.float32, torch.bfloat16) if has_native_bf16() else (torch.float32,)
+    if not has_native_bf16():
         results["bf16"] = f"skipped: {missing_bf16_feature()}"
     models = {dt: load_model(None, dtype=dt) for dt in dtypes}
     lm = models[torch.float32]

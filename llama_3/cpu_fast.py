@@ -57,7 +57,7 @@ class GroupedDecodeAttention(SdpaAttention):
     """SDPA, except one query step: GQA as a grouped matmul over the heads that share a K/V head."""
 
     def forward(self, q, k, v, mask, is_causal):
-        if q.shape[2] != 1 or q.device.type != "cpu":
+        if q.shape[2] != 1:  # (swapped in on CPU only)
             return super().forward(q, k, v, mask, is_causal)
         # q [B, H, 1, hd], k/v [B, Hkv, S, hd], mask [B|1, 1, 1, S] bool -> [B, H, 1, hd]
         B, H, _, hd = q.shape

@@ -13,16 +13,11 @@ from llama_3.cpu_features import has_native_bf16
 log = logging.getLogger(__name__)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX tiles or AVX-512 BF16 dot products that oneDNN may use: bf16 matmuls several times faster than fp32."""
-    return has_native_bf16()
-
-
 def capture_dtype(device: torch.device) -> torch.dtype:
     """The model dtype for capture-only forwards: bf16 on CUDA and on CPUs with native bf16, else fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.bfloat16 if has_native_bf16() else torch.float32
 
 
 def tune_glibc_malloc() -> bool:
