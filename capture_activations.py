@@ -36,16 +36,18 @@ from llama_3.errors import PipelineInputError
 from pipeline import fault_injection
 from pipeline.activations import KIND, ShardWriter, TokenChunk
 from pipeline.distributed import DistInfo, barrier, run_distributed
-from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, read_manifest, write_json_atomic
+from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
+from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.paths import ACTIVATIONS_DIR, SENTENCES_DIR
 from pipeline.runtime import capture_dtype
 from pipeline.sentences import SentenceBatch, SentenceTokenDataset
+from pipeline.tokenization import DEFAULT_MAX_TOKENS
 
 
 @dataclass
 class CaptureConfig:
     sentences: str = field(default=str(SENTENCES_DIR), metadata={"help": "sentence dataset folder"})
-    out: str = field(default=str(ACTIVATIONS_DIR), metadata={"help": "output folder"})
+    out: str = field(default=str(ACTIVATIONS_DIR), metadata={"fingerprint": False, "help": "output folder"})
     model: str | None = field(
         default=None, metadata={"help": "Meta dir, HF dir or GGUF file; default: embedded SmolLM2-135M-Instruct"}
     )
@@ -54,11 +56,14 @@ class CaptureConfig:
         metadata={"help": "hook points, e.g. resid_pre.25 attn_norm.25 (default: resid_pre at 5/6 depth)"},
     )
     max_tokens: int = field(
-        default=192, metadata={"help": "tokens kept per sentence (longer ones are truncated and counted)"}
+        default=DEFAULT_MAX_TOKENS,
+        metadata={"help": "tokens kept per sentence (longer ones are truncated and counted)"},
     )
     add_bos: bool = field(default=False, metadata={"help": "prepend BOS (its own activation is never stored)"})
     max_sentences: int = field(default=0, metadata={"help": "capture only the first N sentences (0: all)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda (torchrun: each rank its local GPU)"})
+    device: str = field(
+        default="auto", metadata={"fingerprint": False, "help": "auto, cpu, cuda (torchrun: each rank its local GPU)"}
+    )
     model_dtype: str = field(
         default="auto", metadata={"help": "auto (bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16"}
     )
@@ -68,49 +73,22 @@ class CaptureConfig:
     shard_tokens: int = field(default=131_072, metadata={"help": "tokens per shard"})
     max_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward"})
     max_batch_size: int = field(default=256, metadata={"help": "sentences per forward"})
-    force: bool = field(default=False, metadata={"help": "discard an existing capture with other settings"})
+    force: bool = field(
+        default=False, metadata={"fingerprint": False, "help": "discard an existing capture with other settings"}
+    )
 
 
 def _progress_path(out: Path, rank: int) -> Path:
     return out / f"_progress-r{rank:03d}.json"
 
 
-def _own_file(name: str) -> bool:
-    return name == MANIFEST_NAME or name.startswith(
-        ("acts-r", "_progress-r", ".acts-r", "._progress-r", f".{MANIFEST_NAME}")
+def output_folder(cfg: CaptureConfig) -> OutputFolder:
+    return OutputFolder(
+        Path(cfg.out),
+        "capture",
+        owned_names(MANIFEST_NAME, prefixes=("acts-r", "_progress-r", ".acts-r", "._progress-r")),
+        progress=("_progress-r*.json",),
     )
-
-
-def prepare_output(out: Path, fp: str, info: DistInfo, force: bool) -> dict | None:
-    """Finished matching manifest -> it; other capture -> error (or wipe with --force); foreign files -> error."""
-    if info.is_main:
-        if out.exists() and not out.is_dir():
-            raise PipelineInputError(f"--out {out}: exists and is not a folder")
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(info)
-    foreign = sorted(p.name for p in out.iterdir() if not _own_file(p.name))
-    if foreign:
-        raise PipelineInputError(
-            f"--out {out}: holds other files ({', '.join(foreign[:3])}); choose an empty or capture folder"
-        )
-    states = []
-    if (out / MANIFEST_NAME).is_file():
-        states.append(read_manifest(out, KIND))
-    states += [json.loads(p.read_text()) for p in sorted(out.glob("_progress-r*.json"))]
-    if any(s.get("fingerprint") != fp for s in states):
-        if not force:
-            raise PipelineInputError(
-                f"--out {out}: holds a capture with other settings (model, hooks, dtype, sentences...); use --force or "
-                "another --out"
-            )
-        barrier(info)
-        if info.is_main:
-            for p in out.iterdir():
-                p.unlink()
-        barrier(info)
-        return None
-    done = [s for s in states if s.get("kind") == KIND]
-    return done[0] if done else None
 
 
 def main(cfg: CaptureConfig) -> dict:
@@ -148,25 +126,21 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
         world_size=info.world_size,
         max_sentences=cfg.max_sentences,
     )
-    request = {
+    request = {  # the config, with what it resolved to
+        **config_request(cfg),
         "model": lm.identity(),
         "hook_points": hooks,
         "model_dtype": str(model_dtype),
         "storage_dtype": str(storage_dtype),
-        "max_tokens": cfg.max_tokens,
-        "add_bos": cfg.add_bos,
-        "max_sentences": cfg.max_sentences,
-        "sentences": {"path": str(Path(cfg.sentences)), "fingerprint": dataset.manifest["fingerprint"]},
-        "shard_tokens": cfg.shard_tokens,
-        "max_batch_tokens": cfg.max_batch_tokens,
-        "max_batch_size": cfg.max_batch_size,
+        "sentences": {"path": str(Path(cfg.sentences)), "fingerprint": dataset.fingerprint},
     }
     fp = fingerprint(request)
-    finished = prepare_output(out, fp, info, cfg.force)
-    if finished is not None:
+    prepared = output_folder(cfg).prepare(fp, cfg.force, info)
+    if prepared.state == "reuse":
         if info.is_main:
-            print(f"capture already complete: {out} ({finished['counts']['tokens']} tokens); --force recaptures")
-        return finished
+            tokens = prepared.manifest["counts"]["tokens"]
+            print(f"capture already complete: {out} ({tokens} tokens); --force recaptures")
+        return prepared.manifest
 
     progress_path = _progress_path(out, info.rank)
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else None
@@ -296,7 +270,8 @@ def finalize(out: Path, cfg: CaptureConfig, request: dict, fp: str, info: DistIn
         model_dtype=request["model_dtype"],
         storage_dtype=request["storage_dtype"],
         bos_policy="BOS prepended; its position is not stored" if cfg.add_bos else "no BOS",
-        max_tokens=cfg.max_tokens,
+        tokenization={"add_bos": cfg.add_bos, "max_tokens": cfg.max_tokens},
+        selection={"max_sentences": cfg.max_sentences},
         tokenizer={"source": lm.tokenizer.source, "sha256": lm.tokenizer.fingerprint()},
         world_size=info.world_size,
         shard_tokens=cfg.shard_tokens,

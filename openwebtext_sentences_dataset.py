@@ -15,6 +15,7 @@ the tokenized reader live in pipeline/sentences.py.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from llama_3.cli import check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
 from pipeline.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.paths import SENTENCES_DIR
 from pipeline.sentences import KIND, ROW_GROUP_SENTENCES, SCHEMA, shard_filename
 from pipeline.splitter import SentenceSplitter
@@ -40,19 +42,29 @@ PUNKT_NAME = "punkt_params.json"
 
 @dataclass
 class SentencesConfig:
-    out: str = field(default=str(SENTENCES_DIR), metadata={"help": "output folder"})
+    out: str = field(default=str(SENTENCES_DIR), metadata={"fingerprint": False, "help": "output folder"})
     input: list[str] = field(
         default_factory=list,
-        metadata={"help": "local .txt/.jsonl/.parquet files or folders (default: embedded Wikipedia summaries)"},
+        metadata={
+            "fingerprint": False,
+            "help": "local .txt/.jsonl/.parquet files or folders (default: embedded Wikipedia summaries)",
+        },
     )
     hf_dataset: str | None = field(
         default=None,
-        metadata={"help": "Hugging Face dataset name or local path, streamed (e.g. Skylion007/openwebtext)"},
+        metadata={
+            "fingerprint": False,
+            "help": "Hugging Face dataset name or local path, streamed (e.g. Skylion007/openwebtext)",
+        },
     )
-    hf_config: str | None = field(default=None, metadata={"help": "dataset config name"})
-    hf_split: str = field(default="train", metadata={"help": "dataset split"})
-    text_column: str = field(default="text", metadata={"help": "column/field holding the document text"})
-    title_column: str | None = field(default="title", metadata={"help": "column/field holding a title, if any"})
+    hf_config: str | None = field(default=None, metadata={"fingerprint": False, "help": "dataset config name"})
+    hf_split: str = field(default="train", metadata={"fingerprint": False, "help": "dataset split"})
+    text_column: str = field(
+        default="text", metadata={"fingerprint": False, "help": "column/field holding the document text"}
+    )
+    title_column: str | None = field(
+        default="title", metadata={"fingerprint": False, "help": "column/field holding a title, if any"}
+    )
     max_documents: int = field(default=0, metadata={"help": "stop after this many documents (0: all)"})
     max_document_chars: int = field(default=1_000_000, metadata={"help": "longer documents are skipped and counted"})
     shard_sentences: int = field(
@@ -70,7 +82,8 @@ class SentencesConfig:
         default=20_000_000, metadata={"help": "characters of the corpus to train Punkt on, when trained"}
     )
     force: bool = field(
-        default=False, metadata={"help": "rebuild even if the output folder holds a (different) dataset"}
+        default=False,
+        metadata={"fingerprint": False, "help": "rebuild even if the output folder holds a (different) dataset"},
     )
 
     def __post_init__(self) -> None:
@@ -120,54 +133,13 @@ def get_splitter(cfg: SentencesConfig, source: TextSource, out: Path) -> Sentenc
     return splitter
 
 
-def _request(cfg: SentencesConfig, source: TextSource) -> dict:
-    """What determines the output; a finished or partial build is reused only if this matches."""
-    keys = (
-        "max_documents",
-        "max_document_chars",
-        "shard_sentences",
-        "row_group_sentences",
-        "splitter",
-        "punkt_train_chars",
+def output_folder(cfg: SentencesConfig) -> OutputFolder:
+    return OutputFolder(
+        Path(cfg.out),
+        "sentence dataset",
+        owned_names(MANIFEST_NAME, PROGRESS_NAME, PUNKT_NAME, prefixes=("sentences-", ".sentences-")),
+        progress=(PROGRESS_NAME,),
     )
-    return {"source": source.describe(), **{k: getattr(cfg, k) for k in keys}}
-
-
-def _prepare_out(out: Path, fp: str, force: bool) -> dict | None:
-    """Returns the finished manifest if it already matches, else resume state (or None); refuses foreign folders."""
-    import json
-
-    ours = {MANIFEST_NAME, PROGRESS_NAME, PUNKT_NAME}
-    if out.exists() and not out.is_dir():
-        raise PipelineInputError(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    foreign = [
-        p.name
-        for p in out.iterdir()
-        if p.name not in ours
-        and not p.name.startswith(("sentences-", ".sentences-", f".{MANIFEST_NAME}", f".{PROGRESS_NAME}"))
-    ]
-    if foreign:
-        raise PipelineInputError(
-            f"--out {out}: holds other files ({', '.join(sorted(foreign)[:3])}); choose an empty or sentence-dataset "
-            "folder"
-        )
-    for name in (MANIFEST_NAME, PROGRESS_NAME):
-        path = out / name
-        if not path.is_file():
-            continue
-        state = json.loads(path.read_text())
-        if state.get("fingerprint") == fp and not force:
-            return state
-        if not force:
-            raise PipelineInputError(
-                f"--out {out}: holds a sentence dataset built with other settings; use --force to rebuild or another "
-                "--out"
-            )
-    if force:  # start over: drop every file of ours, the trained splitter included
-        for p in out.iterdir():
-            p.unlink()
-    return None
 
 
 def _write_shard(out: Path, index: int, columns: dict[str, list], row_group_sentences: int) -> dict:
@@ -195,14 +167,14 @@ def build(cfg: SentencesConfig) -> dict:
         if getattr(cfg, name) < 1:
             raise PipelineInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     source = make_source(cfg)
-    request = _request(cfg, source)
-    fp = fingerprint(request)
-    state = _prepare_out(out, fp, cfg.force)
-    if state is not None and state.get("kind") == KIND:
-        print(f"sentence dataset already built: {out} ({state['counts']['sentences']} sentences); --force rebuilds")
-        return state
+    fp = fingerprint({"source": source.describe(), **config_request(cfg)})
+    prepared = output_folder(cfg).prepare(fp, cfg.force)
+    if prepared.state == "reuse":
+        m = prepared.manifest
+        print(f"sentence dataset already built: {out} ({m['counts']['sentences']} sentences); --force rebuilds")
+        return m
     splitter = get_splitter(cfg, source, out)
-    state = state or {
+    state = (json.loads((out / PROGRESS_NAME).read_text()) if prepared.state == "resume" else None) or {
         "fingerprint": fp,
         "records_consumed": 0,
         "documents": 0,

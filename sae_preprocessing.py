@@ -21,7 +21,7 @@ import hashlib
 import multiprocessing as mp
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from llama_3.cli import parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.activations import KIND as CAPTURE_KIND, act_key, open_capture
-from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, read_manifest, write_json_atomic
+from pipeline.activations import CaptureOutput, act_key
+from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
+from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.paths import ACTIVATIONS_DIR, PREPROCESSED_DIR
 from pipeline.preprocessed import KIND, TORCH_TO_NP, Moments
 
@@ -48,7 +49,7 @@ OUTPUT_FILES = (
 @dataclass
 class PreprocessConfig:
     capture: str = field(default=str(ACTIVATIONS_DIR), metadata={"help": "capture folder"})
-    out: str = field(default=str(PREPROCESSED_DIR), metadata={"help": "output folder"})
+    out: str = field(default=str(PREPROCESSED_DIR), metadata={"fingerprint": False, "help": "output folder"})
     hook_point: str | None = field(
         default=None, metadata={"help": "which captured hook point (default: the capture's first)"}
     )
@@ -58,8 +59,10 @@ class PreprocessConfig:
     exclude_first_positions: int = field(
         default=-1, metadata={"help": "exclude positions < N (attention sinks); -1: 1 without BOS, 0 with BOS"}
     )
-    workers: int = field(default=2, metadata={"help": "worker processes"})
-    force: bool = field(default=False, metadata={"help": "overwrite an existing preprocessing output"})
+    workers: int = field(default=2, metadata={"fingerprint": False, "help": "worker processes"})
+    force: bool = field(
+        default=False, metadata={"fingerprint": False, "help": "overwrite an existing preprocessing output"}
+    )
 
 
 def val_mask(sentence_ids: np.ndarray, seed: int, fraction: float) -> np.ndarray:
@@ -142,12 +145,12 @@ def _process_shard(task: dict) -> dict:
     }
 
 
-def plan(capture_dir: Path, manifest: dict, paths: list[Path], cfg: PreprocessConfig, exclude_first: int):
+def plan(cap: CaptureOutput, cfg: PreprocessConfig, exclude_first: int):
     """Metadata-only pass: per-shard train/val/excluded counts, the held-out sentence ids."""
     from pipeline.activations import load_shard
 
     counts, val_ids = [], set()
-    for p, s in zip(paths, manifest["shards"]):
+    for p, s in zip(cap.shard_paths, cap.shards):
         meta = load_shard(p, ["sentence_ids", "sentence_starts", "sentence_first_position"])
         sids, pos = rows_of(meta)
         if len(sids) != s["n_tokens"]:
@@ -159,71 +162,39 @@ def plan(capture_dir: Path, manifest: dict, paths: list[Path], cfg: PreprocessCo
     return counts, np.array(sorted(val_ids), dtype=np.int64)
 
 
-def check_capture_folder(capture_dir: Path, manifest: dict) -> list[Path]:
-    _, paths = open_capture(capture_dir)
-    listed = {p.name for p in paths}
-    strays = sorted(p.name for p in capture_dir.glob("acts-r*.safetensors") if p.name not in listed)
-    if strays:
-        raise PipelineInputError(
-            f"{capture_dir}: shards {', '.join(strays[:3])} are not in its manifest (mixed captures?)"
-        )
-    return paths
-
-
-def prepare_out(out: Path, fp: str, force: bool) -> dict | None:
-    if out.exists() and not out.is_dir():
-        raise PipelineInputError(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    names = {p.name for p in out.iterdir()}
-    foreign = sorted(n for n in names if n not in OUTPUT_FILES and n != MANIFEST_NAME and not n.startswith("."))
-    if foreign:
-        raise PipelineInputError(
-            f"--out {out}: holds other files ({', '.join(foreign[:3])}); choose an empty or preprocessing folder"
-        )
-    if MANIFEST_NAME in names:
-        m = read_manifest(out, KIND)
-        if m.get("fingerprint") == fp and not force:
-            return m
-        if not force:
-            raise PipelineInputError(
-                f"--out {out}: holds preprocessing of another capture or settings; use --force or another --out"
-            )
-    for n in names:  # a previous run's files, complete or partial: start over
-        (out / n).unlink()
-    return None
+def output_folder(cfg: PreprocessConfig) -> OutputFolder:
+    return OutputFolder(Path(cfg.out), "preprocessing", owned_names(MANIFEST_NAME, *OUTPUT_FILES, prefixes=(".",)))
 
 
 def main(cfg: PreprocessConfig) -> dict:
     capture_dir, out = Path(cfg.capture), Path(cfg.out)
-    cap = read_manifest(capture_dir, CAPTURE_KIND)
-    paths = check_capture_folder(capture_dir, cap)
-    hook = cfg.hook_point or cap["hook_points"][0]
-    if hook not in cap["hook_points"]:
+    cap = CaptureOutput.open(capture_dir)
+    hook = cfg.hook_point or cap.hook_points[0]
+    if hook not in cap.hook_points:
         raise PipelineInputError(
-            f"--hook-point {hook}: not captured in {capture_dir} (has {', '.join(cap['hook_points'])})"
+            f"--hook-point {hook}: not captured in {capture_dir} (has {', '.join(cap.hook_points)})"
         )
     if cfg.batch_size < 1 or not 0 <= cfg.val_fraction < 1 or cfg.workers < 1:
         raise PipelineInputError("--batch-size and --workers must be positive and --val-fraction in [0, 1)")
     exclude_first = (
-        cfg.exclude_first_positions if cfg.exclude_first_positions >= 0 else (0 if cap["config"]["add_bos"] else 1)
+        cfg.exclude_first_positions if cfg.exclude_first_positions >= 0 else (0 if cap.tokenization.add_bos else 1)
     )
+    tokenization = replace(cap.tokenization, exclude_first_positions=exclude_first)
     request = {
-        "capture": cap["fingerprint"],
+        **config_request(cfg),
+        "capture": cap.fingerprint,
         "hook_point": hook,
-        "batch_size": cfg.batch_size,
-        "val_fraction": cfg.val_fraction,
-        "seed": cfg.seed,
         "exclude_first_positions": exclude_first,
     }
     fp = fingerprint(request)
-    done = prepare_out(out, fp, cfg.force)
-    if done is not None:
+    prepared = output_folder(cfg).prepare(fp, cfg.force)
+    if prepared.state == "reuse":
         print(f"preprocessing already done: {out}; --force redoes it")
-        return done
+        return prepared.manifest
 
-    d = cap["d_model"]
-    np_dtype = TORCH_TO_NP[cap["storage_dtype"]]
-    counts, val_ids = plan(capture_dir, cap, paths, cfg, exclude_first)
+    d = cap.d_model
+    np_dtype = TORCH_TO_NP[cap.storage_dtype]
+    counts, val_ids = plan(cap, cfg, exclude_first)
     n_train, n_val, n_excl = (sum(c[i] for c in counts) for i in range(3))
     if n_train == 0:
         raise PipelineInputError(f"{capture_dir}: no training tokens left after the split and exclusions")
@@ -238,7 +209,7 @@ def main(cfg: PreprocessConfig) -> dict:
     np.lib.format.open_memmap(out / "val_acts.npy", mode="w+", dtype=np_dtype, shape=(n_val, d)).flush()
     np.lib.format.open_memmap(out / "val_index.npy", mode="w+", dtype=np.int64, shape=(n_val, 2)).flush()
     tasks, t_off, v_off = [], 0, 0
-    for i, (p, s, c) in enumerate(zip(paths, cap["shards"], counts)):
+    for i, (p, s, c) in enumerate(zip(cap.shard_paths, cap.shards, counts)):
         tasks.append(
             {
                 "index": i,
@@ -247,20 +218,20 @@ def main(cfg: PreprocessConfig) -> dict:
                 "n_tokens": s["n_tokens"],
                 "d_model": d,
                 "key": act_key(hook),
-                "storage": cap["storage_dtype"],
+                "storage": cap.storage_dtype,
                 "exclude_first": exclude_first,
                 "seed": cfg.seed,
                 "val_fraction": cfg.val_fraction,
                 "train_start": t_off,
                 "val_start": v_off,
                 "out": str(out),
-                "threads": max(1, torch.get_num_threads() // min(cfg.workers, len(paths))),
+                "threads": max(1, torch.get_num_threads() // min(cfg.workers, len(cap.shards))),
             }
         )
         t_off += c[0]
         v_off += c[1]
 
-    total_bytes = sum(s["bytes"] for s in cap["shards"])
+    total_bytes = sum(s["bytes"] for s in cap.shards)
     results: list[dict] = [None] * len(tasks)  # type: ignore[list-item]
     t0 = time.perf_counter()
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="preprocess", dynamic_ncols=True)
@@ -303,11 +274,11 @@ def main(cfg: PreprocessConfig) -> dict:
         config=asdict(cfg),
         inputs={
             "capture": str(capture_dir),
-            "capture_fingerprint": cap["fingerprint"],
-            "model": cap["inputs"]["model"],
+            "capture_fingerprint": cap.fingerprint,
+            "model": cap.model,
         },
         counts={
-            "captured_tokens": cap["counts"]["tokens"],
+            "captured_tokens": cap.tokens,
             "train_tokens": n_train,
             "val_tokens": n_val,
             "excluded_tokens": n_excl,
@@ -318,7 +289,8 @@ def main(cfg: PreprocessConfig) -> dict:
         fingerprint=fp,
         hook_point=hook,
         d_model=d,
-        storage_dtype=cap["storage_dtype"],
+        storage_dtype=cap.storage_dtype,
+        tokenization=asdict(tokenization),
         batch_size=cfg.batch_size,
         massive_activation_policy={
             "rule": f"exclude positions < {exclude_first} (the attention sink of BOS-less sentences)"
@@ -338,7 +310,7 @@ def main(cfg: PreprocessConfig) -> dict:
         },
         throughput={"seconds": round(elapsed, 2), "gb_per_s": round(total_bytes / 1e9 / elapsed, 3)},
     )
-    assert n_train + n_val + n_excl == cap["counts"]["tokens"]
+    assert n_train + n_val + n_excl == cap.tokens
     write_json_atomic(out / MANIFEST_NAME, manifest)
     print(
         f"{out}: {n_train} train tokens ({n_batches} batches of {cfg.batch_size}, last "

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.activations import open_capture  # noqa: E402
+from pipeline.activations import CaptureOutput  # noqa: E402
 from sae_preprocessing import PreprocessConfig, main as preprocess  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--capture", default=str(REPO / "runs" / "activations"))
     p.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     args = p.parse_args()
-    _, paths = open_capture(args.capture)
+    paths = CaptureOutput.open(args.capture).shard_paths
     limit = max(plain_read(paths), plain_read(paths))
     out = {"capture_gb": sum(p.stat().st_size for p in paths) / 1e9, "plain_read_gb_per_s": limit}
     for w in args.workers:

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from llama_3.cpu_features import cpu_name, has_native_bf16, missing_bf16_feature  # noqa: E402
 from pipeline.distributed import DistInfo  # noqa: E402
-from pipeline.preprocessed import activations  # noqa: E402
+from pipeline.preprocessed import PreprocessedOutput  # noqa: E402
 from pipeline.runtime import tune_glibc_malloc  # noqa: E402
 from sae_training import TrainConfig, Trainer, batch_order  # noqa: E402
 
@@ -120,7 +120,8 @@ def run_sparsify(args, optimizer: str, epochs: int, lr: float = 0.0) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
     base = rss_mb()
-    train, val = activations(args.data, "train"), activations(args.data, "val")
+    data = PreprocessedOutput.open(args.data)
+    train, val = data.activations("train"), data.activations("val")
     d = train.shape[1]
     torch.manual_seed(0)
     sae = SparseCoder(d, SparseCoderConfig(num_latents=args.n_latents, k=args.k), device="cpu", dtype=torch.float32)
@@ -225,7 +226,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return
-    d = activations(args.data, "val").shape[1]
+    d = PreprocessedOutput.open(args.data).d_model
     results = {
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "only")},
         "torch": torch.__version__,

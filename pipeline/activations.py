@@ -32,7 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llama_3.errors import PipelineInputError
-from pipeline.manifest import atomic_path, read_manifest, sha256_file
+from pipeline.manifest import Fields, atomic_path, read_manifest, sha256_file
+from pipeline.tokenization import Tokenization
 
 KIND = "activations"
 
@@ -219,17 +220,64 @@ def sentence_rows(shard: dict[str, torch.Tensor]) -> list[tuple[int, int, int, i
     ]
 
 
-def open_capture(directory: str | Path) -> tuple[dict, list[Path]]:
-    """Validate a finished capture and list its shards (rank-major, then index)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory, KIND)
-    paths = []
-    for s in manifest["shards"]:
-        p = directory / s["file"]
-        if not p.is_file():
-            raise PipelineInputError(f"{p}: listed in {directory / 'manifest.json'} but missing")
-        paths.append(p)
-    return manifest, paths
+@dataclass(frozen=True)
+class CaptureOutput:
+    """A finished capture folder, opened: the one reader of its manifest for every later stage."""
+
+    directory: Path
+    manifest: dict
+    fingerprint: str
+    hook_points: list[str]
+    d_model: int
+    storage_dtype: str
+    """"torch.bfloat16", "torch.float16" or "torch.float32"."""
+    model: dict
+    """The model's identity (path, kind, config/tokenizer hashes, d_model)."""
+    tokenizer_sha256: str
+    tokenization: Tokenization
+    """BOS and truncation (exclude_first_positions is preprocessing's choice: 0 here)."""
+    max_sentences: int
+    """The capture took the first N sentences of its dataset (0: all)."""
+    sentences_dir: Path
+    tokens: int
+    shards: list[dict]
+    """Per shard: file, rank, n_tokens, n_sentences, sha256, bytes."""
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.directory / s["file"] for s in self.shards]
+
+    @staticmethod
+    def open(directory: str | Path) -> "CaptureOutput":
+        """Validate a finished capture (every listed shard present; none unlisted) and read its fields."""
+        directory = Path(directory)
+        m = Fields(directory, read_manifest(directory, KIND))
+        shards = m.get("shards", list)
+        for s in shards:
+            p = directory / s["file"]
+            if not p.is_file():
+                raise PipelineInputError(f"{p}: listed in {directory / 'manifest.json'} but missing")
+        listed = {s["file"] for s in shards}
+        strays = sorted(p.name for p in directory.glob("acts-r*.safetensors") if p.name not in listed)
+        if strays:
+            raise PipelineInputError(
+                f"{directory}: shards {', '.join(strays[:3])} are not in its manifest (mixed captures?)"
+            )
+        return CaptureOutput(
+            directory=directory,
+            manifest=m.manifest,
+            fingerprint=m.get("fingerprint", str),
+            hook_points=m.get("hook_points", list),
+            d_model=m.get("d_model", int),
+            storage_dtype=m.get("storage_dtype", str),
+            model=m.get("inputs.model", dict),
+            tokenizer_sha256=m.get("tokenizer.sha256", str),
+            tokenization=Tokenization(m.get("tokenization.add_bos", bool), m.get("tokenization.max_tokens", int)),
+            max_sentences=m.get("selection.max_sentences", int),
+            sentences_dir=Path(m.get("inputs.sentences.path", str)),
+            tokens=m.get("counts.tokens", int),
+            shards=shards,
+        )
 
 
 def load_shard(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -1,8 +1,12 @@
 """Manifests and atomic files: every stage output carries one `manifest.json`.
 
 Schema (all stages): {"kind", "schema_version", "created", "config", "inputs", "counts",
-"versions", ...stage-specific keys}. A manifest is written last and atomically, so its presence
+"versions", "outcome", ...stage-specific keys}. A manifest is written last and atomically, so its presence
 means the output is complete; partial work lives in files a reader never trusts.
+
+Later stages never index a manifest dict themselves: each format's module has one typed reader
+(`CaptureOutput.open`, `PreprocessedOutput.open`, ...) that reads its fields through `Fields`, so a
+renamed or missing field is one error line naming the folder. Schema versions live in SCHEMA_VERSIONS.
 """
 
 from __future__ import annotations
@@ -22,6 +26,17 @@ from llama_3.errors import PipelineInputError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
+SCHEMA_VERSIONS = {
+    "sentences": 1,
+    "activations": 2,  # 2: "tokenization" {add_bos, max_tokens} and "selection" {max_sentences}
+    "preprocessed": 2,  # 2: "tokenization" carried from the capture, with exclude_first_positions
+    "sae": 2,  # 2: the SAE's cfg.json carries add_bos and max_tokens
+    "top_sentences": 1,
+    "interpretation": 1,
+    "steering_eval": 1,
+    "pipeline": 1,
+}
+"""The version each kind's writer stamps and its reader requires: the one place a format change is declared."""
 _VERSIONED_PACKAGES = ("torch", "numpy", "pyarrow", "nltk", "tokenizers", "tiktoken", "gguf", "safetensors", "datasets")
 
 
@@ -64,7 +79,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def make_manifest(kind: str, config: dict, inputs: dict, counts: dict, **extra: Any) -> dict:
     return {
         "kind": kind,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSIONS.get(kind, SCHEMA_VERSION),
+        "outcome": "computed",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config,
         "inputs": inputs,
@@ -89,9 +105,45 @@ def read_manifest(directory: Path, kind: str) -> dict:
         raise PipelineInputError(f"{path}: not a manifest (expected a JSON object, found {type(m).__name__})")
     if m.get("kind") != kind:
         raise PipelineInputError(f"{path}: holds a {m.get('kind')!r} output, expected {kind!r}")
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise PipelineInputError(f"{path}: schema_version {m.get('schema_version')} is not {SCHEMA_VERSION}")
+    expected = SCHEMA_VERSIONS.get(kind, SCHEMA_VERSION)
+    if m.get("schema_version") != expected:
+        raise PipelineInputError(
+            f"{path}: schema_version {m.get('schema_version')}, this code reads {kind} outputs of version {expected}; "
+            "re-run the stage that wrote it with --force"
+        )
     return m
+
+
+_REQUIRED = object()
+
+
+class Fields:
+    """Typed access to one read manifest: `Fields(dir, m).get("tokenization.add_bos", bool)`.
+
+    A missing or mistyped field is one error line naming the folder, whichever stage reads it."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.directory, self.manifest = Path(directory), manifest
+
+    def get(self, dotted: str, kind: type | tuple[type, ...] = object, default: Any = _REQUIRED) -> Any:
+        node: Any = self.manifest
+        for key in dotted.split("."):
+            if not isinstance(node, dict) or key not in node:
+                if default is not _REQUIRED:
+                    return default
+                raise PipelineInputError(
+                    f"{self.directory}: its {MANIFEST_NAME} has no field {dotted!r} (written by another version? "
+                    "re-run the stage that wrote it with --force)"
+                )
+            node = node[key]
+        if kind is float and isinstance(node, int) and not isinstance(node, bool):
+            node = float(node)
+        if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
+            names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise PipelineInputError(
+                f"{self.directory}: field {dotted!r} of its {MANIFEST_NAME} is {type(node).__name__}, expected {names}"
+            )
+        return node
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -9,11 +9,12 @@
     <dir>/val_sentence_ids.npy   the held-out sentence ids (sorted)
 
 Activations keep the capture's storage dtype; bf16 is stored as raw uint16 (numpy has no bf16) and
-`activations(...)` views it back. All .npy files memory-map.
+`PreprocessedOutput.activations(...)` views it back. All .npy files memory-map.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from llama_3.errors import PipelineInputError
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Fields, read_manifest
+from pipeline.tokenization import Tokenization
 
 KIND = "preprocessed"
 TORCH_TO_NP = {"torch.bfloat16": np.uint16, "torch.float16": np.float16, "torch.float32": np.float32}
@@ -70,36 +72,75 @@ class Moments:
         return self.m2 / max(self.n, 1)
 
 
-def open_preprocessed(directory: str | Path) -> tuple[dict, dict]:
-    """The manifest and the stats of a finished preprocessing run."""
-    import json
+@dataclass(frozen=True)
+class PreprocessedOutput:
+    """A finished preprocessing folder, opened: the one reader of its manifest for every later stage."""
 
-    directory = Path(directory)
-    manifest = read_manifest(directory, KIND)
-    stats = json.loads((directory / "stats.json").read_text())
-    return manifest, stats
+    directory: Path
+    manifest: dict
+    stats: dict
+    """stats.json: float64 "mean", "var" per dimension, "mean_sq_norm", "count" of the training split."""
+    fingerprint: str
+    hook_point: str
+    d_model: int
+    storage_dtype: str
+    model: dict
+    """The identity of the captured model."""
+    tokenization: Tokenization
+    """The capture's BOS and truncation, with the sink positions this preprocessing excluded."""
+    capture_dir: Path | None
+    """The capture it was made from (None: made from data without one, e.g. a benchmark's)."""
 
-
-def activations(directory: str | Path, split: str) -> torch.Tensor:
-    """Memory-mapped [n, d_model] activations of 'train' or 'val' as a torch tensor (no copy)."""
-    directory = Path(directory)
-    manifest = read_manifest(directory, KIND)
-    path = directory / f"{split}_acts.npy"
-    if not path.is_file():
-        raise PipelineInputError(f"{path}: missing")
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as e:  # a truncated .npy: its header promises more bytes than there are
-        raise PipelineInputError(
-            f"{path}: not a readable activation array ({e}); the file is truncated or corrupted: "
-            "run sae_preprocessing.py --force"
-        ) from None
-    expected = manifest.get("counts", {}).get(f"{split}_tokens")
-    if expected is not None and arr.shape[0] != expected:
-        raise PipelineInputError(
-            f"{path}: holds {arr.shape[0]} rows, the manifest says {expected}; run sae_preprocessing.py --force"
+    @staticmethod
+    def open(directory: str | Path) -> "PreprocessedOutput":
+        directory = Path(directory)
+        m = Fields(directory, read_manifest(directory, KIND))
+        path = directory / "stats.json"
+        try:
+            stats = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise PipelineInputError(
+                f"{path}: missing or not valid JSON ({e}); run sae_preprocessing.py --force"
+            ) from None
+        capture = m.get("inputs.capture", (str, type(None)), default=None)
+        return PreprocessedOutput(
+            directory=directory,
+            manifest=m.manifest,
+            stats=stats,
+            fingerprint=m.get("fingerprint", str),
+            hook_point=m.get("hook_point", str),
+            d_model=m.get("d_model", int),
+            storage_dtype=m.get("storage_dtype", str),
+            model=m.get("inputs.model", dict),
+            tokenization=Tokenization(
+                m.get("tokenization.add_bos", bool),
+                m.get("tokenization.max_tokens", int),
+                m.get("tokenization.exclude_first_positions", int),
+            ),
+            capture_dir=Path(capture) if capture else None,
         )
-    with warnings.catch_warnings():  # a read-only mmap is the point: nothing writes through it
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(arr)
-    return t.view(torch.bfloat16) if manifest["storage_dtype"] == "torch.bfloat16" else t
+
+    def activations(self, split: str) -> torch.Tensor:
+        """Memory-mapped [n, d_model] activations of 'train' or 'val' as a torch tensor (no copy)."""
+        path = self.directory / f"{split}_acts.npy"
+        if not path.is_file():
+            raise PipelineInputError(f"{path}: missing")
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:  # a truncated .npy: its header promises more bytes than there are
+            raise PipelineInputError(
+                f"{path}: not a readable activation array ({e}); the file is truncated or corrupted: "
+                "run sae_preprocessing.py --force"
+            ) from None
+        expected = Fields(self.directory, self.manifest).get(f"counts.{split}_tokens", int)
+        if arr.shape[0] != expected:
+            raise PipelineInputError(
+                f"{path}: holds {arr.shape[0]} rows, the manifest says {expected}; run sae_preprocessing.py --force"
+            )
+        with warnings.catch_warnings():  # a read-only mmap is the point: nothing writes through it
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr)
+        return t.view(torch.bfloat16) if self.storage_dtype == "torch.bfloat16" else t
+
+    def val_sentence_ids(self) -> np.ndarray:
+        return np.load(self.directory / "val_sentence_ids.npy")

@@ -28,7 +28,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from llama_3.errors import PipelineInputError
 from llama_3.tokenizer import Tokenizer
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Fields, read_manifest
+from pipeline.tokenization import DEFAULT_MAX_TOKENS
 
 KIND = "sentences"
 ROW_GROUP_SENTENCES = 4096
@@ -60,41 +61,52 @@ class ReadUnit:
     n_rows: int
 
 
-def open_sentence_dataset(directory: str | Path) -> tuple[dict, list[ReadUnit]]:
-    """Validate a finished sentence dataset and list its read units in sentence-id order."""
-    directory = Path(directory)
-    manifest = read_manifest(directory, KIND)
-    units: list[ReadUnit] = []
-    next_id = 0
-    for shard in manifest["shards"]:
-        path = directory / shard["file"]
-        if not path.is_file():
-            raise PipelineInputError(f"{path}: listed in {directory / 'manifest.json'} but missing")
-        # The size, not the sha256: every reader (each rank and DataLoader worker) opens the dataset, and
-        # hashing an OpenWebText-sized corpus each time would cost minutes; zstd pages catch corruption.
-        if "bytes" in shard and path.stat().st_size != shard["bytes"]:
-            raise PipelineInputError(
-                f"{path}: {path.stat().st_size} bytes, {directory / 'manifest.json'} says {shard['bytes']} "
-                "(truncated or overwritten); rebuild the sentence dataset with --force"
-            )
-        try:
-            md = pq.ParquetFile(path).metadata
-        except Exception as e:
-            raise PipelineInputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-        if md.num_rows != shard["rows"] or shard["first_sentence_id"] != next_id:
-            raise PipelineInputError(
-                f"{path}: has {md.num_rows} rows from id {shard['first_sentence_id']}, the manifest expects "
-                f"{shard['rows']} from {next_id}"
-            )
-        for rg in range(md.num_row_groups):
-            n = md.row_group(rg).num_rows
-            units.append(ReadUnit(path, rg, next_id, n))
-            next_id += n
-    if next_id != manifest["counts"]["sentences"]:
-        raise PipelineInputError(
-            f"{directory}: shards hold {next_id} sentences, the manifest says {manifest['counts']['sentences']}"
-        )
-    return manifest, units
+@dataclass(frozen=True)
+class SentenceDataset:
+    """A finished sentence dataset, opened: the one reader of its manifest for every later stage."""
+
+    directory: Path
+    manifest: dict
+    fingerprint: str
+    n_sentences: int
+    units: list[ReadUnit]
+    """Its parquet row groups in sentence-id order."""
+
+    @staticmethod
+    def open(directory: str | Path) -> "SentenceDataset":
+        """Validate a finished sentence dataset and list its read units in sentence-id order."""
+        directory = Path(directory)
+        m = Fields(directory, read_manifest(directory, KIND))
+        n_sentences = m.get("counts.sentences", int)
+        units: list[ReadUnit] = []
+        next_id = 0
+        for shard in m.get("shards", list):
+            path = directory / shard["file"]
+            if not path.is_file():
+                raise PipelineInputError(f"{path}: listed in {directory / 'manifest.json'} but missing")
+            # The size, not the sha256: every reader (each rank and DataLoader worker) opens the dataset, and
+            # hashing an OpenWebText-sized corpus each time would cost minutes; zstd pages catch corruption.
+            if "bytes" in shard and path.stat().st_size != shard["bytes"]:
+                raise PipelineInputError(
+                    f"{path}: {path.stat().st_size} bytes, {directory / 'manifest.json'} says {shard['bytes']} "
+                    "(truncated or overwritten); rebuild the sentence dataset with --force"
+                )
+            try:
+                md = pq.ParquetFile(path).metadata
+            except Exception as e:
+                raise PipelineInputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+            if md.num_rows != shard["rows"] or shard["first_sentence_id"] != next_id:
+                raise PipelineInputError(
+                    f"{path}: has {md.num_rows} rows from id {shard['first_sentence_id']}, the manifest expects "
+                    f"{shard['rows']} from {next_id}"
+                )
+            for rg in range(md.num_row_groups):
+                n = md.row_group(rg).num_rows
+                units.append(ReadUnit(path, rg, next_id, n))
+                next_id += n
+        if next_id != n_sentences:
+            raise PipelineInputError(f"{directory}: shards hold {next_id} sentences, the manifest says {n_sentences}")
+        return SentenceDataset(directory, m.manifest, m.get("fingerprint", str), n_sentences, units)
 
 
 def read_unit(unit: ReadUnit, columns: list[str]) -> dict[str, list]:
@@ -112,8 +124,7 @@ def iter_sentences(
     directory: str | Path, columns: tuple[str, ...] = ("sentence_id", "text")
 ) -> Iterator[dict[str, list]]:
     """All sentences in id order, one row group (as a dict of columns) at a time."""
-    _, units = open_sentence_dataset(directory)
-    for u in units:
+    for u in SentenceDataset.open(directory).units:
         yield read_unit(u, list(columns))
 
 
@@ -161,7 +172,7 @@ class SentenceTokenDataset(IterableDataset):
         directory: str | Path,
         tokenizer: Tokenizer,
         *,
-        max_tokens: int = 192,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         add_bos: bool = False,
         max_batch_tokens: int = 8192,
         max_batch_size: int = 256,
@@ -177,7 +188,9 @@ class SentenceTokenDataset(IterableDataset):
                 f"--max-tokens {max_tokens} / --max-batch-tokens {max_batch_tokens} / --max-batch-size "
                 f"{max_batch_size}: need max-tokens >= 1, max-batch-tokens >= max-tokens, max-batch-size >= 1"
             )
-        self.manifest, all_units = open_sentence_dataset(directory)
+        self.dataset = SentenceDataset.open(directory)
+        self.fingerprint = self.dataset.fingerprint
+        all_units = self.dataset.units
         if max_sentences:  # the first max_sentences sentence ids, whatever the number of ranks
             all_units = [
                 u

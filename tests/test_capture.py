@@ -17,7 +17,7 @@ import pipeline.activations as activations_mod
 from capture_activations import CaptureConfig, main as capture_main
 from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig, main as sentences_main
-from pipeline.activations import load_shard, open_capture, sentence_rows
+from pipeline.activations import CaptureOutput, load_shard, sentence_rows
 from pipeline.sentences import iter_sentences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,9 +44,10 @@ def texts_of(directory) -> dict[int, str]:
 
 def read_capture(directory) -> tuple[dict, dict[tuple[int, int], dict[str, torch.Tensor]], dict[tuple[int, int], int]]:
     """{(sentence_id, position): {hook: activation}} and {(sentence_id, position): token id}; fails on duplicates."""
-    manifest, paths = open_capture(directory)
+    capture = CaptureOutput.open(directory)
+    manifest = capture.manifest
     rows, toks = {}, {}
-    for p in paths:
+    for p in capture.shard_paths:
         shard = load_shard(p)
         for sid, pos0, a, b in sentence_rows(shard):
             for k, r in enumerate(range(a, b)):
@@ -232,7 +233,7 @@ def test_bad_inputs(tmp_path, tiny, sentences):
     capture_main(base_cfg(tmp_path, tiny, sentences, max_sentences=10))
     again = capture_main(base_cfg(tmp_path, tiny, sentences, max_sentences=10))  # reused
     assert again["counts"]["sentences"] == 10
-    with pytest.raises(PipelineInputError, match="holds a capture with other settings"):
+    with pytest.raises(PipelineInputError, match="holds a capture made with other settings"):
         capture_main(base_cfg(tmp_path, tiny, sentences, max_sentences=11))
     assert capture_main(base_cfg(tmp_path, tiny, sentences, max_sentences=11, force=True))["counts"]["sentences"] == 11
     (tmp_path / "foreign").mkdir()

@@ -12,7 +12,7 @@ import torch
 from llama_3 import PipelineInputError
 from pipeline.activations import KIND as CAPTURE_KIND, ShardWriter, TokenChunk
 from pipeline.manifest import make_manifest, write_json_atomic
-from pipeline.preprocessed import Moments, activations, open_preprocessed
+from pipeline.preprocessed import Moments, PreprocessedOutput
 from sae_preprocessing import PreprocessConfig, main
 
 D = 24
@@ -39,10 +39,13 @@ def fake_capture(directory: Path, seed: int = 0, n_sentences: int = 300, shard_t
     total = sum(s["n_tokens"] for s in shards)
     m = make_manifest(
         CAPTURE_KIND,
-        config={"add_bos": False},
-        inputs={"model": {"path": "fake"}},
+        config={},
+        inputs={"model": {"path": "fake"}, "sentences": {"path": "fake", "fingerprint": "fake"}},
         counts={"tokens": total, "sentences": n_sentences},
         fingerprint=f"fake-{seed}",
+        tokenization={"add_bos": False, "max_tokens": 40},
+        selection={"max_sentences": 0},
+        tokenizer={"sha256": "fake"},
         hook_points=[HOOK],
         d_model=D,
         storage_dtype=str(dtype),
@@ -55,7 +58,8 @@ def fake_capture(directory: Path, seed: int = 0, n_sentences: int = 300, shard_t
 def run(tmp_path, capture, name, **kw) -> tuple[dict, dict]:
     cfg = PreprocessConfig(capture=str(capture), out=str(tmp_path / name), **kw)
     main(cfg)
-    return open_preprocessed(cfg.out)
+    data = PreprocessedOutput.open(cfg.out)
+    return data.manifest, data.stats
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -87,8 +91,8 @@ def test_every_token_once_sentences_split_cleanly_and_shuffled(tmp_path):
     manifest, stats = run(tmp_path, tmp_path / "cap", "pp", workers=2, val_fraction=0.2, batch_size=64)
     out = tmp_path / "pp"
     train_idx, val_idx = np.load(out / "train_index.npy"), np.load(out / "val_index.npy")
-    train = activations(out, "train").float().numpy()
-    val = activations(out, "val").float().numpy()
+    train = PreprocessedOutput.open(out).activations("train").float().numpy()
+    val = PreprocessedOutput.open(out).activations("val").float().numpy()
     keys = [tuple(k) for k in train_idx.tolist()] + [tuple(k) for k in val_idx.tolist()]
     excluded = {k for k in truth if k[1] == 0}  # the policy: the sink position of BOS-less sentences
     assert len(keys) == len(set(keys))  # nothing twice

@@ -276,7 +276,7 @@ def test_run_folder_refuses_another_config_and_bad_batches(tmp_path):
     x, _ = synthetic(1_500)
     data = fake_preprocessed(tmp_path / "data", x[:1_280], x[1_280:])
     train_main(cfg(data, tmp_path / "run", n_latents=64, k=3))
-    with pytest.raises(PipelineInputError, match="holds a run with another config"):
+    with pytest.raises(PipelineInputError, match="holds a training run made with other settings"):
         train_main(cfg(data, tmp_path / "run", n_latents=64, k=4))
     with pytest.raises(PipelineInputError, match=r"--k 65: must be in 1\.\.64"):
         train_main(cfg(data, tmp_path / "run2", n_latents=64, k=65))

@@ -15,7 +15,7 @@ import pytest
 import openwebtext_sentences_dataset as build_script
 from llama_3 import PipelineInputError
 from openwebtext_sentences_dataset import SentencesConfig, main
-from pipeline.sentences import SentenceTokenDataset, iter_sentences, length_batches, open_sentence_dataset
+from pipeline.sentences import SentenceDataset, SentenceTokenDataset, iter_sentences, length_batches
 from pipeline.splitter import SentenceSplitter
 from pipeline.text_sources import WikiSummariesSource
 
@@ -80,7 +80,7 @@ def test_round_trip_and_dense_ordered_ids(wiki):
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 8])
 def test_rank_shards_are_disjoint_and_complete(wiki, tiny_model, world_size):
-    _, units = open_sentence_dataset(wiki)
+    units = SentenceDataset.open(wiki).units
     assert len(units) > 8
     seen: list[int] = []
     for rank in range(world_size):
@@ -236,7 +236,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     assert not (out / "manifest.json").exists() and (out / "_progress.json").exists()
     assert not list(out.glob("*.tmp"))
     with pytest.raises(PipelineInputError, match="missing"):  # readers refuse the unfinished dataset
-        open_sentence_dataset(out)
+        SentenceDataset.open(out)
     monkeypatch.setattr(build_script, "_write_shard", real_write)
     main(cfg(tmp_path, name="resumed", **kw))
     assert read_all(out) == read_all(tmp_path / "clean")
@@ -249,7 +249,7 @@ def test_output_folder_guards(tmp_path):
     main(cfg(tmp_path, max_documents=20))
     again = main(cfg(tmp_path, max_documents=20))  # same settings: reused, not rebuilt
     assert again["counts"]["documents"] == 20
-    with pytest.raises(PipelineInputError, match="built with other settings"):
+    with pytest.raises(PipelineInputError, match="made with other settings"):
         main(cfg(tmp_path, max_documents=30))
     assert main(cfg(tmp_path, max_documents=30, force=True))["counts"]["documents"] == 30
     (tmp_path / "other").mkdir()
