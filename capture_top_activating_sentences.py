@@ -21,7 +21,6 @@ Tables: pipeline/top_sentences.py. Browser: pipeline/feature_browser.py.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -42,25 +41,22 @@ from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
 from pipeline import fault_injection
 from pipeline.distributed import DistInfo, run_distributed
-from pipeline.manifest import (
-    MANIFEST_NAME,
-    atomic_path,
-    fingerprint,
-    make_manifest,
-    read_manifest,
-    sha256_file,
-    write_json_atomic,
-)
+from pipeline.activations import CaptureOutput
+from pipeline.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.output_folder import OutputFolder, config_request, owned_names
+from pipeline.preprocessed import PreprocessedOutput
 from pipeline.meanings import sae_sha256
 from pipeline.paths import SAE_DIR, SENTENCES_DIR, TOP_SENTENCES_DIR
 from pipeline.runtime import capture_dtype
 from pipeline.sentences import SentenceTokenDataset, iter_sentences
+from pipeline.training_run import TrainingRun
 from pipeline.top_sentences import (
     AGGREGATIONS,
     FILES,
     HIST_BINS,
     KIND,
     LatentStats,
+    TopSentences,
     TopTable,
     histogram_edges,
     sample_key,
@@ -73,7 +69,7 @@ from sae import TopKSae
 class TopSentencesConfig:
     sae: str = field(default=str(SAE_DIR / "sae"), metadata={"help": "SAE folder (sae.safetensors + cfg.json)"})
     sentences: str = field(default=str(SENTENCES_DIR), metadata={"help": "sentence dataset folder"})
-    out: str = field(default=str(TOP_SENTENCES_DIR), metadata={"help": "output folder"})
+    out: str = field(default=str(TOP_SENTENCES_DIR), metadata={"fingerprint": False, "help": "output folder"})
     model: str | None = field(
         default=None,
         metadata={"help": "the SAE's model (Meta dir, HF dir or GGUF); default: the path in the SAE's cfg.json"},
@@ -84,47 +80,51 @@ class TopSentencesConfig:
     max_sentences: int = field(
         default=-1, metadata={"help": "first N sentences (-1: those the SAE's capture covered; 0: all)"}
     )
-    max_tokens: int = field(default=192, metadata={"help": "tokens kept per sentence"})
-    add_bos: bool = field(default=False, metadata={"help": "prepend BOS (as the capture did)"})
     output_tokens: int = field(default=10, metadata={"help": "promoted / suppressed output tokens listed per latent"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    device: str = field(default="auto", metadata={"fingerprint": False, "help": "auto, cpu, cuda"})
     model_dtype: str = field(
         default="auto",
         metadata={"help": "auto (as the capture: bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16"},
     )
     max_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward"})
-    browser: bool = field(default=True, metadata={"help": "write the static HTML feature browser"})
+    browser: bool = field(
+        default=True, metadata={"fingerprint": False, "help": "write the static HTML feature browser"}
+    )
     browser_sentences: int = field(default=10, metadata={"help": "sentences per aggregation on each latent page"})
     meanings: str = field(
-        default="latent_index_meaning", metadata={"help": "folder of interpretation results the browser shows"}
+        default="latent_index_meaning",
+        metadata={"fingerprint": False, "help": "folder of interpretation results the browser shows"},
     )
-    force: bool = field(default=False, metadata={"help": "overwrite an existing output"})
+    force: bool = field(default=False, metadata={"fingerprint": False, "help": "overwrite an existing output"})
 
 
 def covered_sentences(sae_dir: Path) -> int:
-    """How many sentences the SAE's capture took (0: unknown or all), following the run's manifests."""
-    from pipeline.activations import KIND as CAPTURE_KIND
-    from pipeline.preprocessed import KIND as PREPROCESSED_KIND
-
+    """How many sentences the SAE's capture took (0: unknown or all), following the run's outputs."""
     try:
-        run = read_manifest(sae_dir.parent, "sae")
-        pre = read_manifest(Path(run["inputs"]["data"]), PREPROCESSED_KIND)
-        cap = read_manifest(Path(pre["inputs"]["capture"]), CAPTURE_KIND)
-        return int(cap["config"].get("max_sentences") or 0)
-    except (PipelineInputError, KeyError, TypeError, ValueError):
+        data = PreprocessedOutput.open(TrainingRun.open(sae_dir.parent).data_dir)
+        return CaptureOutput.open(data.capture_dir).max_sentences if data.capture_dir else 0
+    except PipelineInputError:
         return 0  # an SAE without its run folder (copied alone): every sentence
 
 
 def request_fingerprint(cfg: TopSentencesConfig) -> str:
     """What the output depends on: the SAE's weights, the sentence dataset, and the config."""
     sentences = Path(cfg.sentences) / MANIFEST_NAME
-    keys = {k: v for k, v in asdict(cfg).items() if k not in ("out", "force", "device", "browser", "meanings")}
     return fingerprint(
         {
             "sae_sha256": sae_sha256(cfg.sae) if (Path(cfg.sae) / "sae.safetensors").is_file() else None,
             "sentences": sentences.read_text() if sentences.is_file() else None,
-            **keys,
+            **config_request(cfg),
         }
+    )
+
+
+def output_folder(cfg: TopSentencesConfig) -> OutputFolder:
+    return OutputFolder(
+        Path(cfg.out),
+        "top-sentences output",
+        owned_names(MANIFEST_NAME, *FILES, "browser", prefixes=(".codes-r",)),
+        foreign_ok=True,
     )
 
 
@@ -196,15 +196,11 @@ def main(cfg: TopSentencesConfig) -> dict:
 def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     out = Path(cfg.out)
     request = request_fingerprint(cfg)
-    if (out / MANIFEST_NAME).is_file() and not cfg.force:
-        done = json.loads((out / MANIFEST_NAME).read_text())
-        if done.get("fingerprint") != request:
-            raise PipelineInputError(
-                f"--out {out}: holds top sentences of another SAE, sentence set or config; use --force or another --out"
-            )
+    prepared = output_folder(cfg).prepare(request, cfg.force, info)
+    if prepared.state == "reuse":
         if info.is_main:
             print(f"{out}: already complete for this SAE and config (use --force to recompute)")
-        return done
+        return prepared.manifest
     if cfg.top_n < 1 or cfg.non_activating < 0:
         raise PipelineInputError(
             f"--top-n {cfg.top_n} / --non-activating {cfg.non_activating}: need top-n >= 1, non-activating >= 0"
@@ -216,25 +212,24 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     lm = load_model(sae.model_path(cfg.model, f"--sae {cfg.sae}"), device=info.device, dtype=model_dtype)
     check_compatible(sae, lm.identity(), cfg)
     max_sentences = covered_sentences(sae_dir) if cfg.max_sentences < 0 else cfg.max_sentences
-    bos = 1 if cfg.add_bos else 0
-    skip_first = bos + sae.cfg.exclude_first_positions  # positions the SAE never saw in training
+    tokenization = sae.cfg.tokenization  # the sequences the SAE was trained on
+    skip_first = tokenization.skip_first_positions  # positions it never saw: BOS, the sink
     data = SentenceTokenDataset(
         cfg.sentences,
         lm.tokenizer,
-        max_tokens=cfg.max_tokens + bos,
-        add_bos=cfg.add_bos,
+        max_tokens=tokenization.sequence_tokens,
+        add_bos=tokenization.add_bos,
         max_batch_tokens=cfg.max_batch_tokens,
         rank=info.rank,
         world_size=info.world_size,
         max_sentences=max_sentences,
     )
-    if data.manifest["counts"]["sentences"] == 0:
+    if data.dataset.n_sentences == 0:
         raise PipelineInputError(f"--sentences {cfg.sentences}: no sentences to run")
     L, hook = sae.cfg.n_latents, sae.cfg.hook_point
     tables = {a: TopTable(L, cfg.top_n, info.device) for a in AGGREGATIONS}
     silent = TopTable(L, max(cfg.non_activating, 1), info.device)
     stats = LatentStats(L, info.device)
-    out.mkdir(parents=True, exist_ok=True)
     store = CodeStore(out, sae.cfg.k, info.rank)
     bar = tqdm(total=data.n_sentences, unit="sent", disable=not info.is_main, dynamic_ncols=True, desc="top sentences")
     t0, n_sentences, n_tokens = time.perf_counter(), 0, 0
@@ -483,7 +478,8 @@ def write_outputs(
         ),
         aggregations=list(AGGREGATIONS),
         histogram_edges=histogram_edges(),
-        excluded_positions=cfg.add_bos + sae.cfg.exclude_first_positions,
+        tokenization=asdict(sae.cfg.tokenization),
+        excluded_positions=sae.cfg.tokenization.skip_first_positions,
         shortfall=shortfall,
         throughput={"seconds": round(elapsed, 2), "sentences_per_s": round(n_sentences / max(elapsed, 1e-9), 1)},
         files={name: sha256_file(out / name) for name in FILES},
@@ -492,7 +488,7 @@ def write_outputs(
     if cfg.browser:
         from pipeline.feature_browser import write_browser
 
-        browser_index = write_browser(out, manifest, cfg.browser_sentences, cfg.meanings)
+        browser_index = write_browser(TopSentences.of(out, manifest), cfg.meanings)
         manifest["browser"] = str(browser_index)
     write_json_atomic(out / MANIFEST_NAME, manifest)
     print(

@@ -34,9 +34,13 @@ from pipeline.interpretation import (
     read_results,
     task_dir,
 )
-from pipeline.manifest import atomic_path, finished_manifest, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.output_folder import OutputFolder, owned_names
 from pipeline.paths import TOP_SENTENCES_DIR
 from pipeline.top_sentences import Aggregation, open_top_sentences
+
+
+FAILURES = "parse_failures.jsonl"
 
 
 @dataclass
@@ -114,7 +118,7 @@ def parse_fingerprint(cfg: ParseConfig, directory: Path, data) -> str:
         {
             "files": {str(p): sha256_file(p) for p in files},
             "states": states,
-            "top_sentences": data.manifest.get("fingerprint"),
+            "top_sentences": data.fingerprint,
             "config": asdict(cfg),
         }
     )
@@ -125,10 +129,14 @@ def main(cfg: ParseConfig) -> dict:
     directory = task_dir(cfg.out, "explain")
     if not (directory / "state.json").is_file():
         raise PipelineInputError(f"{directory}: nothing sent yet; run interpret_top_sentences_send_batches.py first")
-    digest = data.manifest["inputs"]["sae_sha256"]
+    digest = data.sae_sha256
     bind_state_to_sae(BatchState.load(directory), digest, f"--out {cfg.out}")
     request = parse_fingerprint(cfg, directory, data)
-    previous = finished_manifest(directory, request)
+    # The state folder is send's and retrieve's too: ours are the manifest and the failures list.
+    folder = OutputFolder(
+        directory, "interpretation", owned_names(MANIFEST_NAME, FAILURES), foreign_ok=True, replace_other=True
+    )
+    previous = folder.prepare(request, force=False).manifest
     if previous is not None and Path(previous.get("meaning_file", "")).is_file():
         print(
             f"{directory}: responses already parsed and scored for these results and settings -> "
@@ -136,7 +144,7 @@ def main(cfg: ParseConfig) -> dict:
         )
         return previous["counts"]
     verdicts, failures, explainer = explain_results(directory)
-    with atomic_path(directory / "parse_failures.jsonl") as tmp:
+    with atomic_path(directory / FAILURES) as tmp:
         tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
     examples = LatentExamples.load(data, cfg.aggregation)
     minilm = (
@@ -164,7 +172,7 @@ def main(cfg: ParseConfig) -> dict:
     name = cfg.run_name or f"{digest[:8]}-{explainer}"
     doc = {
         "sae_sha256": digest,
-        "sae": data.manifest["inputs"]["sae"],
+        "sae": str(data.sae_dir),
         "explainer": explainer,
         "judges": sorted({k for e in latents for k in e["scores"]}),
         "latents": latents,
@@ -189,12 +197,12 @@ def main(cfg: ParseConfig) -> dict:
         meaning_file=str(meaning_file),
         fingerprint=request,
     )
-    write_json_atomic(directory / "manifest.json", manifest)
-    if data.manifest.get("browser"):  # refresh the feature browser so it shows the new meanings and scores
+    write_json_atomic(directory / MANIFEST_NAME, manifest)
+    if data.browser is not None:  # refresh the feature browser so it shows the new meanings and scores
         from pipeline.feature_browser import write_browser
 
-        write_browser(data.directory, data.manifest, data.manifest["config"]["browser_sentences"], cfg.meanings)
-        print(f"feature browser updated: {Path(data.manifest['browser']).resolve()}")
+        write_browser(data, cfg.meanings)
+        print(f"feature browser updated: {data.browser.resolve()}")
     auroc = summary["mean_detection_auroc_minilm"]
     print(
         f"{meaning_file}: {len(latents)} meanings by {explainer}, {len(failures)} failures"

@@ -104,7 +104,7 @@ def build_requests(
     cfg: SendConfig, lats: list[int], examples: LatentExamples, state: BatchState, data
 ) -> tuple[list[dict], dict]:
     requests, keys = [], {}
-    meanings = load_meanings(cfg.meanings, data.manifest["inputs"]["sae_sha256"]) if cfg.task == "detect" else {}
+    meanings = load_meanings(cfg.meanings, data.sae_sha256) if cfg.task == "detect" else {}
     for lat in lats:
         attempt = state.next_attempt(lat)
         if attempt is None:
@@ -138,7 +138,7 @@ def main(cfg: SendConfig) -> dict:
     if cfg.force and directory.exists() and not cfg.dry_run:
         shutil.rmtree(directory)  # batches still running on the API are abandoned (their results never read)
     state = BatchState.load(directory)
-    bind_state_to_sae(state, data.manifest["inputs"]["sae_sha256"], f"--out {cfg.out} ({cfg.task})")
+    bind_state_to_sae(state, data.sae_sha256, f"--out {cfg.out} ({cfg.task})")
     offline = cfg.offline or not os.environ.get("ANTHROPIC_API_KEY")
     if offline and cfg.task == "detect" and not cfg.dry_run:
         raise PipelineInputError(
@@ -173,6 +173,7 @@ def main(cfg: SendConfig) -> dict:
         "estimate": None if offline else estimate,
         "sent_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "submissions": len(state.submissions),
+        "outcome": "computed" if requests else "reused",  # nothing new to send: the state is reused as it is
     }
     write_json_atomic(directory / "send_manifest.json", {"config": asdict(cfg), **summary})
     where = (

@@ -17,25 +17,31 @@ Output: runs/pipeline.json (stage timings and memory) and runs/report/index.html
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import resource
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llama_3.cli import parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.manifest import make_manifest, write_json_atomic
-from pipeline.paths import RUNS_DIR, TOP_SENTENCES_DIR
+from pipeline.interpretation import INTERPRETATION_DIR
+from pipeline.manifest import MANIFEST_NAME, make_manifest, write_json_atomic
+from pipeline.paths import (
+    ACTIVATIONS_DIR,
+    PREPROCESSED_DIR,
+    RUNS_DIR,
+    SAE_DIR,
+    SENTENCES_DIR,
+    STEERING_EVAL_DIR,
+    TOP_SENTENCES_DIR,
+)
 
 REPO = Path(__file__).resolve().parent
-REUSED = re.compile(
-    r"already (built|complete|done|trained|parsed)|nothing new to send"
-)  # what stages print when they reuse
 
 
 @dataclass(frozen=True)
@@ -45,22 +51,46 @@ class Stage:
     args: tuple[str, ...] = ()
     forceable: bool = True
     """Takes --force (the retrieve and parse steps have nothing to force: they follow the state)."""
+    out: Path | None = None
+    """The stage's default output folder (its --out); None: the stage has no reusable output."""
+    record: str = MANIFEST_NAME
+    """The file in it whose "outcome" says whether the stage computed or reused its output."""
+
+    def outcome_file(self) -> Path | None:
+        out = self.out
+        for flag, value in zip(self.args, self.args[1:]):  # --stage-args STAGE:--out=DIR moves it
+            if flag == "--out":
+                out = Path(value)
+        return None if out is None else out / self.record
 
 
 def stages(cfg: "PipelineConfig") -> list[Stage]:
     send = ("--offline",) if not cfg.claude else ()
     retrieve = ("--wait", "--poll-seconds", "60") if cfg.claude else ()
     model = ("--model", cfg.model) if cfg.model else ()
+    capture = ("--max-sentences", str(cfg.max_sentences), *model)
     plan = [
-        Stage("sentences", "openwebtext_sentences_dataset.py"),
-        Stage("capture", "capture_activations.py", ("--max-sentences", str(cfg.max_sentences), *model)),
-        Stage("preprocessing", "sae_preprocessing.py"),
-        Stage("training", "sae_training.py"),
-        Stage("top_sentences", "capture_top_activating_sentences.py"),
-        Stage("interpret_send", "interpret_top_sentences_send_batches.py", send),
+        Stage("sentences", "openwebtext_sentences_dataset.py", out=SENTENCES_DIR),
+        Stage("capture", "capture_activations.py", capture, out=ACTIVATIONS_DIR),
+        Stage("preprocessing", "sae_preprocessing.py", out=PREPROCESSED_DIR),
+        Stage("training", "sae_training.py", out=SAE_DIR),
+        Stage("top_sentences", "capture_top_activating_sentences.py", out=TOP_SENTENCES_DIR),
+        Stage(
+            "interpret_send",
+            "interpret_top_sentences_send_batches.py",
+            send,
+            out=INTERPRETATION_DIR,
+            record="explain/send_manifest.json",
+        ),
         Stage("interpret_retrieve", "interpret_top_sentences_retrieve_batches.py", retrieve, forceable=False),
-        Stage("interpret_parse", "interpret_top_sentences_parse_responses.py", forceable=False),
-        Stage("steering_eval", "steering_evaluation.py"),
+        Stage(
+            "interpret_parse",
+            "interpret_top_sentences_parse_responses.py",
+            forceable=False,
+            out=INTERPRETATION_DIR,
+            record=f"explain/{MANIFEST_NAME}",
+        ),
+        Stage("steering_eval", "steering_evaluation.py", out=STEERING_EVAL_DIR),
     ]
     extra: dict[str, list[str]] = {}
     for item in cfg.stage_args:
@@ -71,7 +101,7 @@ def stages(cfg: "PipelineConfig") -> list[Stage]:
                 f"{', '.join(s.name for s in plan)}"
             )
         extra.setdefault(name, []).extend(flag.split("=", 1))
-    return [Stage(s.name, s.script, (*s.args, *extra.get(s.name, [])), s.forceable) for s in plan]
+    return [replace(s, args=(*s.args, *extra.get(s.name, []))) for s in plan]
 
 
 @dataclass
@@ -106,11 +136,9 @@ def run_stage(stage: Stage, force: bool) -> dict:
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, text=True, bufsize=1
     )  # outputs go under ./runs, as for each script
-    reused = False
     try:
         for line in proc.stdout:  # echo the stage's own output; its progress bars go to stderr directly
             print(line, end="", flush=True)
-            reused = reused or REUSED.search(line) is not None
         _, status, usage = os.wait4(proc.pid, 0)
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
@@ -126,12 +154,21 @@ def run_stage(stage: Stage, force: bool) -> dict:
         "forced": force and stage.forceable,
         "seconds": round(seconds, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "reused": reused,
+        "reused": proc.returncode == 0 and stage_outcome(stage) == "reused",
         "exit_code": proc.returncode,
     }
     if proc.returncode != 0:
         raise StageFailed(record)
     return record
+
+
+def stage_outcome(stage: Stage) -> str | None:
+    """ "computed" or "reused", as the stage recorded it in its output's manifest (None: no record)."""
+    path = stage.outcome_file()
+    try:
+        return json.loads(path.read_text()).get("outcome") if path is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class StageFailed(Exception):

@@ -33,6 +33,7 @@ from torch import nn
 from llama_3.cpu_features import can_prepack
 from llama_3.errors import PipelineInputError
 from pipeline.manifest import atomic_path
+from pipeline.tokenization import DEFAULT_MAX_TOKENS, Tokenization
 
 Normalize = Literal["dataset", "token", "none"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalize)
@@ -57,7 +58,16 @@ class SaeConfig:
     model: dict = field(default_factory=dict)
     """Identity of the model the SAE was trained on (path, kind, config/tokenizer hashes)."""
     exclude_first_positions: int = 0
-    """Positions the training data excluded (attention sinks); later stages apply the same rule."""
+    """Text positions the training data excluded (attention sinks); later stages apply the same rule."""
+    add_bos: bool = False
+    """The training capture prepended BOS (never stored): later stages feed the SAE the same sequences."""
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    """Text tokens per sentence the training capture kept (BOS on top)."""
+
+    @property
+    def tokenization(self) -> Tokenization:
+        """How a sentence becomes the token sequence this SAE was trained on."""
+        return Tokenization(self.add_bos, self.max_tokens, self.exclude_first_positions)
 
     def __post_init__(self) -> None:
         if not 0 < self.k <= self.n_latents:

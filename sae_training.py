@@ -38,16 +38,21 @@ from llama_3.cpu_features import has_native_bf16, warn_if_emulated
 from llama_3.errors import PipelineInputError
 from pipeline import fault_injection
 from pipeline.distributed import DistInfo, barrier, run_distributed
-from pipeline.manifest import atomic_path, finished_manifest, fingerprint, make_manifest, read_jsonl, write_json_atomic
+from pipeline.manifest import atomic_path, fingerprint, make_manifest, read_jsonl, write_json_atomic
+from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.paths import PREPROCESSED_DIR, SAE_DIR
-from pipeline.preprocessed import activations, open_preprocessed
+from pipeline.preprocessed import PreprocessedOutput
 from sae import Normalize, SaeConfig, TopKSae
 
 
 @dataclass
 class TrainConfig:
-    data: str = field(default=str(PREPROCESSED_DIR), metadata={"help": "preprocessing output folder"})
-    out: str = field(default=str(SAE_DIR), metadata={"help": "run folder (checkpoints, metrics, final SAE)"})
+    data: str = field(
+        default=str(PREPROCESSED_DIR), metadata={"fingerprint": False, "help": "preprocessing output folder"}
+    )
+    out: str = field(
+        default=str(SAE_DIR), metadata={"fingerprint": False, "help": "run folder (checkpoints, metrics, final SAE)"}
+    )
     expansion: int = field(default=8, metadata={"help": "n_latents = expansion * d_model (unless --n-latents)"})
     n_latents: int = field(default=0, metadata={"help": "dictionary size (0: expansion * d_model)"})
     k: int = field(default=32, metadata={"help": "active latents per token"})
@@ -73,13 +78,13 @@ class TrainConfig:
     dead_tokens: int = field(default=100_000, metadata={"help": "a latent silent for this many tokens is dead"})
     k_aux: int = field(default=0, metadata={"help": "latents in the aux-k reconstruction (0: d_model / 2)"})
     aux_coef: float = field(default=1 / 32, metadata={"help": "aux-k loss coefficient"})
-    val_every: int = field(default=50, metadata={"help": "validate every N steps"})
-    checkpoint_every: int = field(default=100, metadata={"help": "checkpoint every N steps"})
+    val_every: int = field(default=50, metadata={"fingerprint": False, "help": "validate every N steps"})
+    checkpoint_every: int = field(default=100, metadata={"fingerprint": False, "help": "checkpoint every N steps"})
     nonfinite: Literal["skip", "stop"] = field(
         default="skip", metadata={"help": "a batch with NaN/inf: skip (and count) or stop"}
     )
     seed: int = field(default=0, metadata={"help": "initialisation and data-order seed"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    device: str = field(default="auto", metadata={"fingerprint": False, "help": "auto, cpu, cuda"})
     autocast: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
@@ -88,14 +93,21 @@ class TrainConfig:
         },
     )
     wandb: Literal["online", "offline", "disabled", "auto"] = field(
-        default="auto", metadata={"help": "online, offline, disabled, auto (online with WANDB_API_KEY, else offline)"}
+        default="auto",
+        metadata={
+            "fingerprint": False,
+            "help": "online, offline, disabled, auto (online with WANDB_API_KEY, else offline)",
+        },
     )
-    wandb_project: str = field(default="llama-sae", metadata={"help": "W&B project"})
+    wandb_project: str = field(default="llama-sae", metadata={"fingerprint": False, "help": "W&B project"})
     eval_sentences: int = field(
         default=128, metadata={"help": "held-out sentences for the spliced CE/KL evaluation (0: skip)"}
     )
-    resume: bool = field(default=True, metadata={"help": "continue from the run folder's checkpoint if there is one"})
-    force: bool = field(default=False, metadata={"help": "discard an existing run in --out"})
+    resume: bool = field(
+        default=True,
+        metadata={"fingerprint": False, "help": "continue from the run folder's checkpoint if there is one"},
+    )
+    force: bool = field(default=False, metadata={"fingerprint": False, "help": "discard an existing run in --out"})
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -133,10 +145,11 @@ def aux_k_loss(
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
-        self.manifest, self.stats = open_preprocessed(cfg.data)
-        self.train = activations(cfg.data, "train")
-        self.val = activations(cfg.data, "val")
-        d = self.manifest["d_model"]
+        self.data = PreprocessedOutput.open(cfg.data)
+        self.stats = self.data.stats
+        self.train = self.data.activations("train")
+        self.val = self.data.activations("val")
+        d = self.data.d_model
         n_latents = cfg.n_latents or cfg.expansion * d
         if not 0 < cfg.k <= n_latents:
             raise PipelineInputError(f"--k {cfg.k}: must be in 1..{n_latents} (the number of latents)")
@@ -166,9 +179,11 @@ class Trainer:
             k=cfg.k,
             normalize=cfg.normalize,
             input_scale=input_scale,
-            hook_point=self.manifest["hook_point"],
-            model=self.manifest["inputs"]["model"],
-            exclude_first_positions=self.manifest["massive_activation_policy"]["exclude_first_positions"],
+            hook_point=self.data.hook_point,
+            model=self.data.model,
+            exclude_first_positions=self.data.tokenization.exclude_first_positions,
+            add_bos=self.data.tokenization.add_bos,
+            max_tokens=self.data.tokenization.max_tokens,
         )
         torch.manual_seed(cfg.seed)
         self.sae = TopKSae(self.sae_cfg).to(info.device)
@@ -409,24 +424,32 @@ class MetricsLog:
             self.wandb.finish()
 
 
+RUN_FILE = "run.json"
+
+
+def output_folder(cfg: TrainConfig) -> OutputFolder:
+    """The run folder; W&B may keep its own files beside ours."""
+    return OutputFolder(
+        Path(cfg.out),
+        "training run",
+        owned_names(RUN_FILE, "manifest.json", "metrics.jsonl", "wandb_run_id.txt", "checkpoint", "sae"),
+        progress=(RUN_FILE,),
+        finished_files=("sae/sae.safetensors",),
+        foreign_ok=True,
+    )
+
+
 def main(cfg: TrainConfig) -> dict:
     return run_distributed(train, cfg)
 
 
 def train(cfg: TrainConfig, info: DistInfo) -> dict:
     out = Path(cfg.out)
-    data_manifest, _ = open_preprocessed(cfg.data)
-    request = {
-        "data": data_manifest["fingerprint"],
-        **{
-            k: v
-            for k, v in asdict(cfg).items()
-            if k not in ("out", "val_every", "checkpoint_every", "wandb", "wandb_project", "resume", "force", "device")
-        },
-    }
-    fp = fingerprint(request)
-    done = None if cfg.force else finished_manifest(out, fp, "sae/sae.safetensors")
-    if done is not None:  # every rank reads it, so all agree to stop here (before loading any data)
+    trainer = Trainer(cfg, info)  # checks the flags against the data before the folder is touched
+    fp = fingerprint({**config_request(cfg), "data": trainer.data.fingerprint})
+    prepared = output_folder(cfg).prepare(fp, cfg.force, info)
+    if prepared.state == "reuse":  # every rank reads the same manifest, so all agree to stop here
+        done = prepared.manifest
         if info.is_main:
             print(
                 f"{out}: already trained with this data and config (val FVU "
@@ -434,22 +457,8 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
                 "--force retrains"
             )
         return done
-    trainer = Trainer(cfg, info)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        run_file = out / "run.json"
-        if run_file.is_file() and json.loads(run_file.read_text())["fingerprint"] != fp and not cfg.force:
-            raise PipelineInputError(f"--out {out}: holds a run with another config; use --force or another --out")
-        if cfg.force:
-            for p in (
-                "checkpoint/state.json",
-                "checkpoint/state.safetensors",
-                "metrics.jsonl",
-                "manifest.json",
-                "wandb_run_id.txt",
-            ):
-                (out / p).unlink(missing_ok=True)
-        write_json_atomic(run_file, {"fingerprint": fp, "config": asdict(cfg)})
+        write_json_atomic(out / RUN_FILE, {"fingerprint": fp, "config": asdict(cfg)})
     barrier(info)
     resumed = cfg.resume and trainer.load_checkpoint(out)
     log = MetricsLog(out, cfg, info.is_main, asdict(cfg), resume_step=trainer.step if resumed else 0)
@@ -499,7 +508,7 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
     manifest = make_manifest(
         "sae",
         config=asdict(cfg),
-        inputs={"data": str(cfg.data), "data_fingerprint": trainer.manifest["fingerprint"]},
+        inputs={"data": str(cfg.data), "data_fingerprint": trainer.data.fingerprint},
         counts={
             "steps": trainer.step,
             "tokens_seen": trainer.step * cfg.batch_size,
@@ -534,30 +543,28 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
 def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo) -> dict:
     """CE loss recovered and KL with the SAE spliced into the model, on held-out sentences (main rank)."""
     from llama_3 import load_model
-    from pipeline.activations import KIND as CAPTURE_KIND
-    from pipeline.manifest import read_manifest
+    from pipeline.activations import CaptureOutput
     from pipeline.sentences import iter_sentences
     from pipeline.splice_eval import splice_eval
 
-    capture_dir = trainer.manifest["inputs"].get("capture")
-    if not cfg.eval_sentences or not capture_dir:
+    if not cfg.eval_sentences or trainer.data.capture_dir is None:
         return {"skipped": "disabled" if not cfg.eval_sentences else "the data does not name its capture"}
     try:
-        cap = read_manifest(Path(capture_dir), CAPTURE_KIND)
-        wanted = set(np.load(Path(cfg.data) / "val_sentence_ids.npy")[: cfg.eval_sentences].tolist())
+        cap = CaptureOutput.open(trainer.data.capture_dir)
+        wanted = set(trainer.data.val_sentence_ids()[: cfg.eval_sentences].tolist())
         texts = []
-        for part in iter_sentences(cap["inputs"]["sentences"]["path"]):
+        for part in iter_sentences(cap.sentences_dir):
             texts += [t for s, t in zip(part["sentence_id"], part["text"]) if s in wanted]
             if len(texts) >= len(wanted):
                 break
         lm = load_model(
-            cap["inputs"]["model"]["path"],
+            cap.model["path"],
             device=info.device,
             dtype=torch.float32 if info.device.type == "cpu" else None,
         )
     except (PipelineInputError, OSError) as e:
         return {"skipped": f"model or sentences unavailable: {e}"}
-    if lm.tokenizer.fingerprint() != cap["tokenizer"]["sha256"]:
+    if lm.tokenizer.fingerprint() != cap.tokenizer_sha256:
         return {"skipped": f"{lm.path}: not the tokenizer the capture used"}
     apply_cpu_fast_paths(lm.model)
     sae = trainer.sae.eval()
@@ -566,9 +573,7 @@ def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo) -> di
         sae.reconstruct,
         texts,
         trainer.sae_cfg.hook_point,
-        exclude_first_positions=trainer.sae_cfg.exclude_first_positions,
-        add_bos=cap["config"]["add_bos"],
-        max_tokens=cap["config"]["max_tokens"],
+        trainer.sae_cfg.tokenization,
     )
 
 

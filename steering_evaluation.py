@@ -28,7 +28,6 @@ from llama_3.errors import PipelineInputError
 from llama_3.generation import SpliceOn, check_splice_on
 from pipeline.manifest import (
     MANIFEST_NAME,
-    finished_manifest,
     fingerprint,
     make_manifest,
     sha256_file,
@@ -37,6 +36,7 @@ from pipeline.manifest import (
 from pipeline.meanings import sae_sha256
 from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
 from pipeline.steering import MODES, Mode, SteeringEntry
+from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.steering_session import Session
 from pipeline.steering_eval import DEFAULT_PROMPTS, generate_and_encode, latent_scales, meaning_keywords, summarize
 
@@ -49,8 +49,10 @@ class SteeringEvalConfig:
     top_sentences: str = field(
         default=str(TOP_SENTENCES_DIR), metadata={"help": "top-sentences output (for each latent's activation scale)"}
     )
-    meanings: str = field(default="latent_index_meaning", metadata={"help": "folder of latent meanings"})
-    out: str = field(default=str(STEERING_EVAL_DIR), metadata={"help": "output folder"})
+    meanings: str = field(
+        default="latent_index_meaning", metadata={"fingerprint": False, "help": "folder of latent meanings"}
+    )
+    out: str = field(default=str(STEERING_EVAL_DIR), metadata={"fingerprint": False, "help": "output folder"})
     model: str | None = field(default=None, metadata={"help": "default: the SAE's model"})
     latents: list[int] = field(
         default_factory=list,
@@ -67,16 +69,16 @@ class SteeringEvalConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     steer_on: SpliceOn = field(default="all", metadata={"help": "all, prompt, generated"})
     keep_error: bool = field(default=True, metadata={"help": "keep the SAE error term (else: pure reconstruction)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    device: str = field(default="auto", metadata={"fingerprint": False, "help": "auto, cpu, cuda"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16"})
-    force: bool = field(default=False, metadata={"help": "recompute even if the output matches"})
+    force: bool = field(default=False, metadata={"fingerprint": False, "help": "recompute even if the output matches"})
 
     def __post_init__(self) -> None:
         check_choices(self)
 
 
 def request_fingerprint(cfg: SteeringEvalConfig) -> str:
-    keys = {k: v for k, v in asdict(cfg).items() if k not in ("out", "force", "device", "meanings")}
+    keys = config_request(cfg)
     meanings = (
         sorted(p.name + sha256_file(p) for p in Path(cfg.meanings).glob("*.json"))
         if Path(cfg.meanings).is_dir()
@@ -89,7 +91,15 @@ def request_fingerprint(cfg: SteeringEvalConfig) -> str:
 def main(cfg: SteeringEvalConfig) -> dict:
     out = Path(cfg.out)
     request = request_fingerprint(cfg)
-    if not cfg.force and finished_manifest(out, request, "results.json") is not None:
+    folder = OutputFolder(  # new meanings or a new SAE: evaluate again (replace_other)
+        out,
+        "steering evaluation",
+        owned_names(MANIFEST_NAME, "results.json"),
+        finished_files=("results.json",),
+        foreign_ok=True,
+        replace_other=True,
+    )
+    if folder.prepare(request, cfg.force).state == "reuse":
         print(f"{out}: already complete for this SAE, meanings and config (use --force to recompute)")
         results = json.loads((out / "results.json").read_text())
         print_table(results)

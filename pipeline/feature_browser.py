@@ -81,10 +81,11 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
     )
 
 
-def write_browser(out: Path, manifest: dict, per_aggregation: int, meanings_dir: str | Path) -> Path:
+def write_browser(data: TopSentences, meanings_dir: str | Path) -> Path:
     """Write browser/ under a top-sentences output folder; returns the index path."""
-    data = TopSentences(out, manifest)
-    meanings = load_meanings(meanings_dir, manifest["inputs"]["sae_sha256"])
+    out = data.directory
+    per_aggregation = data.field("config.browser_sentences", int)
+    meanings = load_meanings(meanings_dir, data.sae_sha256)
     stats = data.table("latent_stats").to_pylist()
     top = data.table("top_sentences")
     top = top.filter(pc.less(top["rank"], per_aggregation)).to_pylist()
@@ -98,7 +99,7 @@ def write_browser(out: Path, manifest: dict, per_aggregation: int, meanings_dir:
         silent_by[r["latent"]].append(r["sentence_id"])
     browser = out / "browser"
     (browser / "latents").mkdir(parents=True, exist_ok=True)
-    edges = manifest["histogram_edges"]
+    edges = data.field("histogram_edges", list)
     for s in stats:
         i = s["latent"]
         write_text(
@@ -120,13 +121,13 @@ def write_browser(out: Path, manifest: dict, per_aggregation: int, meanings_dir:
             f"data-v='{-1 if score is None else score}'>{'' if score is None else format(score, '.2f')}</td>"
             f"<td>{' '.join(f'<span class=tok>{html.escape(t)}</span>' for t in s['promoted'][:5])}</td></tr>"
         )
-    c = manifest["counts"]
+    c = data.field("counts", dict)
     meaning_note = f" Meanings: {len(meanings)}." if meanings else " No meanings yet (run the interpretation stage)."
     body = (
-        f"<h1>Feature browser</h1><p>SAE <code>{html.escape(str(manifest['inputs']['sae']))}</code> at "
-        f"<code>{html.escape(manifest['inputs']['sae_cfg']['hook_point'])}</code>, {c['latents']} latents, "
+        f"<h1>Feature browser</h1><p>SAE <code>{html.escape(str(data.sae_dir))}</code> at "
+        f"<code>{html.escape(data.field('inputs.sae_cfg.hook_point', str))}</code>, {c['latents']} latents, "
         f"{c['sentences']} sentences ({c['tokens']} tokens). {c['latents_never_firing']} latents never fire; "
-        f"{c['latents_with_top_n']['max']} have a full top {manifest['config']['top_n']}."
+        f"{c['latents_with_top_n']['max']} have a full top {data.field('config.top_n', int)}."
         f"{meaning_note}</p>"
         "<table><thead><tr><th>latent</th><th>frequency</th><th>mean act.</th><th>meaning</th><th>certainty</th>"
         f"<th>detection score</th><th>promotes</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"

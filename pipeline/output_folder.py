@@ -7,7 +7,8 @@ partial run's fingerprint) and asks `prepare(request, force)` before doing any w
              to compute; its manifest's "outcome" is set to "reused" for run_pipeline.py to read
     resume   partial work of this request (progress files with its fingerprint): keep it
     fresh    nothing of ours, or --force: start from an empty folder (our files removed)
-    refuse   an output or partial run of another request, without --force: one error line
+    refuse   an output or partial run of another request, without --force: one error line (or, for
+             outputs declared `replace_other`, fresh)
 
 The request is a fingerprint of what decides the output: the config fields (all but those declared
 `field(metadata={"fingerprint": False})`, see `config_request`) plus what the stage resolved from its
@@ -56,6 +57,9 @@ class OutputFolder:
     """Files besides manifest.json a finished output must hold to be reused."""
     foreign_ok: bool = False
     """Tolerate names that are not ours (a run folder shared with W&B's files); else refuse them."""
+    replace_other: bool = False
+    """An output of another request is replaced, not refused: for outputs derived from state that is
+    meant to change (the interpretation's results, the meanings) and cheap to remake."""
     flag: str = "--out"
 
     def prepare(self, request: str, force: bool, info: Any = None) -> Prepared:
@@ -92,7 +96,7 @@ class OutputFolder:
         states = [manifest] if (self.path / MANIFEST_NAME).is_file() else []
         states += [_read_json(p) for pattern in self.progress for p in sorted(self.path.glob(pattern))]
         other = any(s is None or s.get("fingerprint") != request for s in states)
-        if other and not force:
+        if other and not force and not self.replace_other:
             raise PipelineInputError(
                 f"{self.flag} {self.path}: holds a {self.what} made with other settings or inputs; use --force to "
                 f"replace it or another {self.flag}"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_3.checkpoints import LoadedModel
+from pipeline.tokenization import Tokenization
 
 
 def _token_losses(logits: torch.Tensor, tokens: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
@@ -36,17 +37,15 @@ def splice_eval(
     reconstruct: Callable[[torch.Tensor], torch.Tensor],
     texts: Sequence[str],
     hook_point: str,
+    tokenization: Tokenization,
     *,
-    exclude_first_positions: int = 0,
-    add_bos: bool = False,
-    max_tokens: int = 192,
     max_batch_tokens: int = 1024,
 ) -> dict:
-    """CE clean / with the reconstruction / zero-ablated, CE loss recovered and KL, over `texts`."""
+    """CE clean / with the reconstruction / zero-ablated, CE loss recovered and KL, over `texts`
+    tokenized as the SAE was trained (`tokenization`: BOS, truncation, the positions it never saw)."""
     model, tok = lm.model, lm.tokenizer
     device = model.tok_embeddings.weight.device
-    bos = 1 if add_bos else 0
-    ids = [t[: max_tokens + bos] for t in tok.encode_batch(list(texts), bos=add_bos)]
+    ids = tokenization.encode(tok, texts)
     ids = sorted((t for t in ids if len(t) >= 2), key=len)
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n = 0
@@ -67,7 +66,7 @@ def splice_eval(
         lengths = torch.tensor([len(t) for t in chunk])
         pos = torch.arange(T)[None, :]
         real = pos < lengths[:, None]
-        splice_mask = (real & (pos >= bos + exclude_first_positions)).to(device)  # [B, T]
+        splice_mask = (real & (pos >= tokenization.skip_first_positions)).to(device)  # [B, T]
         target_mask = (pos[:, 1:] < lengths[:, None]).to(device)  # predicting a real next token
         tokens = tokens.to(device)
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from llama_3.errors import PipelineInputError
-from pipeline.manifest import read_manifest, sha256_file
+from pipeline.manifest import Fields, read_manifest, sha256_file
 
 KIND = "top_sentences"
 Aggregation = Literal["mean", "max", "last"]
@@ -137,12 +137,36 @@ def histogram_edges() -> list[float]:
     return [10 ** (HIST_LOG10_MIN + i * step) for i in range(HIST_BINS + 1)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TopSentences:
-    """An opened output folder: manifest plus its tables (pyarrow)."""
+    """An opened output folder: its manifest's fields and its tables (pyarrow); the one reader later stages use."""
 
     directory: Path
     manifest: dict
+    fingerprint: str
+    sae_dir: Path
+    sae_sha256: str
+    """The SAE the tables belong to: interpretation state and meanings are bound to it."""
+    browser: Path | None
+    """browser/index.html when the stage wrote the feature browser."""
+
+    @staticmethod
+    def of(directory: str | Path, manifest: dict) -> "TopSentences":
+        """Typed fields of a manifest (written or about to be): one error line for a missing one."""
+        m = Fields(Path(directory), manifest)
+        browser = m.get("browser", (str, type(None)), default=None)
+        return TopSentences(
+            directory=Path(directory),
+            manifest=manifest,
+            fingerprint=m.get("fingerprint", str),
+            sae_dir=Path(m.get("inputs.sae", str)),
+            sae_sha256=m.get("inputs.sae_sha256", str),
+            browser=Path(browser) if browser else None,
+        )
+
+    def field(self, dotted: str, kind: type | tuple[type, ...] = object):
+        """Any other manifest field, by dotted path (the browser's counts, config ...)."""
+        return Fields(self.directory, self.manifest).get(dotted, kind)
 
     def table(self, name: str, columns: list[str] | None = None):
         path = self.directory / f"{name}.parquet"
@@ -156,6 +180,7 @@ class TopSentences:
 
 
 def open_top_sentences(directory: str | Path) -> TopSentences:
+    """Validate a finished top-sentences folder (every file present and matching its sha256) and read it."""
     directory = Path(directory)
     manifest = read_manifest(directory, KIND)
     missing = [f for f in FILES if not (directory / f).is_file()]
@@ -169,4 +194,4 @@ def open_top_sentences(directory: str | Path) -> TopSentences:
                 f"{directory / name}: checksum differs from its manifest (truncated or corrupted); "
                 "run capture_top_activating_sentences.py --force"
             )
-    return TopSentences(directory, manifest)
+    return TopSentences.of(directory, manifest)

@@ -83,7 +83,13 @@ def write_top_sentences(directory: Path, n_latents: int = 6) -> Path:
     )
     write_json_atomic(
         directory / "manifest.json",
-        make_manifest(KIND, config={}, inputs={"sae": "sae", "sae_sha256": "ab" * 32}, counts={"latents": n_latents}),
+        make_manifest(
+            KIND,
+            config={},
+            inputs={"sae": "sae", "sae_sha256": "ab" * 32},
+            counts={"latents": n_latents},
+            fingerprint="fake",
+        ),
     )
     return directory
 

@@ -49,13 +49,13 @@ def fake_preprocessed(directory: Path, train: np.ndarray, val: np.ndarray, batch
             PRE_KIND,
             config={},
             inputs={"model": {"path": "synthetic"}},
-            counts={"train_tokens": len(train)},
+            counts={"train_tokens": len(train), "val_tokens": len(val)},
             fingerprint=f"synthetic-{len(train)}",
             hook_point="resid_pre.1",
             d_model=train.shape[1],
             storage_dtype="torch.float32",
             batch_size=batch_size,
-            massive_activation_policy={"exclude_first_positions": 0},
+            tokenization={"add_bos": False, "max_tokens": 192, "exclude_first_positions": 0},
         ),
     )
     return directory

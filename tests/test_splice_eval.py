@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.splice_eval import splice_eval
+from pipeline.tokenization import Tokenization
 from tests.tiny_checkpoints import SAMPLE_TEXT
 
 TEXTS = [SAMPLE_TEXT, "The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", "42 times?!"]
@@ -42,7 +43,9 @@ def reference_ce(reference, tok, texts, layer, edit, exclude_first):
 def test_splice_eval_matches_reference_and_identity_recovers_everything(tiny, tiny_model):
     tok = tiny_model.tokenizer
     shrink = lambda x: 0.5 * x  # noqa: E731  a lossy stand-in for an SAE
-    m = splice_eval(tiny_model, shrink, TEXTS, "resid_pre.2", exclude_first_positions=1, max_batch_tokens=24)
+    m = splice_eval(
+        tiny_model, shrink, TEXTS, "resid_pre.2", Tokenization(exclude_first_positions=1), max_batch_tokens=24
+    )
     ref_clean = reference_ce(tiny.reference, tok, TEXTS, 2, lambda h: h, 1)
     ref_sae = reference_ce(tiny.reference, tok, TEXTS, 2, shrink, 1)
     ref_zero = reference_ce(tiny.reference, tok, TEXTS, 2, torch.zeros_like, 1)
@@ -54,5 +57,5 @@ def test_splice_eval_matches_reference_and_identity_recovers_everything(tiny, ti
         m["eval/ce_loss_recovered"] * (ref_zero - ref_clean), ref_zero - ref_sae, abs_tol=1e-5 * ref_clean
     )
     assert m["eval/kl_sae"] > 0 and m["eval/kl_zero_ablation"] > 0
-    ident = splice_eval(tiny_model, lambda x: x, TEXTS, "resid_pre.2", exclude_first_positions=1)
+    ident = splice_eval(tiny_model, lambda x: x, TEXTS, "resid_pre.2", Tokenization(exclude_first_positions=1))
     assert math.isclose(ident["eval/ce_loss_recovered"], 1.0, rel_tol=1e-6) and abs(ident["eval/kl_sae"]) < 1e-6

@@ -308,5 +308,5 @@ def test_browser_shows_meanings_and_rerun_reuses_or_refuses(tmp_path, tiny, sent
     before = (out / "top_sentences.parquet").stat().st_mtime_ns
     run(tmp_path, tiny, sentences, sae_dir, meanings=str(meanings))  # same inputs: reused, not recomputed
     assert (out / "top_sentences.parquet").stat().st_mtime_ns == before
-    with pytest.raises(PipelineInputError, match="another SAE, sentence set or config"):
+    with pytest.raises(PipelineInputError, match="top-sentences output made with other settings"):
         run(tmp_path, tiny, sentences, sae_dir, top_n=3)
