@@ -164,7 +164,7 @@ def main(cfg: InferenceConfig) -> dict:
         results[f"{kind}_unsteered"] = [plain for plain, _ in pairs]
 
     if prompts:
-        run("text", prompts, [session.loaded.tokenizer.encode(p) for p in prompts])
+        run("text", prompts, session.text_prompts(prompts))
     if chats:
         system = [{"role": "system", "content": cfg.system}] if cfg.system else []
         run("chat", chats, [chat_tokens(session.loaded, system + [{"role": "user", "content": c}]) for c in chats])

@@ -107,7 +107,7 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
             check_splice_on(steer_on)
         except PipelineInputError as e:
             raise gr.Error(str(e)) from None
-        prompts = [session.loaded.tokenizer.encode(p) for p in labels]
+        prompts = session.text_prompts(labels)
         sampling = {
             "max_new_tokens": max(1, min(int(max_new_tokens), cfg.max_new_tokens_limit)),
             "temperature": 0.0 if greedy else float(temperature),

@@ -32,12 +32,15 @@ from torch import nn
 
 from llama_3.cpu_features import can_prepack
 from llama_3.errors import PipelineInputError
+from llama_3.hooks import HookPoint
 from pipeline.manifest import atomic_path
 from pipeline.tokenization import DEFAULT_MAX_TOKENS, Tokenization
 
 Normalize = Literal["dataset", "token", "none"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalize)
 ENCODER_INIT_NORM = 3**-0.5
+TRANSFORMERLENS_HOOKS = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post"}
+"""Our hook kinds -> TransformerLens' hook in blocks.<layer> (the value at each is the same tensor)."""
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
@@ -341,10 +344,16 @@ class TopKSae(nn.Module):
             "b_enc": self.b_enc.detach().contiguous().cpu(),
             "b_dec": (self.b_pre.detach() / s).contiguous().cpu(),
         }
+        hook = HookPoint.parse(self.cfg.hook_point, flag=f"SAE hook point {self.cfg.hook_point!r}")
+        if hook.kind not in TRANSFORMERLENS_HOOKS:
+            raise PipelineInputError(
+                f"SAE at {hook}: TransformerLens has no hook for the RMSNorm output after its weight "
+                "(ln*.hook_normalized comes before it); SAELens export needs a resid_pre / resid_mid / resid_post SAE"
+            )
+        tokenization = self.cfg.tokenization
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(directory / "sae_weights.safetensors"))
-        layer = int(self.cfg.hook_point.split(".")[-1]) if self.cfg.hook_point else 0
         cfg = {
             "architecture": "topk",
             "d_in": self.cfg.d_model,
@@ -355,11 +364,11 @@ class TopKSae(nn.Module):
             "normalize_activations": "none",
             "dtype": "float32",
             "device": "cpu",
-            "hook_name": f"blocks.{layer}.hook_resid_pre",
-            "hook_layer": layer,
+            "hook_name": f"blocks.{hook.layer}.{TRANSFORMERLENS_HOOKS[hook.kind]}",
+            "hook_layer": hook.layer,
             "model_name": self.cfg.model.get("path", ""),
-            "context_size": 192,
-            "prepend_bos": False,
+            "context_size": tokenization.sequence_tokens,
+            "prepend_bos": tokenization.add_bos,
             "dataset_path": "",
             "finetuning_scaling_factor": False,
             "sae_lens_training_version": None,

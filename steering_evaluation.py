@@ -126,7 +126,7 @@ def main(cfg: SteeringEvalConfig) -> dict:
             f"--latents {missing[:5]}: never fire in {cfg.top_sentences}, so they have no activation scale"
         )
     sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
-    prompts = [session.loaded.tokenizer.encode(p) for p in cfg.prompts]
+    prompts = session.text_prompts(cfg.prompts)
 
     start = time.time()
     unsteered = generate_and_encode(session, prompts, [], sampling | {"splice_on": cfg.steer_on}, cfg.keep_error)

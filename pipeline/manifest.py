@@ -159,23 +159,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def finished_manifest(directory: Path, request: str, *files: str) -> dict | None:
-    """The manifest of a finished output made for this request fingerprint (and holding `files`),
-    or None: what a stage checks before reusing its output instead of recomputing it."""
-    path = Path(directory) / MANIFEST_NAME
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if (
-        not isinstance(m, dict)
-        or m.get("fingerprint") != request
-        or not all((Path(directory) / f).is_file() for f in files)
-    ):
-        return None
-    return m
-
-
 def fingerprint(obj: Any) -> str:
     """Stable sha256 of a JSON-able object (configs, to tell whether an output matches a request)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -21,7 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from llama_3.errors import PipelineInputError  # noqa: E402
 from pipeline.manifest import read_jsonl, write_json_atomic  # noqa: E402
+from pipeline.training_run import TrainingRun  # noqa: E402
 from pipeline.meanings import load_meanings  # noqa: E402
 
 
@@ -75,8 +77,11 @@ def save(fig, report: Report, out: Path, name: str, caption: str) -> None:
 
 def training_plots(paths: RunPaths, report: Report, out: Path) -> None:
     rows = read_jsonl(paths.sae / "metrics.jsonl")
-    manifest = read_json(paths.sae / "manifest.json")
-    if not rows or manifest is None:
+    try:
+        run = TrainingRun.open(paths.sae)
+    except PipelineInputError:
+        run = None
+    if not rows or run is None:
         report.missing.append("SAE training (runs/sae)")
         return
     step, loss = series(rows, "train/loss")
@@ -107,14 +112,13 @@ def training_plots(paths: RunPaths, report: Report, out: Path) -> None:
     ax2.set_ylabel("FVU", color="C1")
     save(fig, report, out, "l0_fvu.png", "L0 and fraction of variance unexplained on held-out tokens")
 
-    spliced = manifest.get("spliced_evaluation", {})
-    final = manifest.get("final_validation", {})
+    spliced, final = run.spliced_evaluation, run.final_validation
     report.summary["training"] = {
-        "steps": manifest["counts"]["steps"],
+        "steps": run.steps,
         "val_fvu": final.get("val/fvu"),
         "val_l0": final.get("val/l0"),
         "val_dead_pct": final.get("val/dead_pct"),
-        "tokens_per_s": manifest.get("throughput", {}).get("tokens_per_s"),
+        "tokens_per_s": run.manifest.get("throughput", {}).get("tokens_per_s"),
         "ce_loss_recovered": spliced.get("eval/ce_loss_recovered"),
         "kl": spliced.get("eval/kl_sae"),
     }

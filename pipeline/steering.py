@@ -127,7 +127,7 @@ def sae_splice(
         steered,
         add_error=keep_error,
         clean_fn=masked_clean if keep_error else None,
-        skip_first_positions=sae.cfg.exclude_first_positions,
+        skip_first_positions=sae.cfg.tokenization.skip_first_positions,
     )
 
 
@@ -230,7 +230,7 @@ def inspect_tokens(
         values[steer_from:], indices[steer_from:] = s_values, s_indices
     order = values.argsort(dim=1, descending=True)[:, :top]
     top_values, top_indices = values.gather(1, order).tolist(), indices.gather(1, order).tolist()
-    skip = sae.cfg.exclude_first_positions
+    skip = sae.cfg.tokenization.skip_first_positions
     return [
         [] if t < skip else [(i, v) for i, v in zip(top_indices[t], top_values[t]) if v > 0] for t in range(len(tokens))
     ]

@@ -32,6 +32,12 @@ class Session:
         loaded, steerable = open_steering(sae, model, meanings, dev, resolve_dtype(dtype))
         return cls(loaded, Generator(loaded), steerable)
 
+    def text_prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Plain-text prompts as token ids: with an SAE, BOS exactly when its training capture prepended one
+        (the sequences it was trained on); without, the tokenizer's default. Chat templates bring their own."""
+        bos = self.steerable.sae.cfg.add_bos if self.steerable is not None else None
+        return [self.loaded.tokenizer.encode(t, bos=bos) for t in texts]
+
     def entries(self, texts: Sequence[str]) -> list[SteeringEntry]:
         entries = [SteeringEntry.parse(t) for t in texts]
         if entries and self.steerable is None:

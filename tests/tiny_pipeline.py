@@ -24,6 +24,7 @@ VOLATILE = {
     "tokens_per_s",
     "train/tokens_per_s",
     "resumed",
+    "outcome",
 }
 # What each stage writes (compared after a kill + re-run), and what must go before the stage runs again.
 OUTPUTS = {

@@ -1,0 +1,206 @@
+"""The contracts between stages: what an SAE must be fed travels with it from the capture on; every
+stage output has one typed reader (a missing field is one line naming the folder); one lifecycle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capture_activations import CaptureConfig
+from capture_activations import main as capture_main
+from capture_top_activating_sentences import TopSentencesConfig
+from capture_top_activating_sentences import main as top_main
+from llama_3 import PipelineInputError, load_model
+from openwebtext_sentences_dataset import SentencesConfig
+from openwebtext_sentences_dataset import main as sentences_main
+from pipeline.output_folder import OutputFolder, owned_names
+from pipeline.sentences import iter_sentences
+from pipeline.steering import SteeringEntry, sae_splice
+from pipeline.steering_session import Session
+from pipeline.top_sentences import open_top_sentences
+from sae import TopKSae
+from sae_preprocessing import PreprocessConfig
+from sae_preprocessing import main as preprocess_main
+from sae_training import TrainConfig
+from sae_training import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+HOOK, MAX_TOKENS = "resid_pre.2", 12
+
+
+@pytest.fixture(scope="module")
+def bos_run(tmp_path_factory, tiny):
+    """sentences -> capture with --add-bos (and short truncation) -> preprocessing -> a small SAE."""
+    root = tmp_path_factory.mktemp("bos")
+    sentences_main(
+        SentencesConfig(out=str(root / "s"), max_documents=25, splitter="trained", punkt_train_chars=100_000)
+    )
+    capture_main(
+        CaptureConfig(
+            sentences=str(root / "s"),
+            out=str(root / "a"),
+            model=str(tiny.hf_dir),
+            hook_points=[HOOK],
+            add_bos=True,
+            max_tokens=MAX_TOKENS,
+            device="cpu",
+            model_dtype="float32",
+            storage_dtype="float32",
+        )
+    )
+    preprocess_main(PreprocessConfig(capture=str(root / "a"), out=str(root / "p"), batch_size=64, workers=1))
+    train_main(
+        TrainConfig(
+            data=str(root / "p"),
+            out=str(root / "t"),
+            n_latents=32,
+            k=4,
+            batch_size=64,
+            device="cpu",
+            wandb="disabled",
+            eval_sentences=4,
+            val_every=10**9,
+        )
+    )
+    return root
+
+
+def test_the_sae_carries_the_capture_tokenization(bos_run):
+    cfg = TopKSae.load(bos_run / "t" / "sae").cfg
+    # BOS sinks the attention, so preprocessing excludes no text position; BOS itself is never stored
+    assert (cfg.add_bos, cfg.max_tokens, cfg.exclude_first_positions) == (True, MAX_TOKENS, 0)
+    assert cfg.tokenization.skip_first_positions == 1 and cfg.tokenization.sequence_tokens == MAX_TOKENS + 1
+    run = json.loads((bos_run / "t" / "manifest.json").read_text())
+    assert "eval/ce_loss_recovered" in run["spliced_evaluation"]  # the spliced evaluation tokenized as captured
+
+
+def test_top_sentences_skip_bos_and_match_brute_force(bos_run, tiny, tmp_path):
+    sae_dir = bos_run / "t" / "sae"
+    top_main(
+        TopSentencesConfig(
+            sae=str(sae_dir),
+            sentences=str(bos_run / "s"),
+            out=str(tmp_path / "top"),
+            top_n=5,
+            device="cpu",
+            model_dtype="float32",
+            max_sentences=0,
+            meanings=str(tmp_path / "none"),
+        )
+    )
+    res = open_top_sentences(tmp_path / "top")
+    lm, sae = load_model(tiny.hf_dir), TopKSae.load(sae_dir)
+    texts = {sid: t for part in iter_sentences(bos_run / "s") for sid, t in zip(part["sentence_id"], part["text"])}
+    tokens = {r["sentence_id"]: r["tokens"] for r in res.table("sentences").to_pylist()}
+    rows = res.table("top_sentences").to_pylist()
+    assert rows
+    for r in rows[:40]:
+        # the reference: BOS + the first MAX_TOKENS text tokens, dense SAE on every position but BOS
+        ids = lm.tokenizer.encode(texts[r["sentence_id"]], bos=True)[: MAX_TOKENS + 1]
+        pieces = tokens[r["sentence_id"]]
+        assert len(pieces) == len(ids) and pieces[0] == lm.tokenizer.decode([lm.tokenizer.bos_id])
+        with torch.no_grad():
+            acts = lm.model.capture(torch.tensor([ids]), [HOOK])[HOOK][0]
+            values, idx = sae.encode(sae.normalize_input(acts.float())[0], dense=True)
+        h = torch.zeros(len(ids), sae.cfg.n_latents).scatter(1, idx, values)[:, r["latent"]]
+        h[0] = 0  # BOS: never seen by the SAE (a capture with --add-bos stores no BOS row)
+        np.testing.assert_allclose(r["token_activations"], h.tolist(), rtol=1e-4, atol=1e-5)
+        if r["aggregation"] == "max":
+            np.testing.assert_allclose(r["score"], float(h[1:].max()), rtol=1e-4, atol=1e-5)
+
+
+def test_steering_leaves_bos_alone_and_prompts_start_with_it(bos_run, tiny):
+    sae = TopKSae.load(bos_run / "t" / "sae")
+    splice = sae_splice(sae, [SteeringEntry(0, "add", 50.0)])
+    assert splice.skip_first_positions == 1
+    lm = load_model(tiny.hf_dir)
+    session = Session.open(str(tiny.hf_dir), str(bos_run / "t" / "sae"), "none", "cpu", "float32")
+    (ids,) = session.text_prompts(["The river runs"])
+    assert ids[0] == lm.tokenizer.bos_id and ids[1:] == lm.tokenizer.encode("The river runs", bos=False)
+    later = "resid_post.3"
+    with torch.no_grad():
+        clean = lm.model.capture(torch.tensor([ids]), [later])[later][0]
+        steered = lm.model.capture(torch.tensor([ids]), [later], splice={HOOK: splice})[later][0]
+    torch.testing.assert_close(steered[0], clean[0], rtol=0, atol=0)  # BOS untouched
+    assert (steered[1:] - clean[1:]).norm(dim=-1).min() > 1.0  # every text position steered
+
+
+def test_saelens_export_names_the_capture(bos_run, tmp_path):
+    sae = TopKSae.load(bos_run / "t" / "sae")
+    sae.export_saelens(tmp_path / "lens")
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    assert cfg["prepend_bos"] is True and cfg["context_size"] == MAX_TOKENS + 1
+    assert (cfg["hook_name"], cfg["hook_layer"]) == ("blocks.2.hook_resid_pre", 2)
+    sae.cfg.hook_point = "resid_post.1"
+    sae.export_saelens(tmp_path / "post")
+    assert json.loads((tmp_path / "post" / "cfg.json").read_text())["hook_name"] == "blocks.1.hook_resid_post"
+    sae.cfg.hook_point = "ffn_norm.1"
+    with pytest.raises(PipelineInputError, match="no hook for the RMSNorm output"):
+        sae.export_saelens(tmp_path / "norm")
+
+
+@pytest.mark.parametrize("edit", ["missing", "renamed"])
+def test_a_missing_manifest_field_is_one_line_naming_the_folder(bos_run, tmp_path, edit):
+    capture = tmp_path / "capture"
+    shutil.copytree(bos_run / "a", capture)
+    m = json.loads((capture / "manifest.json").read_text())
+    value = m.pop("tokenization")
+    if edit == "renamed":
+        m["tokenisation"] = value
+    (capture / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PipelineInputError, match="has no field 'tokenization.add_bos'") as e:
+        preprocess_main(PreprocessConfig(capture=str(capture), out=str(tmp_path / "p")))
+    assert str(capture) in str(e.value) and "\n" not in str(e.value)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "sae_preprocessing.py"), "--capture", str(capture), "--out", str(tmp_path / "q")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and str(capture) in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "q").exists()  # nothing written for a request that was refused
+
+
+def test_training_retrains_when_its_data_changes_at_the_same_path(bos_run, tmp_path):
+    """The request used to hold the data's path where its fingerprint belonged: new data, stale SAE."""
+    data, out = tmp_path / "p", tmp_path / "t"
+    cfg = dict(data=str(data), out=str(out), n_latents=16, k=2, batch_size=64, device="cpu", wandb="disabled")
+    cfg.update(eval_sentences=0, val_every=10**9)
+    preprocess_main(PreprocessConfig(capture=str(bos_run / "a"), out=str(data), batch_size=64, seed=0, workers=1))
+    first = train_main(TrainConfig(**cfg))
+    assert train_main(TrainConfig(**cfg))["outcome"] == "reused"
+    preprocess_main(
+        PreprocessConfig(capture=str(bos_run / "a"), out=str(data), batch_size=64, seed=1, workers=1, force=True)
+    )
+    with pytest.raises(PipelineInputError, match="training run made with other settings"):
+        train_main(TrainConfig(**cfg))
+    again = train_main(TrainConfig(**cfg, force=True))
+    assert again["outcome"] == "computed" and again["fingerprint"] != first["fingerprint"]
+
+
+def test_output_folder_lifecycle(tmp_path):
+    out = tmp_path / "out"
+    folder = OutputFolder(out, "thing", owned_names("manifest.json", "data.bin", "_progress.json"), ("_progress.json",))
+    assert folder.prepare("A", force=False).state == "fresh"
+    (out / "_progress.json").write_text(json.dumps({"fingerprint": "A"}))
+    (out / "data.bin").write_bytes(b"partial")
+    assert folder.prepare("A", force=False).state == "resume"
+    with pytest.raises(PipelineInputError, match="holds a thing made with other settings"):
+        folder.prepare("B", force=False)
+    (out / "_progress.json").unlink()
+    (out / "manifest.json").write_text(json.dumps({"fingerprint": "A", "outcome": "computed"}))
+    reused = folder.prepare("A", force=False)
+    assert reused.state == "reuse" and json.loads((out / "manifest.json").read_text())["outcome"] == "reused"
+    assert folder.prepare("B", force=True).state == "fresh" and sorted(p.name for p in out.iterdir()) == []
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineInputError, match=r"holds other files \(notes.txt\)"):
+        folder.prepare("A", force=True)
+    assert (out / "notes.txt").read_text() == "mine"  # refused before anything is removed
