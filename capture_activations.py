@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from llama_3 import HookPoint, default_capture_layer, load_model
-from llama_3.cli import parse_config, resolve_dtype, run_main
+from llama_3.cli import Dtype, StorageDtype, check_choices, parse_config, resolve_dtype, run_main
 from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
@@ -64,10 +64,10 @@ class CaptureConfig:
     device: str = field(
         default="auto", metadata={"fingerprint": False, "help": "auto, cpu, cuda (torchrun: each rank its local GPU)"}
     )
-    model_dtype: str = field(
+    model_dtype: Dtype = field(
         default="auto", metadata={"help": "auto (bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16"}
     )
-    storage_dtype: str = field(
+    storage_dtype: StorageDtype = field(
         default="bfloat16", metadata={"help": "dtype of stored activations: bfloat16, float16, float32"}
     )
     shard_tokens: int = field(default=131_072, metadata={"help": "tokens per shard"})
@@ -76,6 +76,9 @@ class CaptureConfig:
     force: bool = field(
         default=False, metadata={"fingerprint": False, "help": "discard an existing capture with other settings"}
     )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def _progress_path(out: Path, rank: int) -> Path:
@@ -98,8 +101,6 @@ def main(cfg: CaptureConfig) -> dict:
 def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
     out = Path(cfg.out)
     storage_dtype = resolve_dtype(cfg.storage_dtype)
-    if storage_dtype is None:
-        raise PipelineInputError("--storage-dtype must be bfloat16, float16 or float32")
     if cfg.shard_tokens < 1 or cfg.max_tokens < 1:
         raise PipelineInputError("--shard-tokens and --max-tokens must be positive")
     model_dtype = resolve_dtype(cfg.model_dtype) or capture_dtype(info.device)

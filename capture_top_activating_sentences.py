@@ -36,7 +36,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from llama_3 import load_model
-from llama_3.cli import parse_config, resolve_dtype, run_main
+from llama_3.cli import Dtype, check_choices, parse_config, resolve_dtype, run_main
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
 from pipeline import fault_injection
@@ -82,7 +82,7 @@ class TopSentencesConfig:
     )
     output_tokens: int = field(default=10, metadata={"help": "promoted / suppressed output tokens listed per latent"})
     device: str = field(default="auto", metadata={"fingerprint": False, "help": "auto, cpu, cuda"})
-    model_dtype: str = field(
+    model_dtype: Dtype = field(
         default="auto",
         metadata={"help": "auto (as the capture: bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16"},
     )
@@ -96,6 +96,9 @@ class TopSentencesConfig:
         metadata={"fingerprint": False, "help": "folder of interpretation results the browser shows"},
     )
     force: bool = field(default=False, metadata={"fingerprint": False, "help": "overwrite an existing output"})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def covered_sentences(sae_dir: Path) -> int:

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 
 
-from llama_3.cli import check_choices, parse_config, run_main
+from llama_3.cli import Dtype, check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
 from llama_3.generation import SpliceOn, chat_tokens, check_splice_on
 from pipeline.steering import SteerableSae, SteeringEntry
@@ -52,7 +52,7 @@ class InferenceConfig:
     top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    dtype: str = field(
+    dtype: Dtype = field(
         default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"}
     )
     stream: bool = field(default=True, metadata={"help": "print tokens as they come (single prompt, no comparison)"})

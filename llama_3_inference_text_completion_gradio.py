@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports from a research tool by default
 import gradio as gr  # noqa: E402
 
-from llama_3.cli import parse_config, run_main  # noqa: E402
+from llama_3.cli import Dtype, check_choices, parse_config, run_main  # noqa: E402
 from llama_3.errors import PipelineInputError  # noqa: E402
 from llama_3.generation import SPLICE_ON, check_splice_on  # noqa: E402
 from pipeline.paths import SAE_DIR  # noqa: E402
@@ -37,7 +37,7 @@ class GradioConfig:
     meanings: str = field(default="latent_index_meaning", metadata={"help": "folder of latent meanings"})
     model: str | None = field(default=None, metadata={"help": "default: the SAE's model"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16"})
+    dtype: Dtype = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
     host: str = field(
         default="127.0.0.1", metadata={"help": "interface to bind (0.0.0.0 exposes the page to your network)"}
     )
@@ -46,6 +46,9 @@ class GradioConfig:
     max_prompts: int = field(default=8, metadata={"help": "most prompts per request"})
     max_new_tokens_limit: int = field(default=256, metadata={"help": "upper end of the max-new-tokens slider"})
     inspect_top: int = field(default=5, metadata={"help": "latents shown per generated token"})
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def entries_table(entries: list[SteeringEntry], session: Session) -> list[list]:

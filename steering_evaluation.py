@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llama_3.cli import check_choices, parse_config, run_main
+from llama_3.cli import Dtype, check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
 from llama_3.generation import SpliceOn, check_splice_on
 from pipeline.manifest import (
@@ -70,7 +70,7 @@ class SteeringEvalConfig:
     steer_on: SpliceOn = field(default="all", metadata={"help": "all, prompt, generated"})
     keep_error: bool = field(default=True, metadata={"help": "keep the SAE error term (else: pure reconstruction)"})
     device: str = field(default="auto", metadata={"fingerprint": False, "help": "auto, cpu, cuda"})
-    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16"})
+    dtype: Dtype = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
     force: bool = field(default=False, metadata={"fingerprint": False, "help": "recompute even if the output matches"})
 
     def __post_init__(self) -> None:

@@ -21,6 +21,9 @@ import torch
 from llama_3.errors import PipelineInputError
 
 C = TypeVar("C")
+Dtype = typing.Literal["auto", "float32", "bfloat16", "float16"]
+"""A model's compute dtype flag; auto: bf16 on CUDA (and where a stage says so), fp32 on CPU."""
+StorageDtype = typing.Literal["bfloat16", "float16", "float32"]
 
 
 def _flag(name: str) -> str:
