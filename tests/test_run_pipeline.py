@@ -69,6 +69,8 @@ def test_rerun_reuses_every_stage_and_force_from_recomputes_the_rest(tiny_pipeli
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads((work / "runs" / "pipeline.json").read_text())
     assert [s["name"] for s in doc["stages"] if s["forced"]] == ["steering_eval"]
+    # read from each stage's manifest ("outcome"), not from what it printed
+    assert {s["name"] for s in doc["stages"] if s["reused"]} == set(plan) - {"interpret_retrieve", "steering_eval"}
     assert (work / "runs" / "steering_eval" / "results.json").stat().st_mtime_ns != before
 
 
