@@ -33,9 +33,10 @@ class Session:
         return cls(loaded, Generator(loaded), steerable)
 
     def text_prompts(self, texts: Sequence[str]) -> list[list[int]]:
-        """Plain-text prompts as token ids: with an SAE, BOS exactly when its training capture prepended one
-        (the sequences it was trained on); without, the tokenizer's default. Chat templates bring their own."""
-        bos = self.steerable.sae.cfg.add_bos if self.steerable is not None else None
+        """Plain-text prompts as token ids: BOS first when the SAE's training capture prepended one (the
+        sequences it was trained on), else the tokenizer's default; chat templates bring their own. Either
+        way the sink at position 0 (BOS or the first text token) is a position the splice skips."""
+        bos = True if self.steerable is not None and self.steerable.sae.cfg.add_bos else None
         return [self.loaded.tokenizer.encode(t, bos=bos) for t in texts]
 
     def entries(self, texts: Sequence[str]) -> list[SteeringEntry]:
