@@ -128,18 +128,23 @@ def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> np.ndarr
 
 
 def aux_k_loss(
-    sae: TopKSae, x_norm: torch.Tensor, x_hat_norm: torch.Tensor, dead: torch.Tensor, k_aux: int
+    sae: TopKSae, x_norm: torch.Tensor, x_hat_norm: torch.Tensor, dead: torch.Tensor, k_aux: int, denominator: float
 ) -> torch.Tensor:
-    """Reconstruct the residual x̃ - x̂ from the top dead latents, decoded without b_pre; normalised MSE."""
+    """Reconstruct the residual x̃ - x̂ from the top dead latents, decoded without b_pre: the summed squared
+    error over these rows / `denominator`.
+
+    The trainer passes (global batch rows x the data's variance), the main loss's normaliser, as sparsify
+    divides both by the data's variance: a number fixed for the run and equal on every rank. Dividing by
+    the variance of these rows' own residual (as before) blew up when a rank's share of a tail batch was
+    one row (variance 0, aux loss 1e13) and made ranks disagree; zero rows now contribute exactly 0."""
     dead_ids = dead.nonzero().squeeze(1)
-    if len(dead_ids) == 0:
+    if len(dead_ids) == 0 or len(x_norm) == 0:
         return x_norm.new_zeros(())
     residual = (x_norm - x_hat_norm).detach()
     pre = (x_norm - sae.b_pre.detach()) @ sae.W_enc[dead_ids].t() + sae.b_enc[dead_ids]  # [N, n_dead]
     top, local = pre.topk(min(k_aux, len(dead_ids)), dim=-1, sorted=False)
     recon = sae.decode_residual(top.relu(), dead_ids[local])
-    denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-    return (recon - residual).pow(2).sum(-1).mean() / denom
+    return (recon - residual).pow(2).sum() / denominator
 
 
 class Trainer:
@@ -253,7 +258,8 @@ class Trainer:
             # Each rank's share of the global mean: summed over ranks it is the one-process loss.
             sq = (out.x_hat_norm.float() - out.x_norm).pow(2).sum(-1)
             loss = sq.sum() / (global_n * self.loss_scale)
-            aux = aux_k_loss(sae, out.x_norm, out.x_hat_norm.float(), dead, self.k_aux).float() * (len(x) / global_n)
+            # this rank's share of the global batch's aux loss, normalised like the main loss
+            aux = aux_k_loss(sae, out.x_norm, out.x_hat_norm.float(), dead, self.k_aux, global_n * self.loss_scale)
         self.opt.zero_grad(set_to_none=True)
         (loss + self.cfg.aux_coef * aux).backward()
         stats = torch.stack([loss.detach(), aux.detach()])
