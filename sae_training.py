@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import uuid
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -318,6 +320,8 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> None:
+        """One file, renamed into place: weights, optimizer, counters and RNG as tensors, the position in
+        the data as JSON metadata, so a kill can never pair new weights with an old step."""
         if not self.info.is_main:
             return
         ckpt = directory / "checkpoint"
@@ -330,33 +334,30 @@ class Trainer:
                 )
         tensors["tokens_since_fired"] = self.tokens_since_fired.cpu()
         tensors["torch_rng"] = torch.get_rng_state()
-        with atomic_path(ckpt / "state.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-        write_json_atomic(
-            ckpt / "state.json",
-            {
-                "step": self.step,
-                "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch,
-                "skipped": self.skipped,
-                "sae_cfg": asdict(self.sae_cfg),
-            },
-        )
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "skipped": self.skipped,
+            "sae_cfg": asdict(self.sae_cfg),
+        }
+        with atomic_path(ckpt / CHECKPOINT_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"state": json.dumps(state, sort_keys=True)})
 
     def load_checkpoint(self, directory: Path) -> bool:
-        ckpt = directory / "checkpoint"
-        if not (ckpt / "state.json").is_file():
+        path = directory / "checkpoint" / CHECKPOINT_FILE
+        if not path.is_file():
             return False
-        state = json.loads((ckpt / "state.json").read_text())
-        if state["sae_cfg"] != asdict(self.sae_cfg):
-            raise PipelineInputError(f"{ckpt}: checkpoint of an incompatible SAE config; use --force or another --out")
         try:
-            tensors = load_file(str(ckpt / "state.safetensors"))
+            state = checkpoint_state(path)
+            tensors = load_file(str(path))
         except Exception as e:  # safetensors raises its own error type for a truncated or corrupted file
             raise PipelineInputError(
-                f"{ckpt / 'state.safetensors'}: cannot be read ({str(e).splitlines()[0]}); the checkpoint is "
-                "corrupted: --no-resume or --force starts over"
+                f"{path}: cannot be read ({str(e).splitlines()[0]}); the checkpoint is corrupted: "
+                "--no-resume or --force starts over"
             ) from None
+        if state["sae_cfg"] != asdict(self.sae_cfg):
+            raise PipelineInputError(f"{path}: checkpoint of an incompatible SAE config; use --force or another --out")
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         self.sae.to(self.info.device)
         for i, p in enumerate(self.sae.parameters()):
@@ -373,6 +374,37 @@ class Trainer:
             state["skipped"],
         )
         return True
+
+
+CHECKPOINT_FILE = "state.safetensors"
+
+
+def checkpoint_state(path: Path) -> dict:
+    """The JSON state (step, epoch, batch_in_epoch, skipped, sae_cfg) stored in a checkpoint file."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["state"])
+
+
+def check_ranks_agree(trainer: "Trainer", run_fingerprint: str, out: Path, info: DistInfo) -> None:
+    """Every rank resumes from the same position of the same request, or every rank stops with one line.
+
+    A rank on a node without the shared run folder finds no checkpoint and would start at step 0 while
+    the others resume: their collectives would then wait on each other forever."""
+    if not info.distributed:
+        return
+    mine = torch.tensor(
+        [trainer.step, trainer.epoch, trainer.batch_in_epoch, zlib.crc32(run_fingerprint.encode())],
+        dtype=torch.long,
+        device=info.device,
+    )
+    everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(everyone, mine)
+    if any(not torch.equal(e, everyone[0]) for e in everyone):
+        found = ", ".join(f"rank {r} at step {int(e[0])}" for r, e in enumerate(everyone))
+        raise PipelineInputError(
+            f"--out {out}: the ranks would resume from different checkpoints or requests ({found}); every node "
+            "needs the same run folder and data (a shared filesystem), or start over with --no-resume"
+        )
 
 
 class MetricsLog:
@@ -467,6 +499,7 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
         write_json_atomic(out / RUN_FILE, {"fingerprint": fp, "config": asdict(cfg)})
     barrier(info)
     resumed = cfg.resume and trainer.load_checkpoint(out)
+    check_ranks_agree(trainer, fp, out, info)
     log = MetricsLog(out, cfg, info.is_main, asdict(cfg), resume_step=trainer.step if resumed else 0)
     bar = tqdm(
         total=trainer.total_steps,

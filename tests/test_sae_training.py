@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from pipeline.manifest import make_manifest, read_jsonl, write_json_atomic
 from pipeline.preprocessed import KIND as PRE_KIND, Moments
 from sae import TopKSae
-from sae_training import TrainConfig, main as train_main
+from sae_training import TrainConfig, checkpoint_state, main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,6 +165,13 @@ def test_aux_k_revives_latents_that_plain_training_leaves_dead(tmp_path):
     assert aux["val/fvu"] < plain["val/fvu"] - 0.03, (plain, aux)
 
 
+def checkpoint_step(path: Path) -> int:
+    try:
+        return checkpoint_state(path)["step"]
+    except Exception:  # being renamed into place this very moment
+        return -1
+
+
 def logged(run: Path, key: str) -> list[float]:
     return [r[key] for r in read_jsonl(run / "metrics.jsonl") if key in r]
 
@@ -280,14 +287,14 @@ def test_sigkill_and_resume_equals_uninterrupted_bit_for_bit(tmp_path):
     victim = run_cli(args + ["--out", str(out)], env_extra={"PIPELINE_FAULTS": "training.step=sleep:0.05"})
     deadline = time.time() + 120
     while time.time() < deadline and victim.poll() is None:
-        st = out / "checkpoint" / "state.json"
-        if st.is_file() and json.loads(st.read_text())["step"] >= 21:
+        st = out / "checkpoint" / "state.safetensors"
+        if st.is_file() and checkpoint_step(st) >= 21:
             break
         time.sleep(0.05)
     assert victim.poll() is None, "training finished before it could be killed"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    step_at_kill = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    step_at_kill = checkpoint_step(out / "checkpoint" / "state.safetensors")
     assert 0 < step_at_kill < 60
     resumed = run_cli(args + ["--out", str(out)])
     log, _ = resumed.communicate(timeout=300)
@@ -316,3 +323,67 @@ def test_run_folder_refuses_another_config_and_bad_batches(tmp_path):
     assert m["counts"]["skipped_nonfinite_batches"] == 1  # skipped and counted, never silent
     with pytest.raises(PipelineInputError, match="NaN/inf in the training batch"):
         train_main(cfg(data_nan, tmp_path / "run4", n_latents=64, k=3, nonfinite="stop"))
+
+
+def test_a_checkpoint_is_one_atomic_commit(tmp_path, monkeypatch):
+    """A kill after the first rename of a checkpoint save must not pair one step's weights with another's
+    position (it used to: state.safetensors, then state.json, each renamed on its own)."""
+    import os as os_module
+
+    from pipeline.distributed import DistInfo
+    from sae_training import Trainer
+
+    x, _ = synthetic(3_000)
+    data = fake_preprocessed(tmp_path / "data", x[:2_560], x[2_560:])
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"))
+    t = Trainer(cfg(data, tmp_path / "run", n_latents=32, k=3), info)
+    saved = {}
+    for step in range(1, 9):
+        t.train_step((step - 1) * 256)
+        t.step, t.batch_in_epoch = step, step
+        if step in (4, 8):
+            if step == 8:  # the kill: the first file renamed into place, nothing after it
+                real = os_module.replace
+                calls = []
+
+                def replace_then_die(a, b):
+                    if calls:
+                        raise KeyboardInterrupt("killed")
+                    calls.append(b)
+                    return real(a, b)
+
+                monkeypatch.setattr(os_module, "replace", replace_then_die)
+            try:
+                t.save_checkpoint(tmp_path / "run")
+            except KeyboardInterrupt:
+                pass
+            monkeypatch.undo()
+            saved[step] = t.sae.W_enc.detach().clone()
+    back = Trainer(cfg(data, tmp_path / "run", n_latents=32, k=3), info)
+    assert back.load_checkpoint(tmp_path / "run")
+    assert back.step in saved and torch.equal(back.sae.W_enc, saved[back.step]), back.step
+
+
+@pytest.mark.slow
+def test_ranks_that_find_different_checkpoints_stop_with_one_line(tmp_path):
+    x, _ = synthetic(2_000)
+    data = fake_preprocessed(tmp_path / "data", x[:1_536], x[1_536:])
+    args = ["--data", str(data), "--wandb", "disabled", "--device", "cpu", "--n-latents", "32", "--k", "3"]
+    args += ["--batch-size", "256", "--out", str(tmp_path / "run")]
+    first = run_cli(args, torchrun=2)
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-3000:]
+    (tmp_path / "run" / "manifest.json").unlink()  # unfinished: the next run resumes from the checkpoint
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        cmd + [str(REPO / "tests" / "ddp_rank_without_checkpoint.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # a hang fails here
+    )
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert errors and all("rank 0 at step 6, rank 1 at step 0" in e for e in errors), proc.stderr[-3000:]
