@@ -73,7 +73,8 @@ def stages(cfg: "PipelineConfig") -> list[Stage]:
         Stage("sentences", "openwebtext_sentences_dataset.py", out=SENTENCES_DIR),
         Stage("capture", "capture_activations.py", capture, out=ACTIVATIONS_DIR),
         Stage("preprocessing", "sae_preprocessing.py", out=PREPROCESSED_DIR),
-        Stage("training", "sae_training.py", out=SAE_DIR),
+        # The demo trains on ~226k tokens: at the default 10M no latent could ever count as dead.
+        Stage("training", "sae_training.py", ("--dead-tokens", "100000"), out=SAE_DIR),
         Stage("top_sentences", "capture_top_activating_sentences.py", out=TOP_SENTENCES_DIR),
         Stage(
             "interpret_send",

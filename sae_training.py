@@ -77,7 +77,10 @@ class TrainConfig:
     warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this fraction of the peak"})
     grad_clip: float = field(default=0.0, metadata={"help": "clip the global gradient norm (0: off)"})
-    dead_tokens: int = field(default=100_000, metadata={"help": "a latent silent for this many tokens is dead"})
+    dead_tokens: int = field(
+        default=10_000_000,
+        metadata={"help": "a latent silent for this many tokens is dead (OpenAI's and sparsify's 10M)"},
+    )
     k_aux: int = field(default=0, metadata={"help": "latents in the aux-k reconstruction (0: d_model / 2)"})
     aux_coef: float = field(default=1 / 32, metadata={"help": "aux-k loss coefficient"})
     val_every: int = field(default=50, metadata={"fingerprint": False, "help": "validate every N steps"})
