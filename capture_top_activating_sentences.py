@@ -301,13 +301,15 @@ def merge_ranks(tables: dict, silent: TopTable, stats: LatentStats, info: DistIn
         return tables, silent, stats
     for t in stats.tensors():
         dist.all_reduce(t)
-    for table in [*tables.values(), silent]:
-        parts = [None] * info.world_size
-        dist.all_gather_object(parts, (table.scores.cpu(), table.ids.cpu()))
-        merged = TopTable(table.scores.shape[0], table.n, "cpu")
-        for scores, ids in parts:
-            merged.update(scores, ids)
-        table.scores, table.ids = merged.scores.to(info.device), merged.ids.to(info.device)
+    for table in [*tables.values(), silent]:  # tensor collectives on the device: no pickled copies
+        scores = [torch.empty_like(table.scores) for _ in range(info.world_size)]
+        ids = [torch.empty_like(table.ids) for _ in range(info.world_size)]
+        dist.all_gather(scores, table.scores)
+        dist.all_gather(ids, table.ids)
+        merged = TopTable(table.scores.shape[0], table.n, info.device)
+        for rank_scores, rank_ids in zip(scores, ids):  # rank order: every rank merges to the same table
+            merged.update(rank_scores, rank_ids)
+        table.scores, table.ids = merged.scores, merged.ids
     return tables, silent, stats
 
 
@@ -323,18 +325,20 @@ def top_rows(tables: dict, silent: TopTable, store: CodeStore, info: DistInfo) -
                     (int(latent), agg, int(rank), sid, float(scores[latent, rank]), store.activations(sid, int(latent)))
                 )
                 sentences.setdefault(sid, store.token_ids(sid))
+    silent_ids = silent.ids.cpu().numpy()  # one device-to-host copy, not one per element
     silent_rows = [
-        (int(latent), int(silent.ids[latent, j]))
+        (int(latent), int(silent_ids[latent, j]))
         for latent, j in zip(*np.nonzero(np.isfinite(silent.scores.cpu().numpy())))
     ]
     local = {"top": top, "sentences": sentences}
-    if info.distributed:
-        parts = [None] * info.world_size
-        dist.all_gather_object(parts, local)
-        local = {
-            "top": [r for p in parts for r in p["top"]],
-            "sentences": {k: v for p in parts for k, v in p["sentences"].items()},
-        }
+    if info.distributed:  # only rank 0 writes: only rank 0 receives the other ranks' rows
+        parts = [None] * info.world_size if info.is_main else None
+        dist.gather_object(local, parts, dst=0)
+        if info.is_main:
+            local = {
+                "top": [r for p in parts for r in p["top"]],
+                "sentences": {k: v for p in parts for k, v in p["sentences"].items()},
+            }
     local["silent"] = silent_rows
     return local
 
