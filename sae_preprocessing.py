@@ -5,9 +5,10 @@ Usage (CPU; worker processes share the work, the result does not depend on how m
     python sae_preprocessing.py --workers 8 --val-fraction 0.05 --seed 0 --batch-size 1024
 
 One pass over the capture: every shard is checked against the capture manifest's sha256, its
-training tokens are folded into float64 Welford/Chan moments and scattered to their place in a
-seeded global permutation (`train_acts.npy`), and held-out sentences' tokens go to `val_acts.npy`.
-Format and statistics: pipeline/preprocessed.py.
+training tokens are folded into float64 Welford/Chan moments and written, grouped by shuffle bucket,
+to `train_acts.npy`; held-out sentences' tokens go to `val_acts.npy`. A second pass sorts each bucket
+in memory: a seeded shuffle within --memory-gb whatever the data size, with only large sequential
+reads and writes (pipeline/shuffle.py). Format and statistics: pipeline/preprocessed.py.
 
 Massive activations: without BOS the first token of every sentence is the attention sink (norm
 ~100x the median). Policy: tokens at positions < --exclude-first-positions (default 1 for a capture
@@ -35,7 +36,9 @@ from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_j
 from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.paths import ACTIVATIONS_DIR, PREPROCESSED_DIR
 from pipeline.preprocessed import KIND, TORCH_TO_NP, Moments
+from pipeline.shuffle import bucket_bits, bucket_of, row_keys, shuffled_order
 
+BAR = {"dynamic_ncols": True}
 OUTPUT_FILES = (
     "train_acts.npy",
     "train_index.npy",
@@ -60,6 +63,13 @@ class PreprocessConfig:
         default=-1, metadata={"help": "exclude positions < N (attention sinks); -1: 1 without BOS, 0 with BOS"}
     )
     workers: int = field(default=2, metadata={"fingerprint": False, "help": "worker processes"})
+    memory_gb: float = field(
+        default=4.0,
+        metadata={
+            "fingerprint": False,
+            "help": "memory budget of the shuffle, all workers together (the output does not depend on it)",
+        },
+    )
     force: bool = field(
         default=False, metadata={"fingerprint": False, "help": "overwrite an existing preprocessing output"}
     )
@@ -113,26 +123,23 @@ def _process_shard(task: dict) -> dict:
     is_train = ~excluded & ~is_val
     sq = torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).double().pow(2).numpy()  # only for the policy report
     moments = Moments.of(a[torch.from_numpy(is_train)])
-    out = Path(task["out"])
-    if is_train.any():
-        dest = np.load(out / ".train_perm.npy", mmap_mode="r")[
-            task["train_start"] : task["train_start"] + int(is_train.sum())
-        ]
-        acts = np.load(out / "train_acts.npy", mmap_mode="r+")
-        index = np.load(out / "train_index.npy", mmap_mode="r+")
-        order = np.argsort(dest)  # ascending destinations: friendlier page-cache writes
-        acts[dest[order]] = raw[is_train][order]
-        index[dest[order]] = np.stack([sids[is_train], pos[is_train]], 1)[order]
-        acts.flush()
-        index.flush()
-    if is_val.any():
-        v0, n_val = task["val_start"], int(is_val.sum())
-        acts = np.load(out / "val_acts.npy", mmap_mode="r+")
-        index = np.load(out / "val_index.npy", mmap_mode="r+")
-        acts[v0 : v0 + n_val] = raw[is_val]
-        index[v0 : v0 + n_val] = np.stack([sids[is_val], pos[is_val]], 1)
-        acts.flush()
-        index.flush()
+    # Pass 1 of the shuffle: this shard's training rows, grouped by bucket, each group one contiguous write
+    # after the earlier shards' rows of its bucket (pipeline/shuffle.py).
+    t_sids, t_pos, t_raw = sids[is_train], pos[is_train], raw[is_train]
+    bucket = bucket_of(row_keys(t_sids, t_pos, task["seed"]), task["bucket_bits"])
+    order = np.argsort(bucket, kind="stable")
+    t_sids, t_pos, t_raw, bucket = t_sids[order], t_pos[order], t_raw[order], bucket[order]
+    cuts = np.searchsorted(bucket, np.arange(len(task["bucket_dest"]) + 1))
+    with open(task["train_acts"], "r+b") as fa, open(task["train_index"], "r+b") as fi:
+        for b, dest in enumerate(task["bucket_dest"]):
+            a, z = cuts[b], cuts[b + 1]
+            if a < z:
+                write_rows(fa, task["train_acts_offset"], dest, t_raw[a:z])
+                write_rows(fi, task["train_index_offset"], dest, np.stack([t_sids[a:z], t_pos[a:z]], 1))
+    if is_val.any():  # held-out rows keep capture order: each shard's one contiguous run
+        with open(task["val_acts"], "r+b") as fa, open(task["val_index"], "r+b") as fi:
+            write_rows(fa, task["val_acts_offset"], task["val_start"], raw[is_val])
+            write_rows(fi, task["val_index_offset"], task["val_start"], np.stack([sids[is_val], pos[is_val]], 1))
     kept_norms = np.sqrt(sq[~excluded])
     return {
         "index": task["index"],
@@ -145,11 +152,46 @@ def _process_shard(task: dict) -> dict:
     }
 
 
-def plan(cap: CaptureOutput, cfg: PreprocessConfig, exclude_first: int):
-    """Metadata-only pass: per-shard train/val/excluded counts, the held-out sentence ids."""
+def write_rows(f, header: int, first_row: int, rows: np.ndarray) -> None:
+    """Write rows [n, ...] at row `first_row` of a preallocated .npy (plain writes: no dirty mapped pages)."""
+    rows = np.ascontiguousarray(rows)
+    f.seek(header + first_row * rows[0].nbytes)
+    f.write(rows.tobytes())
+
+
+def read_rows(f, header: int, first_row: int, n: int, dtype, width: int) -> np.ndarray:
+    out = np.empty((n, width), dtype)
+    f.seek(header + first_row * out[0].nbytes if n else header)
+    f.readinto(memoryview(out).cast("B"))
+    return out
+
+
+def _sort_bucket(task: dict) -> int:
+    """Pass 2 of the shuffle: one bucket's region read whole, sorted by key, written back in place."""
+    a, n = task["start"], task["rows"]
+    with open(task["train_acts"], "r+b") as fa, open(task["train_index"], "r+b") as fi:
+        acts = read_rows(fa, task["train_acts_offset"], a, n, task["dtype"], task["d_model"])
+        index = read_rows(fi, task["train_index_offset"], a, n, np.int64, 2)
+        order = shuffled_order(row_keys(index[:, 0], index[:, 1], task["seed"]), index[:, 0], index[:, 1])
+        write_rows(fa, task["train_acts_offset"], a, acts[order])
+        write_rows(fi, task["train_index_offset"], a, index[order])
+    return acts.nbytes
+
+
+def preallocate(path: Path, dtype, shape: tuple[int, int]) -> int:
+    """An .npy of this shape (sparse until written); returns its header size."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    offset = arr.offset
+    del arr
+    return offset
+
+
+def plan(cap: CaptureOutput, cfg: PreprocessConfig, exclude_first: int, bits: int):
+    """Metadata-only pass: per-shard train/val/excluded counts and training rows per bucket, the held-out
+    sentence ids."""
     from pipeline.activations import load_shard
 
-    counts, val_ids = [], set()
+    counts, per_bucket, val_ids = [], [], set()
     for p, s in zip(cap.shard_paths, cap.shards):
         meta = load_shard(p, ["sentence_ids", "sentence_starts", "sentence_first_position"])
         sids, pos = rows_of(meta)
@@ -157,9 +199,12 @@ def plan(cap: CaptureOutput, cfg: PreprocessConfig, exclude_first: int):
             raise PipelineInputError(f"{p}: holds {len(sids)} tokens, the capture manifest says {s['n_tokens']}")
         excluded = pos < exclude_first
         is_val = ~excluded & val_mask(sids, cfg.seed, cfg.val_fraction)
+        is_train = ~excluded & ~is_val
         val_ids.update(np.unique(sids[is_val]).tolist())
-        counts.append((int((~excluded & ~is_val).sum()), int(is_val.sum()), int(excluded.sum())))
-    return counts, np.array(sorted(val_ids), dtype=np.int64)
+        counts.append((int(is_train.sum()), int(is_val.sum()), int(excluded.sum())))
+        keys = row_keys(sids[is_train], pos[is_train], cfg.seed)
+        per_bucket.append(np.bincount(bucket_of(keys, bits), minlength=2**bits))
+    return counts, np.stack(per_bucket), np.array(sorted(val_ids), dtype=np.int64)
 
 
 def output_folder(cfg: PreprocessConfig) -> OutputFolder:
@@ -174,8 +219,10 @@ def main(cfg: PreprocessConfig) -> dict:
         raise PipelineInputError(
             f"--hook-point {hook}: not captured in {capture_dir} (has {', '.join(cap.hook_points)})"
         )
-    if cfg.batch_size < 1 or not 0 <= cfg.val_fraction < 1 or cfg.workers < 1:
-        raise PipelineInputError("--batch-size and --workers must be positive and --val-fraction in [0, 1)")
+    if cfg.batch_size < 1 or not 0 <= cfg.val_fraction < 1 or cfg.workers < 1 or cfg.memory_gb <= 0:
+        raise PipelineInputError(
+            "--batch-size, --workers and --memory-gb must be positive and --val-fraction in [0, 1)"
+        )
     exclude_first = (
         cfg.exclude_first_positions if cfg.exclude_first_positions >= 0 else (0 if cap.tokenization.add_bos else 1)
     )
@@ -194,7 +241,9 @@ def main(cfg: PreprocessConfig) -> dict:
 
     d = cap.d_model
     np_dtype = TORCH_TO_NP[cap.storage_dtype]
-    counts, val_ids = plan(cap, cfg, exclude_first)
+    row_bytes = d * np.dtype(np_dtype).itemsize
+    bits = bucket_bits(cap.tokens, row_bytes, int(cfg.memory_gb * 1e9), min(cfg.workers, len(cap.shards)))
+    counts, per_bucket, val_ids = plan(cap, cfg, exclude_first, bits)  # per_bucket [shards, buckets]
     n_train, n_val, n_excl = (sum(c[i] for c in counts) for i in range(3))
     if n_train == 0:
         raise PipelineInputError(f"{capture_dir}: no training tokens left after the split and exclusions")
@@ -202,13 +251,19 @@ def main(cfg: PreprocessConfig) -> dict:
         raise PipelineInputError(
             f"--batch-size {cfg.batch_size}: larger than the {n_train} training tokens in {capture_dir}"
         )
-    rng = np.random.default_rng(cfg.seed)
-    np.save(out / ".train_perm.npy", rng.permutation(n_train))
-    np.lib.format.open_memmap(out / "train_acts.npy", mode="w+", dtype=np_dtype, shape=(n_train, d)).flush()
-    np.lib.format.open_memmap(out / "train_index.npy", mode="w+", dtype=np.int64, shape=(n_train, 2)).flush()
-    np.lib.format.open_memmap(out / "val_acts.npy", mode="w+", dtype=np_dtype, shape=(n_val, d)).flush()
-    np.lib.format.open_memmap(out / "val_index.npy", mode="w+", dtype=np.int64, shape=(n_val, 2)).flush()
-    tasks, t_off, v_off = [], 0, 0
+    files = {
+        "train_acts": preallocate(out / "train_acts.npy", np_dtype, (n_train, d)),
+        "train_index": preallocate(out / "train_index.npy", np.int64, (n_train, 2)),
+        "val_acts": preallocate(out / "val_acts.npy", np_dtype, (n_val, d)),
+        "val_index": preallocate(out / "val_index.npy", np.int64, (n_val, 2)),
+    }
+    where = {k: str(out / f"{k}.npy") for k in files} | {f"{k}_offset": v for k, v in files.items()}
+    bucket_sizes = per_bucket.sum(0)
+    bucket_start = np.concatenate([[0], np.cumsum(bucket_sizes)])
+    # a shard's rows of bucket b go after the earlier shards' rows of bucket b
+    dest = bucket_start[:-1][None, :] + np.cumsum(per_bucket, 0) - per_bucket  # [shards, buckets]
+    threads = max(1, torch.get_num_threads() // min(cfg.workers, len(cap.shards)))
+    tasks, v_off = [], 0
     for i, (p, s, c) in enumerate(zip(cap.shard_paths, cap.shards, counts)):
         tasks.append(
             {
@@ -218,35 +273,38 @@ def main(cfg: PreprocessConfig) -> dict:
                 "n_tokens": s["n_tokens"],
                 "d_model": d,
                 "key": act_key(hook),
-                "storage": cap.storage_dtype,
                 "exclude_first": exclude_first,
                 "seed": cfg.seed,
                 "val_fraction": cfg.val_fraction,
-                "train_start": t_off,
+                "bucket_bits": bits,
+                "bucket_dest": dest[i].tolist(),
                 "val_start": v_off,
-                "out": str(out),
-                "threads": max(1, torch.get_num_threads() // min(cfg.workers, len(cap.shards))),
+                "threads": threads,
+                **where,
             }
         )
-        t_off += c[0]
         v_off += c[1]
+    sort_tasks = [
+        {"start": int(bucket_start[b]), "rows": int(n), "seed": cfg.seed, "dtype": np_dtype, "d_model": d, **where}
+        for b, n in enumerate(bucket_sizes.tolist())
+        if n
+    ]
 
     total_bytes = sum(s["bytes"] for s in cap.shards)
     results: list[dict] = [None] * len(tasks)  # type: ignore[list-item]
     t0 = time.perf_counter()
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="preprocess", dynamic_ncols=True)
-    if cfg.workers == 1:
-        it = map(_process_shard, tasks)
-    else:
-        pool = mp.get_context("spawn").Pool(min(cfg.workers, len(tasks)))
-        it = pool.imap_unordered(_process_shard, tasks)
+    pool = mp.get_context("spawn").Pool(min(cfg.workers, len(tasks))) if cfg.workers > 1 else None
     try:
-        for r in it:
-            results[r["index"]] = r
-            bar.update(r["bytes"])
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="preprocess", **BAR) as bar:
+            for r in pool.imap_unordered(_process_shard, tasks) if pool else map(_process_shard, tasks):
+                results[r["index"]] = r
+                bar.update(r["bytes"])
+        train_bytes = n_train * row_bytes
+        with tqdm(total=train_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="shuffle", **BAR) as bar:
+            for n in pool.imap_unordered(_sort_bucket, sort_tasks) if pool else map(_sort_bucket, sort_tasks):
+                bar.update(n)
     finally:
-        bar.close()
-        if cfg.workers > 1:
+        if pool is not None:
             pool.terminate()
     elapsed = time.perf_counter() - t0
 
@@ -267,7 +325,6 @@ def main(cfg: PreprocessConfig) -> dict:
     }
     write_json_atomic(out / "stats.json", stats)
     np.save(out / "val_sentence_ids.npy", val_ids)
-    (out / ".train_perm.npy").unlink()
     n_batches = -(-n_train // cfg.batch_size)
     manifest = make_manifest(
         KIND,
@@ -308,7 +365,17 @@ def main(cfg: PreprocessConfig) -> dict:
             "rule": "splitmix64(sentence_id, seed) / 2^53 < val_fraction",
             "val_sentence_ids_file": "val_sentence_ids.npy",
         },
-        throughput={"seconds": round(elapsed, 2), "gb_per_s": round(total_bytes / 1e9 / elapsed, 3)},
+        shuffle={
+            "rule": "rows sorted by splitmix64(seed, sentence_id, position), ties by (sentence_id, position)",
+            "buckets": 2**bits,
+            "memory_gb": cfg.memory_gb,
+        },
+        throughput={
+            "seconds": round(elapsed, 2),
+            "gb_per_s": round(total_bytes / 1e9 / elapsed, 3),
+            "bytes_read": total_bytes + train_bytes,
+            "bytes_written": 2 * train_bytes + n_val * row_bytes,
+        },
     )
     assert n_train + n_val + n_excl == cap.tokens
     write_json_atomic(out / MANIFEST_NAME, manifest)
