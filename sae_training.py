@@ -43,6 +43,7 @@ from pipeline.distributed import DistInfo, barrier, run_distributed
 from pipeline.manifest import atomic_path, fingerprint, make_manifest, read_jsonl, write_json_atomic
 from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.paths import PREPROCESSED_DIR, SAE_DIR
+from pipeline.prefetch import BatchPrefetcher
 from pipeline.preprocessed import PreprocessedOutput
 from sae import Normalize, SaeConfig, TopKSae
 
@@ -157,8 +158,8 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.data = PreprocessedOutput.open(cfg.data)
         self.stats = self.data.stats
-        self.train = self.data.activations("train")
-        self.val = self.data.activations("val")
+        self.train = self.data.reader("train")  # plain reads: RSS does not grow with the data
+        self.val = self.data.reader("val")
         d = self.data.d_model
         n_latents = cfg.n_latents or cfg.expansion * d
         if not 0 < cfg.k <= n_latents:
@@ -237,25 +238,26 @@ class Trainer:
         return max(sq / n - (total / n).pow(2).sum().item(), 1e-12)
 
     # ---- one step ---------------------------------------------------------------------------
-    def local_rows(self, start: int) -> torch.Tensor:
+    def local_range(self, start: int) -> tuple[int, int, int]:
+        """This rank's rows [a, b) of the global batch at `start`, and the global batch's size."""
         end = min(start + self.cfg.batch_size, len(self.train))
         per = -(-(end - start) // self.info.world_size)
         a = start + self.info.rank * per
-        return self.train[a : min(a + per, end)].to(self.info.device, torch.float32), end - start
+        return a, min(a + per, end), end - start
 
-    def train_step(self, start: int) -> dict:
-        x, global_n = self.local_rows(start)
-        bad = torch.tensor(float(not torch.isfinite(x).all()), device=self.info.device)
-        if self.info.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            if self.cfg.nonfinite == "stop":
-                raise PipelineInputError(
-                    f"{self.cfg.data}: NaN/inf in the training batch at row {start}; --nonfinite skip skips such "
-                    "batches"
-                )
-            self.skipped += 1
-            return {"skipped": 1}
+    def local_rows(self, start: int) -> torch.Tensor:
+        """This rank's share of the batch at `start`, read from disk in the storage dtype (host memory)."""
+        a, b, _ = self.local_range(start)
+        return self.train[a:b]
+
+    def train_step(self, start: int, rows: torch.Tensor | None = None) -> dict:
+        """One optimizer step on the global batch at `start`; `rows` is this rank's share already on the
+        device (the prefetcher's), read here when None. One host sync: the logged numbers and the
+        non-finite flag come back together, after the step's collectives."""
+        if rows is None:
+            rows = self.local_rows(start).to(self.info.device)
+        x = rows.float()  # widened on the device: bf16 crosses to the GPU at half the bytes
+        global_n = self.local_range(start)[2]
         sae = self.sae
         dead = self.tokens_since_fired >= self.cfg.dead_tokens
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -267,14 +269,36 @@ class Trainer:
             aux = aux_k_loss(sae, out.x_norm, out.x_hat_norm.float(), dead, self.k_aux, global_n * self.loss_scale)
         self.opt.zero_grad(set_to_none=True)
         (loss + self.cfg.aux_coef * aux).backward()
-        stats = torch.stack([loss.detach(), aux.detach()])
-        fired = torch.zeros_like(self.tokens_since_fired)
-        fired[out.indices[out.values > 0]] = 1
+        n_latents = sae.cfg.n_latents
+        fired = torch.zeros(n_latents, device=x.device).index_put_(
+            (out.indices.reshape(-1),), (out.values > 0).reshape(-1).float(), accumulate=True
+        )
+        # the small tensors travel in one all-reduce: [loss, aux, non-finite, dead share, fired, b_enc, b_pre]
+        small = torch.cat(
+            [
+                torch.stack([loss.detach(), aux.detach()]).float(),
+                (~torch.isfinite(x).all()).float().reshape(1),
+                dead.float().mean().reshape(1) / self.info.world_size,
+                fired,
+                sae.b_enc.grad,
+                sae.b_pre.grad,
+            ]
+        )
         if self.info.distributed:
-            for p in sae.parameters():
-                dist.all_reduce(p.grad)
-            dist.all_reduce(stats)
-            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            dist.all_reduce(sae.W_enc.grad)
+            dist.all_reduce(sae.W_dec.grad)
+            dist.all_reduce(small)
+        loss_v, aux_v, bad, dead_ratio = small[:4].tolist()  # the step's host sync
+        if bad:
+            if self.cfg.nonfinite == "stop":
+                raise PipelineInputError(
+                    f"{self.cfg.data}: NaN/inf in the training batch at row {start}; --nonfinite skip skips such "
+                    "batches"
+                )
+            self.skipped += 1
+            return {"skipped": 1}
+        sae.b_enc.grad.copy_(small[4 + n_latents : 4 + 2 * n_latents])
+        sae.b_pre.grad.copy_(small[4 + 2 * n_latents :])
         sae.project_decoder_grad()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
@@ -283,12 +307,12 @@ class Trainer:
         self.opt.step()
         sae.normalize_decoder()
         self.tokens_since_fired += global_n
-        self.tokens_since_fired[fired.bool()] = 0
+        self.tokens_since_fired.masked_fill_(small[4 : 4 + n_latents] > 0, 0)
         return {
-            "train/loss": stats[0].item(),
-            "train/aux_loss": stats[1].item(),
+            "train/loss": loss_v,
+            "train/aux_loss": aux_v,
             "train/lr": self.opt.param_groups[0]["lr"],
-            "debug/dead_latents_ratio": dead.float().mean().item(),
+            "debug/dead_latents_ratio": dead_ratio,
         }
 
     # ---- validation ---------------------------------------------------------------------------
@@ -515,9 +539,9 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
     t0, tokens_run = time.perf_counter(), 0
     while trainer.epoch < cfg.epochs:
         order = batch_order(len(trainer.train), cfg.batch_size, cfg.seed, trainer.epoch)
-        while trainer.batch_in_epoch < len(order):
-            start = int(order[trainer.batch_in_epoch])
-            metrics = trainer.train_step(start)
+        batches = BatchPrefetcher(order[trainer.batch_in_epoch :].tolist(), trainer.local_rows, info.device)
+        for start, rows in batches:
+            metrics = trainer.train_step(int(start), rows)
             trainer.batch_in_epoch += 1
             trainer.step += 1
             tokens_run += min(cfg.batch_size, len(trainer.train) - start)
