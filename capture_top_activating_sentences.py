@@ -22,6 +22,7 @@ Tables: pipeline/top_sentences.py. Browser: pipeline/feature_browser.py.
 from __future__ import annotations
 
 import shutil
+from array import array
 import sys
 import tempfile
 import time
@@ -151,9 +152,9 @@ class CodeStore:
         self.dir = Path(tempfile.mkdtemp(prefix=f".codes-r{rank}-", dir=directory))
         self.k = k
         self.files = {n: open(self.dir / n, "wb") for n in ("tokens", "values", "indices")}
-        self.where: dict[
-            int, tuple[int, int, int]
-        ] = {}  # sentence id -> (first token, n tokens, first counted position)
+        # per stored sentence: id, first token, token count (8 bytes each, not a dict entry: ~100x less
+        # memory per sentence, which grows with the corpus); sorted by id for lookups at open()
+        self._sids, self._starts, self._lengths = array("q"), array("q"), array("q")
         self.n = 0
 
     def add(self, sid: int, token_ids: np.ndarray, first_counted: int, values: np.ndarray, indices: np.ndarray) -> None:
@@ -161,12 +162,18 @@ class CodeStore:
         self.files["tokens"].write(token_ids.astype(np.int32).tobytes())
         self.files["values"].write(values.astype(np.float32).tobytes())
         self.files["indices"].write(indices.astype(np.int32).tobytes())
-        self.where[sid] = (self.n, len(token_ids), first_counted)
+        self._sids.append(sid)
+        self._starts.append(self.n)
+        self._lengths.append(len(token_ids))
         self.n += len(token_ids)
 
     def open(self) -> None:
         for f in self.files.values():
             f.close()
+        order = np.argsort(np.frombuffer(self._sids, np.int64), kind="stable")
+        self.ids = np.frombuffer(self._sids, np.int64)[order]
+        self.starts = np.frombuffer(self._starts, np.int64)[order]
+        self.lengths = np.frombuffer(self._lengths, np.int64)[order]
         if self.n == 0:
             self.tokens = self.values = self.indices = None
             return
@@ -174,13 +181,21 @@ class CodeStore:
         self.values = np.memmap(self.dir / "values", np.float32, "r", shape=(self.n, self.k))
         self.indices = np.memmap(self.dir / "indices", np.int32, "r", shape=(self.n, self.k))
 
+    def holds(self, sid: int) -> bool:
+        i = np.searchsorted(self.ids, sid)
+        return bool(i < len(self.ids) and self.ids[i] == sid)
+
+    def _span(self, sid: int) -> tuple[int, int]:
+        i = np.searchsorted(self.ids, sid)
+        return int(self.starts[i]), int(self.lengths[i])
+
     def activations(self, sid: int, latent: int) -> list[float]:
-        a, n, _ = self.where[sid]
+        a, n = self._span(sid)
         v, i = self.values[a : a + n], self.indices[a : a + n]
         return np.where(i == latent, v, 0.0).sum(1).round(4).tolist()
 
     def token_ids(self, sid: int) -> list[int]:
-        a, n, _ = self.where[sid]
+        a, n = self._span(sid)
         return self.tokens[a : a + n].tolist()
 
     def close(self) -> None:
@@ -320,7 +335,7 @@ def top_rows(tables: dict, silent: TopTable, store: CodeStore, info: DistInfo) -
         scores, ids = table.scores.cpu().numpy(), table.ids.cpu().numpy()
         for latent, rank in zip(*np.nonzero(np.isfinite(scores))):
             sid = int(ids[latent, rank])
-            if sid in store.where:
+            if store.holds(sid):
                 top.append(
                     (int(latent), agg, int(rank), sid, float(scores[latent, rank]), store.activations(sid, int(latent)))
                 )
