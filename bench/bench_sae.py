@@ -48,6 +48,7 @@ from pipeline.runtime import tune_glibc_malloc  # noqa: E402
 from sae_training import TrainConfig, Trainer, batch_order  # noqa: E402
 
 AUX_COEF, DEAD_TOKENS = 1 / 32, 100_000
+DEVICE = torch.device("cpu")  # --device
 
 
 def rss_mb() -> float:
@@ -57,7 +58,7 @@ def rss_mb() -> float:
 @torch.no_grad()
 def score(reconstruct, val: torch.Tensor, n_latents: int, indices_of) -> dict:
     """FVU in the raw space and % of latents silent on every held-out row."""
-    x = val.float()
+    x = val[0 : len(val)].float().to(DEVICE)  # a tensor or the trainer's RowReader
     mean = x.double().mean(0)
     sq_err, total, fired = 0.0, 0.0, torch.zeros(n_latents, dtype=torch.bool)
     for a in range(0, len(x), 4096):
@@ -65,7 +66,7 @@ def score(reconstruct, val: torch.Tensor, n_latents: int, indices_of) -> dict:
         sq_err += (reconstruct(xb).double() - xb.double()).pow(2).sum().item()
         total += (xb.double() - mean).pow(2).sum().item()
         values, idx = indices_of(xb)
-        fired[idx[values > 0]] = True
+        fired[idx[values > 0].cpu()] = True
     return {"fvu": sq_err / total, "dead_pct": 100 * (~fired).float().mean().item()}
 
 
@@ -85,12 +86,12 @@ def run_ours(args, autocast: str, epochs: int) -> dict:
             aux_coef=AUX_COEF,
             dead_tokens=DEAD_TOKENS,
             autocast=autocast,
-            device="cpu",
+            device=str(DEVICE),
             wandb="disabled",
             eval_sentences=0,
         )
         base = rss_mb()
-        t = Trainer(cfg, DistInfo(0, 1, 0, 1, torch.device("cpu")))
+        t = Trainer(cfg, DistInfo(0, 1, 0, 1, DEVICE))
         seconds, tokens = 0.0, 0
         for epoch in range(epochs):
             for start in batch_order(len(t.train), args.batch_size, cfg.seed, epoch):
@@ -124,7 +125,7 @@ def run_sparsify(args, optimizer: str, epochs: int, lr: float = 0.0) -> dict:
     train, val = data.activations("train"), data.activations("val")
     d = train.shape[1]
     torch.manual_seed(0)
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=args.n_latents, k=args.k), device="cpu", dtype=torch.float32)
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=args.n_latents, k=args.k), device=DEVICE, dtype=torch.float32)
     steps = epochs * math.ceil(len(train) / args.batch_size)
     if optimizer == "adam":
         opt = torch.optim.Adam(sae.parameters(), lr=lr or 2e-4 / (args.n_latents / 2**14) ** 0.5)
@@ -136,19 +137,19 @@ def run_sparsify(args, optimizer: str, epochs: int, lr: float = 0.0) -> dict:
         opt = ScheduleFreeWrapper(SignSGD(sae.parameters(), lr=5e-3 / (args.n_latents / 2**14) ** 0.5), momentum=0.95)
         opt.train()
         sched = None
-    since_fired = torch.zeros(args.n_latents, dtype=torch.long)
+    since_fired = torch.zeros(args.n_latents, dtype=torch.long, device=DEVICE)
     seconds, tokens, step = 0.0, 0, 0
     for epoch in range(epochs):
         for start in batch_order(len(train), args.batch_size, 0, epoch):
             x = train[int(start) : int(start) + args.batch_size]
             s = time.perf_counter()
-            x = x.float()
+            x = x.to(DEVICE).float()
             if step == 0:
                 sae.b_dec.data = x.mean(0)
             sae.set_decoder_norm_to_unit_norm()
             out = sae(x, dead_mask=since_fired > DEAD_TOKENS)
             (out.fvu + AUX_COEF * out.auxk_loss).backward()
-            fired = torch.zeros(args.n_latents, dtype=torch.bool)
+            fired = torch.zeros(args.n_latents, dtype=torch.bool, device=DEVICE)
             fired[out.latent_indices.flatten()] = True
             since_fired += len(x)
             since_fired[fired] = 0
@@ -181,14 +182,16 @@ def matmul_gflops(n: int, d: int, n_latents: int, dtype: torch.dtype) -> float:
     from sae import encoder_preacts
 
     x, W, b = (
-        torch.randn(n, d, dtype=dtype),
-        torch.randn(n_latents, d, dtype=dtype),
-        torch.zeros(n_latents, dtype=dtype),
+        torch.randn(n, d, dtype=dtype, device=DEVICE),
+        torch.randn(n_latents, d, dtype=dtype, device=DEVICE),
+        torch.zeros(n_latents, dtype=dtype, device=DEVICE),
     )
     best = math.inf
     for _ in range(10):
         s = time.perf_counter()
         encoder_preacts(x, W, b)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - s)
     return 2 * n * d * n_latents / best / 1e9
 
@@ -219,8 +222,11 @@ def main() -> None:
     p.add_argument("--beta1", type=float, default=0.85)
     p.add_argument("--beta2", type=float, default=0.9999)
     p.add_argument("--only", nargs="*", default=list(WORKERS))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both contenders on it)")
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     tune_glibc_malloc()
     if args.worker:
@@ -240,7 +246,7 @@ def main() -> None:
     }
     flops_per_token = 2 * d * args.n_latents
     for name in args.only:
-        if name == "ours_bf16" and not has_native_bf16():
+        if name == "ours_bf16" and DEVICE.type == "cpu" and not has_native_bf16():
             # Emulated bf16 runs several times slower than fp32: nothing a user would choose to measure.
             results[name] = {"skipped": missing_bf16_feature()}
             print(f"{name:28s} skipped: {missing_bf16_feature()}", flush=True)
