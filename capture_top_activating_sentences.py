@@ -21,6 +21,7 @@ Tables: pipeline/top_sentences.py. Browser: pipeline/feature_browser.py.
 
 from __future__ import annotations
 
+import os
 import shutil
 from array import array
 import sys
@@ -174,12 +175,13 @@ class CodeStore:
         self.ids = np.frombuffer(self._sids, np.int64)[order]
         self.starts = np.frombuffer(self._starts, np.int64)[order]
         self.lengths = np.frombuffer(self._lengths, np.int64)[order]
-        if self.n == 0:
-            self.tokens = self.values = self.indices = None
-            return
-        self.tokens = np.memmap(self.dir / "tokens", np.int32, "r", shape=(self.n,))
-        self.values = np.memmap(self.dir / "values", np.float32, "r", shape=(self.n, self.k))
-        self.indices = np.memmap(self.dir / "indices", np.int32, "r", shape=(self.n, self.k))
+        # read back with pread, not a memory map: mapped pages of a corpus-sized file would stay resident
+        self.readers = {n: open(self.dir / n, "rb", buffering=0) for n in ("tokens", "values", "indices")}
+
+    def _read(self, name: str, dtype, first: int, n: int, width: int = 1) -> np.ndarray:
+        out = np.empty(n * width, dtype)
+        os.preadv(self.readers[name].fileno(), [out], first * width * out.itemsize)
+        return out.reshape(n, width) if width > 1 else out
 
     def holds(self, sid: int) -> bool:
         i = np.searchsorted(self.ids, sid)
@@ -191,17 +193,16 @@ class CodeStore:
 
     def activations(self, sid: int, latent: int) -> list[float]:
         a, n = self._span(sid)
-        v, i = self.values[a : a + n], self.indices[a : a + n]
+        v, i = self._read("values", np.float32, a, n, self.k), self._read("indices", np.int32, a, n, self.k)
         return np.where(i == latent, v, 0.0).sum(1).round(4).tolist()
 
     def token_ids(self, sid: int) -> list[int]:
         a, n = self._span(sid)
-        return self.tokens[a : a + n].tolist()
+        return self._read("tokens", np.int32, a, n).tolist()
 
     def close(self) -> None:
-        for f in self.files.values():
+        for f in [*self.files.values(), *getattr(self, "readers", {}).values()]:
             f.close()
-        self.tokens = self.values = self.indices = None
         for p in self.dir.iterdir():
             p.unlink()
         self.dir.rmdir()
