@@ -98,7 +98,7 @@ def rows_of(meta: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _process_shard(task: dict) -> dict:
-    """Worker: verify, load, fold train tokens into moments, scatter train/val rows into the outputs."""
+    """Worker: verify, load, fold train tokens into moments, write train rows by bucket and val rows."""
     from safetensors.torch import load as st_load
 
     torch.set_num_threads(task["threads"])  # workers share the cores; oversubscription slows them all
@@ -132,10 +132,10 @@ def _process_shard(task: dict) -> dict:
     cuts = np.searchsorted(bucket, np.arange(len(task["bucket_dest"]) + 1))
     with open(task["train_acts"], "r+b") as fa, open(task["train_index"], "r+b") as fi:
         for b, dest in enumerate(task["bucket_dest"]):
-            a, z = cuts[b], cuts[b + 1]
-            if a < z:
-                write_rows(fa, task["train_acts_offset"], dest, t_raw[a:z])
-                write_rows(fi, task["train_index_offset"], dest, np.stack([t_sids[a:z], t_pos[a:z]], 1))
+            lo, hi = cuts[b], cuts[b + 1]
+            if lo < hi:
+                write_rows(fa, task["train_acts_offset"], dest, t_raw[lo:hi])
+                write_rows(fi, task["train_index_offset"], dest, np.stack([t_sids[lo:hi], t_pos[lo:hi]], 1))
     if is_val.any():  # held-out rows keep capture order: each shard's one contiguous run
         with open(task["val_acts"], "r+b") as fa, open(task["val_index"], "r+b") as fi:
             write_rows(fa, task["val_acts_offset"], task["val_start"], raw[is_val])
