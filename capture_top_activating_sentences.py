@@ -49,7 +49,7 @@ from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.preprocessed import PreprocessedOutput
 from pipeline.meanings import sae_sha256
 from pipeline.paths import SAE_DIR, SENTENCES_DIR, TOP_SENTENCES_DIR
-from pipeline.runtime import capture_dtype
+from pipeline.runtime import capture_dtype, release_free_memory
 from pipeline.sentences import SentenceTokenDataset, iter_sentences
 from pipeline.training_run import TrainingRun
 from pipeline.top_sentences import (
@@ -251,7 +251,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     stats = LatentStats(L, info.device)
     store = CodeStore(out, sae.cfg.k, info.rank)
     bar = tqdm(total=data.n_sentences, unit="sent", disable=not info.is_main, dynamic_ncols=True, desc="top sentences")
-    t0, n_sentences, n_tokens = time.perf_counter(), 0, 0
+    t0, n_sentences, n_tokens, n_batches = time.perf_counter(), 0, 0, 0
     try:
         with torch.inference_mode():
             for batch in data:
@@ -288,6 +288,9 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
                 bar.update(B)
                 bar.set_postfix_str(f"{n_sentences / (time.perf_counter() - t0):.0f} sent/s", refresh=False)
                 fault_injection.point("top_sentences.batch")
+                if n_batches % 64 == 63:
+                    release_free_memory()
+                n_batches += 1
         bar.close()
         elapsed = time.perf_counter() - t0
         tables, silent, stats = merge_ranks(tables, silent, stats, info)

@@ -39,3 +39,14 @@ def tune_glibc_malloc() -> bool:
     if not ok:
         log.debug("mallopt refused; keeping glibc's defaults")
     return ok
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim). A long streaming loop of varied
+    allocation sizes leaves freed memory scattered through the heap, which otherwise stays resident:
+    top sentences' RSS grew 1.4x over a 16x larger corpus with no live memory growing. No-op off glibc."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
