@@ -121,8 +121,8 @@ class PreprocessedOutput:
             capture_dir=Path(capture) if capture else None,
         )
 
-    def activations(self, split: str) -> torch.Tensor:
-        """Memory-mapped [n, d_model] activations of 'train' or 'val' as a torch tensor (no copy)."""
+    def _array(self, split: str) -> np.memmap:
+        """The split's activation file, memory-mapped and checked against the manifest's row count."""
         path = self.directory / f"{split}_acts.npy"
         if not path.is_file():
             raise PipelineInputError(f"{path}: missing")
@@ -138,6 +138,15 @@ class PreprocessedOutput:
             raise PipelineInputError(
                 f"{path}: holds {arr.shape[0]} rows, the manifest says {expected}; run sae_preprocessing.py --force"
             )
+        return arr
+
+    @property
+    def _torch_dtype(self) -> torch.dtype:
+        return {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(self.storage_dtype, torch.float32)
+
+    def activations(self, split: str) -> torch.Tensor:
+        """Memory-mapped [n, d_model] activations of 'train' or 'val' as a torch tensor (no copy)."""
+        arr = self._array(split)
         with warnings.catch_warnings():  # a read-only mmap is the point: nothing writes through it
             warnings.simplefilter("ignore", UserWarning)
             t = torch.from_numpy(arr)
@@ -145,9 +154,8 @@ class PreprocessedOutput:
 
     def reader(self, split: str) -> "RowReader":
         """The split's rows for reading in pieces, with bounded memory (see RowReader)."""
-        arr = self.activations(split)  # validates the file against the manifest
-        header = np.load(self.directory / f"{split}_acts.npy", mmap_mode="r").offset
-        return RowReader(self.directory / f"{split}_acts.npy", header, arr.shape, arr.dtype)
+        arr = self._array(split)
+        return RowReader(self.directory / f"{split}_acts.npy", arr.offset, arr.shape, self._torch_dtype)
 
     def val_sentence_ids(self) -> np.ndarray:
         return np.load(self.directory / "val_sentence_ids.npy")
