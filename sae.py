@@ -123,7 +123,8 @@ def _latent_major(indices: torch.Tensor, values: torch.Tensor, n_latents: int) -
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)  # stable: tokens stay in order within a latent's row
     crow = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=n_latents).cumsum(0)
+    # index_add_, not bincount: bincount sizes its output by the largest index, a host sync on a GPU
+    crow[1:] = torch.zeros_like(crow[1:]).index_add_(0, flat, torch.ones_like(flat)).cumsum(0)
     return torch.sparse_csr_tensor(crow, order // k, values.reshape(-1)[order], (n_latents, N), check_invariants=False)
 
 

@@ -134,7 +134,13 @@ def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> np.ndarr
 
 
 def aux_k_loss(
-    sae: TopKSae, x_norm: torch.Tensor, x_hat_norm: torch.Tensor, dead: torch.Tensor, k_aux: int, denominator: float
+    sae: TopKSae,
+    x_norm: torch.Tensor,
+    x_hat_norm: torch.Tensor,
+    dead: torch.Tensor,
+    k_aux: int,
+    denominator: float,
+    n_dead: int | None = None,
 ) -> torch.Tensor:
     """Reconstruct the residual x̃ - x̂ from the top dead latents, decoded without b_pre: the summed squared
     error over these rows / `denominator`.
@@ -142,13 +148,19 @@ def aux_k_loss(
     The trainer passes (global batch rows x the data's variance), the main loss's normaliser, as sparsify
     divides both by the data's variance: a number fixed for the run and equal on every rank. Dividing by
     the variance of these rows' own residual (as before) blew up when a rank's share of a tail batch was
-    one row (variance 0, aux loss 1e13) and made ranks disagree; zero rows now contribute exactly 0."""
-    dead_ids = dead.nonzero().squeeze(1)
-    if len(dead_ids) == 0 or len(x_norm) == 0:
+    one row (variance 0, aux loss 1e13) and made ranks disagree; zero rows now contribute exactly 0.
+
+    `n_dead` = dead.sum() when the caller already holds it on the host (the trainer does, from the previous
+    step's sync): the dead ids then come from a fixed-size topk instead of nonzero(), whose data-dependent
+    output shape is a second host sync per step on a GPU."""
+    if n_dead is None:
+        n_dead = int(dead.sum())
+    if n_dead == 0 or len(x_norm) == 0:
         return x_norm.new_zeros(())
+    dead_ids = dead.float().topk(n_dead, sorted=False).indices.sort().values  # [n_dead]: nonzero()'s ids
     residual = (x_norm - x_hat_norm).detach()
     pre = (x_norm - sae.b_pre.detach()) @ sae.W_enc[dead_ids].t() + sae.b_enc[dead_ids]  # [N, n_dead]
-    top, local = pre.topk(min(k_aux, len(dead_ids)), dim=-1, sorted=False)
+    top, local = pre.topk(min(k_aux, n_dead), dim=-1, sorted=False)
     recon = sae.decode_residual(top.relu(), dead_ids[local])
     return (recon - residual).pow(2).sum() / denominator
 
@@ -220,9 +232,13 @@ class Trainer:
         # number from the first rows (not each batch's variance), so every rank divides by the same.
         self.loss_scale = self._input_variance()
         self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.long, device=info.device)
+        self.n_dead = self._count_dead()  # on the host; each step's sync brings the next step's count
         self.step, self.epoch, self.batch_in_epoch, self.skipped = 0, 0, 0, 0
         self.steps_per_epoch = -(-len(self.train) // cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+
+    def _count_dead(self) -> int:
+        return int((self.tokens_since_fired >= self.cfg.dead_tokens).sum())
 
     @torch.no_grad()
     def _input_variance(self, n_rows: int = 65536) -> float:
@@ -266,19 +282,20 @@ class Trainer:
             sq = (out.x_hat_norm.float() - out.x_norm).pow(2).sum(-1)
             loss = sq.sum() / (global_n * self.loss_scale)
             # this rank's share of the global batch's aux loss, normalised like the main loss
-            aux = aux_k_loss(sae, out.x_norm, out.x_hat_norm.float(), dead, self.k_aux, global_n * self.loss_scale)
+            aux = aux_k_loss(
+                sae, out.x_norm, out.x_hat_norm.float(), dead, self.k_aux, global_n * self.loss_scale, self.n_dead
+            )
         self.opt.zero_grad(set_to_none=True)
         (loss + self.cfg.aux_coef * aux).backward()
         n_latents = sae.cfg.n_latents
         fired = torch.zeros(n_latents, device=x.device).index_put_(
             (out.indices.reshape(-1),), (out.values > 0).reshape(-1).float(), accumulate=True
         )
-        # the small tensors travel in one all-reduce: [loss, aux, non-finite, dead share, fired, b_enc, b_pre]
+        # the small tensors travel in one all-reduce: [loss, aux, non-finite, fired, b_enc, b_pre]
         small = torch.cat(
             [
                 torch.stack([loss.detach(), aux.detach()]).float(),
                 (~torch.isfinite(x).all()).float().reshape(1),
-                dead.float().mean().reshape(1) / self.info.world_size,
                 fired,
                 sae.b_enc.grad,
                 sae.b_pre.grad,
@@ -288,7 +305,12 @@ class Trainer:
             dist.all_reduce(sae.W_enc.grad)
             dist.all_reduce(sae.W_dec.grad)
             dist.all_reduce(small)
-        loss_v, aux_v, bad, dead_ratio = small[:4].tolist()  # the step's host sync
+        fired = small[3 : 3 + n_latents]  # summed over ranks: the same on every rank
+        # Next step's dead counters, and their count, ride along with the logged numbers: one host sync.
+        tokens_since_fired = (self.tokens_since_fired + global_n).masked_fill_(fired > 0, 0)
+        next_dead = (tokens_since_fired >= self.cfg.dead_tokens).sum().reshape(1).float()
+        loss_v, aux_v, bad, n_dead_next = torch.cat([small[:3], next_dead]).tolist()  # the step's host sync
+        dead_ratio = self.n_dead / n_latents
         if bad:
             if self.cfg.nonfinite == "stop":
                 raise PipelineInputError(
@@ -297,8 +319,8 @@ class Trainer:
                 )
             self.skipped += 1
             return {"skipped": 1}
-        sae.b_enc.grad.copy_(small[4 + n_latents : 4 + 2 * n_latents])
-        sae.b_pre.grad.copy_(small[4 + 2 * n_latents :])
+        sae.b_enc.grad.copy_(small[3 + n_latents : 3 + 2 * n_latents])
+        sae.b_pre.grad.copy_(small[3 + 2 * n_latents :])
         sae.project_decoder_grad()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
@@ -306,8 +328,7 @@ class Trainer:
             g["lr"] = lr_at(self.step, self.total_steps, self.cfg, self.peak_lr)
         self.opt.step()
         sae.normalize_decoder()
-        self.tokens_since_fired += global_n
-        self.tokens_since_fired.masked_fill_(small[4 : 4 + n_latents] > 0, 0)
+        self.tokens_since_fired, self.n_dead = tokens_since_fired, int(n_dead_next)
         return {
             "train/loss": loss_v,
             "train/aux_loss": aux_v,
@@ -393,6 +414,7 @@ class Trainer:
                 st["step"] = st["step"].reshape(())
                 self.opt.state[p] = {k: v.to(self.info.device) if k != "step" else v for k, v in st.items()}
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.info.device)
+        self.n_dead = self._count_dead()
         torch.set_rng_state(tensors["torch_rng"])
         self.step, self.epoch, self.batch_in_epoch, self.skipped = (
             state["step"],

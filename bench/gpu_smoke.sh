@@ -67,6 +67,33 @@ for name, p in cpu.named_parameters():
     torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-4, msg=name)
 print("cuda-only lines: ok")
 EOF
+# a training step on CUDA waits for the GPU once (its logged numbers), also while aux-k trains dead latents
+step training_host_syncs python - "$RUNS/preprocessed" "$OUT/sync_run" <<'EOF'
+import sys, warnings
+import torch
+from pipeline.distributed import DistInfo
+from sae_training import TrainConfig, Trainer
+cfg = TrainConfig(data=sys.argv[1], out=sys.argv[2], device="cuda", wandb="disabled", dead_tokens=4096)
+t = Trainer(cfg, DistInfo(0, 1, 0, 1, torch.device("cuda")))
+with torch.no_grad():
+    t.sae.b_enc[: t.sae.cfg.n_latents // 2] = -1e3  # half the latents never fire: dead after 4096 tokens
+counts = []
+for i in range(8):
+    start = i * cfg.batch_size
+    rows = t.local_rows(start).to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = t.train_step(start, rows)
+    torch.cuda.set_sync_debug_mode("default")
+    t.step += 1
+    counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    print(f"step {i}: {counts[-1]} host syncs, dead {metrics['debug/dead_latents_ratio']:.1%}")
+assert metrics["debug/dead_latents_ratio"] > 0, "no latent went dead: the check did not exercise aux-k"
+assert max(counts) <= 1, counts
+print("training step host syncs:", counts)
+EOF
 # the capture's asynchronous device-to-host copy (a CUDA event per chunk) against a CPU capture
 step capture_cpu_reference python capture_activations.py --sentences "$RUNS/sentences" --out "$RUNS/activations_cpu" \
   --device cpu --model-dtype float32 --storage-dtype float32 --max-sentences 256

@@ -165,6 +165,90 @@ def test_aux_k_revives_latents_that_plain_training_leaves_dead(tmp_path):
     assert aux["val/fvu"] < plain["val/fvu"] - 0.03, (plain, aux)
 
 
+def test_aux_k_loss_equals_a_dense_masked_reference():
+    """The dead ids from a fixed-size topk (no nonzero()) give the loss of the textbook form: the full
+    [N, L] pre-activations with every live latent masked out, top k_aux, decoded densely."""
+    from sae import SaeConfig
+    from sae_training import aux_k_loss
+
+    torch.manual_seed(1)
+    x = torch.from_numpy(synthetic(500)[0])
+    sae = TopKSae(SaeConfig(d_model=32, n_latents=64, k=3))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        out = sae(x)
+    for n_dead, k_aux in ((0, 8), (5, 8), (20, 8), (64, 16)):
+        dead = torch.zeros(64, dtype=torch.bool)
+        dead[torch.randperm(64)[:n_dead]] = True
+        pre = (out.x_norm - sae.b_pre) @ sae.W_enc.t() + sae.b_enc  # [N, L]
+        top = pre.masked_fill(~dead, -torch.inf).topk(min(k_aux, max(n_dead, 1)), dim=-1)
+        h = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu()) * dead  # [N, L]
+        reference = (h @ sae.W_dec - (out.x_norm - out.x_hat_norm)).pow(2).sum() / 7.0 if n_dead else 0.0
+        for hint in (None, n_dead):
+            got = aux_k_loss(sae, out.x_norm, out.x_hat_norm, dead, k_aux, 7.0, n_dead=hint)
+            torch.testing.assert_close(got.detach(), torch.as_tensor(reference).float(), rtol=1e-5, atol=1e-6)
+
+
+class HostSyncs:
+    """Counts the calls this repository's code makes that wait for the device on a GPU (a value copied to
+    the host, or an output whose size depends on the data). CPU tensors cannot show a sync, so the test
+    counts the calls that would make one."""
+
+    METHODS = ("item", "tolist", "nonzero", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+    FUNCTIONS = ("nonzero", "bincount", "unique", "masked_select", "where")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self.wrap(getattr(torch.Tensor, name), name))
+        for name in self.FUNCTIONS:
+            fn = getattr(torch, name)
+            counted = self.wrap(fn, "torch." + name)
+            # torch.where(cond, a, b) has a fixed output shape; only its one-argument form syncs
+            monkeypatch.setattr(
+                torch,
+                name,
+                counted if name != "where" else lambda *a, **k: (counted if len(a) + len(k) == 1 else fn)(*a, **k),
+            )
+
+    def wrap(self, fn, name):
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(str(REPO)) and "/tests/" not in caller:
+                self.calls.append(f"{name} from {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+def test_a_training_step_syncs_with_the_host_once_while_latents_are_dead(tmp_path, monkeypatch):
+    """One host sync per step, also while aux-k runs: the dead ids used to come from nonzero(), and the
+    backward's CSR from bincount, each a second data-dependent sync on a GPU."""
+    from pipeline.distributed import DistInfo
+    from sae_training import Trainer
+
+    x, _ = synthetic(6_000)
+    data = fake_preprocessed(tmp_path / "data", x[:5_000], x[5_000:])
+    t = Trainer(
+        cfg(data, tmp_path / "run", n_latents=128, k=3, dead_tokens=256), DistInfo(0, 1, 0, 1, torch.device("cpu"))
+    )
+    with torch.no_grad():
+        t.sae.b_enc[64:] = -50.0  # half the latents can never fire: dead after one batch
+    syncs = HostSyncs(monkeypatch)
+    dead = []
+    for step, start in enumerate(range(0, 256 * 6, 256)):
+        rows = t.local_rows(start)  # the prefetcher's work, off the step's path
+        syncs.calls.clear()
+        metrics = t.train_step(start, rows)
+        t.step += 1
+        assert len(syncs.calls) == 1, (step, syncs.calls)
+        dead.append(metrics["debug/dead_latents_ratio"])
+        monkeypatch.undo()
+        assert t.n_dead == int((t.tokens_since_fired >= 256).sum()), step  # the host count is the device's
+        syncs = HostSyncs(monkeypatch)
+    assert dead[0] == 0 and min(dead[1:]) >= 0.5, dead
+
+
 def checkpoint_step(path: Path) -> int:
     try:
         return checkpoint_state(path)["step"]
