@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from llama_3 import load_model
 from llama_3.cli import Dtype, check_choices, parse_config, resolve_dtype, run_main
+from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
 from pipeline import fault_injection
@@ -46,12 +47,11 @@ from pipeline.distributed import DistInfo, run_distributed
 from pipeline.activations import CaptureOutput
 from pipeline.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.output_folder import OutputFolder, config_request, owned_names
-from pipeline.preprocessed import PreprocessedOutput
 from pipeline.meanings import sae_sha256
 from pipeline.paths import SAE_DIR, SENTENCES_DIR, TOP_SENTENCES_DIR
 from pipeline.runtime import capture_dtype, release_free_memory
-from pipeline.sentences import SentenceTokenDataset, iter_sentences
-from pipeline.training_run import TrainingRun
+from pipeline.sentences import SentenceDataset, SentenceTokenDataset, iter_sentences
+from pipeline.top_sentence_sources import Source, capture_batches, from_model_batch, plan_source, sae_capture_dir
 from pipeline.top_sentences import (
     AGGREGATIONS,
     FILES,
@@ -77,6 +77,16 @@ class TopSentencesConfig:
         metadata={"help": "the SAE's model (Meta dir, HF dir or GGUF); default: the path in the SAE's cfg.json"},
     )
     hook_point: str | None = field(default=None, metadata={"help": "must match the SAE's (default: the SAE's)"})
+    source: Source = field(
+        default="auto",
+        metadata={
+            "help": "activations from: auto (the capture where it holds the sentences as the SAE saw them, the "
+            "model for the rest), capture (refuse otherwise), model (always run it)"
+        },
+    )
+    capture: str | None = field(
+        default=None, metadata={"help": "capture folder to read (default: the one the SAE was trained from)"}
+    )
     top_n: int = field(default=50, metadata={"help": "sentences kept per latent and aggregation"})
     non_activating: int = field(default=20, metadata={"help": "sentences sampled per latent where it never fires"})
     max_sentences: int = field(
@@ -105,9 +115,9 @@ class TopSentencesConfig:
 
 def covered_sentences(sae_dir: Path) -> int:
     """How many sentences the SAE's capture took (0: unknown or all), following the run's outputs."""
+    capture = sae_capture_dir(sae_dir)
     try:
-        data = PreprocessedOutput.open(TrainingRun.open(sae_dir.parent).data_dir)
-        return CaptureOutput.open(data.capture_dir).max_sentences if data.capture_dir else 0
+        return CaptureOutput.open(capture).max_sentences if capture else 0
     except PipelineInputError:
         return 0  # an SAE without its run folder (copied alone): every sentence
 
@@ -226,47 +236,72 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
         )
     sae_dir = Path(cfg.sae)
     sae = TopKSae.load(sae_dir, device=info.device).eval()
-    model_dtype = resolve_dtype(cfg.model_dtype) or capture_dtype(info.device)
-    warn_if_emulated(model_dtype, info.device, f"--model-dtype {cfg.model_dtype}")
-    lm = load_model(sae.model_path(cfg.model, f"--sae {cfg.sae}"), device=info.device, dtype=model_dtype)
-    check_compatible(sae, lm.identity(), cfg)
+    sentences = SentenceDataset.open(cfg.sentences)
     max_sentences = covered_sentences(sae_dir) if cfg.max_sentences < 0 else cfg.max_sentences
-    tokenization = sae.cfg.tokenization  # the sequences the SAE was trained on
-    skip_first = tokenization.skip_first_positions  # positions it never saw: BOS, the sink
-    data = SentenceTokenDataset(
-        cfg.sentences,
-        lm.tokenizer,
-        max_tokens=tokenization.sequence_tokens,
-        add_bos=tokenization.add_bos,
-        max_batch_tokens=cfg.max_batch_tokens,
-        rank=info.rank,
-        world_size=info.world_size,
-        max_sentences=max_sentences,
+    capture_dir = Path(cfg.capture) if cfg.capture else sae_capture_dir(sae_dir)
+    requested_dtype = resolve_dtype(cfg.model_dtype)
+    plan = plan_source(
+        cfg.source, capture_dir, sae, sentences, max_sentences, requested_dtype, capture_dtype(info.device)
     )
-    if data.dataset.n_sentences == 0:
+    if info.is_main:
+        print(f"top sentences: {plan.note}")
+    if plan.needs_model_forward:
+        warn_if_emulated(plan.model_dtype, info.device, f"--model-dtype {cfg.model_dtype}")
+    # loaded also when the capture holds everything: its tokenizer names tokens, its unembedding the
+    # latents' promoted tokens
+    lm = load_model(sae.model_path(cfg.model, f"--sae {cfg.sae}"), device=info.device, dtype=plan.model_dtype)
+    check_compatible(sae, lm.identity(), cfg)
+    tokenization = sae.cfg.tokenization  # the sequences the SAE was trained on
+    if tokenization.add_bos and lm.tokenizer.bos_id is None:
+        raise PipelineInputError(f"--sae {cfg.sae}: trained with BOS, but {lm.path} has no BOS token")
+    data = None
+    if plan.needs_model_forward:
+        apply_cpu_fast_paths(lm.model)  # as the capture ran it: same kernels, same numbers
+        data = SentenceTokenDataset(
+            cfg.sentences,
+            lm.tokenizer,
+            max_tokens=tokenization.sequence_tokens,
+            add_bos=tokenization.add_bos,
+            max_batch_tokens=cfg.max_batch_tokens,
+            rank=info.rank,
+            world_size=info.world_size,
+            max_sentences=plan.end,
+            first_sentence=plan.capture_end,
+        )
+    if plan.end == 0:
         raise PipelineInputError(f"--sentences {cfg.sentences}: no sentences to run")
     L, hook = sae.cfg.n_latents, sae.cfg.hook_point
+    skip_first = tokenization.skip_first_positions  # positions it never saw: BOS, the sink
+
+    def batches():
+        if plan.capture:
+            yield from capture_batches(
+                plan, hook, tokenization, lm.tokenizer.bos_id, info.rank, info.world_size, cfg.max_batch_tokens
+            )
+        for batch in data or ():
+            acts = lm.model.capture(batch.tokens.to(info.device), [hook])[hook]  # [B, T, d]
+            yield from_model_batch(batch, acts, skip_first)
+
     tables = {a: TopTable(L, cfg.top_n, info.device) for a in AGGREGATIONS}
     silent = TopTable(L, max(cfg.non_activating, 1), info.device)
     stats = LatentStats(L, info.device)
     store = CodeStore(out, sae.cfg.k, info.rank)
-    bar = tqdm(total=data.n_sentences, unit="sent", disable=not info.is_main, dynamic_ncols=True, desc="top sentences")
-    t0, n_sentences, n_tokens, n_batches = time.perf_counter(), 0, 0, 0
+    expected = plan.capture_end // info.world_size + (data.n_sentences if data else 0)
+    bar = tqdm(total=expected, unit="sent", disable=not info.is_main, dynamic_ncols=True, desc="top sentences")
+    t0, n_sentences, n_model_sentences, n_tokens, n_batches = time.perf_counter(), 0, 0, 0, 0
     try:
         with torch.inference_mode():
-            for batch in data:
-                tokens = batch.tokens.to(info.device)
-                acts = lm.model.capture(tokens, [hook])[hook]  # [B, T, d]
-                B, T = batch.tokens.shape
-                pos = torch.arange(T)[None, :]
-                counted = (pos < batch.lengths[:, None]) & (pos >= skip_first)  # [B, T]
-                rows = counted.nonzero()  # [n, 2] (sentence row, position), row-major
-                out_sae = sae(acts[counted.to(info.device)].float())
+            for batch in batches():
+                B = len(batch.sentence_ids)
+                x = batch.acts.to(info.device).float()  # [n, d]
+                out_sae = sae(x)
                 values, indices = out_sae.values, out_sae.indices  # [n, k]
-                row = rows[:, 0].to(info.device)
-                is_last = (rows[:, 1] == (batch.lengths[rows[:, 0]] - 1)).to(info.device)
+                n_counted = batch.n_counted.to(info.device)
+                row = torch.repeat_interleave(torch.arange(B, device=info.device), n_counted, output_size=len(x))
+                is_last = torch.zeros(len(x), dtype=torch.bool, device=info.device)
+                is_last[(n_counted.cumsum(0) - 1)[n_counted > 0]] = True  # each sentence's last counted token
                 scores = sentence_scores(values, indices, row, is_last, B, L)
-                has_tokens = counted.any(1).to(info.device)  # a sentence with no counted token ranks nowhere
+                has_tokens = n_counted > 0  # a sentence with no counted token ranks nowhere
                 sids = batch.sentence_ids.to(info.device)
                 for a in AGGREGATIONS:
                     s = scores[a].t().masked_fill(~has_tokens[None, :], -torch.inf)
@@ -274,17 +309,22 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
                 never = (scores["max"].t() <= 0) & has_tokens[None, :]  # [L, B]
                 silent.update(sample_key(sids, L).masked_fill(~never, -torch.inf), sids)
                 stats.add(values, indices)
-                # Per-token codes for later highlighting, positions before skip_first left at zero.
+                # Per-token codes for later highlighting, the uncounted first positions left at zero.
                 v_np, i_np = values.float().cpu().numpy(), indices.cpu().numpy()
-                starts = np.concatenate([[0], np.cumsum(counted.sum(1).numpy())])
+                counts = batch.n_counted.numpy()
+                starts = np.concatenate([[0], np.cumsum(counts)])
                 for r, sid in enumerate(batch.sentence_ids.tolist()):
-                    n = int(batch.lengths[r])
-                    full_v, full_i = np.zeros((n, sae.cfg.k), np.float32), np.zeros((n, sae.cfg.k), np.int32)
-                    c = slice(starts[r], starts[r + 1])
-                    full_v[min(skip_first, n) :], full_i[min(skip_first, n) :] = v_np[c], i_np[c]
-                    store.add(sid, batch.tokens[r, :n].numpy(), skip_first, full_v, full_i)
+                    tokens, c = batch.tokens[r], counts[r]
+                    full_v = np.zeros((len(tokens), sae.cfg.k), np.float32)
+                    full_i = np.zeros((len(tokens), sae.cfg.k), np.int32)
+                    full_v[len(tokens) - c :], full_i[len(tokens) - c :] = (
+                        v_np[starts[r] : starts[r + 1]],
+                        i_np[starts[r] : starts[r + 1]],
+                    )
+                    store.add(sid, tokens, skip_first, full_v, full_i)
                 n_sentences += B
-                n_tokens += int(counted.sum())
+                n_model_sentences += 0 if batch.from_capture else B  # the capture skips token-less ones
+                n_tokens += len(x)
                 bar.update(B)
                 bar.set_postfix_str(f"{n_sentences / (time.perf_counter() - t0):.0f} sent/s", refresh=False)
                 fault_injection.point("top_sentences.batch")
@@ -296,11 +336,11 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
         tables, silent, stats = merge_ranks(tables, silent, stats, info)
         store.open()
         rows = top_rows(tables, silent, store, info)
-        n_sentences = n_sentences_all(info, n_sentences)
+        n_sentences = n_sentences_all(info, n_model_sentences) + plan.capture_end
         if not info.is_main:
             return {}
         return write_outputs(
-            cfg, out, lm, sae, tables, silent, stats, rows, n_sentences, elapsed, max_sentences, request
+            cfg, out, lm, sae, tables, silent, stats, rows, n_sentences, elapsed, max_sentences, request, plan
         )
     finally:
         store.close()
@@ -396,6 +436,7 @@ def write_outputs(
     elapsed: float,
     max_sentences: int,
     request: str,
+    plan,
 ) -> dict:
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # the manifest marks completion: written last
     top = sorted(rows["top"], key=lambda r: (r[0], AGGREGATIONS.index(r[1]), r[2]))
@@ -507,6 +548,7 @@ def write_outputs(
         tokenization=asdict(sae.cfg.tokenization),
         excluded_positions=sae.cfg.tokenization.skip_first_positions,
         shortfall=shortfall,
+        source=plan.describe(),
         throughput={"seconds": round(elapsed, 2), "sentences_per_s": round(n_sentences / max(elapsed, 1e-9), 1)},
         files={name: sha256_file(out / name) for name in FILES},
     )  # readers verify them: a changed byte is refused

@@ -166,6 +166,7 @@ def synthetic_capture(out: Path, n_tokens: int, d: int, n_true: int, seed: int) 
         hook_points=[HOOK],
         d_model=d,
         storage_dtype="torch.bfloat16",
+        model_dtype="torch.bfloat16",
         tokenization={"add_bos": False, "max_tokens": SENTENCE_TOKENS},
         selection={"max_sentences": 0},
         tokenizer={"sha256": "synthetic"},

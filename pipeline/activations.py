@@ -24,7 +24,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -231,6 +231,8 @@ class CaptureOutput:
     d_model: int
     storage_dtype: str
     """"torch.bfloat16", "torch.float16" or "torch.float32"."""
+    model_dtype: str
+    """The dtype the model ran in ("torch.bfloat16" / "torch.float32")."""
     model: dict
     """The model's identity (path, kind, config/tokenizer hashes, d_model)."""
     tokenizer_sha256: str
@@ -239,6 +241,8 @@ class CaptureOutput:
     max_sentences: int
     """The capture took the first N sentences of its dataset (0: all)."""
     sentences_dir: Path
+    sentences_fingerprint: str
+    """The sentence dataset's fingerprint: another stage reading "the same sentences" checks it."""
     tokens: int
     shards: list[dict]
     """Per shard: file, rank, n_tokens, n_sentences, sha256, bytes."""
@@ -270,14 +274,93 @@ class CaptureOutput:
             hook_points=m.get("hook_points", list),
             d_model=m.get("d_model", int),
             storage_dtype=m.get("storage_dtype", str),
+            model_dtype=m.get("model_dtype", str),
             model=m.get("inputs.model", dict),
             tokenizer_sha256=m.get("tokenizer.sha256", str),
             tokenization=Tokenization(m.get("tokenization.add_bos", bool), m.get("tokenization.max_tokens", int)),
             max_sentences=m.get("selection.max_sentences", int),
             sentences_dir=Path(m.get("inputs.sentences.path", str)),
+            sentences_fingerprint=m.get("inputs.sentences.fingerprint", str),
             tokens=m.get("counts.tokens", int),
             shards=shards,
         )
+
+    def sentence_end(self, dataset_sentences: int) -> int:
+        """Sentence ids [0, end) are in this capture (those of them with tokens)."""
+        return min(self.max_sentences, dataset_sentences) if self.max_sentences else dataset_sentences
+
+    def read_sentences(
+        self, hook_point: str, rank: int = 0, world_size: int = 1, max_rows: int = 8192
+    ) -> Iterator["CapturedSentences"]:
+        """Whole sentences, as the capture stored them, from every world_size-th shard (this reader's).
+
+        A sentence belongs to the shard it starts in: a reader skips the piece a shard opens with when it
+        continues a sentence from the previous shard, and reads the continuation of its own last sentence
+        from the capture rank's next shards. So each sentence comes out once, over all readers. Rows are
+        read in slices of ~max_rows (memory-mapped, in file order): memory does not grow with the shards."""
+        by_rank = sorted(self.shards, key=lambda s: (s.get("rank", 0), s["file"]))
+        key = act_key(hook_point)
+        for at in range(rank, len(by_rank), world_size):
+            path = self.directory / by_rank[at]["file"]
+            following = [
+                self.directory / s["file"] for s in by_rank[at + 1 :] if s.get("rank", 0) == by_rank[at].get("rank", 0)
+            ]
+            yield from _shard_sentences(path, following, key, max_rows)
+
+
+@dataclass
+class CapturedSentences:
+    """Consecutive whole sentences read back from a capture, rows packed sentence by sentence."""
+
+    sentence_ids: list[int]
+    starts: np.ndarray  # [B + 1] int64: sentence i's rows are [starts[i], starts[i+1])
+    token_ids: np.ndarray  # [n] int32: the text tokens (BOS was never stored)
+    acts: torch.Tensor  # [n, d_model] in the storage dtype
+
+
+def _shard_sentences(path: Path, following: list[Path], key: str, max_rows: int) -> Iterator[CapturedSentences]:
+    try:
+        f = safe_open(str(path), framework="pt")
+        index = {k: f.get_tensor(k).numpy() for k in ("sentence_ids", "sentence_starts", "sentence_first_position")}
+        acts, tokens = f.get_slice(key), f.get_slice("token_ids")
+    except Exception as e:
+        raise PipelineInputError(f"{path}: not a readable activation shard ({str(e).splitlines()[0]})") from None
+    sids, starts, firsts = index["sentence_ids"], index["sentence_starts"], index["sentence_first_position"]
+    first = 1 if len(sids) and firsts[0] > 0 else 0  # the previous shard's sentence, read by its reader
+    with f:
+        while first < len(sids):
+            last = first + 1  # at least one sentence per slice, at most ~max_rows rows
+            while last < len(sids) and starts[last + 1] - starts[first] <= max_rows:
+                last += 1
+            a, b = int(starts[first]), int(starts[last])
+            chunk = CapturedSentences(
+                [int(x) for x in sids[first:last]], starts[first : last + 1] - a, tokens[a:b].numpy(), acts[a:b]
+            )
+            if last == len(sids):  # the shard's last sentence may go on in the next shards
+                chunk = _with_continuation(chunk, following, key)
+            yield chunk
+            first = last
+
+
+def _with_continuation(chunk: CapturedSentences, following: list[Path], key: str) -> CapturedSentences:
+    sid, tokens, acts = chunk.sentence_ids[-1], [chunk.token_ids], [chunk.acts]
+    for path in following:
+        rest = load_shard(path, ["sentence_ids", "sentence_first_position", "sentence_starts"])
+        if not (
+            len(rest["sentence_ids"]) and int(rest["sentence_ids"][0]) == sid and rest["sentence_first_position"][0] > 0
+        ):
+            break
+        n = int(rest["sentence_starts"][1])
+        with safe_open(str(path), framework="pt") as f:
+            tokens.append(f.get_slice("token_ids")[:n].numpy())
+            acts.append(f.get_slice(key)[:n])
+        if len(rest["sentence_ids"]) > 1:  # the sentence ended inside this shard
+            break
+    if len(acts) == 1:
+        return chunk
+    starts = chunk.starts.copy()
+    starts[-1] += sum(len(t) for t in tokens[1:])
+    return CapturedSentences(chunk.sentence_ids, starts, np.concatenate(tokens), torch.cat(acts))
 
 
 def load_shard(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -180,6 +180,7 @@ class SentenceTokenDataset(IterableDataset):
         world_size: int = 1,
         sort_by_length: bool = True,
         max_sentences: int = 0,
+        first_sentence: int = 0,
     ):
         if not 0 <= rank < world_size:
             raise PipelineInputError(f"rank {rank} is out of range for world_size {world_size}")
@@ -199,6 +200,9 @@ class SentenceTokenDataset(IterableDataset):
                 for u in all_units
                 if u.first_sentence_id < max_sentences
             ]
+        # ids below first_sentence are another source's (top sentences reads them from a capture)
+        self.first_sentence = first_sentence
+        all_units = [u for u in all_units if u.first_sentence_id + u.n_rows > first_sentence]
         self.tokenizer = tokenizer
         self.max_tokens, self.add_bos = max_tokens, add_bos
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
@@ -210,7 +214,7 @@ class SentenceTokenDataset(IterableDataset):
     @property
     def n_sentences(self) -> int:
         """Sentences this rank will see."""
-        return sum(u.n_rows for u in self.units)
+        return sum(u.n_rows - max(0, self.first_sentence - u.first_sentence_id) for u in self.units)
 
     def _worker_units(self) -> list[ReadUnit]:
         info = get_worker_info()
@@ -220,7 +224,8 @@ class SentenceTokenDataset(IterableDataset):
         pad = self.tokenizer.pad_id
         for unit in self._worker_units():
             cols = read_unit(unit, ["sentence_id", "text"])
-            cols = {k: v[: unit.n_rows] for k, v in cols.items()}  # a unit cut by max_sentences
+            skip = max(0, self.first_sentence - unit.first_sentence_id)
+            cols = {k: v[skip : unit.n_rows] for k, v in cols.items()}  # a unit cut by max/first sentence
             ids = self.tokenizer.encode_batch(cols["text"], bos=self.add_bos)
             full = [len(t) for t in ids]
             ids = [t[: self.max_tokens] for t in ids]

@@ -49,6 +49,7 @@ def fake_capture(directory: Path, seed: int = 0, n_sentences: int = 300, shard_t
         hook_points=[HOOK],
         d_model=D,
         storage_dtype=str(dtype),
+        model_dtype="torch.float32",
         shards=[{**s, "rank": 0} for s in shards],
     )
     write_json_atomic(directory / "manifest.json", m)

@@ -310,3 +310,118 @@ def test_browser_shows_meanings_and_rerun_reuses_or_refuses(tmp_path, tiny, sent
     assert (out / "top_sentences.parquet").stat().st_mtime_ns == before
     with pytest.raises(PipelineInputError, match="top-sentences output made with other settings"):
         run(tmp_path, tiny, sentences, sae_dir, top_n=3)
+
+
+# ---- activations read back from the SAE's capture (--source) ---------------------------------------
+
+
+def capture_of(tmp_path, tiny, sentences, name: str, **kw) -> Path:
+    from capture_activations import CaptureConfig, main as capture_main
+
+    out = tmp_path / name
+    base = dict(hook_points=[HOOK], model_dtype="float32", storage_dtype="float32", shard_tokens=300)
+    capture_main(
+        CaptureConfig(sentences=str(sentences), out=str(out), model=str(tiny.hf_dir), device="cpu", **{**base, **kw})
+    )
+    return out
+
+
+def tables(out: Path) -> dict[str, list]:
+    res = open_top_sentences(out)
+    return {
+        name: res.table(name).to_pylist() for name in ("top_sentences", "non_activating", "latent_stats", "sentences")
+    }
+
+
+def test_captured_sentences_come_back_whole_and_once_for_any_number_of_readers(tmp_path, tiny, sentences):
+    """Shards of 300 tokens cut sentences in two; every reader split still yields each sentence once,
+    with the rows the capture stored for it (concatenated across the shards it straddles)."""
+    from pipeline.activations import CaptureOutput, act_key, load_shard, sentence_rows
+
+    capture = CaptureOutput.open(capture_of(tmp_path, tiny, sentences, "acts", shard_tokens=97))
+    pieces: dict[int, list] = {}
+    for path in capture.shard_paths:
+        shard = load_shard(path)
+        for sid, pos, a, b in sentence_rows(shard):
+            pieces.setdefault(sid, []).append((pos, shard[act_key(HOOK)][a:b], shard["token_ids"][a:b]))
+    assert any(len(p) > 1 for p in pieces.values())  # the test exercises straddling sentences
+    expected = {sid: (torch.cat([a for _, a, _ in p]), torch.cat([t for _, _, t in p])) for sid, p in pieces.items()}
+    for world_size in (1, 2, 3):
+        got = {}
+        for rank in range(world_size):
+            for chunk in capture.read_sentences(HOOK, rank, world_size, max_rows=64):
+                for i, sid in enumerate(chunk.sentence_ids):
+                    assert sid not in got, (world_size, sid)
+                    a, b = chunk.starts[i], chunk.starts[i + 1]
+                    got[sid] = (chunk.acts[a:b], torch.from_numpy(chunk.token_ids[a:b]))
+        assert sorted(got) == sorted(expected), world_size
+        for sid, (acts, ids) in expected.items():
+            assert torch.equal(got[sid][0], acts) and torch.equal(got[sid][1], ids), (world_size, sid)
+
+
+def test_tables_from_the_capture_equal_the_model_run(tmp_path, tiny, sentences, sae_dir):
+    """fp32 capture: reading it gives exactly the tables of running the model (same batches, same kernels,
+    nothing rounded on the way to disk); a capture of the first 20 sentences serves those and the model
+    the rest, still exactly; --source capture refuses what it does not hold."""
+    full = capture_of(tmp_path, tiny, sentences, "acts")
+    model = run(tmp_path, tiny, sentences, sae_dir, name="model", source="model", browser=False)
+    from_capture = run(
+        tmp_path, tiny, sentences, sae_dir, name="cap", capture=str(full), source="capture", browser=False
+    )
+    m = json.loads((from_capture / "manifest.json").read_text())
+    assert m["source"]["model_sentences"] == 0 and m["source"]["capture_sentences"] == m["counts"]["sentences"]
+    assert tables(from_capture) == tables(model)
+    assert m["counts"] == json.loads((model / "manifest.json").read_text())["counts"]
+
+    part = capture_of(tmp_path, tiny, sentences, "acts20", max_sentences=20)
+    mixed = run(tmp_path, tiny, sentences, sae_dir, name="mixed", capture=str(part), browser=False)
+    m = json.loads((mixed / "manifest.json").read_text())["source"]
+    assert m["capture_sentences"] == 20 and m["model_sentences"] > 0, m
+    assert tables(mixed) == tables(model)
+    with pytest.raises(PipelineInputError, match="--source capture: .*acts20 holds sentences 0..19"):
+        run(tmp_path, tiny, sentences, sae_dir, name="refused", capture=str(part), source="capture")
+
+
+def test_a_bf16_capture_gives_the_scores_of_bf16_rounded_activations(tmp_path, tiny, sentences, sae_dir):
+    """Stored in bf16, the capture path scores what the SAE gets from disk: the brute-force scores of the
+    activations rounded to bf16 (within fp32 noise), and the fp32 model run's within bf16 rounding."""
+    acts = capture_of(tmp_path, tiny, sentences, "acts16", storage_dtype="bfloat16")
+    out = run(tmp_path, tiny, sentences, sae_dir, name="bf16", capture=str(acts), source="capture", browser=False)
+    lm, sae = load_model(tiny.hf_dir), TopKSae.load(sae_dir)
+    ref = {}
+    for part in iter_sentences(sentences):
+        for sid, text in zip(part["sentence_id"], part["text"]):
+            ids = lm.tokenizer.encode(text, bos=False)[:192]
+            with torch.no_grad():
+                a = lm.model.capture(torch.tensor([ids]), [HOOK])[HOOK][0].bfloat16().float()
+                values, idx = sae.encode(sae.normalize_input(a)[0], dense=True)
+            ref[sid] = scores_of(torch.zeros(len(ids), N_LATENTS).scatter(1, idx, values))
+    top = open_top_sentences(out).table("top_sentences").to_pylist()
+    assert len(top) > 50
+    got = np.array([r["score"] for r in top])
+    want = np.array([ref[r["sentence_id"]][r["aggregation"]][r["latent"]].item() for r in top])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    model = {
+        (r["latent"], r["aggregation"], r["rank"]): r["score"]
+        for r in tables(run(tmp_path, tiny, sentences, sae_dir, name="fp32", source="model", browser=False))[
+            "top_sentences"
+        ]
+    }
+    firsts = [(model[(r["latent"], r["aggregation"], 0)], r["score"]) for r in top if r["rank"] == 0]
+    np.testing.assert_allclose(*zip(*firsts), rtol=2e-2, atol=2e-2)  # bf16: 8 bits of mantissa
+
+
+def test_a_capture_that_does_not_match_the_sae_is_refused_or_bypassed(tmp_path, tiny, sentences, sae_dir):
+    other_hook = capture_of(tmp_path, tiny, sentences, "acts0", hook_points=["resid_pre.0"])
+    with pytest.raises(
+        PipelineInputError, match="--source capture: capture .*acts0: it holds resid_pre.0, not the SAE"
+    ):
+        run(tmp_path, tiny, sentences, sae_dir, name="r", capture=str(other_hook), source="capture")
+    with pytest.raises(PipelineInputError, match="--source capture: the SAE's run folder names no capture"):
+        run(tmp_path, tiny, sentences, sae_dir, name="r2", source="capture")
+    bf16_model = capture_of(tmp_path, tiny, sentences, "actsb", model_dtype="bfloat16")
+    with pytest.raises(PipelineInputError, match="its model ran in torch.bfloat16, not the requested torch.float32"):
+        run(tmp_path, tiny, sentences, sae_dir, name="r3", capture=str(bf16_model), source="capture")
+    out = run(tmp_path, tiny, sentences, sae_dir, name="auto", capture=str(other_hook), browser=False)
+    note = json.loads((out / "manifest.json").read_text())["source"]
+    assert note["capture_sentences"] == 0 and "resid_pre.0" in note["note"], note
