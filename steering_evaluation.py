@@ -38,7 +38,14 @@ from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
 from pipeline.steering import MODES, Mode, SteeringEntry
 from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.steering_session import Session
-from pipeline.steering_eval import DEFAULT_PROMPTS, generate_and_encode, latent_scales, meaning_keywords, summarize
+from pipeline.steering_eval import (
+    DEFAULT_PROMPTS,
+    generate_rows,
+    latent_scales,
+    meaning_keywords,
+    select,
+    summarize,
+)
 
 KIND = "steering_eval"
 
@@ -69,6 +76,14 @@ class SteeringEvalConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     steer_on: SpliceOn = field(default="all", metadata={"help": "all, prompt, generated"})
     keep_error: bool = field(default=True, metadata={"help": "keep the SAE error term (else: pure reconstruction)"})
+    batch_rows: int = field(
+        default=256,
+        metadata={
+            "fingerprint": False,
+            "help": "(latent, mode, prompt) rows generated per batch (0: all at once; the number of prompts: one "
+            "latent and mode at a time); greedy results do not depend on it",
+        },
+    )
     device: str = field(default="auto", metadata={"fingerprint": False, "help": "auto, cpu, cuda"})
     dtype: Dtype = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
     force: bool = field(default=False, metadata={"fingerprint": False, "help": "recompute even if the output matches"})
@@ -107,6 +122,8 @@ def main(cfg: SteeringEvalConfig) -> dict:
         return results
     if not cfg.modes:
         raise PipelineInputError(f"--modes: name at least one of {', '.join(MODES)}")
+    if cfg.batch_rows < 0:
+        raise PipelineInputError(f"--batch-rows {cfg.batch_rows}: must be >= 0 (0: every row in one batch)")
     if not cfg.prompts or cfg.max_new_tokens < 1 or cfg.strength_factor <= 0:
         raise PipelineInputError("--prompts must be non-empty, --max-new-tokens >= 1, --strength-factor > 0")
     check_splice_on(cfg.steer_on)
@@ -129,9 +146,22 @@ def main(cfg: SteeringEvalConfig) -> dict:
     prompts = session.text_prompts(cfg.prompts)
 
     start = time.time()
-    unsteered = generate_and_encode(session, prompts, [], sampling | {"splice_on": cfg.steer_on}, cfg.keep_error)
+    # Every (latent, mode, prompt) row and the unsteered prompts, generated together in batches of
+    # --batch-rows: each row carries its own steering entry into the splice.
+    groups = [(None, None)] + [(latent, mode) for latent in latents for mode in cfg.modes]
+    entries = {
+        (latent, mode): [SteeringEntry(latent, mode, cfg.strength_factor * scales[latent])]
+        for latent, mode in groups[1:]
+    }
+    rows = [(p, entries.get(g, [])) for g in groups for p in prompts]
+    with tqdm(total=len(rows), desc="steering eval", unit="row") as bar:
+        generated = generate_rows(
+            session, rows, sampling | {"splice_on": cfg.steer_on}, cfg.keep_error, cfg.batch_rows or len(rows), bar
+        )
+    group_of = {g: select(generated, range(i * len(prompts), (i + 1) * len(prompts))) for i, g in enumerate(groups)}
+    unsteered = group_of[(None, None)]
     results = []
-    for latent in tqdm(latents, desc="steering eval", unit="latent"):
+    for latent in latents:
         meaning = steerable.meaning(latent)
         keywords = meaning_keywords(meaning)
         row = {
@@ -144,12 +174,9 @@ def main(cfg: SteeringEvalConfig) -> dict:
             "modes": {},
         }
         for mode in cfg.modes:
-            entry = SteeringEntry(latent, mode, cfg.strength_factor * scales[latent])
-            steered = generate_and_encode(
-                session, prompts, [entry], sampling | {"splice_on": cfg.steer_on}, cfg.keep_error
-            )
+            steered = group_of[(latent, mode)]
             row["modes"][mode] = {
-                "strength": round(entry.strength, 4),
+                "strength": round(entries[(latent, mode)][0].strength, 4),
                 **summarize(latent, steered, keywords),
                 "example": steered.texts[0],
             }

@@ -22,7 +22,7 @@ from llama_3.checkpoints import LoadedModel, load_model
 from llama_3.errors import PipelineInputError
 from llama_3.hooks import Splice
 from pipeline.meanings import load_meanings, sae_sha256
-from sae import TopKSae
+from sae import TopKSae, encoder_preacts
 
 Mode = Literal["h_bias", "clamp", "add"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -58,62 +58,98 @@ def check_entries(sae: TopKSae, entries: list[SteeringEntry]) -> None:
             raise PipelineInputError(f"--steer {e.latent}: the SAE has latents 0..{sae.cfg.n_latents - 1}")
 
 
+def _per_row(entries, rows: torch.Tensor | None, n: int, device) -> tuple[list[list[SteeringEntry]], torch.Tensor]:
+    """(one entry list per batch row, each token's row [N]); one shared list when rows is None."""
+    if rows is None:
+        return [list(entries)], torch.zeros(n, dtype=torch.long, device=device)
+    return [list(e) for e in entries], rows
+
+
 def steered_codes(
-    sae: TopKSae, x_norm: torch.Tensor, entries: list[SteeringEntry]
+    sae: TopKSae, x_norm: torch.Tensor, entries, rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x̃ [N, d] (normalised) -> the SAE's code with h_bias and clamp entries applied:
     (values, indices) [N, k + n_clamp].
 
-    A clamped latent's own slot is zeroed and the clamp value appended as an extra column, so the
-    code decodes to the reconstruction with that latent set to the value whether or not TopK kept it."""
-    h_bias = torch.zeros(sae.cfg.n_latents, device=x_norm.device)
-    for e in entries:
-        if e.mode == "h_bias":
-            h_bias[e.latent] += e.strength
-    saved = sae.h_bias.clone()
-    try:
-        sae.h_bias.copy_(h_bias)
+    `entries`: one list for every token, or, with `rows` [N] (each token's batch row), one list per
+    row, so a batch can steer every row differently (the steering evaluation generates all its
+    (latent, mode, prompt) rows at once). A clamped latent's own slot is zeroed and the clamp value
+    appended as an extra column, so the code decodes to the reconstruction with that latent set to
+    the value whether or not TopK kept it."""
+    per_row, rows = _per_row(entries, rows, len(x_norm), x_norm.device)
+    h_bias = torch.zeros(len(per_row), sae.cfg.n_latents)  # [R, L]
+    for r, row_entries in enumerate(per_row):
+        for e in row_entries:
+            if e.mode == "h_bias":
+                h_bias[r, e.latent] += e.strength
+    if h_bias.any():
+        pre = encoder_preacts(x_norm - sae.b_pre, sae.W_enc, sae.b_enc + sae.h_bias).float()  # [N, L]
+        top, indices = (pre + h_bias.to(pre.device)[rows]).topk(sae.cfg.k, dim=-1, sorted=False)
+        values = top.relu()
+    else:
         values, indices = sae.encode(x_norm)
-    finally:
-        sae.h_bias.copy_(saved)
-    for e in entries:
-        if e.mode == "clamp":
-            values = torch.cat(
-                [values.masked_fill(indices == e.latent, 0.0), values.new_full((len(values), 1), e.strength)], 1
-            )
-            indices = torch.cat([indices, indices.new_full((len(indices), 1), e.latent)], 1)
+    n_clamps = max(sum(e.mode == "clamp" for e in row_entries) for row_entries in per_row)
+    for c in range(n_clamps):  # the c-th clamp of each row (-1: that row has none)
+        latent, value = torch.full((len(per_row),), -1), torch.zeros(len(per_row))
+        for r, row_entries in enumerate(per_row):
+            clamps = [e for e in row_entries if e.mode == "clamp"]
+            if c < len(clamps):
+                latent[r], value[r] = clamps[c].latent, clamps[c].strength
+        latent, value = latent.to(x_norm.device)[rows], value.to(x_norm.device)[rows]  # [N]
+        values = torch.cat([values.masked_fill(indices == latent[:, None], 0.0), value[:, None].to(values.dtype)], 1)
+        indices = torch.cat([indices, latent.clamp(min=0)[:, None]], 1)
     return values, indices
 
 
-def steered_reconstruction(sae: TopKSae, x: torch.Tensor, entries: list[SteeringEntry]) -> torch.Tensor:
-    """x [..., d] -> the SAE's reconstruction with every entry applied, in the raw space."""
+def steered_reconstruction(sae: TopKSae, x: torch.Tensor, entries, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., d] -> the SAE's reconstruction with every entry applied, in the raw space (`entries` and
+    `rows` [x.numel() / d] as in steered_codes)."""
     shape = x.shape
     x_norm, ctx = sae.normalize_input(x.reshape(-1, shape[-1]).float())
-    values, indices = steered_codes(sae, x_norm, entries)
+    values, indices = steered_codes(sae, x_norm, entries, rows)
     x_hat_norm = sae.decode(values, indices)
-    for e in entries:
-        if e.mode == "add":
-            x_hat_norm = x_hat_norm + e.strength * sae.W_dec[e.latent].float()
+    per_row, rows = _per_row(entries, rows, len(x_norm), x_norm.device)
+    added = [[e for e in row_entries if e.mode == "add"] for row_entries in per_row]
+    if any(added):
+        offset = torch.zeros(len(per_row), shape[-1], device=x_norm.device)  # [R, d]
+        for r, row_adds in enumerate(added):
+            for e in row_adds:
+                offset[r] += e.strength * sae.W_dec[e.latent].float()
+        x_hat_norm = x_hat_norm + offset[rows]
     return sae.denormalize(x_hat_norm, ctx).reshape(shape)
 
 
 def sae_splice(
-    sae: TopKSae, entries: list[SteeringEntry] = (), keep_error: bool = True, position_mask: torch.Tensor | None = None
+    sae: TopKSae,
+    entries: list[SteeringEntry] = (),
+    keep_error: bool = True,
+    position_mask: torch.Tensor | None = None,
+    row_entries: list[list[SteeringEntry]] | None = None,
 ) -> Splice:
     """A Splice for the model's run_with_hooks / generation at sae.cfg.hook_point.
 
     position_mask [B, T] or [B, 1] (a per-row switch, e.g. for steered and unsteered rows in one
     batch): where the steering applies; elsewhere the stream is unsteered (the clean stream with
-    the error term, the plain reconstruction without). Positions the SAE never saw in training
-    (sae.cfg.exclude_first_positions, the attention sink) are always left untouched."""
+    the error term, the plain reconstruction without). row_entries: instead of one `entries` list
+    for every row, one per batch row (an empty list: that row unsteered). Positions the SAE never saw
+    in training (sae.cfg.exclude_first_positions, the attention sink) are always left untouched."""
     entries = list(entries)
-    check_entries(sae, entries)
+    check_entries(sae, entries + [e for row in row_entries or () for e in row])
 
     def clean(x):
         return sae(x.reshape(-1, x.shape[-1]).float()).x_hat.reshape(x.shape)
 
     def steered(x):
-        out = steered_reconstruction(sae, x, entries) if entries else clean(x)
+        if row_entries is not None:
+            if len(row_entries) != x.shape[0]:
+                raise ValueError(f"row_entries has {len(row_entries)} rows, the batch {x.shape[0]}")
+            rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(x.shape[1])  # [B*T]
+            out = steered_reconstruction(sae, x, row_entries, rows)
+            # unsteered rows exactly as the clean reconstruction: with the error term they see exactly x
+            steering = torch.tensor([bool(r) for r in row_entries], device=x.device)[:, None, None]
+            out = torch.where(steering, out, clean(x))
+        else:
+            out = steered_reconstruction(sae, x, entries) if entries else clean(x)
         if position_mask is None:
             return out
         outside = x.float() if keep_error else clean(x)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.steering import SteeringEntry, hook_activations, steering_batch
+from pipeline.steering import SteeringEntry, sae_splice
 from pipeline.top_sentences import open_top_sentences
 
 DEFAULT_PROMPTS = (
@@ -59,11 +59,29 @@ def continuation_activations(
     """The clean model reads prompt + continuation. Returns, for the continuation's tokens, the SAE
     codes [T_cont, n_latents] of (the text's own activations, the stream after the splice): the
     clean capture is what the splice saw during generation, the splice of it what the model saw."""
-    x = hook_activations(model, sae.cfg.hook_point, prompt + continuation)  # [T, d]
-    positions = torch.arange(len(x), device=x.device)[None]
-    stream = splice(x[None], positions)[0]
-    start = len(prompt)
-    return dense_codes(sae, x[start:]), dense_codes(sae, stream[start:])
+    return encode_continuations(model, sae, splice, [prompt], [continuation])[0]
+
+
+@torch.inference_mode()
+def encode_continuations(
+    model, sae, splice, prompts: list[list[int]], continuations: list[list[int]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """continuation_activations for a batch of rows in one forward: right-padded, so every real token
+    sees only its own row's earlier tokens (causal attention); `splice` steers row b as the generation
+    of row b was steered."""
+    seqs = [p + c for p, c in zip(prompts, continuations)]
+    device = model.tok_embeddings.weight.device
+    tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long, device=device)
+    for b, seq in enumerate(seqs):
+        tokens[b, : len(seq)] = torch.tensor(seq, device=device)
+    x = model.capture(tokens, [sae.cfg.hook_point])[sae.cfg.hook_point].float()  # [R, T, d]
+    positions = torch.arange(tokens.shape[1], device=device)[None].expand(len(seqs), -1)
+    stream = splice(x, positions)
+    out = []
+    for b, (p, c) in enumerate(zip(prompts, continuations)):
+        span = slice(len(p), len(p) + len(c))
+        out.append((dense_codes(sae, x[b, span]), dense_codes(sae, stream[b, span])))
+    return out
 
 
 def repetition(tokens: list[int]) -> float:
@@ -106,13 +124,40 @@ class Continuations:
 
 
 def generate_and_encode(
-    session, prompts: list[list[int]], entries: list[SteeringEntry], sampling: dict, keep_error: bool
+    session, prompts: list[list[int]], row_entries: list[list[SteeringEntry]], sampling: dict, keep_error: bool
 ) -> Continuations:
+    """One batch: row b continues prompts[b] steered by row_entries[b] (empty: unsteered), then the
+    clean model re-reads every continuation."""
     sae = session.steerable.sae
-    batch, splice = steering_batch(sae, prompts, entries, keep_error, compare=False)
-    out = session.gen.generate(batch, splice={session.steerable.hook_point: splice}, **sampling)
-    pairs = [continuation_activations(session.loaded.model, sae, splice, p, c.tokens) for p, c in zip(prompts, out)]
+    splice = sae_splice(sae, keep_error=keep_error, row_entries=row_entries)
+    out = session.gen.generate(prompts, splice={session.steerable.hook_point: splice}, **sampling)
+    pairs = encode_continuations(session.loaded.model, sae, splice, prompts, [c.tokens for c in out])
     return Continuations([c.tokens for c in out], [c.text for c in out], [a for a, _ in pairs], [b for _, b in pairs])
+
+
+def generate_rows(
+    session,
+    rows: list[tuple[list[int], list[SteeringEntry]]],
+    sampling: dict,
+    keep_error: bool,
+    batch_rows: int,
+    progress=None,
+) -> Continuations:
+    """Every (prompt, entries) row, in batches of at most `batch_rows`: a row's greedy continuation
+    does not depend on its batch mates (left padding, own RoPE positions, own steering entries)."""
+    done = Continuations([], [], [], [])
+    for a in range(0, len(rows), batch_rows):
+        part = rows[a : a + batch_rows]
+        got = generate_and_encode(session, [p for p, _ in part], [e for _, e in part], sampling, keep_error)
+        for field in ("tokens", "texts", "codes", "stream_codes"):
+            getattr(done, field).extend(getattr(got, field))
+        if progress is not None:
+            progress.update(len(part))
+    return done
+
+
+def select(cont: Continuations, picked: range) -> Continuations:
+    return Continuations(*([getattr(cont, f)[i] for i in picked] for f in ("tokens", "texts", "codes", "stream_codes")))
 
 
 def summarize(latent: int, cont: Continuations, keywords: list[str]) -> dict:

@@ -305,6 +305,9 @@ def test_steering_evaluation_reports_and_reuses(tiny, sae_dir, tmp_path, capsys)
             assert m["in_stream"] > r["unsteered"]["in_stream"]  # the intervention is visible in every mode
     manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())
     assert manifest["kind"] == "steering_eval" and manifest["counts"]["latents"] == 2
+    # one (latent, mode) per batch, as the evaluation used to run, gives the same document
+    one_at_a_time = eval_main(SteeringEvalConfig(**{**cfg.__dict__, "batch_rows": 2, "force": True}))
+    assert one_at_a_time == doc
     capsys.readouterr()
     assert eval_main(cfg) == json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "already complete" in capsys.readouterr().out
@@ -312,3 +315,34 @@ def test_steering_evaluation_reports_and_reuses(tiny, sae_dir, tmp_path, capsys)
         eval_main(SteeringEvalConfig(**{**cfg.__dict__, "modes": ["boost"], "force": True}))
     with pytest.raises(PipelineInputError, match="no meanings for this SAE"):
         eval_main(SteeringEvalConfig(**{**cfg.__dict__, "meanings": str(tmp_path / "empty"), "force": True}))
+
+
+@pytest.mark.parametrize("keep_error", [True, False])
+def test_rows_steered_differently_in_one_batch_equal_each_steered_alone(tiny, sae_dir, tmp_path, keep_error):
+    """The steering evaluation's batch: every row its own entries (or none). Each row's continuation,
+    its re-read codes and the stream the model saw equal a generation of that row's prompts alone with
+    its entries shared by the batch (the loop the evaluation used to run), in every mode."""
+    from pipeline.steering_eval import generate_rows
+
+    session = session_for(tiny, sae_dir, tmp_path / "none")
+    sae = session.steerable.sae
+    sampling = {"max_new_tokens": 6, "temperature": 0.0, "seed": 0}
+    groups = [
+        [],
+        [SteeringEntry(7, "h_bias", 20.0)],
+        [SteeringEntry(7, "clamp", 10.0)],
+        [SteeringEntry(3, "add", 10.0)],
+    ]
+    groups.append([SteeringEntry(7, "clamp", 10.0), SteeringEntry(3, "add", 5.0), SteeringEntry(5, "h_bias", 8.0)])
+    rows = [(p, g) for g in groups for p in PROMPTS]
+    batched = generate_rows(session, rows, sampling, keep_error, batch_rows=len(rows))
+    for i, entries in enumerate(groups):
+        batch, splice = steering_batch(sae, PROMPTS, entries, keep_error, compare=False)
+        out = session.gen.generate(batch, splice={HOOK: splice}, **sampling)
+        for j, (p, c) in enumerate(zip(PROMPTS, out)):
+            r = i * len(PROMPTS) + j
+            assert batched.tokens[r] == c.tokens, (entries, p)
+            codes, stream = continuation_activations(session.loaded.model, sae, splice, p, c.tokens)
+            torch.testing.assert_close(batched.codes[r], codes, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(batched.stream_codes[r], stream, rtol=1e-4, atol=1e-4)
+    assert any(batched.tokens[r] != batched.tokens[r % len(PROMPTS)] for r in range(len(PROMPTS), len(rows)))
