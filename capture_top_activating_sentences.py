@@ -52,6 +52,7 @@ from pipeline.paths import SAE_DIR, SENTENCES_DIR, TOP_SENTENCES_DIR
 from pipeline.runtime import capture_dtype, release_free_memory
 from pipeline.sentences import SentenceDataset, SentenceTokenDataset, iter_sentences
 from pipeline.top_sentence_sources import Source, capture_batches, from_model_batch, plan_source, sae_capture_dir
+from pipeline.feature_browser import STAGING_PREFIX as BROWSER_STAGING, write_browser
 from pipeline.top_sentences import (
     AGGREGATIONS,
     FILES,
@@ -138,7 +139,7 @@ def output_folder(cfg: TopSentencesConfig) -> OutputFolder:
     return OutputFolder(
         Path(cfg.out),
         "top-sentences output",
-        owned_names(MANIFEST_NAME, *FILES, "browser", prefixes=(".codes-r",)),
+        owned_names(MANIFEST_NAME, *FILES, "browser", prefixes=(".codes-r", BROWSER_STAGING)),
         foreign_ok=True,
     )
 
@@ -193,22 +194,19 @@ class CodeStore:
         os.preadv(self.readers[name].fileno(), [out], first * width * out.itemsize)
         return out.reshape(n, width) if width > 1 else out
 
-    def holds(self, sid: int) -> bool:
-        i = np.searchsorted(self.ids, sid)
-        return bool(i < len(self.ids) and self.ids[i] == sid)
+    def spans(self, sids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """sids [m] -> (held [m] bool, first token [m], token count [m]) of each stored sentence."""
+        i = np.minimum(np.searchsorted(self.ids, sids), max(len(self.ids) - 1, 0))
+        held = (self.ids[i] == sids) if len(self.ids) else np.zeros(len(sids), bool)
+        return held, self.starts[i], self.lengths[i]
 
-    def _span(self, sid: int) -> tuple[int, int]:
-        i = np.searchsorted(self.ids, sid)
-        return int(self.starts[i]), int(self.lengths[i])
-
-    def activations(self, sid: int, latent: int) -> list[float]:
-        a, n = self._span(sid)
-        v, i = self._read("values", np.float32, a, n, self.k), self._read("indices", np.int32, a, n, self.k)
-        return np.where(i == latent, v, 0.0).sum(1).round(4).tolist()
-
-    def token_ids(self, sid: int) -> list[int]:
-        a, n = self._span(sid)
-        return self._read("tokens", np.int32, a, n).tolist()
+    def read(self, first: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One stored sentence: token ids [n], values [n, k], indices [n, k]."""
+        return (
+            self._read("tokens", np.int32, first, n),
+            self._read("values", np.float32, first, n, self.k),
+            self._read("indices", np.int32, first, n, self.k),
+        )
 
     def close(self) -> None:
         for f in [*self.files.values(), *getattr(self, "readers", {}).values()]:
@@ -373,17 +371,31 @@ def merge_ranks(tables: dict, silent: TopTable, stats: LatentStats, info: DistIn
 
 
 def top_rows(tables: dict, silent: TopTable, store: CodeStore, info: DistInfo) -> dict:
-    """Rows for the output tables, each filled by the rank that holds the sentence's codes."""
+    """Rows for the output tables, each filled by the rank that holds the sentence's codes.
+
+    Every stored sentence that some latent ranks is read once, in file order (a latent's per-token
+    activations come from that one read), not once per (latent, aggregation, rank) row."""
+    lat, agg, rank, sid, score = [], [], [], [], []
+    for a, (name, table) in enumerate(tables.items()):
+        scores, ids = table.scores.cpu().numpy(), table.ids.cpu().numpy()  # one device-to-host copy each
+        latents, ranks = np.nonzero(np.isfinite(scores))
+        lat.append(latents), rank.append(ranks), agg.append(np.full(len(latents), a))
+        sid.append(ids[latents, ranks]), score.append(scores[latents, ranks])
+    lat, agg, rank, sid, score = (np.concatenate(x) for x in (lat, agg, rank, sid, score))
+    held, first, length = store.spans(sid)
+    names = list(tables)
     top, sentences = [], {}
-    for agg, table in tables.items():
-        scores, ids = table.scores.cpu().numpy(), table.ids.cpu().numpy()
-        for latent, rank in zip(*np.nonzero(np.isfinite(scores))):
-            sid = int(ids[latent, rank])
-            if store.holds(sid):
-                top.append(
-                    (int(latent), agg, int(rank), sid, float(scores[latent, rank]), store.activations(sid, int(latent)))
-                )
-                sentences.setdefault(sid, store.token_ids(sid))
+    order = np.flatnonzero(held)[np.argsort(first[held], kind="stable")]  # rows grouped by sentence, file order
+    bounds = np.flatnonzero(np.diff(first[order])) + 1
+    for group in np.split(order, bounds) if len(order) else []:
+        s = int(sid[group[0]])
+        tokens, values, indices = store.read(int(first[group[0]]), int(length[group[0]]))
+        sentences[s] = tokens.tolist()
+        for part in np.array_split(group, -(-len(group) // 1024)):  # [rows, n, k] stays under ~100 MB
+            # [rows, n]: each row's latent is active in at most one of a token's k slots
+            acts = np.where(indices[None] == lat[part][:, None, None], values[None], 0.0).sum(-1).round(4)
+            for r, a in zip(part, acts.tolist()):
+                top.append((int(lat[r]), names[agg[r]], int(rank[r]), s, float(score[r]), a))
     silent_ids = silent.ids.cpu().numpy()  # one device-to-host copy, not one per element
     silent_rows = [
         (int(latent), int(silent_ids[latent, j]))
@@ -554,7 +566,6 @@ def write_outputs(
     )  # readers verify them: a changed byte is refused
     browser_index = None
     if cfg.browser:
-        from pipeline.feature_browser import write_browser
 
         browser_index = write_browser(TopSentences.of(out, manifest), cfg.meanings)
         manifest["browser"] = str(browser_index)

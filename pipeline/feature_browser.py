@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import html
 import math
+import os
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.compute as pc
 
-from pipeline.manifest import atomic_path
 from pipeline.meanings import load_meanings
 from pipeline.top_sentences import AGGREGATIONS, TopSentences
 
@@ -46,11 +48,14 @@ def _page(title: str, body: str, script: str = "") -> str:
     )
 
 
+STAGING_PREFIX = ".browser-"
+
+
 def highlight(tokens: list[str], activations: list[float], peak: float) -> str:
-    """Tokens as text, those with activation > 0 shaded in proportion to it (title = the value)."""
+    """Tokens (already HTML-escaped) as text, those with activation > 0 shaded in proportion to it
+    (title = the value)."""
     parts = []
-    for tok, a in zip(tokens, activations):
-        t = html.escape(tok)
+    for t, a in zip(tokens, activations):
         if a > 0:
             alpha = min(1.0, a / peak) if peak > 0 else 1.0
             parts.append(
@@ -91,21 +96,48 @@ def write_browser(data: TopSentences, meanings_dir: str | Path) -> Path:
     top = top.filter(pc.less(top["rank"], per_aggregation)).to_pylist()
     silent = data.table("non_activating").to_pylist()
     sent = {r["sentence_id"]: r for r in data.table("sentences").to_pylist()}
+    escaped: dict[str, str] = {}  # token pieces repeat: escape each distinct one once
+    for r in sent.values():
+        r["tokens"] = [escaped.get(t) or escaped.setdefault(t, html.escape(t)) for t in r["tokens"]]
     by_latent: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in top:
         by_latent[r["latent"]][r["aggregation"]].append(r)
     silent_by: dict[int, list[int]] = defaultdict(list)
     for r in silent:
         silent_by[r["latent"]].append(r["sentence_id"])
-    browser = out / "browser"
-    (browser / "latents").mkdir(parents=True, exist_ok=True)
-    edges = data.field("histogram_edges", list)
-    for s in stats:
-        i = s["latent"]
-        write_text(
-            browser / "latents" / f"{i}.html",
-            latent_page(s, by_latent.get(i, {}), silent_by.get(i, []), sent, meanings.get(i), edges),
-        )
+    # Thousands of pages: written plainly into a staging folder that replaces browser/ whole, not one
+    # fsync + rename per page (4,609 of those took seconds on a slow disk, each time meanings change).
+    for stale in out.glob(STAGING_PREFIX + "*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        (staging / "latents").mkdir()
+        edges = data.field("histogram_edges", list)
+        for s in stats:
+            i = s["latent"]
+            page = latent_page(s, by_latent.get(i, {}), silent_by.get(i, []), sent, meanings.get(i), edges)
+            (staging / "latents" / f"{i}.html").write_text(page, encoding="utf-8")
+        (staging / "index.html").write_text(index_page(data, stats, meanings), encoding="utf-8")
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        replace_folder(staging, out / "browser")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out / "browser" / "index.html"
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put folder `new` in place of `target`: readers see the old browser or the new one, whole."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target.parent))
+        os.replace(target, old / "old")
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def index_page(data: TopSentences, stats: list[dict], meanings: dict) -> str:
     rows = []
     for s in stats:
         i, m = s["latent"], meanings.get(s["latent"], {})
@@ -132,9 +164,7 @@ def write_browser(data: TopSentences, meanings_dir: str | Path) -> Path:
         "<table><thead><tr><th>latent</th><th>frequency</th><th>mean act.</th><th>meaning</th><th>certainty</th>"
         f"<th>detection score</th><th>promotes</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
-    index = browser / "index.html"
-    write_text(index, _page("Feature browser", body, SORT_JS))
-    return index
+    return _page("Feature browser", body, SORT_JS)
 
 
 def latent_page(
@@ -167,8 +197,3 @@ def latent_page(
     silent = "".join(f"<div class='s'>{html.escape(sent[sid]['text'])}</div>" for sid in silent_ids[:5] if sid in sent)
     sections.append(f"<h2>Sentences where it does not fire</h2>{silent or '<p>none sampled</p>'}")
     return _page(f"Latent {i}", head + "".join(sections))
-
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
