@@ -40,7 +40,10 @@ class SentenceEncoder:
         self.w = {k: v.float().to(device) for k, v in load_file(str(d / "model.safetensors")).items()}
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_tokens)
-        self.tokenizer.enable_padding(pad_id=self.cfg.get("pad_token_id", 0))
+        self._unpadded = Tokenizer.from_str(self.tokenizer.to_str())  # lengths first, padding per batch
+        self._unpadded.no_padding()  # tokenizer.json pads every text to 128
+        self.pad_id = self.cfg.get("pad_token_id", 0)
+        self.tokenizer.enable_padding(pad_id=self.pad_id)
         self.device = device
 
     def _layer_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -76,19 +79,32 @@ class SentenceEncoder:
             x = self._layer_norm(x + self._linear(h, f"{p}.output.dense"), f"{p}.output.LayerNorm")
         return x
 
-    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        # Batches of similar length waste little on padding; results go back to the callers' order.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        texts = [texts[i] for i in order]
-        out = []
-        for a in range(0, len(texts), batch_size):
-            enc = self.tokenizer.encode_batch(list(texts[a : a + batch_size]))
-            ids = torch.tensor([e.ids for e in enc], device=self.device)
-            mask = torch.tensor([e.attention_mask for e in enc], device=self.device)
-            h = self.hidden_states(ids, mask)
-            m = mask[..., None].float()
-            out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1))
-        if not out:
+    def encode(self, texts: list[str], max_batch_tokens: int = 8192) -> torch.Tensor:
+        """texts -> [n, 384] unit vectors, in the callers' order.
+
+        Batches of texts with equal or near-equal token counts (sorted by count, not by characters,
+        which left 45% of a batch's positions padding on the demo's sentences)."""
+        if not texts:
             return torch.zeros(0, self.cfg["hidden_size"])
-        vectors = torch.cat(out)
-        return vectors[torch.argsort(torch.tensor(order))]
+        ids = [e.ids for e in self._unpadded.encode_batch(list(texts))]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        vectors = torch.empty(len(ids), self.cfg["hidden_size"], device=self.device)
+        a = 0
+        while a < len(order):
+            b = a + 1
+            while b < len(order) and (b + 1 - a) * len(ids[order[b]]) <= max_batch_tokens:
+                b += 1
+            rows = order[a:b]
+            T = max(len(ids[i]) for i in rows)
+            batch = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(rows), T, dtype=torch.long)
+            for r, i in enumerate(rows):
+                batch[r, : len(ids[i])], mask[r, : len(ids[i])] = torch.tensor(ids[i]), 1
+            batch, mask = batch.to(self.device), mask.to(self.device)
+            h = self.hidden_states(batch, mask)
+            m = mask[..., None].float()
+            vectors[torch.tensor(rows, device=self.device)] = F.normalize(
+                (h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1
+            )
+            a = b
+        return vectors
