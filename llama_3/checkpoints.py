@@ -26,6 +26,7 @@ import torch
 from llama_3.args import ModelArgs, args_from_gguf_metadata, args_from_hf_config, args_from_meta_params
 from llama_3.chat import ChatFormat, make_chat_format
 from llama_3.errors import PipelineInputError
+from llama_3.gguf_file import read_gguf
 from llama_3.model import Transformer
 from llama_3.tokenizer import Tokenizer, build_gguf_tokenizer, load_hf_tokenizer, load_meta_tokenizer
 
@@ -150,7 +151,7 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
         return load_meta_tokenizer(path / "tokenizer.model")
     if kind == "hf":
         return load_hf_tokenizer(path)[0]
-    return build_gguf_tokenizer(_open_gguf(path)[1], str(path))
+    return build_gguf_tokenizer(_open_gguf(path)[0], str(path))
 
 
 def _build(
@@ -434,26 +435,9 @@ def meta_to_gguf_name(name: str) -> str:
     return f"blk.{m.group(1)}.{inverse[m.group(2)]}.weight"
 
 
-def read_gguf_metadata(reader) -> dict[str, Any]:
-    meta = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = f.contents()
-    return meta
-
-
 def _open_gguf(path: Path):
-    """(reader, decoded metadata); the tensors stay memory-mapped until dequantized."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise PipelineInputError(
-            f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        ) from None
-    return reader, read_gguf_metadata(reader)
+    """(decoded metadata, tensors); the tensors stay memory-mapped until dequantized."""
+    return read_gguf(path)
 
 
 def _load_gguf(path: Path):
@@ -461,12 +445,11 @@ def _load_gguf(path: Path):
     import numpy as np
 
     source = str(path)
-    reader, meta = _open_gguf(path)
+    meta, tensors = _open_gguf(path)
     sd: dict[str, torch.Tensor] = {}
     rope_freq_factors = None
-    for t in reader.tensors:
-        # GGML lists dims fastest-first; the PyTorch shape is the reverse.
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    for t in tensors:
+        shape = t.shape
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:

@@ -289,6 +289,20 @@ class CaptureOutput:
         """Sentence ids [0, end) are in this capture (those of them with tokens)."""
         return min(self.max_sentences, dataset_sentences) if self.max_sentences else dataset_sentences
 
+    def check_readable(self, hook_point: str) -> None:
+        """Every shard's header parses and covers the file, and holds `hook_point` (one line naming the shard
+        otherwise): a reader finds out before it starts, not halfway."""
+        for path in self.shard_paths:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = set(f.keys())
+            except Exception as e:
+                raise PipelineInputError(
+                    f"{path}: not a readable activation shard ({str(e).splitlines()[0]})"
+                ) from None
+            if act_key(hook_point) not in keys:
+                raise PipelineInputError(f"{path}: holds no {act_key(hook_point)} (keys: {', '.join(sorted(keys))})")
+
     def read_sentences(
         self, hook_point: str, rank: int = 0, world_size: int = 1, max_rows: int = 8192
     ) -> Iterator["CapturedSentences"]:

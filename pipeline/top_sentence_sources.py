@@ -141,6 +141,8 @@ def plan_source(
         try:
             capture = CaptureOutput.open(capture_dir)
             reason = capture_mismatch(capture, sae, sentences, model_dtype)
+            if reason is None:
+                capture.check_readable(sae.cfg.hook_point)
         except PipelineInputError as e:
             reason = f"it cannot be read ({e})"
         reason = reason and f"capture {capture_dir}: {reason}"

@@ -266,6 +266,22 @@ ROWS = [
         r"--sae",
     ),
     Row("top_sentences", "--top-n", "empty", nothing, ("--top-n", "0", "--out", "runs/ts2"), r"--top-n"),
+    Row(
+        "top_sentences",
+        "--capture",
+        "missing",
+        nothing,
+        ("--source", "capture", "--capture", "runs/nope", "--out", "runs/ts2"),
+        r"runs/nope",
+    ),
+    Row(
+        "top_sentences",
+        "activation shard",
+        "truncated",
+        truncate("runs/activations/acts-r000-00000.safetensors"),
+        ("--source", "capture", "--out", "runs/ts2"),
+        r"acts-r000-00000\.safetensors",
+    ),
     Row("interpret_send", "--top-sentences", "missing", nothing, ("--top-sentences", "runs/nope"), r"runs/nope"),
     Row(
         "interpret_send",
