@@ -108,6 +108,23 @@ def test_captured_activations_equal_reference_hidden_states(tmp_path, tiny, sent
     assert manifest["tokenizer"]["sha256"] == tok.fingerprint() and manifest["inputs"]["model"]["config_sha256"]
 
 
+def test_batch_size_changes_no_stored_row_beyond_rounding(tmp_path, tiny, sentences):
+    """--max-batch-tokens only regroups sentences into forwards (0, auto: 2,048 on CPU, where the kernels
+    run fastest): the same rows, tokens and positions are stored, with values equal up to the rounding
+    of different matmul shapes; the manifest records what auto became."""
+    capture_main(base_cfg(tmp_path, tiny, sentences, name="auto", max_batch_tokens=0))
+    capture_main(base_cfg(tmp_path, tiny, sentences, name="big", max_batch_tokens=8192))
+    (m_auto, rows_auto, toks_auto), (_, rows_big, toks_big) = (
+        read_capture(tmp_path / "auto"),
+        read_capture(tmp_path / "big"),
+    )
+    assert m_auto["config"]["max_batch_tokens"] == 0 and toks_auto == toks_big and rows_auto.keys() == rows_big.keys()
+    for key, acts in rows_auto.items():
+        for hook, a in acts.items():
+            torch.testing.assert_close(a, rows_big[key][hook], rtol=1e-5, atol=1e-5)
+    assert m_auto["fingerprint"] != CaptureOutput.open(tmp_path / "big").fingerprint  # auto resolved to 2,048 here
+
+
 def test_bos_position_is_not_stored(tmp_path, tiny, sentences):
     cfg = base_cfg(tmp_path, tiny, sentences, hook_points=["resid_post.1"], add_bos=True, max_sentences=20)
     capture_main(cfg)

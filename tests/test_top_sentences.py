@@ -362,7 +362,7 @@ def test_captured_sentences_come_back_whole_and_once_for_any_number_of_readers(t
 def test_tables_from_the_capture_equal_the_model_run(tmp_path, tiny, sentences, sae_dir):
     """fp32 capture: reading it gives exactly the tables of running the model (same batches, same kernels,
     nothing rounded on the way to disk); a capture of the first 20 sentences serves those and the model
-    the rest, still exactly; --source capture refuses what it does not hold."""
+    the rest (within fp32 rounding); --source capture refuses what it does not hold."""
     full = capture_of(tmp_path, tiny, sentences, "acts")
     model = run(tmp_path, tiny, sentences, sae_dir, name="model", source="model", browser=False)
     from_capture = run(
@@ -377,7 +377,15 @@ def test_tables_from_the_capture_equal_the_model_run(tmp_path, tiny, sentences, 
     mixed = run(tmp_path, tiny, sentences, sae_dir, name="mixed", capture=str(part), browser=False)
     m = json.loads((mixed / "manifest.json").read_text())["source"]
     assert m["capture_sentences"] == 20 and m["model_sentences"] > 0, m
-    assert tables(mixed) == tables(model)
+    # the model's share is batched differently from the all-model run (its first row group starts at
+    # sentence 20): the same rows and ids, scores equal up to fp32 rounding of other matmul shapes
+    got, want = tables(mixed), tables(model)
+    assert got["non_activating"] == want["non_activating"] and got["sentences"] == want["sentences"]
+    key = ("latent", "aggregation", "rank", "sentence_id")
+    assert [[r[k] for k in key] for r in got["top_sentences"]] == [[r[k] for k in key] for r in want["top_sentences"]]
+    for g, w in zip(got["top_sentences"], want["top_sentences"]):
+        np.testing.assert_allclose(g["score"], w["score"], rtol=1e-5)
+        np.testing.assert_allclose(g["token_activations"], w["token_activations"], rtol=1e-4, atol=1e-4)
     with pytest.raises(PipelineInputError, match="--source capture: .*acts20 holds sentences 0..19"):
         run(tmp_path, tiny, sentences, sae_dir, name="refused", capture=str(part), source="capture")
 
