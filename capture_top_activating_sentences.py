@@ -279,7 +279,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     def batches():
         if plan.capture:
             yield from capture_batches(
-                plan, hook, tokenization, lm.tokenizer.bos_id, info.rank, info.world_size, batch_tokens
+                plan, hook, tokenization, lm.tokenizer.bos_id, info.rank, info.world_size, 4 * batch_tokens
             )
         for batch in data or ():
             acts = lm.model.capture(batch.tokens.to(info.device), [hook])[hook]  # [B, T, d]
@@ -297,8 +297,11 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
             for batch in batches():
                 B = len(batch.sentence_ids)
                 x = batch.acts.to(info.device).float()  # [n, d]
-                out_sae = sae(x)
-                values, indices = out_sae.values, out_sae.indices  # [n, k]
+                # SAE passes of at most one forward batch of rows, as the model source makes them (the same
+                # kernel shapes: the two sources then agree exactly); the tables merge once per batch
+                parts = [sae(x[a : a + batch_tokens]) for a in range(0, len(x), batch_tokens)]
+                values = torch.cat([p.values for p in parts])  # [n, k]
+                indices = torch.cat([p.indices for p in parts])
                 n_counted = batch.n_counted.to(info.device)
                 row = torch.repeat_interleave(torch.arange(B, device=info.device), n_counted, output_size=len(x))
                 is_last = torch.zeros(len(x), dtype=torch.bool, device=info.device)
