@@ -119,9 +119,11 @@ def test_batch_size_changes_no_stored_row_beyond_rounding(tmp_path, tiny, senten
         read_capture(tmp_path / "big"),
     )
     assert m_auto["config"]["max_batch_tokens"] == 0 and toks_auto == toks_big and rows_auto.keys() == rows_big.keys()
-    for key, acts in rows_auto.items():
-        for hook, a in acts.items():
-            torch.testing.assert_close(a, rows_big[key][hook], rtol=1e-5, atol=1e-5)
+    for hook in m_auto["hook_points"]:
+        a = torch.stack([rows_auto[key][hook] for key in rows_auto])  # [tokens, d]
+        b = torch.stack([rows_big[key][hook] for key in rows_auto])
+        # fp32 rounding of other matmul shapes, relative to the activations' scale (ISA-independent bound)
+        assert ((a - b).norm() / b.norm()).item() < 1e-5 and (a - b).abs().max() < 1e-4 * b.abs().max(), hook
     assert m_auto["fingerprint"] != CaptureOutput.open(tmp_path / "big").fingerprint  # auto resolved to 2,048 here
 
 
