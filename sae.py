@@ -319,15 +319,23 @@ class TopKSae(nn.Module):
             raise PipelineInputError(f"{flag}: this SAE was trained on synthetic data; there is no model to run")
         return path
 
-    def check_model(self, identity: dict, where: str) -> None:
-        """Refuse a model other than the one the SAE was trained on (config, tokenizer or width differ)."""
+    def model_mismatch(self, identity: dict) -> str | None:
+        """The first identity key (config, tokenizer, width) where `identity` is not the SAE's model; None: same."""
         trained = self.cfg.model or {}
         for key in ("config_sha256", "tokenizer_sha256", "d_model"):
-            if key in trained and trained[key] != identity[key]:
-                raise PipelineInputError(
-                    f"{where}: trained on {trained.get('path')} ({key} {str(trained[key])[:12]}), "
-                    f"not on --model {identity['path']} ({str(identity[key])[:12]})"
-                )
+            if key in trained and key in identity and trained[key] != identity[key]:
+                return key
+        return None
+
+    def check_model(self, identity: dict, where: str) -> None:
+        """Refuse a model other than the one the SAE was trained on (config, tokenizer or width differ)."""
+        key = self.model_mismatch(identity)
+        if key:
+            trained = self.cfg.model
+            raise PipelineInputError(
+                f"{where}: trained on {trained.get('path')} ({key} {str(trained[key])[:12]}), "
+                f"not on --model {identity['path']} ({str(identity[key])[:12]})"
+            )
 
     def export_saelens(self, directory: str | Path) -> None:
         """SAELens' layout: W_enc [d, L], W_dec [L, d], b_enc, b_dec; topk activation with k in cfg.json.

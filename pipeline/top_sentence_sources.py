@@ -101,10 +101,9 @@ def sae_capture_dir(sae_dir: Path) -> Path | None:
 
 def capture_mismatch(capture: CaptureOutput, sae, sentences: SentenceDataset, model_dtype: torch.dtype | None):
     """Why this capture cannot stand in for the SAE's forward on these sentences (None: it can)."""
-    trained = sae.cfg.model or {}
-    for key in ("config_sha256", "tokenizer_sha256", "d_model"):
-        if key in trained and key in capture.model and trained[key] != capture.model[key]:
-            return f"it ran another model ({key} differs from the SAE's)"
+    key = sae.model_mismatch(capture.model)
+    if key:
+        return f"it ran another model ({key} differs from the SAE's)"
     if sae.cfg.hook_point not in capture.hook_points:
         return f"it holds {', '.join(capture.hook_points)}, not the SAE's {sae.cfg.hook_point}"
     captured = Tokenization(capture.tokenization.add_bos, capture.tokenization.max_tokens)
