@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -287,3 +288,24 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, tiny, sentences, monkeypatc
     capture_main(full)
     _, rows_full, _ = read_capture(full.out)
     assert rows.keys() == rows_full.keys()
+
+
+def test_the_shard_writer_thread_casts_nothing(tmp_path, monkeypatch):
+    """The bf16 cast happens on the caller's thread: a torch op on the writer thread starts a second OpenMP
+    team that spins on the cores the next forward needs (the capture stage ran at 84% of its own forward)."""
+    threads = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    shards = []
+    writer = activations_mod.ShardWriter(tmp_path, 0, ["resid_pre.1"], 8, torch.bfloat16, 16, 0, shards.append)
+    x = torch.randn(20, 8)
+    writer.put(activations_mod.TokenChunk({"resid_pre.1": x}, torch.arange(20), [0, 1], [0, 0], [12, 8]))
+    writer.close()
+    assert "shard-writer" not in threads and threads
+    stored = torch.cat([load_shard(tmp_path / s["file"])["act.resid_pre.1"] for s in shards])
+    assert stored.dtype == torch.bfloat16 and torch.equal(stored, real_to(x, torch.bfloat16))
