@@ -207,13 +207,14 @@ def summary_screen(doc: dict, report: Path) -> str:
             f"{i['mean_score']:.3f}"
         )
     if st:
-        modes = [m for m in st if m != "unsteered"]
+
+        def cell(m: str) -> str:
+            return f"{m} {st[m]['harmonic'] or 0:.2f} ({st[m]['on_concept'] or 0:.0%} on-concept)"
+
         lines.append(
-            "steering (mean latent activation on the continuation, unsteered -> "
-            + " / ".join(modes)
-            + "): "
-            + f"{st['unsteered']['activation']:.3f} -> "
-            + " / ".join(f"{st[m]['activation']:.3f}" for m in modes)
+            "steering (harmonic score 0-2 on held-out instructions): "
+            + ", ".join(cell(m) for m in ("sae", "diffmean", "prompt"))
+            + f"; unsteered {st['unsteered']['on_concept'] or 0:.0%} on-concept"
         )
     lines += [
         f"report:          {report.resolve()}",

@@ -1,15 +1,17 @@
-"""Steering evaluation: for the highest-certainty latents, does steering make the text carry the latent?
+"""Steering evaluation in the AxBench mould: do SAE latents steer, against DiffMean and prompting?
 
-Each latent is steered in each mode on a fixed set of prompts; the continuations are re-encoded
-with the SAE (see pipeline/steering_eval.py) and compared with the unsteered continuations.
+The latents with the best output score (adding the decoder row makes the model predict the latent's
+promoted tokens) are steered with a sweep of strengths on chat instructions; each method is judged on
+held-out instructions at its best strength for concept, instruction relevance and fluency (0-2 each,
+offline: MiniLM and the clean model; see pipeline/steering_judge.py) and their harmonic mean.
 
 Usage:
     # CPU, the demo run (SAE, top sentences, meanings from the earlier stages)
     python steering_evaluation.py
-    # chosen latents, stronger steering, sampled continuations
-    python steering_evaluation.py --latents 100 2627 --strength-factor 8 --temperature 0.7 --force
-    # one GPU (the model runs in bf16)
-    python steering_evaluation.py --device cuda --n-latents 50
+    # chosen latents, another strength sweep
+    python steering_evaluation.py --latents 100 2627 --factors 0.3 0.6 1.2 --force
+    # one GPU (the model runs in bf16), more candidates
+    python steering_evaluation.py --device cuda --n-candidates 100
 Output: runs/steering_eval/results.json (+ manifest.json); a re-run with the same inputs and config reuses it.
 """
 
@@ -25,27 +27,15 @@ from tqdm import tqdm
 
 from llama_3.cli import Dtype, check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
-from llama_3.generation import SpliceOn, check_splice_on
-from pipeline.manifest import (
-    MANIFEST_NAME,
-    fingerprint,
-    make_manifest,
-    sha256_file,
-    write_json_atomic,
-)
+from pipeline.explainers import LatentExamples
+from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.meanings import sae_sha256
-from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
-from pipeline.steering import MODES, Mode, SteeringEntry
 from pipeline.output_folder import OutputFolder, config_request, owned_names
+from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
+from pipeline.sentence_embedding import SentenceEncoder
+from pipeline.steering_eval import SELECT_INSTRUCTIONS, TEST_INSTRUCTIONS, Benchmark, evaluate
 from pipeline.steering_session import Session
-from pipeline.steering_eval import (
-    DEFAULT_PROMPTS,
-    generate_rows,
-    latent_scales,
-    meaning_keywords,
-    select,
-    summarize,
-)
+from pipeline.top_sentences import open_top_sentences
 
 KIND = "steering_eval"
 
@@ -54,7 +44,7 @@ KIND = "steering_eval"
 class SteeringEvalConfig:
     sae: str = field(default=str(SAE_DIR / "sae"), metadata={"help": "SAE folder"})
     top_sentences: str = field(
-        default=str(TOP_SENTENCES_DIR), metadata={"help": "top-sentences output (for each latent's activation scale)"}
+        default=str(TOP_SENTENCES_DIR), metadata={"help": "top-sentences output (examples for DiffMean and the judge)"}
     )
     meanings: str = field(
         default="latent_index_meaning", metadata={"fingerprint": False, "help": "folder of latent meanings"}
@@ -63,25 +53,29 @@ class SteeringEvalConfig:
     model: str | None = field(default=None, metadata={"help": "default: the SAE's model"})
     latents: list[int] = field(
         default_factory=list,
-        metadata={"help": "latents to evaluate (default: the --n-latents with the highest certainty)"},
+        metadata={"help": "latents to evaluate (default: the --n-candidates with the best output score)"},
     )
-    n_latents: int = field(default=8, metadata={"help": "how many of the highest-certainty latents"})
-    modes: list[Mode] = field(default_factory=lambda: list(MODES), metadata={"help": "steering modes to evaluate"})
-    strength_factor: float = field(
-        default=4.0, metadata={"help": "strength = factor x the latent's largest corpus activation"}
+    n_candidates: int = field(default=20, metadata={"help": "how many of the latents with the best output score"})
+    factors: list[float] = field(
+        default_factory=lambda: [0.1, 0.2, 0.4],
+        metadata={"help": "strengths swept, as multiples of the stream's mean norm at the hook"},
     )
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS), metadata={"help": "prompts to continue"})
+    output_factor: float = field(default=0.2, metadata={"help": "strength of the output score's steering"})
+    select_instructions: list[str] = field(
+        default_factory=lambda: list(SELECT_INSTRUCTIONS), metadata={"help": "chat instructions the sweep runs on"}
+    )
+    test_instructions: list[str] = field(
+        default_factory=lambda: list(TEST_INSTRUCTIONS),
+        metadata={"help": "held-out chat instructions the best strengths are reported on"},
+    )
     max_new_tokens: int = field(default=24, metadata={"help": "tokens per continuation"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
-    steer_on: SpliceOn = field(default="all", metadata={"help": "all, prompt, generated"})
-    keep_error: bool = field(default=True, metadata={"help": "keep the SAE error term (else: pure reconstruction)"})
     batch_rows: int = field(
         default=256,
         metadata={
             "fingerprint": False,
-            "help": "(latent, mode, prompt) rows generated per batch (0: all at once; the number of prompts: one "
-            "latent and mode at a time); greedy results do not depend on it",
+            "help": "continuations generated per batch; greedy results do not depend on it",
         },
     )
     device: str = field(default="auto", metadata={"fingerprint": False, "help": "auto, cpu, cuda"})
@@ -120,69 +114,46 @@ def main(cfg: SteeringEvalConfig) -> dict:
         print_table(results)
         print_next_steps(cfg)
         return results
-    if not cfg.modes:
-        raise PipelineInputError(f"--modes: name at least one of {', '.join(MODES)}")
-    if cfg.batch_rows < 0:
-        raise PipelineInputError(f"--batch-rows {cfg.batch_rows}: must be >= 0 (0: every row in one batch)")
-    if not cfg.prompts or cfg.max_new_tokens < 1 or cfg.strength_factor <= 0:
-        raise PipelineInputError("--prompts must be non-empty, --max-new-tokens >= 1, --strength-factor > 0")
-    check_splice_on(cfg.steer_on)
+    if cfg.batch_rows < 1 or cfg.n_candidates < 1 or cfg.max_new_tokens < 1:
+        raise PipelineInputError("--batch-rows, --n-candidates and --max-new-tokens must be >= 1")
+    if not cfg.factors or min(cfg.factors) <= 0 or cfg.output_factor <= 0:
+        raise PipelineInputError(f"--factors {cfg.factors} / --output-factor: need at least one, every one > 0")
+    if len(cfg.select_instructions) < 1 or len(cfg.test_instructions) < 1:
+        raise PipelineInputError("--select-instructions and --test-instructions need one instruction each at least")
 
+    top = open_top_sentences(cfg.top_sentences)
     session = Session.open(cfg.model, cfg.sae, cfg.meanings, cfg.device, cfg.dtype)
     steerable = session.steerable
-    latents = list(cfg.latents) or steerable.best_latents(cfg.n_latents)
-    if not latents:
+    examples = LatentExamples.load(top, "max")
+    meanings = {lat: steerable.meaning(lat) for lat in steerable.meanings if steerable.meaning(lat)}
+    if cfg.latents:
+        unknown = [lat for lat in cfg.latents if lat not in meanings or lat not in examples.top]
+        if unknown:
+            raise PipelineInputError(
+                f"--latents {unknown[:5]}: no meaning in {cfg.meanings} or never fire in {cfg.top_sentences}"
+            )
+        pool = list(cfg.latents)
+    else:
+        pool = sorted(lat for lat in meanings if lat in examples.top)
+    if not pool:
         raise PipelineInputError(
             f"--meanings {cfg.meanings}: no meanings for this SAE (run the interpretation stages) and no --latents "
             "given"
         )
-    scales = latent_scales(cfg.top_sentences)
-    missing = [lat for lat in latents if scales.get(lat, 0) <= 0]
-    if missing:
-        raise PipelineInputError(
-            f"--latents {missing[:5]}: never fire in {cfg.top_sentences}, so they have no activation scale"
-        )
-    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
-    prompts = session.text_prompts(cfg.prompts)
-
     start = time.time()
-    # Every (latent, mode, prompt) row and the unsteered prompts, generated together in batches of
-    # --batch-rows: each row carries its own steering entry into the splice.
-    groups = [(None, None)] + [(latent, mode) for latent in latents for mode in cfg.modes]
-    entries = {
-        (latent, mode): [SteeringEntry(latent, mode, cfg.strength_factor * scales[latent])]
-        for latent, mode in groups[1:]
-    }
-    rows = [(p, entries.get(g, [])) for g in groups for p in prompts]
-    with tqdm(total=len(rows), desc="steering eval", unit="row") as bar:
-        generated = generate_rows(
-            session, rows, sampling | {"splice_on": cfg.steer_on}, cfg.keep_error, cfg.batch_rows or len(rows), bar
-        )
-    group_of = {g: select(generated, range(i * len(prompts), (i + 1) * len(prompts))) for i, g in enumerate(groups)}
-    unsteered = group_of[(None, None)]
-    results = []
-    for latent in latents:
-        meaning = steerable.meaning(latent)
-        keywords = meaning_keywords(meaning)
-        row = {
-            "latent": latent,
-            "meaning": meaning,
-            "certainty": steerable.meanings.get(latent, {}).get("certainty"),
-            "keywords": keywords,
-            "scale": round(scales[latent], 4),
-            "unsteered": summarize(latent, unsteered, keywords),
-            "modes": {},
-        }
-        for mode in cfg.modes:
-            steered = group_of[(latent, mode)]
-            row["modes"][mode] = {
-                "strength": round(entries[(latent, mode)][0].strength, 4),
-                **summarize(latent, steered, keywords),
-                "example": steered.texts[0],
-            }
-        results.append(row)
+    bench = Benchmark(session, SentenceEncoder(), examples, meanings, cfg.select_instructions, cfg.test_instructions)
+    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
+    doc = evaluate(
+        bench,
+        pool,
+        len(pool) if cfg.latents else cfg.n_candidates,
+        list(cfg.factors),
+        cfg.output_factor,
+        sampling,
+        cfg.batch_rows,
+        progress=lambda total, desc: tqdm(total=total, desc=desc, unit="row"),
+    )
     elapsed = time.time() - start
-    doc = {"latents": results, "unsteered_examples": unsteered.texts, "summary": overall(results, cfg.modes)}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", doc)
     manifest = make_manifest(
@@ -192,9 +163,10 @@ def main(cfg: SteeringEvalConfig) -> dict:
             "sae": cfg.sae,
             "sae_sha256": sae_sha256(cfg.sae),
             "top_sentences": cfg.top_sentences,
+            "top_sentences_fingerprint": top.fingerprint,
             "model": session.loaded.identity(),
         },
-        counts={"latents": len(results), "prompts": len(prompts), "seconds": round(elapsed, 1)},
+        counts={"latents": len(doc["latents"]), "pool": len(pool), "seconds": round(elapsed, 1)},
         fingerprint=request,
     )
     write_json_atomic(out / MANIFEST_NAME, manifest)
@@ -213,48 +185,27 @@ def print_next_steps(cfg: SteeringEvalConfig) -> None:
     )
 
 
-SUMMARY_KEYS = ("activation", "in_stream", "firing", "keyword_rate", "repetition")
-
-
-def overall(results: list[dict], modes: list[str]) -> dict:
-    """Means over latents, per mode: how much steering raised the latent and the key-word rate."""
-
-    def mean(xs):
-        return round(sum(xs) / len(xs), 4) if xs else None
-
-    summary = {"unsteered": {k: mean([r["unsteered"][k] for r in results]) for k in SUMMARY_KEYS}}
-    for mode in modes:
-        rows = [r["modes"][mode] for r in results]
-        summary[mode] = {k: mean([x[k] for x in rows]) for k in SUMMARY_KEYS}
-        summary[mode]["raised"] = mean(
-            [float(r["modes"][mode]["activation"] > r["unsteered"]["activation"]) for r in results]
-        )
-    return summary
-
-
 def print_table(doc: dict) -> None:
-    modes = [m for m in doc["summary"] if m != "unsteered"]
-
     def cell(c: dict) -> str:
-        return f"{c['activation']:5.2f} {c['firing']:4.0%} {c['in_stream']:5.2f} {c['keyword_rate']:4.0%}"
+        return f"{c['harmonic']:4.2f} {c['on_concept']:4.0%} {c['loss_ratio']:4.1f}x"
 
     print(
-        "\nsteering evaluation, per latent and mode: activation on the re-encoded continuation, its firing rate,"
-        "\nactivation in the steered stream, share of continuations with a key word of the meaning"
+        f"\nsteering evaluation at {doc['hook_point']} (held-out instructions; strengths x {doc['residual_norm']:.1f}, "
+        "the stream's mean norm)\nper method: harmonic score 0-2, on-concept share, fluency loss vs unsteered"
     )
-    print(f"{'latent':>7}  " + "  ".join(f"{m:>21}" for m in ["unsteered"] + modes) + "  meaning")
+    print(f"{'latent':>7} {'output':>7}  {'sae (best factor)':>22}  {'diffmean':>22}  {'prompt':>15}  meaning")
     for r in doc["latents"]:
+        m = r["methods"]
         print(
-            f"{r['latent']:>7}  "
-            + "  ".join(cell(c) for c in [r["unsteered"]] + [r["modes"][m] for m in modes])
-            + f"  {r['meaning'][:48]}"
+            f"{r['latent']:>7} {r['output_score']:7.3f}  {cell(m['sae']['test'])} @{m['sae']['best_factor']:<4}  "
+            f"{cell(m['diffmean']['test'])} @{m['diffmean']['best_factor']:<4}  {cell(m['prompt']['test'])}  "
+            f"{r['meaning'][:40]}"
         )
     s = doc["summary"]
-    print(f"{'mean':>7}  " + "  ".join(cell(s[m]) for m in ["unsteered"] + modes))
     print(
-        f"{'raised':>7}  {'':21}  "
-        + "  ".join(f"{s[m]['raised']:>21.0%}" for m in modes)
-        + "  (latents whose text activation rose)"
+        f"{'mean':>7} {'':7}  {cell(s['sae']):>22}  {cell(s['diffmean']):>22}  {cell(s['prompt']):>15}"
+        f"\nunsteered on-concept {s['unsteered']['on_concept']:.0%}; judge agrees with the key-word rate on "
+        f"{s['judge_keyword_agreement']:.0%} of steered continuations"
     )
 
 

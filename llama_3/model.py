@@ -198,6 +198,14 @@ class Transformer(nn.Module):
                 batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim, w.dtype, w.device
             )
 
+    def share_cache_prefix(self, length: int) -> None:
+        """Copy batch row 0's first `length` cache slots to every row: a prompt prefilled once (batch of 1)
+        continues as many rows (e.g. many continuations of one prompt read back at once)."""
+        for layer in self.layers:
+            cache = layer.attention.cache
+            cache.k[1:, :, :length] = cache.k[:1, :, :length]
+            cache.v[1:, :, :length] = cache.v[:1, :, :length]
+
     def free_kv_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
@@ -205,8 +213,13 @@ class Transformer(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def _prepare(self, tokens, start_pos, positions, key_valid):
         """Embeddings, RoPE angles and the attention mask shared by every block."""
-        B, T = tokens.shape
-        device = tokens.device
+        freqs_cis, mask, positions = self._attention_inputs(
+            tokens.shape, tokens.device, start_pos, positions, key_valid
+        )
+        return self.tok_embeddings(tokens), freqs_cis, mask, positions
+
+    def _attention_inputs(self, shape, device, start_pos, positions, key_valid):
+        B, T = shape
         if positions is None:
             positions = torch.arange(start_pos, start_pos + T, device=device).expand(B, T)
         if start_pos + T > self.args.max_seq_len:
@@ -225,7 +238,7 @@ class Transformer(nn.Module):
             mask = (k_slot <= q_slot)[None, None]
             if key_valid is not None:
                 mask = mask & (key_valid[:, None, None, :S] | (k_slot == q_slot)[None, None])
-        return self.tok_embeddings(tokens), freqs_cis, mask, positions
+        return freqs_cis, mask, positions
 
     def forward(
         self,
@@ -250,6 +263,25 @@ class Transformer(nn.Module):
             hooks.positions = positions
         for layer in self.layers:
             x = layer(x, freqs_cis, mask, start_pos, hooks)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))
+
+    def forward_from(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        *,
+        positions: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """x [B, T, D], the stream at resid_pre.<layer> (block `layer`'s input) -> logits, running only
+        blocks layer.. (no cache). The counterpart of `capture`: a clean prefix computed once, then many
+        edited streams (e.g. one steering vector per row) run through the rest of the model."""
+        freqs_cis, mask, _ = self._attention_inputs(x.shape[:2], x.device, 0, positions, key_valid)
+        for block in self.layers[layer:]:
+            x = block(x, freqs_cis, mask, 0)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))

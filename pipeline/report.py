@@ -197,14 +197,15 @@ def steering_plot(paths: RunPaths, report: Report, out: Path) -> None:
         report.missing.append("steering evaluation (runs/steering_eval)")
         return
     summary = doc["summary"]
-    modes = list(summary)
+    methods = ["sae", "diffmean", "prompt"]
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
     for ax, key, label in zip(
         axes,
-        ("activation", "in_stream", "keyword_rate"),
-        ("latent activation on the text", "activation in the steered stream", "continuations with a key word"),
+        ("harmonic", "on_concept", "fluency"),
+        ("harmonic score (0-2)", "continuations on-concept", "fluency score (0-2)"),
     ):
-        ax.bar(modes, [summary[m][key] or 0 for m in modes], color=["C7"] + [f"C{i}" for i in range(len(modes) - 1)])
+        names = methods + (["unsteered"] if key != "harmonic" else [])
+        ax.bar(names, [summary[m].get(key) or 0 for m in names], color=[f"C{i}" for i in range(len(names))])
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30)
     save(
@@ -212,7 +213,8 @@ def steering_plot(paths: RunPaths, report: Report, out: Path) -> None:
         report,
         out,
         "steering.png",
-        f"Steering evaluation: means over {len(doc['latents'])} highest-certainty latents",
+        f"Steering evaluation on held-out instructions: means over the {len(doc['latents'])} latents with the best "
+        f"output score at {doc['hook_point']}",
     )
     report.summary["steering"] = summary
 

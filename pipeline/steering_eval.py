@@ -1,87 +1,49 @@
-"""Does steering a latent make the model write what the latent means?
+"""An AxBench-style steering evaluation: SAE latents against DiffMean and prompting, same prompts, same judge.
 
-For each latent and mode, the same prompts are continued unsteered and steered (greedy by
-default), then every continuation is re-encoded: the clean model reads prompt + continuation and
-the SAE encodes its activations at the hook point, so the measured activation is what the *text*
-evokes, not the intervention itself. Reported per (latent, mode):
+    candidates   the latents (with a meaning) whose decoder direction has the best output score
+                 (pipeline/output_score.py), not the most confident input explanation
+    methods      sae       add the latent's unit decoder row x factor x residual norm (`add` steering)
+                 diffmean  add the latent's unit DiffMean direction, same strengths
+                 prompt    no steering; the instruction asks for the concept (AxBench's reference)
+    strengths    a sweep of factors on the `select` instructions; each (latent, method) is reported
+                 on the `test` instructions at the factor with the best mean harmonic score there
+    judge        pipeline/steering_judge.py: concept, instruction, fluency (0-2 each), harmonic mean
 
-    activation      mean activation of the latent over continuation tokens (unsteered -> steered)
-    in_stream       the same in the stream the model saw (the intervention itself: it should be high)
-    firing          fraction of continuation tokens where the latent is active
-    keyword_rate    fraction of continuations containing one of the meaning's key words
-    repetition      1 - distinct tokens / tokens of a continuation (fluency breaks as strength grows)
-
-Strengths are `strength_factor` x the latent's largest activation on the corpus (its top
-sentence by max), so one factor means the same thing for every latent.
+Every continuation is greedy by default, generated in batches of many rows, each row with its own
+steering vector (a zero vector: exactly the clean model).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.steering import SteeringEntry, sae_splice
-from pipeline.top_sentences import open_top_sentences
-
-DEFAULT_PROMPTS = (
-    "My favourite thing is",
-    "Yesterday, we went to",
-    "The story begins with",
-    "Here is a short description:",
-    "The most important part of",
-    "She looked at the",
+from llama_3.hooks import HookRunner
+from pipeline.output_score import output_scores
+from pipeline.steering_judge import (
+    concept_references,
+    concept_score,
+    fluency_score,
+    harmonic_mean,
+    instruction_score,
 )
+from pipeline.steering_vectors import diffmean_directions, hook_sums, residual_norm, sae_directions, vector_splice
 
-
-def latent_scales(top_sentences_dir: str) -> dict[int, float]:
-    """{latent: its largest per-token activation on the corpus} from the top-sentences output."""
-    table = open_top_sentences(top_sentences_dir).table("top_sentences", ["latent", "aggregation", "rank", "score"])
-    rows = table.to_pydict()
-    return {
-        lat: float(s)
-        for lat, agg, rank, s in zip(rows["latent"], rows["aggregation"], rows["rank"], rows["score"])
-        if agg == "max" and rank == 0
-    }
-
-
-def dense_codes(sae, x: torch.Tensor) -> torch.Tensor:
-    """x [T, d] -> the SAE's codes as a dense [T, n_latents]."""
-    out = sae(x.float())
-    return torch.zeros(len(x), sae.cfg.n_latents, device=x.device).scatter_(1, out.indices, out.values)
-
-
-@torch.inference_mode()
-def continuation_activations(
-    model, sae, splice, prompt: list[int], continuation: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean model reads prompt + continuation. Returns, for the continuation's tokens, the SAE
-    codes [T_cont, n_latents] of (the text's own activations, the stream after the splice): the
-    clean capture is what the splice saw during generation, the splice of it what the model saw."""
-    return encode_continuations(model, sae, splice, [prompt], [continuation])[0]
-
-
-@torch.inference_mode()
-def encode_continuations(
-    model, sae, splice, prompts: list[list[int]], continuations: list[list[int]]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """continuation_activations for a batch of rows in one forward: right-padded, so every real token
-    sees only its own row's earlier tokens (causal attention); `splice` steers row b as the generation
-    of row b was steered."""
-    seqs = [p + c for p, c in zip(prompts, continuations)]
-    device = model.tok_embeddings.weight.device
-    tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long, device=device)
-    for b, seq in enumerate(seqs):
-        tokens[b, : len(seq)] = torch.tensor(seq, device=device)
-    x = model.capture(tokens, [sae.cfg.hook_point])[sae.cfg.hook_point].float()  # [R, T, d]
-    positions = torch.arange(tokens.shape[1], device=device)[None].expand(len(seqs), -1)
-    stream = splice(x, positions)
-    out = []
-    for b, (p, c) in enumerate(zip(prompts, continuations)):
-        span = slice(len(p), len(p) + len(c))
-        out.append((dense_codes(sae, x[b, span]), dense_codes(sae, stream[b, span])))
-    return out
+METHODS = ("sae", "diffmean", "prompt")
+SELECT_INSTRUCTIONS = (
+    "Write a short paragraph about your weekend.",
+    "Give me some advice on learning a new skill.",
+    "Tell me about a memorable trip.",
+)
+TEST_INSTRUCTIONS = (
+    "Write a few sentences about your favourite hobby.",
+    "Describe the town you grew up in.",
+    "Tell me about a good meal you had.",
+)
+OUTPUT_SCORE_PROMPTS = ("I think that", "Here is the story of")
 
 
 def repetition(tokens: list[int]) -> float:
@@ -114,60 +76,327 @@ def keyword_hit(text: str, keywords: list[str]) -> bool:
 
 
 @dataclass
-class Continuations:
-    tokens: list[list[int]]
-    texts: list[str]
-    codes: list[torch.Tensor]
-    """Per continuation, dense SAE codes [T, n_latents] of the re-encoded text."""
-    stream_codes: list[torch.Tensor]
-    """The same for the stream the model saw (the text's activations with the steering applied)."""
+class Row:
+    """One continuation to generate and judge."""
+
+    prompt: int  # index into the evaluation's instructions
+    method: str  # "none" (unsteered), "sae", "diffmean", "prompt"
+    latent: int | None = None
+    factor: float | None = None
+    tokens: list[int] = field(default_factory=list)  # the prompt as generated from
+    continuation: list[int] = field(default_factory=list)
+    text: str = ""
+    scores: dict = field(default_factory=dict)
 
 
-def generate_and_encode(
-    session, prompts: list[list[int]], row_entries: list[list[SteeringEntry]], sampling: dict, keep_error: bool
-) -> Continuations:
-    """One batch: row b continues prompts[b] steered by row_entries[b] (empty: unsteered), then the
-    clean model re-reads every continuation."""
-    sae = session.steerable.sae
-    splice = sae_splice(sae, keep_error=keep_error, row_entries=row_entries)
-    out = session.gen.generate(prompts, splice={session.steerable.hook_point: splice}, **sampling)
-    pairs = encode_continuations(session.loaded.model, sae, splice, prompts, [c.tokens for c in out])
-    return Continuations([c.tokens for c in out], [c.text for c in out], [a for a, _ in pairs], [b for _, b in pairs])
+def concept_phrase(meaning: str) -> str:
+    """What the prompting baseline asks for: a meaning's quoted key words, else the meaning itself."""
+    quoted = meaning_keywords(meaning) if '"' in meaning or "“" in meaning else []
+    return ", ".join(quoted[:3]) if quoted else meaning
 
 
-def generate_rows(
-    session,
-    rows: list[tuple[list[int], list[SteeringEntry]]],
-    sampling: dict,
-    keep_error: bool,
-    batch_rows: int,
-    progress=None,
-) -> Continuations:
-    """Every (prompt, entries) row, in batches of at most `batch_rows`: a row's greedy continuation
-    does not depend on its batch mates (left padding, own RoPE positions, own steering entries)."""
-    done = Continuations([], [], [], [])
+@torch.inference_mode()
+def read_continuations(model, sae, rows: list[Row], max_rows: int = 256) -> list[tuple[float, float]]:
+    """The clean model re-reads prompt + continuation of each row: (mean per-token loss of the
+    continuation, the row's latent's mean SAE activation over the continuation's tokens).
+
+    Rows that share a prompt (every method but prompting uses the instruction as it is) share its
+    forward: the prompt is prefilled once into the KV cache, copied to every row, and only the
+    continuations run as a right-padded batch after it."""
+    device = model.tok_embeddings.weight.device
+    hook = sae.cfg.hook_point
+    out: list[tuple[float, float]] = [(math.nan, 0.0)] * len(rows)
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.continuation:
+            by_prompt.setdefault(tuple(r.tokens), []).append(i)
+    for prompt, members in by_prompt.items():
+        for a in range(0, len(members), max_rows):
+            part = members[a : a + max_rows]
+            n_p, width = len(prompt), max(len(rows[i].continuation) for i in part)
+            conts = torch.zeros(len(part), width, dtype=torch.long)
+            key_valid = torch.zeros(len(part), n_p + width, dtype=torch.bool)
+            key_valid[:, :n_p] = True
+            for b, i in enumerate(part):
+                c = rows[i].continuation
+                conts[b, : len(c)] = torch.tensor(c)
+                key_valid[b, n_p : n_p + len(c)] = True
+            model.allocate_kv_cache(len(part), n_p + width)
+            try:
+                first = model(torch.tensor([prompt], device=device), 0, last_only=True)[0, -1]  # predicts token 0
+                model.share_cache_prefix(n_p)
+                runner = HookRunner(model.args.n_layers, [hook])
+                logits = model(conts.to(device), n_p, key_valid=key_valid.to(device), hooks=runner)  # [b, W, V]
+            finally:
+                model.free_kv_cache()
+            acts = runner.captured[hook]  # [b, W, d]
+            for b, i in enumerate(part):
+                r, n_c = rows[i], len(rows[i].continuation)
+                predicting = torch.cat([first[None], logits[b, : n_c - 1]]).float().log_softmax(-1)  # [n_c, V]
+                target = torch.tensor(r.continuation, device=device)
+                loss = float(-predicting.gather(1, target[:, None]).mean())
+                activation = 0.0
+                if r.latent is not None:
+                    codes = sae(acts[b, :n_c].float())
+                    activation = float((codes.values * (codes.indices == r.latent)).sum() / n_c)
+                out[i] = (loss, activation)
+    return out
+
+
+def generate(session, rows: list[Row], offsets: torch.Tensor, sampling: dict, batch_rows: int, progress=None) -> None:
+    """Fill each row's continuation; offsets [len(rows), d] (zero rows unsteered)."""
+    skip = session.steerable.sae.cfg.tokenization.skip_first_positions
+    hook = session.steerable.hook_point
     for a in range(0, len(rows), batch_rows):
         part = rows[a : a + batch_rows]
-        got = generate_and_encode(session, [p for p, _ in part], [e for _, e in part], sampling, keep_error)
-        for field in ("tokens", "texts", "codes", "stream_codes"):
-            getattr(done, field).extend(getattr(got, field))
+        splice = vector_splice(offsets[a : a + batch_rows], skip)
+        for r, c in zip(part, session.gen.generate([r.tokens for r in part], splice={hook: splice}, **sampling)):
+            r.continuation, r.text = c.tokens, c.text
         if progress is not None:
             progress.update(len(part))
-    return done
 
 
-def select(cont: Continuations, picked: range) -> Continuations:
-    return Continuations(*([getattr(cont, f)[i] for i in picked] for f in ("tokens", "texts", "codes", "stream_codes")))
+class Benchmark:
+    """State shared by the evaluation's steps (model, SAE, judge, prompts, strengths)."""
+
+    def __init__(self, session, encoder, examples, meanings: dict[int, str], select_instructions, test_instructions):
+        self.session, self.encoder, self.examples, self.meanings = session, encoder, examples, meanings
+        self.sae = session.steerable.sae
+        self.model = session.loaded.model
+        self.instructions = list(select_instructions) + list(test_instructions)
+        self.select = list(range(len(select_instructions)))
+        self.test = list(range(len(select_instructions), len(self.instructions)))
+        self.prompt_tokens = [self.encode_instruction(t) for t in self.instructions]
+        self.skip = self.sae.cfg.tokenization.skip_first_positions
+        self.norm = residual_norm(self.model, self.sae.cfg.hook_point, self.prompt_tokens, self.skip)
+        self.instruction_vectors = encoder.encode(self.instructions)  # [P, 384]
+
+    def encode_instruction(self, text: str) -> list[int]:
+        loaded = self.session.loaded
+        if loaded.chat_format is not None:
+            return loaded.chat_format.encode_dialog([{"role": "user", "content": text}])
+        return self.session.text_prompts([text])[0]
+
+    def output_scores(self, latents: list[int], factor: float, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = self.session.text_prompts(list(OUTPUT_SCORE_PROMPTS))
+        return output_scores(
+            self.model,
+            self.sae.cfg.hook_point,
+            sae_directions(self.sae, latents),
+            prompts,
+            factor * self.norm,
+            self.skip,
+            progress=progress,
+        )
+
+    def diffmean(self, latents: list[int], n_positive: int = 16) -> torch.Tensor:
+        """[n, d] unit DiffMean directions from each latent's top sentences and silent sentences."""
+        ex = self.examples
+        ids: dict[int, int] = {}
+        pos, neg = [], []
+        for lat in latents:
+            p = [r["sentence_id"] for r in ex.top.get(lat, [])[:n_positive]]
+            n = list(ex.silent.get(lat, []))
+            pos.append([ids.setdefault(s, len(ids)) for s in p])
+            neg.append([ids.setdefault(s, len(ids)) for s in n])
+        texts = [ex.sentences[s]["text"] for s in ids]
+        sums, counts = hook_sums(
+            self.model, self.sae.cfg.hook_point, self.sae.cfg.tokenization, self.session.loaded.tokenizer, texts
+        )
+        return diffmean_directions(sums, counts, pos, neg)
+
+    def judge(self, rows: list[Row], references: dict) -> None:
+        """Fill rows' scores (the unsteered rows first: fluency is relative to them)."""
+        reads = read_continuations(self.model, self.sae, rows)
+        vectors = self.encoder.encode([r.text for r in rows])  # [R, 384]
+        base_loss: dict[int, list[float]] = {}
+        for r, (loss, _) in zip(rows, reads):
+            if r.method == "none" and math.isfinite(loss):
+                base_loss.setdefault(r.prompt, []).append(loss)
+        for r, v, (loss, activation) in zip(rows, vectors, reads):
+            rel = self.instruction_vectors @ v
+            base = sum(base_loss.get(r.prompt, [loss])) / max(len(base_loss.get(r.prompt, [loss])), 1)
+            r.scores = {
+                "loss": loss,
+                "loss_ratio": loss / base if math.isfinite(loss) and base > 0 else math.nan,
+                "repetition": repetition(r.continuation),
+                "instruction": instruction_score(rel, r.prompt) if r.continuation else 0,
+                "fluency": fluency_score(loss, base, repetition(r.continuation)) if r.continuation else 0,
+                "activation": activation,
+            }
+            if r.latent is not None:
+                ref = references[r.latent]
+                similarity = float(v @ ref.vector)
+                concept = concept_score(similarity, ref) if r.continuation else 0
+                r.scores |= {
+                    "similarity": similarity,
+                    "concept": concept,
+                    "keyword": keyword_hit(r.text, meaning_keywords(self.meanings[r.latent])),
+                    "harmonic": harmonic_mean(concept, r.scores["instruction"], r.scores["fluency"]),
+                }
+
+    def unsteered_concepts(self, rows: list[Row], latents: list[int], references: dict) -> dict[int, dict]:
+        """Per latent, the judge on the unsteered test continuations (how often plain text looks on-concept)."""
+        plain = [r for r in rows if r.method == "none" and r.prompt in self.test]
+        vectors = self.encoder.encode([r.text for r in plain])
+        out = {}
+        for lat in latents:
+            ref, words = references[lat], meaning_keywords(self.meanings[lat])
+            sims = [float(v @ ref.vector) for v in vectors]
+            out[lat] = {
+                "concept": mean([concept_score(s, ref) for s in sims]),
+                "on_concept": mean([float(concept_score(s, ref) >= 1) for s in sims]),
+                "keyword": mean([float(keyword_hit(r.text, words)) for r in plain]),
+            }
+        return out
 
 
-def summarize(latent: int, cont: Continuations, keywords: list[str]) -> dict:
-    per_token = torch.cat([c[:, latent] for c in cont.codes])
-    in_stream = torch.cat([c[:, latent] for c in cont.stream_codes])
-    n = max(len(per_token), 1)
+def mean(values) -> float:
+    values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else math.nan
+
+
+def summarize_rows(rows: list[Row]) -> dict:
+    """Means over rows of every judged number; on_concept = share with concept >= 1."""
+    keys = ("concept", "instruction", "fluency", "harmonic", "loss_ratio", "repetition", "activation", "keyword")
+    out = {k: rounded(mean(r.scores.get(k) for r in rows)) for k in keys}
+    out["on_concept"] = rounded(mean(float(r.scores.get("concept", 0) >= 1) for r in rows))
+    return out
+
+
+def rounded(x: float, digits: int = 4) -> float | None:
+    """For results.json: NaN (nothing to average) and infinity (nothing to compare with) become null."""
+    return round(x, digits) if math.isfinite(x) else None
+
+
+def add_strength(sae, latent: int, offset_norm: float) -> float | None:
+    """The `add` strength (SAE activation units, what the Gradio page and --steer take) whose offset in
+    the stream has this norm: with dataset normalisation the row W_dec[l] moves the stream by
+    ||W_dec[l]|| / input_scale per unit; per-token normalisation has no single answer (None)."""
+    if sae.cfg.normalize == "token":
+        return None
+    scale = sae.cfg.input_scale if sae.cfg.normalize == "dataset" else 1.0
+    return offset_norm * scale / float(sae.W_dec[latent].detach().float().norm())
+
+
+def evaluate(
+    bench: Benchmark,
+    pool: list[int],
+    n_candidates: int,
+    factors: list[float],
+    output_factor: float,
+    sampling: dict,
+    batch_rows: int,
+    progress=lambda total, desc: None,
+) -> dict:
+    """Output scores over `pool`, then the sweep and the test for the best `n_candidates`: results.json's body."""
+    bar = progress(len(pool) * len(OUTPUT_SCORE_PROMPTS), "output scores")
+    scores, promoted = bench.output_scores(pool, output_factor, bar)
+    if bar is not None:
+        bar.close()
+    ranked = sorted(range(len(pool)), key=lambda i: (-float(scores[i]), pool[i]))
+    candidates = [pool[i] for i in ranked[:n_candidates]]
+    directions = {"sae": sae_directions(bench.sae, candidates), "diffmean": bench.diffmean(candidates)}
+    references = concept_references(bench.encoder, bench.examples, bench.meanings, candidates)
+    steered = ("sae", "diffmean")
+
+    def vector_rows(picks: list[tuple[int, str, float, int]]) -> tuple[list[Row], list[torch.Tensor]]:
+        rows, offsets = [], []
+        for i, method, factor, p in picks:
+            rows.append(Row(p, method, candidates[i], factor, bench.prompt_tokens[p]))
+            offsets.append(factor * bench.norm * directions[method][i])
+        return rows, offsets
+
+    # 1. the sweep on the select instructions (and every instruction unsteered)
+    plain = [Row(p, "none", tokens=bench.prompt_tokens[p]) for p in bench.select + bench.test]
+    picks = [(i, m, f, p) for i in range(len(candidates)) for m in steered for f in factors for p in bench.select]
+    sweep, sweep_offsets = vector_rows(picks)
+    rows = plain + sweep
+    d = bench.model.args.dim
+    offsets = torch.stack([torch.zeros(d)] * len(plain) + sweep_offsets)
+    bar = progress(len(rows), "steering sweep")
+    generate(bench.session, rows, offsets, sampling, batch_rows, bar)
+    bench.judge(rows, references)
+    best: dict[tuple[int, str], float] = {}
+    for i in range(len(candidates)):
+        for m in steered:
+            by_factor = {
+                f: mean(
+                    r.scores["harmonic"] for r in sweep if r.latent == candidates[i] and r.method == m and r.factor == f
+                )
+                for f in factors
+            }
+            best[(i, m)] = max(factors, key=lambda f: (by_factor[f], -f))
+    # 2. the test instructions at each (latent, method)'s best factor, and the prompting baseline
+    picks = [(i, m, best[(i, m)], p) for i in range(len(candidates)) for m in steered for p in bench.test]
+    test, test_offsets = vector_rows(picks)
+    for i, lat in enumerate(candidates):
+        phrase = concept_phrase(bench.meanings[lat])
+        for p in bench.test:
+            text = f"{bench.instructions[p]} In your answer, talk about {phrase}."
+            test.append(Row(p, "prompt", lat, None, bench.encode_instruction(text)))
+            test_offsets.append(torch.zeros(d))
+    if bar is not None:
+        bar.total += len(test)
+        bar.refresh()
+    generate(bench.session, test, torch.stack(test_offsets), sampling, batch_rows, bar)
+    if bar is not None:
+        bar.close()
+    bench.judge(test + plain, references)
+    unsteered = bench.unsteered_concepts(plain, candidates, references)
+    tokenizer = bench.session.loaded.tokenizer
+    latents = []
+    for i, lat in enumerate(candidates):
+        entry = {
+            "latent": lat,
+            "meaning": bench.meanings[lat],
+            "output_score": round(float(scores[ranked[i]]), 5),
+            "promoted_tokens": [tokenizer.decode([t]) for t in promoted[ranked[i]].tolist()],
+            "concept_thresholds": [rounded(references[lat].tau1), rounded(references[lat].tau2)],
+            "unsteered": {k: rounded(v) for k, v in unsteered[lat].items()},
+            "methods": {},
+        }
+        for m in METHODS:
+            mine = [r for r in test if r.latent == lat and r.method == m]
+            cell = {"test": summarize_rows(mine), "example": mine[0].text if mine else ""}
+            if m in steered:
+                f = best[(i, m)]
+                cell |= {
+                    "best_factor": f,
+                    "strength": round(f * bench.norm, 4),
+                    "sweep": {
+                        str(g): summarize_rows(
+                            [r for r in sweep if r.latent == lat and r.method == m and r.factor == g]
+                        )
+                        for g in factors
+                    },
+                }
+                if m == "sae":
+                    cell["add_strength"] = add_strength(bench.sae, lat, f * bench.norm)
+            entry["methods"][m] = cell
+        latents.append(entry)
+    plain_test = [r for r in plain if r.prompt in bench.test]
+    summary = {m: summarize_rows([r for r in test if r.method == m]) for m in METHODS}
+    summary["unsteered"] = {
+        "on_concept": rounded(mean(u["on_concept"] for u in unsteered.values())),
+        "keyword": rounded(mean(u["keyword"] for u in unsteered.values())),
+        **{k: rounded(mean(r.scores[k] for r in plain_test)) for k in ("instruction", "fluency", "repetition")},
+    }
+    judged = [r for r in test if "concept" in r.scores]
+    summary["judge_keyword_agreement"] = rounded(
+        mean(float((r.scores["concept"] >= 1) == bool(r.scores["keyword"])) for r in judged)
+    )
     return {
-        "activation": round(float(per_token.sum()) / n, 4),
-        "in_stream": round(float(in_stream.sum()) / n, 4),
-        "firing": round(float((per_token > 0).sum()) / n, 4),
-        "keyword_rate": round(sum(keyword_hit(t, keywords) for t in cont.texts) / max(len(cont.texts), 1), 4),
-        "repetition": round(sum(repetition(t) for t in cont.tokens) / max(len(cont.tokens), 1), 4),
+        "hook_point": bench.sae.cfg.hook_point,
+        "residual_norm": round(bench.norm, 4),
+        "factors": list(factors),
+        "output_factor": output_factor,
+        "instructions": {
+            "select": [bench.instructions[p] for p in bench.select],
+            "test": [bench.instructions[p] for p in bench.test],
+        },
+        "unsteered_examples": [r.text for r in plain_test],
+        "latents": latents,
+        "summary": summary,
+        "output_scores": {str(lat): round(float(s), 5) for lat, s in zip(pool, scores.tolist())},
     }

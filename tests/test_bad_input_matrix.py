@@ -301,7 +301,8 @@ ROWS = [
         r"results/offline-0\.jsonl",
     ),
     Row("interpret_parse", "--out", "empty", nothing, ("--out", "runs/nope"), r"runs/nope"),
-    Row("steering_eval", "--modes", "mismatched", nothing, ("--modes", "boost", "--force"), r"--modes"),
+    Row("steering_eval", "--factors", "out of range", nothing, ("--factors", "0", "--force"), r"--factors"),
+    Row("steering_eval", "--latents", "mismatched", nothing, ("--latents", "99999", "--force"), r"--latents \[99999\]"),
     Row(
         "steering_eval",
         "--meanings",

@@ -7,6 +7,7 @@ import json
 import sys
 from io import StringIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,11 +25,49 @@ from pipeline.steering import (
     steered_reconstruction,
     steering_batch,
 )
-from pipeline.steering_eval import continuation_activations, keyword_hit, latent_scales, meaning_keywords
+from pipeline.steering_eval import keyword_hit, meaning_keywords
 from pipeline.steering_session import Session
 from sae import SaeConfig, TopKSae
 
 HOOK = "resid_pre.1"
+
+
+def dense_codes(sae, x: torch.Tensor) -> torch.Tensor:
+    """x [T, d] -> the SAE's codes as a dense [T, n_latents]."""
+    out = sae(x.float())
+    return torch.zeros(len(x), sae.cfg.n_latents, device=x.device).scatter_(1, out.indices, out.values)
+
+
+@torch.inference_mode()
+def continuation_activations(
+    model, sae, splice, prompt: list[int], continuation: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean model reads prompt + continuation. Returns, for the continuation's tokens, the SAE
+    codes [T_cont, n_latents] of (the text's own activations, the stream after the splice): the
+    clean capture is what the splice saw during generation, the splice of it what the model saw."""
+    return encode_continuations(model, sae, splice, [prompt], [continuation])[0]
+
+
+@torch.inference_mode()
+def encode_continuations(
+    model, sae, splice, prompts: list[list[int]], continuations: list[list[int]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """continuation_activations for a batch of rows in one forward: right-padded, so every real token
+    sees only its own row's earlier tokens (causal attention); `splice` steers row b as the generation
+    of row b was steered."""
+    seqs = [p + c for p, c in zip(prompts, continuations)]
+    device = model.tok_embeddings.weight.device
+    tokens = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long, device=device)
+    for b, seq in enumerate(seqs):
+        tokens[b, : len(seq)] = torch.tensor(seq, device=device)
+    x = model.capture(tokens, [sae.cfg.hook_point])[sae.cfg.hook_point].float()  # [R, T, d]
+    positions = torch.arange(tokens.shape[1], device=device)[None].expand(len(seqs), -1)
+    stream = splice(x, positions)
+    out = []
+    for b, (p, c) in enumerate(zip(prompts, continuations)):
+        span = slice(len(p), len(p) + len(c))
+        out.append((dense_codes(sae, x[b, span]), dense_codes(sae, stream[b, span])))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -257,73 +296,11 @@ def test_inference_cli_steers_inspects_and_chats(tiny, sae_dir, tmp_path, capsys
     assert printed.count("assistant> ") == 2 and "(steering: 2:add:5)" in printed and "error: --steer 99" in printed
 
 
-def test_steering_evaluation_reports_and_reuses(tiny, sae_dir, tmp_path, capsys):
-    from capture_top_activating_sentences import TopSentencesConfig
-    from capture_top_activating_sentences import main as top_main
-    from openwebtext_sentences_dataset import SentencesConfig
-    from openwebtext_sentences_dataset import main as sentences_main
-    from steering_evaluation import SteeringEvalConfig
-    from steering_evaluation import main as eval_main
-
-    sentences_main(
-        SentencesConfig(out=str(tmp_path / "s"), max_documents=20, splitter="trained", punkt_train_chars=100_000)
-    )
-    top_main(
-        TopSentencesConfig(
-            sae=str(sae_dir),
-            sentences=str(tmp_path / "s"),
-            out=str(tmp_path / "top"),
-            model=str(tiny.hf_dir),
-            top_n=3,
-            device="cpu",
-            model_dtype="float32",
-            max_sentences=0,
-            browser=False,
-            meanings=str(tmp_path / "m"),
-        )
-    )
-    scales = latent_scales(str(tmp_path / "top"))
-    firing = sorted(scales)[:2]
-    write_meanings(tmp_path / "m", sae_dir, {firing[0]: ('the token "zz"', 0.9), firing[1]: ("anything", 0.8)})
-    cfg = SteeringEvalConfig(
-        sae=str(sae_dir),
-        top_sentences=str(tmp_path / "top"),
-        meanings=str(tmp_path / "m"),
-        out=str(tmp_path / "eval"),
-        model=str(tiny.hf_dir),
-        n_latents=5,
-        prompts=["a b c", "d e"],
-        max_new_tokens=4,
-        device="cpu",
-    )
-    doc = eval_main(cfg)
-    assert [r["latent"] for r in doc["latents"]] == firing  # best certainty first; only latents with meanings
-    for r in doc["latents"]:
-        assert r["keywords"] == meaning_keywords(r["meaning"])
-        for mode, m in r["modes"].items():
-            assert m["strength"] == pytest.approx(4.0 * scales[r["latent"]], rel=1e-3)
-            assert m["in_stream"] > r["unsteered"]["in_stream"]  # the intervention is visible in every mode
-    manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())
-    assert manifest["kind"] == "steering_eval" and manifest["counts"]["latents"] == 2
-    # one (latent, mode) per batch, as the evaluation used to run, gives the same document
-    one_at_a_time = eval_main(SteeringEvalConfig(**{**cfg.__dict__, "batch_rows": 2, "force": True}))
-    assert one_at_a_time == doc
-    capsys.readouterr()
-    assert eval_main(cfg) == json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert "already complete" in capsys.readouterr().out
-    with pytest.raises(PipelineInputError, match="--modes"):
-        eval_main(SteeringEvalConfig(**{**cfg.__dict__, "modes": ["boost"], "force": True}))
-    with pytest.raises(PipelineInputError, match="no meanings for this SAE"):
-        eval_main(SteeringEvalConfig(**{**cfg.__dict__, "meanings": str(tmp_path / "empty"), "force": True}))
-
-
 @pytest.mark.parametrize("keep_error", [True, False])
 def test_rows_steered_differently_in_one_batch_equal_each_steered_alone(tiny, sae_dir, tmp_path, keep_error):
-    """The steering evaluation's batch: every row its own entries (or none). Each row's continuation,
+    """sae_splice(row_entries=): every batch row its own entries (or none). Each row's continuation,
     its re-read codes and the stream the model saw equal a generation of that row's prompts alone with
-    its entries shared by the batch (the loop the evaluation used to run), in every mode."""
-    from pipeline.steering_eval import generate_rows
-
+    its entries shared by the batch, in every mode."""
     session = session_for(tiny, sae_dir, tmp_path / "none")
     sae = session.steerable.sae
     sampling = {"max_new_tokens": 6, "temperature": 0.0, "seed": 0}
@@ -335,7 +312,12 @@ def test_rows_steered_differently_in_one_batch_equal_each_steered_alone(tiny, sa
     ]
     groups.append([SteeringEntry(7, "clamp", 10.0), SteeringEntry(3, "add", 5.0), SteeringEntry(5, "h_bias", 8.0)])
     rows = [(p, g) for g in groups for p in PROMPTS]
-    batched = generate_rows(session, rows, sampling, keep_error, batch_rows=len(rows))
+    row_splice = sae_splice(sae, keep_error=keep_error, row_entries=[g for _, g in rows])
+    out = session.gen.generate([p for p, _ in rows], splice={HOOK: row_splice}, **sampling)
+    reread = encode_continuations(session.loaded.model, sae, row_splice, [p for p, _ in rows], [c.tokens for c in out])
+    batched = SimpleNamespace(
+        tokens=[c.tokens for c in out], codes=[a for a, _ in reread], stream_codes=[b for _, b in reread]
+    )
     for i, entries in enumerate(groups):
         batch, splice = steering_batch(sae, PROMPTS, entries, keep_error, compare=False)
         out = session.gen.generate(batch, splice={HOOK: splice}, **sampling)

@@ -70,7 +70,7 @@ def pipeline_config(model: Path) -> PipelineConfig:
             "top_sentences:--top-n=5",
             "top_sentences:--max-batch-tokens=256",
             "interpret_send:--min-sentences=2",
-            "steering_eval:--n-latents=2",
+            "steering_eval:--n-candidates=2",
             "steering_eval:--max-new-tokens=4",
             "steering_eval:--device=cpu",
         ],

@@ -1,0 +1,293 @@
+"""The AxBench-style steering evaluation: its parts against brute-force references, then the whole stage."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_tokens
+from llama_3 import PipelineInputError, load_model
+from llama_3.hooks import Splice
+from pipeline.steering import SteeringEntry, hook_activations, sae_splice
+from pipeline.steering_eval import Row, add_strength, read_continuations
+from pipeline.steering_judge import (
+    ConceptReference,
+    concept_references,
+    concept_score,
+    fluency_score,
+    harmonic_mean,
+    instruction_score,
+)
+from pipeline.output_score import output_scores, resume_layer
+from pipeline.steering_vectors import diffmean_directions, hook_sums, residual_norm, sae_directions, vector_splice
+from pipeline.tokenization import Tokenization
+from sae import SaeConfig, TopKSae
+
+HOOK = "resid_pre.1"
+PROMPTS = [[5, 9, 13, 2], [7, 3, 11], [4, 4, 8, 1, 6]]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny):
+    return load_model(tiny.hf_dir)
+
+
+@pytest.fixture(scope="module")
+def sae(lm):
+    torch.manual_seed(1)
+    cfg = SaeConfig(d_model=lm.args.dim, n_latents=48, k=4, hook_point=HOOK, model=lm.identity())
+    cfg.exclude_first_positions, cfg.input_scale = 1, 0.7
+    return TopKSae(cfg).eval()
+
+
+def test_forward_from_a_hook_equals_the_full_forward(lm):
+    tokens = random_tokens(lm.args.vocab_size, (2, 9), seed=3)
+    with torch.inference_mode():
+        full = lm.model(tokens)
+        for layer in (0, 1, lm.args.n_layers):
+            x = (
+                lm.model.capture(tokens, [f"resid_pre.{layer}"])[f"resid_pre.{layer}"]
+                if layer < lm.args.n_layers
+                else None
+            )
+            if x is None:  # after the last block: only the final norm and the head
+                x = lm.model.capture(tokens, [f"resid_post.{layer - 1}"])[f"resid_post.{layer - 1}"]
+            torch.testing.assert_close(lm.model.forward_from(x, layer), full, rtol=1e-5, atol=1e-5)
+    assert resume_layer("resid_post.0", 2) == 1 and resume_layer("resid_pre.1", 2) == 1
+    with pytest.raises(PipelineInputError, match="inside a block"):
+        resume_layer("attn_norm.1", 2)
+
+
+def test_vector_splice_zero_rows_are_clean_and_rows_do_not_see_each_other(lm):
+    """A batch of rows with different offsets (one zero) gives each row what it gets alone, and the zero
+    row exactly the clean model; the sink position is never changed."""
+    from llama_3.generation import Generator
+
+    gen = Generator(lm)
+    d = lm.args.dim
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.stack([torch.zeros(d), 3 * torch.randn(d, generator=g), 3 * torch.randn(d, generator=g)])
+    sampling = {"max_new_tokens": 6, "temperature": 0.0}
+    batch = gen.generate(PROMPTS, splice={HOOK: vector_splice(offsets, 1)}, **sampling)
+    clean = gen.generate(PROMPTS[:1], **sampling)
+    assert batch[0].tokens == clean[0].tokens
+    for b in range(1, 3):
+        alone = gen.generate([PROMPTS[b]], splice={HOOK: vector_splice(offsets[b : b + 1], 1)}, **sampling)
+        assert alone[0].tokens == batch[b].tokens
+    assert batch[1].tokens != gen.generate([PROMPTS[1]], **sampling)[0].tokens  # the offset is large enough to act
+    x = torch.randn(3, 5, d)
+    out = vector_splice(offsets, 1)(x, torch.arange(5)[None].expand(3, -1))
+    assert torch.equal(out[:, 0], x[:, 0]) and torch.equal(out[0], x[0])
+    torch.testing.assert_close(out[1:, 1:], x[1:, 1:] + offsets[1:, None])
+
+
+def test_sae_add_at_the_recommended_strength_is_the_unit_decoder_row_vector(lm, sae):
+    """What the evaluation adds (factor x norm x unit row) is the Gradio page's `add` entry at add_strength."""
+    tokens = random_tokens(lm.args.vocab_size, (2, 7), seed=5)
+    positions = torch.arange(7)[None].expand(2, -1)
+    with torch.inference_mode():
+        x = lm.model.capture(tokens, [HOOK])[HOOK]
+        latent, offset_norm = 11, 2.5
+        via_sae = sae_splice(sae, [SteeringEntry(latent, "add", add_strength(sae, latent, offset_norm))])(x, positions)
+        via_vector = vector_splice(offset_norm * sae_directions(sae, [latent]).expand(2, -1), 1)(x, positions)
+    torch.testing.assert_close(via_sae, via_vector, rtol=1e-5, atol=1e-5)
+    assert float((via_vector[:, 1:] - x[:, 1:]).norm(dim=-1).mean()) == pytest.approx(offset_norm, rel=1e-5)
+
+
+def test_output_scores_equal_full_forwards_with_the_splice(lm, sae):
+    latents = [0, 5, 17, 30]
+    dirs = sae_directions(sae, latents)
+    with torch.inference_mode():
+        scores, promoted = output_scores(lm.model, HOOK, dirs, PROMPTS, 4.0, 1, top_tokens=3, batch_rows=3)
+        w_lens = lm.model.output.weight.float() @ (lm.model.norm.weight.float()[:, None] * dirs.t())  # [V, n]
+        for i in range(len(latents)):
+            ids = w_lens[:, i].topk(3).indices
+            assert set(promoted[i].tolist()) == set(ids.tolist())
+            expected = 0.0
+            for p in PROMPTS:
+                tokens = torch.tensor([p])
+                clean = lm.model(tokens)[0, -1].float().softmax(-1)
+                splice = Splice(lambda x, i=i: x.float() + 4.0 * dirs[i], skip_first_positions=1)
+                steered, _ = lm.model.run_with_hooks(tokens, splice={HOOK: splice})
+                expected += float(steered[0, -1].float().softmax(-1)[ids].sum() - clean[ids].sum()) / len(PROMPTS)
+            assert float(scores[i]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_diffmean_and_residual_norm_equal_per_sentence_brute_force(lm, tiny):
+    from llama_3 import load_model as load
+
+    tok = load(tiny.hf_dir).tokenizer
+    texts = ["a b c d", "hello there", "one two three four five", "x", "the end of it"]
+    tokenization = Tokenization(add_bos=True, max_tokens=4, exclude_first_positions=1)
+    sums, counts = hook_sums(lm.model, HOOK, tokenization, tok, texts, batch_tokens=8)
+    per_text = []
+    for ids in tokenization.encode(tok, texts):
+        a = hook_activations(lm.model, HOOK, ids)[2:]  # BOS and the excluded first text position
+        per_text.append(a)
+        assert len(a) <= 3
+    for i, a in enumerate(per_text):
+        assert int(counts[i]) == len(a)
+        torch.testing.assert_close(sums[i], a.sum(0), rtol=1e-5, atol=1e-5)
+    got = diffmean_directions(sums, counts, [[0, 2]], [[1, 3, 4]])
+    pos = torch.cat([per_text[0], per_text[2]]).mean(0)
+    neg = torch.cat([per_text[j] for j in (1, 3, 4)]).mean(0)
+    torch.testing.assert_close(got[0], (pos - neg) / (pos - neg).norm(), rtol=1e-5, atol=1e-6)
+    norms = torch.cat([hook_activations(lm.model, HOOK, p)[1:].norm(dim=-1) for p in PROMPTS])
+    assert residual_norm(lm.model, HOOK, PROMPTS, 1) == pytest.approx(float(norms.mean()), rel=1e-5)
+
+
+def test_read_continuations_equal_one_row_at_a_time(lm, sae):
+    """Rows sharing a prompt read it once (KV cache shared): the same numbers as each row's own forward."""
+    conts = [[8, 1, 2], [9], [3, 3, 7, 1], [2, 2], [6, 1, 9, 9, 4]]
+    rows = [Row(0, "sae", 3, 1.0, PROMPTS[j % 2], c) for j, c in enumerate(conts)]
+    rows += [Row(1, "none", None, None, PROMPTS[2], [5, 5, 1]), Row(1, "none", None, None, PROMPTS[0], [])]
+    got = read_continuations(lm.model, sae, rows, max_rows=2)
+    for r, (loss, act) in zip(rows, got):
+        if not r.continuation:
+            assert math.isnan(loss) and act == 0.0
+            continue
+        tokens = torch.tensor([r.tokens + r.continuation])
+        with torch.inference_mode():
+            lp = lm.model(tokens)[0].float().log_softmax(-1)
+            n = len(r.tokens)
+            ref = -np.mean([float(lp[n - 1 + j, t]) for j, t in enumerate(r.continuation)])
+            x = hook_activations(lm.model, HOOK, r.tokens + r.continuation)[n:]
+            dense = sae(x, dense=True)
+            codes = torch.zeros(len(x), 48).scatter(1, dense.indices, dense.values)
+        assert loss == pytest.approx(ref, rel=1e-5)
+        assert act == (pytest.approx(float(codes[:, r.latent].mean()), abs=1e-5) if r.latent is not None else 0.0)
+
+
+def test_judge_scores_follow_their_calibration():
+    class FakeEncoder:
+        """Texts are 'v:<x>,<y>' -> the unit vector (x, y)."""
+
+        def encode(self, texts):
+            vs = torch.tensor([[float(u) for u in t.split(":")[1].split(",")] for t in texts])
+            return torch.nn.functional.normalize(vs, dim=-1)
+
+    class Examples:
+        sentences = {i: {"text": f"v:1,{i / 10}"} for i in range(20)}
+        sentences |= {100 + i: {"text": f"v:{i / 10},1"} for i in range(20)}
+        top = {7: [{"sentence_id": i} for i in range(12)]}
+        silent = {7: [100 + i for i in range(20)]}
+
+    refs = concept_references(FakeEncoder(), Examples(), {7: "v:1,0"}, [7], n_reference=4, n_held=8)
+    ref = refs[7]
+    c = torch.nn.functional.normalize(
+        torch.nn.functional.normalize(torch.tensor([1.0, 0.0]), dim=0)
+        + torch.nn.functional.normalize(FakeEncoder().encode([f"v:1,{i / 10}" for i in range(4)]).mean(0), dim=0),
+        dim=0,
+    )
+    torch.testing.assert_close(ref.vector, c)
+    sil = FakeEncoder().encode([f"v:{i / 10},1" for i in range(20)]) @ c
+    held = FakeEncoder().encode([f"v:1,{i / 10}" for i in range(4, 12)]) @ c
+    assert ref.tau1 == pytest.approx(float(np.quantile(sil.numpy(), 0.95)), rel=1e-5)
+    assert ref.tau2 == pytest.approx(max(float(torch.median(held)), ref.tau1), rel=1e-5)
+    assert float((sil > ref.tau1).float().mean()) <= 0.05 + 1e-9  # ~5% of concept-free text scores >= 1
+    assert [concept_score(s, ConceptReference(c, 0.2, 0.6)) for s in (0.1, 0.2, 0.5, 0.61)] == [0, 0, 1, 2]
+    sims = torch.tensor([0.1, 0.9, 0.3, 0.5])
+    assert [instruction_score(sims, i) for i in (1, 3, 2, 0)] == [2, 1, 0, 0]
+    assert [fluency_score(x, 2.0, 0.1) for x in (2.9, 3.0, 3.1, 5.0, 5.1, math.nan)] == [2, 2, 1, 1, 0, 0]
+    assert fluency_score(2.0, 2.0, 0.6) == 0  # a loop is cheap to predict but not fluent
+    assert harmonic_mean(2, 2, 2) == 2 and harmonic_mean(1, 2, 0) == 0
+    assert harmonic_mean(1, 2, 2) == pytest.approx(3 / (1 + 0.5 + 0.5))
+
+
+@pytest.fixture(scope="module")
+def demo_inputs(tiny, tmp_path_factory, lm):
+    """A tiny SAE with its top sentences and meanings, as the earlier stages leave them."""
+    from capture_top_activating_sentences import TopSentencesConfig
+    from capture_top_activating_sentences import main as top_main
+    from openwebtext_sentences_dataset import SentencesConfig
+    from openwebtext_sentences_dataset import main as sentences_main
+    from pipeline.explainers import LatentExamples
+    from pipeline.meanings import sae_sha256
+    from pipeline.top_sentences import open_top_sentences
+
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(2)
+    sae = TopKSae(SaeConfig(d_model=lm.args.dim, n_latents=48, k=4, hook_point=HOOK, model=lm.identity()))
+    sae.save(root / "sae")
+    sentences_main(
+        SentencesConfig(out=str(root / "s"), max_documents=20, splitter="trained", punkt_train_chars=100_000)
+    )
+    top_main(
+        TopSentencesConfig(
+            sae=str(root / "sae"),
+            sentences=str(root / "s"),
+            out=str(root / "top"),
+            model=str(tiny.hf_dir),
+            top_n=6,
+            device="cpu",
+            model_dtype="float32",
+            max_sentences=0,
+            browser=False,
+            meanings=str(root / "m"),
+        )
+    )
+    firing = sorted(LatentExamples.load(open_top_sentences(root / "top"), "max").top)[:5]
+    (root / "m").mkdir()
+    doc = {
+        "sae_sha256": sae_sha256(root / "sae"),
+        "explainer": "test",
+        "latents": [{"latent": i, "meaning": f'the token "w{i}"', "certainty": 0.5, "score": None} for i in firing],
+    }
+    (root / "m" / "test.json").write_text(json.dumps(doc))
+    return root, firing
+
+
+def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_path, capsys):
+    from llama_3.generation import Generator
+    from steering_evaluation import SteeringEvalConfig
+    from steering_evaluation import main as eval_main
+
+    root, firing = demo_inputs
+    cfg = SteeringEvalConfig(
+        sae=str(root / "sae"),
+        top_sentences=str(root / "top"),
+        meanings=str(root / "m"),
+        out=str(tmp_path / "eval"),
+        model=str(tiny.hf_dir),
+        n_candidates=3,
+        factors=[0.5, 3.0],
+        select_instructions=["a b c", "d e"],
+        test_instructions=["f g h i", "j k"],
+        max_new_tokens=4,
+        device="cpu",
+        dtype="float32",
+    )
+    doc = eval_main(cfg)
+    scores = {int(k): v for k, v in doc["output_scores"].items()}
+    assert sorted(scores) == firing  # every latent with a meaning that fires
+    best3 = sorted(scores, key=lambda lat: (-scores[lat], lat))[:3]
+    assert [r["latent"] for r in doc["latents"]] == best3
+    for r in doc["latents"]:
+        for m in ("sae", "diffmean"):
+            cell = r["methods"][m]
+            sweep = {float(f): c["harmonic"] for f, c in cell["sweep"].items()}
+            assert cell["best_factor"] == max(sweep, key=lambda f: (sweep[f], -f))
+            assert cell["strength"] == pytest.approx(cell["best_factor"] * doc["residual_norm"], rel=1e-3)
+        assert set(r["methods"]["prompt"]["test"]) >= {"concept", "instruction", "fluency", "harmonic"}
+    for m in ("sae", "diffmean", "prompt"):  # two test rows per latent: the summary is the mean of the latents'
+        per_latent = [r["methods"][m]["test"]["harmonic"] for r in doc["latents"]]
+        assert doc["summary"][m]["harmonic"] == pytest.approx(sum(per_latent) / 3, abs=1e-3)
+    # the unsteered rows rode in the steered batches with a zero vector: exactly the clean model
+    lm = load_model(tiny.hf_dir)
+    assert lm.chat_format is not None  # instructions go through the chat template
+    dialogs = [[{"role": "user", "content": t}] for t in ("f g h i", "j k")]
+    clean = Generator(lm).chat_completion(dialogs, max_new_tokens=4, temperature=0)
+    assert doc["unsteered_examples"] == [c.text for c in clean]
+    one_by_one = eval_main(SteeringEvalConfig(**{**cfg.__dict__, "batch_rows": 1, "force": True}))
+    assert one_by_one == doc
+    capsys.readouterr()
+    assert eval_main(cfg) == json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert "already complete" in capsys.readouterr().out
+    with pytest.raises(PipelineInputError, match="--latents"):
+        eval_main(SteeringEvalConfig(**{**cfg.__dict__, "latents": [47, 46, 45, 44, 43, 42], "force": True}))
+    with pytest.raises(PipelineInputError, match="--factors"):
+        eval_main(SteeringEvalConfig(**{**cfg.__dict__, "factors": [0.0], "force": True}))
