@@ -24,8 +24,9 @@ import gradio as gr  # noqa: E402
 from llama_3.cli import Dtype, check_choices, parse_config, run_main  # noqa: E402
 from llama_3.errors import PipelineInputError  # noqa: E402
 from llama_3.generation import SPLICE_ON, check_splice_on  # noqa: E402
-from pipeline.paths import SAE_DIR  # noqa: E402
+from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR  # noqa: E402
 from pipeline.steering import MODES, SteeringEntry, check_entries  # noqa: E402
+from pipeline.steering_eval import Row, SteeringResults, read_continuations  # noqa: E402
 from pipeline.steering_session import Session  # noqa: E402
 
 TITLE = "SAE steering"
@@ -35,6 +36,10 @@ TITLE = "SAE steering"
 class GradioConfig:
     sae: str = field(default=str(SAE_DIR / "sae"), metadata={"help": "SAE folder (sae.safetensors + cfg.json)"})
     meanings: str = field(default="latent_index_meaning", metadata={"help": "folder of latent meanings"})
+    steering_eval: str = field(
+        default=str(STEERING_EVAL_DIR),
+        metadata={"help": "this SAE's steering evaluation: output scores, recommended strengths (optional)"},
+    )
     model: str | None = field(default=None, metadata={"help": "default: the SAE's model"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     dtype: Dtype = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
@@ -67,16 +72,77 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
     steerable = session.steerable
     n_latents = steerable.sae.cfg.n_latents
 
-    def search(query: str):
-        hits = steerable.search(query or "", limit=50)
-        return [[h["latent"], h.get("certainty"), h.get("score"), h.get("meaning", "")] for h in hits]
+    results = SteeringResults.load(cfg.steering_eval, steerable.directory)
+    output_scores = results.output_scores if results else {}
+    recommended = results.recommended if results else {}
+
+    def search(query: str, sort_by: str = "certainty"):
+        hits = steerable.search(query or "", limit=n_latents)
+        if sort_by == "steerability":  # output score first; latents the evaluation never scored last
+            hits.sort(key=lambda h: (h["latent"] not in output_scores, -output_scores.get(h["latent"], 0.0)))
+        return [
+            [
+                h["latent"],
+                h.get("certainty"),
+                h.get("score"),
+                output_scores.get(h["latent"]),
+                recommended.get(h["latent"]),
+                h.get("meaning", ""),
+            ]
+            for h in hits[:50]
+        ]
 
     def pick(evt: gr.SelectData, table):
+        """The latent box takes the clicked latent; where the sweep recommends a strength, `add` at it."""
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         try:
-            return int(table.iloc[row, 0])
+            latent = int(table.iloc[row, 0])
         except (AttributeError, IndexError, ValueError, TypeError):
-            return gr.update()
+            return gr.update(), gr.update(), gr.update()
+        if latent in recommended:
+            return latent, "add", round(recommended[latent], 3)
+        return latent, gr.update(), gr.update()
+
+    encoder = []  # MiniLM, loaded on the first judged generation
+
+    def judge(pairs, entries: list[SteeringEntry]) -> list[list]:
+        """Per prompt: the first entry's latent on the re-read text, the clean model's loss per token, and
+        the similarity to the latent's meaning, unsteered -> steered."""
+        if not entries or not pairs or pairs[0][0] is None:
+            return []
+        latent = entries[0].latent
+        rows = [
+            Row(i, m, latent, None, c.prompt_tokens, c.tokens)
+            for i, pair in enumerate(pairs)
+            for m, c in zip(("none", "steered"), pair)
+        ]
+        reads = read_continuations(session.loaded.model, steerable.sae, rows)
+        meaning = steerable.meaning(latent)
+        sims = [None] * len(rows)
+        if meaning:
+            try:
+                if not encoder:
+                    from pipeline.sentence_embedding import SentenceEncoder
+
+                    encoder.append(SentenceEncoder())
+                vectors = encoder[0].encode([meaning] + [c.text for pair in pairs for c in pair])
+                sims = (vectors[1:] @ vectors[0]).tolist()
+            except PipelineInputError:  # the offline judge's package is not installed: no similarity column
+                pass
+
+        def arrow(a, b, digits=3):
+            return "" if a is None or b is None else f"{a:.{digits}f} -> {b:.{digits}f}"
+
+        return [
+            [
+                i + 1,
+                latent,
+                arrow(reads[2 * i][1], reads[2 * i + 1][1]),
+                arrow(reads[2 * i][0], reads[2 * i + 1][0], 2),
+                arrow(sims[2 * i], sims[2 * i + 1]),
+            ]
+            for i in range(len(pairs))
+        ]
 
     def add_entry(latent, mode, strength, entries: list[SteeringEntry]):
         try:
@@ -122,7 +188,12 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
             prompts, list(entries), keep_error=bool(keep_error), compare=True, steer_on=steer_on, **sampling
         ):
             plain = [p.text if p is not None else s.text for p, s in pairs]
-            yield format_outputs(labels, plain), format_outputs(labels, [s.text for _, s in pairs]), gr.update()
+            yield (
+                format_outputs(labels, plain),
+                format_outputs(labels, [s.text for _, s in pairs]),
+                gr.update(),
+                gr.update(),
+            )
         rows = []
         for i, (_, steered) in enumerate(pairs):
             for position, item in enumerate(session.inspect(steered, list(entries), steer_on, cfg.inspect_top)):
@@ -130,7 +201,7 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
                     f"{x['latent']} ({x['activation']:.2f}) {x['meaning']}".strip() for x in item["latents"]
                 )
                 rows.append([i + 1, position, item["token"], latents])
-        yield gr.update(), gr.update(), rows
+        yield gr.update(), gr.update(), rows, judge(pairs, list(entries))
 
     sae_name = Path(steerable.directory).resolve().name
     with gr.Blocks(title=TITLE) as app:
@@ -157,9 +228,16 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
                     keep_error = gr.Checkbox(label="Keep the SAE error term (off: pure reconstruction)", value=True)
             with gr.Column(scale=2):
                 query = gr.Textbox(label="Find latents by meaning", placeholder="e.g. bone", elem_id="search_query")
-                search_btn = gr.Button("Search", elem_id="search_button")
+                with gr.Row():
+                    sort_by = gr.Radio(
+                        ["certainty", "steerability"],
+                        value="certainty",
+                        label="Sort by (steerability: output score from the steering evaluation)",
+                        elem_id="sort_by",
+                    )
+                    search_btn = gr.Button("Search", elem_id="search_button")
                 hits = gr.Dataframe(
-                    headers=["latent", "certainty", "score", "meaning"],
+                    headers=["latent", "certainty", "score", "output score", "recommended add", "meaning"],
                     interactive=False,
                     max_height=240,
                     elem_id="search_results",
@@ -176,6 +254,18 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
             headers=["latent", "mode", "strength", "meaning"], interactive=False, elem_id="entries"
         )
         run_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+        judged = gr.Dataframe(
+            headers=[
+                "prompt",
+                "latent (first entry)",
+                "its activation on the text",
+                "clean model's loss per token",
+                "similarity to its meaning (MiniLM)",
+            ],
+            interactive=False,
+            elem_id="judge",
+            label="What the steering did, unsteered -> steered",
+        )
         with gr.Row():
             out_plain = gr.Textbox(label="Unsteered", lines=8, elem_id="out_unsteered")
             out_steered = gr.Textbox(label="Steered", lines=8, elem_id="out_steered")
@@ -187,15 +277,16 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
             label="Latents on each steered token",
         )
 
-        search_btn.click(search, query, hits)
-        query.submit(search, query, hits)
-        hits.select(pick, hits, latent)
+        search_btn.click(search, [query, sort_by], hits)
+        query.submit(search, [query, sort_by], hits)
+        sort_by.change(search, [query, sort_by], hits)
+        hits.select(pick, hits, [latent, mode, strength])
         add_btn.click(add_entry, [latent, mode, strength, entries_state], [entries_state, entries_view])
         clear_btn.click(clear_entries, None, [entries_state, entries_view])
         run_btn.click(
             generate,
             [prompts, entries_state, greedy, temperature, top_p, max_new, seed, steer_on, keep_error],
-            [out_plain, out_steered, inspection],
+            [out_plain, out_steered, inspection, judged],
         )
     return app
 

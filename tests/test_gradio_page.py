@@ -27,6 +27,7 @@ from sae import SaeConfig, TopKSae
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 LATENT, STRENGTH, PROMPTS = 5, 30.0, ["hello there", "a b c"]
+STEERABLE, RECOMMENDED = 9, 12.5  # the one latent a (hand-written) steering evaluation of the SAE recommends
 
 pytestmark = pytest.mark.slow
 
@@ -60,13 +61,28 @@ def page(tiny, tmp_path_factory):
             {
                 "sae_sha256": sae_sha256(root / "sae"),
                 "explainer": "test",
-                "latents": [{"latent": LATENT, "meaning": "greetings and salutations", "certainty": 0.9, "score": 0.8}],
+                "latents": [
+                    {"latent": LATENT, "meaning": "greetings and salutations", "certainty": 0.9, "score": 0.8},
+                    {"latent": STEERABLE, "meaning": "farewells", "certainty": 0.1, "score": 0.2},
+                ],
+            }
+        )
+    )
+    (root / "eval").mkdir()  # what steering_evaluation.py writes, reduced to what the page reads
+    (root / "eval" / "manifest.json").write_text(json.dumps({"inputs": {"sae_sha256": sae_sha256(root / "sae")}}))
+    sae_cell = {"add_strength": RECOMMENDED, "test": {"harmonic": 1.2}}
+    (root / "eval" / "results.json").write_text(
+        json.dumps(
+            {
+                "output_scores": {str(LATENT): 0.01, str(STEERABLE): 0.4},
+                "latents": [{"latent": STEERABLE, "methods": {"sae": sae_cell}}],
             }
         )
     )
     cfg = GradioConfig(
         sae=str(root / "sae"),
         meanings=str(root / "m"),
+        steering_eval=str(root / "eval"),
         model=str(tiny.hf_dir),
         device="cpu",
         dtype="float32",
@@ -163,3 +179,22 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     expected_steered = "\n\n".join(f"[{i + 1}] {p}{b.text}" for i, (p, (_, b)) in enumerate(zip(PROMPTS, pairs)))
     assert plain == expected_plain and steered == expected_steered
     assert plain != steered
+
+    # the judge table: the entry's latent on the re-read texts and the clean model's loss, unsteered -> steered
+    from pipeline.steering_eval import Row, read_continuations
+
+    wait.until(lambda d: "->" in text_of("#judge"))
+    rows = [Row(0, "x", LATENT, None, c.prompt_tokens, c.tokens) for pair in pairs for c in pair]
+    reads = read_continuations(session.loaded.model, session.steerable.sae, rows)
+    assert f"{reads[0][0]:.2f} -> {reads[1][0]:.2f}" in text_of("#judge")
+    assert f"{reads[0][1]:.3f} -> {reads[1][1]:.3f}" in text_of("#judge")
+
+    # sorted by steerability, the evaluation's best latent comes first; picking it sets `add` at its strength
+    fill("#search_query textarea, #search_query input", "")
+    d.find_element(By.XPATH, "//*[@id='sort_by']//label[normalize-space(.)='steerability']").click()
+    wait.until(lambda d: text_of("#search_results").split("farewells")[0].count("greetings") == 0)
+    hits = d.find_elements(By.XPATH, f"//*[@id='search_results']//*[normalize-space(text())='{STEERABLE}']")
+    next(h for h in hits if h.is_displayed()).click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#strength input").get_attribute("value") == str(RECOMMENDED))
+    assert d.find_element(By.CSS_SELECTOR, "#latent input").get_attribute("value") == str(STEERABLE)
+    assert d.find_element(By.XPATH, "//*[@id='mode']//input[@value='add']").is_selected()
