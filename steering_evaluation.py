@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from llama_3.cli import Dtype, check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
+from pipeline.activations import CaptureOutput
 from pipeline.explainers import LatentExamples
 from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.meanings import sae_sha256
@@ -68,7 +69,7 @@ class SteeringEvalConfig:
         default_factory=lambda: list(TEST_INSTRUCTIONS),
         metadata={"help": "held-out chat instructions the best strengths are reported on"},
     )
-    max_new_tokens: int = field(default=24, metadata={"help": "tokens per continuation"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens per continuation"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     batch_rows: int = field(
@@ -141,7 +142,17 @@ def main(cfg: SteeringEvalConfig) -> dict:
             "given"
         )
     start = time.time()
-    bench = Benchmark(session, SentenceEncoder(), examples, meanings, cfg.select_instructions, cfg.test_instructions)
+    capture, capture_sentences = top_sentences_capture(top)
+    bench = Benchmark(
+        session,
+        SentenceEncoder(),
+        examples,
+        meanings,
+        cfg.select_instructions,
+        cfg.test_instructions,
+        capture,
+        capture_sentences,
+    )
     sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
     doc = evaluate(
         bench,
@@ -174,6 +185,21 @@ def main(cfg: SteeringEvalConfig) -> dict:
     print(f"wrote {out / 'results.json'} ({elapsed:.0f} s)")
     print_next_steps(cfg)
     return doc
+
+
+def top_sentences_capture(top) -> tuple[CaptureOutput | None, int]:
+    """The capture top sentences read its activations from (it checked that capture against the SAE), and
+    how many sentences it read there; (None, 0) when it ran the model."""
+    try:
+        source = top.field("source", dict)
+    except PipelineInputError:  # written before top sentences could read a capture
+        return None, 0
+    if not source.get("capture") or not source.get("capture_sentences"):
+        return None, 0
+    try:
+        return CaptureOutput.open(source["capture"]), int(source["capture_sentences"])
+    except PipelineInputError:  # moved or deleted since: DiffMean runs the model instead
+        return None, 0
 
 
 def print_next_steps(cfg: SteeringEvalConfig) -> None:

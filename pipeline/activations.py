@@ -24,7 +24,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -311,6 +311,26 @@ class CaptureOutput:
                 ) from None
             if act_key(hook_point) not in keys:
                 raise PipelineInputError(f"{path}: holds no {act_key(hook_point)} (keys: {', '.join(sorted(keys))})")
+
+    def sentence_activations(self, hook_point: str, sentence_ids: Iterable[int]) -> dict[int, torch.Tensor]:
+        """{sentence id: its stored activations [n_tokens, d_model] from text position 0, in the storage
+        dtype} for the requested ids this capture holds. Reads each shard's small index and then only the
+        rows of those sentences (memory-mapped slices), so a few sentences cost a few reads at any scale."""
+        wanted = set(sentence_ids)
+        key = act_key(hook_point)
+        pieces: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for path in self.shard_paths:
+            with safe_open(str(path), framework="pt") as f:
+                sids = f.get_tensor("sentence_ids").tolist()
+                if not wanted.intersection(sids):
+                    continue
+                starts = f.get_tensor("sentence_starts").tolist()
+                firsts = f.get_tensor("sentence_first_position").tolist()
+                rows = f.get_slice(key)
+                for j, sid in enumerate(sids):
+                    if sid in wanted:
+                        pieces.setdefault(sid, []).append((firsts[j], rows[starts[j] : starts[j + 1]]))
+        return {sid: torch.cat([a for _, a in sorted(p, key=lambda x: x[0])]) for sid, p in pieces.items()}
 
     def read_sentences(
         self, hook_point: str, rank: int = 0, world_size: int = 1, max_rows: int = 8192

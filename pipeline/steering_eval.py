@@ -32,18 +32,27 @@ from pipeline.steering_judge import (
     harmonic_mean,
     instruction_score,
 )
-from pipeline.steering_vectors import diffmean_directions, hook_sums, residual_norm, sae_directions, vector_splice
+from pipeline.steering_vectors import (
+    capture_sums,
+    diffmean_directions,
+    hook_sums,
+    residual_norm,
+    sae_directions,
+    vector_splice,
+)
 
 METHODS = ("sae", "diffmean", "prompt")
+# Open-ended requests about the world, not about the assistant (which SmolLM2 answers with "I'm an AI ..."),
+# so a continuation has room for a concept.
 SELECT_INSTRUCTIONS = (
-    "Write a short paragraph about your weekend.",
-    "Give me some advice on learning a new skill.",
-    "Tell me about a memorable trip.",
+    "Write a short story about a small village.",
+    "Describe a busy market in the morning.",
+    "Write a paragraph about the sea.",
 )
 TEST_INSTRUCTIONS = (
-    "Write a few sentences about your favourite hobby.",
-    "Describe the town you grew up in.",
-    "Tell me about a good meal you had.",
+    "Tell me about a walk in the park.",
+    "Write a few sentences about a city at night.",
+    "Describe what happens at a family dinner.",
 )
 OUTPUT_SCORE_PROMPTS = ("I think that", "Here is the story of")
 
@@ -161,8 +170,21 @@ def generate(session, rows: list[Row], offsets: torch.Tensor, sampling: dict, ba
 class Benchmark:
     """State shared by the evaluation's steps (model, SAE, judge, prompts, strengths)."""
 
-    def __init__(self, session, encoder, examples, meanings: dict[int, str], select_instructions, test_instructions):
+    def __init__(
+        self,
+        session,
+        encoder,
+        examples,
+        meanings: dict[int, str],
+        select_instructions,
+        test_instructions,
+        capture=None,
+        capture_sentences: int = 0,
+    ):
+        """capture: the CaptureOutput that top sentences read sentences 0..capture_sentences-1 from (DiffMean
+        reads them there too), or None (the model runs on DiffMean's sentences)."""
         self.session, self.encoder, self.examples, self.meanings = session, encoder, examples, meanings
+        self.capture, self.capture_sentences, self.diffmean_source = capture, capture_sentences, ""
         self.sae = session.steerable.sae
         self.model = session.loaded.model
         self.instructions = list(select_instructions) + list(test_instructions)
@@ -201,10 +223,18 @@ class Benchmark:
             n = list(ex.silent.get(lat, []))
             pos.append([ids.setdefault(s, len(ids)) for s in p])
             neg.append([ids.setdefault(s, len(ids)) for s in n])
-        texts = [ex.sentences[s]["text"] for s in ids]
-        sums, counts = hook_sums(
-            self.model, self.sae.cfg.hook_point, self.sae.cfg.tokenization, self.session.loaded.tokenizer, texts
-        )
+        tokenization = self.sae.cfg.tokenization
+        if self.capture is not None and max(ids, default=0) < self.capture_sentences:
+            sums, counts = capture_sums(
+                self.capture, self.sae.cfg.hook_point, list(ids), tokenization.exclude_first_positions
+            )
+            self.diffmean_source = str(self.capture.directory)
+        else:
+            texts = [ex.sentences[s]["text"] for s in ids]
+            sums, counts = hook_sums(
+                self.model, self.sae.cfg.hook_point, tokenization, self.session.loaded.tokenizer, texts
+            )
+            self.diffmean_source = "model"
         return diffmean_directions(sums, counts, pos, neg)
 
     def judge(self, rows: list[Row], references: dict) -> None:
@@ -391,6 +421,7 @@ def evaluate(
     return {
         "hook_point": bench.sae.cfg.hook_point,
         "residual_norm": round(bench.norm, 4),
+        "diffmean_activations": bench.diffmean_source,
         "factors": list(factors),
         "output_factor": output_factor,
         "instructions": {

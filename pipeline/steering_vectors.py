@@ -74,6 +74,20 @@ def hook_sums(
     return sums, counts
 
 
+def capture_sums(
+    capture, hook_point: str, sentence_ids: list[int], skip_text_positions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hook_sums' result for sentences a capture already holds (their activations as the SAE's training
+    data stored them; BOS is never stored, so only the excluded text positions are skipped)."""
+    acts = capture.sentence_activations(hook_point, sentence_ids)
+    missing = [s for s in sentence_ids if s not in acts]
+    if missing:
+        raise KeyError(f"{capture.directory} holds no sentence {missing[0]}")
+    rows = [acts[s][skip_text_positions:].float() for s in sentence_ids]
+    sums = torch.stack([r.sum(0) for r in rows]) if rows else torch.zeros(0, capture.d_model)
+    return sums, torch.tensor([len(r) for r in rows])
+
+
 def diffmean_directions(
     sums: torch.Tensor, counts: torch.Tensor, positive: list[list[int]], negative: list[list[int]]
 ) -> torch.Tensor:

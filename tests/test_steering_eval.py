@@ -23,7 +23,14 @@ from pipeline.steering_judge import (
     instruction_score,
 )
 from pipeline.output_score import output_scores, resume_layer
-from pipeline.steering_vectors import diffmean_directions, hook_sums, residual_norm, sae_directions, vector_splice
+from pipeline.steering_vectors import (
+    capture_sums,
+    diffmean_directions,
+    hook_sums,
+    residual_norm,
+    sae_directions,
+    vector_splice,
+)
 from pipeline.tokenization import Tokenization
 from sae import SaeConfig, TopKSae
 
@@ -201,6 +208,8 @@ def test_judge_scores_follow_their_calibration():
 @pytest.fixture(scope="module")
 def demo_inputs(tiny, tmp_path_factory, lm):
     """A tiny SAE with its top sentences and meanings, as the earlier stages leave them."""
+    from capture_activations import CaptureConfig
+    from capture_activations import main as capture_main
     from capture_top_activating_sentences import TopSentencesConfig
     from capture_top_activating_sentences import main as top_main
     from openwebtext_sentences_dataset import SentencesConfig
@@ -216,12 +225,26 @@ def demo_inputs(tiny, tmp_path_factory, lm):
     sentences_main(
         SentencesConfig(out=str(root / "s"), max_documents=20, splitter="trained", punkt_train_chars=100_000)
     )
+    # a capture in small fp32 shards (sentences straddle them); top sentences reads it, DiffMean then too
+    capture_main(
+        CaptureConfig(
+            sentences=str(root / "s"),
+            out=str(root / "acts"),
+            model=str(tiny.hf_dir),
+            hook_points=[HOOK],
+            device="cpu",
+            model_dtype="float32",
+            storage_dtype="float32",
+            shard_tokens=40,
+        )
+    )
     top_main(
         TopSentencesConfig(
             sae=str(root / "sae"),
             sentences=str(root / "s"),
             out=str(root / "top"),
             model=str(tiny.hf_dir),
+            capture=str(root / "acts"),
             top_n=6,
             device="cpu",
             model_dtype="float32",
@@ -262,6 +285,7 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
         dtype="float32",
     )
     doc = eval_main(cfg)
+    assert doc["diffmean_activations"] == str(root / "acts")  # where top sentences read them
     scores = {int(k): v for k, v in doc["output_scores"].items()}
     assert sorted(scores) == firing  # every latent with a meaning that fires
     best3 = sorted(scores, key=lambda lat: (-scores[lat], lat))[:3]
@@ -291,3 +315,23 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
         eval_main(SteeringEvalConfig(**{**cfg.__dict__, "latents": [47, 46, 45, 44, 43, 42], "force": True}))
     with pytest.raises(PipelineInputError, match="--factors"):
         eval_main(SteeringEvalConfig(**{**cfg.__dict__, "factors": [0.0], "force": True}))
+
+
+def test_capture_sums_equal_the_model_on_sentences_that_straddle_shards(demo_inputs, tiny, lm):
+    from pipeline.activations import CaptureOutput
+    from pipeline.sentences import iter_sentences
+
+    root, _ = demo_inputs
+    capture = CaptureOutput.open(root / "acts")
+    assert len(capture.shard_paths) > 5  # 40-token shards: many sentences are cut in two or three
+    texts = {}
+    for part in iter_sentences(root / "s"):
+        texts.update(zip(part["sentence_id"], part["text"]))
+    ids = sorted(texts)[::3]
+    tokenization = Tokenization(add_bos=False, max_tokens=192, exclude_first_positions=1)
+    got_sums, got_counts = capture_sums(capture, HOOK, ids, 1)
+    sums, counts = hook_sums(lm.model, HOOK, tokenization, lm.tokenizer, [texts[i] for i in ids])
+    assert got_counts.tolist() == counts.tolist()
+    torch.testing.assert_close(got_sums, sums, rtol=1e-4, atol=1e-4)
+    with pytest.raises(KeyError, match="holds no sentence"):
+        capture_sums(capture, HOOK, [10**6], 1)
