@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from llama_3.cli import check_choices, parse_config, run_main
-from pipeline.interpretation import BatchState, INTERPRETATION_DIR, Task, make_client, task_dir, write_results
+from pipeline.interpretation import INTERPRETATION_DIR, BatchState, Task, fetch_ended, make_client, task_dir
 
 
 @dataclass
@@ -35,32 +35,6 @@ class RetrieveConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-
-
-def fetch_ended(state: BatchState, client, directory) -> int:
-    """Download the results of every ended batch that has none yet; returns how many are still running."""
-    running = 0
-    for sub in state.submissions:
-        if sub["ended"] or not sub["batch_id"]:
-            continue
-        batch = client.messages.batches.retrieve(sub["batch_id"])
-        if batch.processing_status != "ended":
-            running += 1
-            continue
-        lines = [r.model_dump(mode="json") for r in client.messages.batches.results(sub["batch_id"])]
-        write_results(directory / "results" / f"{sub['batch_id']}.jsonl", lines)  # raw, before any bookkeeping
-        seen = set()
-        for line in lines:
-            entry = state.requests.get(line["custom_id"])
-            if entry is not None:
-                entry["status"] = line["result"]["type"]
-                seen.add(line["custom_id"])
-        for cid in sub["custom_ids"]:
-            if cid not in seen:  # the API returned no line for it: treat it like an expired request
-                state.requests[cid]["status"] = "expired"
-        sub["ended"] = True
-        state.save()
-    return running
 
 
 def main(cfg: RetrieveConfig) -> dict:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from llama_3.cli import check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline import fault_injection
 from pipeline.explainers import OFFLINE_EXPLAINER, LatentExamples, detection_prompt_sentences, offline_explanation
 from pipeline.interpretation import (
     DEFAULT_MODEL,
@@ -33,8 +32,8 @@ from pipeline.interpretation import (
     OFFLINE_BATCH,
     BatchState,
     Task,
+    adopt_pending,
     bind_state_to_sae,
-    chunk_requests,
     custom_id,
     detect_params,
     estimate_cost,
@@ -42,6 +41,7 @@ from pipeline.interpretation import (
     make_client,
     mark_tokens,
     parse_custom_id,
+    submit,
     succeeded_line,
     task_dir,
     write_results,
@@ -206,53 +206,6 @@ def explain_offline(state: BatchState, directory: Path, requests: list[dict], ex
     name = f"{OFFLINE_BATCH}-{len(state.submissions)}"
     write_results(directory / "results" / f"{name}.jsonl", lines)
     state.add_submission(name, [r["custom_id"] for r in requests], "succeeded", ended=True)
-    state.save()
-
-
-def submit(state: BatchState, client, requests: list[dict]) -> None:
-    """One batch per chunk; the submission is recorded (pending) before the API call, so a crash
-    between the call and the record is recovered by adopt_pending() on the next run."""
-    for chunk in chunk_requests(requests):
-        sub = state.add_submission(None, [r["custom_id"] for r in chunk], "pending", ended=False)
-        state.save()
-        batch = client.messages.batches.create(requests=chunk)
-        fault_injection.point("interpret_send.after_create")  # the worst moment to crash (tests)
-        sub["batch_id"] = batch.id
-        for r in chunk:
-            state.requests[r["custom_id"]]["status"] = "submitted"
-        state.save()
-
-
-def adopt_pending(state: BatchState, client) -> None:
-    """A submission recorded as pending has no batch id: the run died around the create call. Adopt
-    the batch the API holds for it (created after the record, same request count, not yet known);
-    if there is none, the requests never arrived and are dropped so they are sent again."""
-    pending = [s for s in state.submissions if s["batch_id"] is None]
-    if not pending:
-        return
-    known = {s["batch_id"] for s in state.submissions}
-    batches = list(client.messages.batches.list(limit=100))
-    for sub in pending:
-        created = dt.datetime.fromisoformat(sub["created"])
-        match = next(
-            (
-                b
-                for b in batches
-                if b.id not in known
-                and b.created_at >= created - dt.timedelta(minutes=5)
-                and sum(b.request_counts.model_dump().values()) == len(sub["custom_ids"])
-            ),
-            None,
-        )
-        if match is not None:
-            sub["batch_id"] = match.id
-            known.add(match.id)
-            for cid in sub["custom_ids"]:
-                state.requests[cid]["status"] = "submitted"
-        else:
-            for cid in sub["custom_ids"]:
-                del state.requests[cid]
-            sub["custom_ids"], sub["ended"], sub["batch_id"] = [], True, "never-submitted"
     state.save()
 
 

@@ -67,6 +67,7 @@ class Stage:
 def stages(cfg: "PipelineConfig") -> list[Stage]:
     send = ("--offline",) if not cfg.claude else ()
     retrieve = ("--wait", "--poll-seconds", "60") if cfg.claude else ()
+    judge = ("--judge", "claude") if cfg.claude else ()  # Claude rates the steering evaluation too
     model = ("--model", cfg.model) if cfg.model else ()
     capture = ("--max-sentences", str(cfg.max_sentences), *model)
     plan = [
@@ -91,7 +92,7 @@ def stages(cfg: "PipelineConfig") -> list[Stage]:
             out=INTERPRETATION_DIR,
             record=f"explain/{MANIFEST_NAME}",
         ),
-        Stage("steering_eval", "steering_evaluation.py", out=STEERING_EVAL_DIR),
+        Stage("steering_eval", "steering_evaluation.py", judge, out=STEERING_EVAL_DIR),
     ]
     extra: dict[str, list[str]] = {}
     for item in cfg.stage_args:

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -29,16 +30,20 @@ from llama_3.cli import Dtype, check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
 from pipeline.activations import CaptureOutput
 from pipeline.explainers import LatentExamples
+from pipeline.interpretation import DEFAULT_MODEL, make_client
 from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.meanings import sae_sha256
 from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
 from pipeline.sentence_embedding import SentenceEncoder
 from pipeline.steering_eval import SELECT_INSTRUCTIONS, TEST_INSTRUCTIONS, Benchmark, evaluate
+from pipeline.steering_judge import run_claude_judge
 from pipeline.steering_session import Session
 from pipeline.top_sentences import open_top_sentences
 
 KIND = "steering_eval"
+Judge = Literal["offline", "claude"]
+REQUEST_NAME = "request.json"  # which request the Claude batch state belongs to
 
 
 @dataclass
@@ -72,6 +77,18 @@ class SteeringEvalConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "tokens per continuation"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
+    judge: Judge = field(
+        default="offline",
+        metadata={"help": "offline (MiniLM + the clean model), or claude as well (needs ANTHROPIC_API_KEY)"},
+    )
+    claude_model: str = field(default=DEFAULT_MODEL, metadata={"help": "the Claude judge's model"})
+    poll_seconds: float = field(default=60.0, metadata={"fingerprint": False, "help": "Claude batch polling interval"})
+    timeout_minutes: float = field(
+        default=0.0, metadata={"fingerprint": False, "help": "stop waiting for Claude batches after this (0: never)"}
+    )
+    base_url: str | None = field(
+        default=None, metadata={"fingerprint": False, "help": "API base URL (default: the SDK's; e.g. a test server)"}
+    )
     batch_rows: int = field(
         default=256,
         metadata={
@@ -104,8 +121,9 @@ def main(cfg: SteeringEvalConfig) -> dict:
     folder = OutputFolder(  # new meanings or a new SAE: evaluate again (replace_other)
         out,
         "steering evaluation",
-        owned_names(MANIFEST_NAME, "results.json"),
+        owned_names(MANIFEST_NAME, "results.json", "claude_judge"),
         finished_files=("results.json",),
+        progress=(f"claude_judge/{REQUEST_NAME}",),  # a killed run waiting on Claude batches resumes them
         foreign_ok=True,
         replace_other=True,
     )
@@ -141,6 +159,16 @@ def main(cfg: SteeringEvalConfig) -> dict:
             f"--meanings {cfg.meanings}: no meanings for this SAE (run the interpretation stages) and no --latents "
             "given"
         )
+
+    def claude(items: list[dict]) -> dict[int, dict]:
+        (out / "claude_judge").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "claude_judge" / REQUEST_NAME, {"fingerprint": request})
+        return run_claude_judge(
+            items, out / "claude_judge", cfg.base_url, cfg.poll_seconds, cfg.timeout_minutes, cfg.claude_model
+        )
+
+    if cfg.judge == "claude":
+        make_client(cfg.base_url)  # no key: one line now, not after the generations
     start = time.time()
     capture, capture_sentences = top_sentences_capture(top)
     bench = Benchmark(
@@ -163,6 +191,7 @@ def main(cfg: SteeringEvalConfig) -> dict:
         sampling,
         cfg.batch_rows,
         progress=lambda total, desc: tqdm(total=total, desc=desc, unit="row"),
+        claude_judge=claude if cfg.judge == "claude" else None,
     )
     elapsed = time.time() - start
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llama_3.errors import PipelineInputError
+from pipeline import fault_injection
 from pipeline.manifest import atomic_path, write_json_atomic
 from pipeline.paths import RUNS_DIR
 
@@ -248,6 +249,82 @@ def make_client(base_url: str | None = None, max_retries: int = 5):
     return anthropic.Anthropic(
         base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or None, max_retries=max_retries
     )
+
+
+# ---- batch lifecycle: submit, adopt after a crash, fetch what ended --------------------------
+
+
+def submit(state: BatchState, client, requests: list[dict]) -> None:
+    """One batch per chunk; the submission is recorded (pending) before the API call, so a crash
+    between the call and the record is recovered by adopt_pending() on the next run."""
+    for chunk in chunk_requests(requests):
+        sub = state.add_submission(None, [r["custom_id"] for r in chunk], "pending", ended=False)
+        state.save()
+        batch = client.messages.batches.create(requests=chunk)
+        fault_injection.point("interpret_send.after_create")  # the worst moment to crash (tests)
+        sub["batch_id"] = batch.id
+        for r in chunk:
+            state.requests[r["custom_id"]]["status"] = "submitted"
+        state.save()
+
+
+def adopt_pending(state: BatchState, client) -> None:
+    """A submission recorded as pending has no batch id: the run died around the create call. Adopt
+    the batch the API holds for it (created after the record, same request count, not yet known);
+    if there is none, the requests never arrived and are dropped so they are sent again."""
+    pending = [s for s in state.submissions if s["batch_id"] is None]
+    if not pending:
+        return
+    known = {s["batch_id"] for s in state.submissions}
+    batches = list(client.messages.batches.list(limit=100))
+    for sub in pending:
+        created = dt.datetime.fromisoformat(sub["created"])
+        match = next(
+            (
+                b
+                for b in batches
+                if b.id not in known
+                and b.created_at >= created - dt.timedelta(minutes=5)
+                and sum(b.request_counts.model_dump().values()) == len(sub["custom_ids"])
+            ),
+            None,
+        )
+        if match is not None:
+            sub["batch_id"] = match.id
+            known.add(match.id)
+            for cid in sub["custom_ids"]:
+                state.requests[cid]["status"] = "submitted"
+        else:
+            for cid in sub["custom_ids"]:
+                del state.requests[cid]
+            sub["custom_ids"], sub["ended"], sub["batch_id"] = [], True, "never-submitted"
+    state.save()
+
+
+def fetch_ended(state: BatchState, client, directory) -> int:
+    """Download the results of every ended batch that has none yet; returns how many are still running."""
+    running = 0
+    for sub in state.submissions:
+        if sub["ended"] or not sub["batch_id"]:
+            continue
+        batch = client.messages.batches.retrieve(sub["batch_id"])
+        if batch.processing_status != "ended":
+            running += 1
+            continue
+        lines = [r.model_dump(mode="json") for r in client.messages.batches.results(sub["batch_id"])]
+        write_results(directory / "results" / f"{sub['batch_id']}.jsonl", lines)  # raw, before any bookkeeping
+        seen = set()
+        for line in lines:
+            entry = state.requests.get(line["custom_id"])
+            if entry is not None:
+                entry["status"] = line["result"]["type"]
+                seen.add(line["custom_id"])
+        for cid in sub["custom_ids"]:
+            if cid not in seen:  # the API returned no line for it: treat it like an expired request
+                state.requests[cid]["status"] = "expired"
+        sub["ended"] = True
+        state.save()
+    return running
 
 
 # ---- results -----------------------------------------------------------------------------------

@@ -293,6 +293,13 @@ def summarize_rows(rows: list[Row]) -> dict:
     keys = ("concept", "instruction", "fluency", "harmonic", "loss_ratio", "repetition", "activation", "keyword")
     out = {k: rounded(mean(r.scores.get(k) for r in rows)) for k in keys}
     out["on_concept"] = rounded(mean(float(r.scores.get("concept", 0) >= 1) for r in rows))
+    rated = [r.scores["claude"] for r in rows if "claude" in r.scores]
+    if rated:  # the Claude judge's scores of the same continuations
+        out["claude"] = {
+            k: rounded(mean(c[k] for c in rated)) for k in ("concept", "instruction", "fluency", "harmonic")
+        }
+        out["claude"]["on_concept"] = rounded(mean(float(c["concept"] >= 1) for c in rated))
+        out["claude"]["rated"] = len(rated)
     return out
 
 
@@ -320,8 +327,13 @@ def evaluate(
     sampling: dict,
     batch_rows: int,
     progress=lambda total, desc: None,
+    claude_judge=None,
 ) -> dict:
-    """Output scores over `pool`, then the sweep and the test for the best `n_candidates`: results.json's body."""
+    """Output scores over `pool`, then the sweep and the test for the best `n_candidates`: results.json's body.
+
+    claude_judge: None (the offline judge only) or a function [{"concept", "instruction", "response"}] ->
+    {item index: {"concept", "instruction", "fluency", "harmonic"}} (steering_judge.run_claude_judge), which
+    then also rates every held-out continuation, and the unsteered ones against each latent's concept."""
     bar = progress(len(pool) * len(OUTPUT_SCORE_PROMPTS), "output scores")
     scores, promoted = bench.output_scores(pool, output_factor, bar)
     if bar is not None:
@@ -376,6 +388,23 @@ def evaluate(
         bar.close()
     bench.judge(test + plain, references)
     unsteered = bench.unsteered_concepts(plain, candidates, references)
+    plain_test = [r for r in plain if r.prompt in bench.test]
+    claude_unsteered: dict[int, list[dict]] = {}
+    if claude_judge is not None:
+        items = [(r, r.latent) for r in test] + [(r, lat) for lat in candidates for r in plain_test]
+        got = claude_judge(
+            [
+                {"concept": bench.meanings[lat], "instruction": bench.instructions[r.prompt], "response": r.text}
+                for r, lat in items
+            ]
+        )
+        for k, (r, lat) in enumerate(items):
+            if k in got and r.method != "none":
+                r.scores["claude"] = got[k]
+            elif k in got:
+                claude_unsteered.setdefault(lat, []).append(got[k])
+        for lat in candidates:
+            unsteered[lat]["claude_on_concept"] = mean(float(c["concept"] >= 1) for c in claude_unsteered.get(lat, []))
     tokenizer = bench.session.loaded.tokenizer
     latents = []
     for i, lat in enumerate(candidates):
@@ -407,7 +436,6 @@ def evaluate(
                     cell["add_strength"] = add_strength(bench.sae, lat, f * bench.norm)
             entry["methods"][m] = cell
         latents.append(entry)
-    plain_test = [r for r in plain if r.prompt in bench.test]
     summary = {m: summarize_rows([r for r in test if r.method == m]) for m in METHODS}
     summary["unsteered"] = {
         "on_concept": rounded(mean(u["on_concept"] for u in unsteered.values())),
@@ -415,6 +443,12 @@ def evaluate(
         **{k: rounded(mean(r.scores[k] for r in plain_test)) for k in ("instruction", "fluency", "repetition")},
     }
     judged = [r for r in test if "concept" in r.scores]
+    if claude_judge is not None:
+        summary["unsteered"]["claude_on_concept"] = rounded(mean(u["claude_on_concept"] for u in unsteered.values()))
+        both = [r for r in judged if "claude" in r.scores]
+        summary["claude_offline_agreement"] = rounded(
+            mean(float((r.scores["concept"] >= 1) == (r.scores["claude"]["concept"] >= 1)) for r in both)
+        )
     summary["judge_keyword_agreement"] = rounded(
         mean(float((r.scores["concept"] >= 1) == bool(r.scores["keyword"])) for r in judged)
     )

@@ -19,10 +19,13 @@ fluency      the clean model's mean per-token loss on the continuation over that
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 import torch
+
+from llama_3.errors import PipelineInputError
 
 CONCEPT_QUANTILE = 0.95
 FLUENCY_RATIOS = (1.5, 2.5)
@@ -91,3 +94,95 @@ def harmonic_mean(*scores: float) -> float:
     if any(s <= 0 for s in scores):
         return 0.0
     return len(scores) / sum(1.0 / s for s in scores)
+
+
+# ---- with a key: Claude as the judge, AxBench's rubric, through the Message Batches machinery ------
+
+CLAUDE_JUDGE_PROMPT = """You rate a response written by a small language model.
+
+Concept: {concept}
+Instruction: {instruction}
+Response: {response}
+
+Rate the response on three scales, each 0, 1 or 2:
+- concept: 0 the concept is absent; 1 it is somewhat or indirectly present; 2 it is clearly incorporated.
+- instruction: 0 the response is unrelated to the instruction; 1 it is somewhat related; 2 it addresses it.
+- fluency: 0 not fluent (broken, repetitive or nonsensical); 1 somewhat fluent; 2 fluent.
+Answer with one JSON object and nothing else: {{"concept": <0-2>, "instruction": <0-2>, "fluency": <0-2>}}"""
+
+CLAUDE_KEYS = ("concept", "instruction", "fluency")
+
+
+def claude_judge_params(concept: str, instruction: str, response: str, model: str, max_tokens: int = 64) -> dict:
+    prompt = CLAUDE_JUDGE_PROMPT.format(concept=concept, instruction=instruction, response=response)
+    return {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}]}
+
+
+def parse_claude_scores(text: str) -> dict | None:
+    """The three integer scores from an answer (the first JSON object holding all of them), else None."""
+    from pipeline.interpretation import _json_objects
+
+    for obj in _json_objects(text):
+        if isinstance(obj, dict) and all(obj.get(k) in (0, 1, 2) for k in CLAUDE_KEYS):
+            scores = {k: int(obj[k]) for k in CLAUDE_KEYS}
+            return scores | {"harmonic": harmonic_mean(*scores.values())}
+    return None
+
+
+def run_claude_judge(
+    items: list[dict], directory, base_url: str | None, poll_seconds: float, timeout_minutes: float, model: str
+) -> dict[int, dict]:
+    """items: [{"concept", "instruction", "response"}] -> {item index: scores} for the answers that parse.
+
+    The batch state lives in `directory` (interpretation's BatchState: submit, adopt after a crash, fetch
+    what ended), so a killed run resumes its batches; an item whose text changed since it was sent is
+    sent again under the next attempt number."""
+    import hashlib
+    import time
+    from pathlib import Path
+
+    from pipeline.interpretation import (
+        BatchState,
+        adopt_pending,
+        custom_id,
+        fetch_ended,
+        make_client,
+        message_text,
+        read_results,
+        submit,
+    )
+
+    directory = Path(directory)
+    client = make_client(base_url)
+    state = BatchState.load(directory)
+    adopt_pending(state, client)
+    digests = state.extra.setdefault("digests", {})
+    latest = state.latest()
+    requests, wanted = [], {}
+    for i, item in enumerate(items):
+        digest = hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest()
+        cid, entry = latest.get(i, (None, None))
+        if cid is None or digests.get(cid) != digest or entry["status"] in ("errored", "expired", "canceled"):
+            cid = custom_id("steer", i, 0 if entry is None else entry["attempt"] + 1)
+            digests[cid] = digest
+            params = claude_judge_params(item["concept"], item["instruction"], item["response"], model)
+            requests.append({"custom_id": cid, "params": params})
+        wanted[cid] = i
+    if requests:
+        submit(state, client, requests)
+    t0 = time.monotonic()
+    while fetch_ended(state, client, directory):
+        if timeout_minutes and time.monotonic() - t0 > 60 * timeout_minutes:
+            raise PipelineInputError(
+                f"--judge claude: batches in {directory} still processing after {timeout_minutes} min; re-run to "
+                "collect them (nothing is sent twice)"
+            )
+        print(f"steering judge: batches still processing; next poll in {poll_seconds:.0f} s", flush=True)
+        time.sleep(poll_seconds)
+    out = {}
+    for cid, line in read_results(directory).items():
+        if cid in wanted and line["result"]["type"] == "succeeded":
+            scores = parse_claude_scores(message_text(line))
+            if scores is not None:
+                out[wanted[cid]] = scores
+    return out

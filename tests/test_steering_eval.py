@@ -335,3 +335,61 @@ def test_capture_sums_equal_the_model_on_sentences_that_straddle_shards(demo_inp
     torch.testing.assert_close(got_sums, sums, rtol=1e-4, atol=1e-4)
     with pytest.raises(KeyError, match="holds no sentence"):
         capture_sums(capture, HOOK, [10**6], 1)
+
+
+def test_the_claude_judge_rates_every_held_out_continuation_through_batches(tiny, demo_inputs, tmp_path, monkeypatch):
+    """--judge claude against a local Message Batches server (the real SDK): every held-out row and the
+    unsteered rows per latent are rated with the rubric, scores land per method; a re-run after a kill
+    (results.json gone, the batch state kept) sends nothing again."""
+    from fake_batches_server import FakeBatches
+    from steering_evaluation import SteeringEvalConfig
+    from steering_evaluation import main as eval_main
+
+    seen = []
+
+    def answer(cid, params):
+        prompt = params["messages"][0]["content"]
+        seen.append(prompt)
+        assert "Concept: the token" in prompt and "Instruction:" in prompt and "Response:" in prompt
+        return "succeeded", 'Scores: {"concept": 2, "instruction": 2, "fluency": 1}'
+
+    root, _ = demo_inputs
+    server = FakeBatches(answer, polls_until_end=1)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-key")
+    try:
+        cfg = SteeringEvalConfig(
+            sae=str(root / "sae"),
+            top_sentences=str(root / "top"),
+            meanings=str(root / "m"),
+            out=str(tmp_path / "eval"),
+            model=str(tiny.hf_dir),
+            n_candidates=2,
+            factors=[1.0],
+            select_instructions=["a b c"],
+            test_instructions=["f g h i", "j k"],
+            max_new_tokens=3,
+            device="cpu",
+            dtype="float32",
+            judge="claude",
+            base_url=server.url,
+            poll_seconds=0.01,
+        )
+        doc = eval_main(cfg)
+        n_rows = 2 * 2 * 3 + 2 * 2  # latents x test prompts x methods, and the unsteered rows per latent
+        sent = [r for b in server.batches.values() for r in b["requests"]]
+        assert len(sent) == n_rows and server.create_attempts == 1 and seen
+        for m in ("sae", "diffmean", "prompt"):
+            claude = doc["summary"][m]["claude"]
+            assert claude["rated"] == 4 and claude["harmonic"] == pytest.approx(1.5) and claude["on_concept"] == 1.0
+        assert doc["summary"]["unsteered"]["claude_on_concept"] == 1.0
+        offline = [doc["summary"][m]["on_concept"] for m in ("sae", "diffmean", "prompt")]
+        assert doc["summary"]["claude_offline_agreement"] == pytest.approx(sum(offline) / 3, abs=1e-3)
+        (tmp_path / "eval" / "results.json").unlink()  # killed after the batches were sent
+        again = eval_main(cfg)
+        assert server.create_attempts == 1 and len(server.batches) == 1  # adopted, not sent again
+        assert again == doc
+    finally:
+        server.close()
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    with pytest.raises(PipelineInputError, match="ANTHROPIC_API_KEY"):
+        eval_main(SteeringEvalConfig(**{**cfg.__dict__, "force": True}))
