@@ -112,7 +112,8 @@ class PipelineConfig:
     force: bool = field(default=False, metadata={"help": "recompute every stage"})
     force_from: str | None = field(default=None, metadata={"help": "recompute this stage and every later one"})
     claude: bool = field(
-        default=False, metadata={"help": "explain with Claude batches (ANTHROPIC_API_KEY) and wait for them"}
+        default=False,
+        metadata={"help": "explain, and judge the steering, with Claude batches (ANTHROPIC_API_KEY); wait for them"},
     )
     report_only: bool = field(default=False, metadata={"help": "only rebuild runs/report from the outputs on disk"})
     model: str | None = field(
