@@ -107,13 +107,14 @@ def concept_phrase(meaning: str) -> str:
 
 
 @torch.inference_mode()
-def read_continuations(model, sae, rows: list[Row], max_rows: int = 256) -> list[tuple[float, float]]:
+def read_continuations(model, sae, rows: list[Row], max_tokens: int = 2048) -> list[tuple[float, float]]:
     """The clean model re-reads prompt + continuation of each row: (mean per-token loss of the
     continuation, the row's latent's mean SAE activation over the continuation's tokens).
 
     Rows that share a prompt (every method but prompting uses the instruction as it is) share its
     forward: the prompt is prefilled once into the KV cache, copied to every row, and only the
-    continuations run as a right-padded batch after it."""
+    continuations run as a right-padded batch after it, about `max_tokens` continuation tokens a batch
+    (their logits, [rows, width, vocab] in fp32, are the memory peak: 400 MB at SmolLM2's 49k vocab)."""
     device = model.tok_embeddings.weight.device
     hook = sae.cfg.hook_point
     out: list[tuple[float, float]] = [(math.nan, 0.0)] * len(rows)
@@ -122,8 +123,10 @@ def read_continuations(model, sae, rows: list[Row], max_rows: int = 256) -> list
         if r.continuation:
             by_prompt.setdefault(tuple(r.tokens), []).append(i)
     for prompt, members in by_prompt.items():
-        for a in range(0, len(members), max_rows):
-            part = members[a : a + max_rows]
+        width = max(len(rows[i].continuation) for i in members)
+        step = max(1, max_tokens // width)
+        for a in range(0, len(members), step):
+            part = members[a : a + step]
             n_p, width = len(prompt), max(len(rows[i].continuation) for i in part)
             conts = torch.zeros(len(part), width, dtype=torch.long)
             key_valid = torch.zeros(len(part), n_p + width, dtype=torch.bool)

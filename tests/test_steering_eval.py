@@ -152,7 +152,7 @@ def test_read_continuations_equal_one_row_at_a_time(lm, sae):
     conts = [[8, 1, 2], [9], [3, 3, 7, 1], [2, 2], [6, 1, 9, 9, 4]]
     rows = [Row(0, "sae", 3, 1.0, PROMPTS[j % 2], c) for j, c in enumerate(conts)]
     rows += [Row(1, "none", None, None, PROMPTS[2], [5, 5, 1]), Row(1, "none", None, None, PROMPTS[0], [])]
-    got = read_continuations(lm.model, sae, rows, max_rows=2)
+    got = read_continuations(lm.model, sae, rows, max_tokens=8)  # 1-2 rows a batch
     for r, (loss, act) in zip(rows, got):
         if not r.continuation:
             assert math.isnan(loss) and act == 0.0
