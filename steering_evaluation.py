@@ -112,7 +112,13 @@ def request_fingerprint(cfg: SteeringEvalConfig) -> str:
         else []
     )
     sae_file = Path(cfg.sae) / "sae.safetensors"
-    return fingerprint({"sae": sae_sha256(cfg.sae) if sae_file.is_file() else None, "meanings": meanings, **keys})
+    try:  # new top sentences (the judge's references, DiffMean's examples) evaluate again
+        top = open_top_sentences(cfg.top_sentences).fingerprint
+    except PipelineInputError:  # refused with its own line once the evaluation opens it
+        top = None
+    return fingerprint(
+        {"sae": sae_sha256(cfg.sae) if sae_file.is_file() else None, "meanings": meanings, "top": top, **keys}
+    )
 
 
 def main(cfg: SteeringEvalConfig) -> dict:

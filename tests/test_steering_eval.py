@@ -311,6 +311,32 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     capsys.readouterr()
     assert eval_main(cfg) == json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "already complete" in capsys.readouterr().out
+    import shutil
+
+    from capture_top_activating_sentences import TopSentencesConfig
+    from capture_top_activating_sentences import main as top_main
+
+    shutil.copytree(root / "top", tmp_path / "top2")
+    other = SteeringEvalConfig(**{**cfg.__dict__, "top_sentences": str(tmp_path / "top2"), "out": str(tmp_path / "e2")})
+    eval_main(other)
+    top_main(  # the same SAE's top sentences remade in place with another top_n: the same path, new examples
+        TopSentencesConfig(
+            sae=str(root / "sae"),
+            sentences=str(root / "s"),
+            out=str(tmp_path / "top2"),
+            model=str(tiny.hf_dir),
+            capture=str(root / "acts"),
+            top_n=4,
+            device="cpu",
+            model_dtype="float32",
+            max_sentences=0,
+            browser=False,
+            force=True,
+        )
+    )
+    capsys.readouterr()
+    eval_main(other)
+    assert "already complete" not in capsys.readouterr().out  # evaluated again
     with pytest.raises(PipelineInputError, match="--latents"):
         eval_main(SteeringEvalConfig(**{**cfg.__dict__, "latents": [47, 46, 45, 44, 43, 42], "force": True}))
     with pytest.raises(PipelineInputError, match="--factors"):
