@@ -250,13 +250,15 @@ class Benchmark:
                 base_loss.setdefault(r.prompt, []).append(loss)
         for r, v, (loss, activation) in zip(rows, vectors, reads):
             rel = self.instruction_vectors @ v
-            base = sum(base_loss.get(r.prompt, [loss])) / max(len(base_loss.get(r.prompt, [loss])), 1)
+            base_losses = base_loss.get(r.prompt, [loss])
+            base = sum(base_losses) / len(base_losses)
+            repeated = repetition(r.continuation)
             r.scores = {
                 "loss": loss,
                 "loss_ratio": loss / base if math.isfinite(loss) and base > 0 else math.nan,
-                "repetition": repetition(r.continuation),
+                "repetition": repeated,
                 "instruction": instruction_score(rel, r.prompt) if r.continuation else 0,
-                "fluency": fluency_score(loss, base, repetition(r.continuation)) if r.continuation else 0,
+                "fluency": fluency_score(loss, base, repeated) if r.continuation else 0,
                 "activation": activation,
             }
             if r.latent is not None:

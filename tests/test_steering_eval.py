@@ -205,13 +205,32 @@ def test_judge_scores_follow_their_calibration():
     assert harmonic_mean(1, 2, 2) == pytest.approx(3 / (1 + 0.5 + 0.5))
 
 
+def top_sentences(tiny, root, out, **kw) -> None:
+    """Top sentences of the demo SAE (root/sae) over root/s, read from the capture root/acts."""
+    from capture_top_activating_sentences import TopSentencesConfig
+    from capture_top_activating_sentences import main as top_main
+
+    top_main(
+        TopSentencesConfig(
+            sae=str(root / "sae"),
+            sentences=str(root / "s"),
+            out=str(out),
+            model=str(tiny.hf_dir),
+            capture=str(root / "acts"),
+            device="cpu",
+            model_dtype="float32",
+            max_sentences=0,
+            browser=False,
+            **kw,
+        )
+    )
+
+
 @pytest.fixture(scope="module")
 def demo_inputs(tiny, tmp_path_factory, lm):
     """A tiny SAE with its top sentences and meanings, as the earlier stages leave them."""
     from capture_activations import CaptureConfig
     from capture_activations import main as capture_main
-    from capture_top_activating_sentences import TopSentencesConfig
-    from capture_top_activating_sentences import main as top_main
     from openwebtext_sentences_dataset import SentencesConfig
     from openwebtext_sentences_dataset import main as sentences_main
     from pipeline.explainers import LatentExamples
@@ -238,21 +257,7 @@ def demo_inputs(tiny, tmp_path_factory, lm):
             shard_tokens=40,
         )
     )
-    top_main(
-        TopSentencesConfig(
-            sae=str(root / "sae"),
-            sentences=str(root / "s"),
-            out=str(root / "top"),
-            model=str(tiny.hf_dir),
-            capture=str(root / "acts"),
-            top_n=6,
-            device="cpu",
-            model_dtype="float32",
-            max_sentences=0,
-            browser=False,
-            meanings=str(root / "m"),
-        )
-    )
+    top_sentences(tiny, root, root / "top", top_n=6, meanings=str(root / "m"))
     firing = sorted(LatentExamples.load(open_top_sentences(root / "top"), "max").top)[:5]
     (root / "m").mkdir()
     doc = {
@@ -313,27 +318,11 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     assert "already complete" in capsys.readouterr().out
     import shutil
 
-    from capture_top_activating_sentences import TopSentencesConfig
-    from capture_top_activating_sentences import main as top_main
-
     shutil.copytree(root / "top", tmp_path / "top2")
     other = SteeringEvalConfig(**{**cfg.__dict__, "top_sentences": str(tmp_path / "top2"), "out": str(tmp_path / "e2")})
     eval_main(other)
-    top_main(  # the same SAE's top sentences remade in place with another top_n: the same path, new examples
-        TopSentencesConfig(
-            sae=str(root / "sae"),
-            sentences=str(root / "s"),
-            out=str(tmp_path / "top2"),
-            model=str(tiny.hf_dir),
-            capture=str(root / "acts"),
-            top_n=4,
-            device="cpu",
-            model_dtype="float32",
-            max_sentences=0,
-            browser=False,
-            force=True,
-        )
-    )
+    # the same SAE's top sentences remade in place with another top_n: the same path, new examples
+    top_sentences(tiny, root, tmp_path / "top2", top_n=4, force=True)
     capsys.readouterr()
     eval_main(other)
     assert "already complete" not in capsys.readouterr().out  # evaluated again
