@@ -1,13 +1,16 @@
-"""Output score: does adding a latent's direction make the model predict the tokens the latent promotes?
+"""Output scores: does adding a latent's direction make the model predict given tokens?
 
 A latent chosen by its input explanation ("fires on 'closely', 'related'") often does nothing to the
 text when steered; one chosen by its output effect does (Arad, Mueller & Belinkov 2025). The cheap
-form, for every latent at once:
+form, for every latent at once, for any number of token sets per latent:
 
-    promoted(l)   the `top_tokens` tokens with the highest logit-lens score of the unit direction d_l
-                  (unembedding of the final norm's weight times d_l)
-    score(l)      mean over a few short prompts of  P_steered(promoted(l)) - P_clean(promoted(l))
+    score(l, S)   mean over a few short prompts of  P_steered(S) - P_clean(S)
                   at the next-token prediction after the prompt, steered by factor x norm x d_l
+
+Two sets per latent in the steering evaluation: promoted(l), the tokens with the highest logit-lens score
+of the unit direction d_l (unembedding of the final norm's weight times d_l), which says what the latent
+does; and the concept tokens of its meaning (concept_tokens), which says whether what it does is what
+it means.
 
 The clean prefix up to the hook runs once per prompt; each latent's steered stream runs only the
 blocks after it (Transformer.forward_from), the last position through the output head.
@@ -41,6 +44,17 @@ def promoted_tokens(model, directions: torch.Tensor, top_tokens: int) -> torch.T
     return lens.topk(top_tokens, dim=-1).indices
 
 
+def padded(token_sets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token-id lists -> ([n, m] ids, 0 where padded; [n, m] mask), m >= 1."""
+    m = max([len(t) for t in token_sets] + [1])
+    ids = torch.zeros(len(token_sets), m, dtype=torch.long)
+    mask = torch.zeros(len(token_sets), m)
+    for i, t in enumerate(token_sets):
+        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[i, : len(t)] = 1.0
+    return ids, mask
+
+
 @torch.inference_mode()
 def output_scores(
     model,
@@ -49,16 +63,17 @@ def output_scores(
     prompts: list[list[int]],
     strength: float,
     skip_first_positions: int,
-    top_tokens: int = 10,
+    token_sets: list[list[list[int]]],
     batch_rows: int = 128,
     progress=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [n], promoted token ids [n, top_tokens]) for n unit directions [n, d] added at
-    `strength` (model units) to every prompt position from `skip_first_positions` on."""
+) -> torch.Tensor:
+    """[n_sets, n] scores for n unit directions [n, d] added at `strength` (model units) to every prompt
+    position from `skip_first_positions` on; token_sets[s][i]: the ids whose probability set s scores for
+    direction i (an empty set scores 0)."""
     layer = resume_layer(hook_point, model.args.n_layers)
     device = model.tok_embeddings.weight.device
-    promoted = promoted_tokens(model, directions, top_tokens).to(device)
-    scores = torch.zeros(len(directions))
+    sets = [tuple(t.to(device) for t in padded(ts)) for ts in token_sets]
+    scores = torch.zeros(len(token_sets), len(directions))
     for p in prompts:
         tokens = torch.tensor([p], device=device)
         x = model.capture(tokens, [hook_point])[hook_point]  # [1, T, d] in the model's dtype
@@ -68,9 +83,10 @@ def output_scores(
             dirs = directions[a : a + batch_rows].float().to(device)  # [b, d]
             steered_x = torch.where(steer_at, x.float() + strength * dirs[:, None, :], x.float()).to(x.dtype)
             probs = model.forward_from(steered_x, layer, last_only=True)[:, 0].float().softmax(-1)  # [b, V]
-            ids = promoted[a : a + batch_rows]
-            gain = probs.gather(1, ids).sum(1) - clean[0, ids].sum(1)
-            scores[a : a + batch_rows] += gain.cpu() / len(prompts)
+            for s, (ids, mask) in enumerate(sets):
+                ids, mask = ids[a : a + batch_rows], mask[a : a + batch_rows]  # [b, m]
+                gain = ((probs.gather(1, ids) - clean[0, ids]) * mask).sum(1)
+                scores[s, a : a + batch_rows] += gain.cpu() / len(prompts)
             if progress is not None:
                 progress.update(len(dirs))
-    return scores, promoted.cpu()
+    return scores

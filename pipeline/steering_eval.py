@@ -1,7 +1,9 @@
 """An AxBench-style steering evaluation: SAE latents against DiffMean and prompting, same prompts, same judge.
 
     candidates   the latents (with a meaning) whose decoder direction has the best output score
-                 (pipeline/output_score.py), not the most confident input explanation
+                 (pipeline/output_score.py), not the most confident input explanation: adding it
+                 must raise the next-token probability of its meaning's rare key words (concept
+                 tokens); latents whose meaning names none come after, by their promoted tokens
     methods      sae       add the latent's unit decoder row x factor x residual norm (`add` steering)
                  diffmean  add the latent's unit DiffMean direction, same strengths
                  prompt    no steering; the instruction asks for the concept (AxBench's reference)
@@ -18,13 +20,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from llama_3.hooks import HookRunner
-from pipeline.output_score import output_scores
+from pipeline.output_score import output_scores, promoted_tokens
 from pipeline.steering_judge import (
     concept_references,
     concept_score,
@@ -78,6 +81,34 @@ def meaning_keywords(meaning: str) -> list[str]:
         if w and w not in KEYWORD_STOPWORDS and w not in out and any(c.isalnum() for c in w):
             out.append(w)
     return out
+
+
+def common_words(texts: list[str], share: float = 0.02, min_count: int = 3) -> frozenset[str]:
+    """Lowercased words in at least `share` of the texts and at least `min_count` of them: function
+    words and the corpus's staples ("the", "his", "from"), which no concept is about."""
+    counts: Counter = Counter()
+    for t in texts:
+        counts.update(set(re.findall(r"[a-z]+", t.lower())))
+    floor = max(min_count, share * len(texts))
+    return frozenset(w for w, c in counts.items() if c >= floor)
+
+
+def concept_tokens(meaning: str, tokenizer, common: frozenset[str]) -> list[int]:
+    """Ids of the tokens that start the meaning's rare key words (" word", " Word", "word"), each
+    decoding to >= 3 letters: what a continuation about the concept would say next. Empty unless rare
+    words are most of the meaning's key words ("is", "there", "much" describes grammar, not a concept
+    to steer towards)."""
+    keywords = meaning_keywords(meaning)
+    rare = [w for w in keywords if w.isalpha() and len(w) >= 3 and w not in common]
+    if 2 * len(rare) <= len(keywords):
+        return []
+    ids: list[int] = []
+    for word in rare:
+        for variant in (" " + word, " " + word.capitalize(), word):
+            first = tokenizer.encode(variant, bos=False)[:1]
+            if first and len(tokenizer.decode(first).strip()) >= 3 and first[0] not in ids:
+                ids.append(first[0])
+    return ids
 
 
 def keyword_hit(text: str, keywords: list[str]) -> bool:
@@ -204,17 +235,26 @@ class Benchmark:
             return loaded.chat_format.encode_dialog([{"role": "user", "content": text}])
         return self.session.text_prompts([text])[0]
 
-    def output_scores(self, latents: list[int], factor: float, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def output_scores(self, latents: list[int], factor: float, progress=None) -> dict:
+        """{"concept": [n] gain of the concept tokens, "promoted": [n] gain of the promoted tokens,
+        "concept_tokens": per latent ids, "promoted_tokens": [n, 10] ids} (pipeline/output_score.py)."""
         prompts = self.session.text_prompts(list(OUTPUT_SCORE_PROMPTS))
-        return output_scores(
+        directions = sae_directions(self.sae, latents)
+        common = common_words([s["text"] for s in self.examples.sentences.values()])
+        tokenizer = self.session.loaded.tokenizer
+        concept = [concept_tokens(self.meanings[lat], tokenizer, common) for lat in latents]
+        promoted = promoted_tokens(self.model, directions, 10).cpu()
+        scores = output_scores(
             self.model,
             self.sae.cfg.hook_point,
-            sae_directions(self.sae, latents),
+            directions,
             prompts,
             factor * self.norm,
             self.skip,
+            [concept, promoted.tolist()],
             progress=progress,
         )
+        return {"concept": scores[0], "promoted": scores[1], "concept_tokens": concept, "promoted_tokens": promoted}
 
     def diffmean(self, latents: list[int], n_positive: int = 16) -> torch.Tensor:
         """[n, d] unit DiffMean directions from each latent's top sentences and silent sentences."""
@@ -340,10 +380,14 @@ def evaluate(
     {item index: {"concept", "instruction", "fluency", "harmonic"}} (steering_judge.run_claude_judge), which
     then also rates every held-out continuation, and the unsteered ones against each latent's concept."""
     bar = progress(len(pool) * len(OUTPUT_SCORE_PROMPTS), "output scores")
-    scores, promoted = bench.output_scores(pool, output_factor, bar)
+    out = bench.output_scores(pool, output_factor, bar)
     if bar is not None:
         bar.close()
-    ranked = sorted(range(len(pool)), key=lambda i: (-float(scores[i]), pool[i]))
+    scores, promoted, concept = out["concept"], out["promoted_tokens"], out["concept_tokens"]
+    ranked = sorted(  # a latent whose meaning names no rare word cannot be judged on-concept by its words: last
+        range(len(pool)),
+        key=lambda i: (not concept[i], -float(scores[i]) if concept[i] else -float(out["promoted"][i]), pool[i]),
+    )
     candidates = [pool[i] for i in ranked[:n_candidates]]
     directions = {"sae": sae_directions(bench.sae, candidates), "diffmean": bench.diffmean(candidates)}
     references = concept_references(bench.encoder, bench.examples, bench.meanings, candidates)
@@ -417,6 +461,8 @@ def evaluate(
             "latent": lat,
             "meaning": bench.meanings[lat],
             "output_score": round(float(scores[ranked[i]]), 5),
+            "concept_tokens": [tokenizer.decode([t]) for t in concept[ranked[i]]],
+            "promoted_score": round(float(out["promoted"][ranked[i]]), 5),
             "promoted_tokens": [tokenizer.decode([t]) for t in promoted[ranked[i]].tolist()],
             "concept_thresholds": [rounded(references[lat].tau1), rounded(references[lat].tau2)],
             "unsteered": {k: rounded(v) for k, v in unsteered[lat].items()},
@@ -470,7 +516,8 @@ def evaluate(
         "unsteered_examples": [r.text for r in plain_test],
         "latents": latents,
         "summary": summary,
-        "output_scores": {str(lat): round(float(s), 5) for lat, s in zip(pool, scores.tolist())},
+        "output_scores": {str(lat): round(float(s), 5) for lat, s, c in zip(pool, scores.tolist(), concept) if c},
+        "promoted_scores": {str(lat): round(float(s), 5) for lat, s in zip(pool, out["promoted"].tolist())},
     }
 
 
@@ -479,7 +526,8 @@ class SteeringResults:
     """What the steering page reads from a finished evaluation of its SAE."""
 
     output_scores: dict[int, float]
-    """Every evaluated latent's output score (how much its decoder row moves the next-token prediction)."""
+    """Every scored latent's output score: how much its decoder row raises the next-token probability of
+    its meaning's rare key words (latents whose meaning names none have no score)."""
     recommended: dict[int, float]
     """`add` strength at the best factor of the sweep, for the latents the sweep ran on."""
     headline: dict[int, float]

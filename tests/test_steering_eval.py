@@ -13,7 +13,7 @@ from conftest import random_tokens
 from llama_3 import PipelineInputError, load_model
 from llama_3.hooks import Splice
 from pipeline.steering import SteeringEntry, hook_activations, sae_splice
-from pipeline.steering_eval import Row, add_strength, read_continuations
+from pipeline.steering_eval import Row, add_strength, common_words, concept_tokens, read_continuations
 from pipeline.steering_judge import (
     ConceptReference,
     concept_references,
@@ -22,7 +22,7 @@ from pipeline.steering_judge import (
     harmonic_mean,
     instruction_score,
 )
-from pipeline.output_score import output_scores, resume_layer
+from pipeline.output_score import output_scores, promoted_tokens, resume_layer
 from pipeline.steering_vectors import (
     capture_sums,
     diffmean_directions,
@@ -108,20 +108,44 @@ def test_sae_add_at_the_recommended_strength_is_the_unit_decoder_row_vector(lm, 
 def test_output_scores_equal_full_forwards_with_the_splice(lm, sae):
     latents = [0, 5, 17, 30]
     dirs = sae_directions(sae, latents)
+    ragged = [[3, 9], [], [7], [1, 2, 4, 8]]  # concept-token sets of any length; an empty one scores 0
     with torch.inference_mode():
-        scores, promoted = output_scores(lm.model, HOOK, dirs, PROMPTS, 4.0, 1, top_tokens=3, batch_rows=3)
+        promoted = promoted_tokens(lm.model, dirs, 3)
+        scores = output_scores(lm.model, HOOK, dirs, PROMPTS, 4.0, 1, [promoted.tolist(), ragged], batch_rows=3)
         w_lens = lm.model.output.weight.float() @ (lm.model.norm.weight.float()[:, None] * dirs.t())  # [V, n]
         for i in range(len(latents)):
             ids = w_lens[:, i].topk(3).indices
             assert set(promoted[i].tolist()) == set(ids.tolist())
-            expected = 0.0
-            for p in PROMPTS:
-                tokens = torch.tensor([p])
-                clean = lm.model(tokens)[0, -1].float().softmax(-1)
-                splice = Splice(lambda x, i=i: x.float() + 4.0 * dirs[i], skip_first_positions=1)
-                steered, _ = lm.model.run_with_hooks(tokens, splice={HOOK: splice})
-                expected += float(steered[0, -1].float().softmax(-1)[ids].sum() - clean[ids].sum()) / len(PROMPTS)
-            assert float(scores[i]) == pytest.approx(expected, abs=1e-5)
+            for s, token_set in enumerate((ids.tolist(), ragged[i])):
+                expected = 0.0
+                for p in PROMPTS:
+                    tokens = torch.tensor([p])
+                    clean = lm.model(tokens)[0, -1].float().softmax(-1)
+                    splice = Splice(lambda x, i=i: x.float() + 4.0 * dirs[i], skip_first_positions=1)
+                    steered, _ = lm.model.run_with_hooks(tokens, splice={HOOK: splice})
+                    gain = steered[0, -1].float().softmax(-1)[token_set].sum() - clean[token_set].sum()
+                    expected += float(gain) / len(PROMPTS)
+                assert float(scores[s, i]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_concept_tokens_start_the_rare_key_words_of_a_meaning(tiny):
+    from llama_3 import load_model as load
+
+    tok = load(tiny.hf_dir).tokenizer
+    texts = ["the cat sat", "the dog ran", "the film was long", "a cat and the dog", "the end"]
+    common = common_words(texts, share=0.4, min_count=2)
+    assert common == {"the", "cat", "dog"}  # in >= 2 texts and >= 40% of the 5
+    meaning = 'the tokens "capital", "cat", "the", "moon" (often after "berlin")'  # "the": not a key word
+    expected = []
+    variants = [v for w in ("capital", "moon", "berlin") for v in (f" {w}", f" {w.capitalize()}", w)]
+    for variant in variants:  # the rare words, in order
+        first = tok.encode(variant, bos=False)[0]
+        if len(tok.decode([first]).strip()) >= 3 and first not in expected:
+            expected.append(first)
+    assert [tok.decode([t]) for t in expected] == [" capital", "cap", " Moo", " Ber"]  # the tiny BPE's pieces of >= 3 letters
+    assert concept_tokens(meaning, tok, common) == expected
+    assert concept_tokens('the tokens "cat", "the"', tok, common) == []
+    assert concept_tokens('the tokens "capital", "cat", "dog", "xy"', tok, common) == []  # 1 rare word of 4
 
 
 def test_diffmean_and_residual_norm_equal_per_sentence_brute_force(lm, tiny):
@@ -263,7 +287,12 @@ def demo_inputs(tiny, tmp_path_factory, lm):
     doc = {
         "sae_sha256": sae_sha256(root / "sae"),
         "explainer": "test",
-        "latents": [{"latent": i, "meaning": f'the token "w{i}"', "certainty": 0.5, "score": None} for i in firing],
+        "latents": [  # two meanings name words (concept tokens), three only word pieces (none)
+            {"latent": i, "meaning": meaning, "certainty": 0.5, "score": None}
+            for i, meaning in zip(
+                firing, ['the tokens "capital", "berlin"', 'the tokens "moon", "germany"'] + ['the token "w"'] * 3
+            )
+        ],
     }
     (root / "m" / "test.json").write_text(json.dumps(doc))
     return root, firing
@@ -292,9 +321,13 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     doc = eval_main(cfg)
     assert doc["diffmean_activations"] == str(root / "acts")  # where top sentences read them
     scores = {int(k): v for k, v in doc["output_scores"].items()}
-    assert sorted(scores) == firing  # every latent with a meaning that fires
-    best3 = sorted(scores, key=lambda lat: (-scores[lat], lat))[:3]
+    promoted = {int(k): v for k, v in doc["promoted_scores"].items()}
+    assert sorted(promoted) == firing  # every latent with a meaning that fires
+    assert sorted(scores) == firing[:2]  # those whose meaning names words
+    # the two with concept tokens by their output score, then the best of the rest by promoted tokens
+    best3 = sorted(scores, key=lambda lat: (-scores[lat], lat)) + sorted(firing[2:], key=lambda lat: -promoted[lat])[:1]
     assert [r["latent"] for r in doc["latents"]] == best3
+    assert [bool(r["concept_tokens"]) for r in doc["latents"]] == [True, True, False]
     for r in doc["latents"]:
         for m in ("sae", "diffmean"):
             cell = r["methods"][m]
