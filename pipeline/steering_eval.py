@@ -64,9 +64,15 @@ def repetition(tokens: list[int]) -> float:
     return 1.0 - len(set(tokens)) / len(tokens) if tokens else 0.0
 
 
-KEYWORD_STOPWORDS = frozenset(
-    """a an the and or of to in on at for with by from as is are was were be been it its this that these
-those token tokens often after before word words text about into over under than then such like mostly mainly""".split()
+KEYWORD_STOPWORDS = frozenset(  # English function words, and the words meanings are phrased with
+    """a an the and or but nor so yet if then than as of to in on at for with by from into onto over under
+about above below across after before between through during without within against among upon off out up
+down is are was were be been being am do does did done have has had having will would shall should can
+could may might must it its itself this that these those there here he him his himself she her hers herself
+they them their theirs themselves we us our ours you your yours i me my mine who whom whose which what when
+where why how all any both each either neither every few many much more most other another some such no not
+only own same too very also just even ever still again once one mostly mainly often usually
+token tokens word words text like""".split()
 )
 
 

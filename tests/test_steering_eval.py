@@ -142,7 +142,12 @@ def test_concept_tokens_start_the_rare_key_words_of_a_meaning(tiny):
         first = tok.encode(variant, bos=False)[0]
         if len(tok.decode([first]).strip()) >= 3 and first not in expected:
             expected.append(first)
-    assert [tok.decode([t]) for t in expected] == [" capital", "cap", " Moo", " Ber"]  # the tiny BPE's pieces of >= 3 letters
+    assert [tok.decode([t]) for t in expected] == [
+        " capital",
+        "cap",
+        " Moo",
+        " Ber",
+    ]  # the tiny BPE's pieces of >= 3 letters
     assert concept_tokens(meaning, tok, common) == expected
     assert concept_tokens('the tokens "cat", "the"', tok, common) == []
     assert concept_tokens('the tokens "capital", "cat", "dog", "xy"', tok, common) == []  # 1 rare word of 4
