@@ -137,7 +137,7 @@ def main(cfg: SteeringEvalConfig) -> dict:
         print(f"{out}: already complete for this SAE, meanings and config (use --force to recompute)")
         results = json.loads((out / "results.json").read_text())
         print_table(results)
-        print_next_steps(cfg)
+        print_next_steps(cfg, results)
         return results
     if cfg.batch_rows < 1 or cfg.n_candidates < 1 or cfg.max_new_tokens < 1:
         raise PipelineInputError("--batch-rows, --n-candidates and --max-new-tokens must be >= 1")
@@ -218,7 +218,7 @@ def main(cfg: SteeringEvalConfig) -> dict:
     write_json_atomic(out / MANIFEST_NAME, manifest)
     print_table(doc)
     print(f"wrote {out / 'results.json'} ({elapsed:.0f} s)")
-    print_next_steps(cfg)
+    print_next_steps(cfg, doc)
     return doc
 
 
@@ -237,12 +237,16 @@ def top_sentences_capture(top) -> tuple[CaptureOutput | None, int]:
         return None, 0
 
 
-def print_next_steps(cfg: SteeringEvalConfig) -> None:
+def print_next_steps(cfg: SteeringEvalConfig, doc: dict) -> None:
+    """The page, and the terminal CLI steering the best SAE latent at its recommended `add` strength."""
     sae = "" if cfg.sae == SteeringEvalConfig.sae else f" --sae {cfg.sae}"
+    steerable = [r for r in doc["latents"] if r["methods"]["sae"].get("add_strength")]
+    best = max(steerable, key=lambda r: r["methods"]["sae"]["test"]["harmonic"] or 0.0, default=None)
+    entry = f"{best['latent']}:add:{best['methods']['sae']['add_strength']:.3g}" if best else "LATENT:add:STRENGTH"
     print(
         f"\nsteer it yourself:  python llama_3_inference_text_completion_gradio.py{sae}   then open http://127.0.0.1:7860"
-        f"\n                    python llama_3_inference.py --sae {cfg.sae} "
-        '--steer LATENT:clamp:8 --inspect 5 --prompt "..."'
+        f"\n                    python llama_3_inference.py --sae {cfg.sae} --steer {entry} --inspect 5 "
+        '--prompt "..."'
     )
 
 

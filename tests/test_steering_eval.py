@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import numpy as np
@@ -325,6 +326,11 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     )
     doc = eval_main(cfg)
     assert doc["diffmean_activations"] == str(root / "acts")  # where top sentences read them
+    # the hint steers the best SAE latent at its recommended add strength (SAE units, from the sweep)
+    hint = re.search(r"--steer (\d+):add:(\S+) ", capsys.readouterr().out)
+    by_latent = {r["latent"]: r["methods"]["sae"] for r in doc["latents"]}
+    assert by_latent[int(hint[1])]["test"]["harmonic"] == max(c["test"]["harmonic"] for c in by_latent.values())
+    assert float(hint[2]) == pytest.approx(by_latent[int(hint[1])]["add_strength"], rel=1e-2)
     scores = {int(k): v for k, v in doc["output_scores"].items()}
     promoted = {int(k): v for k, v in doc["promoted_scores"].items()}
     assert sorted(promoted) == firing  # every latent with a meaning that fires
