@@ -44,6 +44,7 @@ from pipeline.top_sentences import open_top_sentences
 KIND = "steering_eval"
 Judge = Literal["offline", "claude"]
 REQUEST_NAME = "request.json"  # which request the Claude batch state belongs to
+METHOD_VERSION = 2  # in the fingerprint: a results.json of an older method is not reused (2: concept output score)
 
 
 @dataclass
@@ -117,7 +118,13 @@ def request_fingerprint(cfg: SteeringEvalConfig) -> str:
     except PipelineInputError:  # refused with its own line once the evaluation opens it
         top = None
     return fingerprint(
-        {"sae": sae_sha256(cfg.sae) if sae_file.is_file() else None, "meanings": meanings, "top": top, **keys}
+        {
+            "sae": sae_sha256(cfg.sae) if sae_file.is_file() else None,
+            "meanings": meanings,
+            "top": top,
+            "method": METHOD_VERSION,
+            **keys,
+        }
     )
 
 

@@ -360,6 +360,14 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     capsys.readouterr()
     assert eval_main(cfg) == json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "already complete" in capsys.readouterr().out
+    import steering_evaluation
+
+    with pytest.MonkeyPatch.context() as mp:  # new code that evaluates differently: not the old results
+        mp.setattr(steering_evaluation, "METHOD_VERSION", steering_evaluation.METHOD_VERSION + 1)
+        assert (
+            steering_evaluation.request_fingerprint(cfg)
+            != json.loads((tmp_path / "eval" / "manifest.json").read_text())["fingerprint"]
+        )
     import shutil
 
     shutil.copytree(root / "top", tmp_path / "top2")
