@@ -26,7 +26,7 @@ from llama_3.errors import PipelineInputError  # noqa: E402
 from llama_3.generation import SPLICE_ON, check_splice_on  # noqa: E402
 from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR  # noqa: E402
 from pipeline.steering import MODES, SteeringEntry, check_entries  # noqa: E402
-from pipeline.steering_eval import Row, SteeringResults, read_continuations  # noqa: E402
+from pipeline.steering_eval import Row, SteeringResults, concept_phrase, read_continuations  # noqa: E402
 from pipeline.steering_session import Session  # noqa: E402
 
 TITLE = "SAE steering"
@@ -107,7 +107,7 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
 
     def judge(pairs, entries: list[SteeringEntry]) -> list[list]:
         """Per prompt: the first entry's latent on the re-read text, the clean model's loss per token, and
-        the similarity to the latent's meaning, unsteered -> steered."""
+        the similarity to the latent's concept (its meaning's key words), unsteered -> steered."""
         if not entries or not pairs or pairs[0][0] is None:
             return []
         latent = entries[0].latent
@@ -125,7 +125,8 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
                     from pipeline.sentence_embedding import SentenceEncoder
 
                     encoder.append(SentenceEncoder())
-                vectors = encoder[0].encode([meaning] + [c.text for pair in pairs for c in pair])
+                concept = concept_phrase(meaning)  # what the evaluation's judge embeds, not "the tokens ..."
+                vectors = encoder[0].encode([concept] + [c.text for pair in pairs for c in pair])
                 sims = (vectors[1:] @ vectors[0]).tolist()
             except PipelineInputError:  # the offline judge's package is not installed: no similarity column
                 pass

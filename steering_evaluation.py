@@ -44,7 +44,9 @@ from pipeline.top_sentences import open_top_sentences
 KIND = "steering_eval"
 Judge = Literal["offline", "claude"]
 REQUEST_NAME = "request.json"  # which request the Claude batch state belongs to
-METHOD_VERSION = 2  # in the fingerprint: a results.json of an older method is not reused (2: concept output score)
+# in the fingerprint: a results.json of an older method is not reused (2: concept output score; 3: the judge
+# embeds the meaning's key words)
+METHOD_VERSION = 3
 
 
 @dataclass

@@ -396,7 +396,8 @@ def evaluate(
     )
     candidates = [pool[i] for i in ranked[:n_candidates]]
     directions = {"sae": sae_directions(bench.sae, candidates), "diffmean": bench.diffmean(candidates)}
-    references = concept_references(bench.encoder, bench.examples, bench.meanings, candidates)
+    phrases = {lat: concept_phrase(bench.meanings[lat]) for lat in candidates}  # the key words, not "the tokens"
+    references = concept_references(bench.encoder, bench.examples, phrases, candidates)
     steered = ("sae", "diffmean")
 
     def vector_rows(picks: list[tuple[int, str, float, int]]) -> tuple[list[Row], list[torch.Tensor]]:

@@ -4,8 +4,10 @@ AxBench (Wu et al. 2025) has an LLM rate each steered answer 0, 1 or 2 for conce
 the concept?), instruction (does it still answer the prompt?) and fluency, and reports the harmonic
 mean (0 when any score is 0). Offline, each score is calibrated against text whose answer is known:
 
-concept      cos(MiniLM(continuation), c_l) with c_l the normalised sum of the meaning's embedding
-             and the centroid of the latent's top-activating sentences (the first `n_reference`).
+concept      cos(MiniLM(continuation), c_l) with c_l the normalised sum of the concept's embedding (the
+             meaning's key words, steering_eval.concept_phrase: "film, movie", not "the tokens "film",
+             "movie" (often after ...)", whose phrasing every meaning shares) and the centroid of the
+             latent's top-activating sentences (the first `n_reference`).
              1 above tau1 = the 95th percentile over the latent's *silent* corpus sentences (concept-
              free text: ~5% of it scores >= 1 by construction), 2 above tau2 = the median over its
              held-out activating sentences (ranks after the reference ones: text that does carry it).

@@ -62,7 +62,12 @@ def page(tiny, tmp_path_factory):
                 "sae_sha256": sae_sha256(root / "sae"),
                 "explainer": "test",
                 "latents": [
-                    {"latent": LATENT, "meaning": "greetings and salutations", "certainty": 0.9, "score": 0.8},
+                    {
+                        "latent": LATENT,
+                        "meaning": 'the tokens "greetings", "salutations"',
+                        "certainty": 0.9,
+                        "score": 0.8,
+                    },
                     {"latent": STEERABLE, "meaning": "farewells", "certainty": 0.1, "score": 0.2},
                 ],
             }
@@ -152,7 +157,7 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     # search by meaning, then pick the hit: the latent box takes its id
     fill("#search_query textarea, #search_query input", "salutations")
     d.find_element(By.CSS_SELECTOR, "#search_button").click()
-    wait.until(lambda d: "greetings and salutations" in text_of("#search_results"))
+    wait.until(lambda d: '"greetings", "salutations"' in text_of("#search_results"))
     fill("#latent input", "0")
     hits = d.find_elements(By.XPATH, f"//*[@id='search_results']//*[normalize-space(text())='{LATENT}']")
     next(h for h in hits if h.is_displayed()).click()
@@ -188,6 +193,10 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     reads = read_continuations(session.loaded.model, session.steerable.sae, rows)
     assert f"{reads[0][0]:.2f} -> {reads[1][0]:.2f}" in text_of("#judge")
     assert f"{reads[0][1]:.3f} -> {reads[1][1]:.3f}" in text_of("#judge")
+    from pipeline.sentence_embedding import SentenceEncoder  # MiniLM on the meaning's key words, as the evaluation
+
+    v = SentenceEncoder().encode(["greetings, salutations", pairs[0][0].text, pairs[0][1].text])
+    assert f"{float(v[1] @ v[0]):.3f} -> {float(v[2] @ v[0]):.3f}" in text_of("#judge")
 
     # sorted by steerability, the evaluation's best latent comes first; picking it sets `add` at its strength
     fill("#search_query textarea, #search_query input", "")

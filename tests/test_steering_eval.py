@@ -339,6 +339,20 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     best3 = sorted(scores, key=lambda lat: (-scores[lat], lat)) + sorted(firing[2:], key=lambda lat: -promoted[lat])[:1]
     assert [r["latent"] for r in doc["latents"]] == best3
     assert [bool(r["concept_tokens"]) for r in doc["latents"]] == [True, True, False]
+    # the judge's concept is the meaning's key words ("capital, berlin"), not the phrasing around them
+    from pipeline.explainers import LatentExamples
+    from pipeline.sentence_embedding import SentenceEncoder
+    from pipeline.steering_eval import concept_phrase
+    from pipeline.top_sentences import open_top_sentences
+
+    meanings = {m["latent"]: m["meaning"] for m in json.loads((root / "m" / "test.json").read_text())["latents"]}
+    phrases = {lat: concept_phrase(meanings[lat]) for lat in best3}
+    assert phrases[best3[0]] in ("capital, berlin", "moon, germany")
+    refs = concept_references(
+        SentenceEncoder(), LatentExamples.load(open_top_sentences(root / "top"), "max"), phrases, best3
+    )
+    for r in doc["latents"]:
+        assert r["concept_thresholds"][0] == pytest.approx(refs[r["latent"]].tau1, abs=1e-4)
     for r in doc["latents"]:
         for m in ("sae", "diffmean"):
             cell = r["methods"][m]
