@@ -9,6 +9,9 @@ layer, from each run's report (runs/report/summary.json): validation FVU, CE los
 the spliced SAE, the offline explanations' detection score, and the steering evaluation's headline
 (harmonic score on held-out instructions, on-concept share, fluency loss ratio) for SAE latents,
 DiffMean and prompting. Writes bench/results/layers.json and prints the README table.
+
+Run again with the same --work, each layer's finished stages are reused (their fingerprints match), so
+a changed steering evaluation re-runs alone; "minutes" is always this run's wall time per layer.
 """
 
 from __future__ import annotations
