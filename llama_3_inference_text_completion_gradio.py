@@ -26,7 +26,9 @@ from llama_3.errors import PipelineInputError  # noqa: E402
 from llama_3.generation import SPLICE_ON, check_splice_on  # noqa: E402
 from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR  # noqa: E402
 from pipeline.steering import MODES, SteeringEntry, check_entries  # noqa: E402
+from pipeline.output_score import promoted_tokens  # noqa: E402
 from pipeline.steering_eval import Row, SteeringResults, concept_phrase, read_continuations  # noqa: E402
+from pipeline.steering_vectors import sae_directions  # noqa: E402
 from pipeline.steering_session import Session  # noqa: E402
 
 TITLE = "SAE steering"
@@ -76,10 +78,18 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
     output_scores = results.output_scores if results else {}
     recommended = results.recommended if results else {}
 
+    def promotes(latents: list[int]) -> list[str]:
+        """The output effect beside the input meaning: the top tokens of each decoder row's logit lens."""
+        if not latents:
+            return []
+        ids = promoted_tokens(session.loaded.model, sae_directions(steerable.sae, latents), 5).tolist()
+        return [" ".join(repr(session.loaded.tokenizer.decode([t])) for t in row) for row in ids]
+
     def search(query: str, sort_by: str = "certainty"):
         hits = steerable.search(query or "", limit=n_latents)
         if sort_by == "steerability":  # output score first; latents the evaluation never scored last
             hits.sort(key=lambda h: (h["latent"] not in output_scores, -output_scores.get(h["latent"], 0.0)))
+        hits = hits[:50]
         return [
             [
                 h["latent"],
@@ -88,8 +98,9 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
                 output_scores.get(h["latent"]),
                 recommended.get(h["latent"]),
                 h.get("meaning", ""),
+                effect,
             ]
-            for h in hits[:50]
+            for h, effect in zip(hits, promotes([h["latent"] for h in hits]))
         ]
 
     def pick(evt: gr.SelectData, table):
@@ -238,7 +249,7 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
                     )
                     search_btn = gr.Button("Search", elem_id="search_button")
                 hits = gr.Dataframe(
-                    headers=["latent", "certainty", "score", "output score", "recommended add", "meaning"],
+                    headers=["latent", "certainty", "score", "output score", "recommended add", "meaning", "promotes"],
                     interactive=False,
                     max_height=240,
                     elem_id="search_results",

@@ -158,6 +158,16 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     fill("#search_query textarea, #search_query input", "salutations")
     d.find_element(By.CSS_SELECTOR, "#search_button").click()
     wait.until(lambda d: '"greetings", "salutations"' in text_of("#search_results"))
+    # beside the input meaning, the output effect: the top tokens of the decoder row's logit lens
+    from pipeline.output_score import promoted_tokens
+    from pipeline.steering_vectors import sae_directions
+
+    probe = Session.open(cfg.model, cfg.sae, cfg.meanings, "cpu", "float32")
+    ids = promoted_tokens(probe.loaded.model, sae_directions(probe.steerable.sae, [LATENT]), 5)[0].tolist()
+    effect = " ".join(repr(probe.loaded.tokenizer.decode([t])) for t in ids)
+    lines = text_of("#search_results").splitlines()
+    after = lines[next(i for i, line in enumerate(lines) if "salutations" in line) + 1]  # the next cell
+    assert after.split() == effect.split()
     fill("#latent input", "0")
     hits = d.find_elements(By.XPATH, f"//*[@id='search_results']//*[normalize-space(text())='{LATENT}']")
     next(h for h in hits if h.is_displayed()).click()
