@@ -247,7 +247,8 @@ def top_sentences_capture(top) -> tuple[CaptureOutput | None, int]:
 
 
 def print_next_steps(cfg: SteeringEvalConfig, doc: dict) -> None:
-    """The page, and the terminal CLI steering the best SAE latent at its recommended `add` strength."""
+    """The page, and the terminal CLI steering the best SAE latent at its recommended `add` strength on a
+    held-out instruction, greedy: one of the continuations the evaluation judged."""
     sae = "" if cfg.sae == SteeringEvalConfig.sae else f" --sae {cfg.sae}"
     steerable = [r for r in doc["latents"] if r["methods"]["sae"].get("add_strength")]
     best = max(steerable, key=lambda r: r["methods"]["sae"]["test"]["harmonic"] or 0.0, default=None)
@@ -255,7 +256,7 @@ def print_next_steps(cfg: SteeringEvalConfig, doc: dict) -> None:
     print(
         f"\nsteer it yourself:  python llama_3_inference_text_completion_gradio.py{sae}   then open http://127.0.0.1:7860"
         f"\n                    python llama_3_inference.py --sae {cfg.sae} --steer {entry} --inspect 5 "
-        '--prompt "..."'
+        f"--chat {json.dumps(cfg.test_instructions[0])} --temperature 0   (a held-out instruction, as evaluated)"
     )
 
 

@@ -327,10 +327,19 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     doc = eval_main(cfg)
     assert doc["diffmean_activations"] == str(root / "acts")  # where top sentences read them
     # the hint steers the best SAE latent at its recommended add strength (SAE units, from the sweep)
-    hint = re.search(r"--steer (\d+):add:(\S+) ", capsys.readouterr().out)
+    hint = re.search(r"--steer (\d+):add:(\S+) --inspect 5 --chat \"f g h i\" --temperature 0", capsys.readouterr().out)
     by_latent = {r["latent"]: r["methods"]["sae"] for r in doc["latents"]}
     assert by_latent[int(hint[1])]["test"]["harmonic"] == max(c["test"]["harmonic"] for c in by_latent.values())
     assert float(hint[2]) == pytest.approx(by_latent[int(hint[1])]["add_strength"], rel=1e-2)
+    # ... and the terminal CLI's `add` at that strength on that instruction gives the evaluation's example
+    from pipeline.steering import SteeringEntry
+    from pipeline.steering_session import Session
+
+    session = Session.open(cfg.model, cfg.sae, cfg.meanings, "cpu", "float32")
+    prompt = session.loaded.chat_format.encode_dialog([{"role": "user", "content": "f g h i"}])
+    entry = SteeringEntry(int(hint[1]), "add", by_latent[int(hint[1])]["add_strength"])
+    [(_, steered)] = session.complete([prompt], [entry], max_new_tokens=4, temperature=0)
+    assert steered.text == by_latent[int(hint[1])]["example"]
     scores = {int(k): v for k, v in doc["output_scores"].items()}
     promoted = {int(k): v for k, v in doc["promoted_scores"].items()}
     assert sorted(promoted) == firing  # every latent with a meaning that fires
