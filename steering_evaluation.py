@@ -18,6 +18,7 @@ Output: runs/steering_eval/results.json (+ manifest.json); a re-run with the sam
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -252,11 +253,11 @@ def print_next_steps(cfg: SteeringEvalConfig, doc: dict) -> None:
     sae = "" if cfg.sae == SteeringEvalConfig.sae else f" --sae {cfg.sae}"
     steerable = [r for r in doc["latents"] if r["methods"]["sae"].get("add_strength")]
     best = max(steerable, key=lambda r: r["methods"]["sae"]["test"]["harmonic"] or 0.0, default=None)
-    entry = f"{best['latent']}:add:{best['methods']['sae']['add_strength']:.3g}" if best else "LATENT:add:STRENGTH"
+    entry = f"{best['latent']}:add:{best['methods']['sae']['add_strength']:.6g}" if best else "LATENT:add:STRENGTH"
     print(
         f"\nsteer it yourself:  python llama_3_inference_text_completion_gradio.py{sae}   then open http://127.0.0.1:7860"
         f"\n                    python llama_3_inference.py --sae {cfg.sae} --steer {entry} --inspect 5 "
-        f"--chat {json.dumps(cfg.test_instructions[0])} --temperature 0   (a held-out instruction, as evaluated)"
+        f"--chat {shlex.quote(cfg.test_instructions[0])} --temperature 0   (a held-out instruction, as evaluated)"
     )
 
 

@@ -91,7 +91,7 @@ def meaning_keywords(meaning: str) -> list[str]:
 
 def common_words(texts: list[str], share: float = 0.02, min_count: int = 3) -> frozenset[str]:
     """Lowercased words in at least `share` of the texts and at least `min_count` of them: function
-    words and the corpus's staples ("the", "his", "from"), which no concept is about."""
+    words and the corpus's staples ("the", "from", "which"), which no concept is about."""
     counts: Counter = Counter()
     for t in texts:
         counts.update(set(re.findall(r"[a-z]+", t.lower())))

@@ -327,7 +327,7 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     doc = eval_main(cfg)
     assert doc["diffmean_activations"] == str(root / "acts")  # where top sentences read them
     # the hint steers the best SAE latent at its recommended add strength (SAE units, from the sweep)
-    hint = re.search(r"--steer (\d+):add:(\S+) --inspect 5 --chat \"f g h i\" --temperature 0", capsys.readouterr().out)
+    hint = re.search(r"--steer (\d+):add:(\S+) --inspect 5 --chat 'f g h i' --temperature 0", capsys.readouterr().out)
     by_latent = {r["latent"]: r["methods"]["sae"] for r in doc["latents"]}
     assert by_latent[int(hint[1])]["test"]["harmonic"] == max(c["test"]["harmonic"] for c in by_latent.values())
     assert float(hint[2]) == pytest.approx(by_latent[int(hint[1])]["add_strength"], rel=1e-2)
@@ -337,7 +337,7 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
 
     session = Session.open(cfg.model, cfg.sae, cfg.meanings, "cpu", "float32")
     prompt = session.loaded.chat_format.encode_dialog([{"role": "user", "content": "f g h i"}])
-    entry = SteeringEntry(int(hint[1]), "add", by_latent[int(hint[1])]["add_strength"])
+    entry = SteeringEntry(int(hint[1]), "add", float(hint[2]))  # as printed
     [(_, steered)] = session.complete([prompt], [entry], max_new_tokens=4, temperature=0)
     assert steered.text == by_latent[int(hint[1])]["example"]
     scores = {int(k): v for k, v in doc["output_scores"].items()}
