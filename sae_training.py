@@ -514,6 +514,25 @@ class MetricsLog:
 RUN_FILE = "run.json"
 
 
+def run_config(cfg: TrainConfig, trainer: "Trainer") -> dict:
+    """The W&B run's config: the flags with their "auto" values (lr 0, n_latents 0, k_aux 0) resolved,
+    and what the SAE was trained on (hook point, model identity, input scale, width)."""
+    sae_cfg = trainer.sae_cfg
+    return {
+        **asdict(cfg),
+        "lr": trainer.peak_lr,
+        "n_latents": sae_cfg.n_latents,
+        "k_aux": trainer.k_aux,
+        "autocast": trainer.autocast,
+        "d_model": sae_cfg.d_model,
+        "input_scale": sae_cfg.input_scale,
+        "hook_point": sae_cfg.hook_point,
+        "model": sae_cfg.model,
+        "tokenization": asdict(sae_cfg.tokenization),
+        "world_size": trainer.info.world_size,
+    }
+
+
 def output_folder(cfg: TrainConfig) -> OutputFolder:
     """The run folder; W&B may keep its own files beside ours."""
     return OutputFolder(
@@ -549,7 +568,7 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
     barrier(info)
     resumed = cfg.resume and trainer.load_checkpoint(out)
     check_ranks_agree(trainer, fp, out, info)
-    log = MetricsLog(out, cfg, info.is_main, asdict(cfg), resume_step=trainer.step if resumed else 0)
+    log = MetricsLog(out, cfg, info.is_main, run_config(cfg, trainer), resume_step=trainer.step if resumed else 0)
     bar = tqdm(
         total=trainer.total_steps,
         initial=trainer.step,
@@ -587,12 +606,14 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
     elapsed = time.perf_counter() - t0
     final = trainer.validate(max_rows=10**9)
     trainer.save_checkpoint(out)
-    log.log(trainer.step, {**final, "final": 1})
-    log.close()
     if not info.is_main:
+        log.close()
         return {}
     trainer.sae.save(out / "sae")
     spliced = spliced_evaluation(cfg, trainer, info)
+    # the final row, with the spliced CE / KL, goes to metrics.jsonl and the W&B run before it finishes
+    log.log(trainer.step, {**final, **{k: v for k, v in spliced.items() if isinstance(v, (int, float))}, "final": 1})
+    log.close()
     manifest = make_manifest(
         "sae",
         config=asdict(cfg),

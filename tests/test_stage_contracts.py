@@ -204,3 +204,70 @@ def test_output_folder_lifecycle(tmp_path):
     with pytest.raises(PipelineInputError, match=r"holds other files \(notes.txt\)"):
         folder.prepare("A", force=True)
     assert (out / "notes.txt").read_text() == "mine"  # refused before anything is removed
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The records of an offline W&B run, read with W&B's own protobuf schema. The .wandb file is a
+    LevelDB-style log (7-byte header, 32 KiB blocks, records split FULL / FIRST / MIDDLE / LAST)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    [path] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, pieces, out = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:  # block padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pieces = chunk if kind in (1, 2) else pieces + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pieces)
+            out.append(record)
+    return out
+
+
+def test_the_wandb_run_has_the_spliced_evaluation_and_the_resolved_config(bos_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "t"
+    manifest = train_main(
+        TrainConfig(
+            data=str(bos_run / "p"),
+            out=str(out),
+            k=4,
+            batch_size=64,
+            device="cpu",
+            wandb="offline",
+            eval_sentences=4,
+            val_every=10**9,
+        )
+    )
+    records = wandb_records(out)
+    history = {}  # step -> W&B's row (it merges what is logged at one step: the last step and the final row)
+    for r in records:
+        if r.HasField("history"):
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            history[row["_step"]] = row
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(history) == sorted({row["step"] for row in rows})
+    for row in rows:  # W&B has every metrics.jsonl value, the final row included
+        for key, value in row.items():
+            if key != "step":
+                assert history[row["step"]][key] == pytest.approx(value), key
+    spliced = manifest["spliced_evaluation"]
+    assert rows[-1]["final"] == 1
+    assert rows[-1]["eval/ce_loss_recovered"] == pytest.approx(spliced["eval/ce_loss_recovered"])
+    assert history[rows[-1]["step"]]["eval/kl_sae"] == pytest.approx(spliced["eval/kl_sae"])
+    [run] = [r.run for r in records if r.HasField("run")]
+    config = {i.key: json.loads(i.value_json) for i in run.config.update}
+    sae = TopKSae.load(out / "sae").cfg
+    assert config["n_latents"] == sae.n_latents > 0 and config["lr"] > 0  # not the "auto" zeros
+    assert config["input_scale"] == pytest.approx(sae.input_scale) and config["hook_point"] == HOOK
+    assert config["model"]["config_sha256"] == sae.model["config_sha256"]
