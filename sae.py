@@ -19,7 +19,7 @@ hook point and model identity); `export_saelens()` writes SAELens' `cfg.json` + 
 
 Usage (export):
     python sae.py export --format sparsify --out exports     # -> exports/layers.24 for a resid_pre.25 SAE
-    python sae.py export --format saelens --sae runs/sae/sae --out exports/saelens
+    python sae.py export --format saelens --sae runs/sae/sae --out exports/saelens [--unit-decoder]
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ from pipeline.tokenization import DEFAULT_MAX_TOKENS, Tokenization
 Normalize = Literal["dataset", "token", "none"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalize)
 ENCODER_INIT_NORM = 3**-0.5
+SAELENS_FORMAT_VERSION = "6.54.12"
+"""The SAELens release whose cfg.json layout export_saelens writes (6.x: a `metadata` block)."""
 TRANSFORMERLENS_HOOKS = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post"}
 """Our hook kinds -> TransformerLens' hook in blocks.<layer> (the value at each is the same tensor)."""
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -399,20 +401,28 @@ class TopKSae(nn.Module):
                 f"not on --model {identity['path']} ({str(identity[key])[:12]})"
             )
 
-    def export_saelens(self, directory: str | Path) -> None:
-        """SAELens' layout: W_enc [d, L], W_dec [L, d], b_enc, b_dec; topk activation with k in cfg.json.
+    def export_saelens(self, directory: str | Path, unit_decoder: bool = False) -> None:
+        """SAELens 6.x's layout (SAE.load_from_disk): W_enc [d, L], W_dec [L, d], b_enc, b_dec; a TopK SAE.
 
-        SAELens' encoder has no separate b_pre: its b_dec is subtracted from the input, as ours is.
-        Our input scaling is folded into the weights so the exported SAE works on raw activations.
+        SAELens' encoder has no separate b_pre: its b_dec is subtracted from the input, as ours is. The
+        input scale s is folded so the exported SAE works on raw activations: by default into the decoder
+        (rows of norm 1/s, our latent values exactly); with unit_decoder into the biases instead (unit rows,
+        latents ours / s, `rescale_acts_by_decoder_norm: true`: what sae-dashboard's W_dec-norm folding
+        accepts). The metadata carries what the SAE must be fed: the TransformerLens hook of its hook kind,
+        context_size and prepend_bos of the capture, and `seqpos_slice` [first trained position, None]
+        (BOS and the excluded sink positions left out, as our splice leaves them).
         """
         if self.cfg.normalize == "token":
             raise PipelineInputError("SAELens has no per-token standardisation; export needs normalize=dataset or none")
         s = self.cfg.input_scale if self.cfg.normalize == "dataset" else 1.0
-        # x̃ = s x:  pre = W_enc (s x - b_pre) + b_enc = (s W_enc)(x - b_pre / s) + b_enc ;  x̂ = (W_dec h + b_pre) / s
+        if unit_decoder:  # pre' = W_enc (x - b_pre / s) + b_enc / s = pre / s; x̂ = W_dec^T h' + b_pre / s
+            w_enc, b_enc, w_dec = self.W_enc.detach(), self.b_enc.detach() / s, self.W_dec.detach()
+        else:  # pre = (s W_enc)(x - b_pre / s) + b_enc;  x̂ = (W_dec / s)^T h + b_pre / s
+            w_enc, b_enc, w_dec = self.W_enc.detach() * s, self.b_enc.detach(), self.W_dec.detach() / s
         tensors = {
-            "W_enc": (self.W_enc.detach() * s).t().contiguous().cpu(),
-            "W_dec": (self.W_dec.detach() / s).contiguous().cpu(),
-            "b_enc": self.b_enc.detach().contiguous().cpu(),
+            "W_enc": w_enc.t().contiguous().cpu(),
+            "W_dec": w_dec.contiguous().cpu(),
+            "b_enc": b_enc.contiguous().cpu(),
             "b_dec": (self.b_pre.detach() / s).contiguous().cpu(),
         }
         hook = HookPoint.parse(self.cfg.hook_point, flag=f"SAE hook point {self.cfg.hook_point!r}")
@@ -422,29 +432,37 @@ class TopKSae(nn.Module):
                 "(ln*.hook_normalized comes before it); SAELens export needs a resid_pre / resid_mid / resid_post SAE"
             )
         tokenization = self.cfg.tokenization
+        model = dict(self.cfg.model or {})
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(directory / "sae_weights.safetensors"))
+        with atomic_path(directory / "sae_weights.safetensors") as tmp:
+            save_file(tensors, str(tmp))
         cfg = {
             "architecture": "topk",
             "d_in": self.cfg.d_model,
             "d_sae": self.cfg.n_latents,
-            "activation_fn": "topk",
-            "activation_fn_kwargs": {"k": self.cfg.k},
+            "k": self.cfg.k,
+            "rescale_acts_by_decoder_norm": unit_decoder,
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",
+            "reshape_activations": "none",
             "dtype": "float32",
             "device": "cpu",
-            "hook_name": f"blocks.{hook.layer}.{TRANSFORMERLENS_HOOKS[hook.kind]}",
-            "hook_layer": hook.layer,
-            "model_name": self.cfg.model.get("path", ""),
-            "context_size": tokenization.sequence_tokens,
-            "prepend_bos": tokenization.add_bos,
-            "dataset_path": "",
-            "finetuning_scaling_factor": False,
-            "sae_lens_training_version": None,
+            "metadata": {
+                "sae_lens_version": SAELENS_FORMAT_VERSION,
+                "sae_lens_training_version": None,  # trained here, not by SAELens
+                "hook_name": f"blocks.{hook.layer}.{TRANSFORMERLENS_HOOKS[hook.kind]}",
+                # a name, not a local path; the full identity (hashes of config and tokenizer) beside it
+                "model_name": Path(model["path"]).stem if model.get("path") else None,
+                "model_identity": model,
+                "context_size": tokenization.sequence_tokens,
+                "prepend_bos": tokenization.add_bos,
+                "seqpos_slice": [tokenization.skip_first_positions, None],
+                "exported_by": "llama-sae sae.py",
+            },
         }
-        (directory / "cfg.json").write_text(json.dumps(cfg, indent=2))
+        with atomic_path(directory / "cfg.json") as tmp:
+            tmp.write_text(json.dumps(cfg, indent=2))
 
     def export_sparsify(self, directory: str | Path) -> None:
         """sparsify's own layout, loadable by SparseCoder.load_from_disk: encoder.weight [L, d], encoder.bias,
@@ -506,6 +524,10 @@ class ExportConfig:
     sae: str = field(default="runs/sae/sae", metadata={"help": "SAE folder (ours, or sparsify's layout)"})
     format: ExportFormat = field(default="saelens", metadata={"help": "saelens or sparsify"})
     out: str = field(default="", metadata={"help": "output folder (new or empty)"})
+    unit_decoder: bool = field(
+        default=False,
+        metadata={"help": "saelens: unit decoder rows, rescale_acts_by_decoder_norm (for sae-dashboard)"},
+    )
 
     def __post_init__(self) -> None:
         from llama_3.cli import check_choices
@@ -523,7 +545,7 @@ def export_main(cfg: ExportConfig) -> Path:
         raise PipelineInputError(f"--out {out}: exists and is not an empty folder")
     sae = TopKSae.load(cfg.sae)
     if cfg.format == "saelens":
-        sae.export_saelens(out)
+        sae.export_saelens(out, unit_decoder=cfg.unit_decoder)
     else:  # sparsify loads one folder per hookpoint, named by it
         out = out / sparsify_hookpoint(sae.cfg.hook_point)
         sae.export_sparsify(out)

@@ -97,21 +97,27 @@ def test_save_load_round_trip(tmp_path):
     assert json.loads((tmp_path / "s" / "cfg.json").read_text())["k"] == 5
 
 
-def test_saelens_export_reproduces_raw_space_reconstruction(tmp_path):
-    from safetensors.torch import load_file
+@pytest.mark.parametrize("unit_decoder", [False, True])
+@pytest.mark.parametrize("normalize", ["dataset", "none"])
+def test_saelens_loads_our_export_with_our_latents_and_reconstruction(tmp_path, normalize, unit_decoder):
+    from sae_lens import SAE, TopKSAE  # the real package, not a re-implementation
 
-    sae = make(dtype=torch.float32)
-    sae.export_saelens(tmp_path / "lens")
-    w = load_file(str(tmp_path / "lens" / "sae_weights.safetensors"))
-    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
-    assert cfg["d_in"] == 16 and cfg["d_sae"] == 64 and cfg["activation_fn_kwargs"]["k"] == 5
+    sae = make(normalize, dtype=torch.float32)
+    sae.export_saelens(tmp_path / "lens", unit_decoder=unit_decoder)
+    theirs = SAE.load_from_disk(tmp_path / "lens")
+    assert isinstance(theirs, TopKSAE) and theirs.cfg.k == 5 and (theirs.cfg.d_in, theirs.cfg.d_sae) == (16, 64)
+    assert theirs.cfg.rescale_acts_by_decoder_norm is unit_decoder
+    s = sae.cfg.input_scale if normalize == "dataset" else 1.0
+    if unit_decoder:  # sae-dashboard folds W_dec norms: unit rows make that a no-op
+        torch.testing.assert_close(theirs.W_dec.norm(dim=1), torch.ones(64))
     x = torch.randn(30, 16) * 4
-    # SAELens' TopK forward, written out independently: encode (x - b_dec) @ W_enc + b_enc, keep top k, ReLU.
-    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    top, idx = pre.topk(cfg["activation_fn_kwargs"]["k"], dim=-1)
-    h = torch.zeros_like(pre).scatter(1, idx, top.relu())
-    x_hat = h @ w["W_dec"] + w["b_dec"]
-    torch.testing.assert_close(x_hat, sae(x).x_hat, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        ours = sae(x)
+        latents = theirs.encode(x)
+        x_hat = theirs.decode(latents)
+    dense = torch.zeros(30, 64).scatter(1, ours.indices, ours.values)
+    torch.testing.assert_close(latents, dense / (s if unit_decoder else 1.0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x_hat, ours.x_hat, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_config_and_files(tmp_path):

@@ -133,14 +133,21 @@ def test_steering_leaves_bos_alone_and_prompts_start_with_it(bos_run, tiny):
 
 
 def test_saelens_export_names_the_capture(bos_run, tmp_path):
+    from sae_lens import SAE  # the real package reads the metadata
+
     sae = TopKSae.load(bos_run / "t" / "sae")
     sae.export_saelens(tmp_path / "lens")
-    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
-    assert cfg["prepend_bos"] is True and cfg["context_size"] == MAX_TOKENS + 1
-    assert (cfg["hook_name"], cfg["hook_layer"]) == ("blocks.2.hook_resid_pre", 2)
+    meta = SAE.load_from_disk(tmp_path / "lens").cfg.metadata
+    assert meta.prepend_bos is True and meta.context_size == MAX_TOKENS + 1
+    assert list(meta.seqpos_slice) == [1, None]  # BOS is not a position the SAE was trained on
+    assert meta.hook_name == "blocks.2.hook_resid_pre" and meta.sae_lens_version
+    assert meta.model_name == "hf" and meta.model_identity["config_sha256"] == sae.cfg.model["config_sha256"]
     sae.cfg.hook_point = "resid_post.1"
     sae.export_saelens(tmp_path / "post")
-    assert json.loads((tmp_path / "post" / "cfg.json").read_text())["hook_name"] == "blocks.1.hook_resid_post"
+    assert SAE.load_from_disk(tmp_path / "post").cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    sae.cfg.hook_point = "resid_mid.1"
+    sae.export_saelens(tmp_path / "mid")
+    assert SAE.load_from_disk(tmp_path / "mid").cfg.metadata.hook_name == "blocks.1.hook_resid_mid"
     sae.cfg.hook_point = "ffn_norm.1"
     with pytest.raises(PipelineInputError, match="no hook for the RMSNorm output"):
         sae.export_saelens(tmp_path / "norm")
