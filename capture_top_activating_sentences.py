@@ -50,7 +50,7 @@ from pipeline.distributed import DistInfo, run_distributed
 from pipeline.activations import CaptureOutput
 from pipeline.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.output_folder import OutputFolder, config_request, owned_names
-from pipeline.meanings import sae_sha256
+from pipeline.meanings import sae_sha256, sae_weights_file
 from pipeline.paths import SAE_DIR, SENTENCES_DIR, TOP_SENTENCES_DIR
 from pipeline.runtime import capture_dtype, forward_batch_tokens, release_free_memory
 from pipeline.sentences import SentenceDataset, SentenceTokenDataset, iter_sentences
@@ -134,7 +134,7 @@ def request_fingerprint(cfg: TopSentencesConfig) -> str:
     sentences = Path(cfg.sentences) / MANIFEST_NAME
     return fingerprint(
         {
-            "sae_sha256": sae_sha256(cfg.sae) if (Path(cfg.sae) / "sae.safetensors").is_file() else None,
+            "sae_sha256": sae_sha256(cfg.sae) if sae_weights_file(cfg.sae).is_file() else None,
             "sentences": sentences.read_text() if sentences.is_file() else None,
             **config_request(cfg),
         }

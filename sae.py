@@ -302,6 +302,8 @@ class TopKSae(nn.Module):
         directory = Path(directory)
         try:
             raw = json.loads((directory / "cfg.json").read_text())
+            if isinstance(raw, dict) and "d_sae" in raw and (directory / "sae_weights.safetensors").is_file():
+                return TopKSae.load_saelens(directory, device)
             if isinstance(raw, dict) and "d_in" in raw and "d_model" not in raw:
                 return TopKSae.load_sparsify(directory, device)
             cfg = SaeConfig(**raw)
@@ -374,6 +376,61 @@ class TopKSae(nn.Module):
             sae.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
         except RuntimeError as e:
             raise PipelineInputError(f"{directory / 'sae.safetensors'}: shapes do not match cfg.json ({e})") from None
+        return sae.to(device)
+
+    @staticmethod
+    def load_saelens(directory: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
+        """A TopK SAE in SAELens 6.x's layout (SAE.save_model: cfg.json with `metadata`,
+        sae_weights.safetensors with W_enc [d, L], b_enc, W_dec [L, d], b_dec), for inference: the same
+        forward on raw activations. What it must be fed comes from the metadata: hook_name
+        (blocks.L.hook_resid_pre / _mid / _post), prepend_bos, context_size, seqpos_slice [start, None]."""
+        directory = Path(directory)
+        where = directory / "cfg.json"
+        raw = json.loads(where.read_text())
+        meta = raw.get("metadata") or raw  # SAELens < 6 kept these keys at the top level
+        arch = raw.get("architecture", "standard")
+        if arch != "topk":
+            raise PipelineInputError(f"{where}: a SAELens {arch!r} SAE; only TopK SAEs import (JumpReLU: not yet)")
+        if raw.get("normalize_activations", "none") != "none" or raw.get("reshape_activations", "none") != "none":
+            raise PipelineInputError(
+                f"{where}: normalize_activations {raw.get('normalize_activations')!r} / reshape_activations "
+                f"{raw.get('reshape_activations')!r}; only SAEs on raw activations import"
+            )
+        hook = re.fullmatch(r"blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post)", str(meta.get("hook_name")))
+        if hook is None:
+            raise PipelineInputError(f"{where}: hook_name {meta.get('hook_name')!r} is not a residual-stream hook")
+        add_bos = bool(meta.get("prepend_bos", True))
+        start = (meta.get("seqpos_slice") or [None])[0] or 0
+        context = meta.get("context_size")
+        cfg = SaeConfig(
+            d_model=int(raw["d_in"]),
+            n_latents=int(raw["d_sae"]),
+            k=int(raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k", 0)),
+            normalize="none",
+            hook_point=f"{hook[2]}.{hook[1]}",
+            model={"d_model": int(raw["d_in"]), "source": "saelens", "name": meta.get("model_name")},
+            add_bos=add_bos,
+            exclude_first_positions=max(0, int(start) - int(add_bos)),
+            max_tokens=int(context) - int(add_bos) if context else DEFAULT_MAX_TOKENS,
+        )
+        try:
+            sd = load_file(str(directory / "sae_weights.safetensors"))
+            w_enc, b_enc, w_dec, b_dec = (sd[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+        except KeyError as e:
+            raise PipelineInputError(f"{directory / 'sae_weights.safetensors'}: no {e} (not SAELens' layout)") from None
+        if raw.get("rescale_acts_by_decoder_norm") and not torch.allclose(w_dec.norm(dim=1), torch.ones(1), atol=1e-4):
+            raise PipelineInputError(
+                f"{where}: rescale_acts_by_decoder_norm with non-unit decoder rows does not import"
+            )
+        if not raw.get(
+            "apply_b_dec_to_input", True
+        ):  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+            b_enc = b_enc + b_dec @ w_enc
+        sae = TopKSae(cfg)
+        try:
+            sae.load_state_dict({"W_enc": w_enc.t(), "b_enc": b_enc, "W_dec": w_dec, "b_pre": b_dec}, strict=False)
+        except RuntimeError as e:
+            raise PipelineInputError(f"{directory}: weight shapes do not match cfg.json ({e})") from None
         return sae.to(device)
 
     def model_path(self, override: str | None, flag: str = "--sae") -> str:

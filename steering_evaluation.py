@@ -33,7 +33,7 @@ from pipeline.activations import CaptureOutput
 from pipeline.explainers import LatentExamples
 from pipeline.interpretation import DEFAULT_MODEL, make_client
 from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
-from pipeline.meanings import sae_sha256
+from pipeline.meanings import sae_sha256, sae_weights_file
 from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
 from pipeline.sentence_embedding import SentenceEncoder
@@ -115,7 +115,7 @@ def request_fingerprint(cfg: SteeringEvalConfig) -> str:
         if Path(cfg.meanings).is_dir()
         else []
     )
-    sae_file = Path(cfg.sae) / "sae.safetensors"
+    sae_file = sae_weights_file(cfg.sae)
     try:  # new top sentences (the judge's references, DiffMean's examples) evaluate again
         top = open_top_sentences(cfg.top_sentences).fingerprint
     except PipelineInputError:  # refused with its own line once the evaluation opens it
