@@ -128,3 +128,57 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path):
         temperature=0,
     )
     assert plain.tokens != steered.tokens  # the imported latent steers
+
+
+def test_transformer_lens_with_our_saelens_export_gives_our_spliced_loss(tiny, tmp_path):
+    """The recipe a SAELens user runs: a plain LlamaForCausalLM in TransformerLens, the exported SAE at
+    its hook_name on the positions its seqpos_slice names; the loss equals our spliced model's."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    from llama_3 import load_model
+    from llama_3.hooks import Splice
+    from sae_lens import SAE
+
+    lm = load_model(tiny.hf_dir)
+    torch.manual_seed(5)
+    sae = TopKSae(
+        SaeConfig(
+            d_model=lm.args.dim,
+            n_latents=128,
+            k=8,
+            input_scale=0.2,
+            hook_point="resid_pre.2",
+            exclude_first_positions=1,
+            model=lm.identity(),
+        )
+    )
+    with torch.no_grad():
+        sae.b_pre.normal_(0, 0.5)
+    sae.export_saelens(tmp_path / "lens")
+    theirs = SAE.load_from_disk(tmp_path / "lens")
+    meta = theirs.cfg.metadata
+    assert meta.prepend_bos is False and list(meta.seqpos_slice) == [1, None]
+    cfg = HookedTransformerConfig(**convert_hf_model_config(str(tiny.hf_dir)), default_prepend_bos=meta.prepend_bos)
+    tl = HookedTransformer(cfg)
+    tl.load_and_process_state_dict(
+        convert_llama_weights(tiny.reference, cfg), fold_ln=False, center_writing_weights=False, center_unembed=False
+    )
+    ids = torch.tensor([lm.tokenizer.encode("Paris is the capital of France; Berlin is the capital of Germany.")])
+    start = meta.seqpos_slice[0]
+
+    def splice_theirs(x, hook):
+        x = x.clone()
+        x[:, start:] = theirs(x[:, start:])
+        return x
+
+    with torch.no_grad():
+        clean_tl = tl(ids, return_type="loss")
+        spliced_tl = tl.run_with_hooks(ids, return_type="loss", fwd_hooks=[(meta.hook_name, splice_theirs)])
+        ours, _ = lm.model.run_with_hooks(ids, splice={"resid_pre.2": Splice(sae.reconstruct, skip_first_positions=1)})
+        clean_ours = lm.model(ids)
+    loss = torch.nn.functional.cross_entropy
+    assert float(clean_tl) == pytest.approx(float(loss(clean_ours[0, :-1].float(), ids[0, 1:])), rel=1e-4)
+    assert float(spliced_tl) == pytest.approx(float(loss(ours[0, :-1].float(), ids[0, 1:])), rel=1e-4)
+    assert abs(float(spliced_tl) - float(clean_tl)) > 1e-3  # the splice changed the loss: the check has teeth
