@@ -388,7 +388,7 @@ class TopKSae(nn.Module):
         where = directory / "cfg.json"
         raw = json.loads(where.read_text())
         meta = raw.get("metadata") or raw  # SAELens < 6 kept these keys at the top level
-        arch = raw.get("architecture", "standard")
+        arch = raw.get("architecture") or ("topk" if raw.get("activation_fn") == "topk" else "standard")
         if arch != "topk":
             raise PipelineInputError(f"{where}: a SAELens {arch!r} SAE; only TopK SAEs import (JumpReLU: not yet)")
         if raw.get("normalize_activations", "none") != "none" or raw.get("reshape_activations", "none") != "none":
@@ -418,6 +418,10 @@ class TopKSae(nn.Module):
             w_enc, b_enc, w_dec, b_dec = (sd[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
         except KeyError as e:
             raise PipelineInputError(f"{directory / 'sae_weights.safetensors'}: no {e} (not SAELens' layout)") from None
+        except Exception as e:
+            raise PipelineInputError(
+                f"{directory / 'sae_weights.safetensors'}: cannot be read ({str(e).splitlines()[0]})"
+            ) from None
         if raw.get("rescale_acts_by_decoder_norm") and not torch.allclose(w_dec.norm(dim=1), torch.ones(1), atol=1e-4):
             raise PipelineInputError(
                 f"{where}: rescale_acts_by_decoder_norm with non-unit decoder rows does not import"

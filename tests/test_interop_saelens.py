@@ -182,3 +182,22 @@ def test_transformer_lens_with_our_saelens_export_gives_our_spliced_loss(tiny, t
     assert float(clean_tl) == pytest.approx(float(loss(clean_ours[0, :-1].float(), ids[0, 1:])), rel=1e-4)
     assert float(spliced_tl) == pytest.approx(float(loss(ours[0, :-1].float(), ids[0, 1:])), rel=1e-4)
     assert abs(float(spliced_tl) - float(clean_tl)) > 1e-3  # the splice changed the loss: the check has teeth
+
+
+def test_a_pre_6_saelens_topk_config_and_a_broken_weights_file(tmp_path):
+    """SAELens < 6 wrote activation_fn "topk" with activation_fn_kwargs and the metadata at the top level."""
+    import json
+
+    theirs = saved_by_saelens(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "cfg.json").read_text())
+    old = {k: v for k, v in cfg.items() if k not in ("metadata", "architecture", "k")}
+    old |= {**cfg["metadata"], "activation_fn": "topk", "activation_fn_kwargs": {"k": cfg["k"]}}
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps(old))
+    ours = TopKSae.load(tmp_path / "old")
+    assert (ours.cfg.k, ours.cfg.hook_point) == (6, "resid_post.3")
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).x_hat, theirs.decode(theirs.encode(x)), rtol=1e-5, atol=1e-5)
+    (tmp_path / "old" / "sae_weights.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(PipelineInputError, match="sae_weights.safetensors: cannot be read"):
+        TopKSae.load(tmp_path / "old")
