@@ -25,42 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_3 import default_capture_layer, load_model  # noqa: E402
-from llama_3.checkpoints import meta_to_hf_state_dict  # noqa: E402
 from llama_3.cpu_features import cpu_name  # noqa: E402
 from llama_3.cpu_fast import apply_cpu_fast_paths, revert_cpu_fast_paths  # noqa: E402
 from llama_3.generation import Generator  # noqa: E402
-
-
-def to_transformers(lm, attn: str = "sdpa"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    a = lm.args
-    cfg = LlamaConfig(
-        vocab_size=a.vocab_size,
-        hidden_size=a.dim,
-        intermediate_size=a.hidden_dim,
-        num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads,
-        num_key_value_heads=a.n_kv_heads,
-        rms_norm_eps=a.norm_eps,
-        rope_theta=a.rope_theta,
-        max_position_embeddings=a.max_seq_len,
-        tie_word_embeddings=a.tie_word_embeddings,
-        bos_token_id=lm.tokenizer.bos_id,
-        eos_token_id=lm.tokenizer.eos_id,
-        pad_token_id=lm.tokenizer.pad_id,
-        attn_implementation=attn,
-    )
-    if a.rope_scaling or a.rope_freq_factors:
-        raise SystemExit("benchmark model must use plain RoPE")
-    dtype = lm.model.tok_embeddings.weight.dtype
-    hf = LlamaForCausalLM(cfg)
-    sd = meta_to_hf_state_dict(lm.model.state_dict(), a)
-    if a.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return hf.to(device=lm.model.tok_embeddings.weight.device, dtype=dtype).eval()
+from llama_3.transformers_export import to_transformers  # noqa: E402
 
 
 def corpus_batches(lm, batch_size: int, seq_len: int, n_batches: int) -> list[torch.Tensor]:
