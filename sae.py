@@ -199,6 +199,19 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) 
     return _SparseDecode.apply(values, indices, W)
 
 
+def read_weights(path: Path, names: dict[str, str], layout: str) -> dict[str, torch.Tensor]:
+    """{our name: fp32 tensor} from a safetensors file that stores them under `names` (ours -> its);
+    an unreadable file or a missing tensor is one line naming the file."""
+    try:
+        sd = load_file(str(path))
+    except Exception as e:
+        raise PipelineInputError(f"{path}: cannot be read ({str(e).splitlines()[0]})") from None
+    try:
+        return {ours: sd[theirs].float() for ours, theirs in names.items()}
+    except KeyError as e:
+        raise PipelineInputError(f"{path}: no {e} (not {layout} layout)") from None
+
+
 class TopKSae(nn.Module):
     def __init__(self, cfg: SaeConfig):
         super().__init__()
@@ -357,26 +370,9 @@ class TopKSae(nn.Module):
             hook_point=f"resid_post.{match[1]}",
             model={"d_model": d_in, "source": "sparsify"},  # a model of another width is refused, not run
         )
-        try:
-            sd = load_file(str(directory / "sae.safetensors"))
-            weights = {
-                "W_enc": sd["encoder.weight"],
-                "b_enc": sd["encoder.bias"],
-                "W_dec": sd["W_dec"],
-                "b_pre": sd["b_dec"],
-            }
-        except KeyError as e:
-            raise PipelineInputError(f"{directory / 'sae.safetensors'}: no {e} (not sparsify's layout)") from None
-        except Exception as e:
-            raise PipelineInputError(
-                f"{directory / 'sae.safetensors'}: cannot be read ({str(e).splitlines()[0]})"
-            ) from None
-        sae = TopKSae(cfg)
-        try:
-            sae.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
-        except RuntimeError as e:
-            raise PipelineInputError(f"{directory / 'sae.safetensors'}: shapes do not match cfg.json ({e})") from None
-        return sae.to(device)
+        names = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec", "b_pre": "b_dec"}
+        weights = read_weights(directory / "sae.safetensors", names, "sparsify's")
+        return TopKSae.from_weights(cfg, weights, directory / "sae.safetensors", device)
 
     @staticmethod
     def load_saelens(directory: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
@@ -413,28 +409,26 @@ class TopKSae(nn.Module):
             exclude_first_positions=max(0, int(start) - int(add_bos)),
             max_tokens=int(context) - int(add_bos) if context else DEFAULT_MAX_TOKENS,
         )
-        try:
-            sd = load_file(str(directory / "sae_weights.safetensors"))
-            w_enc, b_enc, w_dec, b_dec = (sd[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
-        except KeyError as e:
-            raise PipelineInputError(f"{directory / 'sae_weights.safetensors'}: no {e} (not SAELens' layout)") from None
-        except Exception as e:
-            raise PipelineInputError(
-                f"{directory / 'sae_weights.safetensors'}: cannot be read ({str(e).splitlines()[0]})"
-            ) from None
+        path = directory / "sae_weights.safetensors"
+        w = read_weights(path, {k: k for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, "SAELens'")
+        w_enc, b_enc, w_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
         if raw.get("rescale_acts_by_decoder_norm") and not torch.allclose(w_dec.norm(dim=1), torch.ones(1), atol=1e-4):
             raise PipelineInputError(
                 f"{where}: rescale_acts_by_decoder_norm with non-unit decoder rows does not import"
             )
-        if not raw.get(
-            "apply_b_dec_to_input", True
-        ):  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
-            b_enc = b_enc + b_dec @ w_enc
+        if not raw.get("apply_b_dec_to_input", True):
+            b_enc = b_enc + b_dec @ w_enc  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+        weights = {"W_enc": w_enc.t(), "b_enc": b_enc, "W_dec": w_dec, "b_pre": b_dec}
+        return TopKSae.from_weights(cfg, weights, path, device)
+
+    @staticmethod
+    def from_weights(cfg: SaeConfig, weights: dict[str, torch.Tensor], path: Path, device) -> "TopKSae":
+        """An imported SAE from its tensors in our names; shapes that do not fit cfg are one line naming `path`."""
         sae = TopKSae(cfg)
         try:
-            sae.load_state_dict({"W_enc": w_enc.t(), "b_enc": b_enc, "W_dec": w_dec, "b_pre": b_dec}, strict=False)
+            sae.load_state_dict(weights, strict=False)
         except RuntimeError as e:
-            raise PipelineInputError(f"{directory}: weight shapes do not match cfg.json ({e})") from None
+            raise PipelineInputError(f"{path}: weight shapes do not match its cfg.json ({e})") from None
         return sae.to(device)
 
     def model_path(self, override: str | None, flag: str = "--sae") -> str:
