@@ -65,6 +65,7 @@ from pipeline.top_sentences import (
     TopSentences,
     TopTable,
     histogram_edges,
+    joined_codes,
     sample_key,
     sentence_scores,
 )
@@ -162,43 +163,53 @@ class CodeStore:
     """Each processed sentence's token ids and SAE codes, appended to temporary files on disk.
 
     Kept so the per-token activations of the finally chosen sentences can be read back without a
-    second model pass; memory stays bounded (files, not RAM), and the files go away at the end."""
+    second model pass; memory stays bounded (files, not RAM), and the files go away at the end. Each
+    sentence keeps its own code width (k for TopK; a JumpReLU SAE's width varies by batch)."""
 
-    def __init__(self, directory: Path, k: int, rank: int):
+    def __init__(self, directory: Path, rank: int):
         for stale in Path(directory).glob(f".codes-r{rank}-*"):  # left by a run that was killed
             shutil.rmtree(stale, ignore_errors=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f".codes-r{rank}-", dir=directory))
-        self.k = k
         self.files = {n: open(self.dir / n, "wb") for n in ("tokens", "values", "indices")}
-        # per stored sentence: id, first token, token count (8 bytes each, not a dict entry: ~100x less
-        # memory per sentence, which grows with the corpus); sorted by id for lookups at open()
+        # per stored sentence: id, first token, token count, first code entry, code width (8 bytes each, not
+        # a dict entry: ~100x less memory per sentence, which grows with the corpus)
         self._sids, self._starts, self._lengths = array("q"), array("q"), array("q")
-        self.n = 0
+        self._code_starts, self._widths = array("q"), array("q")
+        self.n = self.n_codes = 0
 
     def add(self, sid: int, token_ids: np.ndarray, first_counted: int, values: np.ndarray, indices: np.ndarray) -> None:
-        """token_ids [T]; values/indices [T, k] with zeros at positions < first_counted."""
+        """token_ids [T]; values/indices [T, w] with zeros at positions < first_counted."""
         self.files["tokens"].write(token_ids.astype(np.int32).tobytes())
         self.files["values"].write(values.astype(np.float32).tobytes())
         self.files["indices"].write(indices.astype(np.int32).tobytes())
         self._sids.append(sid)
         self._starts.append(self.n)
         self._lengths.append(len(token_ids))
+        self._code_starts.append(self.n_codes)
+        self._widths.append(values.shape[1])
         self.n += len(token_ids)
+        self.n_codes += values.size
 
     def open(self) -> None:
         for f in self.files.values():
             f.close()
+        # lookups by id at spans(), sorted; by first token at read(), in the (increasing) order written
         order = np.argsort(np.frombuffer(self._sids, np.int64), kind="stable")
         self.ids = np.frombuffer(self._sids, np.int64)[order]
         self.starts = np.frombuffer(self._starts, np.int64)[order]
         self.lengths = np.frombuffer(self._lengths, np.int64)[order]
+        self.written_starts = np.frombuffer(self._starts, np.int64)
+        self.code_starts, self.widths = (
+            np.frombuffer(self._code_starts, np.int64),
+            np.frombuffer(self._widths, np.int64),
+        )
         # read back with pread, not a memory map: mapped pages of a corpus-sized file would stay resident
         self.readers = {n: open(self.dir / n, "rb", buffering=0) for n in ("tokens", "values", "indices")}
 
-    def _read(self, name: str, dtype, first: int, n: int, width: int = 1) -> np.ndarray:
-        out = np.empty(n * width, dtype)
-        os.preadv(self.readers[name].fileno(), [out], first * width * out.itemsize)
-        return out.reshape(n, width) if width > 1 else out
+    def _read(self, name: str, dtype, first: int, n: int) -> np.ndarray:
+        out = np.empty(n, dtype)
+        os.preadv(self.readers[name].fileno(), [out], first * out.itemsize)
+        return out
 
     def spans(self, sids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """sids [m] -> (held [m] bool, first token [m], token count [m]) of each stored sentence."""
@@ -207,11 +218,13 @@ class CodeStore:
         return held, self.starts[i], self.lengths[i]
 
     def read(self, first: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One stored sentence: token ids [n], values [n, k], indices [n, k]."""
+        """The stored sentence whose tokens start at `first`: token ids [n], values [n, w], indices [n, w]."""
+        j = int(np.searchsorted(self.written_starts, first))
+        at, width = int(self.code_starts[j]), int(self.widths[j])
         return (
             self._read("tokens", np.int32, first, n),
-            self._read("values", np.float32, first, n, self.k),
-            self._read("indices", np.int32, first, n, self.k),
+            self._read("values", np.float32, at, n * width).reshape(n, width),
+            self._read("indices", np.int32, at, n * width).reshape(n, width),
         )
 
     def close(self) -> None:
@@ -291,7 +304,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     tables = {a: TopTable(L, cfg.top_n, info.device) for a in AGGREGATIONS}
     silent = TopTable(L, max(cfg.non_activating, 1), info.device)
     stats = LatentStats(L, info.device)
-    store = CodeStore(out, sae.cfg.k, info.rank)
+    store = CodeStore(out, info.rank)
     expected = plan.capture_end // info.world_size + (data.n_sentences if data else 0)
     bar = tqdm(total=expected, unit="sent", disable=not info.is_main, dynamic_ncols=True, desc="top sentences")
     t0, n_sentences, n_model_sentences, n_tokens, n_batches = time.perf_counter(), 0, 0, 0, 0
@@ -303,8 +316,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
                 # SAE passes of at most one forward batch of rows, as the model source makes them (the same
                 # kernel shapes: the two sources then agree exactly); the tables merge once per batch
                 parts = [sae(x[a : a + batch_tokens]) for a in range(0, len(x), batch_tokens)]
-                values = torch.cat([p.values for p in parts])  # [n, k]
-                indices = torch.cat([p.indices for p in parts])
+                values, indices = joined_codes(parts)  # [n, w]
                 n_counted = batch.n_counted.to(info.device)
                 row = torch.repeat_interleave(torch.arange(B, device=info.device), n_counted, output_size=len(x))
                 is_last = torch.zeros(len(x), dtype=torch.bool, device=info.device)
@@ -324,8 +336,8 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
                 starts = np.concatenate([[0], np.cumsum(counts)])
                 for r, sid in enumerate(batch.sentence_ids.tolist()):
                     tokens, c = batch.tokens[r], counts[r]
-                    full_v = np.zeros((len(tokens), sae.cfg.k), np.float32)
-                    full_i = np.zeros((len(tokens), sae.cfg.k), np.int32)
+                    full_v = np.zeros((len(tokens), values.shape[1]), np.float32)
+                    full_i = np.zeros((len(tokens), values.shape[1]), np.int32)
                     full_v[len(tokens) - c :], full_i[len(tokens) - c :] = (
                         v_np[starts[r] : starts[r + 1]],
                         i_np[starts[r] : starts[r + 1]],

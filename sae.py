@@ -44,6 +44,8 @@ from pipeline.tokenization import DEFAULT_MAX_TOKENS, Tokenization
 
 Normalize = Literal["dataset", "token", "none"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalize)
+Activation = Literal["topk", "jumprelu"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 ENCODER_INIT_NORM = 3**-0.5
 SAELENS_FORMAT_VERSION = "6.54.12"
 """The SAELens release whose cfg.json layout export_saelens writes (6.x: a `metadata` block)."""
@@ -59,7 +61,7 @@ class SaeConfig:
     n_latents: int
     """Dictionary size."""
     k: int
-    """Active latents per token."""
+    """Active latents per token (TopK); 0 for JumpReLU, where the count varies per token."""
     normalize: str = "dataset"
     """Input normalisation: dataset (one scalar), token (per-token standardisation) or none."""
     input_scale: float = 1.0
@@ -74,6 +76,10 @@ class SaeConfig:
     """The training capture prepended BOS (never stored): later stages feed the SAE the same sequences."""
     max_tokens: int = DEFAULT_MAX_TOKENS
     """Text tokens per sentence the training capture kept (BOS on top)."""
+    activation: Activation = "topk"
+    """topk: the k largest pre-activations, ReLU'd (what sae_training trains). jumprelu: every latent whose
+    pre-activation exceeds its own `threshold` (and 0) keeps it: Gemma Scope / Llama Scope SAEs, and plain
+    ReLU SAEs with threshold 0; inference only (imported, never trained here)."""
 
     @property
     def tokenization(self) -> Tokenization:
@@ -81,8 +87,12 @@ class SaeConfig:
         return Tokenization(self.add_bos, self.max_tokens, self.exclude_first_positions)
 
     def __post_init__(self) -> None:
-        if not 0 < self.k <= self.n_latents:
+        if self.activation not in ACTIVATIONS:
+            raise PipelineInputError(f"SAE config: activation={self.activation!r}, expected one of {ACTIVATIONS}")
+        if self.activation == "topk" and not 0 < self.k <= self.n_latents:
             raise PipelineInputError(f"SAE config: k={self.k} must be in 1..n_latents={self.n_latents}")
+        if self.activation == "jumprelu" and self.k != 0:
+            raise PipelineInputError(f"SAE config: k={self.k} with jumprelu (its count varies per token; k must be 0)")
         if self.normalize not in NORMALIZATIONS:
             raise PipelineInputError(f"SAE config: normalize={self.normalize!r}, expected one of {NORMALIZATIONS}")
 
@@ -90,8 +100,8 @@ class SaeConfig:
 @dataclass
 class SaeOutput:
     x_hat: torch.Tensor  # [N, d] reconstruction in the input's (raw) space
-    values: torch.Tensor  # [N, k] post-ReLU activations of the active latents
-    indices: torch.Tensor  # [N, k] their latent ids
+    values: torch.Tensor  # [N, k] post-ReLU activations of the active latents (JumpReLU: [N, w], see encode)
+    indices: torch.Tensor  # [N, k] their latent ids, distinct within a row
     x_norm: torch.Tensor  # [N, d] the normalised input the SAE saw
     x_hat_norm: torch.Tensor  # [N, d] the reconstruction in normalised space
 
@@ -227,6 +237,8 @@ class TopKSae(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(L))
         self.b_pre = nn.Parameter(torch.zeros(d))
         self.register_buffer("h_bias", torch.zeros(L), persistent=False)  # steering; never trained
+        if cfg.activation == "jumprelu":
+            self.register_buffer("threshold", torch.zeros(L))  # [L] each latent's jump point
 
     # ---- normalisation --------------------------------------------------------------------
     def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
@@ -247,13 +259,26 @@ class TopKSae(nn.Module):
         return x_norm
 
     # ---- encode / decode ------------------------------------------------------------------
-    def encode(self, x_norm: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """x̃ [N, d] -> (values [N, k], indices [N, k])."""
-        xc = x_norm - self.b_pre
-        if dense:
-            pre = xc @ self.W_enc.t() + self.b_enc + self.h_bias
+    def activate(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-activations [N, L] -> the code (values [N, w], indices [N, w]), indices distinct within a row.
+
+        TopK: w = k. JumpReLU: w = the most latents active on any token of this batch (at least 1), so
+        one batch is one dense-width code without truncation; a row with fewer active latents is padded
+        with value-0 entries of inactive latents, which decode, aggregate and rank as nothing."""
+        if self.cfg.activation == "topk":
             top, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
             return top.relu(), idx
+        active = (pre > self.threshold) & (pre > 0)  # SAELens: ReLU(pre) * (pre > threshold)
+        width = max(1, int(active.sum(1).max())) if len(pre) else 1
+        return pre.where(active, 0.0).topk(min(width, pre.shape[1]), dim=-1, sorted=False)
+
+    def encode(self, x_norm: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x̃ [N, d] -> (values [N, k], indices [N, k]) (JumpReLU: [N, w], see activate)."""
+        xc = x_norm - self.b_pre
+        if dense:
+            return self.activate(xc @ self.W_enc.t() + self.b_enc + self.h_bias)
+        if self.cfg.activation != "topk":  # inference only: no sparse backward needed
+            return self.activate(encoder_preacts(xc, self.W_enc, self.b_enc + self.h_bias))
         return _SparseEncoderGrad.apply(xc, self.W_enc, self.b_enc, self.h_bias, self.cfg.k)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, dense: bool = False) -> torch.Tensor:
@@ -376,17 +401,23 @@ class TopKSae(nn.Module):
 
     @staticmethod
     def load_saelens(directory: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
-        """A TopK SAE in SAELens 6.x's layout (SAE.save_model: cfg.json with `metadata`,
-        sae_weights.safetensors with W_enc [d, L], b_enc, W_dec [L, d], b_dec), for inference: the same
-        forward on raw activations. What it must be fed comes from the metadata: hook_name
+        """A TopK, JumpReLU or standard (ReLU) SAE in SAELens' layout (SAE.save_model: cfg.json with
+        `metadata`, sae_weights.safetensors with W_enc [d, L], b_enc, W_dec [L, d], b_dec, JumpReLU's
+        threshold [L]), for inference: the same forward on raw activations. Gemma Scope and Llama Scope SAEs
+        arrive this way: SAE.from_pretrained(release, id) converts them (and folds Llama Scope's input
+        norm), save_model writes this layout. What it must be fed comes from the metadata: hook_name
         (blocks.L.hook_resid_pre / _mid / _post), prepend_bos, context_size, seqpos_slice [start, None]."""
         directory = Path(directory)
         where = directory / "cfg.json"
         raw = json.loads(where.read_text())
         meta = raw.get("metadata") or raw  # SAELens < 6 kept these keys at the top level
         arch = raw.get("architecture") or ("topk" if raw.get("activation_fn") == "topk" else "standard")
-        if arch != "topk":
-            raise PipelineInputError(f"{where}: a SAELens {arch!r} SAE; only TopK SAEs import (JumpReLU: not yet)")
+        if arch not in ("topk", "jumprelu", "standard"):
+            raise PipelineInputError(f"{where}: a SAELens {arch!r} SAE; only topk, jumprelu and standard SAEs import")
+        if raw.get("activation_fn", "relu") not in ("relu", "topk"):
+            raise PipelineInputError(
+                f"{where}: activation_fn {raw.get('activation_fn')!r}; only relu (or topk) imports"
+            )
         if raw.get("normalize_activations", "none") != "none" or raw.get("reshape_activations", "none") != "none":
             raise PipelineInputError(
                 f"{where}: normalize_activations {raw.get('normalize_activations')!r} / reshape_activations "
@@ -401,7 +432,8 @@ class TopKSae(nn.Module):
         cfg = SaeConfig(
             d_model=int(raw["d_in"]),
             n_latents=int(raw["d_sae"]),
-            k=int(raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k", 0)),
+            k=int(raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k", 0)) if arch == "topk" else 0,
+            activation="topk" if arch == "topk" else "jumprelu",  # standard: ReLU = JumpReLU at threshold 0
             normalize="none",
             hook_point=f"{hook[2]}.{hook[1]}",
             model={"d_model": int(raw["d_in"]), "source": "saelens", "name": meta.get("model_name")},
@@ -410,7 +442,8 @@ class TopKSae(nn.Module):
             max_tokens=int(context) - int(add_bos) if context else DEFAULT_MAX_TOKENS,
         )
         path = directory / "sae_weights.safetensors"
-        w = read_weights(path, {k: k for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, "SAELens'")
+        names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
+        w = read_weights(path, {k: k for k in names}, "SAELens'")
         w_enc, b_enc, w_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
         if raw.get("rescale_acts_by_decoder_norm") and not torch.allclose(w_dec.norm(dim=1), torch.ones(1), atol=1e-4):
             raise PipelineInputError(
@@ -419,6 +452,8 @@ class TopKSae(nn.Module):
         if not raw.get("apply_b_dec_to_input", True):
             b_enc = b_enc + b_dec @ w_enc  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
         weights = {"W_enc": w_enc.t(), "b_enc": b_enc, "W_dec": w_dec, "b_pre": b_dec}
+        if cfg.activation == "jumprelu":
+            weights["threshold"] = w["threshold"] if arch == "jumprelu" else torch.zeros(cfg.n_latents)
         return TopKSae.from_weights(cfg, weights, path, device)
 
     @staticmethod
@@ -457,7 +492,8 @@ class TopKSae(nn.Module):
             )
 
     def export_saelens(self, directory: str | Path, unit_decoder: bool = False) -> None:
-        """SAELens 6.x's layout (SAE.load_from_disk): W_enc [d, L], W_dec [L, d], b_enc, b_dec; a TopK SAE.
+        """SAELens 6.x's layout (SAE.load_from_disk): W_enc [d, L], W_dec [L, d], b_enc, b_dec; a TopK SAE
+        (a JumpReLU one with its threshold).
 
         SAELens' encoder has no separate b_pre: its b_dec is subtracted from the input, as ours is. The
         input scale s is folded so the exported SAE works on raw activations: by default into the decoder
@@ -470,6 +506,12 @@ class TopKSae(nn.Module):
         if self.cfg.normalize == "token":
             raise PipelineInputError("SAELens has no per-token standardisation; export needs normalize=dataset or none")
         s = self.cfg.input_scale if self.cfg.normalize == "dataset" else 1.0
+        norms = self.W_dec.detach().norm(dim=1)
+        if unit_decoder and not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+            raise PipelineInputError(
+                f"--unit-decoder: this SAE's decoder rows are not unit norm (range {float(norms.min()):.4g}.."
+                f"{float(norms.max()):.4g}; an imported SAE?); export it without --unit-decoder"
+            )
         if unit_decoder:  # pre' = W_enc (x - b_pre / s) + b_enc / s = pre / s; x̂ = W_dec^T h' + b_pre / s
             w_enc, b_enc, w_dec = self.W_enc.detach(), self.b_enc.detach() / s, self.W_dec.detach()
         else:  # pre = (s W_enc)(x - b_pre / s) + b_enc;  x̂ = (W_dec / s)^T h + b_pre / s
@@ -480,6 +522,8 @@ class TopKSae(nn.Module):
             "b_enc": b_enc.contiguous().cpu(),
             "b_dec": (self.b_pre.detach() / s).contiguous().cpu(),
         }
+        if self.cfg.activation == "jumprelu":  # compared with pre-activations, which unit_decoder divides by s
+            tensors["threshold"] = (self.threshold.detach() / (s if unit_decoder else 1.0)).contiguous().cpu()
         hook = HookPoint.parse(self.cfg.hook_point, flag=f"SAE hook point {self.cfg.hook_point!r}")
         if hook.kind not in TRANSFORMERLENS_HOOKS:
             raise PipelineInputError(
@@ -493,10 +537,10 @@ class TopKSae(nn.Module):
         with atomic_path(directory / "sae_weights.safetensors") as tmp:
             save_file(tensors, str(tmp))
         cfg = {
-            "architecture": "topk",
+            "architecture": self.cfg.activation,
             "d_in": self.cfg.d_model,
             "d_sae": self.cfg.n_latents,
-            "k": self.cfg.k,
+            **({"k": self.cfg.k} if self.cfg.activation == "topk" else {}),
             "rescale_acts_by_decoder_norm": unit_decoder,
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",
@@ -531,6 +575,8 @@ class TopKSae(nn.Module):
             raise PipelineInputError(
                 "sparsify has no per-token standardisation; export needs normalize=dataset or none"
             )
+        if self.cfg.activation != "topk":
+            raise PipelineInputError(f"sparsify's coders are TopK; a {self.cfg.activation} SAE does not export to it")
         s = self.cfg.input_scale if self.cfg.normalize == "dataset" else 1.0
         tensors = {
             "encoder.weight": self.W_enc.detach().contiguous().cpu(),
@@ -604,7 +650,8 @@ def export_main(cfg: ExportConfig) -> Path:
     else:  # sparsify loads one folder per hookpoint, named by it
         out = out / sparsify_hookpoint(sae.cfg.hook_point)
         sae.export_sparsify(out)
-    print(f"{out}: {cfg.sae} as {cfg.format} ({sae.cfg.n_latents} latents, k {sae.cfg.k}, {sae.cfg.hook_point})")
+    sparsity = f"k {sae.cfg.k}" if sae.cfg.activation == "topk" else sae.cfg.activation
+    print(f"{out}: {cfg.sae} as {cfg.format} ({sae.cfg.n_latents} latents, {sparsity}, {sae.cfg.hook_point})")
     return out
 
 

@@ -69,7 +69,7 @@ def steered_codes(
     sae: TopKSae, x_norm: torch.Tensor, entries, rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x̃ [N, d] (normalised) -> the SAE's code with h_bias and clamp entries applied:
-    (values, indices) [N, k + n_clamp].
+    (values, indices) [N, k + n_clamp] (JumpReLU: the batch's width w for k).
 
     `entries`: one list for every token, or, with `rows` [N] (each token's batch row), one list per
     row, so a batch can steer every row differently (the steering evaluation generates all its
@@ -84,8 +84,7 @@ def steered_codes(
                 h_bias[r, e.latent] += e.strength
     if h_bias.any():
         pre = encoder_preacts(x_norm - sae.b_pre, sae.W_enc, sae.b_enc + sae.h_bias).float()  # [N, L]
-        top, indices = (pre + h_bias.to(pre.device)[rows]).topk(sae.cfg.k, dim=-1, sorted=False)
-        values = top.relu()
+        values, indices = sae.activate(pre + h_bias.to(pre.device)[rows])
     else:
         values, indices = sae.encode(x_norm)
     n_clamps = max(sum(e.mode == "clamp" for e in row_entries) for row_entries in per_row)

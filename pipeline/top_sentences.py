@@ -25,6 +25,7 @@ from typing import Literal, get_args
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
 from llama_3.errors import PipelineInputError
 from pipeline.manifest import Fields, read_manifest, sha256_file
@@ -65,6 +66,17 @@ def merge_top(scores: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Te
     return scores.gather(1, by_score), ids.gather(1, by_score)
 
 
+def joined_codes(parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """SaeOutputs of consecutive token batches -> one code (values [n, w], indices [n, w]) of the widest
+    part's width: TopK parts all have width k; a JumpReLU part narrower than the widest is padded with
+    value-0 entries (latent 0), which every aggregation here counts as nothing."""
+    width = max(p.values.shape[1] for p in parts)
+    pad = [width - p.values.shape[1] for p in parts]
+    values = torch.cat([F.pad(p.values, (0, n)) for p, n in zip(parts, pad)])
+    indices = torch.cat([F.pad(p.indices, (0, n)) for p, n in zip(parts, pad)])
+    return values, indices
+
+
 def sentence_scores(
     values: torch.Tensor,
     indices: torch.Tensor,
@@ -83,9 +95,10 @@ def sentence_scores(
     v = values.reshape(-1).float()
     total = torch.zeros(n_sentences * n_latents, device=values.device).index_add_(0, flat, v)
     peak = torch.zeros(n_sentences * n_latents, device=values.device).scatter_reduce_(0, flat, v, "amax")
-    last = torch.zeros(n_sentences * n_latents, device=values.device)
     last_mask = is_last[:, None].expand(-1, k).reshape(-1)
-    last[flat[last_mask]] = v[last_mask]
+    # amax, not assignment: a padded code (joined_codes) can repeat a latent id in a row with value 0
+    last = torch.zeros(n_sentences * n_latents, device=values.device)
+    last.scatter_reduce_(0, flat[last_mask], v[last_mask], "amax")
     n_tokens = torch.bincount(row, minlength=n_sentences).clamp_min(1).float()
     return {
         "mean": total.view(n_sentences, n_latents) / n_tokens[:, None],

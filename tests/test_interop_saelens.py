@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens import (
+    SAE,
+    GatedSAE,
+    GatedSAEConfig,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
 from sae_lens.saes.sae import SAEMetadata
 
 from llama_3.errors import PipelineInputError
@@ -66,17 +76,120 @@ def test_our_export_imports_back_with_the_same_forward_and_tokenization(tmp_path
         assert torch.equal(back(x).indices.sort(-1).values, sae(x).indices.sort(-1).values)
 
 
+def randomized(sae):
+    """SAELens starts some parameters at zero (b_enc, b_dec, threshold): make every term matter."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+        if hasattr(sae, "threshold"):
+            sae.threshold.uniform_(0.0, 0.6)  # Gemma Scope's are per latent and positive
+    return sae
+
+
+def assert_same_forward(theirs, ours: TopKSae, x: torch.Tensor, atol: float = 1e-5) -> None:
+    """Our code (values, indices) densified equals SAELens' encode, our reconstruction its decode; a latent
+    whose pre-activation lies within rounding of its threshold may differ (none did in these tests)."""
+    with torch.no_grad():
+        latents = theirs.encode(x)
+        x_hat = theirs.decode(latents)
+        mine = ours(x)
+    dense = torch.zeros(len(x), ours.cfg.n_latents).scatter_add(1, mine.indices, mine.values)
+    assert bool((latents > 0).any(1).all()), "every row has active latents: the check has teeth"
+    torch.testing.assert_close(dense, latents, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(mine.x_hat, x_hat, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("apply_b_dec_to_input", [False, True])
+@pytest.mark.parametrize("kind", ["jumprelu", "standard"])
+def test_jumprelu_and_relu_saes_saelens_saved_import_with_their_forward(tmp_path, kind, apply_b_dec_to_input):
+    """Gemma Scope's layout (JumpReLU, per-latent thresholds, b_dec not subtracted) and SAELens' standard
+    ReLU SAE: our code is theirs token for token, with a varying number of active latents per token."""
+    meta = SAEMetadata(hook_name="blocks.2.hook_resid_post", prepend_bos=True, context_size=33)
+    make = {"jumprelu": (JumpReLUSAE, JumpReLUSAEConfig), "standard": (StandardSAE, StandardSAEConfig)}[kind]
+    theirs = randomized(make[0](make[1](d_in=16, d_sae=96, apply_b_dec_to_input=apply_b_dec_to_input, metadata=meta)))
+    theirs.save_model(str(tmp_path / "lens"))
+    ours = TopKSae.load(tmp_path / "lens")
+    assert (ours.cfg.activation, ours.cfg.k, ours.cfg.hook_point) == ("jumprelu", 0, "resid_post.2")
+    assert (ours.cfg.add_bos, ours.cfg.max_tokens) == (True, 32)
+    x = torch.randn(64, 16) * 2
+    with torch.no_grad():
+        counts = (theirs.encode(x) > 0).sum(1)
+    assert counts.min() < counts.max()  # the code's width really varies per token
+    assert_same_forward(theirs, ours, x)
+    assert ours(x).values.shape[1] == int(counts.max())  # one batch: the widest token's count, no truncation
+
+
+def test_a_llama_scope_sae_through_saelens_own_loader_imports_with_its_forward(tmp_path, monkeypatch):
+    """Llama Scope as it ships (hyperparams.json + checkpoints/final.safetensors, TopK-trained, served as
+    JumpReLU with one threshold and a dataset-wise input norm) through SAELens' own from_pretrained, the hub
+    replaced by a local folder: SAELens folds the norm into the weights; save_model; our import = its forward."""
+    import json
+    import math
+
+    import sae_lens.loading.pretrained_sae_loaders as loaders
+    from safetensors.torch import save_file
+
+    d, n = 32, 256
+    folder = tmp_path / "hub" / "Llama3_1-8B-Base-L0R-8x"
+    (folder / "checkpoints").mkdir(parents=True)
+    # SAELens' release table holds the norm factor sqrt(4096) / average norm; ours gives the same factor
+    hyper = {"d_model": d, "d_sae": n, "hook_point_in": "blocks.0.hook_resid_post", "jump_relu_threshold": 0.1}
+    hyper["dataset_average_activation_norm"] = {"in": math.sqrt(d) / 58.935251798561154, "out": 1.0}
+    (folder / "hyperparams.json").write_text(json.dumps(hyper))
+    g = torch.Generator().manual_seed(1)
+    weights = {
+        "encoder.weight": torch.randn(n, d, generator=g) * 0.1,
+        "encoder.bias": torch.randn(n, generator=g) * 0.1,
+    }
+    weights |= {"decoder.weight": torch.randn(d, n, generator=g) * 0.1, "decoder.bias": torch.randn(d, generator=g)}
+    save_file(weights, str(folder / "checkpoints" / "final.safetensors"))
+
+    def from_local_hub(repo_id, filename, subfolder=None, **_):
+        assert repo_id == "fnlp/Llama3_1-8B-Base-LXR-8x"
+        return str(tmp_path / "hub" / (subfolder or "") / filename)
+
+    monkeypatch.setattr(loaders, "hf_hub_download", from_local_hub)
+    theirs = SAE.from_pretrained("llama_scope_lxr_8x", "l0r_8x", device="cpu")
+    for p in theirs.parameters():  # SAELens 6.54's save_model refuses its own transposed W_dec view
+        p.data = p.data.contiguous()
+    theirs.save_model(str(tmp_path / "saved"))
+    ours = TopKSae.load(tmp_path / "saved")
+    assert (ours.cfg.activation, ours.cfg.hook_point, ours.cfg.add_bos) == ("jumprelu", "resid_post.0", True)
+    assert ours.cfg.model["name"] == "meta-llama/Llama-3.1-8B"
+    x = torch.randn(64, d) / 58.935251798561154 * 8  # raw residuals, ~1/factor of the SAE's normalised scale
+    assert_same_forward(theirs, ours, x, atol=1e-4)
+
+
+def test_our_jumprelu_import_exports_back_to_saelens(tmp_path):
+    theirs = randomized(
+        JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=64, metadata=SAEMetadata(hook_name="blocks.4.hook_resid_pre")))
+    )
+    theirs.save_model(str(tmp_path / "lens"))
+    TopKSae.load(tmp_path / "lens").export_saelens(tmp_path / "again")
+    back = SAE.load_from_disk(tmp_path / "again")
+    assert type(back) is JumpReLUSAE
+    x = torch.randn(32, 16) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode(x), theirs.encode(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(PipelineInputError, match="decoder rows are not unit norm"):
+        TopKSae.load(tmp_path / "lens").export_saelens(tmp_path / "unit", unit_decoder=True)
+    with pytest.raises(PipelineInputError, match="sparsify's coders are TopK"):
+        TopKSae.load(tmp_path / "lens").export_sparsify(tmp_path / "sparsify")
+
+
 def test_saelens_saes_we_cannot_run_are_refused_with_one_line(tmp_path):
-    jump = JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=32, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre")))
-    jump.save_model(str(tmp_path / "jump"))
-    with pytest.raises(PipelineInputError, match="only TopK SAEs import"):
-        TopKSae.load(tmp_path / "jump")
+    gated = GatedSAE(GatedSAEConfig(d_in=16, d_sae=32, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre")))
+    gated.save_model(str(tmp_path / "gated"))
+    with pytest.raises(PipelineInputError, match="a SAELens 'gated' SAE; only topk, jumprelu and standard"):
+        TopKSae.load(tmp_path / "gated")
     saved_by_saelens(tmp_path / "attn", hook_name="blocks.1.attn.hook_z")
     with pytest.raises(PipelineInputError, match="not a residual-stream hook"):
         TopKSae.load(tmp_path / "attn")
 
 
-def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path):
+@pytest.mark.parametrize("kind", ["topk", "jumprelu"])
+def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path, kind):
     from capture_top_activating_sentences import TopSentencesConfig
     from capture_top_activating_sentences import main as top_main
     from llama_3 import load_model
@@ -90,10 +203,12 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path):
     lm = load_model(tiny.hf_dir)
     torch.manual_seed(0)
     meta = SAEMetadata(hook_name="blocks.1.hook_resid_pre", context_size=13, prepend_bos=True, seqpos_slice=(1, None))
-    theirs = TopKSAE(TopKSAEConfig(d_in=lm.args.dim, d_sae=32, k=4, metadata=meta))
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.normal_(0, 0.3)
+    if kind == "topk":
+        theirs = randomized(TopKSAE(TopKSAEConfig(d_in=lm.args.dim, d_sae=32, k=4, metadata=meta)))
+    else:
+        theirs = randomized(JumpReLUSAE(JumpReLUSAEConfig(d_in=lm.args.dim, d_sae=32, metadata=meta)))
+        with torch.no_grad():
+            theirs.threshold.uniform_(1.0, 4.0)  # a few latents per token, a different few on each
     theirs.save_model(str(tmp_path / "lens"))
     sentences_main(SentencesConfig(out=str(tmp_path / "s"), max_documents=10, splitter="trained"))
     top_main(
@@ -107,6 +222,7 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path):
             model_dtype="float32",
             max_sentences=0,
             meanings=str(tmp_path / "none"),
+            max_batch_tokens=39,  # 3 sentences a batch: JumpReLU codes of different widths in one code store
         )
     )
     texts = {sid: t for part in iter_sentences(tmp_path / "s") for sid, t in zip(part["sentence_id"], part["text"])}
@@ -120,6 +236,8 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path):
             acts = lm.model.capture(torch.tensor([ids]), ["resid_pre.1"])["resid_pre.1"][0].float()
             h = theirs.encode(acts)[1:, r["latent"]]
         assert r["score"] == pytest.approx(float(h.max()), rel=1e-4, abs=1e-5)
+        # per-token activations (read back from the code store) are SAELens' too; BOS is not a text token
+        assert r["token_activations"] == pytest.approx([0.0, *h.tolist()][-len(r["token_activations"]) :], abs=1e-4)
     session = Session.open(str(tiny.hf_dir), str(tmp_path / "lens"), str(tmp_path / "none"), "cpu", "float32")
     [(plain, steered)] = session.complete(
         [session.text_prompts(["The capital of France"])[0]],

@@ -97,6 +97,50 @@ def test_save_load_round_trip(tmp_path):
     assert json.loads((tmp_path / "s" / "cfg.json").read_text())["k"] == 5
 
 
+def jumprelu_sae() -> TopKSae:
+    torch.manual_seed(2)
+    sae = TopKSae(SaeConfig(d_model=16, n_latents=64, k=0, normalize="none", activation="jumprelu"))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_pre.normal_(0, 0.3)
+        sae.threshold.uniform_(0.0, 0.5)
+    return sae
+
+
+def test_jumprelu_code_is_the_dense_jumprelu_with_and_without_h_bias():
+    """Reference: the dense JumpReLU on [N, L] (ReLU(pre) where pre > threshold), written out here."""
+    from pipeline.steering import SteeringEntry, steered_codes
+
+    sae = jumprelu_sae()
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        for entries, shift in (([], 0.0), ([SteeringEntry(7, "h_bias", 0.8)], 0.8)):
+            pre = (x - sae.b_pre) @ sae.W_enc.t() + sae.b_enc
+            pre[:, 7] += shift
+            reference = torch.where(pre > sae.threshold, pre.relu(), torch.zeros(()))
+            for dense in (False, True):
+                values, indices = steered_codes(sae, x, entries) if entries else sae.encode(x, dense=dense)
+                assert values.shape[1] == int((reference > 0).sum(1).max())
+                assert all(len(set(row)) == len(row) for row in indices.tolist())  # distinct ids per row
+                code = torch.zeros(50, 64).scatter(1, indices, values)
+                torch.testing.assert_close(code, reference, rtol=1e-5, atol=1e-6)
+            if not entries:
+                torch.testing.assert_close(sae(x).x_hat, reference @ sae.W_dec + sae.b_pre, rtol=1e-5, atol=1e-5)
+
+
+def test_a_jumprelu_sae_round_trips_through_our_files(tmp_path):
+    sae = jumprelu_sae()
+    sae.save(tmp_path / "j")
+    again = TopKSae.load(tmp_path / "j")
+    assert again.cfg == sae.cfg and torch.equal(again.threshold, sae.threshold)
+    x = torch.randn(9, 16)
+    assert torch.equal(again(x).x_hat, sae(x).x_hat)
+    with pytest.raises(PipelineInputError, match="k=3 with jumprelu"):
+        SaeConfig(d_model=16, n_latents=64, k=3, activation="jumprelu")
+    with pytest.raises(PipelineInputError, match="activation='gated'"):
+        SaeConfig(d_model=16, n_latents=64, k=3, activation="gated")
+
+
 @pytest.mark.parametrize("unit_decoder", [False, True])
 @pytest.mark.parametrize("normalize", ["dataset", "none"])
 def test_saelens_loads_our_export_with_our_latents_and_reconstruction(tmp_path, normalize, unit_decoder):
