@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -435,3 +435,46 @@ def rope_inverse_frequencies(args: ModelArgs) -> list[float]:
             )
             out.append((1 - smooth) * f / rs.factor + smooth * f)
     return out
+
+
+def rope_scaling_from_factors(args: ModelArgs, where: str = "model") -> RopeScaling | None:
+    """The Llama-3 scaling whose per-pair divisors are `args.rope_freq_factors` (llama.cpp's GGUF `rope_freqs`,
+    which its converter computes from the checkpoint's rope_scaling); None when every divisor is 1.
+
+    Divisor 1 keeps a pair, `factor` (the largest) divides it, and between them 1/divisor interpolates
+    linearly in 1/wavelength: smooth = original_max_position_embeddings / wavelength / (high - low) - low / (high
+    - low). Two or more interpolated pairs give that line, and with low_freq_factor = 1 (every Llama 3.x
+    release) high and the original length follow; with fewer, high_freq_factor 4 is assumed too. A candidate
+    counts only if it reproduces every divisor (rtol 1e-5); otherwise the factors are refused with one line."""
+    div = np.asarray(args.rope_freq_factors, dtype=np.float64)
+    if np.allclose(div, 1.0, rtol=0, atol=1e-6):
+        return None
+    hd = args.head_dim
+    freqs = 1.0 / (np.float32(args.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))
+    wavelen = 2 * math.pi / freqs.astype(np.float64)
+    factor = float(div.max())
+    kept, scaled = div <= 1 + 1e-6, div >= factor * (1 - 1e-6)
+    mid = ~kept & ~scaled
+    smooth = (1 / div[mid] - 1 / factor) / (1 - 1 / factor)
+    candidates = []
+    if mid.sum() >= 2:
+        slope, intercept = np.polyfit(
+            1 / wavelen[mid], smooth, 1
+        )  # slope = orig / (high - low), intercept = -low / ...
+        if intercept < 0:
+            width = -1.0 / intercept
+            candidates.append(RopeScaling(factor, 1.0, round(float(1.0 + width), 4), int(round(slope * width))))
+    elif mid.sum() == 1:
+        candidates.append(RopeScaling(factor, 1.0, 4.0, int(round(float(wavelen[mid][0] * (3 * smooth[0] + 1))))))
+    else:  # any length with every kept wavelength below orig / 4 and every scaled one above orig
+        lo, hi = 4 * wavelen[kept].max(initial=0.0), wavelen[scaled].min()
+        candidates += [RopeScaling(factor, 1.0, 4.0, n) for n in (8192, int(lo) + 1) if lo < n < hi]
+    target = np.asarray(rope_inverse_frequencies(args))
+    for c in candidates:
+        trial = np.asarray(rope_inverse_frequencies(replace(args, rope_scaling=c, rope_freq_factors=None)))
+        if np.allclose(trial, target, rtol=1e-5, atol=0):
+            return c
+    raise PipelineInputError(
+        f"{where}: its RoPE frequency divisors (GGUF rope_freqs) are not a Llama-3 scaling "
+        "that a transformers config can state; load the Hugging Face or Meta checkpoint instead"
+    )

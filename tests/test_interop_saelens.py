@@ -246,6 +246,14 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path, 
         temperature=0,
     )
     assert plain.tokens != steered.tokens  # the imported latent steers
+    # the page's and the CLI's --inspect table: each generated token's strongest latents are SAELens'
+    tokens = plain.prompt_tokens + plain.tokens
+    with torch.no_grad():
+        acts = lm.model.capture(torch.tensor([tokens]), ["resid_pre.1"])["resid_pre.1"][0].float()
+        h = theirs.encode(acts)[len(plain.prompt_tokens) :]
+    for row, table in zip(h, session.inspect(plain, [], "all", top=3)):
+        top = row.topk(3)
+        assert [e["latent"] for e in table["latents"]] == [i for i, v in zip(top.indices.tolist(), top.values) if v > 0]
 
 
 def test_transformer_lens_with_our_saelens_export_gives_our_spliced_loss(tiny, tmp_path):
