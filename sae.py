@@ -13,9 +13,13 @@ encoder's backward uses only the k active entries of its gradient (a sparse [N, 
 N x L dense latent matrix after the forward's matmul. The dense path computes the same thing with
 plain matmuls and is kept as the reference the tests compare against.
 
+Imported SAEs may be JumpReLU instead (`activation="jumprelu"`, inference only): h_i = pre_i where pre_i exceeds
+its threshold (and 0), so the number of active latents varies per token; a batch's code is then as wide as its
+busiest token, padded with value-0 entries (see `activate`). A plain ReLU SAE is JumpReLU with threshold 0.
+
 Files: `sae.safetensors` + `cfg.json` (everything needed to rebuild, incl. normalisation statistics,
 hook point and model identity); `export_saelens()` writes SAELens' `cfg.json` + `sae_weights.safetensors`,
-`export_sparsify()` sparsify's `cfg.json` + `sae.safetensors`; `TopKSae.load` also reads sparsify's layout.
+`export_sparsify()` sparsify's `cfg.json` + `sae.safetensors`; `TopKSae.load` also reads both layouts.
 
 Usage (export):
     python sae.py export --format sparsify --out exports     # -> exports/layers.24 for a resid_pre.25 SAE

@@ -2,7 +2,7 @@
 feature statistics and top activations are our SAE's, on a tiny Llama GGUF saved as a plain LlamaForCausalLM.
 
 sae-dashboard pins transformer-lens 2.x and numpy < 2, so it runs in its own venv (.venv-sae-dashboard, made
-by scripts/install.sh --test with the project's torch, no other torch build) through tests/sae_dashboard_run.py.
+by scripts/install.sh --test with the project's torch, no other torch build) through scripts/run_sae_dashboard.py.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def test_sae_dashboard_shows_our_latents_on_our_export(tiny, tmp_path):
             str(tmp_path / "tokens.safetensors"),
             str(tmp_path / out),
         ]
-        script = str(REPO / "tests" / "sae_dashboard_run.py")
+        script = str(REPO / "scripts" / "run_sae_dashboard.py")
         return subprocess.run([str(VENV_PYTHON), script, *args, *extra], capture_output=True, text=True, timeout=600)
 
     run = dashboard("lens", "dash.json", "--html", str(tmp_path / "dash.html"))

@@ -1,9 +1,13 @@
-"""Runs sae-dashboard 0.8 on a SAELens-format SAE, as its users do; called by tests/test_interop_sae_dashboard.py
-inside .venv-sae-dashboard (scripts/install.sh --test makes it: sae-dashboard pins transformer-lens 2.x and
-numpy < 2, which the project's environment does not have). Imports nothing of this project.
+"""Runs sae-dashboard 0.8 on a SAELens-format SAE (`python sae.py export --format saelens --unit-decoder`) and a
+plain Hugging Face Llama folder (`llama_3.transformers_export.save_pretrained`), as its users do. Runs inside
+.venv-sae-dashboard (scripts/install.sh --test makes it: sae-dashboard pins transformer-lens 2.x and numpy < 2,
+which the project's environment does not have), so it imports nothing of this project; the README's recipe and
+tests/test_interop_sae_dashboard.py call it.
 
-    python tests/sae_dashboard_run.py SAE_DIR HF_MODEL_DIR TOKENS.safetensors OUT.json [--html OUT.html]
+    .venv-sae-dashboard/bin/python scripts/run_sae_dashboard.py SAE_DIR HF_MODEL_DIR TOKENS.safetensors OUT.json \
+        [--html OUT.html] [--features N]
 
+TOKENS.safetensors holds `tokens` [batch, seq] (int), tokenized as the SAE was trained (BOS or not).
 A plain transformers LlamaForCausalLM becomes a HookedTransformer; SaeVisRunner computes every feature's
 statistics and top activations on the given tokens; OUT.json holds per feature its max, fraction nonzero and
 its top examples (sequence, position, the window's token ids and activations), read from the dashboard's own data.
@@ -41,7 +45,7 @@ def rope_fields(hf_config) -> dict:
     return fields
 
 
-def main(sae_dir: str, model_dir: str, tokens_file: str, out: str, html: str | None) -> None:
+def main(sae_dir: str, model_dir: str, tokens_file: str, out: str, html: str | None, n_features: int | None) -> None:
     sae = SAE.load_from_disk(sae_dir)
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     # the folder's tokenizer.json (llama_3.transformers_export.save_pretrained writes ours) renders the pages
@@ -52,7 +56,7 @@ def main(sae_dir: str, model_dir: str, tokens_file: str, out: str, html: str | N
         convert_llama_weights(hf, cfg), fold_ln=False, center_writing_weights=False, center_unembed=False
     )
     tokens = load_file(tokens_file)["tokens"]
-    features = list(range(sae.cfg.d_sae))
+    features = list(range(n_features or sae.cfg.d_sae))
     vis_cfg = SaeVisConfig(
         hook_point=sae.cfg.metadata.hook_name, features=features, minibatch_size_tokens=4, device="cpu"
     )
@@ -77,4 +81,5 @@ def main(sae_dir: str, model_dir: str, tokens_file: str, out: str, html: str | N
 if __name__ == "__main__":
     args = sys.argv[1:]
     html = args[args.index("--html") + 1] if "--html" in args else None
-    main(*args[:4], html)
+    n_features = int(args[args.index("--features") + 1]) if "--features" in args else None
+    main(*args[:4], html, n_features)
