@@ -327,3 +327,51 @@ def test_a_pre_6_saelens_topk_config_and_a_broken_weights_file(tmp_path):
     (tmp_path / "old" / "sae_weights.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(PipelineInputError, match="sae_weights.safetensors: cannot be read"):
         TopKSae.load(tmp_path / "old")
+
+
+@pytest.mark.parametrize("kind", ["our_export", "their_jumprelu"])
+def test_hooked_sae_transformer_splice_gives_our_spliced_loss(tiny, tmp_path, kind):
+    """SAELens' own splice (HookedSAETransformer.run_with_saes, every position) on the tiny Llama as a plain
+    LlamaForCausalLM, against our training stage's splice evaluation (pipeline/splice_eval.py) of the same SAE:
+    our TopK SAE exported to SAELens, or a JumpReLU SAE SAELens saved and we imported."""
+    from sae_lens import HookedSAETransformer
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    from llama_3 import load_model
+    from pipeline.splice_eval import splice_eval
+
+    lm = load_model(tiny.hf_dir)
+    meta = SAEMetadata(hook_name="blocks.2.hook_resid_pre", prepend_bos=False, context_size=64)
+    if kind == "our_export":
+        torch.manual_seed(6)
+        cfg = SaeConfig(d_model=lm.args.dim, n_latents=96, k=6, input_scale=0.2, hook_point="resid_pre.2")
+        ours = TopKSae(cfg)
+        with torch.no_grad():
+            ours.b_pre.normal_(0, 0.5)
+        ours.export_saelens(tmp_path / "lens")
+        theirs = SAE.load_from_disk(tmp_path / "lens")
+    else:
+        theirs = randomized(JumpReLUSAE(JumpReLUSAEConfig(d_in=lm.args.dim, d_sae=96, metadata=meta)))
+        with torch.no_grad():
+            theirs.threshold.uniform_(0.5, 2.0)
+        theirs.save_model(str(tmp_path / "lens"))
+        ours = TopKSae.load(tmp_path / "lens")
+    assert ours.cfg.tokenization.skip_first_positions == 0  # every position spliced, as run_with_saes does
+    tl_cfg = HookedTransformerConfig(**convert_hf_model_config(str(tiny.hf_dir)), default_prepend_bos=False)
+    hooked = HookedSAETransformer(tl_cfg)
+    hooked.load_and_process_state_dict(
+        convert_llama_weights(tiny.reference, tl_cfg), fold_ln=False, center_writing_weights=False, center_unembed=False
+    )
+    texts = ["Paris is the capital of France.", "The river runs to the sea, and the sea is wide.", "One two three."]
+    losses, clean = [], []
+    with torch.no_grad():
+        for ids in ours.cfg.tokenization.encode(lm.tokenizer, texts):
+            tokens = torch.tensor([ids])
+            losses.append(hooked.run_with_saes(tokens, saes=[theirs], return_type="loss", loss_per_token=True)[0])
+            clean.append(hooked(tokens, return_type="loss", loss_per_token=True)[0])
+    mine = splice_eval(lm, ours.reconstruct, texts, "resid_pre.2", ours.cfg.tokenization)
+    assert mine["eval/ce_sae"] == pytest.approx(float(torch.cat(losses).mean()), rel=1e-4)
+    assert mine["eval/ce_clean"] == pytest.approx(float(torch.cat(clean).mean()), rel=1e-4)
+    assert abs(mine["eval/ce_sae"] - mine["eval/ce_clean"]) > 1e-3  # the splice changed the loss: it has teeth
