@@ -316,7 +316,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
                 # SAE passes of at most one forward batch of rows, as the model source makes them (the same
                 # kernel shapes: the two sources then agree exactly); the tables merge once per batch
                 parts = [sae(x[a : a + batch_tokens]) for a in range(0, len(x), batch_tokens)]
-                values, indices = joined_codes(parts)  # [n, w]
+                values, indices = joined_codes(parts, active_first=sae.cfg.activation != "topk")  # [n, w]
                 n_counted = batch.n_counted.to(info.device)
                 row = torch.repeat_interleave(torch.arange(B, device=info.device), n_counted, output_size=len(x))
                 is_last = torch.zeros(len(x), dtype=torch.bool, device=info.device)
@@ -332,16 +332,15 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
                 stats.add(values, indices)
                 # Per-token codes for later highlighting, the uncounted first positions left at zero.
                 v_np, i_np = values.float().cpu().numpy(), indices.cpu().numpy()
+                n_active = (v_np > 0).sum(1)  # [n]; JumpReLU rows hold their active latents first
                 counts = batch.n_counted.numpy()
                 starts = np.concatenate([[0], np.cumsum(counts)])
                 for r, sid in enumerate(batch.sentence_ids.tolist()):
-                    tokens, c = batch.tokens[r], counts[r]
-                    full_v = np.zeros((len(tokens), values.shape[1]), np.float32)
-                    full_i = np.zeros((len(tokens), values.shape[1]), np.int32)
-                    full_v[len(tokens) - c :], full_i[len(tokens) - c :] = (
-                        v_np[starts[r] : starts[r + 1]],
-                        i_np[starts[r] : starts[r + 1]],
-                    )
+                    tokens, c, a, b = batch.tokens[r], counts[r], starts[r], starts[r + 1]
+                    width = values.shape[1] if sae.cfg.activation == "topk" else max(1, n_active[a:b].max(initial=0))
+                    full_v = np.zeros((len(tokens), width), np.float32)
+                    full_i = np.zeros((len(tokens), width), np.int32)
+                    full_v[len(tokens) - c :], full_i[len(tokens) - c :] = v_np[a:b, :width], i_np[a:b, :width]
                     store.add(sid, tokens, skip_first, full_v, full_i)
                 n_sentences += B
                 n_model_sentences += 0 if batch.from_capture else B  # the capture skips token-less ones

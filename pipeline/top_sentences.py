@@ -66,14 +66,19 @@ def merge_top(scores: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Te
     return scores.gather(1, by_score), ids.gather(1, by_score)
 
 
-def joined_codes(parts) -> tuple[torch.Tensor, torch.Tensor]:
+def joined_codes(parts, active_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SaeOutputs of consecutive token batches -> one code (values [n, w], indices [n, w]) of the widest
     part's width: TopK parts all have width k; a JumpReLU part narrower than the widest is padded with
-    value-0 entries (latent 0), which every aggregation here counts as nothing."""
+    value-0 entries (latent 0), which every aggregation here counts as nothing. active_first: each row's
+    entries sorted by value, so its active latents come first and a sentence's code can drop the columns
+    that are zero on all its tokens (JumpReLU: the batch's width is its busiest token's count)."""
     width = max(p.values.shape[1] for p in parts)
     pad = [width - p.values.shape[1] for p in parts]
     values = torch.cat([F.pad(p.values, (0, n)) for p, n in zip(parts, pad)])
     indices = torch.cat([F.pad(p.indices, (0, n)) for p, n in zip(parts, pad)])
+    if active_first:
+        values, order = values.sort(dim=1, descending=True)
+        indices = indices.gather(1, order)
     return values, indices
 
 
