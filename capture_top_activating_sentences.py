@@ -164,7 +164,7 @@ class CodeStore:
 
     Kept so the per-token activations of the finally chosen sentences can be read back without a
     second model pass; memory stays bounded (files, not RAM), and the files go away at the end. Each
-    sentence keeps its own code width (k for TopK; a JumpReLU SAE's width varies by batch)."""
+    sentence keeps its own code width (k for TopK; for a JumpReLU SAE its busiest token's active count)."""
 
     def __init__(self, directory: Path, rank: int):
         for stale in Path(directory).glob(f".codes-r{rank}-*"):  # left by a run that was killed
