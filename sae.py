@@ -213,6 +213,17 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) 
     return _SparseDecode.apply(values, indices, W)
 
 
+def write_sae_folder(directory: str | Path, weights_name: str, tensors: dict[str, torch.Tensor], cfg: dict) -> None:
+    """directory/weights_name (safetensors; tensors contiguous, on the CPU) and directory/cfg.json, each atomic:
+    our own layout and the SAELens / sparsify exports."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / weights_name) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    with atomic_path(directory / "cfg.json") as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2))
+
+
 def read_weights(path: Path, names: dict[str, str], layout: str) -> dict[str, torch.Tensor]:
     """{our name: fp32 tensor} from a safetensors file that stores them under `names` (ours -> its);
     an unreadable file or a missing tensor is one line naming the file."""
@@ -332,12 +343,7 @@ class TopKSae(nn.Module):
 
     # ---- files ---------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / "sae.safetensors") as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
-        with atomic_path(directory / "cfg.json") as tmp:
-            tmp.write_text(json.dumps(asdict(self.cfg), indent=2))
+        write_sae_folder(directory, "sae.safetensors", self.state_dict(), asdict(self.cfg))
 
     @staticmethod
     def load(directory: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
@@ -345,9 +351,9 @@ class TopKSae(nn.Module):
         try:
             raw = json.loads((directory / "cfg.json").read_text())
             if isinstance(raw, dict) and "d_sae" in raw and (directory / "sae_weights.safetensors").is_file():
-                return TopKSae.load_saelens(directory, device)
+                return TopKSae.load_saelens(directory, raw, device)
             if isinstance(raw, dict) and "d_in" in raw and "d_model" not in raw:
-                return TopKSae.load_sparsify(directory, device)
+                return TopKSae.load_sparsify(directory, raw, device)
             cfg = SaeConfig(**raw)
         except FileNotFoundError:
             raise PipelineInputError(f"{directory / 'cfg.json'}: file not found (not an SAE folder?)") from None
@@ -368,15 +374,14 @@ class TopKSae(nn.Module):
         return sae.to(device)
 
     @staticmethod
-    def load_sparsify(directory: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
-        """An SAE in EleutherAI sparsify's layout (SparseCoder.save_to_disk: cfg.json with d_in, num_latents
+    def load_sparsify(directory: Path, raw: dict, device: str | torch.device = "cpu") -> "TopKSae":
+        """(From load, with `raw` its parsed cfg.json.) An SAE in EleutherAI sparsify's layout
+        (SparseCoder.save_to_disk: cfg.json with d_in, num_latents
         or expansion_factor, k; sae.safetensors with encoder.weight [L, d], encoder.bias, W_dec [L, d],
         b_dec), for inference: the same forward on raw activations (normalize "none"). sparsify names a
         hookpoint by its folder: "layers.N" is the output of decoder layer N, our resid_post.N. It records
         no model, BOS or excluded positions: pass --model (one of another width is refused);
         add_bos / exclude_first_positions stay 0."""
-        directory = Path(directory)
-        raw = json.loads((directory / "cfg.json").read_text())
         where = directory / "cfg.json"
         if raw.get("activation", "topk") != "topk" or raw.get("transcode") or raw.get("skip_connection"):
             raise PipelineInputError(
@@ -404,16 +409,15 @@ class TopKSae(nn.Module):
         return TopKSae.from_weights(cfg, weights, directory / "sae.safetensors", device)
 
     @staticmethod
-    def load_saelens(directory: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
-        """A TopK, JumpReLU or standard (ReLU) SAE in SAELens' layout (SAE.save_model: cfg.json with
+    def load_saelens(directory: Path, raw: dict, device: str | torch.device = "cpu") -> "TopKSae":
+        """(From load, with `raw` its parsed cfg.json.) A TopK, JumpReLU or standard (ReLU) SAE in SAELens'
+        layout (SAE.save_model: cfg.json with
         `metadata`, sae_weights.safetensors with W_enc [d, L], b_enc, W_dec [L, d], b_dec, JumpReLU's
         threshold [L]), for inference: the same forward on raw activations. Gemma Scope and Llama Scope SAEs
         arrive this way: SAE.from_pretrained(release, id) converts them (and folds Llama Scope's input
         norm), save_model writes this layout. What it must be fed comes from the metadata: hook_name
         (blocks.L.hook_resid_pre / _mid / _post), prepend_bos, context_size, seqpos_slice [start, None]."""
-        directory = Path(directory)
         where = directory / "cfg.json"
-        raw = json.loads(where.read_text())
         meta = raw.get("metadata") or raw  # SAELens < 6 kept these keys at the top level
         arch = raw.get("architecture") or ("topk" if raw.get("activation_fn") == "topk" else "standard")
         if arch not in ("topk", "jumprelu", "standard"):
@@ -495,6 +499,13 @@ class TopKSae(nn.Module):
                 f"not on --model {identity['path']} ({str(identity[key])[:12]})"
             )
 
+    def export_scale(self, tool: str) -> float:
+        """The input scale s an export folds into the weights (1 without normalisation); the other tools have
+        no per-token standardisation, so such an SAE is refused."""
+        if self.cfg.normalize == "token":
+            raise PipelineInputError(f"{tool} has no per-token standardisation; export needs normalize=dataset or none")
+        return self.cfg.input_scale if self.cfg.normalize == "dataset" else 1.0
+
     def export_saelens(self, directory: str | Path, unit_decoder: bool = False) -> None:
         """SAELens 6.x's layout (SAE.load_from_disk): W_enc [d, L], W_dec [L, d], b_enc, b_dec; a TopK SAE
         (a JumpReLU one with its threshold).
@@ -507,9 +518,7 @@ class TopKSae(nn.Module):
         context_size and prepend_bos of the capture, and `seqpos_slice` [first trained position, None]
         (BOS and the excluded sink positions left out, as our splice leaves them).
         """
-        if self.cfg.normalize == "token":
-            raise PipelineInputError("SAELens has no per-token standardisation; export needs normalize=dataset or none")
-        s = self.cfg.input_scale if self.cfg.normalize == "dataset" else 1.0
+        s = self.export_scale("SAELens")
         norms = self.W_dec.detach().norm(dim=1)
         if unit_decoder and not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
             raise PipelineInputError(
@@ -520,14 +529,9 @@ class TopKSae(nn.Module):
             w_enc, b_enc, w_dec = self.W_enc.detach(), self.b_enc.detach() / s, self.W_dec.detach()
         else:  # pre = (s W_enc)(x - b_pre / s) + b_enc;  x̂ = (W_dec / s)^T h + b_pre / s
             w_enc, b_enc, w_dec = self.W_enc.detach() * s, self.b_enc.detach(), self.W_dec.detach() / s
-        tensors = {
-            "W_enc": w_enc.t().contiguous().cpu(),
-            "W_dec": w_dec.contiguous().cpu(),
-            "b_enc": b_enc.contiguous().cpu(),
-            "b_dec": (self.b_pre.detach() / s).contiguous().cpu(),
-        }
+        tensors = {"W_enc": w_enc.t(), "W_dec": w_dec, "b_enc": b_enc, "b_dec": self.b_pre.detach() / s}
         if self.cfg.activation == "jumprelu":  # compared with pre-activations, which unit_decoder divides by s
-            tensors["threshold"] = (self.threshold.detach() / (s if unit_decoder else 1.0)).contiguous().cpu()
+            tensors["threshold"] = self.threshold.detach() / (s if unit_decoder else 1.0)
         hook = HookPoint.parse(self.cfg.hook_point, flag=f"SAE hook point {self.cfg.hook_point!r}")
         if hook.kind not in TRANSFORMERLENS_HOOKS:
             raise PipelineInputError(
@@ -536,10 +540,6 @@ class TopKSae(nn.Module):
             )
         tokenization = self.cfg.tokenization
         model = dict(self.cfg.model or {})
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / "sae_weights.safetensors") as tmp:
-            save_file(tensors, str(tmp))
         cfg = {
             "architecture": self.cfg.activation,
             "d_in": self.cfg.d_model,
@@ -564,8 +564,7 @@ class TopKSae(nn.Module):
                 "exported_by": "llama-sae sae.py",
             },
         }
-        with atomic_path(directory / "cfg.json") as tmp:
-            tmp.write_text(json.dumps(cfg, indent=2))
+        write_sae_folder(directory, "sae_weights.safetensors", tensors, cfg)
 
     def export_sparsify(self, directory: str | Path) -> None:
         """sparsify's own layout, loadable by SparseCoder.load_from_disk: encoder.weight [L, d], encoder.bias,
@@ -575,18 +574,14 @@ class TopKSae(nn.Module):
         pre' = W_enc (x - b_pre / s) + b_enc / s = pre / s, so the same latents fire with activations
         ours / s, and x̂ = W_dec^T h' + b_pre / s is our reconstruction. Steering strengths scale by 1 / s.
         """
-        if self.cfg.normalize == "token":
-            raise PipelineInputError(
-                "sparsify has no per-token standardisation; export needs normalize=dataset or none"
-            )
+        s = self.export_scale("sparsify")
         if self.cfg.activation != "topk":
             raise PipelineInputError(f"sparsify's coders are TopK; a {self.cfg.activation} SAE does not export to it")
-        s = self.cfg.input_scale if self.cfg.normalize == "dataset" else 1.0
         tensors = {
-            "encoder.weight": self.W_enc.detach().contiguous().cpu(),
-            "encoder.bias": (self.b_enc.detach() / s).contiguous().cpu(),
-            "W_dec": self.W_dec.detach().contiguous().cpu(),
-            "b_dec": (self.b_pre.detach() / s).contiguous().cpu(),
+            "encoder.weight": self.W_enc,
+            "encoder.bias": self.b_enc / s,
+            "W_dec": self.W_dec,
+            "b_dec": self.b_pre / s,
         }
         cfg = {
             "activation": "topk",
@@ -599,12 +594,7 @@ class TopKSae(nn.Module):
             "transcode": False,
             "d_in": self.cfg.d_model,
         }
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / "sae.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-        with atomic_path(directory / "cfg.json") as tmp:
-            tmp.write_text(json.dumps(cfg, indent=2))
+        write_sae_folder(directory, "sae.safetensors", tensors, cfg)
 
 
 ExportFormat = Literal["saelens", "sparsify"]

@@ -404,17 +404,23 @@ def args_from_gguf_metadata(meta: dict[str, Any], source: str, rope_freq_factors
     )
 
 
+def rope_base_frequencies(args: ModelArgs) -> np.ndarray:
+    """Per-pair inverse frequencies before any scaling, [head_dim / 2] float32.
+
+    Meta and HF compute them in float32; so do we, so parity holds to the last bit."""
+    hd = args.head_dim
+    return (1.0 / (np.float32(args.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(
+        np.float32
+    )
+
+
 def rope_inverse_frequencies(args: ModelArgs) -> list[float]:
     """Per-pair inverse frequencies after Llama-3 scaling (float64 math, used to build an fp32 buffer).
 
     Mirrors Meta's `apply_scaling`: high frequencies (short wavelengths) are kept, low ones are
     divided by `factor`, and the band between is interpolated smoothly.
     """
-    hd = args.head_dim
-    # Meta and HF compute the base frequencies in float32; so do we, so parity holds to the last bit.
-    freqs = (1.0 / (np.float32(args.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(
-        np.float32
-    )
+    freqs = rope_base_frequencies(args)
     if args.rope_freq_factors is not None:
         return (freqs / np.asarray(args.rope_freq_factors, dtype=np.float32)).tolist()
     rs = args.rope_scaling
@@ -449,18 +455,15 @@ def rope_scaling_from_factors(args: ModelArgs, where: str = "model") -> RopeScal
     div = np.asarray(args.rope_freq_factors, dtype=np.float64)
     if np.allclose(div, 1.0, rtol=0, atol=1e-6):
         return None
-    hd = args.head_dim
-    freqs = 1.0 / (np.float32(args.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))
-    wavelen = 2 * math.pi / freqs.astype(np.float64)
+    wavelen = 2 * math.pi / rope_base_frequencies(args).astype(np.float64)
     factor = float(div.max())
     kept, scaled = div <= 1 + 1e-6, div >= factor * (1 - 1e-6)
     mid = ~kept & ~scaled
     smooth = (1 / div[mid] - 1 / factor) / (1 - 1 / factor)
     candidates = []
     if mid.sum() >= 2:
-        slope, intercept = np.polyfit(
-            1 / wavelen[mid], smooth, 1
-        )  # slope = orig / (high - low), intercept = -low / ...
+        # smooth = slope / wavelength + intercept: slope = orig / (high - low), intercept = -low / (high - low)
+        slope, intercept = np.polyfit(1 / wavelen[mid], smooth, 1)
         if intercept < 0:
             width = -1.0 / intercept
             candidates.append(RopeScaling(factor, 1.0, round(float(1.0 + width), 4), int(round(slope * width))))
