@@ -22,13 +22,20 @@ from llama_3.errors import PipelineInputError
 from sae import SaeConfig, TopKSae
 
 
-def saved_by_saelens(path, **metadata) -> TopKSAE:
+def randomized(sae):
+    """SAELens starts some parameters at zero (b_enc, b_dec, threshold): make every term matter."""
     torch.manual_seed(0)
-    meta = {"hook_name": "blocks.3.hook_resid_post", "model_name": "tiny", "context_size": 17, "prepend_bos": True}
-    theirs = TopKSAE(TopKSAEConfig(d_in=16, d_sae=48, k=6, metadata=SAEMetadata(**{**meta, **metadata})))
-    with torch.no_grad():  # SAELens starts some of these at zero: make every term matter
-        for p in theirs.parameters():
+    with torch.no_grad():
+        for p in sae.parameters():
             p.normal_(0, 0.3)
+        if hasattr(sae, "threshold"):
+            sae.threshold.uniform_(0.0, 0.6)  # Gemma Scope's are per latent and positive
+    return sae
+
+
+def saved_by_saelens(path, **metadata) -> TopKSAE:
+    meta = {"hook_name": "blocks.3.hook_resid_post", "model_name": "tiny", "context_size": 17, "prepend_bos": True}
+    theirs = randomized(TopKSAE(TopKSAEConfig(d_in=16, d_sae=48, k=6, metadata=SAEMetadata(**{**meta, **metadata}))))
     theirs.save_model(str(path))
     return theirs
 
@@ -74,17 +81,6 @@ def test_our_export_imports_back_with_the_same_forward_and_tokenization(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(back(x).x_hat, sae(x).x_hat, rtol=1e-4, atol=1e-4)
         assert torch.equal(back(x).indices.sort(-1).values, sae(x).indices.sort(-1).values)
-
-
-def randomized(sae):
-    """SAELens starts some parameters at zero (b_enc, b_dec, threshold): make every term matter."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_(0, 0.3)
-        if hasattr(sae, "threshold"):
-            sae.threshold.uniform_(0.0, 0.6)  # Gemma Scope's are per latent and positive
-    return sae
 
 
 def assert_same_forward(theirs, ours: TopKSae, x: torch.Tensor, atol: float = 1e-5) -> None:
