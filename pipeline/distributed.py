@@ -2,20 +2,32 @@
 
 Launched by `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the stages join a
 process group: NCCL when the rank drives a CUDA device, gloo on CPU. Launched as a plain
-`python script.py` they run as rank 0 of 1 with no process group at all.
+`python script.py` they run as rank 0 of 1 with no process group at all, unless
+
+    PIPELINE_FORCE_PROCESS_GROUP=1   a group of one (torchrun's rendezvous, else a file store), so every
+                                     collective of the stage runs in a one-process run (the smoke, the tests)
+    PIPELINE_DIST_TIMEOUT_S=600      how long a rank waits in a collective for the others (default 600 s)
+
+A rank that fails aborts its group instead of leaving it gracefully (NCCL's destroy waits for the peers
+its failure left behind), so its one-line error prints at once and torchrun stops the other ranks.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from torch.distributed.distributed_c10d import _abort_process_group
+
 from llama_3.cli import resolve_device
 from llama_3.errors import PipelineInputError
+from pipeline.device_check import emulated_backend
 
 
 @dataclass(frozen=True)
@@ -25,6 +37,8 @@ class DistInfo:
     local_rank: int
     local_world_size: int
     device: torch.device
+    group: bool = False
+    """A process group exists: world > 1, or one forced by PIPELINE_FORCE_PROCESS_GROUP."""
 
     @property
     def is_main(self) -> bool:
@@ -32,7 +46,23 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether the stage runs its collectives (always with a group, even of one)."""
+        return self.group or self.world_size > 1
+
+
+FORCE_GROUP_ENV = "PIPELINE_FORCE_PROCESS_GROUP"
+TIMEOUT_ENV = "PIPELINE_DIST_TIMEOUT_S"
+
+
+def collective_timeout() -> timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, "600")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1
+    if seconds <= 0:
+        raise PipelineInputError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:
@@ -49,15 +79,27 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     elif local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one machine share its cores; oversubscription slows every rank down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+    group = world > 1 or os.environ.get(FORCE_GROUP_ENV) == "1"
+    if group and not dist.is_initialized():
+        backend = emulated_backend() or ("nccl" if dev.type == "cuda" else "gloo")
+        # torchrun sets MASTER_ADDR; a forced group of one in a plain `python script.py` rendezvouses in a file
+        init = None if "MASTER_ADDR" in os.environ else f"file://{tempfile.mkdtemp(prefix='pg-')}/store"
         try:
-            dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+            dist.init_process_group(
+                backend=backend,
+                init_method=init,
+                world_size=world if init else -1,
+                rank=rank if init else -1,
+                timeout=collective_timeout(),
+                device_id=dev if backend == "nccl" else None,
+            )
+        except PipelineInputError:
+            raise
         except Exception as e:
             raise PipelineInputError(
                 f"cannot join the torchrun process group ({backend}): {str(e).splitlines()[0]}"
             ) from None
-    return DistInfo(rank, world, local_rank, local_world, dev)
+    return DistInfo(rank, world, local_rank, local_world, dev, group)
 
 
 def run_distributed(work: Callable[[Any, DistInfo], Any], cfg: Any) -> Any:
@@ -67,9 +109,12 @@ def run_distributed(work: Callable[[Any, DistInfo], Any], cfg: Any) -> Any:
     tune_glibc_malloc()
     info = setup_distributed(cfg.device)
     try:
-        return work(cfg, info)
-    finally:
-        teardown(info)
+        result = work(cfg, info)
+    except BaseException:
+        teardown(info, failed=True)
+        raise
+    teardown(info)
+    return result
 
 
 def barrier(info: DistInfo) -> None:
@@ -77,6 +122,10 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, failed: bool = False) -> None:
+    """Leave the group: gracefully after success; aborted after a failure, which must not wait for peers."""
     if info.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        if failed:
+            _abort_process_group()
+        else:
+            dist.destroy_process_group()
