@@ -177,7 +177,15 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
 
     committed = sum(s["n_tokens"] for s in progress["shards"])
     writer = ShardWriter(
-        out, info.rank, hooks, lm.args.dim, storage_dtype, cfg.shard_tokens, len(progress["shards"]), on_shard
+        out,
+        info.rank,
+        hooks,
+        lm.args.dim,
+        storage_dtype,
+        cfg.shard_tokens,
+        len(progress["shards"]),
+        on_shard,
+        device=info.device,
     )
     model = lm.model
     seen = 0  # real tokens of this rank's stream so far, stored or not

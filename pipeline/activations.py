@@ -38,6 +38,13 @@ from pipeline.tokenization import Tokenization
 KIND = "activations"
 
 
+def set_thread_device(device: torch.device | None) -> None:
+    """A new thread's CUDA calls go to cuda:0 until it names its rank's GPU: on every other rank the first one
+    (an event wait, a pinned allocation) would open a CUDA context (~0.5 GB) on GPU 0."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def shard_filename(rank: int, index: int) -> str:
     return f"acts-r{rank:03d}-{index:05d}.safetensors"
 
@@ -87,11 +94,13 @@ class ShardWriter:
         first_index: int,
         on_shard: Callable[[dict], None],
         max_queue: int = 4,
+        device: torch.device | None = None,
     ):
         self.out, self.rank, self.hooks = Path(out), rank, list(hook_points)
         self.d_model, self.dtype, self.shard_tokens = d_model, dtype, shard_tokens
         self.index = first_index
         self.on_shard = on_shard
+        self.device = device  # the rank's GPU, whose events the thread waits on
         # numpy has no bf16: buffers hold the raw 16-bit patterns and are viewed back on save.
         self._np_dtype = np.uint16 if dtype in (torch.bfloat16, torch.float16) else np.float32
         self.buf = self._new_buffer()
@@ -138,6 +147,7 @@ class ShardWriter:
 
     def _run(self) -> None:
         try:
+            set_thread_device(self.device)
             while True:
                 chunk = self.q.get()
                 if chunk is None:

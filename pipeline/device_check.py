@@ -130,7 +130,7 @@ def _run(func, args, kwargs):
     leaves = [t for i, a in enumerate(args) if i not in allowed for t in tree_leaves(a)] + tree_leaves(kwargs)
     mixed = [t for t in leaves if isinstance(t, torch.Tensor) and _device_index(t) is None and t.dim() > 0]
     if mixed:
-        shapes = ", ".join(str(tuple(t.shape)) for t in mixed)
+        shapes = ", ".join(str(tuple(t.shape)) for t in mixed[:3]) + (", ..." if len(mixed) > 3 else "")
         raise DeviceMismatch(
             f"{name}: cuda and cpu tensors in one op (cpu: {shapes}); CUDA raises 'Expected all tensors to be on "
             "the same device'"
@@ -171,6 +171,19 @@ def _wrap(out, index: int):
     return tree_map(place, out)
 
 
+def _move(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """t.to(device, dtype) between the CPU and the emulated device (a copy across, as on CUDA)."""
+    on_device = isinstance(t, CudaTensor)
+    target = _cuda_index(device)
+    if (target is not None) == on_device and (not on_device or target == t.index):
+        return t.to(dtype=dtype) if dtype is not None else t  # stays put: an ordinary (autograd-tracked) op
+    base = t.elem if on_device else t
+    moved = base.to(dtype=dtype) if dtype is not None else base
+    if moved is base:
+        moved = base.detach().clone()
+    return CudaTensor(moved, target) if target is not None else moved
+
+
 class EmulatedCuda(TorchFunctionMode):
     """Routes `.to` / `.cuda` / `.cpu` / `.pin_memory` / `torch.tensor(device=)` to CudaTensors (these check the
     device in their Python bindings, before any dispatch mode could see them)."""
@@ -186,22 +199,16 @@ class EmulatedCuda(TorchFunctionMode):
             if name == "is_pinned":
                 return not isinstance(t, CudaTensor)
             if name == "to":
-                device, dtype, _, memory_format = torch._C._nn._parse_to(*args[1:], **kwargs)
+                device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
             elif name == "cuda":
                 device, dtype = torch.device("cuda", args[1] if len(args) > 1 else _state.device_index or 0), None
             else:
                 device, dtype = torch.device("cpu"), None
-            if device is None:
-                return func(*args, **kwargs)
-            on_device = isinstance(t, CudaTensor)
-            base = t.elem if on_device else t
-            moved = base.to(dtype=dtype) if dtype is not None else base
-            target = _cuda_index(device)
-            if (target is not None) == on_device and (not on_device or target == t.index):
-                return t if moved is base else (CudaTensor(moved, t.index) if on_device else moved)
-            if moved is base:
-                moved = base.detach().clone()
-            return CudaTensor(moved, target) if target is not None else moved
+            return _move(t, device, dtype) if device is not None else func(*args, **kwargs)
+        if name == "type_as" and isinstance(args[1], torch.Tensor):  # .type() strings know no emulated device
+            return _move(args[0], args[1].device, args[1].dtype)
+        if name == "tolist" and isinstance(args[0], CudaTensor):
+            return args[0].elem.tolist()  # a host sync on CUDA, allowed
         index = _cuda_index(kwargs.get("device"))
         if index is not None and name in ("tensor", "as_tensor"):  # they check the device before dispatch
             return _wrap(func(*args, **{**kwargs, "device": "cpu"}), index)
@@ -318,6 +325,10 @@ def _generator_class():
     return Generator
 
 
+def _no_grad_mode(mode: bool = True):
+    return torch.no_grad() if mode else torch.enable_grad()
+
+
 def emulate_cuda() -> None:
     """Make "cuda" a CPU-backed device for this process (every thread, from now on)."""
     if _state.emulating:
@@ -348,6 +359,9 @@ def emulate_cuda() -> None:
     for name, value in patches.items():
         setattr(cuda, name, value)
     torch.Generator = _generator_class()  # type: ignore[misc]
+    # Views of a wrapper subclass made under inference_mode fail ("Cannot set version_counter for inference
+    # tensor"); no_grad is the same computation.
+    torch.inference_mode = torch.autograd.inference_mode = _no_grad_mode  # type: ignore[misc, assignment]
     # Module.to(device) must make new Parameters (CudaTensors), not swap .data of the old CPU ones.
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     _Emulation().__enter__()  # this thread; threads started later enter it in _bootstrap_inner

@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from pipeline.activations import set_thread_device
+
 
 class BatchPrefetcher:
     """Iterate over `keys`, yielding (key, rows on `device` in storage dtype) with `depth` batches
@@ -27,6 +29,7 @@ class BatchPrefetcher:
 
     def _run(self) -> None:
         try:
+            set_thread_device(self.device)  # pin_memory() allocates through the thread's current device
             for key in self.keys:
                 rows = self.read(key)
                 if self.device.type == "cuda":

@@ -395,7 +395,9 @@ def evaluate(
         key=lambda i: (not concept[i], -float(scores[i]) if concept[i] else -float(out["promoted"][i]), pool[i]),
     )
     candidates = [pool[i] for i in ranked[:n_candidates]]
-    directions = {"sae": sae_directions(bench.sae, candidates), "diffmean": bench.diffmean(candidates)}
+    # on the host, both: the SAE's rows come from its device, DiffMean's from host sums; the offsets built from
+    # them are stacked here and moved to the model's device per batch (vector_splice)
+    directions = {"sae": sae_directions(bench.sae, candidates).cpu(), "diffmean": bench.diffmean(candidates).cpu()}
     phrases = {lat: concept_phrase(bench.meanings[lat]) for lat in candidates}  # the key words, not "the tokens"
     references = concept_references(bench.encoder, bench.examples, phrases, candidates)
     steered = ("sae", "diffmean")
