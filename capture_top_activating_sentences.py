@@ -213,9 +213,11 @@ class CodeStore:
 
     def spans(self, sids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """sids [m] -> (held [m] bool, first token [m], token count [m]) of each stored sentence."""
-        i = np.minimum(np.searchsorted(self.ids, sids), max(len(self.ids) - 1, 0))
-        held = (self.ids[i] == sids) if len(self.ids) else np.zeros(len(sids), bool)
-        return held, self.starts[i], self.lengths[i]
+        if not len(self.ids):  # a rank whose share of the data was empty (fewer row groups than ranks)
+            nothing = np.zeros(len(sids), np.int64)
+            return nothing.astype(bool), nothing, nothing
+        i = np.minimum(np.searchsorted(self.ids, sids), len(self.ids) - 1)
+        return self.ids[i] == sids, self.starts[i], self.lengths[i]
 
     def read(self, first: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The stored sentence whose tokens start at `first`: token ids [n], values [n, w], indices [n, w]."""

@@ -483,3 +483,26 @@ def test_the_claude_judge_rates_every_held_out_continuation_through_batches(tiny
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     with pytest.raises(PipelineInputError, match="ANTHROPIC_API_KEY"):
         eval_main(SteeringEvalConfig(**{**cfg.__dict__, "force": True}))
+
+
+def test_promoted_tokens_never_holds_the_whole_lens(lm, sae):
+    """At the users' size the [n_latents, vocab] lens is 25 GB: it is computed in row chunks, and equals the
+    brute-force product's top tokens."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):  # the lens products
+                Largest.numel = max(Largest.numel, out.numel())
+            return out
+
+    dirs = sae_directions(sae, list(range(40)))
+    vocab = lm.model.output.weight.shape[0]
+    with torch.inference_mode(), Largest():
+        got = promoted_tokens(lm.model, dirs, 3, chunk_rows=8)
+    assert Largest.numel <= 8 * vocab
+    lens = (dirs * lm.model.norm.weight.float()) @ lm.model.output.weight.float().t()  # [40, V], brute force
+    assert torch.equal(got.sort(-1).values, lens.topk(3, dim=-1).indices.sort(-1).values)

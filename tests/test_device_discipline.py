@@ -1,0 +1,227 @@
+"""Every stage as it runs on a GPU, on the CPU: the model and SAE on an emulated CUDA device (pipeline/device_check.py),
+every collective checked against NCCL's rules and recorded, a process group even for one process, and 2-rank runs
+whose ranks must run the same collectives. What a CUDA / NCCL run enforces fails here first."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.device_check import rank_sequences
+
+REPO = Path(__file__).resolve().parents[1]
+SITE = REPO / "tests" / "device_check"
+
+
+def emulated_env(log_dir: Path, **extra) -> dict:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SITE), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PIPELINE_DEVICE_CHECK": "cuda",
+        "PIPELINE_COLLECTIVE_LOG": str(log_dir),
+        "PIPELINE_FORCE_PROCESS_GROUP": "1",
+        "PIPELINE_DIST_TIMEOUT_S": "120",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        **extra,
+    }
+
+
+def run_stage(root: Path, log_dir: Path, script: str, args: list[str], ranks: int = 0, **extra):
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    cmd = [*(launch if ranks else [sys.executable]), str(REPO / script), *args]
+    done = subprocess.run(
+        cmd, cwd=root, env=emulated_env(log_dir, **extra), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, f"{script}: {done.stdout[-2000:]}{done.stderr[-4000:]}"
+    return done
+
+
+def assert_ranks_agree(log_dir: Path, ranks: int) -> dict[int, list[dict]]:
+    seqs = rank_sequences(log_dir)
+    assert sorted(seqs) == list(range(ranks)), f"collective logs of ranks {sorted(seqs)}"
+    for r in range(1, ranks):
+        assert seqs[r] == seqs[0], f"rank {r} ran other collectives than rank 0: {seqs[r][:5]} vs {seqs[0][:5]}"
+    return seqs
+
+
+# ---- the emulation itself, against what CUDA does --------------------------------------------------------------
+def run_emulated(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], env=emulated_env(tmp_path / "log"), capture_output=True, text=True, timeout=120
+    )
+
+
+def test_emulated_device_refuses_what_cuda_refuses(tmp_path):
+    code = """
+import torch
+from pipeline.device_check import DeviceMismatch
+torch.cuda.set_device(0)
+x = torch.randn(4, 3).cuda()
+assert x.device == torch.device("cuda", 0) and (x * 2).device.type == "cuda"
+assert (x + torch.tensor(1.0)).device.type == "cuda"          # a CPU 0-dim scalar: CUDA takes it
+assert x[torch.tensor([0, 2])].device.type == "cuda"         # CPU indices: CUDA moves them
+assert x.cpu().device.type == "cpu" and x.sum().item() == x.cpu().sum().item()
+for bad in (lambda: x + torch.randn(4, 3), lambda: torch.stack([x[0], torch.zeros(3)]),
+            lambda: torch.randn(3, 3) @ x.t(), lambda: x.numpy()):
+    try:
+        bad()
+    except (DeviceMismatch, RuntimeError) as e:
+        print("refused:", type(e).__name__)
+    else:
+        raise SystemExit("not refused")
+m = torch.nn.Linear(3, 2).to("cuda")
+m(x).sum().backward()
+assert m.weight.grad.device.type == "cuda"
+"""
+    done = run_emulated(code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("refused:") == 4
+
+
+def test_collective_checks_refuse_what_nccl_refuses(tmp_path):
+    code = """
+import os, torch, torch.distributed as dist
+from pipeline.device_check import CollectiveMismatch
+from pipeline.distributed import setup_distributed
+info = setup_distributed("cuda")
+assert dist.is_initialized() and info.distributed and info.world_size == 1
+ok = torch.ones(4, device="cuda")
+dist.all_reduce(ok)
+for bad in (torch.ones(4), torch.ones(4, 2, device="cuda").t(), torch.ones(4, device="cuda", dtype=torch.bool)):
+    try:
+        dist.all_reduce(bad)
+    except CollectiveMismatch as e:
+        print("refused:", e)
+"""
+    done = run_emulated(code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("refused:") == 3, done.stdout
+    assert [r["op"] for r in rank_sequences(tmp_path / "log")[0]] == ["all_reduce"]
+
+
+def test_object_collective_needs_set_device(tmp_path):
+    code = (
+        """
+import torch, torch.distributed as dist
+from pipeline.device_check import CollectiveMismatch
+dist.init_process_group("gloo", init_method="file://%s/store", world_size=1, rank=0)
+try:
+    dist.gather_object({"a": 1}, [None], dst=0)
+except CollectiveMismatch:
+    print("refused")
+torch.cuda.set_device(0)
+out = [None]
+dist.gather_object({"a": 1}, out, dst=0)
+print(out)
+"""
+        % tmp_path
+    )
+    done = run_emulated(code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["refused", "[{'a':", "1}]"]
+
+
+def test_writer_thread_without_set_device_is_refused(tmp_path):
+    """The capture's shard writer waits on CUDA events on its own thread: without set_device there, ranks > 0
+    open a context on GPU 0 (the emulation refuses it; pipeline.activations.set_thread_device fixes it)."""
+    code = """
+import threading, torch
+from pipeline.device_check import DeviceMismatch
+from pipeline.activations import set_thread_device
+torch.cuda.set_device(1)
+def wait(fix):
+    if fix:
+        set_thread_device(torch.device("cuda", 1))
+    try:
+        torch.cuda.Event().synchronize()
+        print("ok")
+    except DeviceMismatch:
+        print("refused")
+for fix in (False, True):
+    t = threading.Thread(target=wait, args=(fix,)); t.start(); t.join()
+"""
+    done = run_emulated(code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["refused", "ok"]
+
+
+# ---- every stage on the emulated device -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_every_stage_runs_on_the_emulated_device(tiny_pipeline, tmp_path):
+    """capture (one process with a forced group, and 2 ranks), training (forced group), top sentences from the
+    capture and from the model, the steering evaluation, inference with an SAE and the Gradio page's session:
+    all with --device cuda under the emulation; each rank's collectives the same; results equal to the CPU run's."""
+    root, plan, _, _ = tiny_pipeline
+    model = str(root / "runs" / "sae" / "sae")  # the SAE names its model
+    hf = json.loads((root / "runs" / "activations" / "manifest.json").read_text())["inputs"]["model"]["path"]
+    out = tmp_path / "out"
+
+    logs = tmp_path / "capture1"
+    common = ["--sentences", "runs/sentences", "--model", hf, "--device", "cuda", "--model-dtype", "float32"]
+    common += ["--shard-tokens", "1500", "--max-batch-tokens", "512", "--max-sentences", "0"]
+    run_stage(root, logs, "capture_activations.py", [*common, "--out", str(out / "act1")])
+    assert {r["op"] for r in rank_sequences(logs)[0]} == {"barrier"}
+    logs = tmp_path / "capture2"
+    run_stage(root, logs, "capture_activations.py", [*common, "--out", str(out / "act2")], ranks=2)
+    assert_ranks_agree(logs, 2)
+
+    logs = tmp_path / "training"
+    train = ["--data", "runs/preprocessed", "--device", "cuda", "--expansion", "2", "--k", "4", "--batch-size", "256"]
+    train += ["--wandb", "disabled", "--val-every", "5", "--checkpoint-every", "3", "--eval-sentences", "16"]
+    run_stage(root, logs, "sae_training.py", [*train, "--dead-tokens", "1000", "--out", str(out / "sae")], ranks=2)
+    seqs = assert_ranks_agree(logs, 2)
+    assert sum(r["op"] == "all_reduce" for r in seqs[0]) >= 3 * 39 // 2  # three per step: the run's collectives ran
+
+    for source in ("capture", "model"):
+        logs = tmp_path / f"top_{source}"
+        top = ["--sae", model, "--sentences", "runs/sentences", "--device", "cuda", "--top-n", "5"]
+        top += ["--max-batch-tokens", "256", "--source", source, "--out", str(out / f"top_{source}")]
+        run_stage(root, logs, "capture_top_activating_sentences.py", top, ranks=2)
+        assert_ranks_agree(logs, 2)
+    # the same SAE on the same stored activations, on the emulated device: the CPU run's tables
+    cols = ["latent", "aggregation", "rank", "sentence_id"]
+    on_cpu = pq.read_table(root / "runs" / "top_sentences" / "top_sentences.parquet", columns=cols)
+    assert pq.read_table(out / "top_capture" / "top_sentences.parquet", columns=cols).equals(on_cpu)
+
+    steer = ["--sae", model, "--top-sentences", "runs/top_sentences", "--meanings", "latent_index_meaning"]
+    steer += ["--device", "cuda", "--n-candidates", "2", "--max-new-tokens", "4", "--out", str(out / "steer")]
+    run_stage(root, tmp_path / "steer", "steering_evaluation.py", steer)
+    assert json.loads((out / "steer" / "results.json").read_text())["summary"]
+
+    infer = ["--device", "cuda", "--max-new-tokens", "3", "--no-stream", "--prompt", "The river", "A", "--sae", model]
+    infer += ["--meanings", "latent_index_meaning", "--steer", "3:h_bias:4", "--compare", "--inspect", "2"]
+    done = run_stage(root, tmp_path / "infer", "llama_3_inference.py", [*infer, "--temperature", "0.7"])
+    assert "steered" in done.stdout
+
+    session = f"""
+import torch
+from pipeline.steering_session import Session
+from pipeline.steering import SteeringEntry
+from pipeline.output_score import promoted_tokens
+from pipeline.steering_vectors import sae_directions
+s = Session.open(None, {model!r}, "latent_index_meaning", "cuda", "auto")
+assert s.loaded.model.tok_embeddings.weight.device.type == "cuda"
+entries = [SteeringEntry(3, "h_bias", 4.0)]
+pairs = s.complete(s.text_prompts(["The river"]), entries, max_new_tokens=3, temperature=0.0)
+for _ in s.stream(s.text_prompts(["A"]), entries, max_new_tokens=2, temperature=0.7):
+    pass
+ids = promoted_tokens(s.loaded.model, sae_directions(s.steerable.sae, [1, 2]), 3)
+print(len(s.inspect(pairs[0][1], entries, "all", 3)), ids.device.type, tuple(ids.shape))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", session],
+        cwd=root,
+        env=emulated_env(tmp_path / "gradio"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split()[-4:] == ["3", "cuda", "(2,", "3)"], done.stdout
