@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from llama_3.cli import check_choices, parse_config, run_main
 from llama_3.cpu_fast import apply_cpu_fast_paths
-from llama_3.cpu_features import has_native_bf16, warn_if_emulated
+from llama_3.cpu_features import cuda_native_bf16, has_native_bf16, warn_if_emulated
 from llama_3.errors import PipelineInputError
 from pipeline import fault_injection
 from pipeline.distributed import DistInfo, barrier, run_distributed
@@ -186,12 +186,7 @@ class Trainer:
             raise PipelineInputError(f"--epochs {cfg.epochs}: need at least 1")
         self.autocast = cfg.autocast == "on" or (
             cfg.autocast == "auto"
-            and (
-                info.device.type == "cuda"
-                and torch.cuda.is_bf16_supported()
-                or info.device.type == "cpu"
-                and has_native_bf16()
-            )
+            and (info.device.type == "cuda" and cuda_native_bf16() or info.device.type == "cpu" and has_native_bf16())
         )
         if self.autocast:
             warn_if_emulated(torch.bfloat16, info.device, "--autocast on")

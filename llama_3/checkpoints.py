@@ -25,6 +25,7 @@ import torch
 
 from llama_3.args import ModelArgs, args_from_gguf_metadata, args_from_hf_config, args_from_meta_params
 from llama_3.chat import ChatFormat, make_chat_format
+from llama_3.cpu_features import cuda_native_bf16
 from llama_3.errors import PipelineInputError
 from llama_3.gguf_file import read_gguf
 from llama_3.model import Transformer
@@ -113,7 +114,7 @@ def detect_format(path: Path) -> str:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the hardware has it (CUDA); fp32 on CPU, where bf16 matmuls are slower without AMX."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and cuda_native_bf16():
         return torch.bfloat16
     return torch.float32
 

@@ -53,6 +53,12 @@ def onednn_allows(isa: str) -> bool:
     return cap is None or _ONEDNN_ISA_RANK.get(cap, len(_ONEDNN_ISA_ORDER)) >= _ONEDNN_ISA_RANK[isa]
 
 
+def cuda_native_bf16() -> bool:
+    """The GPU computes in bf16 itself (Ampere and later). torch.cuda.is_bf16_supported() also says yes on V100 / T4,
+    where bf16 runs emulated at a fraction of fp16's speed."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 @functools.cache
 def has_native_bf16() -> bool:
     """AVX-512 BF16 dot products or AMX tiles, usable by oneDNN: bf16 matmuls several times faster than fp32."""

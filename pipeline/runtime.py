@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from llama_3.cpu_features import has_native_bf16
+from llama_3.cpu_features import cuda_native_bf16, has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def forward_batch_tokens(device: torch.device) -> int:
 def capture_dtype(device: torch.device) -> torch.dtype:
     """The model dtype for capture-only forwards: bf16 on CUDA and on CPUs with native bf16, else fp32."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_native_bf16() else torch.float16
     return torch.bfloat16 if has_native_bf16() else torch.float32
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from llama_3 import load_model
 from llama_3.cpu_features import onednn_allows
@@ -133,3 +134,17 @@ def test_onednn_cap_parsing(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setenv("DNNL_MAX_CPU_ISA", "SSE41")
     assert not onednn_allows("AVX2")
+
+
+def test_gpu_with_only_emulated_bf16_gets_fp16_and_no_autocast(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes on V100 / T4 (emulated bf16): the stages pick fp16 / fp32 there."""
+    from llama_3.checkpoints import default_dtype
+    from pipeline.runtime import capture_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    cuda = torch.device("cuda")
+    assert capture_dtype(cuda) == torch.float16
+    assert default_dtype(cuda) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100 / H100
+    assert capture_dtype(cuda) == torch.bfloat16 and default_dtype(cuda) == torch.bfloat16
