@@ -343,14 +343,15 @@ class CaptureOutput:
         return {sid: torch.cat([a for _, a in sorted(p, key=lambda x: x[0])]) for sid, p in pieces.items()}
 
     def read_sentences(
-        self, hook_point: str, rank: int = 0, world_size: int = 1, max_rows: int = 8192
+        self, hook_point: str, rank: int = 0, world_size: int = 1, max_rows: int = 8192, slice_sentences: int = 1024
     ) -> Iterator["CapturedSentences"]:
         """Whole sentences, as the capture stored them, from every world_size-th shard (this reader's).
 
         A sentence belongs to the shard it starts in: a reader skips the piece a shard opens with when it
         continues a sentence from the previous shard, and reads the continuation of its own last sentence
         from the capture rank's next shards. So each sentence comes out once, over all readers. Rows are
-        read in slices of ~max_rows (memory-mapped, in file order): memory does not grow with the shards."""
+        read in slices of ~max_rows and at most slice_sentences sentences (memory-mapped, in file order): memory
+        grows with neither the shards nor the sentences' shortness (a reader's [n_latents, sentences] tables)."""
         by_rank = sorted(self.shards, key=lambda s: (s.get("rank", 0), s["file"]))
         key = act_key(hook_point)
         for at in range(rank, len(by_rank), world_size):
@@ -358,7 +359,7 @@ class CaptureOutput:
             following = [
                 self.directory / s["file"] for s in by_rank[at + 1 :] if s.get("rank", 0) == by_rank[at].get("rank", 0)
             ]
-            yield from _shard_sentences(path, following, key, max_rows)
+            yield from _shard_sentences(path, following, key, max_rows, slice_sentences)
 
 
 @dataclass
@@ -371,7 +372,9 @@ class CapturedSentences:
     acts: torch.Tensor  # [n, d_model] in the storage dtype
 
 
-def _shard_sentences(path: Path, following: list[Path], key: str, max_rows: int) -> Iterator[CapturedSentences]:
+def _shard_sentences(
+    path: Path, following: list[Path], key: str, max_rows: int, slice_sentences: int = 1024
+) -> Iterator[CapturedSentences]:
     try:
         f = safe_open(str(path), framework="pt")
         index = {k: f.get_tensor(k).numpy() for k in ("sentence_ids", "sentence_starts", "sentence_first_position")}
@@ -383,7 +386,7 @@ def _shard_sentences(path: Path, following: list[Path], key: str, max_rows: int)
     with f:
         while first < len(sids):
             last = first + 1  # at least one sentence per slice, at most ~max_rows rows
-            while last < len(sids) and starts[last + 1] - starts[first] <= max_rows:
+            while last < len(sids) and last - first < slice_sentences and starts[last + 1] - starts[first] <= max_rows:
                 last += 1
             a, b = int(starts[first]), int(starts[last])
             chunk = CapturedSentences(

@@ -346,10 +346,13 @@ def test_captured_sentences_come_back_whole_and_once_for_any_number_of_readers(t
             pieces.setdefault(sid, []).append((pos, shard[act_key(HOOK)][a:b], shard["token_ids"][a:b]))
     assert any(len(p) > 1 for p in pieces.values())  # the test exercises straddling sentences
     expected = {sid: (torch.cat([a for _, a, _ in p]), torch.cat([t for _, _, t in p])) for sid, p in pieces.items()}
-    for world_size in (1, 2, 3):
+    for world_size, slice_sentences in ((1, 1024), (2, 1024), (3, 1024), (2, 3)):
         got = {}
         for rank in range(world_size):
-            for chunk in capture.read_sentences(HOOK, rank, world_size, max_rows=64):
+            for chunk in capture.read_sentences(HOOK, rank, world_size, 64, slice_sentences):
+                # a slice is bounded by sentences too: a stretch of 1-token sentences must not make the reader's
+                # [n_latents, sentences] tables as long as max_rows
+                assert len(chunk.sentence_ids) <= slice_sentences
                 for i, sid in enumerate(chunk.sentence_ids):
                     assert sid not in got, (world_size, sid)
                     a, b = chunk.starts[i], chunk.starts[i + 1]
