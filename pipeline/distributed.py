@@ -110,11 +110,26 @@ def run_distributed(work: Callable[[Any, DistInfo], Any], cfg: Any) -> Any:
     info = setup_distributed(cfg.device)
     try:
         result = work(cfg, info)
-    except BaseException:
+    except BaseException as e:
         teardown(info, failed=True)
+        failure = collective_failure(e) if info.distributed else None
+        if failure:
+            raise PipelineInputError(
+                f"rank {info.rank}: a collective failed ({failure}): another rank failed or hung past "
+                f"{TIMEOUT_ENV}={collective_timeout().total_seconds():g}s; its own log says why"
+            ) from None
         raise
     teardown(info)
     return result
+
+
+def collective_failure(e: BaseException) -> str | None:
+    """The first line of a collective's timeout or lost-peer error (gloo / NCCL), else None."""
+    line = (str(e).splitlines() or [""])[0]
+    signs = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "NCCL", "Watchdog")
+    if isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(w in line for w in signs):
+        return line[-300:]
+    return None
 
 
 def barrier(info: DistInfo) -> None:

@@ -4,7 +4,8 @@ SIGKILL lands mid-run) or end the process (a crash at the worst moment). Off unl
     PIPELINE_FAULTS="capture.batch=sleep:0.05,training.step=sleep:0.03,interpret_send.after_create=exit:9"
 
 Points: capture.batch, training.step, top_sentences.batch (after each batch), interpret_send.after_create
-(after the Message Batches API accepted a batch, before the state records it).
+(after the Message Batches API accepted a batch, before the state records it). POINT@RANK acts on that torchrun
+rank alone ("training.step@1=sleep:600": one rank hangs while the others wait for it).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def point(name: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    fault = _faults(spec).get(name)
+    faults = _faults(spec)
+    fault = faults.get(f"{name}@{os.environ.get('RANK', '0')}", faults.get(name))
     if fault is None:
         return
     kind, value = fault

@@ -225,3 +225,30 @@ print(len(s.inspect(pairs[0][1], entries, "all", 3)), ids.device.type, tuple(ids
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.split()[-4:] == ["3", "cuda", "(2,", "3)"], done.stdout
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_run_at_the_collective_timeout(tiny_pipeline, tmp_path):
+    """Rank 1 hangs in its first step; rank 0 waits in the step's all-reduce only PIPELINE_DIST_TIMEOUT_S (not
+    gloo's 30 min / NCCL's 10 min), then says so in one line and torchrun stops both."""
+    root = tiny_pipeline[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PIPELINE_DIST_TIMEOUT_S": "5"}
+    env["PIPELINE_FAULTS"] = "training.step@1=sleep:600"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(REPO / "sae_training.py"), "--data", "runs/preprocessed", "--out", str(tmp_path / "sae"), "--k", "4"]
+    cmd += [
+        "--device",
+        "cpu",
+        "--expansion",
+        "2",
+        "--batch-size",
+        "256",
+        "--wandb",
+        "disabled",
+        "--eval-sentences",
+        "0",
+    ]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "error: rank 0: a collective failed" in line]
+    assert errors and "PIPELINE_DIST_TIMEOUT_S=5s" in errors[0], done.stderr[-3000:]
