@@ -35,7 +35,7 @@ from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
 from pipeline import fault_injection
 from pipeline.activations import KIND, ShardWriter, TokenChunk
-from pipeline.distributed import DistInfo, barrier, run_distributed
+from pipeline.distributed import SHARED_PROBE, DistInfo, barrier, check_shared_folder, run_distributed
 from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
 from pipeline.output_folder import OutputFolder, config_request, owned_names
 from pipeline.paths import ACTIVATIONS_DIR, SENTENCES_DIR
@@ -92,7 +92,7 @@ def output_folder(cfg: CaptureConfig) -> OutputFolder:
     return OutputFolder(
         Path(cfg.out),
         "capture",
-        owned_names(MANIFEST_NAME, prefixes=("acts-r", "_progress-r", ".acts-r", "._progress-r")),
+        owned_names(MANIFEST_NAME, SHARED_PROBE, prefixes=("acts-r", "_progress-r", ".acts-r", "._progress-r")),
         progress=("_progress-r*.json",),
     )
 
@@ -142,6 +142,7 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
     }
     fp = fingerprint(request)
     prepared = output_folder(cfg).prepare(fp, cfg.force, info)
+    check_shared_folder(info, out)  # every rank writes shards here: a node-local folder fails now, not at the end
     if prepared.state == "reuse":
         if info.is_main:
             tokens = prepared.manifest["counts"]["tokens"]

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -130,6 +133,35 @@ def collective_failure(e: BaseException) -> str | None:
     if isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(w in line for w in signs):
         return line[-300:]
     return None
+
+
+SHARED_PROBE = ".rank0-probe"
+
+
+def check_shared_folder(info: DistInfo, folder: Path, flag: str = "--out") -> None:
+    """Every rank sees the files rank 0 writes in `folder`, or every rank stops now with one line.
+
+    A multi-node run with a node-local folder would otherwise run to the end and fail only in rank 0's
+    finalize, which cannot find the other nodes' files."""
+    if not info.distributed:
+        return
+    probe = Path(folder) / SHARED_PROBE
+    if info.is_main:
+        probe.write_text(uuid.uuid4().hex)
+    barrier(info)
+    seen = probe.read_text() if probe.is_file() else ""
+    mine = torch.tensor([zlib.crc32(seen.encode())], dtype=torch.long, device=info.device)
+    everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(everyone, mine)
+    barrier(info)  # every rank has read it
+    if info.is_main:
+        probe.unlink(missing_ok=True)
+    blind = [r for r, e in enumerate(everyone) if not torch.equal(e, everyone[0])]
+    if blind:
+        raise PipelineInputError(
+            f"{flag} {folder}: rank(s) {blind} do not see the files rank 0 writes there (a node-local folder?); "
+            "every node needs the same folder on a shared filesystem"
+        )
 
 
 def barrier(info: DistInfo) -> None:

@@ -72,6 +72,11 @@ class OutputFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         if info is not None:
             barrier(info)
+        if not self.path.is_dir():  # rank 0 made it: this rank is on another node without the shared folder
+            raise PipelineInputError(
+                f"{self.flag} {self.path}: this rank does not see the folder rank 0 created (a node-local folder?); "
+                "every node needs the same folder on a shared filesystem"
+            )
         names = sorted(p.name for p in self.path.iterdir())
         foreign = [n for n in names if not self.owns(n)]
         if foreign and not self.foreign_ok:

@@ -252,3 +252,31 @@ def test_a_hung_rank_ends_the_run_at_the_collective_timeout(tiny_pipeline, tmp_p
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if "error: rank 0: a collective failed" in line]
     assert errors and "PIPELINE_DIST_TIMEOUT_S=5s" in errors[0], done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_the_output_folder_stop_at_once(tmp_path):
+    """Multi-node with a node-local --out: every rank stops at the start with one line (was: rank 0's finalize,
+    after the whole capture). Two ranks on one machine, each given its own folder, stand in for two nodes."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from llama_3.cli import run_main\n"
+        "from pipeline.distributed import check_shared_folder, run_distributed\n"
+        "class Cfg:\n    device = 'cpu'\n"
+        "def work(cfg, info):\n"
+        "    folder = Path(sys.argv[1]) / (f'node{info.rank}' if sys.argv[2] == 'local' else 'shared')\n"
+        "    folder.mkdir(parents=True, exist_ok=True)\n"
+        "    check_shared_folder(info, folder)\n"
+        "    print('agreed', info.rank)\n"
+        "run_main(lambda cfg: run_distributed(work, cfg), Cfg())\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PIPELINE_DIST_TIMEOUT_S": "60"}
+    shared = subprocess.run([*cmd, str(tmp_path), "shared"], env=env, capture_output=True, text=True, timeout=120)
+    assert shared.returncode == 0 and shared.stdout.count("agreed") == 2, shared.stderr[-2000:]
+    local = subprocess.run([*cmd, str(tmp_path), "local"], env=env, capture_output=True, text=True, timeout=120)
+    assert local.returncode != 0 and "agreed" not in local.stdout
+    assert "rank(s) [1] do not see the files rank 0 writes there" in local.stderr, local.stderr[-2000:]
+    assert not list(tmp_path.rglob(".rank0-probe"))
