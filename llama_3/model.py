@@ -86,9 +86,14 @@ class SdpaAttention(nn.Module):
     """
 
     def forward(self, q, k, v, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
-        )
+        gqa = k.shape[1] != q.shape[1]
+        if gqa and mask is not None and q.is_cuda:
+            # On CUDA flash attention takes GQA but no mask, memory-efficient attention a mask but no GQA: a
+            # padded batch with grouped kv heads would fall to the math kernel, which materialises [B, H, T, S]
+            # scores. Expanding the kv heads ([B, H, S, hd]) keeps it on memory-efficient attention.
+            rep = q.shape[1] // k.shape[1]
+            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
 
 
 class Attention(nn.Module):

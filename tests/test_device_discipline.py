@@ -280,3 +280,28 @@ def test_ranks_that_do_not_share_the_output_folder_stop_at_once(tmp_path):
     assert local.returncode != 0 and "agreed" not in local.stdout
     assert "rank(s) [1] do not see the files rank 0 writes there" in local.stderr, local.stderr[-2000:]
     assert not list(tmp_path.rglob(".rank0-probe"))
+
+
+def test_padded_gqa_attention_on_cuda_avoids_the_math_kernel(tmp_path):
+    """A padding mask with grouped kv heads: on CUDA the kv heads are expanded, so SDPA is called without
+    enable_gqa (memory-efficient attention takes the mask; with GQA only the math kernel would); same result."""
+    code = """
+import torch
+import torch.nn.functional as F
+from llama_3.model import SdpaAttention
+torch.manual_seed(0)
+q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+mask[0, :, :, 0] = False
+mask[0, :, 0, 0] = True
+calls = []
+real = F.scaled_dot_product_attention
+F.scaled_dot_product_attention = lambda *a, **kw: calls.append((kw["enable_gqa"], a[1].shape[1])) or real(*a, **kw)
+on_cpu = SdpaAttention()(q, k, v, mask, False)
+on_gpu = SdpaAttention()(q.cuda(), k.cuda(), v.cuda(), mask.cuda(), False)
+assert calls == [(True, 2), (False, 4)], calls
+torch.testing.assert_close(on_gpu.cpu(), on_cpu)
+print("ok")
+"""
+    done = run_emulated(code, tmp_path)
+    assert done.returncode == 0 and done.stdout.split() == ["ok"], done.stderr[-3000:]
