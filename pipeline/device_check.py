@@ -359,6 +359,7 @@ def emulate_cuda() -> None:
     for name, value in patches.items():
         setattr(cuda, name, value)
     torch.Generator = _generator_class()  # type: ignore[misc]
+    torch.Tensor.record_stream = lambda self, stream: None  # streams are no-ops here
     # Views of a wrapper subclass made under inference_mode fail ("Cannot set version_counter for inference
     # tensor"); no_grad is the same computation.
     torch.inference_mode = torch.autograd.inference_mode = _no_grad_mode  # type: ignore[misc, assignment]

@@ -1,8 +1,10 @@
 """Training input: the next batches read on a background thread while the current one trains.
 
 The same code runs on CPU and CUDA. A batch is read from disk in its storage dtype (bf16: half the
-bytes of fp32), pinned and copied to the GPU without blocking on CUDA, and widened to fp32 on the
-device by the consumer, so neither the disk read nor the host-to-device copy waits on the step.
+bytes of fp32), pinned and copied to the GPU without blocking on CUDA — on a stream of its own, so the copy
+overlaps the step's kernels on the default stream, which waits for it only when it takes the batch —, and
+widened to fp32 on the device by the consumer, so neither the disk read nor the host-to-device copy waits on
+the step.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ class BatchPrefetcher:
     def _run(self) -> None:
         try:
             set_thread_device(self.device)  # pin_memory() allocates through the thread's current device
+            copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             for key in self.keys:
-                rows = self.read(key)
-                if self.device.type == "cuda":
-                    rows = rows.pin_memory().to(self.device, non_blocking=True)
+                rows, ready = self.read(key), None
+                if copies is not None:
+                    with torch.cuda.stream(copies):
+                        rows = rows.pin_memory().to(self.device, non_blocking=True)
+                        ready = torch.cuda.Event()
+                        ready.record(copies)
                 while not self.stop.is_set():
                     try:
-                        self.q.put((key, rows), timeout=0.5)
+                        self.q.put((key, rows, ready), timeout=0.5)
                         break
                     except queue.Full:
                         continue
@@ -52,7 +58,12 @@ class BatchPrefetcher:
             while (item := self.q.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                key, rows, ready = item
+                if ready is not None:
+                    compute = torch.cuda.current_stream(self.device)
+                    compute.wait_event(ready)  # the step's kernels start after the copy, the host does not wait
+                    rows.record_stream(compute)  # the allocator must not reuse its memory before the step is done
+                yield key, rows
         finally:
             self.close()
 
