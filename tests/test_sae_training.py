@@ -471,3 +471,33 @@ def test_ranks_that_find_different_checkpoints_stop_with_one_line(tmp_path):
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
     assert errors and all("rank 0 at step 6, rank 1 at step 0" in e for e in errors), proc.stderr[-3000:]
+
+
+def test_a_cuda_checkpoint_is_written_while_training_goes_on(tmp_path):
+    """On CUDA the checkpoint's host copies are taken at the save and a thread writes them: the file holds the
+    state at the save, not what training changed meanwhile, and the next save waits for it (emulated device)."""
+    data = fake_preprocessed(tmp_path / "data", synthetic(2048)[0], synthetic(256, seed=1)[0])
+    code = f"""
+import threading, torch
+from safetensors.torch import load_file
+from pathlib import Path
+from pipeline.distributed import DistInfo
+from sae_training import TrainConfig, Trainer
+cfg = TrainConfig(data={str(data)!r}, out={str(tmp_path / "run")!r}, device="cuda", wandb="disabled", batch_size=256)
+t = Trainer(cfg, DistInfo(0, 1, 0, 1, torch.device("cuda", 0)))
+for start in (0, 256):
+    t.train_step(start)
+    t.step += 1
+at_save = t.sae.W_dec.detach().cpu().clone()
+t.save_checkpoint(Path(cfg.out))
+assert isinstance(t._checkpoint_writer, threading.Thread)  # asynchronous on CUDA
+t.train_step(512)  # training goes on while the thread writes
+t.wait_for_checkpoint()
+saved = load_file(str(Path(cfg.out) / "checkpoint" / "state.safetensors"))
+assert torch.equal(saved["sae.W_dec"], at_save) and not torch.equal(saved["sae.W_dec"], t.sae.W_dec.cpu())
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "device_check"), str(REPO)])}
+    env["PIPELINE_DEVICE_CHECK"] = "cuda"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["ok"], done.stderr[-3000:]
