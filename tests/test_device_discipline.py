@@ -178,6 +178,8 @@ def test_every_stage_runs_on_the_emulated_device(tiny_pipeline, tmp_path):
     run_stage(root, logs, "sae_training.py", [*train, "--dead-tokens", "1000", "--out", str(out / "sae")], ranks=2)
     seqs = assert_ranks_agree(logs, 2)
     assert sum(r["op"] == "all_reduce" for r in seqs[0]) >= 3 * 39 // 2  # three per step: the run's collectives ran
+    # validation's sums (5 + n_latents, fp64) are all-reduced: the ranks share the validation rows
+    assert {"op": "all_reduce", "shapes": [[5 + 128]], "dtypes": ["torch.float64"]} in seqs[0]
 
     for source in ("capture", "model"):
         logs = tmp_path / f"top_{source}"

@@ -337,6 +337,11 @@ def test_two_rank_gloo_ddp_equals_one_process(tmp_path):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=2e-4, msg=k)
     assert not torch.equal(w1["W_dec"], TopKSae.load(tmp_path / "one" / "sae").W_dec.new_zeros(1))
+    # validation: each rank takes every other 4,096-row chunk (rank 1 none of these 511 rows), one all-reduce
+    v1, v2 = (json.loads((tmp_path / r / "manifest.json").read_text())["final_validation"] for r in ("one", "two"))
+    assert v1.keys() == v2.keys() and v1["val/tokens"] == v2["val/tokens"] == 511
+    for k in v1:
+        assert v2[k] == pytest.approx(v1[k], rel=1e-3, abs=1e-4), k
 
 
 @pytest.mark.slow
