@@ -8,7 +8,7 @@ process group: NCCL when the rank drives a CUDA device, gloo on CPU. Launched as
                                      collective of the stage runs in a one-process run (the smoke, the tests)
     PIPELINE_DIST_TIMEOUT_S=600      how long a rank waits in a collective for the others (default 600 s)
 
-A rank that fails aborts its group instead of leaving it gracefully (NCCL's destroy waits for the peers
+A rank that fails aborts its NCCL group instead of leaving it gracefully (NCCL's destroy waits for the peers
 its failure left behind), so its one-line error prints at once and torchrun stops the other ranks.
 """
 
@@ -170,9 +170,10 @@ def barrier(info: DistInfo) -> None:
 
 
 def teardown(info: DistInfo, failed: bool = False) -> None:
-    """Leave the group: gracefully after success; aborted after a failure, which must not wait for peers."""
+    """Leave the group: gracefully after success; after a failure NCCL's group is aborted, since its graceful
+    destroy waits for the peers the failure left behind."""
     if info.distributed and dist.is_initialized():
-        if failed:
+        if failed and dist.get_backend() == "nccl":  # gloo's destroy does not wait; its abort terminates the process
             _abort_process_group()
         else:
             dist.destroy_process_group()
