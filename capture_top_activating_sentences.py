@@ -115,6 +115,13 @@ class TopSentencesConfig:
         default="latent_index_meaning",
         metadata={"fingerprint": False, "help": "folder of interpretation results the browser shows"},
     )
+    deterministic: bool = field(
+        default=False,
+        metadata={
+            "fingerprint": False,
+            "help": "deterministic kernels: repeated GPU runs give the same bits (slower; CPU runs are already)",
+        },
+    )
     force: bool = field(default=False, metadata={"fingerprint": False, "help": "overwrite an existing output"})
 
     def __post_init__(self) -> None:

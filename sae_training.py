@@ -114,6 +114,13 @@ class TrainConfig:
         default=True,
         metadata={"fingerprint": False, "help": "continue from the run folder's checkpoint if there is one"},
     )
+    deterministic: bool = field(
+        default=False,
+        metadata={
+            "fingerprint": False,
+            "help": "deterministic kernels: repeated GPU runs give the same bits (slower; CPU runs are already)",
+        },
+    )
     force: bool = field(default=False, metadata={"fingerprint": False, "help": "discard an existing run in --out"})
 
     def __post_init__(self) -> None:

@@ -42,6 +42,22 @@ step capture 300 torchrun1 capture_activations.py --sentences "$RUNS/sentences" 
 step preprocessing 120 python sae_preprocessing.py --capture "$RUNS/activations" --out "$RUNS/preprocessed"
 step training 300 torchrun1 sae_training.py --data "$RUNS/preprocessed" --out "$RUNS/sae" --device cuda \
   --dead-tokens 100000 --wandb disabled
+# --deterministic: two runs give the same bits; the default run's distance from them is CUDA's run-to-run tolerance
+step training_det_a 300 torchrun1 sae_training.py --data "$RUNS/preprocessed" --out "$RUNS/sae_det_a" --device cuda \
+  --dead-tokens 100000 --wandb disabled --eval-sentences 0 --deterministic
+step training_det_b 300 torchrun1 sae_training.py --data "$RUNS/preprocessed" --out "$RUNS/sae_det_b" --device cuda \
+  --dead-tokens 100000 --wandb disabled --eval-sentences 0 --deterministic
+step training_det_compare 60 python - "$RUNS" "$OUT/deterministic.json" <<'EOF'
+import json, sys
+from safetensors.torch import load_file
+runs = sys.argv[1]
+a, b, default = (load_file(f"{runs}/{r}/sae/sae.safetensors") for r in ("sae_det_a", "sae_det_b", "sae"))
+doc = {"deterministic_runs_equal": all(bool((a[k] == b[k]).all()) for k in a),
+       "default_vs_deterministic_rel": {k: float((default[k] - a[k]).norm() / a[k].norm()) for k in a}}
+json.dump(doc, open(sys.argv[2], "w"))
+print(doc)
+assert doc["deterministic_runs_equal"]
+EOF
 step top_sentences 300 torchrun1 capture_top_activating_sentences.py --sae "$RUNS/sae/sae" \
   --sentences "$RUNS/sentences" --out "$RUNS/top_sentences" --device cuda --source capture
 step top_sentences_model 300 torchrun1 capture_top_activating_sentences.py --sae "$RUNS/sae/sae" \
@@ -190,7 +206,7 @@ steps = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
 gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True,
                      text=True).stdout.strip()
 doc = {"gpu": gpu, "steps": steps, "failed": [s["step"] for s in steps if s["rc"]]}
-for name in ("bench_llama", "bench_sae", "users_size_memory"):
+for name in ("bench_llama", "bench_sae", "users_size_memory", "deterministic"):
     p = out / f"{name}.json"
     doc[name] = json.loads(p.read_text()) if p.is_file() else None
 (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")

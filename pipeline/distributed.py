@@ -31,6 +31,7 @@ from torch.distributed.distributed_c10d import _abort_process_group
 from llama_3.cli import resolve_device
 from llama_3.errors import PipelineInputError
 from pipeline.device_check import emulated_backend
+from pipeline.runtime import tune_glibc_malloc, use_deterministic_algorithms
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,9 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 
 def run_distributed(work: Callable[[Any, DistInfo], Any], cfg: Any) -> Any:
     """What every multi-process stage's main() does: tune malloc, join the group, work, leave it."""
-    from pipeline.runtime import tune_glibc_malloc
-
     tune_glibc_malloc()
+    if getattr(cfg, "deterministic", False):
+        use_deterministic_algorithms()
     info = setup_distributed(cfg.device)
     try:
         result = work(cfg, info)

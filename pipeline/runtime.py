@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 
 import torch
@@ -28,6 +29,18 @@ def capture_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if cuda_native_bf16() else torch.float16
     return torch.bfloat16 if has_native_bf16() else torch.float32
+
+
+def use_deterministic_algorithms() -> None:
+    """--deterministic: the same inputs give the same bits on a GPU too, at some speed.
+
+    CUDA picks cuBLAS kernels by shape and sums `index_add_` (training's b_enc gradient, top sentences'
+    statistics) with atomics in whatever order threads arrive, so two runs, a resumed and an uninterrupted
+    one, or the capture- and model-sourced top sentences agree only to fp32 rounding. In deterministic mode
+    torch takes its deterministic kernels (index_add_ sorts, then sums) and cuBLAS a fixed workspace; an op
+    without one raises. Set before the first CUDA call (cuBLAS reads CUBLAS_WORKSPACE_CONFIG at its start)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 def tune_glibc_malloc() -> bool:

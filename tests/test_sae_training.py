@@ -506,3 +506,31 @@ print("ok")
     env["PIPELINE_DEVICE_CHECK"] = "cuda"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["ok"], done.stderr[-3000:]
+
+
+def test_deterministic_flag_switches_torch_to_deterministic_kernels(tmp_path):
+    """--deterministic: torch's deterministic mode and a fixed cuBLAS workspace, set before the run starts; on
+    the CPU (already deterministic) the SAE is bit-identical to a run without it, so no op lacks a kernel."""
+    probe = (
+        "import os, torch\n"
+        "from pipeline.distributed import run_distributed\n"
+        "class Cfg:\n    device, deterministic = 'cpu', True\n"
+        "print(run_distributed(lambda cfg, info: (torch.are_deterministic_algorithms_enabled(),"
+        " os.environ.get('CUBLAS_WORKSPACE_CONFIG')), Cfg()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.stdout.split() == ["(True,", "':4096:8')"], done.stderr[-2000:]
+    x, _ = synthetic(2048)
+    data = fake_preprocessed(tmp_path / "data", x[:1792], x[1792:])
+    args = ["--data", str(data), "--wandb", "disabled", "--device", "cpu", "--n-latents", "96", "--k", "3"]
+    args += ["--batch-size", "256", "--dead-tokens", "256", "--eval-sentences", "0"]
+    runs = [
+        run_cli([*args, "--out", str(tmp_path / "plain")]),
+        run_cli([*args, "--deterministic", "--out", str(tmp_path / "det")]),
+    ]
+    for p in runs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    plain, det = weights(tmp_path / "plain"), weights(tmp_path / "det")
+    assert all(torch.equal(plain[k], det[k]) for k in plain)
