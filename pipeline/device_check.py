@@ -25,6 +25,7 @@ mismatched sequence.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -215,7 +216,7 @@ class EmulatedCuda(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _CudaFactories(TorchDispatchMode):
+class _DeviceOps(TorchDispatchMode):
     """Every aten op: factories with a CUDA `device=` (also those inside torch's own functions) make CudaTensors,
     and ops on device tensors run through _run (sparse ones included, which no subclass dispatch would see)."""
 
@@ -227,7 +228,7 @@ class _Emulation:
     """Both modes, entered together (per thread: torch's modes are thread-local)."""
 
     def __enter__(self):
-        self.modes = [EmulatedCuda(), _CudaFactories()]
+        self.modes = [EmulatedCuda(), _DeviceOps()]
         for m in self.modes:
             m.__enter__()
         return self
@@ -240,7 +241,7 @@ class _Emulation:
 
 def _require_thread_device(what: str) -> None:
     """CUDA calls on a thread use that thread's current device, cuda:0 until it calls set_device."""
-    if threading.current_thread() is not threading.main_thread() and _thread_device.get() is None:
+    if threading.current_thread() is not threading.main_thread() and getattr(_thread_device, "index", None) is None:
         raise DeviceMismatch(
             f"{what} on a thread that never called torch.cuda.set_device: on a rank whose GPU is not cuda:0 "
             "this opens a CUDA context (~0.5 GB) on GPU 0"
@@ -286,31 +287,13 @@ class _Stream:
         return event or _Event()
 
 
-class _ThreadDevice(threading.local):
-    index: int | None = None
-
-    def get(self):
-        return self.index
-
-
-_thread_device = _ThreadDevice()
+_thread_device = threading.local()  # .index: what this thread's torch.cuda.set_device named
 
 
 def _set_device(device) -> None:
     index = device if isinstance(device, int) else torch.device(device).index or 0
     _state.device_index = index
     _thread_device.index = index
-
-
-class _StreamContext:
-    def __init__(self, stream=None):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _generator_class():
@@ -349,7 +332,7 @@ def emulate_cuda() -> None:
         "Event": _Event,
         "Stream": _Stream,
         "current_stream": lambda device=None: _Stream(),
-        "stream": _StreamContext,
+        "stream": lambda stream=None: contextlib.nullcontext(),
         "set_sync_debug_mode": lambda mode: None,
         "empty_cache": lambda: None,
         "reset_peak_memory_stats": lambda device=None: None,
@@ -411,22 +394,18 @@ def _check_tensor(op: str, t: torch.Tensor) -> None:
         raise CollectiveMismatch(f"dist.{op}: dtype {t.dtype} is not an NCCL type")
 
 
-def _unwrap_collective_args(args, kwargs):
-    return tree_map(lambda t: t.elem if isinstance(t, CudaTensor) else t, (args, kwargs))
-
-
-def _record(op: str, tensors: list[torch.Tensor], extra: dict | None = None) -> None:
+def _record(op: str, tensors: list[torch.Tensor]) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     row = {"op": op, "shapes": [list(t.shape) for t in tensors], "dtypes": [str(t.dtype) for t in tensors]}
     with open(Path(_state.log_dir) / f"collectives-r{rank}.jsonl", "a") as f:
-        f.write(json.dumps({**row, **(extra or {})}) + "\n")
+        f.write(json.dumps(row) + "\n")
 
 
 def _checked(op: str, real):
     def collective(*args, **kwargs):
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if op in _OBJECT_OPS:
-            if _state.emulating and _thread_device.get() is None:
+            if _state.emulating and getattr(_thread_device, "index", None) is None:
                 raise CollectiveMismatch(
                     f"dist.{op} before torch.cuda.set_device: NCCL's object collectives stage the pickles on the "
                     "current device (cuda:0 on every rank without it)"
@@ -439,7 +418,7 @@ def _checked(op: str, real):
             if any(t.dtype != tensors[0].dtype for t in tensors):
                 raise CollectiveMismatch(f"dist.{op}: mixed dtypes {[str(t.dtype) for t in tensors]}")
         _record(op, tensors)
-        a, k = _unwrap_collective_args(args, kwargs)
+        a, k = tree_map(lambda t: t.elem if isinstance(t, CudaTensor) else t, (args, kwargs))  # gloo takes CPU data
         return real(*a, **k)
 
     collective.__name__ = op
