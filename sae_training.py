@@ -356,9 +356,9 @@ class Trainer:
             x = self.val[a : min(a + 4096, end)].to(device, torch.float32)
             out = sae(x)
             active = out.values > 0
-            sums[:5] += torch.stack(
+            sums[0] += len(x)  # a scalar argument: no host-to-device copy
+            sums[1:5] += torch.stack(
                 [
-                    torch.tensor(float(len(x)), dtype=torch.float64, device=device),
                     (out.x_hat - x).double().pow(2).sum(),
                     (out.x_hat_norm - out.x_norm).double().pow(2).sum(),
                     (x.double() - mean).pow(2).sum(),
