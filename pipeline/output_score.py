@@ -41,13 +41,12 @@ def promoted_tokens(model, directions: torch.Tensor, top_tokens: int, chunk_rows
     """[n, d] unit directions -> [n, top_tokens] token ids with the largest logit-lens score.
 
     In chunks of rows: the whole [n, V] lens of a users'-size SAE is 49,152 x 128,256 fp32 = 25 GB."""
-    w_out = model.output.weight  # [V, d], the model's dtype: an fp32 copy would be 1.6 GB at V 128k, d 3,072
+    w_out = model.output.weight.float()  # [V, d]
     gain = model.norm.weight.float()
     out = []
     for a in range(0, len(directions), chunk_rows):
-        rows = directions[a : a + chunk_rows].float().to(w_out.device) * gain  # [chunk, d]
-        lens = rows.to(w_out.dtype) @ w_out.t()  # [chunk, V]
-        out.append(lens.float().topk(top_tokens, dim=-1).indices)
+        lens = (directions[a : a + chunk_rows].float().to(w_out.device) * gain) @ w_out.t()  # [chunk, V]
+        out.append(lens.topk(top_tokens, dim=-1).indices)
     return torch.cat(out) if out else torch.zeros(0, top_tokens, dtype=torch.long, device=w_out.device)
 
 
