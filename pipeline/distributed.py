@@ -15,6 +15,7 @@ its failure left behind), so its one-line error prints at once and torchrun stop
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 import zlib
@@ -55,6 +56,14 @@ class DistInfo:
 
 
 FORCE_GROUP_ENV = "PIPELINE_FORCE_PROCESS_GROUP"
+_store_dirs: list[str] = []  # a forced group's file store, removed at teardown
+
+
+def _file_store_dir() -> str:
+    _store_dirs.append(tempfile.mkdtemp(prefix="pipeline-pg-"))
+    return _store_dirs[-1]
+
+
 TIMEOUT_ENV = "PIPELINE_DIST_TIMEOUT_S"
 
 
@@ -87,7 +96,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     if group and not dist.is_initialized():
         backend = emulated_backend() or ("nccl" if dev.type == "cuda" else "gloo")
         # torchrun sets MASTER_ADDR; a forced group of one in a plain `python script.py` rendezvouses in a file
-        init = None if "MASTER_ADDR" in os.environ else f"file://{tempfile.mkdtemp(prefix='pg-')}/store"
+        init = None if "MASTER_ADDR" in os.environ else f"file://{_file_store_dir()}/store"
         try:
             dist.init_process_group(
                 backend=backend,
@@ -178,3 +187,5 @@ def teardown(info: DistInfo, failed: bool = False) -> None:
             _abort_process_group()
         else:
             dist.destroy_process_group()
+    while _store_dirs:
+        shutil.rmtree(_store_dirs.pop(), ignore_errors=True)
