@@ -155,11 +155,11 @@ for fix in (False, True):
 # ---- every stage on the emulated device -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_every_stage_runs_on_the_emulated_device(tiny_pipeline, tmp_path):
-    """capture (one process with a forced group, and 2 ranks), training (forced group), top sentences from the
-    capture and from the model, the steering evaluation, inference with an SAE and the Gradio page's session:
-    all with --device cuda under the emulation; each rank's collectives the same; results equal to the CPU run's."""
+    """capture (one process with a forced group, and 2 ranks), training and top sentences from the capture and
+    from the model (2 ranks), the steering evaluation, inference with an SAE and the Gradio page's session: all
+    with --device cuda under the emulation; each rank's collectives the same; top sentences equal the CPU run's."""
     root, plan, _, _ = tiny_pipeline
-    model = str(root / "runs" / "sae" / "sae")  # the SAE names its model
+    sae_dir = str(root / "runs" / "sae" / "sae")  # the SAE names its model
     hf = json.loads((root / "runs" / "activations" / "manifest.json").read_text())["inputs"]["model"]["path"]
     out = tmp_path / "out"
 
@@ -184,7 +184,7 @@ def test_every_stage_runs_on_the_emulated_device(tiny_pipeline, tmp_path):
 
     for source in ("capture", "model"):
         logs = tmp_path / f"top_{source}"
-        top = ["--sae", model, "--sentences", "runs/sentences", "--device", "cuda", "--top-n", "5"]
+        top = ["--sae", sae_dir, "--sentences", "runs/sentences", "--device", "cuda", "--top-n", "5"]
         top += ["--max-batch-tokens", "256", "--source", source, "--out", str(out / f"top_{source}")]
         run_stage(root, logs, "capture_top_activating_sentences.py", top, ranks=2)
         assert_ranks_agree(logs, 2)
@@ -193,12 +193,12 @@ def test_every_stage_runs_on_the_emulated_device(tiny_pipeline, tmp_path):
     on_cpu = pq.read_table(root / "runs" / "top_sentences" / "top_sentences.parquet", columns=cols)
     assert pq.read_table(out / "top_capture" / "top_sentences.parquet", columns=cols).equals(on_cpu)
 
-    steer = ["--sae", model, "--top-sentences", "runs/top_sentences", "--meanings", "latent_index_meaning"]
+    steer = ["--sae", sae_dir, "--top-sentences", "runs/top_sentences", "--meanings", "latent_index_meaning"]
     steer += ["--device", "cuda", "--n-candidates", "2", "--max-new-tokens", "4", "--out", str(out / "steer")]
     run_stage(root, tmp_path / "steer", "steering_evaluation.py", steer)
     assert json.loads((out / "steer" / "results.json").read_text())["summary"]
 
-    infer = ["--device", "cuda", "--max-new-tokens", "3", "--no-stream", "--prompt", "The river", "A", "--sae", model]
+    infer = ["--device", "cuda", "--max-new-tokens", "3", "--no-stream", "--prompt", "The river", "A", "--sae", sae_dir]
     infer += ["--meanings", "latent_index_meaning", "--steer", "3:h_bias:4", "--compare", "--inspect", "2"]
     done = run_stage(root, tmp_path / "infer", "llama_3_inference.py", [*infer, "--temperature", "0.7"])
     assert "steered" in done.stdout
@@ -209,7 +209,7 @@ from pipeline.steering_session import Session
 from pipeline.steering import SteeringEntry
 from pipeline.output_score import promoted_tokens
 from pipeline.steering_vectors import sae_directions
-s = Session.open(None, {model!r}, "latent_index_meaning", "cuda", "auto")
+s = Session.open(None, {sae_dir!r}, "latent_index_meaning", "cuda", "auto")
 assert s.loaded.model.tok_embeddings.weight.device.type == "cuda"
 entries = [SteeringEntry(3, "h_bias", 4.0)]
 pairs = s.complete(s.text_prompts(["The river"]), entries, max_new_tokens=3, temperature=0.0)
