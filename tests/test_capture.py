@@ -20,6 +20,7 @@ from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig, main as sentences_main
 from pipeline.activations import CaptureOutput, load_shard, sentence_rows
 from pipeline.sentences import iter_sentences
+from tests.collective_log import assert_ranks_agree, collective_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,10 +183,12 @@ def test_two_rank_gloo_torchrun_equals_one_process(tmp_path, tiny, sentences):
         "resid_pre.3",
     ]
     one = run_capture_cli(common + ["--out", str(tmp_path / "one")])
-    two = run_capture_cli(common + ["--out", str(tmp_path / "two")], torchrun=2)
+    logs = tmp_path / "collectives"  # held to NCCL's rules; both ranks run the same collectives
+    two = run_capture_cli(common + ["--out", str(tmp_path / "two")], torchrun=2, env_extra=collective_env(logs))
     for p in (one, two):
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-3000:]
+    assert_ranks_agree(logs, 2)
     m1, rows1, toks1 = read_capture(tmp_path / "one")
     m2, rows2, toks2 = read_capture(tmp_path / "two")
     assert m2["world_size"] == 2 and {s["rank"] for s in m2["shards"]} == {0, 1}

@@ -13,18 +13,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.collective_log import REPO, assert_ranks_agree, collective_env
 from pipeline.device_check import rank_sequences
-
-REPO = Path(__file__).resolve().parents[1]
-SITE = REPO / "tests" / "device_check"
 
 
 def emulated_env(log_dir: Path, **extra) -> dict:
     return {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SITE), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **collective_env(log_dir),
         "PIPELINE_DEVICE_CHECK": "cuda",
-        "PIPELINE_COLLECTIVE_LOG": str(log_dir),
         "PIPELINE_FORCE_PROCESS_GROUP": "1",
         "PIPELINE_DIST_TIMEOUT_S": "120",
         "OMP_NUM_THREADS": "1",
@@ -41,14 +38,6 @@ def run_stage(root: Path, log_dir: Path, script: str, args: list[str], ranks: in
     )
     assert done.returncode == 0, f"{script}: {done.stdout[-2000:]}{done.stderr[-4000:]}"
     return done
-
-
-def assert_ranks_agree(log_dir: Path, ranks: int) -> dict[int, list[dict]]:
-    seqs = rank_sequences(log_dir)
-    assert sorted(seqs) == list(range(ranks)), f"collective logs of ranks {sorted(seqs)}"
-    for r in range(1, ranks):
-        assert seqs[r] == seqs[0], f"rank {r} ran other collectives than rank 0: {seqs[r][:5]} vs {seqs[0][:5]}"
-    return seqs
 
 
 # ---- the emulation itself, against what CUDA does --------------------------------------------------------------

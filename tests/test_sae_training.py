@@ -19,6 +19,7 @@ from pipeline.manifest import make_manifest, read_jsonl, write_json_atomic
 from pipeline.preprocessed import KIND as PRE_KIND, Moments
 from sae import TopKSae
 from sae_training import TrainConfig, checkpoint_state, main as train_main
+from tests.collective_log import assert_ranks_agree, collective_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -317,11 +318,12 @@ def test_two_rank_gloo_ddp_equals_one_process(tmp_path):
     ]
     one, two = (
         run_cli(args + ["--out", str(tmp_path / "one")]),
-        run_cli(args + ["--out", str(tmp_path / "two")], torchrun=2),
+        run_cli(args + ["--out", str(tmp_path / "two")], torchrun=2, env_extra=collective_env(tmp_path / "logs")),
     )
     for p in (one, two):
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-3000:]
+    assert_ranks_agree(tmp_path / "logs", 2)  # held to NCCL's rules; both ranks ran the same collectives
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["world_size"] == 2
     for run in ("one", "two"):

@@ -21,6 +21,7 @@ from openwebtext_sentences_dataset import main as sentences_main
 from pipeline.sentences import iter_sentences
 from pipeline.top_sentences import AGGREGATIONS, TopTable, merge_top, open_top_sentences
 from sae import SaeConfig, TopKSae
+from tests.collective_log import assert_ranks_agree, collective_env
 
 REPO = Path(__file__).resolve().parents[1]
 HOOK, N_LATENTS, K, TOP_N = "resid_pre.1", 40, 4, 5
@@ -220,7 +221,7 @@ def test_ties_rank_lower_sentence_id_first_whatever_the_order():
 def test_two_ranks_merge_to_the_single_process_result(tmp_path, tiny, sentences, sae_dir):
     one = run(tmp_path, tiny, sentences, sae_dir, name="one", browser=False)
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **collective_env(tmp_path / "logs")}
     cmd = [
         sys.executable,
         "-m",
@@ -250,6 +251,7 @@ def test_two_ranks_merge_to_the_single_process_result(tmp_path, tiny, sentences,
     ]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert_ranks_agree(tmp_path / "logs", 2)  # held to NCCL's rules; both ranks ran the same collectives
     a, b = open_top_sentences(one), open_top_sentences(two)
     ta, tb = a.table("top_sentences").to_pylist(), b.table("top_sentences").to_pylist()
     assert [(r["latent"], r["aggregation"], r["rank"], r["sentence_id"]) for r in ta] == [
