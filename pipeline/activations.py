@@ -33,16 +33,10 @@ from safetensors.torch import save_file
 
 from llama_3.errors import PipelineInputError
 from pipeline.manifest import Fields, atomic_path, read_manifest, sha256_file
+from pipeline.runtime import set_thread_device
 from pipeline.tokenization import Tokenization
 
 KIND = "activations"
-
-
-def set_thread_device(device: torch.device | None) -> None:
-    """A new thread's CUDA calls go to cuda:0 until it names its rank's GPU: on every other rank the first one
-    (an event wait, a pinned allocation) would open a CUDA context (~0.5 GB) on GPU 0."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.set_device(device)
 
 
 def shard_filename(rank: int, index: int) -> str:

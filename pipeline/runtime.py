@@ -31,6 +31,13 @@ def capture_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if has_native_bf16() else torch.float32
 
 
+def set_thread_device(device: torch.device | None) -> None:
+    """A new thread's CUDA calls go to cuda:0 until it names its rank's GPU: on every other rank the first one
+    (an event wait, a pinned allocation) would open a CUDA context (~0.5 GB) on GPU 0."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def use_deterministic_algorithms() -> None:
     """--deterministic: the same inputs give the same bits on a GPU too, at some speed.
 

@@ -200,7 +200,8 @@ def generate(session, rows: list[Row], offsets: torch.Tensor, sampling: dict, ba
     hook = session.steerable.hook_point
     for a in range(0, len(rows), batch_rows):
         part = rows[a : a + batch_rows]
-        splice = vector_splice(offsets[a : a + batch_rows], skip)
+        device = session.loaded.model.tok_embeddings.weight.device
+        splice = vector_splice(offsets[a : a + batch_rows].to(device), skip)  # once per batch, not per token
         for r, c in zip(part, session.gen.generate([r.tokens for r in part], splice={hook: splice}, **sampling)):
             r.continuation, r.text = c.tokens, c.text
         if progress is not None:

@@ -119,11 +119,11 @@ print(out)
 
 def test_writer_thread_without_set_device_is_refused(tmp_path):
     """The capture's shard writer waits on CUDA events on its own thread: without set_device there, ranks > 0
-    open a context on GPU 0 (the emulation refuses it; pipeline.activations.set_thread_device fixes it)."""
+    open a context on GPU 0 (the emulation refuses it; pipeline.runtime.set_thread_device fixes it)."""
     code = """
 import threading, torch
 from pipeline.device_check import DeviceMismatch
-from pipeline.activations import set_thread_device
+from pipeline.runtime import set_thread_device
 torch.cuda.set_device(1)
 def wait(fix):
     if fix:
