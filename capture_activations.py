@@ -11,7 +11,7 @@ Usage:
 Each rank takes every world_size-th row group of the sentence dataset, runs a capture-only forward
 (no block after the last hook point) on length-sorted batches, and hands packed real-token
 activations to a background writer. Killing the run at any point and starting it again resumes
-with the same number of ranks; shard format: pipeline/activations.py.
+with the same number of ranks; shard format: pipeline/capture/activations.py.
 
 CPU default model dtype: bf16 where the CPU has native bf16 matmuls (AMX / AVX-512 BF16; several
 times faster, ~0.4% relative error per activation), else fp32. Storage defaults to bf16.
@@ -29,19 +29,19 @@ import torch
 from tqdm import tqdm
 
 from llama_3 import HookPoint, default_capture_layer, load_model
-from llama_3.cli import Dtype, StorageDtype, check_choices, parse_config, resolve_dtype, run_main
+from pipeline.core.cli import Dtype, StorageDtype, check_choices, parse_config, resolve_dtype, run_main
 from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
-from pipeline import fault_injection
-from pipeline.activations import KIND, ShardWriter, TokenChunk
-from pipeline.distributed import SHARED_PROBE, DistInfo, barrier, check_shared_folder, run_distributed
-from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
-from pipeline.output_folder import OutputFolder, config_request, owned_names
-from pipeline.paths import ACTIVATIONS_DIR, SENTENCES_DIR
-from pipeline.runtime import capture_dtype, forward_batch_tokens
-from pipeline.sentences import SentenceBatch, SentenceTokenDataset
-from pipeline.tokenization import DEFAULT_MAX_TOKENS
+from pipeline.core import fault_injection
+from pipeline.capture.activations import KIND, ShardWriter, TokenChunk
+from pipeline.core.distributed import SHARED_PROBE, DistInfo, barrier, check_shared_folder, run_distributed
+from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
+from pipeline.core.output_folder import OutputFolder, config_request, owned_names
+from pipeline.core.layout import ACTIVATIONS_DIR, SENTENCES_DIR
+from pipeline.core.runtime import capture_dtype, forward_batch_tokens
+from pipeline.sentences.dataset import SentenceBatch, SentenceTokenDataset
+from pipeline.core.tokenization import DEFAULT_MAX_TOKENS
 
 
 @dataclass

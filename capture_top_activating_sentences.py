@@ -9,7 +9,7 @@ Usage:
         --sae runs/sae/sae --sentences runs/owt_sentences
 
 Reads the SAE's input activations back from the capture it was trained from, where that capture holds
-the requested sentences as the SAE saw them (--source auto, the default; pipeline/top_sentence_sources.py),
+the requested sentences as the SAE saw them (--source auto, the default; pipeline/top_sentences/sources.py),
 and streams the other sentences through the model to the SAE's hook point (capture-only forward).
 For every latent it keeps the top N sentences under each aggregation over the sentence's tokens
 (mean, max, last token) on the device, the latent's per-token activations in those sentences,
@@ -19,7 +19,7 @@ world_size-th row group (or capture shard); their tables merge exactly (ties: lo
 
 Default sentence set: the sentences the SAE's training capture covered (its held-out sentences
 plus its training sentences), read from the run's manifests; --max-sentences N overrides.
-Tables: pipeline/top_sentences.py. Browser: pipeline/feature_browser.py.
+Tables: pipeline/top_sentences/tables.py. Browser: pipeline/report/feature_browser.py.
 """
 
 from __future__ import annotations
@@ -41,22 +41,22 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from llama_3 import load_model
-from llama_3.cli import Dtype, check_choices, parse_config, resolve_dtype, run_main
+from pipeline.core.cli import Dtype, check_choices, parse_config, resolve_dtype, run_main
 from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
-from pipeline import fault_injection
-from pipeline.distributed import DistInfo, run_distributed
-from pipeline.activations import CaptureOutput
-from pipeline.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
-from pipeline.output_folder import OutputFolder, config_request, owned_names
-from pipeline.meanings import sae_sha256, sae_weights_file
-from pipeline.paths import SAE_DIR, SENTENCES_DIR, TOP_SENTENCES_DIR
-from pipeline.runtime import capture_dtype, forward_batch_tokens, release_free_memory
-from pipeline.sentences import SentenceDataset, SentenceTokenDataset, iter_sentences
-from pipeline.top_sentence_sources import Source, capture_batches, from_model_batch, plan_source, sae_capture_dir
-from pipeline.feature_browser import STAGING_PREFIX as BROWSER_STAGING, write_browser
-from pipeline.top_sentences import (
+from pipeline.core import fault_injection
+from pipeline.core.distributed import DistInfo, run_distributed
+from pipeline.capture.activations import CaptureOutput
+from pipeline.core.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.core.output_folder import OutputFolder, config_request, owned_names
+from pipeline.interpret.meanings import sae_sha256, sae_weights_file
+from pipeline.core.layout import SAE_DIR, SENTENCES_DIR, TOP_SENTENCES_DIR
+from pipeline.core.runtime import capture_dtype, forward_batch_tokens, release_free_memory
+from pipeline.sentences.dataset import SentenceDataset, SentenceTokenDataset, iter_sentences
+from pipeline.top_sentences.sources import Source, capture_batches, from_model_batch, plan_source, sae_capture_dir
+from pipeline.report.feature_browser import STAGING_PREFIX as BROWSER_STAGING, write_browser
+from pipeline.top_sentences.tables import (
     AGGREGATIONS,
     FILES,
     HIST_BINS,

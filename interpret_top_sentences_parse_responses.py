@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from llama_3.cli import check_choices, parse_config, run_main
+from pipeline.core.cli import check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.explainers import OFFLINE_JUDGE, LatentExamples, balanced_accuracy, mean, minilm_scores
-from pipeline.interpretation import (
+from pipeline.interpret.explainers import OFFLINE_JUDGE, LatentExamples, balanced_accuracy, mean, minilm_scores
+from pipeline.interpret.batches import (
     INTERPRETATION_DIR,
     BatchState,
     bind_state_to_sae,
@@ -34,10 +34,10 @@ from pipeline.interpretation import (
     read_results,
     task_dir,
 )
-from pipeline.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
-from pipeline.output_folder import OutputFolder, owned_names
-from pipeline.paths import TOP_SENTENCES_DIR
-from pipeline.top_sentences import Aggregation, open_top_sentences
+from pipeline.core.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.core.output_folder import OutputFolder, owned_names
+from pipeline.core.layout import TOP_SENTENCES_DIR
+from pipeline.top_sentences.tables import Aggregation, open_top_sentences
 
 
 FAILURES = "parse_failures.jsonl"
@@ -199,7 +199,7 @@ def main(cfg: ParseConfig) -> dict:
     )
     write_json_atomic(directory / MANIFEST_NAME, manifest)
     if data.browser is not None:  # refresh the feature browser so it shows the new meanings and scores
-        from pipeline.feature_browser import write_browser
+        from pipeline.report.feature_browser import write_browser
 
         write_browser(data, cfg.meanings)
         print(f"feature browser updated: {data.browser.resolve()}")

@@ -17,8 +17,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from llama_3.cli import check_choices, parse_config, run_main
-from pipeline.interpretation import INTERPRETATION_DIR, BatchState, Task, fetch_ended, make_client, task_dir
+from pipeline.core.cli import check_choices, parse_config, run_main
+from pipeline.interpret.batches import INTERPRETATION_DIR, BatchState, Task, fetch_ended, make_client, task_dir
 
 
 @dataclass

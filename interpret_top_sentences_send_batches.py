@@ -10,7 +10,7 @@ Then interpret_top_sentences_retrieve_batches.py and interpret_top_sentences_par
 Idempotent: a latent already submitted or answered is never sent again; one whose request errored,
 expired or was canceled is sent again (next attempt). The key is read from ANTHROPIC_API_KEY by the
 SDK and written nowhere. Without a key (or with --offline) the explain task runs the offline
-explainer and records its answers in the same results format. Contract: pipeline/interpretation.py.
+explainer and records its answers in the same results format. Contract: pipeline/interpret/batches.py.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llama_3.cli import check_choices, parse_config, run_main
+from pipeline.core.cli import check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.explainers import OFFLINE_EXPLAINER, LatentExamples, detection_prompt_sentences, offline_explanation
-from pipeline.interpretation import (
+from pipeline.interpret.explainers import OFFLINE_EXPLAINER, LatentExamples, detection_prompt_sentences, offline_explanation
+from pipeline.interpret.batches import (
     DEFAULT_MODEL,
     INTERPRETATION_DIR,
     OFFLINE_BATCH,
@@ -46,10 +46,10 @@ from pipeline.interpretation import (
     task_dir,
     write_results,
 )
-from pipeline.manifest import write_json_atomic
-from pipeline.meanings import load_meanings
-from pipeline.paths import TOP_SENTENCES_DIR
-from pipeline.top_sentences import Aggregation, open_top_sentences
+from pipeline.core.manifest import write_json_atomic
+from pipeline.interpret.meanings import load_meanings
+from pipeline.core.layout import TOP_SENTENCES_DIR
+from pipeline.top_sentences.tables import Aggregation, open_top_sentences
 
 
 @dataclass

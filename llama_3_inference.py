@@ -15,7 +15,7 @@ Usage:
     # several prompts of different lengths in one batch
     python llama_3_inference.py --prompt "The capital of France is" "Water boils at" --temperature 0
 
-Library: generation is llama_3/generation.py (`Generator`), the steering session pipeline/steering_session.py.
+Library: generation is llama_3/generation.py (`Generator`), the steering session pipeline/steering/session.py.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import sys
 from dataclasses import dataclass, field
 
 
-from llama_3.cli import Dtype, check_choices, parse_config, run_main
+from pipeline.core.cli import Dtype, check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
 from llama_3.generation import SpliceOn, chat_tokens, check_splice_on
-from pipeline.steering import SteerableSae, SteeringEntry
-from pipeline.steering_session import Session
+from pipeline.steering.splice import SteerableSae, SteeringEntry
+from pipeline.steering.session import Session
 
 
 @dataclass

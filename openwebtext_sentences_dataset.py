@@ -10,7 +10,7 @@ Usage (CPU, one process; readers shard the result across torchrun ranks):
 
 Re-running with the same settings reuses a finished dataset; an interrupted build resumes where
 its last complete shard ended (shards and the manifest are written atomically). The format and
-the tokenized reader live in pipeline/sentences.py.
+the tokenized reader live in pipeline/sentences/dataset.py.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from llama_3.cli import check_choices, parse_config, run_main
+from pipeline.core.cli import check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
-from pipeline.output_folder import OutputFolder, config_request, owned_names
-from pipeline.paths import SENTENCES_DIR
-from pipeline.sentences import KIND, ROW_GROUP_SENTENCES, SCHEMA, shard_filename
-from pipeline.splitter import SentenceSplitter
-from pipeline.text_sources import Document, HFDatasetSource, LocalFilesSource, TextSource, WikiSummariesSource
+from pipeline.core.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.core.output_folder import OutputFolder, config_request, owned_names
+from pipeline.core.layout import SENTENCES_DIR
+from pipeline.sentences.dataset import KIND, ROW_GROUP_SENTENCES, SCHEMA, shard_filename
+from pipeline.sentences.splitter import SentenceSplitter
+from pipeline.sentences.text_sources import Document, HFDatasetSource, LocalFilesSource, TextSource, WikiSummariesSource
 
 PROGRESS_NAME = "_progress.json"
 PUNKT_NAME = "punkt_params.json"

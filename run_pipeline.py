@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llama_3.cli import parse_config, run_main
+from pipeline.core.cli import parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.interpretation import INTERPRETATION_DIR
-from pipeline.manifest import MANIFEST_NAME, make_manifest, write_json_atomic
-from pipeline.paths import (
+from pipeline.interpret.batches import INTERPRETATION_DIR
+from pipeline.core.manifest import MANIFEST_NAME, make_manifest, write_json_atomic
+from pipeline.core.layout import (
     ACTIVATIONS_DIR,
     PREPROCESSED_DIR,
     RUNS_DIR,
@@ -181,7 +181,7 @@ class StageFailed(Exception):
 
 
 def summary_screen(doc: dict, report: Path) -> str:
-    from pipeline.report import read_json
+    from pipeline.report.report import read_json
 
     s = read_json(report.parent / "summary.json") or {}
     t, i, st = s.get("training") or {}, s.get("interpretation") or {}, s.get("steering") or {}
@@ -228,7 +228,7 @@ def summary_screen(doc: dict, report: Path) -> str:
 
 
 def main(cfg: PipelineConfig) -> dict:
-    from pipeline.report import write_report
+    from pipeline.report.report import write_report
 
     plan = stages(cfg)
     names = [s.name for s in plan]

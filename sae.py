@@ -43,8 +43,8 @@ from torch import nn
 from llama_3.cpu_features import can_prepack
 from llama_3.errors import PipelineInputError
 from llama_3.hooks import HookPoint
-from pipeline.manifest import atomic_path
-from pipeline.tokenization import DEFAULT_MAX_TOKENS, Tokenization
+from pipeline.core.manifest import atomic_path
+from pipeline.core.tokenization import DEFAULT_MAX_TOKENS, Tokenization
 
 Normalize = Literal["dataset", "token", "none"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalize)
@@ -625,7 +625,7 @@ class ExportConfig:
     )
 
     def __post_init__(self) -> None:
-        from llama_3.cli import check_choices
+        from pipeline.core.cli import check_choices
 
         check_choices(self)
 
@@ -652,7 +652,7 @@ def export_main(cfg: ExportConfig) -> Path:
 if __name__ == "__main__":
     import sys
 
-    from llama_3.cli import parse_config, run_main
+    from pipeline.core.cli import parse_config, run_main
 
     if sys.argv[1:2] != ["export"]:
         sys.exit("usage: python sae.py export --format saelens|sparsify [--sae DIR] --out DIR")

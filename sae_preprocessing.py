@@ -8,7 +8,7 @@ One pass over the capture: every shard is checked against the capture manifest's
 training tokens are folded into float64 Welford/Chan moments and written, grouped by shuffle bucket,
 to `train_acts.npy`; held-out sentences' tokens go to `val_acts.npy`. A second pass sorts each bucket
 in memory: a seeded shuffle within --memory-gb whatever the data size, with only large sequential
-reads and writes (pipeline/shuffle.py). Format and statistics: pipeline/preprocessed.py.
+reads and writes (pipeline/preprocessing/shuffle.py). Format and statistics: pipeline/preprocessing/preprocessed.py.
 
 Massive activations: without BOS the first token of every sentence is the attention sink (norm
 ~100x the median). Policy: tokens at positions < --exclude-first-positions (default 1 for a capture
@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llama_3.cli import parse_config, run_main
+from pipeline.core.cli import parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.activations import CaptureOutput, act_key
-from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
-from pipeline.output_folder import OutputFolder, config_request, owned_names
-from pipeline.paths import ACTIVATIONS_DIR, PREPROCESSED_DIR
-from pipeline.preprocessed import KIND, TORCH_TO_NP, Moments
-from pipeline.shuffle import bucket_bits, bucket_of, row_keys, shuffled_order
+from pipeline.capture.activations import CaptureOutput, act_key
+from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
+from pipeline.core.output_folder import OutputFolder, config_request, owned_names
+from pipeline.core.layout import ACTIVATIONS_DIR, PREPROCESSED_DIR
+from pipeline.preprocessing.preprocessed import KIND, TORCH_TO_NP, Moments
+from pipeline.preprocessing.shuffle import bucket_bits, bucket_of, row_keys, shuffled_order
 
 BAR = {"dynamic_ncols": True}
 OUTPUT_FILES = (
@@ -124,7 +124,7 @@ def _process_shard(task: dict) -> dict:
     sq = torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).double().pow(2).numpy()  # only for the policy report
     moments = Moments.of(a[torch.from_numpy(is_train)])
     # Pass 1 of the shuffle: this shard's training rows, grouped by bucket, each group one contiguous write
-    # after the earlier shards' rows of its bucket (pipeline/shuffle.py).
+    # after the earlier shards' rows of its bucket (pipeline/preprocessing/shuffle.py).
     t_sids, t_pos, t_raw = sids[is_train], pos[is_train], raw[is_train]
     bucket = bucket_of(row_keys(t_sids, t_pos, task["seed"]), task["bucket_bits"])
     order = np.argsort(bucket, kind="stable")
@@ -189,7 +189,7 @@ def preallocate(path: Path, dtype, shape: tuple[int, int]) -> int:
 def plan(cap: CaptureOutput, cfg: PreprocessConfig, exclude_first: int, bits: int):
     """Metadata-only pass: per-shard train/val/excluded counts and training rows per bucket, the held-out
     sentence ids."""
-    from pipeline.activations import load_shard
+    from pipeline.capture.activations import load_shard
 
     counts, per_bucket, val_ids = [], [], set()
     for p, s in zip(cap.shard_paths, cap.shards):

@@ -3,7 +3,7 @@
 The latents with the best output score (adding the decoder row makes the model predict the latent's
 promoted tokens) are steered with a sweep of strengths on chat instructions; each method is judged on
 held-out instructions at its best strength for concept, instruction relevance and fluency (0-2 each,
-offline: MiniLM and the clean model; see pipeline/steering_judge.py) and their harmonic mean.
+offline: MiniLM and the clean model; see pipeline/steering/judge.py) and their harmonic mean.
 
 Usage:
     # CPU, the demo run (SAE, top sentences, meanings from the earlier stages)
@@ -27,20 +27,20 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from llama_3.cli import Dtype, check_choices, parse_config, run_main
+from pipeline.core.cli import Dtype, check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.activations import CaptureOutput
-from pipeline.explainers import LatentExamples
-from pipeline.interpretation import DEFAULT_MODEL, make_client
-from pipeline.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
-from pipeline.meanings import sae_sha256, sae_weights_file
-from pipeline.output_folder import OutputFolder, config_request, owned_names
-from pipeline.paths import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
-from pipeline.sentence_embedding import SentenceEncoder
-from pipeline.steering_eval import SELECT_INSTRUCTIONS, TEST_INSTRUCTIONS, Benchmark, evaluate
-from pipeline.steering_judge import run_claude_judge
-from pipeline.steering_session import Session
-from pipeline.top_sentences import open_top_sentences
+from pipeline.capture.activations import CaptureOutput
+from pipeline.interpret.explainers import LatentExamples
+from pipeline.interpret.batches import DEFAULT_MODEL, make_client
+from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.interpret.meanings import sae_sha256, sae_weights_file
+from pipeline.core.output_folder import OutputFolder, config_request, owned_names
+from pipeline.core.layout import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
+from pipeline.interpret.embedding import SentenceEncoder
+from pipeline.steering.evaluation import SELECT_INSTRUCTIONS, TEST_INSTRUCTIONS, Benchmark, evaluate
+from pipeline.steering.judge import run_claude_judge
+from pipeline.steering.session import Session
+from pipeline.top_sentences.tables import open_top_sentences
 
 KIND = "steering_eval"
 Judge = Literal["offline", "claude"]

@@ -28,8 +28,8 @@ from bench.bench_llama import to_transformers  # noqa: E402
 from llama_3 import default_capture_layer, load_model  # noqa: E402
 from llama_3.cpu_features import cpu_name, has_native_bf16, missing_bf16_feature  # noqa: E402
 from llama_3.cpu_fast import apply_cpu_fast_paths  # noqa: E402
-from pipeline.runtime import tune_glibc_malloc  # noqa: E402
-from pipeline.sentences import SentenceTokenDataset, iter_sentences  # noqa: E402
+from pipeline.core.runtime import tune_glibc_malloc  # noqa: E402
+from pipeline.sentences.dataset import SentenceTokenDataset, iter_sentences  # noqa: E402
 
 MAX_TOKENS = 64
 

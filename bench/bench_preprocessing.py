@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.activations import CaptureOutput  # noqa: E402
+from pipeline.capture.activations import CaptureOutput  # noqa: E402
 from sae_preprocessing import PreprocessConfig, main as preprocess  # noqa: E402
 
 

@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from llama_3.cpu_features import cpu_name  # noqa: E402
-from pipeline.activations import KIND as CAPTURE_KIND, ShardWriter, TokenChunk  # noqa: E402
-from pipeline.manifest import make_manifest, write_json_atomic  # noqa: E402
+from pipeline.capture.activations import KIND as CAPTURE_KIND, ShardWriter, TokenChunk  # noqa: E402
+from pipeline.core.manifest import make_manifest, write_json_atomic  # noqa: E402
 
 HOOK = "resid_pre.1"
 SENTENCE_TOKENS = 16

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 READ_SNIPPET = """
 import json, sys, time, resource
 from llama_3 import load_tokenizer
-from pipeline.sentences import SentenceTokenDataset
+from pipeline.sentences.dataset import SentenceTokenDataset
 tok = load_tokenizer(None)
 ds = SentenceTokenDataset(sys.argv[1], tok)
 t = time.perf_counter()
@@ -64,7 +64,7 @@ def run_script(args: list[str]) -> tuple[float, float]:
 
 
 def generate_big_text(path: Path, gb: float) -> int:
-    from pipeline.text_sources import WikiSummariesSource
+    from pipeline.sentences.text_sources import WikiSummariesSource
 
     docs = [r.text for r in WikiSummariesSource().records(10**9) if hasattr(r, "text")]
     target, written, rep = int(gb * 1e9), 0, 0

@@ -82,10 +82,10 @@ step inference 120 python llama_3_inference.py --device cuda --dtype bfloat16 --
   --inspect 3
 step gradio_session 120 python - "$RUNS/sae/sae" "$OUT/meanings" <<'EOF'
 import sys
-from pipeline.output_score import promoted_tokens
-from pipeline.steering import SteeringEntry
-from pipeline.steering_session import Session
-from pipeline.steering_vectors import sae_directions
+from pipeline.steering.output_score import promoted_tokens
+from pipeline.steering.splice import SteeringEntry
+from pipeline.steering.session import Session
+from pipeline.steering.vectors import sae_directions
 s = Session.open(None, sys.argv[1], sys.argv[2], "cuda", "auto")  # what the Gradio page's callbacks call
 entries = [SteeringEntry(3, "h_bias", 4.0)]
 pairs = s.complete(s.text_prompts(["The river"]), entries, max_new_tokens=8, temperature=0.0)
@@ -127,7 +127,7 @@ EOF
 # The CUDA-only lines (README, "Which lines only run on CUDA"), each checked against the CPU result.
 step cuda_only_lines 120 python - <<'EOF'
 import torch
-from pipeline.prefetch import BatchPrefetcher
+from pipeline.core.prefetch import BatchPrefetcher
 from sae import SaeConfig, TopKSae
 
 # 1. the prefetcher's pinned, non-blocking host-to-device copy delivers the rows it read
@@ -151,7 +151,7 @@ EOF
 step training_host_syncs 120 python - "$RUNS/preprocessed" "$OUT/sync_run" <<'EOF'
 import sys, warnings
 import torch
-from pipeline.distributed import DistInfo
+from pipeline.core.distributed import DistInfo
 from sae_training import TrainConfig, Trainer
 cfg = TrainConfig(data=sys.argv[1], out=sys.argv[2], device="cuda", wandb="disabled", dead_tokens=4096)
 t = Trainer(cfg, DistInfo(0, 1, 0, 1, torch.device("cuda")))
@@ -182,7 +182,7 @@ step capture_cuda_fp32 180 torchrun1 capture_activations.py --sentences "$RUNS/s
 step capture_compare 60 python - "$RUNS/activations_cpu" "$RUNS/activations_cuda" <<'EOF'
 import sys
 import torch
-from pipeline.activations import CaptureOutput, load_shard
+from pipeline.capture.activations import CaptureOutput, load_shard
 a, b = (CaptureOutput.open(d) for d in sys.argv[1:3])
 for pa, pb in zip(a.shard_paths, b.shard_paths):
     x, y = load_shard(pa), load_shard(pb)

@@ -1,7 +1,7 @@
 """The one exception type the user sees for bad input, in every package and stage of the project.
 
 Every check that rejects a file, flag or field raises `PipelineInputError` with a single line naming
-what was wrong and where; the stage scripts print that line and exit 2 (llama_3.cli.run_main). It
+what was wrong and where; the stage scripts print that line and exit 2 (pipeline.core.cli.run_main). It
 lives in llama_3 because that package stands alone and the pipeline builds on it.
 """
 

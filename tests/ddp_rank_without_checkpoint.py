@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sae_training  # noqa: E402
-from llama_3.cli import parse_config, run_main  # noqa: E402
+from pipeline.core.cli import parse_config, run_main  # noqa: E402
 
 _load = sae_training.Trainer.load_checkpoint
 

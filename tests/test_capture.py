@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.activations as activations_mod
+import pipeline.capture.activations as activations_mod
 from capture_activations import CaptureConfig, main as capture_main
 from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig, main as sentences_main
-from pipeline.activations import CaptureOutput, load_shard, sentence_rows
-from pipeline.sentences import iter_sentences
+from pipeline.capture.activations import CaptureOutput, load_shard, sentence_rows
+from pipeline.sentences.dataset import iter_sentences
 from tests.collective_log import assert_ranks_agree, collective_env
 
 REPO = Path(__file__).resolve().parents[1]

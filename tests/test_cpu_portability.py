@@ -139,7 +139,7 @@ def test_onednn_cap_parsing(monkeypatch):
 def test_gpu_with_only_emulated_bf16_gets_fp16_and_no_autocast(monkeypatch):
     """torch.cuda.is_bf16_supported() says yes on V100 / T4 (emulated bf16): the stages pick fp16 / fp32 there."""
     from llama_3.checkpoints import default_dtype
-    from pipeline.runtime import capture_dtype
+    from pipeline.core.runtime import capture_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)

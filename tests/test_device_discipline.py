@@ -1,4 +1,4 @@
-"""Every stage as it runs on a GPU, on the CPU: the model and SAE on an emulated CUDA device (pipeline/device_check.py),
+"""Every stage as it runs on a GPU, on the CPU: the model and SAE on an emulated CUDA device (pipeline/core/device_check.py),
 every collective checked against NCCL's rules and recorded, a process group even for one process, and 2-rank runs
 whose ranks must run the same collectives. What a CUDA / NCCL run enforces fails here first."""
 
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.collective_log import REPO, assert_ranks_agree, collective_env
-from pipeline.device_check import rank_sequences
+from pipeline.core.device_check import rank_sequences
 
 
 def emulated_env(log_dir: Path, **extra) -> dict:
@@ -50,7 +50,7 @@ def run_emulated(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
 def test_emulated_device_refuses_what_cuda_refuses(tmp_path):
     code = """
 import torch
-from pipeline.device_check import DeviceMismatch
+from pipeline.core.device_check import DeviceMismatch
 torch.cuda.set_device(0)
 x = torch.randn(4, 3).cuda()
 assert x.device == torch.device("cuda", 0) and (x * 2).device.type == "cuda"
@@ -77,8 +77,8 @@ assert m.weight.grad.device.type == "cuda"
 def test_collective_checks_refuse_what_nccl_refuses(tmp_path):
     code = """
 import os, torch, torch.distributed as dist
-from pipeline.device_check import CollectiveMismatch
-from pipeline.distributed import setup_distributed
+from pipeline.core.device_check import CollectiveMismatch
+from pipeline.core.distributed import setup_distributed
 info = setup_distributed("cuda")
 assert dist.is_initialized() and info.distributed and info.world_size == 1
 ok = torch.ones(4, device="cuda")
@@ -99,7 +99,7 @@ def test_object_collective_needs_set_device(tmp_path):
     code = (
         """
 import torch, torch.distributed as dist
-from pipeline.device_check import CollectiveMismatch
+from pipeline.core.device_check import CollectiveMismatch
 dist.init_process_group("gloo", init_method="file://%s/store", world_size=1, rank=0)
 try:
     dist.gather_object({"a": 1}, [None], dst=0)
@@ -119,11 +119,11 @@ print(out)
 
 def test_writer_thread_without_set_device_is_refused(tmp_path):
     """The capture's shard writer waits on CUDA events on its own thread: without set_device there, ranks > 0
-    open a context on GPU 0 (the emulation refuses it; pipeline.runtime.set_thread_device fixes it)."""
+    open a context on GPU 0 (the emulation refuses it; pipeline.core.runtime.set_thread_device fixes it)."""
     code = """
 import threading, torch
-from pipeline.device_check import DeviceMismatch
-from pipeline.runtime import set_thread_device
+from pipeline.core.device_check import DeviceMismatch
+from pipeline.core.runtime import set_thread_device
 torch.cuda.set_device(1)
 def wait(fix):
     if fix:
@@ -194,10 +194,10 @@ def test_every_stage_runs_on_the_emulated_device(tiny_pipeline, tmp_path):
 
     session = f"""
 import torch
-from pipeline.steering_session import Session
-from pipeline.steering import SteeringEntry
-from pipeline.output_score import promoted_tokens
-from pipeline.steering_vectors import sae_directions
+from pipeline.steering.session import Session
+from pipeline.steering.splice import SteeringEntry
+from pipeline.steering.output_score import promoted_tokens
+from pipeline.steering.vectors import sae_directions
 s = Session.open(None, {sae_dir!r}, "latent_index_meaning", "cuda", "auto")
 assert s.loaded.model.tok_embeddings.weight.device.type == "cuda"
 entries = [SteeringEntry(3, "h_bias", 4.0)]
@@ -254,8 +254,8 @@ def test_ranks_that_do_not_share_the_output_folder_stop_at_once(tmp_path):
     script.write_text(
         "import sys, torch\n"
         "from pathlib import Path\n"
-        "from llama_3.cli import run_main\n"
-        "from pipeline.distributed import check_shared_folder, run_distributed\n"
+        "from pipeline.core.cli import run_main\n"
+        "from pipeline.core.distributed import check_shared_folder, run_distributed\n"
         "class Cfg:\n    device = 'cpu'\n"
         "def work(cfg, info):\n"
         "    folder = Path(sys.argv[1]) / (f'node{info.rank}' if sys.argv[2] == 'local' else 'shared')\n"

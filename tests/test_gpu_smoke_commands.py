@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_3.cli import parse_config
+from pipeline.core.cli import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "bench" / "gpu_smoke.sh"

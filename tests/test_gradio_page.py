@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from llama_3 import load_model
-from pipeline.steering_session import Session
-from pipeline.meanings import sae_sha256
-from pipeline.steering import SteeringEntry
+from pipeline.steering.session import Session
+from pipeline.interpret.meanings import sae_sha256
+from pipeline.steering.splice import SteeringEntry
 from sae import SaeConfig, TopKSae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,8 +159,8 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     d.find_element(By.CSS_SELECTOR, "#search_button").click()
     wait.until(lambda d: '"greetings", "salutations"' in text_of("#search_results"))
     # beside the input meaning, the output effect: the top tokens of the decoder row's logit lens
-    from pipeline.output_score import promoted_tokens
-    from pipeline.steering_vectors import sae_directions
+    from pipeline.steering.output_score import promoted_tokens
+    from pipeline.steering.vectors import sae_directions
 
     probe = Session.open(cfg.model, cfg.sae, cfg.meanings, "cpu", "float32")
     ids = promoted_tokens(probe.loaded.model, sae_directions(probe.steerable.sae, [LATENT]), 5)[0].tolist()
@@ -196,14 +196,14 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     assert plain != steered
 
     # the judge table: the entry's latent on the re-read texts and the clean model's loss, unsteered -> steered
-    from pipeline.steering_eval import Row, read_continuations
+    from pipeline.steering.evaluation import Row, read_continuations
 
     wait.until(lambda d: "->" in text_of("#judge"))
     rows = [Row(0, "x", LATENT, None, c.prompt_tokens, c.tokens) for pair in pairs for c in pair]
     reads = read_continuations(session.loaded.model, session.steerable.sae, rows)
     assert f"{reads[0][0]:.2f} -> {reads[1][0]:.2f}" in text_of("#judge")
     assert f"{reads[0][1]:.3f} -> {reads[1][1]:.3f}" in text_of("#judge")
-    from pipeline.sentence_embedding import SentenceEncoder  # MiniLM on the meaning's key words, as the evaluation
+    from pipeline.interpret.embedding import SentenceEncoder  # MiniLM on the meaning's key words, as the evaluation
 
     v = SentenceEncoder().encode(["greetings, salutations", pairs[0][0].text, pairs[0][1].text])
     assert f"{float(v[1] @ v[0]):.3f} -> {float(v[2] @ v[0]):.3f}" in text_of("#judge")

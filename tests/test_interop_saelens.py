@@ -191,10 +191,10 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path, 
     from llama_3 import load_model
     from openwebtext_sentences_dataset import SentencesConfig
     from openwebtext_sentences_dataset import main as sentences_main
-    from pipeline.sentences import iter_sentences
-    from pipeline.steering import SteeringEntry
-    from pipeline.steering_session import Session
-    from pipeline.top_sentences import open_top_sentences
+    from pipeline.sentences.dataset import iter_sentences
+    from pipeline.steering.splice import SteeringEntry
+    from pipeline.steering.session import Session
+    from pipeline.top_sentences.tables import open_top_sentences
 
     lm = load_model(tiny.hf_dir)
     torch.manual_seed(0)
@@ -328,7 +328,7 @@ def test_a_pre_6_saelens_topk_config_and_a_broken_weights_file(tmp_path):
 @pytest.mark.parametrize("kind", ["our_export", "their_jumprelu"])
 def test_hooked_sae_transformer_splice_gives_our_spliced_loss(tiny, tmp_path, kind):
     """SAELens' own splice (HookedSAETransformer.run_with_saes, every position) on the tiny Llama as a plain
-    LlamaForCausalLM, against our training stage's splice evaluation (pipeline/splice_eval.py) of the same SAE:
+    LlamaForCausalLM, against our training stage's splice evaluation (pipeline/sae/splice_eval.py) of the same SAE:
     our TopK SAE exported to SAELens, or a JumpReLU SAE SAELens saved and we imported."""
     from sae_lens import HookedSAETransformer
     from transformer_lens import HookedTransformerConfig
@@ -336,7 +336,7 @@ def test_hooked_sae_transformer_splice_gives_our_spliced_loss(tiny, tmp_path, ki
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
     from llama_3 import load_model
-    from pipeline.splice_eval import splice_eval
+    from pipeline.sae.splice_eval import splice_eval
 
     lm = load_model(tiny.hf_dir)
     meta = SAEMetadata(hook_name="blocks.2.hook_resid_pre", prepend_bos=False, context_size=64)

@@ -18,10 +18,10 @@ from fake_batches_server import FakeBatches
 from interpret_top_sentences_parse_responses import ParseConfig, main as parse_main
 from interpret_top_sentences_retrieve_batches import RetrieveConfig, main as retrieve_main
 from interpret_top_sentences_send_batches import SendConfig, main as send_main
-from pipeline.explainers import LatentExamples, auroc, minilm_scores, offline_explanation
-from pipeline.interpretation import BatchState, chunk_requests, parse_verdict
-from pipeline.manifest import make_manifest, write_json_atomic
-from pipeline.top_sentences import KIND, open_top_sentences
+from pipeline.interpret.explainers import LatentExamples, auroc, minilm_scores, offline_explanation
+from pipeline.interpret.batches import BatchState, chunk_requests, parse_verdict
+from pipeline.core.manifest import make_manifest, write_json_atomic
+from pipeline.top_sentences.tables import KIND, open_top_sentences
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-ant-test-DO-NOT-WRITE-0123456789"
@@ -289,7 +289,7 @@ def test_minilm_embeddings_equal_transformers_bert_mean_pooled():
     import torch
     from transformers import BertModel
 
-    from pipeline.sentence_embedding import SentenceEncoder, default_model_dir
+    from pipeline.interpret.embedding import SentenceEncoder, default_model_dir
 
     enc = SentenceEncoder()
     texts = RIVER[:3] + ["x", OTHER[0] + " " + OTHER[1]]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from llama_3 import PipelineInputError
-from pipeline.activations import KIND as CAPTURE_KIND, ShardWriter, TokenChunk
-from pipeline.manifest import make_manifest, write_json_atomic
-from pipeline.preprocessed import Moments, PreprocessedOutput
+from pipeline.capture.activations import KIND as CAPTURE_KIND, ShardWriter, TokenChunk
+from pipeline.core.manifest import make_manifest, write_json_atomic
+from pipeline.preprocessing.preprocessed import Moments, PreprocessedOutput
 from sae_preprocessing import PreprocessConfig, main
 
 D = 24
@@ -163,7 +163,7 @@ def test_bad_inputs(tmp_path):
 def test_external_shuffle_is_the_key_order_whatever_the_memory_budget(tmp_path):
     """A budget of a few kB forces many buckets: the output is byte-identical to the one-bucket run and
     is the training rows sorted by their seeded keys (the shuffle's definition)."""
-    from pipeline.shuffle import row_keys
+    from pipeline.preprocessing.shuffle import row_keys
 
     truth = fake_capture(tmp_path / "cap", dtype=torch.bfloat16)
     many, _ = run(tmp_path, tmp_path / "cap", "many", workers=2, seed=3, memory_gb=2e-5)

@@ -109,7 +109,7 @@ def jumprelu_sae() -> TopKSae:
 
 def test_jumprelu_code_is_the_dense_jumprelu_with_and_without_h_bias():
     """Reference: the dense JumpReLU on [N, L] (ReLU(pre) where pre > threshold), written out here."""
-    from pipeline.steering import SteeringEntry, steered_codes
+    from pipeline.steering.splice import SteeringEntry, steered_codes
 
     sae = jumprelu_sae()
     x = torch.randn(50, 16)

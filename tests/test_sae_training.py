@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.manifest import make_manifest, read_jsonl, write_json_atomic
-from pipeline.preprocessed import KIND as PRE_KIND, Moments
+from pipeline.core.manifest import make_manifest, read_jsonl, write_json_atomic
+from pipeline.preprocessing.preprocessed import KIND as PRE_KIND, Moments
 from sae import TopKSae
 from sae_training import TrainConfig, checkpoint_state, main as train_main
 from tests.collective_log import assert_ranks_agree, collective_env
@@ -121,7 +121,7 @@ def test_aux_k_revives_latents_that_plain_training_leaves_dead(tmp_path):
     8-dim complement (as a latent can start nearly orthogonal to an anisotropic residual stream).
     Those never reach the top k, so the main loss never trains them: plain training leaves them
     dead and 64 features unlearned. Aux-k trains them on the residual until they fire."""
-    from pipeline.distributed import DistInfo
+    from pipeline.core.distributed import DistInfo
     from sae_training import Trainer, batch_order
 
     d, r, n_true, n = 32, 24, 128, 22_000
@@ -225,7 +225,7 @@ class HostSyncs:
 def test_a_training_step_syncs_with_the_host_once_while_latents_are_dead(tmp_path, monkeypatch):
     """One host sync per step, also while aux-k runs: the dead ids used to come from nonzero(), and the
     backward's CSR from bincount, each a second data-dependent sync on a GPU."""
-    from pipeline.distributed import DistInfo
+    from pipeline.core.distributed import DistInfo
     from sae_training import Trainer
 
     x, _ = synthetic(6_000)
@@ -421,7 +421,7 @@ def test_a_checkpoint_is_one_atomic_commit(tmp_path, monkeypatch):
     position (it used to: state.safetensors, then state.json, each renamed on its own)."""
     import os as os_module
 
-    from pipeline.distributed import DistInfo
+    from pipeline.core.distributed import DistInfo
     from sae_training import Trainer
 
     x, _ = synthetic(3_000)
@@ -488,7 +488,7 @@ def test_a_cuda_checkpoint_is_written_while_training_goes_on(tmp_path):
 import threading, torch
 from safetensors.torch import load_file
 from pathlib import Path
-from pipeline.distributed import DistInfo
+from pipeline.core.distributed import DistInfo
 from sae_training import TrainConfig, Trainer
 cfg = TrainConfig(data={str(data)!r}, out={str(tmp_path / "run")!r}, device="cuda", wandb="disabled", batch_size=256)
 t = Trainer(cfg, DistInfo(0, 1, 0, 1, torch.device("cuda", 0)))
@@ -515,7 +515,7 @@ def test_deterministic_flag_switches_torch_to_deterministic_kernels(tmp_path):
     the CPU (already deterministic) the SAE is bit-identical to a run without it, so no op lacks a kernel."""
     probe = (
         "import os, torch\n"
-        "from pipeline.distributed import run_distributed\n"
+        "from pipeline.core.distributed import run_distributed\n"
         "class Cfg:\n    device, deterministic = 'cpu', True\n"
         "print(run_distributed(lambda cfg, info: (torch.are_deterministic_algorithms_enabled(),"
         " os.environ.get('CUBLAS_WORKSPACE_CONFIG')), Cfg()))\n"

@@ -15,9 +15,9 @@ import pytest
 import openwebtext_sentences_dataset as build_script
 from llama_3 import PipelineInputError
 from openwebtext_sentences_dataset import SentencesConfig, main
-from pipeline.sentences import SentenceDataset, SentenceTokenDataset, iter_sentences, length_batches
-from pipeline.splitter import SentenceSplitter
-from pipeline.text_sources import WikiSummariesSource
+from pipeline.sentences.dataset import SentenceDataset, SentenceTokenDataset, iter_sentences, length_batches
+from pipeline.sentences.splitter import SentenceSplitter
+from pipeline.sentences.text_sources import WikiSummariesSource
 
 REPO = Path(__file__).resolve().parents[1]
 

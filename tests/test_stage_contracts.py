@@ -20,11 +20,11 @@ from capture_top_activating_sentences import main as top_main
 from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
-from pipeline.output_folder import OutputFolder, owned_names
-from pipeline.sentences import iter_sentences
-from pipeline.steering import SteeringEntry, sae_splice
-from pipeline.steering_session import Session
-from pipeline.top_sentences import open_top_sentences
+from pipeline.core.output_folder import OutputFolder, owned_names
+from pipeline.sentences.dataset import iter_sentences
+from pipeline.steering.splice import SteeringEntry, sae_splice
+from pipeline.steering.session import Session
+from pipeline.top_sentences.tables import open_top_sentences
 from sae import TopKSae
 from sae_preprocessing import PreprocessConfig
 from sae_preprocessing import main as preprocess_main

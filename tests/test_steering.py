@@ -17,7 +17,7 @@ from llama_3 import PipelineInputError, load_model
 from llama_3.generation import Generator
 from llama_3_inference import InferenceConfig
 from llama_3_inference import main as inference_main
-from pipeline.steering import (
+from pipeline.steering.splice import (
     SteerableSae,
     SteeringEntry,
     inspect_tokens,
@@ -25,8 +25,8 @@ from pipeline.steering import (
     steered_reconstruction,
     steering_batch,
 )
-from pipeline.steering_eval import keyword_hit, meaning_keywords
-from pipeline.steering_session import Session
+from pipeline.steering.evaluation import keyword_hit, meaning_keywords
+from pipeline.steering.session import Session
 from sae import SaeConfig, TopKSae
 
 HOOK = "resid_pre.1"
@@ -145,7 +145,7 @@ def sae_dir(tmp_path_factory, lm_and_sae):
 
 
 def write_meanings(directory: Path, sae_dir: Path, meanings: dict[int, tuple[str, float]]) -> None:
-    from pipeline.meanings import sae_sha256
+    from pipeline.interpret.meanings import sae_sha256
 
     directory.mkdir(parents=True, exist_ok=True)
     doc = {

@@ -13,9 +13,9 @@ import torch
 from conftest import random_tokens
 from llama_3 import PipelineInputError, load_model
 from llama_3.hooks import Splice
-from pipeline.steering import SteeringEntry, hook_activations, sae_splice
-from pipeline.steering_eval import Row, add_strength, common_words, concept_tokens, read_continuations
-from pipeline.steering_judge import (
+from pipeline.steering.splice import SteeringEntry, hook_activations, sae_splice
+from pipeline.steering.evaluation import Row, add_strength, common_words, concept_tokens, read_continuations
+from pipeline.steering.judge import (
     ConceptReference,
     concept_references,
     concept_score,
@@ -23,8 +23,8 @@ from pipeline.steering_judge import (
     harmonic_mean,
     instruction_score,
 )
-from pipeline.output_score import output_scores, promoted_tokens, resume_layer
-from pipeline.steering_vectors import (
+from pipeline.steering.output_score import output_scores, promoted_tokens, resume_layer
+from pipeline.steering.vectors import (
     capture_sums,
     diffmean_directions,
     hook_sums,
@@ -32,7 +32,7 @@ from pipeline.steering_vectors import (
     sae_directions,
     vector_splice,
 )
-from pipeline.tokenization import Tokenization
+from pipeline.core.tokenization import Tokenization
 from sae import SaeConfig, TopKSae
 
 HOOK = "resid_pre.1"
@@ -263,9 +263,9 @@ def demo_inputs(tiny, tmp_path_factory, lm):
     from capture_activations import main as capture_main
     from openwebtext_sentences_dataset import SentencesConfig
     from openwebtext_sentences_dataset import main as sentences_main
-    from pipeline.explainers import LatentExamples
-    from pipeline.meanings import sae_sha256
-    from pipeline.top_sentences import open_top_sentences
+    from pipeline.interpret.explainers import LatentExamples
+    from pipeline.interpret.meanings import sae_sha256
+    from pipeline.top_sentences.tables import open_top_sentences
 
     root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(2)
@@ -332,8 +332,8 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     assert by_latent[int(hint[1])]["test"]["harmonic"] == max(c["test"]["harmonic"] for c in by_latent.values())
     assert float(hint[2]) == pytest.approx(by_latent[int(hint[1])]["add_strength"], rel=1e-2)
     # ... and the terminal CLI's `add` at that strength on that instruction gives the evaluation's example
-    from pipeline.steering import SteeringEntry
-    from pipeline.steering_session import Session
+    from pipeline.steering.splice import SteeringEntry
+    from pipeline.steering.session import Session
 
     session = Session.open(cfg.model, cfg.sae, cfg.meanings, "cpu", "float32")
     prompt = session.loaded.chat_format.encode_dialog([{"role": "user", "content": "f g h i"}])
@@ -349,10 +349,10 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     assert [r["latent"] for r in doc["latents"]] == best3
     assert [bool(r["concept_tokens"]) for r in doc["latents"]] == [True, True, False]
     # the judge's concept is the meaning's key words ("capital, berlin"), not the phrasing around them
-    from pipeline.explainers import LatentExamples
-    from pipeline.sentence_embedding import SentenceEncoder
-    from pipeline.steering_eval import concept_phrase
-    from pipeline.top_sentences import open_top_sentences
+    from pipeline.interpret.explainers import LatentExamples
+    from pipeline.interpret.embedding import SentenceEncoder
+    from pipeline.steering.evaluation import concept_phrase
+    from pipeline.top_sentences.tables import open_top_sentences
 
     meanings = {m["latent"]: m["meaning"] for m in json.loads((root / "m" / "test.json").read_text())["latents"]}
     phrases = {lat: concept_phrase(meanings[lat]) for lat in best3}
@@ -408,8 +408,8 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
 
 
 def test_capture_sums_equal_the_model_on_sentences_that_straddle_shards(demo_inputs, tiny, lm):
-    from pipeline.activations import CaptureOutput
-    from pipeline.sentences import iter_sentences
+    from pipeline.capture.activations import CaptureOutput
+    from pipeline.sentences.dataset import iter_sentences
 
     root, _ = demo_inputs
     capture = CaptureOutput.open(root / "acts")

@@ -18,8 +18,8 @@ from capture_top_activating_sentences import main as top_main
 from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
-from pipeline.sentences import iter_sentences
-from pipeline.top_sentences import AGGREGATIONS, TopTable, merge_top, open_top_sentences
+from pipeline.sentences.dataset import iter_sentences
+from pipeline.top_sentences.tables import AGGREGATIONS, TopTable, merge_top, open_top_sentences
 from sae import SaeConfig, TopKSae
 from tests.collective_log import assert_ranks_agree, collective_env
 
@@ -282,7 +282,7 @@ def test_bad_inputs_and_shortfall(tmp_path, tiny, sentences, sae_dir):
 
 
 def test_browser_shows_meanings_and_rerun_reuses_or_refuses(tmp_path, tiny, sentences, sae_dir):
-    from pipeline.meanings import sae_sha256
+    from pipeline.interpret.meanings import sae_sha256
 
     meanings = tmp_path / "meanings"
     meanings.mkdir()
@@ -338,7 +338,7 @@ def tables(out: Path) -> dict[str, list]:
 def test_captured_sentences_come_back_whole_and_once_for_any_number_of_readers(tmp_path, tiny, sentences):
     """Shards of 300 tokens cut sentences in two; every reader split still yields each sentence once,
     with the rows the capture stored for it (concatenated across the shards it straddles)."""
-    from pipeline.activations import CaptureOutput, act_key, load_shard, sentence_rows
+    from pipeline.capture.activations import CaptureOutput, act_key, load_shard, sentence_rows
 
     capture = CaptureOutput.open(capture_of(tmp_path, tiny, sentences, "acts", shard_tokens=97))
     pieces: dict[int, list] = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from llama_3.hooks import Splice
-from pipeline.tokenization import Tokenization
+from pipeline.core.tokenization import Tokenization
 
 
 def unit_rows(v: torch.Tensor) -> torch.Tensor:

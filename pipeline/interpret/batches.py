@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llama_3.errors import PipelineInputError
-from pipeline import fault_injection
-from pipeline.manifest import atomic_path, write_json_atomic
-from pipeline.paths import RUNS_DIR
+from pipeline.core import fault_injection
+from pipeline.core.manifest import atomic_path, write_json_atomic
+from pipeline.core.layout import RUNS_DIR
 
 INTERPRETATION_DIR = RUNS_DIR / "interpretation"
 DEFAULT_MODEL = "claude-sonnet-4-5"

@@ -122,7 +122,7 @@ def claude_judge_params(concept: str, instruction: str, response: str, model: st
 
 def parse_claude_scores(text: str) -> dict | None:
     """The three integer scores from an answer (the first JSON object holding all of them), else None."""
-    from pipeline.interpretation import _json_objects
+    from pipeline.interpret.batches import _json_objects
 
     for obj in _json_objects(text):
         if isinstance(obj, dict) and all(obj.get(k) in (0, 1, 2) for k in CLAUDE_KEYS):
@@ -143,7 +143,7 @@ def run_claude_judge(
     import time
     from pathlib import Path
 
-    from pipeline.interpretation import (
+    from pipeline.interpret.batches import (
         BatchState,
         adopt_pending,
         custom_id,

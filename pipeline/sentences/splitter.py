@@ -141,7 +141,7 @@ class SentenceSplitter:
         )
 
     def save(self, path: Path) -> None:
-        from pipeline.manifest import write_json_atomic
+        from pipeline.core.manifest import write_json_atomic
 
         p = self.tokenizer._params
         write_json_atomic(

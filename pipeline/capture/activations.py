@@ -32,9 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llama_3.errors import PipelineInputError
-from pipeline.manifest import Fields, atomic_path, read_manifest, sha256_file
-from pipeline.runtime import set_thread_device
-from pipeline.tokenization import Tokenization
+from pipeline.core.manifest import Fields, atomic_path, read_manifest, sha256_file
+from pipeline.core.runtime import set_thread_device
+from pipeline.core.tokenization import Tokenization
 
 KIND = "activations"
 

@@ -1,5 +1,5 @@
 """A model, optionally with an SAE and steering entries: what the terminal CLI, the Gradio page and the
-steering evaluation drive. Steered and unsteered rows run in one batch (pipeline/steering.py)."""
+steering evaluation drive. Steered and unsteered rows run in one batch (pipeline/steering/splice.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from llama_3.checkpoints import LoadedModel, load_model
-from llama_3.cli import resolve_device, resolve_dtype
+from pipeline.core.cli import resolve_device, resolve_dtype
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
 from llama_3.generation import Completion, Generator
-from pipeline.steering import SteerableSae, SteeringEntry, check_entries, inspect_tokens, open_steering, steering_batch
+from pipeline.steering.splice import SteerableSae, SteeringEntry, check_entries, inspect_tokens, open_steering, steering_batch
 
 
 @dataclass

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from pipeline.meanings import load_meanings
-from pipeline.top_sentences import AGGREGATIONS, TopSentences
+from pipeline.interpret.meanings import load_meanings
+from pipeline.top_sentences.tables import AGGREGATIONS, TopSentences
 
 STYLE = """<style>
 body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:70em;color:#222}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.manifest import sha256_file
+from pipeline.core.manifest import sha256_file
 
 
 WEIGHT_FILES = ("sae.safetensors", "sae_weights.safetensors")  # ours and sparsify's; SAELens'

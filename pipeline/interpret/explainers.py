@@ -17,7 +17,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from pipeline.top_sentences import TopSentences
+from pipeline.top_sentences.tables import TopSentences
 
 OFFLINE_EXPLAINER = "offline-ngram"
 OFFLINE_JUDGE = "minilm-auroc"
@@ -121,7 +121,7 @@ def minilm_scores(
     meanings: dict[int, str], examples: LatentExamples, n_activating: int, n_silent: int, skip_top: int, encoder=None
 ) -> dict[int, float]:
     """latent -> AUROC of cos(explanation, sentence) for activating vs silent sentences."""
-    from pipeline.sentence_embedding import SentenceEncoder
+    from pipeline.interpret.embedding import SentenceEncoder
 
     encoder = encoder or SentenceEncoder()
     splits = {lat: judge_split(examples, lat, n_activating, n_silent, skip_top) for lat in meanings}

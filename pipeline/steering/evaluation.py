@@ -1,7 +1,7 @@
 """An AxBench-style steering evaluation: SAE latents against DiffMean and prompting, same prompts, same judge.
 
     candidates   the latents (with a meaning) whose decoder direction has the best output score
-                 (pipeline/output_score.py), not the most confident input explanation: adding it
+                 (pipeline/steering/output_score.py), not the most confident input explanation: adding it
                  must raise the next-token probability of its meaning's rare key words (concept
                  tokens); latents whose meaning names none come after, by their promoted tokens
     methods      sae       add the latent's unit decoder row x factor x residual norm (`add` steering)
@@ -9,7 +9,7 @@
                  prompt    no steering; the instruction asks for the concept (AxBench's reference)
     strengths    a sweep of factors on the `select` instructions; each (latent, method) is reported
                  on the `test` instructions at the factor with the best mean harmonic score there
-    judge        pipeline/steering_judge.py: concept, instruction, fluency (0-2 each), harmonic mean
+    judge        pipeline/steering/judge.py: concept, instruction, fluency (0-2 each), harmonic mean
 
 Every continuation is greedy by default, generated in batches of many rows, each row with its own
 steering vector (a zero vector: exactly the clean model).
@@ -27,15 +27,15 @@ from pathlib import Path
 import torch
 
 from llama_3.hooks import HookRunner
-from pipeline.output_score import output_scores, promoted_tokens
-from pipeline.steering_judge import (
+from pipeline.steering.output_score import output_scores, promoted_tokens
+from pipeline.steering.judge import (
     concept_references,
     concept_score,
     fluency_score,
     harmonic_mean,
     instruction_score,
 )
-from pipeline.steering_vectors import (
+from pipeline.steering.vectors import (
     capture_sums,
     diffmean_directions,
     hook_sums,
@@ -244,7 +244,7 @@ class Benchmark:
 
     def output_scores(self, latents: list[int], factor: float, progress=None) -> dict:
         """{"concept": [n] gain of the concept tokens, "promoted": [n] gain of the promoted tokens,
-        "concept_tokens": per latent ids, "promoted_tokens": [n, 10] ids} (pipeline/output_score.py)."""
+        "concept_tokens": per latent ids, "promoted_tokens": [n, 10] ids} (pipeline/steering/output_score.py)."""
         prompts = self.session.text_prompts(list(OUTPUT_SCORE_PROMPTS))
         directions = sae_directions(self.sae, latents)
         common = common_words([s["text"] for s in self.examples.sentences.values()])
@@ -546,7 +546,7 @@ class SteeringResults:
     @staticmethod
     def load(directory: str | Path, sae_dir: str | Path) -> "SteeringResults | None":
         """None when there is no finished evaluation, or it evaluated another SAE."""
-        from pipeline.meanings import sae_sha256
+        from pipeline.interpret.meanings import sae_sha256
 
         directory = Path(directory)
         try:

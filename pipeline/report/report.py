@@ -22,9 +22,9 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from llama_3.errors import PipelineInputError  # noqa: E402
-from pipeline.manifest import read_jsonl, write_json_atomic  # noqa: E402
-from pipeline.training_run import TrainingRun  # noqa: E402
-from pipeline.meanings import load_meanings  # noqa: E402
+from pipeline.core.manifest import read_jsonl, write_json_atomic  # noqa: E402
+from pipeline.sae.training_run import TrainingRun  # noqa: E402
+from pipeline.interpret.meanings import load_meanings  # noqa: E402
 
 
 @dataclass
@@ -169,7 +169,7 @@ def detection_plot(paths: RunPaths, report: Report, out: Path) -> None:
     sae_file = paths.sae / "sae" / "sae.safetensors"
     if not sae_file.is_file():
         return
-    from pipeline.meanings import sae_sha256
+    from pipeline.interpret.meanings import sae_sha256
 
     meanings = load_meanings(paths.meanings, sae_sha256(paths.sae / "sae"))
     scores = [m["score"] for m in meanings.values() if isinstance(m.get("score"), (int, float))]

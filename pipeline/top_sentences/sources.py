@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from llama_3.errors import PipelineInputError
-from pipeline.activations import CaptureOutput, CapturedSentences
-from pipeline.preprocessed import PreprocessedOutput
-from pipeline.sentences import SentenceBatch, SentenceDataset
-from pipeline.tokenization import Tokenization
-from pipeline.training_run import TrainingRun
+from pipeline.capture.activations import CaptureOutput, CapturedSentences
+from pipeline.preprocessing.preprocessed import PreprocessedOutput
+from pipeline.sentences.dataset import SentenceBatch, SentenceDataset
+from pipeline.core.tokenization import Tokenization
+from pipeline.sae.training_run import TrainingRun
 
 Source = Literal["auto", "capture", "model"]
 

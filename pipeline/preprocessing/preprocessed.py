@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from llama_3.errors import PipelineInputError
-from pipeline.manifest import Fields, read_manifest
-from pipeline.tokenization import Tokenization
+from pipeline.core.manifest import Fields, read_manifest
+from pipeline.core.tokenization import Tokenization
 
 KIND = "preprocessed"
 TORCH_TO_NP = {"torch.bfloat16": np.uint16, "torch.float16": np.float16, "torch.float32": np.float32}

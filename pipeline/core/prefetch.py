@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from pipeline.runtime import set_thread_device
+from pipeline.core.runtime import set_thread_device
 
 
 class BatchPrefetcher:

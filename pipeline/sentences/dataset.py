@@ -28,8 +28,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from llama_3.errors import PipelineInputError
 from llama_3.tokenizer import Tokenizer
-from pipeline.manifest import Fields, read_manifest
-from pipeline.tokenization import DEFAULT_MAX_TOKENS
+from pipeline.core.manifest import Fields, read_manifest
+from pipeline.core.tokenization import DEFAULT_MAX_TOKENS
 
 KIND = "sentences"
 ROW_GROUP_SENTENCES = 4096

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_3.errors import PipelineInputError
-from pipeline.manifest import Fields, read_manifest, sha256_file
+from pipeline.core.manifest import Fields, read_manifest, sha256_file
 
 KIND = "top_sentences"
 Aggregation = Literal["mean", "max", "last"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_3.checkpoints import LoadedModel
-from pipeline.tokenization import Tokenization
+from pipeline.core.tokenization import Tokenization
 
 
 def _token_losses(logits: torch.Tensor, tokens: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from llama_3.checkpoints import LoadedModel, load_model
 from llama_3.errors import PipelineInputError
 from llama_3.hooks import Splice
-from pipeline.meanings import load_meanings, sae_sha256
+from pipeline.interpret.meanings import load_meanings, sae_sha256
 from sae import TopKSae, encoder_preacts
 
 Mode = Literal["h_bias", "clamp", "add"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.manifest import Fields, read_manifest
+from pipeline.core.manifest import Fields, read_manifest
 
 KIND = "sae"
 

@@ -327,7 +327,7 @@ def emulate_cuda() -> None:
         "current_device": lambda: _state.device_index or 0,
         "synchronize": lambda device=None: None,
         "is_bf16_supported": lambda including_emulation=True: True,
-        "get_device_name": lambda device=None: "emulated CUDA device (pipeline/device_check.py)",
+        "get_device_name": lambda device=None: "emulated CUDA device (pipeline/core/device_check.py)",
         "get_device_capability": lambda device=None: (9, 0),
         "Event": _Event,
         "Stream": _Stream,
