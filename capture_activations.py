@@ -29,19 +29,19 @@ import torch
 from tqdm import tqdm
 
 from llama_3 import HookPoint, default_capture_layer, load_model
-from pipeline.core.cli import Dtype, StorageDtype, check_choices, parse_config, resolve_dtype, run_main
 from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
-from pipeline.core import fault_injection
 from pipeline.capture.activations import KIND, ShardWriter, TokenChunk
+from pipeline.core import fault_injection
+from pipeline.core.cli import Dtype, StorageDtype, check_choices, parse_config, resolve_dtype, run_main
 from pipeline.core.distributed import SHARED_PROBE, DistInfo, barrier, check_shared_folder, run_distributed
+from pipeline.core.layout import ACTIVATIONS_DIR, SENTENCES_DIR
 from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
 from pipeline.core.output_folder import OutputFolder, config_request, owned_names
-from pipeline.core.layout import ACTIVATIONS_DIR, SENTENCES_DIR
 from pipeline.core.runtime import capture_dtype, forward_batch_tokens
-from pipeline.sentences.dataset import SentenceBatch, SentenceTokenDataset
 from pipeline.core.tokenization import DEFAULT_MAX_TOKENS
+from pipeline.sentences.dataset import SentenceBatch, SentenceTokenDataset
 
 
 @dataclass

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from array import array
 import sys
 import tempfile
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,21 +41,29 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from llama_3 import load_model
-from pipeline.core.cli import Dtype, check_choices, parse_config, resolve_dtype, run_main
 from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
-from pipeline.core import fault_injection
-from pipeline.core.distributed import DistInfo, run_distributed
 from pipeline.capture.activations import CaptureOutput
-from pipeline.core.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
-from pipeline.core.output_folder import OutputFolder, config_request, owned_names
-from pipeline.interpret.meanings import sae_sha256, sae_weights_file
+from pipeline.core import fault_injection
+from pipeline.core.cli import Dtype, check_choices, parse_config, resolve_dtype, run_main
+from pipeline.core.distributed import DistInfo, run_distributed
 from pipeline.core.layout import SAE_DIR, SENTENCES_DIR, TOP_SENTENCES_DIR
+from pipeline.core.manifest import (
+    MANIFEST_NAME,
+    atomic_path,
+    fingerprint,
+    make_manifest,
+    sha256_file,
+    write_json_atomic,
+)
+from pipeline.core.output_folder import OutputFolder, config_request, owned_names
 from pipeline.core.runtime import capture_dtype, forward_batch_tokens, release_free_memory
+from pipeline.interpret.meanings import sae_sha256, sae_weights_file
+from pipeline.report.feature_browser import STAGING_PREFIX as BROWSER_STAGING
+from pipeline.report.feature_browser import write_browser
 from pipeline.sentences.dataset import SentenceDataset, SentenceTokenDataset, iter_sentences
 from pipeline.top_sentences.sources import Source, capture_batches, from_model_batch, plan_source, sae_capture_dir
-from pipeline.report.feature_browser import STAGING_PREFIX as BROWSER_STAGING, write_browser
 from pipeline.top_sentences.tables import (
     AGGREGATIONS,
     FILES,

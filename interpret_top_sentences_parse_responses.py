@@ -21,9 +21,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.core.cli import check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.interpret.explainers import OFFLINE_JUDGE, LatentExamples, balanced_accuracy, mean, minilm_scores
+from pipeline.core.cli import check_choices, parse_config, run_main
+from pipeline.core.layout import TOP_SENTENCES_DIR
+from pipeline.core.manifest import (
+    MANIFEST_NAME,
+    atomic_path,
+    fingerprint,
+    make_manifest,
+    sha256_file,
+    write_json_atomic,
+)
+from pipeline.core.output_folder import OutputFolder, owned_names
 from pipeline.interpret.batches import (
     INTERPRETATION_DIR,
     BatchState,
@@ -34,11 +43,8 @@ from pipeline.interpret.batches import (
     read_results,
     task_dir,
 )
-from pipeline.core.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
-from pipeline.core.output_folder import OutputFolder, owned_names
-from pipeline.core.layout import TOP_SENTENCES_DIR
+from pipeline.interpret.explainers import OFFLINE_JUDGE, LatentExamples, balanced_accuracy, mean, minilm_scores
 from pipeline.top_sentences.tables import Aggregation, open_top_sentences
-
 
 FAILURES = "parse_failures.jsonl"
 

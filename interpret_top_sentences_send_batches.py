@@ -23,9 +23,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.core.cli import check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.interpret.explainers import OFFLINE_EXPLAINER, LatentExamples, detection_prompt_sentences, offline_explanation
+from pipeline.core.cli import check_choices, parse_config, run_main
+from pipeline.core.layout import TOP_SENTENCES_DIR
+from pipeline.core.manifest import write_json_atomic
 from pipeline.interpret.batches import (
     DEFAULT_MODEL,
     INTERPRETATION_DIR,
@@ -46,9 +47,13 @@ from pipeline.interpret.batches import (
     task_dir,
     write_results,
 )
-from pipeline.core.manifest import write_json_atomic
+from pipeline.interpret.explainers import (
+    OFFLINE_EXPLAINER,
+    LatentExamples,
+    detection_prompt_sentences,
+    offline_explanation,
+)
 from pipeline.interpret.meanings import load_meanings
-from pipeline.core.layout import TOP_SENTENCES_DIR
 from pipeline.top_sentences.tables import Aggregation, open_top_sentences
 
 

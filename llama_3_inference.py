@@ -23,12 +23,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-
-from pipeline.core.cli import Dtype, check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
 from llama_3.generation import SpliceOn, chat_tokens, check_splice_on
-from pipeline.steering.splice import SteerableSae, SteeringEntry
+from pipeline.core.cli import Dtype, check_choices, parse_config, run_main
 from pipeline.steering.session import Session
+from pipeline.steering.splice import SteerableSae, SteeringEntry
 
 
 @dataclass

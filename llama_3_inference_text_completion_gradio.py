@@ -21,15 +21,15 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports from a research tool by default
 import gradio as gr  # noqa: E402
 
-from pipeline.core.cli import Dtype, check_choices, parse_config, run_main  # noqa: E402
 from llama_3.errors import PipelineInputError  # noqa: E402
 from llama_3.generation import SPLICE_ON, check_splice_on  # noqa: E402
+from pipeline.core.cli import Dtype, check_choices, parse_config, run_main  # noqa: E402
 from pipeline.core.layout import SAE_DIR, STEERING_EVAL_DIR  # noqa: E402
-from pipeline.steering.splice import MODES, SteeringEntry, check_entries  # noqa: E402
-from pipeline.steering.output_score import promoted_tokens  # noqa: E402
 from pipeline.steering.evaluation import Row, SteeringResults, concept_phrase, read_continuations  # noqa: E402
-from pipeline.steering.vectors import sae_directions  # noqa: E402
+from pipeline.steering.output_score import promoted_tokens  # noqa: E402
 from pipeline.steering.session import Session  # noqa: E402
+from pipeline.steering.splice import MODES, SteeringEntry, check_entries  # noqa: E402
+from pipeline.steering.vectors import sae_directions  # noqa: E402
 
 TITLE = "SAE steering"
 

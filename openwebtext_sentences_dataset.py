@@ -27,11 +27,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.core.cli import check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.core.manifest import MANIFEST_NAME, atomic_path, fingerprint, make_manifest, sha256_file, write_json_atomic
-from pipeline.core.output_folder import OutputFolder, config_request, owned_names
+from pipeline.core.cli import check_choices, parse_config, run_main
 from pipeline.core.layout import SENTENCES_DIR
+from pipeline.core.manifest import (
+    MANIFEST_NAME,
+    atomic_path,
+    fingerprint,
+    make_manifest,
+    sha256_file,
+    write_json_atomic,
+)
+from pipeline.core.output_folder import OutputFolder, config_request, owned_names
 from pipeline.sentences.dataset import KIND, ROW_GROUP_SENTENCES, SCHEMA, shard_filename
 from pipeline.sentences.splitter import SentenceSplitter
 from pipeline.sentences.text_sources import Document, HFDatasetSource, LocalFilesSource, TextSource, WikiSummariesSource

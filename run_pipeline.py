@@ -27,10 +27,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.core.cli import parse_config, run_main
 from llama_3.errors import PipelineInputError
-from pipeline.interpret.batches import INTERPRETATION_DIR
-from pipeline.core.manifest import MANIFEST_NAME, make_manifest, write_json_atomic
+from pipeline.core.cli import parse_config, run_main
 from pipeline.core.layout import (
     ACTIVATIONS_DIR,
     PREPROCESSED_DIR,
@@ -40,6 +38,8 @@ from pipeline.core.layout import (
     STEERING_EVAL_DIR,
     TOP_SENTENCES_DIR,
 )
+from pipeline.core.manifest import MANIFEST_NAME, make_manifest, write_json_atomic
+from pipeline.interpret.batches import INTERPRETATION_DIR
 
 REPO = Path(__file__).resolve().parent
 

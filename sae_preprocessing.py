@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.core.cli import parse_config, run_main
 from llama_3.errors import PipelineInputError
 from pipeline.capture.activations import CaptureOutput, act_key
+from pipeline.core.cli import parse_config, run_main
+from pipeline.core.layout import ACTIVATIONS_DIR, PREPROCESSED_DIR
 from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
 from pipeline.core.output_folder import OutputFolder, config_request, owned_names
-from pipeline.core.layout import ACTIVATIONS_DIR, PREPROCESSED_DIR
 from pipeline.preprocessing.preprocessed import KIND, TORCH_TO_NP, Moments
 from pipeline.preprocessing.shuffle import bucket_bits, bucket_of, row_keys, shuffled_order
 

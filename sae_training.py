@@ -35,15 +35,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from pipeline.core.cli import check_choices, parse_config, run_main
 from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import cuda_native_bf16, has_native_bf16, warn_if_emulated
 from llama_3.errors import PipelineInputError
 from pipeline.core import fault_injection
+from pipeline.core.cli import check_choices, parse_config, run_main
 from pipeline.core.distributed import DistInfo, barrier, run_distributed
+from pipeline.core.layout import PREPROCESSED_DIR, SAE_DIR
 from pipeline.core.manifest import atomic_path, fingerprint, make_manifest, read_jsonl, write_json_atomic
 from pipeline.core.output_folder import OutputFolder, config_request, owned_names
-from pipeline.core.layout import PREPROCESSED_DIR, SAE_DIR
 from pipeline.core.prefetch import BatchPrefetcher
 from pipeline.preprocessing.preprocessed import PreprocessedOutput
 from sae import Normalize, SaeConfig, TopKSae
@@ -696,8 +696,8 @@ def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo) -> di
     """CE loss recovered and KL with the SAE spliced into the model, on held-out sentences (main rank)."""
     from llama_3 import load_model
     from pipeline.capture.activations import CaptureOutput
-    from pipeline.sentences.dataset import iter_sentences
     from pipeline.sae.splice_eval import splice_eval
+    from pipeline.sentences.dataset import iter_sentences
 
     if not cfg.eval_sentences or trainer.data.capture_dir is None:
         return {"skipped": "disabled" if not cfg.eval_sentences else "the data does not name its capture"}

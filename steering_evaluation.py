@@ -27,16 +27,16 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from pipeline.core.cli import Dtype, check_choices, parse_config, run_main
 from llama_3.errors import PipelineInputError
 from pipeline.capture.activations import CaptureOutput
-from pipeline.interpret.explainers import LatentExamples
-from pipeline.interpret.batches import DEFAULT_MODEL, make_client
-from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
-from pipeline.interpret.meanings import sae_sha256, sae_weights_file
-from pipeline.core.output_folder import OutputFolder, config_request, owned_names
+from pipeline.core.cli import Dtype, check_choices, parse_config, run_main
 from pipeline.core.layout import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
+from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
+from pipeline.core.output_folder import OutputFolder, config_request, owned_names
+from pipeline.interpret.batches import DEFAULT_MODEL, make_client
 from pipeline.interpret.embedding import SentenceEncoder
+from pipeline.interpret.explainers import LatentExamples
+from pipeline.interpret.meanings import sae_sha256, sae_weights_file
 from pipeline.steering.evaluation import SELECT_INSTRUCTIONS, TEST_INSTRUCTIONS, Benchmark, evaluate
 from pipeline.steering.judge import run_claude_judge
 from pipeline.steering.session import Session

@@ -24,20 +24,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_llama import to_transformers  # noqa: E402
-from llama_3 import default_capture_layer, load_model  # noqa: E402
-from llama_3.cpu_features import cpu_name, has_native_bf16, missing_bf16_feature  # noqa: E402
-from llama_3.cpu_fast import apply_cpu_fast_paths  # noqa: E402
-from pipeline.core.runtime import tune_glibc_malloc  # noqa: E402
-from pipeline.sentences.dataset import SentenceTokenDataset, iter_sentences  # noqa: E402
+from bench.bench_llama import to_transformers
+from llama_3 import default_capture_layer, load_model
+from llama_3.cpu_fast import apply_cpu_fast_paths
+from llama_3.cpu_features import cpu_name, has_native_bf16, missing_bf16_feature
+from pipeline.core.runtime import tune_glibc_malloc
+from pipeline.sentences.dataset import SentenceTokenDataset, iter_sentences
 
 MAX_TOKENS = 64
 
 
 def matmul_flops_per_s(dtype: torch.dtype, m: int = 4096, k: int = 576, n: int = 1536) -> float:
     """The best of F.linear and oneDNN with a prepacked weight, on a block-sized product."""
-    from llama_3.cpu_features import can_prepack
     from llama_3.cpu_fast import PackedLinear
+    from llama_3.cpu_features import can_prepack
 
     a = torch.randn(m, k, dtype=dtype)
     plain = torch.nn.Linear(k, n, bias=False).to(dtype)

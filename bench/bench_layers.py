@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llama_3.cpu_features import cpu_name  # noqa: E402
+from llama_3.cpu_features import cpu_name
 
 
 def run_layer(work: Path, layer: int, max_sentences: int, sentences_from: Path | None, extra: list[str]) -> dict:

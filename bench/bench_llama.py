@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_3 import default_capture_layer, load_model  # noqa: E402
-from llama_3.cpu_features import cpu_name  # noqa: E402
-from llama_3.cpu_fast import apply_cpu_fast_paths, revert_cpu_fast_paths  # noqa: E402
-from llama_3.generation import Generator  # noqa: E402
-from llama_3.transformers_export import to_transformers  # noqa: E402
+from llama_3 import default_capture_layer, load_model
+from llama_3.cpu_fast import apply_cpu_fast_paths, revert_cpu_fast_paths
+from llama_3.cpu_features import cpu_name
+from llama_3.generation import Generator
+from llama_3.transformers_export import to_transformers
 
 
 def corpus_batches(lm, batch_size: int, seq_len: int, n_batches: int) -> list[torch.Tensor]:

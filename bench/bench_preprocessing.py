@@ -17,8 +17,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.capture.activations import CaptureOutput  # noqa: E402
-from sae_preprocessing import PreprocessConfig, main as preprocess  # noqa: E402
+from pipeline.capture.activations import CaptureOutput
+from sae_preprocessing import PreprocessConfig
+from sae_preprocessing import main as preprocess
 
 
 def plain_read(paths: list[Path]) -> float:

@@ -39,13 +39,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from llama_3.cpu_features import cpu_name, has_native_bf16, missing_bf16_feature  # noqa: E402
-from pipeline.core.distributed import DistInfo  # noqa: E402
-from pipeline.preprocessing.preprocessed import PreprocessedOutput  # noqa: E402
-from pipeline.core.runtime import tune_glibc_malloc  # noqa: E402
-from sae_training import TrainConfig, Trainer, batch_order  # noqa: E402
+from llama_3.cpu_features import cpu_name, has_native_bf16, missing_bf16_feature
+from pipeline.core.distributed import DistInfo
+from pipeline.core.runtime import tune_glibc_malloc
+from pipeline.preprocessing.preprocessed import PreprocessedOutput
+from sae_training import TrainConfig, Trainer, batch_order
 
 AUX_COEF, DEAD_TOKENS = 1 / 32, 100_000
 DEVICE = torch.device("cpu")  # --device

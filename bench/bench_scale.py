@@ -27,12 +27,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from llama_3.cpu_features import cpu_name  # noqa: E402
-from pipeline.capture.activations import KIND as CAPTURE_KIND, ShardWriter, TokenChunk  # noqa: E402
-from pipeline.core.manifest import make_manifest, write_json_atomic  # noqa: E402
+from llama_3.cpu_features import cpu_name
+from pipeline.capture.activations import KIND as CAPTURE_KIND
+from pipeline.capture.activations import ShardWriter, TokenChunk
+from pipeline.core.manifest import make_manifest, write_json_atomic
 
 HOOK = "resid_pre.1"
 SENTENCE_TOKENS = 16
@@ -189,10 +190,9 @@ def recovered(sae_dir: Path, capture: Path) -> float:
 
 def tiny_model_and_corpus(work: Path, n_tokens: int) -> tuple[Path, Path, Path]:
     """The tests' tiny Llama (HF dir), a random SAE at its HOOK, and a sentence dataset of ~n_tokens."""
+    from llama_3 import load_model
     from sae import SaeConfig, TopKSae
     from tests.tiny_checkpoints import make_hf_reference, write_hf_tokenizer
-
-    from llama_3 import load_model
 
     model = work / "tiny"
     if not model.is_dir():

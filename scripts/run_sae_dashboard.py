@@ -19,10 +19,10 @@ import json
 import sys
 
 import torch
-from safetensors.torch import load_file
 from sae_dashboard.sae_vis_data import SaeVisConfig
 from sae_dashboard.sae_vis_runner import SaeVisRunner
 from sae_lens import SAE
+from safetensors.torch import load_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.loading_from_pretrained import convert_hf_model_config
 from transformer_lens.pretrained.weight_conversions import convert_llama_weights

@@ -1,4 +1,5 @@
-"""Every stage as it runs on a GPU, on the CPU: the model and SAE on an emulated CUDA device (pipeline/core/device_check.py),
+"""Every stage as it runs on a GPU, on the CPU: the model and SAE on an emulated CUDA device
+(pipeline/core/device_check.py),
 every collective checked against NCCL's rules and recorded, a process group even for one process, and 2-rank runs
 whose ranks must run the same collectives. What a CUDA / NCCL run enforces fails here first."""
 
@@ -13,8 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.collective_log import REPO, assert_ranks_agree, collective_env
 from pipeline.core.device_check import rank_sequences
+from tests.collective_log import REPO, assert_ranks_agree, collective_env
 
 
 def emulated_env(log_dir: Path, **extra) -> dict:

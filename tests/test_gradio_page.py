@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from llama_3 import load_model
-from pipeline.steering.session import Session
 from pipeline.interpret.meanings import sae_sha256
+from pipeline.steering.session import Session
 from pipeline.steering.splice import SteeringEntry
 from sae import SaeConfig, TopKSae
 

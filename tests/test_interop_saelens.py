@@ -192,8 +192,8 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path, 
     from openwebtext_sentences_dataset import SentencesConfig
     from openwebtext_sentences_dataset import main as sentences_main
     from pipeline.sentences.dataset import iter_sentences
-    from pipeline.steering.splice import SteeringEntry
     from pipeline.steering.session import Session
+    from pipeline.steering.splice import SteeringEntry
     from pipeline.top_sentences.tables import open_top_sentences
 
     lm = load_model(tiny.hf_dir)
@@ -255,13 +255,13 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path, 
 def test_transformer_lens_with_our_saelens_export_gives_our_spliced_loss(tiny, tmp_path):
     """The recipe a SAELens user runs: a plain LlamaForCausalLM in TransformerLens, the exported SAE at
     its hook_name on the positions its seqpos_slice names; the loss equals our spliced model's."""
+    from sae_lens import SAE
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.loading_from_pretrained import convert_hf_model_config
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
     from llama_3 import load_model
     from llama_3.hooks import Splice
-    from sae_lens import SAE
 
     lm = load_model(tiny.hf_dir)
     torch.manual_seed(5)

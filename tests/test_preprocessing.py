@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llama_3 import PipelineInputError
-from pipeline.capture.activations import KIND as CAPTURE_KIND, ShardWriter, TokenChunk
+from pipeline.capture.activations import KIND as CAPTURE_KIND
+from pipeline.capture.activations import ShardWriter, TokenChunk
 from pipeline.core.manifest import make_manifest, write_json_atomic
 from pipeline.preprocessing.preprocessed import Moments, PreprocessedOutput
 from sae_preprocessing import PreprocessConfig, main

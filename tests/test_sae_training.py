@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.core.manifest import make_manifest, read_jsonl, write_json_atomic
-from pipeline.preprocessing.preprocessed import KIND as PRE_KIND, Moments
+from pipeline.preprocessing.preprocessed import KIND as PRE_KIND
+from pipeline.preprocessing.preprocessed import Moments
 from sae import TopKSae
-from sae_training import TrainConfig, checkpoint_state, main as train_main
+from sae_training import TrainConfig, checkpoint_state
+from sae_training import main as train_main
 from tests.collective_log import assert_ranks_agree, collective_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.sae.splice_eval import splice_eval
 from pipeline.core.tokenization import Tokenization
+from pipeline.sae.splice_eval import splice_eval
 from tests.tiny_checkpoints import SAMPLE_TEXT
 
 TEXTS = [SAMPLE_TEXT, "The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.", "42 times?!"]

@@ -22,8 +22,8 @@ from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
 from pipeline.core.output_folder import OutputFolder, owned_names
 from pipeline.sentences.dataset import iter_sentences
-from pipeline.steering.splice import SteeringEntry, sae_splice
 from pipeline.steering.session import Session
+from pipeline.steering.splice import SteeringEntry, sae_splice
 from pipeline.top_sentences.tables import open_top_sentences
 from sae import TopKSae
 from sae_preprocessing import PreprocessConfig

@@ -11,12 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import random_tokens
+
 from llama_3 import PipelineInputError, load_model
 from llama_3.generation import Generator
 from llama_3_inference import InferenceConfig
 from llama_3_inference import main as inference_main
+from pipeline.steering.evaluation import keyword_hit, meaning_keywords
+from pipeline.steering.session import Session
 from pipeline.steering.splice import (
     SteerableSae,
     SteeringEntry,
@@ -25,8 +27,6 @@ from pipeline.steering.splice import (
     steered_reconstruction,
     steering_batch,
 )
-from pipeline.steering.evaluation import keyword_hit, meaning_keywords
-from pipeline.steering.session import Session
 from sae import SaeConfig, TopKSae
 
 HOOK = "resid_pre.1"

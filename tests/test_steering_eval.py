@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_tokens
+
 from llama_3 import PipelineInputError, load_model
 from llama_3.hooks import Splice
-from pipeline.steering.splice import SteeringEntry, hook_activations, sae_splice
+from pipeline.core.tokenization import Tokenization
 from pipeline.steering.evaluation import Row, add_strength, common_words, concept_tokens, read_continuations
 from pipeline.steering.judge import (
     ConceptReference,
@@ -24,6 +24,7 @@ from pipeline.steering.judge import (
     instruction_score,
 )
 from pipeline.steering.output_score import output_scores, promoted_tokens, resume_layer
+from pipeline.steering.splice import SteeringEntry, hook_activations, sae_splice
 from pipeline.steering.vectors import (
     capture_sums,
     diffmean_directions,
@@ -32,7 +33,6 @@ from pipeline.steering.vectors import (
     sae_directions,
     vector_splice,
 )
-from pipeline.core.tokenization import Tokenization
 from sae import SaeConfig, TopKSae
 
 HOOK = "resid_pre.1"
@@ -332,8 +332,8 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     assert by_latent[int(hint[1])]["test"]["harmonic"] == max(c["test"]["harmonic"] for c in by_latent.values())
     assert float(hint[2]) == pytest.approx(by_latent[int(hint[1])]["add_strength"], rel=1e-2)
     # ... and the terminal CLI's `add` at that strength on that instruction gives the evaluation's example
-    from pipeline.steering.splice import SteeringEntry
     from pipeline.steering.session import Session
+    from pipeline.steering.splice import SteeringEntry
 
     session = Session.open(cfg.model, cfg.sae, cfg.meanings, "cpu", "float32")
     prompt = session.loaded.chat_format.encode_dialog([{"role": "user", "content": "f g h i"}])
@@ -349,8 +349,8 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     assert [r["latent"] for r in doc["latents"]] == best3
     assert [bool(r["concept_tokens"]) for r in doc["latents"]] == [True, True, False]
     # the judge's concept is the meaning's key words ("capital, berlin"), not the phrasing around them
-    from pipeline.interpret.explainers import LatentExamples
     from pipeline.interpret.embedding import SentenceEncoder
+    from pipeline.interpret.explainers import LatentExamples
     from pipeline.steering.evaluation import concept_phrase
     from pipeline.top_sentences.tables import open_top_sentences
 
@@ -432,6 +432,7 @@ def test_the_claude_judge_rates_every_held_out_continuation_through_batches(tiny
     unsteered rows per latent are rated with the rubric, scores land per method; a re-run after a kill
     (results.json gone, the batch state kept) sends nothing again."""
     from fake_batches_server import FakeBatches
+
     from steering_evaluation import SteeringEvalConfig
     from steering_evaluation import main as eval_main
 

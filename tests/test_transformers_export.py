@@ -3,10 +3,10 @@ scaling included), and TransformerLens accepts it where a GGUF-loaded transforme
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
-
-from dataclasses import replace
 
 from llama_3 import PipelineInputError, load_model
 from llama_3.args import ModelArgs, RopeScaling, rope_inverse_frequencies, rope_scaling_from_factors

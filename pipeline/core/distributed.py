@@ -26,11 +26,10 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-
 from torch.distributed.distributed_c10d import _abort_process_group
 
-from pipeline.core.cli import resolve_device
 from llama_3.errors import PipelineInputError
+from pipeline.core.cli import resolve_device
 from pipeline.core.device_check import emulated_backend
 from pipeline.core.runtime import tune_glibc_malloc, use_deterministic_algorithms
 

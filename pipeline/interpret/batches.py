@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from llama_3.errors import PipelineInputError
 from pipeline.core import fault_injection
-from pipeline.core.manifest import atomic_path, write_json_atomic
 from pipeline.core.layout import RUNS_DIR
+from pipeline.core.manifest import atomic_path, write_json_atomic
 
 INTERPRETATION_DIR = RUNS_DIR / "interpretation"
 DEFAULT_MODEL = "claude-sonnet-4-5"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from pipeline.core.manifest import sha256_file
 
-
 WEIGHT_FILES = ("sae.safetensors", "sae_weights.safetensors")  # ours and sparsify's; SAELens'
 
 

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from llama_3.errors import PipelineInputError  # noqa: E402
 from pipeline.core.manifest import read_jsonl, write_json_atomic  # noqa: E402
-from pipeline.sae.training_run import TrainingRun  # noqa: E402
 from pipeline.interpret.meanings import load_meanings  # noqa: E402
+from pipeline.sae.training_run import TrainingRun  # noqa: E402
 
 
 @dataclass

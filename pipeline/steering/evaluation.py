@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from llama_3.hooks import HookRunner
-from pipeline.steering.output_score import output_scores, promoted_tokens
 from pipeline.steering.judge import (
     concept_references,
     concept_score,
@@ -35,6 +34,7 @@ from pipeline.steering.judge import (
     harmonic_mean,
     instruction_score,
 )
+from pipeline.steering.output_score import output_scores, promoted_tokens
 from pipeline.steering.vectors import (
     capture_sums,
     diffmean_directions,

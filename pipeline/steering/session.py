@@ -7,11 +7,18 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from llama_3.checkpoints import LoadedModel, load_model
-from pipeline.core.cli import resolve_device, resolve_dtype
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
 from llama_3.generation import Completion, Generator
-from pipeline.steering.splice import SteerableSae, SteeringEntry, check_entries, inspect_tokens, open_steering, steering_batch
+from pipeline.core.cli import resolve_device, resolve_dtype
+from pipeline.steering.splice import (
+    SteerableSae,
+    SteeringEntry,
+    check_entries,
+    inspect_tokens,
+    open_steering,
+    steering_batch,
+)
 
 
 @dataclass

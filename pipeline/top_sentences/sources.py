@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from llama_3.errors import PipelineInputError
-from pipeline.capture.activations import CaptureOutput, CapturedSentences
-from pipeline.preprocessing.preprocessed import PreprocessedOutput
-from pipeline.sentences.dataset import SentenceBatch, SentenceDataset
+from pipeline.capture.activations import CapturedSentences, CaptureOutput
 from pipeline.core.tokenization import Tokenization
+from pipeline.preprocessing.preprocessed import PreprocessedOutput
 from pipeline.sae.training_run import TrainingRun
+from pipeline.sentences.dataset import SentenceBatch, SentenceDataset
 
 Source = Literal["auto", "capture", "model"]
 
