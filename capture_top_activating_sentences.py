@@ -59,9 +59,10 @@ from pipeline.core.manifest import (
 )
 from pipeline.core.output_folder import OutputFolder, config_request, owned_names
 from pipeline.core.runtime import capture_dtype, forward_batch_tokens, release_free_memory
-from pipeline.interpret.meanings import sae_sha256, sae_weights_file
 from pipeline.report.feature_browser import STAGING_PREFIX as BROWSER_STAGING
 from pipeline.report.feature_browser import write_browser
+from pipeline.sae.formats import sae_sha256, sae_weights_file
+from pipeline.sae.model import TopKSae
 from pipeline.sentences.dataset import SentenceDataset, SentenceTokenDataset, iter_sentences
 from pipeline.top_sentences.sources import Source, capture_batches, from_model_batch, plan_source, sae_capture_dir
 from pipeline.top_sentences.tables import (
@@ -77,7 +78,6 @@ from pipeline.top_sentences.tables import (
     sample_key,
     sentence_scores,
 )
-from sae import TopKSae
 
 
 @dataclass

@@ -46,7 +46,7 @@ from pipeline.core.manifest import atomic_path, fingerprint, make_manifest, read
 from pipeline.core.output_folder import OutputFolder, config_request, owned_names
 from pipeline.core.prefetch import BatchPrefetcher
 from pipeline.preprocessing.preprocessed import PreprocessedOutput
-from sae import Normalize, SaeConfig, TopKSae
+from pipeline.sae.model import Normalize, SaeConfig, TopKSae
 
 
 @dataclass

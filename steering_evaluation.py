@@ -36,7 +36,7 @@ from pipeline.core.output_folder import OutputFolder, config_request, owned_name
 from pipeline.interpret.batches import DEFAULT_MODEL, make_client
 from pipeline.interpret.embedding import SentenceEncoder
 from pipeline.interpret.explainers import LatentExamples
-from pipeline.interpret.meanings import sae_sha256, sae_weights_file
+from pipeline.sae.formats import sae_sha256, sae_weights_file
 from pipeline.steering.evaluation import SELECT_INSTRUCTIONS, TEST_INSTRUCTIONS, Benchmark, evaluate
 from pipeline.steering.judge import run_claude_judge
 from pipeline.steering.session import Session

@@ -179,7 +179,7 @@ def run_sparsify(args, optimizer: str, epochs: int, lr: float = 0.0) -> dict:
 
 
 def matmul_gflops(n: int, d: int, n_latents: int, dtype: torch.dtype) -> float:
-    from sae import encoder_preacts
+    from pipeline.sae.model import encoder_preacts
 
     x, W, b = (
         torch.randn(n, d, dtype=dtype, device=DEVICE),

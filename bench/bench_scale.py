@@ -180,7 +180,7 @@ def synthetic_capture(out: Path, n_tokens: int, d: int, n_true: int, seed: int) 
 
 def recovered(sae_dir: Path, capture: Path) -> float:
     """Share of the known directions some decoder row points along (cosine > 0.9)."""
-    from sae import TopKSae
+    from pipeline.sae.model import TopKSae
 
     w = TopKSae.load(sae_dir).W_dec.detach().float().numpy()
     dirs = np.load(capture / "directions.npy")
@@ -191,7 +191,7 @@ def recovered(sae_dir: Path, capture: Path) -> float:
 def tiny_model_and_corpus(work: Path, n_tokens: int) -> tuple[Path, Path, Path]:
     """The tests' tiny Llama (HF dir), a random SAE at its HOOK, and a sentence dataset of ~n_tokens."""
     from llama_3 import load_model
-    from sae import SaeConfig, TopKSae
+    from pipeline.sae.model import SaeConfig, TopKSae
     from tests.tiny_checkpoints import make_hf_reference, write_hf_tokenizer
 
     model = work / "tiny"

@@ -45,7 +45,7 @@ import torch
 from llama_3.cpu_features import can_prepack, has_native_bf16, onednn_has_bf16
 from llama_3.cpu_fast import apply_cpu_fast_paths, revert_cpu_fast_paths
 from llama_3.model import ModelArgs, Transformer
-from sae import encoder_preacts
+from pipeline.sae.model import encoder_preacts
 g = torch.Generator().manual_seed(0)
 x, W, b = torch.randn(64, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
 exact = (x.double() @ W.double().T + b.double())

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from llama_3 import load_model
-from pipeline.interpret.meanings import sae_sha256
+from pipeline.sae.formats import sae_sha256
+from pipeline.sae.model import SaeConfig, TopKSae
 from pipeline.steering.session import Session
 from pipeline.steering.splice import SteeringEntry
-from sae import SaeConfig, TopKSae
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from llama_3 import load_model
 from llama_3.transformers_export import save_pretrained, to_transformers
-from sae import SaeConfig, TopKSae
+from pipeline.sae.formats import export_saelens
+from pipeline.sae.model import SaeConfig, TopKSae
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = Path(os.environ.get("SAE_DASHBOARD_PYTHON", REPO / ".venv-sae-dashboard" / "bin" / "python"))
@@ -38,7 +39,7 @@ def test_sae_dashboard_shows_our_latents_on_our_export(tiny, tmp_path):
     with torch.no_grad():
         sae.b_pre.normal_(0, 0.5)
         sae.b_enc.normal_(0, 0.2)
-    sae.export_saelens(tmp_path / "lens", unit_decoder=True)
+    export_saelens(sae, tmp_path / "lens", unit_decoder=True)
     tokens = torch.randint(3, lm.args.vocab_size, (32, 16), generator=torch.Generator().manual_seed(0))
     save_file({"tokens": tokens}, str(tmp_path / "tokens.safetensors"))
 
@@ -54,7 +55,7 @@ def test_sae_dashboard_shows_our_latents_on_our_export(tiny, tmp_path):
 
     run = dashboard("lens", "dash.json", "--html", str(tmp_path / "dash.html"))
     assert run.returncode == 0, run.stderr[-3000:]
-    sae.export_saelens(tmp_path / "default")  # decoder rows of norm 1 / input_scale: the dashboard refuses them
+    export_saelens(sae, tmp_path / "default")  # decoder rows of norm 1 / input_scale: the dashboard refuses them
     refused = dashboard("default", "refused.json")
     assert refused.returncode != 0 and "Folding W_dec_norm is not safe for TopKSAEs" in refused.stderr
     dash = json.loads((tmp_path / "dash.json").read_text())

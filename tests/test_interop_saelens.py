@@ -19,7 +19,8 @@ from sae_lens import (
 from sae_lens.saes.sae import SAEMetadata
 
 from llama_3.errors import PipelineInputError
-from sae import SaeConfig, TopKSae
+from pipeline.sae.formats import export_saelens, export_sparsify
+from pipeline.sae.model import SaeConfig, TopKSae
 
 
 def randomized(sae):
@@ -74,7 +75,7 @@ def test_our_export_imports_back_with_the_same_forward_and_tokenization(tmp_path
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_pre.normal_(0, 0.5)
-    sae.export_saelens(tmp_path / "lens", unit_decoder=unit_decoder)
+    export_saelens(sae, tmp_path / "lens", unit_decoder=unit_decoder)
     back = TopKSae.load(tmp_path / "lens")
     assert back.cfg.hook_point == "resid_mid.2" and back.cfg.tokenization == cfg.tokenization
     x = torch.randn(30, 16) * 3
@@ -162,16 +163,16 @@ def test_our_jumprelu_import_exports_back_to_saelens(tmp_path):
         JumpReLUSAE(JumpReLUSAEConfig(d_in=16, d_sae=64, metadata=SAEMetadata(hook_name="blocks.4.hook_resid_pre")))
     )
     theirs.save_model(str(tmp_path / "lens"))
-    TopKSae.load(tmp_path / "lens").export_saelens(tmp_path / "again")
+    export_saelens(TopKSae.load(tmp_path / "lens"), tmp_path / "again")
     back = SAE.load_from_disk(tmp_path / "again")
     assert type(back) is JumpReLUSAE
     x = torch.randn(32, 16) * 2
     with torch.no_grad():
         torch.testing.assert_close(back.encode(x), theirs.encode(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(PipelineInputError, match="decoder rows are not unit norm"):
-        TopKSae.load(tmp_path / "lens").export_saelens(tmp_path / "unit", unit_decoder=True)
+        export_saelens(TopKSae.load(tmp_path / "lens"), tmp_path / "unit", unit_decoder=True)
     with pytest.raises(PipelineInputError, match="sparsify's coders are TopK"):
-        TopKSae.load(tmp_path / "lens").export_sparsify(tmp_path / "sparsify")
+        export_sparsify(TopKSae.load(tmp_path / "lens"), tmp_path / "sparsify")
 
 
 def test_saelens_saes_we_cannot_run_are_refused_with_one_line(tmp_path):
@@ -278,7 +279,7 @@ def test_transformer_lens_with_our_saelens_export_gives_our_spliced_loss(tiny, t
     )
     with torch.no_grad():
         sae.b_pre.normal_(0, 0.5)
-    sae.export_saelens(tmp_path / "lens")
+    export_saelens(sae, tmp_path / "lens")
     theirs = SAE.load_from_disk(tmp_path / "lens")
     meta = theirs.cfg.metadata
     assert meta.prepend_bos is False and list(meta.seqpos_slice) == [1, None]
@@ -346,7 +347,7 @@ def test_hooked_sae_transformer_splice_gives_our_spliced_loss(tiny, tmp_path, ki
         ours = TopKSae(cfg)
         with torch.no_grad():
             ours.b_pre.normal_(0, 0.5)
-        ours.export_saelens(tmp_path / "lens")
+        export_saelens(ours, tmp_path / "lens")
         theirs = SAE.load_from_disk(tmp_path / "lens")
     else:
         theirs = randomized(JumpReLUSAE(JumpReLUSAEConfig(d_in=lm.args.dim, d_sae=96, metadata=meta)))

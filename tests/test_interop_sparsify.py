@@ -11,7 +11,8 @@ import sparsify  # eai-sparsify, installed by scripts/install.sh --test (the .[b
 import torch
 
 from llama_3.errors import PipelineInputError
-from sae import SaeConfig, TopKSae
+from pipeline.sae.formats import export_sparsify
+from pipeline.sae.model import SaeConfig, TopKSae
 
 
 def trained_looking(normalize: str, seed: int = 0) -> TopKSae:
@@ -28,7 +29,7 @@ def trained_looking(normalize: str, seed: int = 0) -> TopKSae:
 @pytest.mark.parametrize("normalize", ["dataset", "none"])
 def test_sparsify_loads_our_export_with_our_latents_and_reconstruction(normalize, tmp_path):
     sae = trained_looking(normalize)
-    sae.export_sparsify(tmp_path / "layers.3")
+    export_sparsify(sae, tmp_path / "layers.3")
     theirs = sparsify.SparseCoder.load_from_disk(tmp_path / "layers.3")
     assert theirs.num_latents == 64 and theirs.cfg.k == 5 and theirs.d_in == 16
     torch.testing.assert_close(theirs.W_dec.norm(dim=1), torch.ones(64))  # unit rows, as sparsify keeps them
@@ -60,7 +61,7 @@ def test_an_sae_sparsify_saved_imports_with_its_forward(tmp_path):
     torch.testing.assert_close(mine.x_hat, out.sae_out, rtol=1e-5, atol=1e-5)
     assert torch.equal(mine.indices.sort(-1).values, out.latent_indices.sort(-1).values)
     # round trip: our export of the import is what sparsify saved
-    ours.export_sparsify(tmp_path / "again" / "layers.7")
+    export_sparsify(ours, tmp_path / "again" / "layers.7")
     again = sparsify.SparseCoder.load_from_disk(tmp_path / "again" / "layers.7")
     for name, t in theirs.state_dict().items():
         torch.testing.assert_close(again.state_dict()[name], t)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llama_3 import PipelineInputError
-from sae import SaeConfig, TopKSae
+from pipeline.sae.formats import export_saelens
+from pipeline.sae.model import SaeConfig, TopKSae
 
 
 def make(normalize="dataset", dtype=torch.float64, seed=0, **kw) -> TopKSae:
@@ -71,7 +72,7 @@ def test_decoder_rows_unit_norm_and_projected_gradient_orthogonal():
 
 def test_encoder_initialised_as_decoder_transpose():
     sae = TopKSae(SaeConfig(d_model=8, n_latents=32, k=4))
-    from sae import ENCODER_INIT_NORM
+    from pipeline.sae.model import ENCODER_INIT_NORM
 
     # both [L, d]: encoding multiplies by W_enc^T, i.e. the decoder's transpose, scaled
     torch.testing.assert_close(sae.W_enc, sae.W_dec * ENCODER_INIT_NORM, rtol=0, atol=0)
@@ -147,7 +148,7 @@ def test_saelens_loads_our_export_with_our_latents_and_reconstruction(tmp_path, 
     from sae_lens import SAE, TopKSAE  # the real package, not a re-implementation
 
     sae = make(normalize, dtype=torch.float32)
-    sae.export_saelens(tmp_path / "lens", unit_decoder=unit_decoder)
+    export_saelens(sae, tmp_path / "lens", unit_decoder=unit_decoder)
     theirs = SAE.load_from_disk(tmp_path / "lens")
     assert isinstance(theirs, TopKSAE) and theirs.cfg.k == 5 and (theirs.cfg.d_in, theirs.cfg.d_sae) == (16, 64)
     assert theirs.cfg.rescale_acts_by_decoder_norm is unit_decoder

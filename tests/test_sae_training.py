@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from pipeline.core.manifest import make_manifest, read_jsonl, write_json_atomic
 from pipeline.preprocessing.preprocessed import KIND as PRE_KIND
 from pipeline.preprocessing.preprocessed import Moments
-from sae import TopKSae
+from pipeline.sae.model import TopKSae
 from sae_training import TrainConfig, checkpoint_state
 from sae_training import main as train_main
 from tests.collective_log import assert_ranks_agree, collective_env
@@ -92,7 +92,7 @@ def test_recovers_known_sparse_directions(tmp_path):
 
 def test_aux_k_trains_only_dead_latents_toward_the_residual():
     """The aux-k loss moves only the dead latents' rows, and lowers the residual they fail to explain."""
-    from sae import SaeConfig
+    from pipeline.sae.model import SaeConfig
     from sae_training import aux_k_loss
 
     torch.manual_seed(0)
@@ -171,7 +171,7 @@ def test_aux_k_revives_latents_that_plain_training_leaves_dead(tmp_path):
 def test_aux_k_loss_equals_a_dense_masked_reference():
     """The dead ids from a fixed-size topk (no nonzero()) give the loss of the textbook form: the full
     [N, L] pre-activations with every live latent masked out, top k_aux, decoded densely."""
-    from sae import SaeConfig
+    from pipeline.sae.model import SaeConfig
     from sae_training import aux_k_loss
 
     torch.manual_seed(1)

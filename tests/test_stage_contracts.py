@@ -21,11 +21,12 @@ from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
 from pipeline.core.output_folder import OutputFolder, owned_names
+from pipeline.sae.formats import export_saelens
+from pipeline.sae.model import TopKSae
 from pipeline.sentences.dataset import iter_sentences
 from pipeline.steering.session import Session
 from pipeline.steering.splice import SteeringEntry, sae_splice
 from pipeline.top_sentences.tables import open_top_sentences
-from sae import TopKSae
 from sae_preprocessing import PreprocessConfig
 from sae_preprocessing import main as preprocess_main
 from sae_training import TrainConfig
@@ -136,21 +137,21 @@ def test_saelens_export_names_the_capture(bos_run, tmp_path):
     from sae_lens import SAE  # the real package reads the metadata
 
     sae = TopKSae.load(bos_run / "t" / "sae")
-    sae.export_saelens(tmp_path / "lens")
+    export_saelens(sae, tmp_path / "lens")
     meta = SAE.load_from_disk(tmp_path / "lens").cfg.metadata
     assert meta.prepend_bos is True and meta.context_size == MAX_TOKENS + 1
     assert list(meta.seqpos_slice) == [1, None]  # BOS is not a position the SAE was trained on
     assert meta.hook_name == "blocks.2.hook_resid_pre" and meta.sae_lens_version
     assert meta.model_name == "hf" and meta.model_identity["config_sha256"] == sae.cfg.model["config_sha256"]
     sae.cfg.hook_point = "resid_post.1"
-    sae.export_saelens(tmp_path / "post")
+    export_saelens(sae, tmp_path / "post")
     assert SAE.load_from_disk(tmp_path / "post").cfg.metadata.hook_name == "blocks.1.hook_resid_post"
     sae.cfg.hook_point = "resid_mid.1"
-    sae.export_saelens(tmp_path / "mid")
+    export_saelens(sae, tmp_path / "mid")
     assert SAE.load_from_disk(tmp_path / "mid").cfg.metadata.hook_name == "blocks.1.hook_resid_mid"
     sae.cfg.hook_point = "ffn_norm.1"
     with pytest.raises(PipelineInputError, match="no hook for the RMSNorm output"):
-        sae.export_saelens(tmp_path / "norm")
+        export_saelens(sae, tmp_path / "norm")
 
 
 @pytest.mark.parametrize("edit", ["missing", "renamed"])

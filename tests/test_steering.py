@@ -17,6 +17,7 @@ from llama_3 import PipelineInputError, load_model
 from llama_3.generation import Generator
 from llama_3_inference import InferenceConfig
 from llama_3_inference import main as inference_main
+from pipeline.sae.model import SaeConfig, TopKSae
 from pipeline.steering.evaluation import keyword_hit, meaning_keywords
 from pipeline.steering.session import Session
 from pipeline.steering.splice import (
@@ -27,7 +28,6 @@ from pipeline.steering.splice import (
     steered_reconstruction,
     steering_batch,
 )
-from sae import SaeConfig, TopKSae
 
 HOOK = "resid_pre.1"
 
@@ -145,7 +145,7 @@ def sae_dir(tmp_path_factory, lm_and_sae):
 
 
 def write_meanings(directory: Path, sae_dir: Path, meanings: dict[int, tuple[str, float]]) -> None:
-    from pipeline.interpret.meanings import sae_sha256
+    from pipeline.sae.formats import sae_sha256
 
     directory.mkdir(parents=True, exist_ok=True)
     doc = {

@@ -14,6 +14,7 @@ from conftest import random_tokens
 from llama_3 import PipelineInputError, load_model
 from llama_3.hooks import Splice
 from pipeline.core.tokenization import Tokenization
+from pipeline.sae.model import SaeConfig, TopKSae
 from pipeline.steering.evaluation import Row, add_strength, common_words, concept_tokens, read_continuations
 from pipeline.steering.judge import (
     ConceptReference,
@@ -33,7 +34,6 @@ from pipeline.steering.vectors import (
     sae_directions,
     vector_splice,
 )
-from sae import SaeConfig, TopKSae
 
 HOOK = "resid_pre.1"
 PROMPTS = [[5, 9, 13, 2], [7, 3, 11], [4, 4, 8, 1, 6]]
@@ -264,7 +264,7 @@ def demo_inputs(tiny, tmp_path_factory, lm):
     from openwebtext_sentences_dataset import SentencesConfig
     from openwebtext_sentences_dataset import main as sentences_main
     from pipeline.interpret.explainers import LatentExamples
-    from pipeline.interpret.meanings import sae_sha256
+    from pipeline.sae.formats import sae_sha256
     from pipeline.top_sentences.tables import open_top_sentences
 
     root = tmp_path_factory.mktemp("eval")

@@ -18,9 +18,9 @@ from capture_top_activating_sentences import main as top_main
 from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
+from pipeline.sae.model import SaeConfig, TopKSae
 from pipeline.sentences.dataset import iter_sentences
 from pipeline.top_sentences.tables import AGGREGATIONS, TopTable, merge_top, open_top_sentences
-from sae import SaeConfig, TopKSae
 from tests.collective_log import assert_ranks_agree, collective_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,7 +282,7 @@ def test_bad_inputs_and_shortfall(tmp_path, tiny, sentences, sae_dir):
 
 
 def test_browser_shows_meanings_and_rerun_reuses_or_refuses(tmp_path, tiny, sentences, sae_dir):
-    from pipeline.interpret.meanings import sae_sha256
+    from pipeline.sae.formats import sae_sha256
 
     meanings = tmp_path / "meanings"
     meanings.mkdir()

@@ -12,23 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.core.manifest import sha256_file
-
-WEIGHT_FILES = ("sae.safetensors", "sae_weights.safetensors")  # ours and sparsify's; SAELens'
-
-
-def sae_weights_file(sae_dir: str | Path) -> Path:
-    """The SAE folder's weights (ours, sparsify's or SAELens' name); the first name when there are none."""
-    for name in WEIGHT_FILES:
-        if (Path(sae_dir) / name).is_file():
-            return Path(sae_dir) / name
-    return Path(sae_dir) / WEIGHT_FILES[0]
-
-
-def sae_sha256(sae_dir: str | Path) -> str:
-    """What ties meanings, top sentences and evaluations to one SAE: the sha256 of its weights file."""
-    return sha256_file(sae_weights_file(sae_dir))
-
 
 def load_meanings(directory: str | Path, digest: str) -> dict[int, dict]:
     """{latent: {"meaning", "certainty", "score", "explainer", "file"}} for the SAE whose

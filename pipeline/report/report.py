@@ -169,7 +169,7 @@ def detection_plot(paths: RunPaths, report: Report, out: Path) -> None:
     sae_file = paths.sae / "sae" / "sae.safetensors"
     if not sae_file.is_file():
         return
-    from pipeline.interpret.meanings import sae_sha256
+    from pipeline.sae.formats import sae_sha256
 
     meanings = load_meanings(paths.meanings, sae_sha256(paths.sae / "sae"))
     scores = [m["score"] for m in meanings.values() if isinstance(m.get("score"), (int, float))]

@@ -546,7 +546,7 @@ class SteeringResults:
     @staticmethod
     def load(directory: str | Path, sae_dir: str | Path) -> "SteeringResults | None":
         """None when there is no finished evaluation, or it evaluated another SAE."""
-        from pipeline.interpret.meanings import sae_sha256
+        from pipeline.sae.formats import sae_sha256
 
         directory = Path(directory)
         try:

@@ -21,8 +21,9 @@ import torch
 from llama_3.checkpoints import LoadedModel, load_model
 from llama_3.errors import PipelineInputError
 from llama_3.hooks import Splice
-from pipeline.interpret.meanings import load_meanings, sae_sha256
-from sae import TopKSae, encoder_preacts
+from pipeline.interpret.meanings import load_meanings
+from pipeline.sae.formats import sae_sha256
+from pipeline.sae.model import TopKSae, encoder_preacts
 
 Mode = Literal["h_bias", "clamp", "add"]
 MODES: tuple[str, ...] = get_args(Mode)
