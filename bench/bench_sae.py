@@ -45,7 +45,8 @@ from llama_3.cpu_features import cpu_name, has_native_bf16, missing_bf16_feature
 from pipeline.core.distributed import DistInfo
 from pipeline.core.runtime import tune_glibc_malloc
 from pipeline.preprocessing.preprocessed import PreprocessedOutput
-from sae_training import TrainConfig, Trainer, batch_order
+from pipeline.sae.config import TrainConfig
+from pipeline.sae.training import Trainer, batch_order
 
 AUX_COEF, DEAD_TOKENS = 1 / 32, 100_000
 DEVICE = torch.device("cpu")  # --device

@@ -9,13 +9,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sae_training  # noqa: E402
 from pipeline.core.cli import parse_config, run_main  # noqa: E402
+from pipeline.sae.config import TrainConfig  # noqa: E402
+from pipeline.sae.training import Trainer  # noqa: E402
 
-_load = sae_training.Trainer.load_checkpoint
+_load = Trainer.load_checkpoint
 
 
 def load_checkpoint(self, directory):
     return False if os.environ.get("RANK") == "1" else _load(self, directory)
 
 
-sae_training.Trainer.load_checkpoint = load_checkpoint
-run_main(sae_training.main, parse_config(sae_training.TrainConfig, sys.argv[1:], __doc__))
+Trainer.load_checkpoint = load_checkpoint
+run_main(sae_training.main, parse_config(TrainConfig, sys.argv[1:], __doc__))

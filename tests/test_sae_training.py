@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from pipeline.core.manifest import make_manifest, read_jsonl, write_json_atomic
 from pipeline.preprocessing.preprocessed import KIND as PRE_KIND
 from pipeline.preprocessing.preprocessed import Moments
+from pipeline.sae.config import TrainConfig
 from pipeline.sae.model import TopKSae
-from sae_training import TrainConfig, checkpoint_state
+from pipeline.sae.training import checkpoint_state
 from sae_training import main as train_main
 from tests.collective_log import assert_ranks_agree, collective_env
 
@@ -93,7 +94,7 @@ def test_recovers_known_sparse_directions(tmp_path):
 def test_aux_k_trains_only_dead_latents_toward_the_residual():
     """The aux-k loss moves only the dead latents' rows, and lowers the residual they fail to explain."""
     from pipeline.sae.model import SaeConfig
-    from sae_training import aux_k_loss
+    from pipeline.sae.training import aux_k_loss
 
     torch.manual_seed(0)
     x = torch.from_numpy(synthetic(2_000)[0])
@@ -124,7 +125,7 @@ def test_aux_k_revives_latents_that_plain_training_leaves_dead(tmp_path):
     Those never reach the top k, so the main loss never trains them: plain training leaves them
     dead and 64 features unlearned. Aux-k trains them on the residual until they fire."""
     from pipeline.core.distributed import DistInfo
-    from sae_training import Trainer, batch_order
+    from pipeline.sae.training import Trainer, batch_order
 
     d, r, n_true, n = 32, 24, 128, 22_000
     g = np.random.default_rng(0)
@@ -172,7 +173,7 @@ def test_aux_k_loss_equals_a_dense_masked_reference():
     """The dead ids from a fixed-size topk (no nonzero()) give the loss of the textbook form: the full
     [N, L] pre-activations with every live latent masked out, top k_aux, decoded densely."""
     from pipeline.sae.model import SaeConfig
-    from sae_training import aux_k_loss
+    from pipeline.sae.training import aux_k_loss
 
     torch.manual_seed(1)
     x = torch.from_numpy(synthetic(500)[0])
@@ -228,7 +229,7 @@ def test_a_training_step_syncs_with_the_host_once_while_latents_are_dead(tmp_pat
     """One host sync per step, also while aux-k runs: the dead ids used to come from nonzero(), and the
     backward's CSR from bincount, each a second data-dependent sync on a GPU."""
     from pipeline.core.distributed import DistInfo
-    from sae_training import Trainer
+    from pipeline.sae.training import Trainer
 
     x, _ = synthetic(6_000)
     data = fake_preprocessed(tmp_path / "data", x[:5_000], x[5_000:])
@@ -424,7 +425,7 @@ def test_a_checkpoint_is_one_atomic_commit(tmp_path, monkeypatch):
     import os as os_module
 
     from pipeline.core.distributed import DistInfo
-    from sae_training import Trainer
+    from pipeline.sae.training import Trainer
 
     x, _ = synthetic(3_000)
     data = fake_preprocessed(tmp_path / "data", x[:2_560], x[2_560:])
@@ -491,7 +492,8 @@ import threading, torch
 from safetensors.torch import load_file
 from pathlib import Path
 from pipeline.core.distributed import DistInfo
-from sae_training import TrainConfig, Trainer
+from pipeline.sae.config import TrainConfig
+from pipeline.sae.training import Trainer
 cfg = TrainConfig(data={str(data)!r}, out={str(tmp_path / "run")!r}, device="cuda", wandb="disabled", batch_size=256)
 t = Trainer(cfg, DistInfo(0, 1, 0, 1, torch.device("cuda", 0)))
 for start in (0, 256):
