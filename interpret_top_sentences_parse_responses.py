@@ -10,7 +10,7 @@ integer or percent certainties) and validates it; every failure is kept with its
 similarity between the meaning and held-out activating vs. silent sentences) and, when the detect
 task has answers, Claude's balanced accuracy. Writes latent_index_meaning/<run>.json (highest
 certainty first; the file the browser, inference and the Gradio page read) and a manifest, and
-refreshes the feature browser when the top-sentences output has one.
+writes the feature browser (runs/interpretation/browser/index.html) with the meanings and scores.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Literal
 
 from llama_3.errors import PipelineInputError
 from pipeline.core.cli import check_choices, parse_config, run_main
-from pipeline.core.layout import TOP_SENTENCES_DIR
+from pipeline.core.layout import BROWSER_NAME, INTERPRETATION_DIR, MEANINGS_DIR, TOP_SENTENCES_DIR
 from pipeline.core.manifest import (
     MANIFEST_NAME,
     atomic_path,
@@ -34,7 +34,6 @@ from pipeline.core.manifest import (
 )
 from pipeline.core.output_folder import OutputFolder, owned_names
 from pipeline.interpret.batches import (
-    INTERPRETATION_DIR,
     BatchState,
     bind_state_to_sae,
     message_text,
@@ -44,6 +43,7 @@ from pipeline.interpret.batches import (
     task_dir,
 )
 from pipeline.interpret.explainers import OFFLINE_JUDGE, LatentExamples, balanced_accuracy, mean, minilm_scores
+from pipeline.report.feature_browser import write_browser
 from pipeline.top_sentences.tables import Aggregation, open_top_sentences
 
 FAILURES = "parse_failures.jsonl"
@@ -53,7 +53,7 @@ FAILURES = "parse_failures.jsonl"
 class ParseConfig:
     top_sentences: str = field(default=str(TOP_SENTENCES_DIR), metadata={"help": "top-sentences output folder"})
     out: str = field(default=str(INTERPRETATION_DIR), metadata={"help": "interpretation folder (state, results)"})
-    meanings: str = field(default="latent_index_meaning", metadata={"help": "where the meaning file goes"})
+    meanings: str = field(default=str(MEANINGS_DIR), metadata={"help": "where the meaning file goes"})
     run_name: str = field(default="", metadata={"help": "meaning file name (default: <sae sha256[:8]>-<explainer>)"})
     judge: Literal["minilm", "none"] = field(
         default="minilm", metadata={"help": "offline detection judge: minilm or none"}
@@ -64,6 +64,12 @@ class ParseConfig:
     judge_activating: int = field(default=10, metadata={"help": "held-out activating sentences per latent"})
     judge_silent: int = field(default=20, metadata={"help": "silent sentences per latent"})
     skip_top: int = field(default=20, metadata={"help": "activating examples start after the explainer's top N"})
+    browser: bool = field(
+        default=True, metadata={"fingerprint": False, "help": "write the feature browser to <out>/browser/"}
+    )
+    browser_sentences: int = field(
+        default=10, metadata={"fingerprint": False, "help": "sentences per aggregation on each latent page"}
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -133,6 +139,7 @@ def parse_fingerprint(cfg: ParseConfig, directory: Path, data) -> str:
 def main(cfg: ParseConfig) -> dict:
     data = open_top_sentences(cfg.top_sentences)
     directory = task_dir(cfg.out, "explain")
+    browser = Path(cfg.out) / BROWSER_NAME
     if not (directory / "state.json").is_file():
         raise PipelineInputError(f"{directory}: nothing sent yet; run interpret_top_sentences_send_batches.py first")
     digest = data.sae_sha256
@@ -148,6 +155,8 @@ def main(cfg: ParseConfig) -> dict:
             f"{directory}: responses already parsed and scored for these results and settings -> "
             f"{previous['meaning_file']}"
         )
+        if cfg.browser and not (browser / "index.html").is_file():
+            print(f"feature browser: {write_browser(data, cfg.meanings, browser, cfg.browser_sentences).resolve()}")
         return previous["counts"]
     verdicts, failures, explainer = explain_results(directory)
     with atomic_path(directory / FAILURES) as tmp:
@@ -204,11 +213,9 @@ def main(cfg: ParseConfig) -> dict:
         fingerprint=request,
     )
     write_json_atomic(directory / MANIFEST_NAME, manifest)
-    if data.browser is not None:  # refresh the feature browser so it shows the new meanings and scores
-        from pipeline.report.feature_browser import write_browser
-
-        write_browser(data, cfg.meanings)
-        print(f"feature browser updated: {data.browser.resolve()}")
+    if cfg.browser:
+        index = write_browser(data, cfg.meanings, browser, cfg.browser_sentences)
+        print(f"feature browser: {index.resolve()}")
     auroc = summary["mean_detection_auroc_minilm"]
     print(
         f"{meaning_file}: {len(latents)} meanings by {explainer}, {len(failures)} failures"

@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.core.cli import check_choices, parse_config, run_main
-from pipeline.interpret.batches import INTERPRETATION_DIR, BatchState, Task, fetch_ended, make_client, task_dir
+from pipeline.core.layout import INTERPRETATION_DIR
+from pipeline.interpret.batches import BatchState, Task, fetch_ended, make_client, task_dir
 
 
 @dataclass

@@ -25,11 +25,10 @@ from pathlib import Path
 
 from llama_3.errors import PipelineInputError
 from pipeline.core.cli import check_choices, parse_config, run_main
-from pipeline.core.layout import TOP_SENTENCES_DIR
+from pipeline.core.layout import INTERPRETATION_DIR, MEANINGS_DIR, TOP_SENTENCES_DIR
 from pipeline.core.manifest import write_json_atomic
 from pipeline.interpret.batches import (
     DEFAULT_MODEL,
-    INTERPRETATION_DIR,
     OFFLINE_BATCH,
     BatchState,
     Task,
@@ -82,7 +81,7 @@ class SendConfig:
         default=None, metadata={"help": "API base URL (default: the SDK's; e.g. a local test server)"}
     )
     max_retries: int = field(default=5, metadata={"help": "SDK retries with backoff on 429 / 5xx"})
-    meanings: str = field(default="latent_index_meaning", metadata={"help": "detect task: the meanings to judge"})
+    meanings: str = field(default=str(MEANINGS_DIR), metadata={"help": "detect task: the meanings to judge"})
     detect_activating: int = field(default=5, metadata={"help": "detect task: activating sentences per request"})
     detect_silent: int = field(default=5, metadata={"help": "detect task: silent sentences per request"})
     force: bool = field(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from llama_3.errors import PipelineInputError
 from llama_3.generation import SpliceOn, chat_tokens, check_splice_on
 from pipeline.core.cli import Dtype, check_choices, parse_config, run_main
+from pipeline.core.layout import MEANINGS_DIR
 from pipeline.steering.session import Session
 from pipeline.steering.splice import SteerableSae, SteeringEntry
 
@@ -59,7 +60,7 @@ class InferenceConfig:
         default=None, metadata={"help": "SAE folder (sae.safetensors + cfg.json) to splice at its hook point"}
     )
     meanings: str = field(
-        default="latent_index_meaning", metadata={"help": "folder of latent meanings (interpretation output)"}
+        default=str(MEANINGS_DIR), metadata={"help": "folder of latent meanings (interpretation output)"}
     )
     steer: list[str] = field(
         default_factory=list,

@@ -24,7 +24,7 @@ import gradio as gr  # noqa: E402
 from llama_3.errors import PipelineInputError  # noqa: E402
 from llama_3.generation import SPLICE_ON, check_splice_on  # noqa: E402
 from pipeline.core.cli import Dtype, check_choices, parse_config, run_main  # noqa: E402
-from pipeline.core.layout import SAE_DIR, STEERING_EVAL_DIR  # noqa: E402
+from pipeline.core.layout import MEANINGS_DIR, SAE_WEIGHTS_DIR, STEERING_EVAL_DIR  # noqa: E402
 from pipeline.steering.evaluation import Row, SteeringResults, concept_phrase, read_continuations  # noqa: E402
 from pipeline.steering.output_score import promoted_tokens  # noqa: E402
 from pipeline.steering.session import Session  # noqa: E402
@@ -36,8 +36,8 @@ TITLE = "SAE steering"
 
 @dataclass
 class GradioConfig:
-    sae: str = field(default=str(SAE_DIR / "sae"), metadata={"help": "SAE folder (sae.safetensors + cfg.json)"})
-    meanings: str = field(default="latent_index_meaning", metadata={"help": "folder of latent meanings"})
+    sae: str = field(default=str(SAE_WEIGHTS_DIR), metadata={"help": "SAE folder (sae.safetensors + cfg.json)"})
+    meanings: str = field(default=str(MEANINGS_DIR), metadata={"help": "folder of latent meanings"})
     steering_eval: str = field(
         default=str(STEERING_EVAL_DIR),
         metadata={"help": "this SAE's steering evaluation: output scores, recommended strengths (optional)"},

@@ -31,6 +31,8 @@ from llama_3.errors import PipelineInputError
 from pipeline.core.cli import parse_config, run_main
 from pipeline.core.layout import (
     ACTIVATIONS_DIR,
+    BROWSER_DIR,
+    INTERPRETATION_DIR,
     PREPROCESSED_DIR,
     RUNS_DIR,
     SAE_DIR,
@@ -38,8 +40,8 @@ from pipeline.core.layout import (
     STEERING_EVAL_DIR,
     TOP_SENTENCES_DIR,
 )
+from pipeline.core.layout import DEFAULT as DEFAULT_LAYOUT
 from pipeline.core.manifest import MANIFEST_NAME, make_manifest, write_json_atomic
-from pipeline.interpret.batches import INTERPRETATION_DIR
 
 REPO = Path(__file__).resolve().parent
 
@@ -220,7 +222,7 @@ def summary_screen(doc: dict, report: Path) -> str:
         )
     lines += [
         f"report:          {report.resolve()}",
-        f"feature browser: {(TOP_SENTENCES_DIR / 'browser' / 'index.html').resolve()}",
+        f"feature browser: {(BROWSER_DIR / 'index.html').resolve()}",
         "steering page:   python llama_3_inference_text_completion_gradio.py   (then open http://127.0.0.1:7860)",
         "=" * 78,
     ]
@@ -249,7 +251,7 @@ def main(cfg: PipelineConfig) -> dict:
     except StageFailed as e:
         records.append(e.record)
         write_json_atomic(
-            RUNS_DIR / "pipeline.json",
+            DEFAULT_LAYOUT.pipeline_record,
             make_manifest(
                 "pipeline",
                 config=vars(cfg),
@@ -270,7 +272,7 @@ def main(cfg: PipelineConfig) -> dict:
         seconds=round(time.perf_counter() - start, 1),
         self_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     )
-    write_json_atomic(RUNS_DIR / "pipeline.json", doc)
+    write_json_atomic(DEFAULT_LAYOUT.pipeline_record, doc)
     report = write_report(RUNS_DIR)
     print(summary_screen(doc, report))
     return doc

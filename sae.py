@@ -15,6 +15,7 @@ from typing import Literal
 
 from llama_3.errors import PipelineInputError
 from pipeline.core.cli import check_choices, parse_config, run_main
+from pipeline.core.layout import SAE_WEIGHTS_DIR
 from pipeline.sae.formats import (
     SAELENS_FORMAT_VERSION,
     TRANSFORMERLENS_HOOKS,
@@ -48,7 +49,7 @@ ExportFormat = Literal["saelens", "sparsify"]
 
 @dataclass
 class ExportConfig:
-    sae: str = field(default="runs/sae/sae", metadata={"help": "SAE folder (ours, or sparsify's layout)"})
+    sae: str = field(default=str(SAE_WEIGHTS_DIR), metadata={"help": "SAE folder (ours, or sparsify's layout)"})
     format: ExportFormat = field(default="saelens", metadata={"help": "saelens or sparsify"})
     out: str = field(default="", metadata={"help": "output folder (new or empty)"})
     unit_decoder: bool = field(

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from llama_3.errors import PipelineInputError
 from pipeline.capture.activations import CaptureOutput
 from pipeline.core.cli import Dtype, check_choices, parse_config, run_main
-from pipeline.core.layout import SAE_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
+from pipeline.core.layout import MEANINGS_DIR, SAE_WEIGHTS_DIR, STEERING_EVAL_DIR, TOP_SENTENCES_DIR
 from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, sha256_file, write_json_atomic
 from pipeline.core.output_folder import OutputFolder, config_request, owned_names
 from pipeline.interpret.batches import DEFAULT_MODEL, make_client
@@ -52,12 +52,12 @@ METHOD_VERSION = 3
 
 @dataclass
 class SteeringEvalConfig:
-    sae: str = field(default=str(SAE_DIR / "sae"), metadata={"help": "SAE folder"})
+    sae: str = field(default=str(SAE_WEIGHTS_DIR), metadata={"help": "SAE folder"})
     top_sentences: str = field(
         default=str(TOP_SENTENCES_DIR), metadata={"help": "top-sentences output (examples for DiffMean and the judge)"}
     )
     meanings: str = field(
-        default="latent_index_meaning", metadata={"fingerprint": False, "help": "folder of latent meanings"}
+        default=str(MEANINGS_DIR), metadata={"fingerprint": False, "help": "folder of latent meanings"}
     )
     out: str = field(default=str(STEERING_EVAL_DIR), metadata={"fingerprint": False, "help": "output folder"})
     model: str | None = field(default=None, metadata={"help": "default: the SAE's model"})

@@ -133,7 +133,9 @@ def test_full_cycle_every_result_type_429_resend_and_no_key_on_disk(tmp_path, mo
         r2 = retrieve_main(RetrieveConfig(**common))
         assert r2["running"] == 0 and r2["counts"] == {"succeeded": 3, "errored": 1, "expired": 1, "canceled": 1}
         m = parse_main(
-            ParseConfig(top_sentences=str(top), out=str(tmp_path / "interp"), meanings=str(tmp_path / "meanings"))
+            ParseConfig(
+                top_sentences=str(top), browser=False, out=str(tmp_path / "interp"), meanings=str(tmp_path / "meanings")
+            )
         )
         doc = json.loads(Path(m["meaning_file"]).read_text())
         got = {e["latent"]: e for e in doc["latents"]}
@@ -162,7 +164,9 @@ def test_full_cycle_every_result_type_429_resend_and_no_key_on_disk(tmp_path, mo
         send_main(SendConfig(top_sentences=str(top), **common))  # nothing left to send
         assert len(server.batches) == 2
         m = parse_main(
-            ParseConfig(top_sentences=str(top), out=str(tmp_path / "interp"), meanings=str(tmp_path / "meanings"))
+            ParseConfig(
+                top_sentences=str(top), browser=False, out=str(tmp_path / "interp"), meanings=str(tmp_path / "meanings")
+            )
         )
         assert m["counts"]["explained"] == 5 and m["counts"]["failures"] == 1
         assert any(
@@ -237,7 +241,12 @@ def test_dry_run_writes_requests_and_offline_run_needs_no_key(tmp_path, monkeypa
     send_main(SendConfig(top_sentences=str(top), out=out))
     m = parse_main(
         ParseConfig(
-            top_sentences=str(top), out=out, meanings=str(tmp_path / "meanings"), skip_top=6, judge_activating=6
+            browser=False,
+            top_sentences=str(top),
+            out=out,
+            meanings=str(tmp_path / "meanings"),
+            skip_top=6,
+            judge_activating=6,
         )
     )
     assert m["explainer"] == "offline-ngram" and m["counts"]["explained"] == 6
@@ -330,12 +339,16 @@ def test_claude_judge_through_the_same_batch_machinery(tmp_path, monkeypatch):
         meanings = str(tmp_path / "meanings")
         send_main(SendConfig(top_sentences=str(top), **common))
         retrieve_main(RetrieveConfig(**common))
-        parse_main(ParseConfig(top_sentences=str(top), out=common["out"], meanings=meanings, judge="none"))
+        parse_main(
+            ParseConfig(top_sentences=str(top), browser=False, out=common["out"], meanings=meanings, judge="none")
+        )
         send_main(
             SendConfig(top_sentences=str(top), task="detect", meanings=meanings, sentences_per_latent=6, **common)
         )
         retrieve_main(RetrieveConfig(task="detect", **common))
-        m = parse_main(ParseConfig(top_sentences=str(top), out=common["out"], meanings=meanings, judge="none"))
+        m = parse_main(
+            ParseConfig(top_sentences=str(top), browser=False, out=common["out"], meanings=meanings, judge="none")
+        )
     finally:
         server.close()
     doc = json.loads(Path(m["meaning_file"]).read_text())

@@ -250,7 +250,6 @@ def top_sentences(tiny, root, out, **kw) -> None:
             device="cpu",
             model_dtype="float32",
             max_sentences=0,
-            browser=False,
             **kw,
         )
     )
@@ -287,7 +286,7 @@ def demo_inputs(tiny, tmp_path_factory, lm):
             shard_tokens=40,
         )
     )
-    top_sentences(tiny, root, root / "top", top_n=6, meanings=str(root / "m"))
+    top_sentences(tiny, root, root / "top", top_n=6)
     firing = sorted(LatentExamples.load(open_top_sentences(root / "top"), "max").top)[:5]
     (root / "m").mkdir()
     doc = {

@@ -18,6 +18,8 @@ from capture_top_activating_sentences import main as top_main
 from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
+from pipeline.report.feature_browser import write_browser
+from pipeline.sae.formats import sae_sha256
 from pipeline.sae.model import SaeConfig, TopKSae
 from pipeline.sentences.dataset import iter_sentences
 from pipeline.top_sentences.tables import AGGREGATIONS, TopTable, merge_top, open_top_sentences
@@ -72,7 +74,6 @@ def run(tmp_path, tiny, sentences, sae_dir, **kw) -> Path:
         model_dtype="float32",
         device="cpu",
         max_sentences=0,
-        meanings=str(tmp_path / "none"),
     )
     cfg = TopSentencesConfig(**{**base, **kw})
     top_main(cfg)
@@ -152,12 +153,13 @@ def test_top_n_equals_brute_force_and_browser_shows_it(tmp_path, tiny, sentences
         n_silent = sum(1 for sid, s in ref_scores.items() if s["max"][latent] == 0 and len(ref[sid]) > 1)
         assert silent.get(latent, 0) == min(6, n_silent)
     # the browser: an index row per latent, and the top sentence of latent 0 highlighted on its page
-    index = (out / "browser" / "index.html").read_text()
+    write_browser(res, tmp_path / "no_meanings", tmp_path / "browser")
+    index = (tmp_path / "browser" / "index.html").read_text()
     links = LinkParser.of(index)
     assert {f"latents/{i}.html" for i in range(N_LATENTS)} <= set(links.hrefs)
     best = min(got[(0, "max")], key=lambda r: r["rank"])
     sent = {r["sentence_id"]: r for r in res.table("sentences").to_pylist()}[best["sentence_id"]]
-    page = (out / "browser" / "latents" / "0.html").read_text()
+    page = (tmp_path / "browser" / "latents" / "0.html").read_text()
     parsed = LinkParser.of(page)
     assert "".join(sent["tokens"]) in parsed.text_blocks
     shaded = [float(t) for t in parsed.titles]
@@ -219,7 +221,7 @@ def test_ties_rank_lower_sentence_id_first_whatever_the_order():
 
 @pytest.mark.slow
 def test_two_ranks_merge_to_the_single_process_result(tmp_path, tiny, sentences, sae_dir):
-    one = run(tmp_path, tiny, sentences, sae_dir, name="one", browser=False)
+    one = run(tmp_path, tiny, sentences, sae_dir, name="one")
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", **collective_env(tmp_path / "logs")}
     cmd = [
@@ -247,7 +249,6 @@ def test_two_ranks_merge_to_the_single_process_result(tmp_path, tiny, sentences,
         "cpu",
         "--max-sentences",
         "0",
-        "--no-browser",
     ]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -276,14 +277,12 @@ def test_bad_inputs_and_shortfall(tmp_path, tiny, sentences, sae_dir):
         run(tmp_path, tiny, sentences, tmp_path / "other_sae", name="o")
     with pytest.raises(PipelineInputError, match="--top-n"):
         run(tmp_path, tiny, sentences, sae_dir, name="n", top_n=0)
-    out = run(tmp_path, tiny, sentences, sae_dir, name="short", max_sentences=3, browser=False)
+    out = run(tmp_path, tiny, sentences, sae_dir, name="short", max_sentences=3)
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["sentences"] == 3 and "only 3 sentences" in m["shortfall"]
 
 
 def test_browser_shows_meanings_and_rerun_reuses_or_refuses(tmp_path, tiny, sentences, sae_dir):
-    from pipeline.sae.formats import sae_sha256
-
     meanings = tmp_path / "meanings"
     meanings.mkdir()
     (meanings / "run1.json").write_text(
@@ -303,12 +302,13 @@ def test_browser_shows_meanings_and_rerun_reuses_or_refuses(tmp_path, tiny, sent
             }
         )
     )
-    out = run(tmp_path, tiny, sentences, sae_dir, meanings=str(meanings))
-    page = (out / "browser" / "latents" / "2.html").read_text()
+    out = run(tmp_path, tiny, sentences, sae_dir)
+    browser = write_browser(open_top_sentences(out), meanings, tmp_path / "browser").parent
+    page = (browser / "latents" / "2.html").read_text()
     assert "words about &lt;rivers&gt; &amp; lakes" in page and "0.71" in page
-    assert "not this SAE" not in (out / "browser" / "index.html").read_text()
+    assert "not this SAE" not in (browser / "index.html").read_text()
     before = (out / "top_sentences.parquet").stat().st_mtime_ns
-    run(tmp_path, tiny, sentences, sae_dir, meanings=str(meanings))  # same inputs: reused, not recomputed
+    run(tmp_path, tiny, sentences, sae_dir)  # same inputs: reused, not recomputed
     assert (out / "top_sentences.parquet").stat().st_mtime_ns == before
     with pytest.raises(PipelineInputError, match="top-sentences output made with other settings"):
         run(tmp_path, tiny, sentences, sae_dir, top_n=3)
@@ -370,17 +370,15 @@ def test_tables_from_the_capture_equal_the_model_run(tmp_path, tiny, sentences, 
     nothing rounded on the way to disk); a capture of the first 20 sentences serves those and the model
     the rest (within fp32 rounding); --source capture refuses what it does not hold."""
     full = capture_of(tmp_path, tiny, sentences, "acts")
-    model = run(tmp_path, tiny, sentences, sae_dir, name="model", source="model", browser=False)
-    from_capture = run(
-        tmp_path, tiny, sentences, sae_dir, name="cap", capture=str(full), source="capture", browser=False
-    )
+    model = run(tmp_path, tiny, sentences, sae_dir, name="model", source="model")
+    from_capture = run(tmp_path, tiny, sentences, sae_dir, name="cap", capture=str(full), source="capture")
     m = json.loads((from_capture / "manifest.json").read_text())
     assert m["source"]["model_sentences"] == 0 and m["source"]["capture_sentences"] == m["counts"]["sentences"]
     assert tables(from_capture) == tables(model)
     assert m["counts"] == json.loads((model / "manifest.json").read_text())["counts"]
 
     part = capture_of(tmp_path, tiny, sentences, "acts20", max_sentences=20)
-    mixed = run(tmp_path, tiny, sentences, sae_dir, name="mixed", capture=str(part), browser=False)
+    mixed = run(tmp_path, tiny, sentences, sae_dir, name="mixed", capture=str(part))
     m = json.loads((mixed / "manifest.json").read_text())["source"]
     assert m["capture_sentences"] == 20 and m["model_sentences"] > 0, m
     # the model's share is batched differently from the all-model run (its first row group starts at
@@ -400,7 +398,7 @@ def test_a_bf16_capture_gives_the_scores_of_bf16_rounded_activations(tmp_path, t
     """Stored in bf16, the capture path scores what the SAE gets from disk: the brute-force scores of the
     activations rounded to bf16 (within fp32 noise), and the fp32 model run's within bf16 rounding."""
     acts = capture_of(tmp_path, tiny, sentences, "acts16", storage_dtype="bfloat16")
-    out = run(tmp_path, tiny, sentences, sae_dir, name="bf16", capture=str(acts), source="capture", browser=False)
+    out = run(tmp_path, tiny, sentences, sae_dir, name="bf16", capture=str(acts), source="capture")
     lm, sae = load_model(tiny.hf_dir), TopKSae.load(sae_dir)
     ref = {}
     for part in iter_sentences(sentences):
@@ -417,9 +415,7 @@ def test_a_bf16_capture_gives_the_scores_of_bf16_rounded_activations(tmp_path, t
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     model = {
         (r["latent"], r["aggregation"], r["rank"]): r["score"]
-        for r in tables(run(tmp_path, tiny, sentences, sae_dir, name="fp32", source="model", browser=False))[
-            "top_sentences"
-        ]
+        for r in tables(run(tmp_path, tiny, sentences, sae_dir, name="fp32", source="model"))["top_sentences"]
     }
     firsts = [(model[(r["latent"], r["aggregation"], 0)], r["score"]) for r in top if r["rank"] == 0]
     np.testing.assert_allclose(*zip(*firsts), rtol=2e-2, atol=2e-2)  # bf16: 8 bits of mantissa
@@ -436,6 +432,6 @@ def test_a_capture_that_does_not_match_the_sae_is_refused_or_bypassed(tmp_path, 
     bf16_model = capture_of(tmp_path, tiny, sentences, "actsb", model_dtype="bfloat16")
     with pytest.raises(PipelineInputError, match="its model ran in torch.bfloat16, not the requested torch.float32"):
         run(tmp_path, tiny, sentences, sae_dir, name="r3", capture=str(bf16_model), source="capture")
-    out = run(tmp_path, tiny, sentences, sae_dir, name="auto", capture=str(other_hook), browser=False)
+    out = run(tmp_path, tiny, sentences, sae_dir, name="auto", capture=str(other_hook))
     note = json.loads((out / "manifest.json").read_text())["source"]
     assert note["capture_sentences"] == 0 and "resid_pre.0" in note["note"], note

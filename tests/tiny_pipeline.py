@@ -38,7 +38,7 @@ OUTPUTS = {
         "latent_index_meaning",
         "runs/interpretation/explain/manifest.json",
         "runs/interpretation/explain/parse_failures.jsonl",
-        "runs/top_sentences/browser",
+        "runs/interpretation/browser",
     ],
     "steering_eval": ["runs/steering_eval"],
 }

@@ -23,10 +23,8 @@ from typing import Any, Literal
 
 from llama_3.errors import PipelineInputError
 from pipeline.core import fault_injection
-from pipeline.core.layout import RUNS_DIR
 from pipeline.core.manifest import atomic_path, write_json_atomic
 
-INTERPRETATION_DIR = RUNS_DIR / "interpretation"
 DEFAULT_MODEL = "claude-sonnet-4-5"
 # $ per million tokens (input, output) at standard rates; Message Batches bill half of that.
 PRICES = {"claude-sonnet-4-5": (3.0, 15.0), "claude-haiku-4-5": (1.0, 5.0), "claude-opus-4-1": (15.0, 75.0)}

@@ -86,10 +86,13 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
     )
 
 
-def write_browser(data: TopSentences, meanings_dir: str | Path) -> Path:
-    """Write browser/ under a top-sentences output folder; returns the index path."""
-    out = data.directory
-    per_aggregation = data.field("config.browser_sentences", int)
+def write_browser(data: TopSentences, meanings_dir: str | Path, target: str | Path, per_aggregation: int = 10) -> Path:
+    """Write the browser of a top-sentences output, with the meanings in `meanings_dir` for its SAE, to the
+    folder `target` (replaced whole); `per_aggregation` sentences per aggregation on each latent page.
+    Returns the index path."""
+    target = Path(target)
+    out = target.parent
+    out.mkdir(parents=True, exist_ok=True)
     meanings = load_meanings(meanings_dir, data.sae_sha256)
     stats = data.table("latent_stats").to_pylist()
     top = data.table("top_sentences")
@@ -119,11 +122,11 @@ def write_browser(data: TopSentences, meanings_dir: str | Path) -> Path:
             (staging / "latents" / f"{i}.html").write_text(page, encoding="utf-8")
         (staging / "index.html").write_text(index_page(data, stats, meanings), encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp makes it private
-        replace_folder(staging, out / "browser")
+        replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out / "browser" / "index.html"
+    return target / "index.html"
 
 
 def replace_folder(new: Path, target: Path) -> None:

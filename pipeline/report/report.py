@@ -22,31 +22,11 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from llama_3.errors import PipelineInputError  # noqa: E402
+from pipeline.core.layout import MEANINGS_DIR, RUNS_DIR, RunLayout  # noqa: E402
 from pipeline.core.manifest import read_jsonl, write_json_atomic  # noqa: E402
 from pipeline.interpret.meanings import load_meanings  # noqa: E402
+from pipeline.sae.formats import sae_sha256, sae_weights_file  # noqa: E402
 from pipeline.sae.training_run import TrainingRun  # noqa: E402
-
-
-@dataclass
-class RunPaths:
-    runs: Path
-    meanings: Path
-
-    @property
-    def sae(self) -> Path:
-        return self.runs / "sae"
-
-    @property
-    def top_sentences(self) -> Path:
-        return self.runs / "top_sentences"
-
-    @property
-    def steering(self) -> Path:
-        return self.runs / "steering_eval"
-
-    @property
-    def report(self) -> Path:
-        return self.runs / "report"
 
 
 @dataclass
@@ -75,10 +55,10 @@ def save(fig, report: Report, out: Path, name: str, caption: str) -> None:
     report.plots.append((name, caption))
 
 
-def training_plots(paths: RunPaths, report: Report, out: Path) -> None:
-    rows = read_jsonl(paths.sae / "metrics.jsonl")
+def training_plots(paths: RunLayout, report: Report, out: Path) -> None:
+    rows = read_jsonl(paths.sae_run / "metrics.jsonl")
     try:
-        run = TrainingRun.open(paths.sae)
+        run = TrainingRun.open(paths.sae_run)
     except PipelineInputError:
         run = None
     if not rows or run is None:
@@ -145,7 +125,7 @@ def training_plots(paths: RunPaths, report: Report, out: Path) -> None:
         )
 
 
-def density_plot(paths: RunPaths, report: Report, out: Path) -> None:
+def density_plot(paths: RunLayout, report: Report, out: Path) -> None:
     stats = paths.top_sentences / "latent_stats.parquet"
     if not stats.is_file():
         report.missing.append("top sentences (runs/top_sentences)")
@@ -165,13 +145,11 @@ def density_plot(paths: RunPaths, report: Report, out: Path) -> None:
     }
 
 
-def detection_plot(paths: RunPaths, report: Report, out: Path) -> None:
-    sae_file = paths.sae / "sae" / "sae.safetensors"
+def detection_plot(paths: RunLayout, report: Report, out: Path) -> None:
+    sae_file = sae_weights_file(paths.sae)
     if not sae_file.is_file():
         return
-    from pipeline.sae.formats import sae_sha256
-
-    meanings = load_meanings(paths.meanings, sae_sha256(paths.sae / "sae"))
+    meanings = load_meanings(paths.meanings, sae_sha256(paths.sae))
     scores = [m["score"] for m in meanings.values() if isinstance(m.get("score"), (int, float))]
     if not scores:
         report.missing.append("interpretation scores (latent_index_meaning/)")
@@ -191,8 +169,8 @@ def detection_plot(paths: RunPaths, report: Report, out: Path) -> None:
     }
 
 
-def steering_plot(paths: RunPaths, report: Report, out: Path) -> None:
-    doc = read_json(paths.steering / "results.json")
+def steering_plot(paths: RunLayout, report: Report, out: Path) -> None:
+    doc = read_json(paths.steering_eval / "results.json")
     if not doc:
         report.missing.append("steering evaluation (runs/steering_eval)")
         return
@@ -235,9 +213,9 @@ def stage_table(pipeline_doc: dict | None) -> str:
     )
 
 
-def write_report(runs: str | Path = "runs", meanings: str | Path = "latent_index_meaning") -> Path:
+def write_report(runs: str | Path = RUNS_DIR, meanings: str | Path = MEANINGS_DIR) -> Path:
     """Build runs/report/index.html (+ PNGs, summary.json) from whatever the stages have written."""
-    paths = RunPaths(Path(runs), Path(meanings))
+    paths = RunLayout(Path(runs), Path(meanings))
     out = paths.report
     out.mkdir(parents=True, exist_ok=True)
     report = Report()
@@ -245,7 +223,7 @@ def write_report(runs: str | Path = "runs", meanings: str | Path = "latent_index
     density_plot(paths, report, out)
     detection_plot(paths, report, out)
     steering_plot(paths, report, out)
-    pipeline_doc = read_json(paths.runs / "pipeline.json")
+    pipeline_doc = read_json(paths.pipeline_record)
     report.summary["stages"] = pipeline_doc["stages"] if pipeline_doc else None
     write_json_atomic(out / "summary.json", report.summary)
     figures = "".join(
@@ -255,7 +233,7 @@ def write_report(runs: str | Path = "runs", meanings: str | Path = "latent_index
     )
     missing = "".join(f"<li>{html.escape(m)}: not run yet</li>" for m in report.missing)
     numbers = html.escape(json.dumps({k: v for k, v in report.summary.items() if k != "stages"}, indent=2, default=str))
-    browser = paths.top_sentences / "browser" / "index.html"
+    browser = paths.browser / "index.html"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SAE pipeline report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 figure{{display:inline-block;margin:0.5em;vertical-align:top}} img{{max-width:520px;border:1px solid #ddd}}

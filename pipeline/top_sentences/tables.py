@@ -165,21 +165,17 @@ class TopSentences:
     sae_dir: Path
     sae_sha256: str
     """The SAE the tables belong to: interpretation state and meanings are bound to it."""
-    browser: Path | None
-    """browser/index.html when the stage wrote the feature browser."""
 
     @staticmethod
     def of(directory: str | Path, manifest: dict) -> "TopSentences":
         """Typed fields of a manifest (written or about to be): one error line for a missing one."""
         m = Fields(Path(directory), manifest)
-        browser = m.get("browser", (str, type(None)), default=None)
         return TopSentences(
             directory=Path(directory),
             manifest=manifest,
             fingerprint=m.get("fingerprint", str),
             sae_dir=Path(m.get("inputs.sae", str)),
             sae_sha256=m.get("inputs.sae_sha256", str),
-            browser=Path(browser) if browser else None,
         )
 
     def field(self, dotted: str, kind: type | tuple[type, ...] = object):
