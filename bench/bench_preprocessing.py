@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.capture.activations import CaptureOutput
-from sae_preprocessing import PreprocessConfig
+from pipeline.preprocessing.config import PreprocessConfig
 from sae_preprocessing import main as preprocess
 
 

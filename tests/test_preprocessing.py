@@ -13,8 +13,9 @@ from llama_3 import PipelineInputError
 from pipeline.capture.activations import KIND as CAPTURE_KIND
 from pipeline.capture.activations import ShardWriter, TokenChunk
 from pipeline.core.manifest import make_manifest, write_json_atomic
+from pipeline.preprocessing.config import PreprocessConfig
 from pipeline.preprocessing.preprocessed import Moments, PreprocessedOutput
-from sae_preprocessing import PreprocessConfig, main
+from sae_preprocessing import main
 
 D = 24
 HOOK = "resid_pre.3"

@@ -21,6 +21,7 @@ from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
 from pipeline.core.output_folder import OutputFolder, owned_names
+from pipeline.preprocessing.config import PreprocessConfig
 from pipeline.sae.config import TrainConfig
 from pipeline.sae.formats import export_saelens
 from pipeline.sae.model import TopKSae
@@ -28,7 +29,6 @@ from pipeline.sentences.dataset import iter_sentences
 from pipeline.steering.session import Session
 from pipeline.steering.splice import SteeringEntry, sae_splice
 from pipeline.top_sentences.tables import open_top_sentences
-from sae_preprocessing import PreprocessConfig
 from sae_preprocessing import main as preprocess_main
 from sae_training import main as train_main
 

@@ -28,6 +28,12 @@ from pipeline.core.manifest import Fields, read_manifest
 from pipeline.core.tokenization import Tokenization
 
 KIND = "preprocessed"
+TRAIN_ACTS, TRAIN_INDEX = "train_acts.npy", "train_index.npy"
+VAL_ACTS, VAL_INDEX = "val_acts.npy", "val_index.npy"
+VAL_SENTENCE_IDS = "val_sentence_ids.npy"
+STATS = "stats.json"
+OUTPUT_FILES = (TRAIN_ACTS, TRAIN_INDEX, VAL_ACTS, VAL_INDEX, VAL_SENTENCE_IDS, STATS)
+ACTS = {"train": TRAIN_ACTS, "val": VAL_ACTS}
 TORCH_TO_NP = {"torch.bfloat16": np.uint16, "torch.float16": np.float16, "torch.float32": np.float32}
 
 
@@ -96,7 +102,7 @@ class PreprocessedOutput:
     def open(directory: str | Path) -> "PreprocessedOutput":
         directory = Path(directory)
         m = Fields(directory, read_manifest(directory, KIND))
-        path = directory / "stats.json"
+        path = directory / STATS
         try:
             stats = json.loads(path.read_text())
         except (OSError, ValueError) as e:
@@ -123,7 +129,7 @@ class PreprocessedOutput:
 
     def _array(self, split: str) -> np.memmap:
         """The split's activation file, memory-mapped and checked against the manifest's row count."""
-        path = self.directory / f"{split}_acts.npy"
+        path = self.directory / ACTS[split]
         if not path.is_file():
             raise PipelineInputError(f"{path}: missing")
         try:
@@ -155,10 +161,10 @@ class PreprocessedOutput:
     def reader(self, split: str) -> "RowReader":
         """The split's rows for reading in pieces, with bounded memory (see RowReader)."""
         arr = self._array(split)
-        return RowReader(self.directory / f"{split}_acts.npy", arr.offset, arr.shape, self._torch_dtype)
+        return RowReader(self.directory / ACTS[split], arr.offset, arr.shape, self._torch_dtype)
 
     def val_sentence_ids(self) -> np.ndarray:
-        return np.load(self.directory / "val_sentence_ids.npy")
+        return np.load(self.directory / VAL_SENTENCE_IDS)
 
 
 class RowReader:
