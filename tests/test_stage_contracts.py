@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from capture_activations import CaptureConfig
 from capture_activations import main as capture_main
 from capture_top_activating_sentences import TopSentencesConfig
 from capture_top_activating_sentences import main as top_main
 from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
+from pipeline.capture.config import CaptureConfig
 from pipeline.core.output_folder import OutputFolder, owned_names
 from pipeline.preprocessing.config import PreprocessConfig
 from pipeline.sae.config import TrainConfig

@@ -318,8 +318,8 @@ def test_browser_shows_meanings_and_rerun_reuses_or_refuses(tmp_path, tiny, sent
 
 
 def capture_of(tmp_path, tiny, sentences, name: str, **kw) -> Path:
-    from capture_activations import CaptureConfig
     from capture_activations import main as capture_main
+    from pipeline.capture.config import CaptureConfig
 
     out = tmp_path / name
     base = dict(hook_points=[HOOK], model_dtype="float32", storage_dtype="float32", shard_tokens=300)

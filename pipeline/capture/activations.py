@@ -37,10 +37,22 @@ from pipeline.core.runtime import set_thread_device
 from pipeline.core.tokenization import Tokenization
 
 KIND = "activations"
+SHARD_PREFIX = "acts-r"
+PROGRESS_PREFIX = "_progress-r"
+"""A rank's progress file while it captures (which shards it finished); removed when the capture is done."""
 
 
 def shard_filename(rank: int, index: int) -> str:
-    return f"acts-r{rank:03d}-{index:05d}.safetensors"
+    return f"{SHARD_PREFIX}{rank:03d}-{index:05d}.safetensors"
+
+
+def rank_shard_glob(rank: int) -> str:
+    """Every file of one rank's shards, finished or temporary (`.<name>.<random>.tmp`)."""
+    return f"*{SHARD_PREFIX}{rank:03d}-*"
+
+
+def progress_filename(rank: int) -> str:
+    return f"{PROGRESS_PREFIX}{rank:03d}.json"
 
 
 def act_key(hook_point: str) -> str:
@@ -275,7 +287,7 @@ class CaptureOutput:
             if not p.is_file():
                 raise PipelineInputError(f"{p}: listed in {directory / 'manifest.json'} but missing")
         listed = {s["file"] for s in shards}
-        strays = sorted(p.name for p in directory.glob("acts-r*.safetensors") if p.name not in listed)
+        strays = sorted(p.name for p in directory.glob(f"{SHARD_PREFIX}*.safetensors") if p.name not in listed)
         if strays:
             raise PipelineInputError(
                 f"{directory}: shards {', '.join(strays[:3])} are not in its manifest (mixed captures?)"
