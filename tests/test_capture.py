@@ -17,10 +17,10 @@ import torch
 import pipeline.capture.activations as activations_mod
 from capture_activations import main as capture_main
 from llama_3 import PipelineInputError, load_model
-from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
 from pipeline.capture.activations import CaptureOutput, load_shard, sentence_rows
 from pipeline.capture.config import CaptureConfig
+from pipeline.sentences.config import SentencesConfig
 from pipeline.sentences.dataset import iter_sentences
 from tests.collective_log import assert_ranks_agree, collective_env
 

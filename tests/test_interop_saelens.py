@@ -190,8 +190,8 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path, 
     from capture_top_activating_sentences import TopSentencesConfig
     from capture_top_activating_sentences import main as top_main
     from llama_3 import load_model
-    from openwebtext_sentences_dataset import SentencesConfig
     from openwebtext_sentences_dataset import main as sentences_main
+    from pipeline.sentences.config import SentencesConfig
     from pipeline.sentences.dataset import iter_sentences
     from pipeline.steering.session import Session
     from pipeline.steering.splice import SteeringEntry

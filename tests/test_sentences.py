@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import openwebtext_sentences_dataset as build_script
+import pipeline.sentences.build as build_script
 from llama_3 import PipelineInputError
-from openwebtext_sentences_dataset import SentencesConfig, main
+from openwebtext_sentences_dataset import main
+from pipeline.sentences.config import SentencesConfig
 from pipeline.sentences.dataset import SentenceDataset, SentenceTokenDataset, iter_sentences, length_batches
 from pipeline.sentences.splitter import SentenceSplitter
 from pipeline.sentences.text_sources import WikiSummariesSource

@@ -17,7 +17,6 @@ from capture_activations import main as capture_main
 from capture_top_activating_sentences import TopSentencesConfig
 from capture_top_activating_sentences import main as top_main
 from llama_3 import PipelineInputError, load_model
-from openwebtext_sentences_dataset import SentencesConfig
 from openwebtext_sentences_dataset import main as sentences_main
 from pipeline.capture.config import CaptureConfig
 from pipeline.core.output_folder import OutputFolder, owned_names
@@ -25,6 +24,7 @@ from pipeline.preprocessing.config import PreprocessConfig
 from pipeline.sae.config import TrainConfig
 from pipeline.sae.formats import export_saelens
 from pipeline.sae.model import TopKSae
+from pipeline.sentences.config import SentencesConfig
 from pipeline.sentences.dataset import iter_sentences
 from pipeline.steering.session import Session
 from pipeline.steering.splice import SteeringEntry, sae_splice

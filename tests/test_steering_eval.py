@@ -259,11 +259,11 @@ def top_sentences(tiny, root, out, **kw) -> None:
 def demo_inputs(tiny, tmp_path_factory, lm):
     """A tiny SAE with its top sentences and meanings, as the earlier stages leave them."""
     from capture_activations import main as capture_main
-    from openwebtext_sentences_dataset import SentencesConfig
     from openwebtext_sentences_dataset import main as sentences_main
     from pipeline.capture.config import CaptureConfig
     from pipeline.interpret.explainers import LatentExamples
     from pipeline.sae.formats import sae_sha256
+    from pipeline.sentences.config import SentencesConfig
     from pipeline.top_sentences.tables import open_top_sentences
 
     root = tmp_path_factory.mktemp("eval")
