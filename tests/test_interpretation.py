@@ -15,14 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from fake_batches_server import FakeBatches
 
-from interpret_top_sentences_parse_responses import ParseConfig
 from interpret_top_sentences_parse_responses import main as parse_main
-from interpret_top_sentences_retrieve_batches import RetrieveConfig
 from interpret_top_sentences_retrieve_batches import main as retrieve_main
-from interpret_top_sentences_send_batches import SendConfig
 from interpret_top_sentences_send_batches import main as send_main
 from pipeline.core.manifest import make_manifest, write_json_atomic
 from pipeline.interpret.batches import BatchState, chunk_requests, parse_verdict
+from pipeline.interpret.config import ParseConfig, RetrieveConfig, SendConfig
 from pipeline.interpret.explainers import LatentExamples, auroc, minilm_scores, offline_explanation
 from pipeline.top_sentences.tables import KIND, open_top_sentences
 
