@@ -25,8 +25,9 @@ from llama_3.errors import PipelineInputError  # noqa: E402
 from llama_3.generation import SPLICE_ON, check_splice_on  # noqa: E402
 from pipeline.core.cli import Dtype, check_choices, parse_config, run_main  # noqa: E402
 from pipeline.core.layout import MEANINGS_DIR, SAE_WEIGHTS_DIR, STEERING_EVAL_DIR  # noqa: E402
-from pipeline.steering.evaluation import Row, SteeringResults, concept_phrase, read_continuations  # noqa: E402
+from pipeline.steering.evaluation import Row, concept_phrase, read_continuations  # noqa: E402
 from pipeline.steering.output_score import promoted_tokens  # noqa: E402
+from pipeline.steering.results import open_for_sae  # noqa: E402
 from pipeline.steering.session import Session  # noqa: E402
 from pipeline.steering.splice import MODES, SteeringEntry, check_entries  # noqa: E402
 from pipeline.steering.vectors import sae_directions  # noqa: E402
@@ -74,9 +75,9 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
     steerable = session.steerable
     n_latents = steerable.sae.cfg.n_latents
 
-    results = SteeringResults.load(cfg.steering_eval, steerable.directory)
+    results = open_for_sae(cfg.steering_eval, steerable.sae.sha256)
     output_scores = results.output_scores if results else {}
-    recommended = results.recommended if results else {}
+    recommended = results.recommended() if results else {}
 
     def promotes(latents: list[int]) -> list[str]:
         """The output effect beside the input meaning: the top tokens of each decoder row's logit lens."""

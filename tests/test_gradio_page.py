@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from llama_3 import load_model
+from pipeline.core.manifest import make_manifest, write_json_atomic
 from pipeline.sae.formats import sae_sha256
 from pipeline.sae.model import SaeConfig, TopKSae
 from pipeline.steering.session import Session
@@ -74,11 +75,14 @@ def page(tiny, tmp_path_factory):
         )
     )
     (root / "eval").mkdir()  # what steering_evaluation.py writes, reduced to what the page reads
-    (root / "eval" / "manifest.json").write_text(json.dumps({"inputs": {"sae_sha256": sae_sha256(root / "sae")}}))
+    manifest = make_manifest("steering_eval", config={}, inputs={"sae_sha256": sae_sha256(root / "sae")}, counts={})
+    write_json_atomic(root / "eval" / "manifest.json", manifest)
     sae_cell = {"add_strength": RECOMMENDED, "test": {"harmonic": 1.2}}
     (root / "eval" / "results.json").write_text(
         json.dumps(
             {
+                "hook_point": "resid_pre.1",
+                "summary": {},
                 "output_scores": {str(LATENT): 0.01, str(STEERABLE): 0.4},
                 "latents": [{"latent": STEERABLE, "methods": {"sae": sae_cell}}],
             }

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import random_tokens
 
+import pipeline.steering.stage as steering_stage
 from llama_3 import PipelineInputError, load_model
 from llama_3.hooks import Splice
 from pipeline.core.tokenization import Tokenization
@@ -305,7 +306,7 @@ def demo_inputs(tiny, tmp_path_factory, lm):
 
 def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_path, capsys):
     from llama_3.generation import Generator
-    from steering_evaluation import SteeringEvalConfig
+    from pipeline.steering.config import SteeringEvalConfig
     from steering_evaluation import main as eval_main
 
     root, firing = demo_inputs
@@ -382,12 +383,10 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     capsys.readouterr()
     assert eval_main(cfg) == json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "already complete" in capsys.readouterr().out
-    import steering_evaluation
-
     with pytest.MonkeyPatch.context() as mp:  # new code that evaluates differently: not the old results
-        mp.setattr(steering_evaluation, "METHOD_VERSION", steering_evaluation.METHOD_VERSION + 1)
+        mp.setattr(steering_stage, "METHOD_VERSION", steering_stage.METHOD_VERSION + 1)
         assert (
-            steering_evaluation.request_fingerprint(cfg)
+            steering_stage.request_fingerprint(cfg)
             != json.loads((tmp_path / "eval" / "manifest.json").read_text())["fingerprint"]
         )
     import shutil
@@ -432,7 +431,7 @@ def test_the_claude_judge_rates_every_held_out_continuation_through_batches(tiny
     (results.json gone, the batch state kept) sends nothing again."""
     from fake_batches_server import FakeBatches
 
-    from steering_evaluation import SteeringEvalConfig
+    from pipeline.steering.config import SteeringEvalConfig
     from steering_evaluation import main as eval_main
 
     seen = []

@@ -122,8 +122,8 @@ class Fields:
 
     A missing or mistyped field is one error line naming the folder, whichever stage reads it."""
 
-    def __init__(self, directory: Path, manifest: dict):
-        self.directory, self.manifest = Path(directory), manifest
+    def __init__(self, directory: Path, manifest: dict, name: str = MANIFEST_NAME):
+        self.directory, self.manifest, self.name = Path(directory), manifest, name
 
     def get(self, dotted: str, kind: type | tuple[type, ...] = object, default: Any = _REQUIRED) -> Any:
         node: Any = self.manifest
@@ -132,7 +132,7 @@ class Fields:
                 if default is not _REQUIRED:
                     return default
                 raise PipelineInputError(
-                    f"{self.directory}: its {MANIFEST_NAME} has no field {dotted!r} (written by another version? "
+                    f"{self.directory}: its {self.name} has no field {dotted!r} (written by another version? "
                     "re-run the stage that wrote it with --force)"
                 )
             node = node[key]
@@ -141,7 +141,7 @@ class Fields:
         if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
             names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise PipelineInputError(
-                f"{self.directory}: field {dotted!r} of its {MANIFEST_NAME} is {type(node).__name__}, expected {names}"
+                f"{self.directory}: field {dotted!r} of its {self.name} is {type(node).__name__}, expected {names}"
             )
         return node
 

@@ -27,6 +27,7 @@ from pipeline.core.manifest import read_jsonl, write_json_atomic  # noqa: E402
 from pipeline.interpret.meanings import load_meanings  # noqa: E402
 from pipeline.sae.formats import sae_sha256, sae_weights_file  # noqa: E402
 from pipeline.sae.training_run import TrainingRun  # noqa: E402
+from pipeline.steering.results import SteeringEvalOutput  # noqa: E402
 
 
 @dataclass
@@ -170,11 +171,12 @@ def detection_plot(paths: RunLayout, report: Report, out: Path) -> None:
 
 
 def steering_plot(paths: RunLayout, report: Report, out: Path) -> None:
-    doc = read_json(paths.steering_eval / "results.json")
-    if not doc:
-        report.missing.append("steering evaluation (runs/steering_eval)")
+    try:
+        done = SteeringEvalOutput.open(paths.steering_eval)
+    except PipelineInputError:
+        report.missing.append(f"steering evaluation ({paths.steering_eval})")
         return
-    summary = doc["summary"]
+    summary = done.summary
     methods = ["sae", "diffmean", "prompt"]
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
     for ax, key, label in zip(
@@ -191,8 +193,8 @@ def steering_plot(paths: RunLayout, report: Report, out: Path) -> None:
         report,
         out,
         "steering.png",
-        f"Steering evaluation on held-out instructions: means over the {len(doc['latents'])} latents with the best "
-        f"output score at {doc['hook_point']}",
+        f"Steering evaluation on held-out instructions: means over the {len(done.latents)} latents with the best "
+        f"output score at {done.hook_point}",
     )
     report.summary["steering"] = summary
 

@@ -17,12 +17,10 @@ steering vector (a zero vector: exactly the clean model).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -529,36 +527,3 @@ def evaluate(
         "output_scores": {str(lat): round(float(s), 5) for lat, s, c in zip(pool, scores.tolist(), concept) if c},
         "promoted_scores": {str(lat): round(float(s), 5) for lat, s in zip(pool, out["promoted"].tolist())},
     }
-
-
-@dataclass
-class SteeringResults:
-    """What the steering page reads from a finished evaluation of its SAE."""
-
-    output_scores: dict[int, float]
-    """Every scored latent's output score: how much its decoder row raises the next-token probability of
-    its meaning's rare key words (latents whose meaning names none have no score)."""
-    recommended: dict[int, float]
-    """`add` strength at the best factor of the sweep, for the latents the sweep ran on."""
-    headline: dict[int, float]
-    """Harmonic score on the held-out instructions at that strength."""
-
-    @staticmethod
-    def load(directory: str | Path, sae_dir: str | Path) -> "SteeringResults | None":
-        """None when there is no finished evaluation, or it evaluated another SAE."""
-        from pipeline.sae.formats import sae_sha256
-
-        directory = Path(directory)
-        try:
-            manifest = json.loads((directory / "manifest.json").read_text())
-            doc = json.loads((directory / "results.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if manifest.get("inputs", {}).get("sae_sha256") != sae_sha256(sae_dir) or "output_scores" not in doc:
-            return None
-        sae = doc.get("latents", [])
-        return SteeringResults(
-            {int(k): float(v) for k, v in doc["output_scores"].items()},
-            {r["latent"]: r["methods"]["sae"]["add_strength"] for r in sae if r["methods"]["sae"].get("add_strength")},
-            {r["latent"]: r["methods"]["sae"]["test"]["harmonic"] for r in sae},
-        )

@@ -22,7 +22,6 @@ from llama_3.checkpoints import LoadedModel, load_model
 from llama_3.errors import PipelineInputError
 from llama_3.hooks import Splice
 from pipeline.interpret.meanings import load_meanings
-from pipeline.sae.formats import sae_sha256
 from pipeline.sae.model import TopKSae, encoder_preacts
 
 Mode = Literal["h_bias", "clamp", "add"]
@@ -224,7 +223,7 @@ def open_steering(
     sae = TopKSae.load(sae_dir, device=device).eval()
     lm = load_model(sae.model_path(model, f"--sae {sae_dir}"), device=device, dtype=dtype)
     sae.check_model(lm.identity(), f"--sae {sae_dir}")
-    return lm, SteerableSae(sae, Path(sae_dir), load_meanings(meanings_dir, sae_sha256(sae_dir)))
+    return lm, SteerableSae(sae, Path(sae_dir), load_meanings(meanings_dir, sae.sha256))
 
 
 def steering_batch(

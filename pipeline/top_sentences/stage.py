@@ -446,7 +446,7 @@ def write_outputs(
         config=asdict(cfg),
         inputs={
             "sae": str(cfg.sae),
-            "sae_sha256": sae_sha256(cfg.sae),
+            "sae_sha256": sae.sha256,
             "sae_cfg": asdict(sae.cfg),
             "sentences": str(cfg.sentences),
             "model": lm.identity(),
