@@ -18,14 +18,16 @@ from capture_top_activating_sentences import TopSentencesConfig
 from capture_top_activating_sentences import main as top_main
 from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import main as sentences_main
+from pipeline.capture.activations import CaptureOutput
 from pipeline.capture.config import CaptureConfig
 from pipeline.core.output_folder import OutputFolder, owned_names
 from pipeline.preprocessing.config import PreprocessConfig
+from pipeline.preprocessing.preprocessed import PreprocessedOutput
 from pipeline.sae.config import TrainConfig
 from pipeline.sae.formats import export_saelens
 from pipeline.sae.model import TopKSae
 from pipeline.sentences.config import SentencesConfig
-from pipeline.sentences.dataset import iter_sentences
+from pipeline.sentences.dataset import SentenceDataset, iter_sentences
 from pipeline.steering.session import Session
 from pipeline.steering.splice import SteeringEntry, sae_splice
 from pipeline.top_sentences.tables import open_top_sentences
@@ -82,6 +84,32 @@ def test_the_sae_carries_the_capture_tokenization(bos_run):
     assert "eval/ce_loss_recovered" in run["spliced_evaluation"]  # the spliced evaluation tokenized as captured
 
 
+def test_the_sae_records_the_data_it_was_trained_from(bos_run, tiny, tmp_path):
+    """Provenance travels forward: the SAE names its preprocessed data, capture and sentences with their
+    fingerprints (each equal to what that output's own reader says), so a later stage needs no run folder."""
+    trained_on = TopKSae.load(bos_run / "t" / "sae").cfg.trained_on
+    pre, cap = PreprocessedOutput.open(bos_run / "p"), CaptureOutput.open(bos_run / "a")
+    sentences = SentenceDataset.open(bos_run / "s")
+    assert (trained_on.preprocessed, trained_on.preprocessed_fingerprint) == (str(bos_run / "p"), pre.fingerprint)
+    assert (trained_on.capture, trained_on.capture_fingerprint) == (str(bos_run / "a"), cap.fingerprint)
+    assert (trained_on.sentences, trained_on.sentences_fingerprint) == (str(bos_run / "s"), sentences.fingerprint)
+    assert trained_on.capture_sentences == cap.max_sentences
+    # the SAE folder copied alone (no training run beside it) still reads its activations from its capture
+    shutil.copytree(bos_run / "t" / "sae", tmp_path / "alone")
+    manifest = top_main(
+        TopSentencesConfig(
+            sae=str(tmp_path / "alone"),
+            sentences=str(bos_run / "s"),
+            out=str(tmp_path / "top"),
+            top_n=5,
+            device="cpu",
+            model_dtype="float32",
+            source="capture",
+        )
+    )
+    assert manifest["source"]["capture"] == str(bos_run / "a") and manifest["source"]["model_sentences"] == 0
+
+
 def test_top_sentences_skip_bos_and_match_brute_force(bos_run, tiny, tmp_path):
     sae_dir = bos_run / "t" / "sae"
     top_main(
@@ -93,7 +121,6 @@ def test_top_sentences_skip_bos_and_match_brute_force(bos_run, tiny, tmp_path):
             device="cpu",
             model_dtype="float32",
             max_sentences=0,
-            meanings=str(tmp_path / "none"),
         )
     )
     res = open_top_sentences(tmp_path / "top")

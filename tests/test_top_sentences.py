@@ -427,7 +427,7 @@ def test_a_capture_that_does_not_match_the_sae_is_refused_or_bypassed(tmp_path, 
         PipelineInputError, match="--source capture: capture .*acts0: it holds resid_pre.0, not the SAE"
     ):
         run(tmp_path, tiny, sentences, sae_dir, name="r", capture=str(other_hook), source="capture")
-    with pytest.raises(PipelineInputError, match="--source capture: the SAE's run folder names no capture"):
+    with pytest.raises(PipelineInputError, match="--source capture: the SAE records no capture it was trained from"):
         run(tmp_path, tiny, sentences, sae_dir, name="r2", source="capture")
     bf16_model = capture_of(tmp_path, tiny, sentences, "actsb", model_dtype="bfloat16")
     with pytest.raises(PipelineInputError, match="its model ran in torch.bfloat16, not the requested torch.float32"):

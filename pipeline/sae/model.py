@@ -49,6 +49,24 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 
 @dataclass
+class TrainingData:
+    """Where an SAE's training activations came from, recorded when it is trained, so later stages read it
+    here instead of walking the run's manifests (empty for an imported SAE)."""
+
+    preprocessed: str = ""
+    """The preprocessing output it trained on."""
+    preprocessed_fingerprint: str = ""
+    capture: str = ""
+    """The capture that preprocessing read ("" when unknown)."""
+    capture_fingerprint: str = ""
+    capture_sentences: int = 0
+    """Sentences the capture took from the dataset, the first N (0: every sentence)."""
+    sentences: str = ""
+    """The sentence dataset the capture read."""
+    sentences_fingerprint: str = ""
+
+
+@dataclass
 class SaeConfig:
     d_model: int
     """Width of the activations (the model's residual stream)."""
@@ -74,6 +92,8 @@ class SaeConfig:
     """topk: the k largest pre-activations, ReLU'd (what sae_training trains). jumprelu: every latent whose
     pre-activation exceeds its own `threshold` (and 0) keeps it: Gemma Scope / Llama Scope SAEs, and plain
     ReLU SAEs with threshold 0; inference only (imported, never trained here)."""
+    trained_on: TrainingData = field(default_factory=TrainingData)
+    """The preprocessed data, capture and sentences it was trained from (paths and fingerprints)."""
 
     @property
     def tokenization(self) -> Tokenization:
@@ -81,6 +101,8 @@ class SaeConfig:
         return Tokenization(self.add_bos, self.max_tokens, self.exclude_first_positions)
 
     def __post_init__(self) -> None:
+        if isinstance(self.trained_on, dict):  # read back from cfg.json
+            self.trained_on = TrainingData(**self.trained_on)
         if self.activation not in ACTIVATIONS:
             raise PipelineInputError(f"SAE config: activation={self.activation!r}, expected one of {ACTIVATIONS}")
         if self.activation == "topk" and not 0 < self.k <= self.n_latents:

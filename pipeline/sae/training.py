@@ -8,7 +8,7 @@ import json
 import math
 import threading
 import zlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from llama_3.cpu_features import cuda_native_bf16, has_native_bf16, warn_if_emulated
 from llama_3.errors import PipelineInputError
+from pipeline.capture.activations import CaptureOutput
 from pipeline.core.distributed import DistInfo
 from pipeline.core.manifest import atomic_path
 from pipeline.preprocessing.preprocessed import PreprocessedOutput
 from pipeline.sae.config import TrainConfig
-from pipeline.sae.model import SaeConfig, TopKSae
+from pipeline.sae.model import SaeConfig, TopKSae, TrainingData
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, peak: float) -> float:
@@ -72,6 +73,26 @@ def aux_k_loss(
     return (recon - residual).pow(2).sum() / denominator
 
 
+def training_data(data_dir: str, data: PreprocessedOutput) -> TrainingData:
+    """The chain of outputs the SAE is trained from, as far as it can be followed (a synthetic capture in a
+    bench may name no sentences)."""
+    found = TrainingData(preprocessed=str(data_dir), preprocessed_fingerprint=data.fingerprint)
+    if data.capture_dir is None:
+        return found
+    try:
+        cap = CaptureOutput.open(data.capture_dir)
+    except PipelineInputError:  # moved or deleted since preprocessing: its path is all that is known
+        return replace(found, capture=str(data.capture_dir))
+    return replace(
+        found,
+        capture=str(data.capture_dir),
+        capture_fingerprint=cap.fingerprint,
+        capture_sentences=cap.max_sentences,
+        sentences=str(cap.sentences_dir),
+        sentences_fingerprint=cap.sentences_fingerprint,
+    )
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
@@ -109,6 +130,7 @@ class Trainer:
             exclude_first_positions=self.data.tokenization.exclude_first_positions,
             add_bos=self.data.tokenization.add_bos,
             max_tokens=self.data.tokenization.max_tokens,
+            trained_on=training_data(cfg.data, self.data),
         )
         torch.manual_seed(cfg.seed)
         self.sae = TopKSae(self.sae_cfg).to(info.device)

@@ -24,7 +24,7 @@ from pipeline.steering.evaluation import Benchmark, evaluate
 from pipeline.steering.judge import run_claude_judge
 from pipeline.steering.results import CLAUDE_JUDGE_DIR, KIND, REQUEST_NAME, RESULTS_NAME
 from pipeline.steering.session import Session
-from pipeline.top_sentences.tables import open_top_sentences
+from pipeline.top_sentences.tables import TopSentences, open_top_sentences
 
 # in the fingerprint: a results.json of an older method is not reused (2: concept output score; 3: the judge
 # embeds the meaning's key words)
@@ -150,16 +150,12 @@ def evaluate_steering(cfg: SteeringEvalConfig) -> dict:
     return doc
 
 
-def top_sentences_capture(top) -> tuple[CaptureOutput | None, int]:
+def top_sentences_capture(top: TopSentences) -> tuple[CaptureOutput | None, int]:
     """The capture top sentences read its activations from (it checked that capture against the SAE), and
     how many sentences it read there; (None, 0) when it ran the model."""
-    try:
-        source = top.field("source", dict)
-    except PipelineInputError:  # written before top sentences could read a capture
-        return None, 0
-    if not source.get("capture") or not source.get("capture_sentences"):
+    if top.source_capture is None or not top.capture_sentences:
         return None, 0
     try:
-        return CaptureOutput.open(source["capture"]), int(source["capture_sentences"])
+        return CaptureOutput.open(top.source_capture), top.capture_sentences
     except PipelineInputError:  # moved or deleted since: DiffMean runs the model instead
         return None, 0

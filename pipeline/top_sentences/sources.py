@@ -19,8 +19,6 @@ import torch
 from llama_3.errors import PipelineInputError
 from pipeline.capture.activations import CapturedSentences, CaptureOutput
 from pipeline.core.tokenization import Tokenization
-from pipeline.preprocessing.preprocessed import PreprocessedOutput
-from pipeline.sae.training_run import TrainingRun
 from pipeline.sentences.dataset import SentenceBatch, SentenceDataset
 
 Source = Literal["auto", "capture", "model"]
@@ -90,15 +88,6 @@ class SourcePlan:
         }
 
 
-def sae_capture_dir(sae_dir: Path) -> Path | None:
-    """The capture the SAE was trained from, followed through its run's manifests (None: unknown)."""
-    try:
-        capture = PreprocessedOutput.open(TrainingRun.open(sae_dir.parent).data_dir).capture_dir
-    except PipelineInputError:
-        return None  # an SAE without its run folder (copied alone)
-    return Path(capture) if capture else None
-
-
 def capture_mismatch(capture: CaptureOutput, sae, sentences: SentenceDataset, model_dtype: torch.dtype | None):
     """Why this capture cannot stand in for the SAE's forward on these sentences (None: it can)."""
     key = sae.model_mismatch(capture.model)
@@ -135,7 +124,7 @@ def plan_source(
         return model_only
     reason, capture = None, None
     if capture_dir is None:
-        reason = "the SAE's run folder names no capture (pass --capture)"
+        reason = "the SAE records no capture it was trained from (pass --capture)"
     else:
         try:
             capture = CaptureOutput.open(capture_dir)

@@ -19,7 +19,6 @@ from llama_3 import load_model
 from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
-from pipeline.capture.activations import CaptureOutput
 from pipeline.core import fault_injection
 from pipeline.core.cli import resolve_dtype
 from pipeline.core.distributed import DistInfo
@@ -38,7 +37,7 @@ from pipeline.sae.model import TopKSae
 from pipeline.sentences.dataset import SentenceDataset, SentenceTokenDataset, iter_sentences
 from pipeline.top_sentences.code_store import CodeStore
 from pipeline.top_sentences.config import TopSentencesConfig
-from pipeline.top_sentences.sources import capture_batches, from_model_batch, plan_source, sae_capture_dir
+from pipeline.top_sentences.sources import capture_batches, from_model_batch, plan_source
 from pipeline.top_sentences.tables import (
     AGGREGATIONS,
     FILES,
@@ -51,15 +50,6 @@ from pipeline.top_sentences.tables import (
     sample_key,
     sentence_scores,
 )
-
-
-def covered_sentences(sae_dir: Path) -> int:
-    """How many sentences the SAE's capture took (0: unknown or all), following the run's outputs."""
-    capture = sae_capture_dir(sae_dir)
-    try:
-        return CaptureOutput.open(capture).max_sentences if capture else 0
-    except PipelineInputError:
-        return 0  # an SAE without its run folder (copied alone): every sentence
 
 
 def request_fingerprint(cfg: TopSentencesConfig) -> str:
@@ -106,8 +96,9 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     sae_dir = Path(cfg.sae)
     sae = TopKSae.load(sae_dir, device=info.device).eval()
     sentences = SentenceDataset.open(cfg.sentences)
-    max_sentences = covered_sentences(sae_dir) if cfg.max_sentences < 0 else cfg.max_sentences
-    capture_dir = Path(cfg.capture) if cfg.capture else sae_capture_dir(sae_dir)
+    trained_on = sae.cfg.trained_on  # an SAE copied alone or imported: every sentence, through the model
+    max_sentences = trained_on.capture_sentences if cfg.max_sentences < 0 else cfg.max_sentences
+    capture_dir = Path(cfg.capture) if cfg.capture else Path(trained_on.capture) if trained_on.capture else None
     requested_dtype = resolve_dtype(cfg.model_dtype)
     plan = plan_source(
         cfg.source, capture_dir, sae, sentences, max_sentences, requested_dtype, capture_dtype(info.device)

@@ -165,6 +165,10 @@ class TopSentences:
     sae_dir: Path
     sae_sha256: str
     """The SAE the tables belong to: interpretation state and meanings are bound to it."""
+    source_capture: Path | None
+    """The capture the stage read the first `capture_sentences` sentences' activations from (checked against
+    the SAE); None when the model ran on every sentence."""
+    capture_sentences: int
 
     @staticmethod
     def of(directory: str | Path, manifest: dict) -> "TopSentences":
@@ -176,6 +180,8 @@ class TopSentences:
             fingerprint=m.get("fingerprint", str),
             sae_dir=Path(m.get("inputs.sae", str)),
             sae_sha256=m.get("inputs.sae_sha256", str),
+            source_capture=Path(capture) if (capture := m.get("source.capture", (str, type(None)), None)) else None,
+            capture_sentences=m.get("source.capture_sentences", int, 0),
         )
 
     def field(self, dotted: str, kind: type | tuple[type, ...] = object):
