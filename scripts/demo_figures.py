@@ -1,0 +1,217 @@
+"""The demo run's figures, read from a finished run's folder, as the markdown block docs/results.md quotes.
+
+Usage:
+    python scripts/demo_figures.py                                  # print the block for ./runs
+    python scripts/demo_figures.py --runs runs --write docs/results.md   # replace the block in the file
+    python scripts/demo_figures.py --cpu "AMD EPYC (AVX-512 BF16), 2 cores" --write docs/results.md
+
+Reads runs/pipeline.json (stage timings, peak memory), runs/sae/manifest.json (final validation, the
+spliced evaluation), runs/top_sentences/manifest.json, runs/interpretation/explain/manifest.json and
+runs/steering_eval/results.json, formats them as run_pipeline.py's summary screen does, and writes them
+between the markers `<!-- demo-figures:begin -->` and `<!-- demo-figures:end -->`: nothing outside the
+markers changes. The CPU is this machine's (llama_3.cpu_features.cpu_name()) unless --cpu names it: run the
+script on the machine that ran the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BEGIN = "<!-- demo-figures:begin -->"
+END = "<!-- demo-figures:end -->"
+METHODS = (("sae", "SAE latent (decoder row)"), ("diffmean", "DiffMean"), ("prompt", "prompting"))
+
+
+def read(path: Path) -> dict | None:
+    """A JSON object, or None when the file is absent (a stage the run did not reach)."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    if not isinstance(doc, dict):
+        raise SystemExit(f"{path}: not a JSON object")
+    return doc
+
+
+def get(doc: dict | None, dotted: str):
+    """doc["a"]["b"] for "a.b"; None where any part is missing."""
+    for key in dotted.split("."):
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+def num(x, fmt: str = ",") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def pct(x, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:.{digits}%}"
+
+
+def stage_note(name: str, runs: Path) -> str:
+    """What the stage made, from its own manifest's counts (empty when the manifest is not there)."""
+    if name == "sentences":
+        c = get(read(runs / "sentences" / "manifest.json"), "counts") or {}
+        return f"{num(c.get('documents'))} documents → {num(c.get('sentences'))} sentences" if c else ""
+    if name == "capture":
+        m = read(runs / "activations" / "manifest.json")
+        c = get(m, "counts") or {}
+        hooks = ", ".join(get(m, "hook_points") or [])
+        return f"{num(c.get('sentences'))} sentences, {num(c.get('tokens'))} tokens of `{hooks}`" if c else ""
+    if name == "preprocessing":
+        c = get(read(runs / "preprocessed" / "manifest.json"), "counts") or {}
+        if not c:
+            return ""
+        return f"{num(c.get('train_tokens'))} training / {num(c.get('val_tokens'))} validation tokens"
+    if name == "training":
+        m = read(runs / "sae" / "manifest.json")
+        cfg = read(runs / "sae" / "sae" / "cfg.json") or {}
+        steps = get(m, "counts.steps")
+        if steps is None:
+            return ""
+        return f"{num(cfg.get('n_latents'))} latents, k {num(cfg.get('k'))}; {num(steps)} steps, spliced evaluation"
+    if name == "top_sentences":
+        c = get(read(runs / "top_sentences" / "manifest.json"), "counts") or {}
+        return f"{num(c.get('sentences'))} sentences × {num(c.get('latents'))} latents" if c else ""
+    if name == "interpret_send":
+        m = read(runs / "interpretation" / "explain" / "manifest.json")
+        return f"explainer: {m['explainer']}" if m and m.get("explainer") else ""
+    if name == "interpret_parse":
+        c = get(read(runs / "interpretation" / "explain" / "manifest.json"), "counts") or {}
+        return f"{num(c.get('explained'))} meanings scored" if c else ""
+    if name == "steering_eval":
+        doc = read(runs / "steering_eval" / "results.json")
+        return f"{len(doc.get('latents', []))} latents × 3 methods" if doc else ""
+    return ""
+
+
+def block(runs: Path, cpu: str | None = None) -> str:
+    """The markdown between the markers (markers included) for the run in `runs`."""
+    pipeline = read(runs / "pipeline.json")
+    if pipeline is None:
+        raise SystemExit(f"{runs / 'pipeline.json'}: missing (run `python run_pipeline.py` first)")
+    if cpu is None:
+        from llama_3.cpu_features import cpu_name
+
+        cpu = cpu_name()
+    stages = pipeline.get("stages") or []
+    date = str(pipeline.get("created", ""))[:10] or "date not recorded"
+    versions = pipeline.get("versions") or {}
+    soft = ", ".join(f"{k} {versions[k]}" for k in ("torch", "python") if k in versions)
+    lines = [
+        BEGIN,
+        "<!-- written by `python scripts/demo_figures.py --write docs/results.md` from a run's runs/ folder; "
+        "do not edit by hand -->",
+        "",
+        f"One run of `python run_pipeline.py` on {cpu}, {date}" + (f" ({soft})" if soft else "") + ".",
+    ]
+    if stages:
+        total = pipeline.get("seconds", sum(s.get("seconds", 0) for s in stages))
+        peak = max(stages, key=lambda s: s.get("peak_rss_mb", 0))
+        reused = [s["name"] for s in stages if s.get("reused")]
+        lines += [
+            f"Pipeline {total / 60:.1f} min, peak RSS {peak.get('peak_rss_mb', 0) / 1024:.1f} GB "
+            f"(stage {peak.get('name')})" + (f"; reused: {', '.join(reused)}" if reused else "") + ".",
+            "",
+            "| stage | wall | peak RSS | what it did |",
+            "|---|---|---|---|",
+        ]
+        for s in stages:
+            lines.append(
+                f"| {s.get('name')} | {s.get('seconds', 0):.1f} s | {s.get('peak_rss_mb', 0):,.0f} MB | "
+                f"{stage_note(str(s.get('name')), runs)} |"
+            )
+    sae = read(runs / "sae" / "manifest.json") or read(runs / "sae" / "run.json")
+    final, spliced = get(sae, "final_validation") or {}, get(sae, "spliced_evaluation") or {}
+    headline = []
+    if final:
+        dead = final.get("val/dead_pct")
+        headline.append(
+            f"- SAE: validation FVU {num(final.get('val/fvu'), '.3f')}, L0 {num(final.get('val/l0'), '.0f')}"
+            + (f", {dead:.1f}% of latents silent on the validation tokens" if dead is not None else "")
+            + (f" ({final['val/tokens']:,})" if final.get("val/tokens") is not None else "")
+        )
+    if spliced.get("eval/ce_loss_recovered") is not None:
+        ce = ""
+        if spliced.get("eval/ce_clean") is not None and spliced.get("eval/ce_sae") is not None:
+            ce = f" (CE {spliced['eval/ce_clean']:.2f} → {spliced['eval/ce_sae']:.2f} with the SAE"
+            zero = spliced.get("eval/ce_zero_ablation")
+            ce += f", {zero:.2f} zero-ablated)" if zero is not None else ")"
+        n = spliced.get("eval/sentences")
+        headline.append(
+            f"- SAE spliced into the model: CE loss recovered {pct(spliced['eval/ce_loss_recovered'])}{ce}, "
+            f"KL {num(spliced.get('eval/kl_sae'), '.2f')}" + (f" ({n} held-out sentences)" if n else "")
+        )
+    top = get(read(runs / "top_sentences" / "manifest.json"), "counts") or {}
+    if top.get("latents") is not None and top.get("latents_never_firing") is not None:
+        fire = top["latents"] - top["latents_never_firing"]
+        headline.append(f"- Top sentences: {fire:,} of {top['latents']:,} latents fire on the corpus")
+    interp = read(runs / "interpretation" / "explain" / "manifest.json")
+    counts = get(interp, "counts") or {}
+    if counts:
+        auroc = counts.get("mean_detection_auroc_minilm")
+        claude = counts.get("mean_detection_balanced_accuracy_claude")
+        headline.append(
+            f"- Interpretation ({get(interp, 'explainer') or 'explainer not recorded'}): "
+            f"{num(counts.get('explained'))} latents explained, {num(counts.get('failures'))} parse failures, "
+            f"mean detection AUROC {num(auroc, '.3f')} (MiniLM judge; 0.5 is chance)"
+            + (f", Claude's balanced accuracy {claude:.3f}" if isinstance(claude, (int, float)) else "")
+        )
+    lines += ["", "Headline numbers:", "", *headline] if headline else []
+    steering = get(read(runs / "steering_eval" / "results.json"), "summary") or {}
+    if steering:
+        lines += [
+            "",
+            "Steering evaluation (held-out instructions, each method at its best strength; scores 0–2):",
+            "",
+            "| method | harmonic | on-concept | concept | instruction | fluency | loss × unsteered |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, label in METHODS:
+            m = steering.get(key) or {}
+            lines.append(
+                f"| {label} | {num(m.get('harmonic'), '.2f')} | {pct(m.get('on_concept'), 0)} | "
+                f"{num(m.get('concept'), '.2f')} | {num(m.get('instruction'), '.2f')} | "
+                f"{num(m.get('fluency'), '.2f')} | {num(m.get('loss_ratio'), '.2f')} |"
+            )
+        u = steering.get("unsteered") or {}
+        lines.append(
+            f"| unsteered | — | {pct(u.get('on_concept'), 0)} | | {num(u.get('instruction'), '.2f')} | "
+            f"{num(u.get('fluency'), '.2f')} | 1.00 |"
+        )
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, new_block: str) -> str:
+    """`text` with the part from BEGIN to END (markers included) replaced by `new_block`."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"no {BEGIN} ... {END} markers to replace")
+    return text[:start] + new_block + text[end + len(END) :]
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs", help="a finished run's folder (default: runs)")
+    parser.add_argument("--write", nargs="*", default=None, help="files whose marked block to replace")
+    parser.add_argument("--cpu", default=None, help="the CPU that ran the pipeline (default: this machine's)")
+    args = parser.parse_args(argv)
+    new = block(Path(args.runs), args.cpu)
+    if args.write is None:
+        print(new)
+    for name in args.write or []:
+        path = Path(name)
+        path.write_text(replace_block(path.read_text(), new))
+        print(f"{path}: demo figures from {args.runs}")
+    return new
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

@@ -1,0 +1,148 @@
+"""The documentation: the README's length, every relative link in the README and docs/, and the demo figures
+script (scripts/demo_figures.py) on a synthetic run folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "bench" / "README.md"]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def load_demo_figures():
+    spec = importlib.util.spec_from_file_location("demo_figures", REPO / "scripts" / "demo_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_is_at_most_250_lines():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail to docs/"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_point_to_files(doc):
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)  # code blocks hold no links
+    missing = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # a web address or an anchor in the same file
+        path = target.split("#", 1)[0]
+        if not (doc.parent / path).exists():
+            missing.append(target)
+    assert not missing, f"{doc.relative_to(REPO)}: links to missing files {missing}"
+
+
+def write_run(runs: Path) -> None:
+    """The files and keys scripts/demo_figures.py reads, as a finished run writes them."""
+
+    def put(rel: str, doc: dict) -> None:
+        (runs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (runs / rel).write_text(json.dumps(doc))
+
+    put(
+        "pipeline.json",
+        {
+            "kind": "pipeline",
+            "created": "2030-01-02T03:04:05+00:00",
+            "versions": {"python": "3.12.1", "torch": "9.9.9"},
+            "seconds": 123.4,
+            "stages": [
+                {"name": "sentences", "seconds": 11.1, "peak_rss_mb": 400.0, "reused": False},
+                {"name": "training", "seconds": 47.9, "peak_rss_mb": 3278.0, "reused": False},
+                {"name": "steering_eval", "seconds": 64.4, "peak_rss_mb": 1480.0, "reused": True},
+            ],
+        },
+    )
+    put("sentences/manifest.json", {"counts": {"documents": 10033, "sentences": 36341}})
+    put(
+        "sae/manifest.json",
+        {
+            "counts": {"steps": 202},
+            "final_validation": {"val/fvu": 0.1234, "val/l0": 32.0, "val/dead_pct": 15.25},
+            "spliced_evaluation": {
+                "eval/ce_clean": 3.59,
+                "eval/ce_sae": 4.18,
+                "eval/ce_zero_ablation": 13.37,
+                "eval/ce_loss_recovered": 0.9401,
+                "eval/kl_sae": 0.7034,
+                "eval/sentences": 128,
+            },
+        },
+    )
+    put("sae/sae/cfg.json", {"n_latents": 4608, "k": 32})
+    put("top_sentences/manifest.json", {"counts": {"sentences": 8192, "latents": 4608, "latents_never_firing": 19}})
+    put(
+        "interpretation/explain/manifest.json",
+        {
+            "explainer": "offline-ngram",
+            "counts": {"explained": 4341, "failures": 0, "mean_detection_auroc_minilm": 0.6723},
+        },
+    )
+    method = {"harmonic": 0.47, "on_concept": 0.38, "concept": 0.4, "instruction": 1.92, "fluency": 1.77}
+    put(
+        "steering_eval/results.json",
+        {
+            "latents": [{"latent": 311}, {"latent": 1472}],
+            "summary": {
+                "sae": {**method, "loss_ratio": 1.28},
+                "diffmean": {**method, "harmonic": 0.54, "loss_ratio": 1.39},
+                "prompt": {**method, "harmonic": 0.8, "loss_ratio": 1.17},
+                "unsteered": {"on_concept": 0.03, "instruction": 2.0, "fluency": 2.0},
+            },
+        },
+    )
+
+
+def test_demo_figures_block_holds_the_run_numbers(tmp_path):
+    figures = load_demo_figures()
+    write_run(tmp_path / "runs")
+    block = figures.main(["--runs", str(tmp_path / "runs"), "--cpu", "Test CPU 9000 (2 cores)"])
+    assert block.startswith(figures.BEGIN) and block.endswith(figures.END)
+    assert "One run of `python run_pipeline.py` on Test CPU 9000 (2 cores), 2030-01-02" in block
+    for expected in (
+        "| sentences | 11.1 s | 400 MB | 10,033 documents → 36,341 sentences |",
+        "| training | 47.9 s | 3,278 MB |",
+        "reused: steering_eval",
+        "Pipeline 2.1 min, peak RSS 3.2 GB (stage training)",
+        "FVU 0.123, L0 32, 15.2% of latents silent",
+        "CE loss recovered 94.0% (CE 3.59 → 4.18 with the SAE, 13.37 zero-ablated), KL 0.70 (128 held-out",
+        "4,589 of 4,608 latents fire",
+        "4,341 latents explained",
+        "mean detection AUROC 0.672",
+        "| SAE latent (decoder row) | 0.47 | 38% |",
+        "| DiffMean | 0.54 |",
+        "| prompting | 0.80 |",
+        "| unsteered | — | 3% |",
+    ):
+        assert expected in block, expected
+
+
+def test_demo_figures_write_replaces_only_the_marked_block(tmp_path):
+    figures = load_demo_figures()
+    write_run(tmp_path / "runs")
+    doc = tmp_path / "results.md"
+    before, after = "# Results\n\nText before.\n\n", "\n\nText after, kept.\n"
+    doc.write_text(f"{before}{figures.BEGIN}\nold numbers 0.999\n{figures.END}{after}")
+    block = figures.main(["--runs", str(tmp_path / "runs"), "--cpu", "Test CPU", "--write", str(doc)])
+    assert doc.read_text() == before + block + after
+    assert "0.999" not in doc.read_text()
+    figures.main(["--runs", str(tmp_path / "runs"), "--cpu", "Test CPU", "--write", str(doc)])  # idempotent
+    assert doc.read_text() == before + block + after
+
+
+def test_demo_figures_refuses_a_file_without_markers(tmp_path):
+    figures = load_demo_figures()
+    write_run(tmp_path / "runs")
+    doc = tmp_path / "plain.md"
+    doc.write_text("no markers here\n")
+    with pytest.raises(SystemExit):
+        figures.main(["--runs", str(tmp_path / "runs"), "--cpu", "Test CPU", "--write", str(doc)])
+    assert doc.read_text() == "no markers here\n"
