@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.capture.activations import CaptureOutput
 from pipeline.preprocessing.config import PreprocessConfig
-from sae_preprocessing import main as preprocess
+from pipeline.preprocessing.stage import preprocess
 
 
 def plain_read(paths: list[Path]) -> float:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import sae_training  # noqa: E402
 from pipeline.core.cli import parse_config, run_main  # noqa: E402
 from pipeline.sae.config import TrainConfig  # noqa: E402
 from pipeline.sae.training import Trainer  # noqa: E402
+from sae_training import main  # noqa: E402
 
 _load = Trainer.load_checkpoint
 
@@ -20,4 +20,4 @@ def load_checkpoint(self, directory):
 
 
 Trainer.load_checkpoint = load_checkpoint
-run_main(sae_training.main, parse_config(TrainConfig, sys.argv[1:], __doc__))
+run_main(main, parse_config(TrainConfig, sys.argv[1:], __doc__))

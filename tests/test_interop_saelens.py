@@ -187,7 +187,6 @@ def test_saelens_saes_we_cannot_run_are_refused_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("kind", ["topk", "jumprelu"])
 def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path, kind):
-    from capture_top_activating_sentences import TopSentencesConfig
     from capture_top_activating_sentences import main as top_main
     from llama_3 import load_model
     from openwebtext_sentences_dataset import main as sentences_main
@@ -195,6 +194,7 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path, 
     from pipeline.sentences.dataset import iter_sentences
     from pipeline.steering.session import Session
     from pipeline.steering.splice import SteeringEntry
+    from pipeline.top_sentences.config import TopSentencesConfig
     from pipeline.top_sentences.tables import open_top_sentences
 
     lm = load_model(tiny.hf_dir)

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from capture_activations import main as capture_main
-from capture_top_activating_sentences import TopSentencesConfig
 from capture_top_activating_sentences import main as top_main
 from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import main as sentences_main
@@ -30,6 +29,7 @@ from pipeline.sentences.config import SentencesConfig
 from pipeline.sentences.dataset import SentenceDataset, iter_sentences
 from pipeline.steering.session import Session
 from pipeline.steering.splice import SteeringEntry, sae_splice
+from pipeline.top_sentences.config import TopSentencesConfig
 from pipeline.top_sentences.tables import open_top_sentences
 from sae_preprocessing import main as preprocess_main
 from sae_training import main as train_main

@@ -238,8 +238,8 @@ def test_judge_scores_follow_their_calibration():
 
 def top_sentences(tiny, root, out, **kw) -> None:
     """Top sentences of the demo SAE (root/sae) over root/s, read from the capture root/acts."""
-    from capture_top_activating_sentences import TopSentencesConfig
     from capture_top_activating_sentences import main as top_main
+    from pipeline.top_sentences.config import TopSentencesConfig
 
     top_main(
         TopSentencesConfig(

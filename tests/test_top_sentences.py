@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from capture_top_activating_sentences import TopSentencesConfig
 from capture_top_activating_sentences import main as top_main
 from llama_3 import PipelineInputError, load_model
 from openwebtext_sentences_dataset import main as sentences_main
@@ -22,6 +21,7 @@ from pipeline.sae.formats import sae_sha256
 from pipeline.sae.model import SaeConfig, TopKSae
 from pipeline.sentences.config import SentencesConfig
 from pipeline.sentences.dataset import iter_sentences
+from pipeline.top_sentences.config import TopSentencesConfig
 from pipeline.top_sentences.tables import AGGREGATIONS, TopTable, merge_top, open_top_sentences
 from tests.collective_log import assert_ranks_agree, collective_env
 
