@@ -25,6 +25,7 @@ from llama_3.errors import PipelineInputError  # noqa: E402
 from llama_3.generation import SPLICE_ON, check_splice_on  # noqa: E402
 from pipeline.core.cli import Dtype, check_choices, parse_config, run_main  # noqa: E402
 from pipeline.core.layout import MEANINGS_DIR, SAE_WEIGHTS_DIR, STEERING_EVAL_DIR  # noqa: E402
+from pipeline.interpret.embedding import SentenceEncoder
 from pipeline.steering.evaluation import Row, concept_phrase, read_continuations  # noqa: E402
 from pipeline.steering.output_score import promoted_tokens  # noqa: E402
 from pipeline.steering.results import open_for_sae  # noqa: E402
@@ -134,8 +135,6 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
         if meaning:
             try:
                 if not encoder:
-                    from pipeline.interpret.embedding import SentenceEncoder
-
                     encoder.append(SentenceEncoder())
                 concept = concept_phrase(meaning)  # what the evaluation's judge embeds, not "the tokens ..."
                 vectors = encoder[0].encode([concept] + [c.text for pair in pairs for c in pair])

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from llama_3.cpu_features import cpu_name
 from llama_3.errors import PipelineInputError
 from pipeline.core.cli import parse_config, run_main
 from pipeline.core.layout import (
@@ -42,6 +43,7 @@ from pipeline.core.layout import (
 )
 from pipeline.core.layout import DEFAULT as DEFAULT_LAYOUT
 from pipeline.core.manifest import MANIFEST_NAME, make_manifest, write_json_atomic
+from pipeline.report.report import read_json, write_report
 
 REPO = Path(__file__).resolve().parent
 
@@ -183,7 +185,6 @@ class StageFailed(Exception):
 
 
 def summary_screen(doc: dict, report: Path) -> str:
-    from pipeline.report.report import read_json
 
     s = read_json(report.parent / "summary.json") or {}
     t, i, st = s.get("training") or {}, s.get("interpretation") or {}, s.get("steering") or {}
@@ -230,8 +231,6 @@ def summary_screen(doc: dict, report: Path) -> str:
 
 
 def main(cfg: PipelineConfig) -> dict:
-    from pipeline.report.report import write_report
-
     plan = stages(cfg)
     names = [s.name for s in plan]
     if cfg.force_from is not None and cfg.force_from not in names:
@@ -271,6 +270,7 @@ def main(cfg: PipelineConfig) -> dict:
         stages=records,
         seconds=round(time.perf_counter() - start, 1),
         self_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        cpu=cpu_name(),  # the machine the figures belong to (scripts/demo_figures.py quotes it)
     )
     write_json_atomic(DEFAULT_LAYOUT.pipeline_record, doc)
     report = write_report(RUNS_DIR)

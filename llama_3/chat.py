@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, TypedDict
 
+from jinja2 import StrictUndefined
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from llama_3.errors import PipelineInputError
 from llama_3.tokenizer import Tokenizer
 
@@ -69,9 +73,6 @@ class JinjaChatFormat:
     name = "jinja"
 
     def __init__(self, tokenizer: Tokenizer, template: str, bos_token: str = "", eos_token: str = ""):
-        from jinja2 import StrictUndefined
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str):
             raise PipelineInputError(f"chat template: {message}")

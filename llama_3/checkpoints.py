@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import gguf
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from llama_3.args import ModelArgs, args_from_gguf_metadata, args_from_hf_config, args_from_meta_params
 from llama_3.chat import ChatFormat, make_chat_format
@@ -346,8 +350,6 @@ def meta_to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[
 
 
 def _load_hf(path: Path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     args = args_from_hf_config(path / "config.json")
     tokenizer, tok_cfg = load_hf_tokenizer(path)
@@ -387,7 +389,6 @@ def _load_hf(path: Path):
 
 
 def _safetensors_names(f: Path) -> list[str]:
-    from safetensors import safe_open
 
     with safe_open(str(f), framework="pt") as h:
         return list(h.keys())
@@ -442,8 +443,6 @@ def _open_gguf(path: Path):
 
 
 def _load_gguf(path: Path):
-    import gguf
-    import numpy as np
 
     source = str(path)
     meta, tensors = _open_gguf(path)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from llama_3.errors import PipelineInputError
@@ -86,7 +87,6 @@ class _Cursor:
 
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GgufTensor]]:
     """(metadata {key: value}, tensors in file order) of a GGUF file; one line naming the file if it is not one."""
-    import gguf
 
     path = Path(path)
     try:

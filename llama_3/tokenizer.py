@@ -16,6 +16,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
 from llama_3.errors import PipelineInputError
 
 # Meta's Llama 3 pre-tokenizer regex (also in Llama 3's tokenizer.json and llama.cpp's "llama-bpe").
@@ -105,8 +110,6 @@ class TiktokenBackend(_Backend):
     """Meta's Llama 3 tokenizer: tiktoken ranks file + 256 special tokens appended after them."""
 
     def __init__(self, model_path: Path):
-        import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
 
         try:
             ranks = load_tiktoken_bpe(str(model_path))
@@ -194,7 +197,6 @@ def load_meta_tokenizer(path: Path) -> Tokenizer:
 
 def load_hf_tokenizer(directory: Path) -> tuple[Tokenizer, dict]:
     """Load tokenizer.json (+ tokenizer_config.json if present). Returns (tokenizer, tokenizer_config)."""
-    from tokenizers import Tokenizer as HFTokenizer
 
     path = directory / "tokenizer.json"
     if not path.is_file():
@@ -251,8 +253,6 @@ GGUF_TOKEN_NORMAL, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 3, 4
 
 def build_gguf_tokenizer(meta: dict, source: str) -> Tokenizer:
     """Rebuild a byte-level BPE from GGUF's tokenizer.ggml.* fields, matching llama.cpp's pre-tokenizer."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
 
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":

@@ -16,10 +16,12 @@ from pathlib import Path
 from llama_3.args import rope_scaling_from_factors
 from llama_3.checkpoints import meta_to_hf_state_dict
 from llama_3.errors import PipelineInputError
+from llama_3.tokenizer import HFBackend
 
 
 def to_transformers(lm, attn: str = "sdpa"):
     """LlamaForCausalLM with our weights (Meta -> HF names, q/k rows permuted), in the model's dtype and device."""
+    # transformers is a test / export extra, not a dependency: imported only when an export is asked for
     from transformers import LlamaConfig, LlamaForCausalLM
 
     a = lm.args
@@ -66,7 +68,6 @@ def save_pretrained(hf, directory: str | Path, tokenizer=None) -> None:
     model saved by 5 computes other activations there. transformers 5 reads the added keys back unchanged.
     The tokenizer: the `tokenizers` one we run (from tokenizer.json, or rebuilt from a GGUF's vocabulary) is
     saved as is; Meta's tiktoken tokenizer has no tokenizer.json form (use the Hugging Face checkpoint's)."""
-    from llama_3.tokenizer import HFBackend
 
     if tokenizer is not None and not isinstance(tokenizer.backend, HFBackend):
         raise PipelineInputError(

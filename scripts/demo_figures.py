@@ -9,8 +9,8 @@ Reads runs/pipeline.json (stage timings, peak memory), runs/sae/manifest.json (f
 spliced evaluation), runs/top_sentences/manifest.json, runs/interpretation/explain/manifest.json and
 runs/steering_eval/results.json, formats them as run_pipeline.py's summary screen does, and writes them
 between the markers `<!-- demo-figures:begin -->` and `<!-- demo-figures:end -->`: nothing outside the
-markers changes. The CPU is this machine's (llama_3.cpu_features.cpu_name()) unless --cpu names it: run the
-script on the machine that ran the pipeline.
+markers changes. The CPU is the one run_pipeline.py recorded in runs/pipeline.json (--cpu for a run made
+before it recorded one).
 """
 
 from __future__ import annotations
@@ -95,10 +95,7 @@ def block(runs: Path, cpu: str | None = None) -> str:
     pipeline = read(runs / "pipeline.json")
     if pipeline is None:
         raise SystemExit(f"{runs / 'pipeline.json'}: missing (run `python run_pipeline.py` first)")
-    if cpu is None:
-        from llama_3.cpu_features import cpu_name
-
-        cpu = cpu_name()
+    cpu = cpu or pipeline.get("cpu") or "an unrecorded CPU"
     stages = pipeline.get("stages") or []
     date = str(pipeline.get("created", ""))[:10] or "date not recorded"
     versions = pipeline.get("versions") or {}
@@ -200,7 +197,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs", help="a finished run's folder (default: runs)")
     parser.add_argument("--write", nargs="*", default=None, help="files whose marked block to replace")
-    parser.add_argument("--cpu", default=None, help="the CPU that ran the pipeline (default: this machine's)")
+    parser.add_argument("--cpu", default=None, help="the CPU that ran it (default: runs/pipeline.json's)")
     args = parser.parse_args(argv)
     new = block(Path(args.runs), args.cpu)
     if args.write is None:

@@ -73,6 +73,7 @@ def main(sae_dir: str, model_dir: str, tokens_file: str, out: str, html: str | N
     with open(out, "w") as f:
         json.dump(result, f)
     if html:
+        # only for --html; the module pulls the dashboard's HTML templates
         from sae_dashboard.data_writing_fns import save_feature_centric_vis
 
         save_feature_centric_vis(data, html)

@@ -111,3 +111,23 @@ def test_the_checker_finds_an_upward_import(tmp_path, monkeypatch, source, expec
     monkeypatch.setattr(sys.modules[__name__], "REPO", fake_repo)
     found = violations(planted)
     assert (expected in found[0]) if expected else not found, found
+
+
+def test_imports_inside_functions_say_why():
+    """Imports sit at the top of a module; one inside a function (a slow or optional package, a cycle) has a
+    comment on the line above (or its own line) saying why."""
+    unexplained = []
+    for path in python_files():
+        if path.parts[len(REPO.parts)] in ("tests", "bench"):
+            continue
+        text = path.read_text()
+        lines, tree = text.splitlines(), ast.parse(text)
+        module_level = {id(n) for n in tree.body} | {
+            id(n) for top in tree.body if isinstance(top, (ast.If, ast.Try)) for n in ast.walk(top)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in module_level:
+                above, own = lines[node.lineno - 2].strip(), lines[node.lineno - 1]
+                if not (above.startswith("#") or "#" in own):
+                    unexplained.append(f"{path.relative_to(REPO)}:{node.lineno}: {own.strip()}")
+    assert not unexplained, "\n".join(unexplained)

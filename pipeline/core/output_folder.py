@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from llama_3.errors import PipelineInputError
+from pipeline.core.distributed import barrier
 from pipeline.core.manifest import MANIFEST_NAME, write_json_atomic
 
 State = Literal["fresh", "resume", "reuse"]
@@ -63,7 +64,6 @@ class OutputFolder:
     flag: str = "--out"
 
     def prepare(self, request: str, force: bool, info: Any = None) -> Prepared:
-        from pipeline.core.distributed import barrier
 
         main_rank = info is None or info.is_main
         if main_rank:

@@ -240,6 +240,7 @@ def estimate_cost(requests: list[dict], model: str, expected_output_tokens: int)
 def make_client(base_url: str | None = None, max_retries: int = 5):
     """The anthropic client; the key comes from ANTHROPIC_API_KEY only. 429 and 5xx are retried with
     exponential backoff by the SDK (max_retries)."""
+    # imported here, not at the top: ~2.8 s, and only runs with a key (or a fake server) need it
     import anthropic
 
     if not os.environ.get("ANTHROPIC_API_KEY"):

@@ -17,6 +17,9 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+import pyarrow.compute as pc
+
+from pipeline.interpret.embedding import SentenceEncoder
 from pipeline.top_sentences.tables import TopSentences
 
 OFFLINE_EXPLAINER = "offline-ngram"
@@ -33,7 +36,6 @@ class LatentExamples:
 
     @staticmethod
     def load(data: TopSentences, aggregation: str) -> "LatentExamples":
-        import pyarrow.compute as pc
 
         t = data.table("top_sentences")
         rows = t.filter(pc.equal(t["aggregation"], aggregation)).to_pylist()
@@ -121,7 +123,6 @@ def minilm_scores(
     meanings: dict[int, str], examples: LatentExamples, n_activating: int, n_silent: int, skip_top: int, encoder=None
 ) -> dict[int, float]:
     """latent -> AUROC of cos(explanation, sentence) for activating vs silent sentences."""
-    from pipeline.interpret.embedding import SentenceEncoder
 
     encoder = encoder or SentenceEncoder()
     splits = {lat: judge_split(examples, lat, n_activating, n_silent, skip_top) for lat in meanings}

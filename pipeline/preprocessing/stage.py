@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
 from tqdm import tqdm
 
 from llama_3.errors import PipelineInputError
-from pipeline.capture.activations import CaptureOutput, act_key
+from pipeline.capture.activations import CaptureOutput, act_key, load_shard
 from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
 from pipeline.core.output_folder import OutputFolder, config_request, owned_names
 from pipeline.core.tokenization import Tokenization
@@ -61,7 +62,6 @@ def rows_of(meta: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def _process_shard(task: dict) -> dict:
     """Worker: verify, load, fold train tokens into moments, write train rows by bucket and val rows."""
-    from safetensors.torch import load as st_load
 
     torch.set_num_threads(task["threads"])  # workers share the cores; oversubscription slows them all
     path = Path(task["path"])
@@ -151,7 +151,6 @@ def preallocate(path: Path, dtype, shape: tuple[int, int]) -> int:
 def plan(cap: CaptureOutput, cfg: PreprocessConfig, exclude_first: int, bits: int):
     """Metadata-only pass: per-shard train/val/excluded counts and training rows per bucket, the held-out
     sentence ids."""
-    from pipeline.capture.activations import load_shard
 
     counts, per_bucket, val_ids = [], [], set()
     for p, s in zip(cap.shard_paths, cap.shards):

@@ -25,6 +25,7 @@ class MetricsLog:
         self.mode = mode
         if enabled and mode != "disabled":
             try:
+                # imported only for a logged run: ~seconds, and optional
                 import wandb
             except ImportError:
                 raise PipelineInputError(

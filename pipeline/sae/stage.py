@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from llama_3 import load_model
 from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.errors import PipelineInputError
+from pipeline.capture.activations import CaptureOutput
 from pipeline.core import fault_injection
 from pipeline.core.distributed import DistInfo, barrier
 from pipeline.core.manifest import fingerprint, make_manifest, write_json_atomic
@@ -20,11 +22,13 @@ from pipeline.core.output_folder import OutputFolder, config_request, owned_name
 from pipeline.core.prefetch import BatchPrefetcher
 from pipeline.sae.config import TrainConfig
 from pipeline.sae.metrics_log import MetricsLog
+from pipeline.sae.splice_eval import splice_eval
 from pipeline.sae.training import (
     Trainer,
     batch_order,
     check_ranks_agree,
 )
+from pipeline.sentences.dataset import iter_sentences
 
 RUN_FILE = "run.json"
 
@@ -162,10 +166,6 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
 
 def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo) -> dict:
     """CE loss recovered and KL with the SAE spliced into the model, on held-out sentences (main rank)."""
-    from llama_3 import load_model
-    from pipeline.capture.activations import CaptureOutput
-    from pipeline.sae.splice_eval import splice_eval
-    from pipeline.sentences.dataset import iter_sentences
 
     if not cfg.eval_sentences or trainer.data.capture_dir is None:
         return {"skipped": "disabled" if not cfg.eval_sentences else "the data does not name its capture"}

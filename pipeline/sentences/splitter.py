@@ -20,6 +20,7 @@ from typing import Iterable
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTrainer
 
 from llama_3.errors import PipelineInputError
+from pipeline.core.manifest import write_json_atomic
 
 # Lower-case, without the final period, as Punkt stores them.
 SEED_ABBREVIATIONS = (
@@ -100,6 +101,7 @@ class SentenceSplitter:
     @staticmethod
     def pretrained_english() -> "SentenceSplitter | None":
         try:
+            # nltk < 3.9 has no PunktTokenizer: the import is the version check
             from nltk.tokenize.punkt import PunktTokenizer
 
             tok = PunktTokenizer("english")
@@ -141,7 +143,6 @@ class SentenceSplitter:
         )
 
     def save(self, path: Path) -> None:
-        from pipeline.core.manifest import write_json_atomic
 
         p = self.tokenizer._params
         write_json_atomic(

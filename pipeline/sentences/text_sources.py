@@ -12,8 +12,11 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Union
+
+import pyarrow.parquet as pq
 
 from llama_3.errors import PipelineInputError
 
@@ -78,7 +81,6 @@ class WikiSummariesSource(TextSource):
         self.path = wiki_summaries_path()
 
     def describe(self) -> dict:
-        from importlib import metadata
 
         return {
             "type": "wiki_summaries",
@@ -114,6 +116,7 @@ class HFDatasetSource(TextSource):
         }
 
     def records(self, max_document_chars: int) -> Iterator[Record]:
+        # imported here, not at the top: ~1.5 s, and only --hf-dataset runs need it
         import datasets
 
         try:
@@ -239,7 +242,6 @@ class LocalFilesSource(TextSource):
                 yield rec
 
     def _parquet(self, path: Path, max_chars: int) -> Iterator[Record]:
-        import pyarrow.parquet as pq
 
         try:
             pf = pq.ParquetFile(path)

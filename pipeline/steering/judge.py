@@ -21,13 +21,27 @@ fluency      the clean model's mean per-token loss on the continuation over that
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from llama_3.errors import PipelineInputError
+from pipeline.interpret.batches import (
+    BatchState,
+    _json_objects,
+    adopt_pending,
+    custom_id,
+    fetch_ended,
+    make_client,
+    message_text,
+    read_results,
+    submit,
+)
 
 CONCEPT_QUANTILE = 0.95
 FLUENCY_RATIOS = (1.5, 2.5)
@@ -122,7 +136,6 @@ def claude_judge_params(concept: str, instruction: str, response: str, model: st
 
 def parse_claude_scores(text: str) -> dict | None:
     """The three integer scores from an answer (the first JSON object holding all of them), else None."""
-    from pipeline.interpret.batches import _json_objects
 
     for obj in _json_objects(text):
         if isinstance(obj, dict) and all(obj.get(k) in (0, 1, 2) for k in CLAUDE_KEYS):
@@ -139,20 +152,6 @@ def run_claude_judge(
     The batch state lives in `directory` (interpretation's BatchState: submit, adopt after a crash, fetch
     what ended), so a killed run resumes its batches; an item whose text changed since it was sent is
     sent again under the next attempt number."""
-    import hashlib
-    import time
-    from pathlib import Path
-
-    from pipeline.interpret.batches import (
-        BatchState,
-        adopt_pending,
-        custom_id,
-        fetch_ended,
-        make_client,
-        message_text,
-        read_results,
-        submit,
-    )
 
     directory = Path(directory)
     client = make_client(base_url)
