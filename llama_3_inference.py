@@ -33,55 +33,46 @@ from pipeline.steering.splice import SteerableSae, SteeringEntry
 
 @dataclass
 class InferenceConfig:
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Meta dir, HF dir or GGUF file; default: the SAE's model, else embedded SmolLM2-135M-Instruct"
-        },
-    )
-    prompt: list[str] = field(default_factory=list, metadata={"help": "text-completion prompts (batched together)"})
-    chat: list[str] = field(
-        default_factory=list, metadata={"help": "user messages, each a one-turn chat (batched together)"}
-    )
-    system: str | None = field(default=None, metadata={"help": "system message for --chat / --interactive"})
-    interactive: bool = field(
-        default=False, metadata={"help": "multi-turn chat on stdin (/steer ENTRIES, /search TEXT, /reset, /quit)"}
-    )
-    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate per prompt"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
-    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    dtype: Dtype = field(
-        default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"}
-    )
-    stream: bool = field(default=True, metadata={"help": "print tokens as they come (single prompt, no comparison)"})
-    sae: str | None = field(
-        default=None, metadata={"help": "SAE folder (sae.safetensors + cfg.json) to splice at its hook point"}
-    )
-    meanings: str = field(
-        default=str(MEANINGS_DIR), metadata={"help": "folder of latent meanings (interpretation output)"}
-    )
-    steer: list[str] = field(
-        default_factory=list,
-        metadata={"help": "steering entries LATENT:MODE:STRENGTH, MODE in h_bias, clamp, add (needs --sae)"},
-    )
-    steer_on: SpliceOn = field(default="all", metadata={"help": "where steering applies: all, prompt, generated"})
-    keep_error: bool = field(
-        default=True,
-        metadata={
-            "help": "add the SAE's error term back (unsteered = the clean model); "
-            "--no-keep-error runs on the pure reconstruction"
-        },
-    )
-    compare: bool = field(default=True, metadata={"help": "with --steer, also generate unsteered, side by side"})
-    inspect: int = field(
-        default=0,
-        metadata={"help": "show the N strongest latents (with meanings) on each generated token (needs --sae)"},
-    )
-    search: str | None = field(
-        default=None, metadata={"help": "list latents whose meaning contains these words, then exit (needs --sae)"}
-    )
+    model: str | None = None
+    """Meta dir, HF dir or GGUF file; default: the SAE's model, else embedded SmolLM2-135M-Instruct."""
+    prompt: list[str] = field(default_factory=list)
+    """Text-completion prompts (batched together)."""
+    chat: list[str] = field(default_factory=list)
+    """User messages, each a one-turn chat (batched together)."""
+    system: str | None = None
+    """System message for --chat / --interactive."""
+    interactive: bool = False
+    """Multi-turn chat on stdin (/steer ENTRIES, /search TEXT, /reset, /quit)."""
+    max_new_tokens: int = 64
+    """Tokens to generate per prompt."""
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 0.9
+    """Nucleus sampling mass."""
+    seed: int = 0
+    """Sampling seed."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:1, ..."""
+    dtype: Dtype = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."""
+    stream: bool = True
+    """Print tokens as they come (single prompt, no comparison)."""
+    sae: str | None = None
+    """SAE folder (sae.safetensors + cfg.json) to splice at its hook point."""
+    meanings: str = str(MEANINGS_DIR)
+    """Folder of latent meanings (interpretation output)."""
+    steer: list[str] = field(default_factory=list)
+    """Steering entries LATENT:MODE:STRENGTH, MODE in h_bias, clamp, add (needs --sae)."""
+    steer_on: SpliceOn = "all"
+    """Where steering applies: all, prompt, generated."""
+    keep_error: bool = True
+    """Add the SAE's error term back (unsteered = the clean model); --no-keep-error runs on the pure reconstruction."""
+    compare: bool = True
+    """With --steer, also generate unsteered, side by side."""
+    inspect: int = 0
+    """Show the N strongest latents (with meanings) on each generated token (needs --sae)."""
+    search: str | None = None
+    """List latents whose meaning contains these words, then exit (needs --sae)."""
 
     def __post_init__(self) -> None:
         check_choices(self)

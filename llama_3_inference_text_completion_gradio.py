@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports from a research tool by default
@@ -38,23 +38,30 @@ TITLE = "SAE steering"
 
 @dataclass
 class GradioConfig:
-    sae: str = field(default=str(SAE_WEIGHTS_DIR), metadata={"help": "SAE folder (sae.safetensors + cfg.json)"})
-    meanings: str = field(default=str(MEANINGS_DIR), metadata={"help": "folder of latent meanings"})
-    steering_eval: str = field(
-        default=str(STEERING_EVAL_DIR),
-        metadata={"help": "this SAE's steering evaluation: output scores, recommended strengths (optional)"},
-    )
-    model: str | None = field(default=None, metadata={"help": "default: the SAE's model"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    dtype: Dtype = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
-    host: str = field(
-        default="127.0.0.1", metadata={"help": "interface to bind (0.0.0.0 exposes the page to your network)"}
-    )
-    port: int = field(default=7860, metadata={"help": "port"})
-    share: bool = field(default=False, metadata={"help": "ask Gradio for a public share link"})
-    max_prompts: int = field(default=8, metadata={"help": "most prompts per request"})
-    max_new_tokens_limit: int = field(default=256, metadata={"help": "upper end of the max-new-tokens slider"})
-    inspect_top: int = field(default=5, metadata={"help": "latents shown per generated token"})
+    sae: str = str(SAE_WEIGHTS_DIR)
+    """SAE folder (sae.safetensors + cfg.json)."""
+    meanings: str = str(MEANINGS_DIR)
+    """Folder of latent meanings."""
+    steering_eval: str = str(STEERING_EVAL_DIR)
+    """This SAE's steering evaluation: output scores, recommended strengths (optional)."""
+    model: str | None = None
+    """Default: the SAE's model."""
+    device: str = "auto"
+    """auto, cpu, cuda."""
+    dtype: Dtype = "auto"
+    """auto, float32, bfloat16, float16."""
+    host: str = "127.0.0.1"
+    """Interface to bind (0.0.0.0 exposes the page to your network)."""
+    port: int = 7860
+    """Port."""
+    share: bool = False
+    """Ask Gradio for a public share link."""
+    max_prompts: int = 8
+    """Most prompts per request."""
+    max_new_tokens_limit: int = 256
+    """Upper end of the max-new-tokens slider."""
+    inspect_top: int = 5
+    """Latents shown per generated token."""
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -112,27 +112,20 @@ def stages(cfg: "PipelineConfig") -> list[Stage]:
 
 @dataclass
 class PipelineConfig:
-    max_sentences: int = field(default=8192, metadata={"help": "sentences captured for SAE training (0: all)"})
-    force: bool = field(default=False, metadata={"help": "recompute every stage"})
-    force_from: str | None = field(default=None, metadata={"help": "recompute this stage and every later one"})
-    claude: bool = field(
-        default=False,
-        metadata={"help": "explain, and judge the steering, with Claude batches (ANTHROPIC_API_KEY); wait for them"},
-    )
-    report_only: bool = field(default=False, metadata={"help": "only rebuild runs/report from the outputs on disk"})
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "checkpoint to capture from (later stages follow the SAE's model); default: embedded SmolLM2"
-        },
-    )
-    stage_args: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "extra flags for one stage, STAGE:FLAG[=VALUE], "
-            "e.g. training:--expansion=16 sentences:--max-documents=500"
-        },
-    )
+    max_sentences: int = 8192
+    """Sentences captured for SAE training (0: all)."""
+    force: bool = False
+    """Recompute every stage."""
+    force_from: str | None = None
+    """Recompute this stage and every later one."""
+    claude: bool = False
+    """Explain, and judge the steering, with Claude batches (ANTHROPIC_API_KEY); wait for them."""
+    report_only: bool = False
+    """Only rebuild runs/report from the outputs on disk."""
+    model: str | None = None
+    """Checkpoint to capture from (later stages follow the SAE's model); default: embedded SmolLM2."""
+    stage_args: list[str] = field(default_factory=list)
+    """Extra flags for one stage, STAGE:FLAG[=VALUE], e.g. training:--expansion=16 sentences:--max-documents=500."""
 
 
 def run_stage(stage: Stage, force: bool) -> dict:

@@ -9,7 +9,7 @@ Usage (export):
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -49,13 +49,14 @@ ExportFormat = Literal["saelens", "sparsify"]
 
 @dataclass
 class ExportConfig:
-    sae: str = field(default=str(SAE_WEIGHTS_DIR), metadata={"help": "SAE folder (ours, or sparsify's layout)"})
-    format: ExportFormat = field(default="saelens", metadata={"help": "saelens or sparsify"})
-    out: str = field(default="", metadata={"help": "output folder (new or empty)"})
-    unit_decoder: bool = field(
-        default=False,
-        metadata={"help": "saelens: unit decoder rows, rescale_acts_by_decoder_norm (for sae-dashboard)"},
-    )
+    sae: str = str(SAE_WEIGHTS_DIR)
+    """SAE folder (ours, or sparsify's layout)."""
+    format: ExportFormat = "saelens"
+    """Saelens or sparsify."""
+    out: str = ""
+    """Output folder (new or empty)."""
+    unit_decoder: bool = False
+    """Saelens: unit decoder rows, rescale_acts_by_decoder_norm (for sae-dashboard)."""
 
     def __post_init__(self) -> None:
         check_choices(self)

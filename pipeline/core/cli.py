@@ -1,26 +1,46 @@
-"""Shared command-line plumbing for the stage scripts.
+"""Configs and the command line: one convention for every config (the SAE's and each stage's).
 
-Each script declares a typed config dataclass whose fields carry their help text in
-`field(metadata={"help": ...})`; `parse_config` turns it into argparse flags (`--max-new-tokens`),
-and `run_main` prints a bad-input error as one line and exits nonzero instead of a traceback.
+A config is a dataclass with one line and one docstring per field (sparsify's style):
+
+    @dataclass
+    class CaptureConfig:
+        max_sentences: int = 0
+        '''Capture only the first N sentences (0: all).'''
+        out: Runtime[str] = "runs/activations"
+        '''Output folder.'''
+
+        def __post_init__(self) -> None:  # checks: a config built in code is checked as the command line is
+            check_choices(self)
+
+`parse_config` turns it into argparse flags (`--max-sentences`, help from the docstring's first paragraph);
+`Runtime[T]` marks a field that says how to run, not what to compute (output paths, devices, workers,
+logging, --force): it is left out of the output's fingerprint (`config_request`). `run_main` prints a
+bad-input error as one line and exits nonzero instead of a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
 import logging
 import re
 import sys
 import types
 import typing
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Annotated, Any, Callable, Sequence, TypeVar
 
 import torch
 
 from llama_3.errors import PipelineInputError
 
 C = TypeVar("C")
+T = TypeVar("T")
+_RUNTIME = "runtime: not in the output's fingerprint"
+Runtime = Annotated[T, _RUNTIME]
+"""A config field that does not change the output (where it goes, which device, --force): `out: Runtime[str]`."""
 Dtype = typing.Literal["auto", "float32", "bfloat16", "float16"]
 """A model's compute dtype flag; auto: bf16 on CUDA (and where a stage says so), fp32 on CPU."""
 StorageDtype = typing.Literal["bfloat16", "float16", "float32"]
@@ -71,6 +91,38 @@ def check_choices(cfg: Any) -> None:
                     raise PipelineInputError(_choice_error(_flag(f.name), item, item_choices))
 
 
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its docstring} of a config class and its bases, read from their source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            body = ast.parse(inspect.cleandoc("\n" + inspect.getsource(klass))).body[0].body  # type: ignore[attr-defined]
+        except (OSError, TypeError):
+            continue
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def field_help(cls: type, name: str) -> str:
+    """The flag's help: the field docstring's first paragraph, on one line."""
+    return " ".join(field_docs(cls).get(name, "").split("\n\n")[0].split())
+
+
+def runtime_fields(cls: type) -> set[str]:
+    """The fields declared `Runtime[...]`: left out of the fingerprint."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {name for name, tp in hints.items() if _RUNTIME in getattr(tp, "__metadata__", ())}
+
+
 def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: str | None = None) -> C:
     """Build an argparse parser from a config dataclass and parse argv into an instance.
 
@@ -79,7 +131,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: s
     parser = _OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        help_text = f.metadata.get("help", "")
+        help_text = field_help(cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         tp = hints[f.name]
         origin = typing.get_origin(tp)

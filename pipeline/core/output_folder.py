@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from llama_3.errors import PipelineInputError
+from pipeline.core.cli import runtime_fields
 from pipeline.core.distributed import barrier
 from pipeline.core.manifest import MANIFEST_NAME, write_json_atomic
 
@@ -32,9 +33,10 @@ State = Literal["fresh", "resume", "reuse"]
 
 
 def config_request(cfg: Any) -> dict:
-    """The config fields that decide a stage's output: every dataclass field not declared
-    `metadata={"fingerprint": False}` (paths of the output, devices, logging, --force ...)."""
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("fingerprint", True)}
+    """The config fields that decide a stage's output: every dataclass field not declared `Runtime[...]`
+    (paths of the output, devices, logging, --force ...)."""
+    skip = runtime_fields(type(cfg))
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
 
 
 @dataclass(frozen=True)
