@@ -133,3 +133,35 @@ def test_cli_bad_model_path_is_one_line_and_nonzero():
 def test_cli_bad_flag_values(tiny):
     r = run_cli("--model", str(tiny.gguf_path), "--dtype", "int3")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --dtype 'int3'")
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_flags_and_paths_are_checked_before_the_model_loads(tmp_path):
+    """A missing model is the last thing a stage would find: the flags and input folders fail first (a real
+    model takes seconds to minutes to load), one line each, exit 2."""
+    model = ["--model", str(tmp_path / "no_model")]
+    out = ["--out", str(tmp_path / "a")]
+    p = cli("capture_activations.py", *model, "--sentences", str(tmp_path / "no_sentences"), *out)
+    assert p.returncode == 2 and "no_sentences" in p.stderr and "no_model" not in p.stderr, p.stderr
+    p = cli("capture_activations.py", *model, "--hook-points", "resid_pre", *out)
+    assert p.returncode == 2 and "--hook-points 'resid_pre'" in p.stderr, p.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_training_run_folder_as_sae_names_the_sae_inside(tmp_path):
+    (tmp_path / "run" / "sae").mkdir(parents=True)
+    (tmp_path / "run" / "sae" / "cfg.json").write_text("{}")
+    for script in ("llama_3_inference.py", "capture_top_activating_sentences.py", "steering_evaluation.py"):
+        argv = [script, "--sae", str(tmp_path / "run")]
+        if script != "llama_3_inference.py":
+            argv += ["--out", str(tmp_path / "out")]
+        p = cli(*argv)
+        expected = f"{tmp_path / 'run'}: a training run folder, not an SAE; the SAE is {tmp_path / 'run' / 'sae'}"
+        assert p.returncode == 2 and expected in p.stderr and len(p.stderr.strip().splitlines()) == 1, (
+            script,
+            p.stderr,
+        )
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ from pipeline.core.manifest import make_manifest, write_json_atomic
 from pipeline.preprocessing.config import PreprocessConfig
 from pipeline.preprocessing.preprocessed import Moments, PreprocessedOutput
 from sae_preprocessing import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 D = 24
 HOOK = "resid_pre.3"
@@ -179,3 +183,18 @@ def test_external_shuffle_is_the_key_order_whatever_the_memory_budget(tmp_path):
     rows = PreprocessedOutput.open(tmp_path / "many").activations("train").float().numpy()
     for r, (s, p) in zip(rows, idx.tolist()):
         np.testing.assert_array_equal(r, truth[(s, p)])
+
+
+def test_a_failed_stage_leaves_no_empty_output_folder(tmp_path):
+    """--batch-size larger than the data is found after the output folder is made: the command fails with one
+    line and the folder it created is gone; a folder that was there before stays."""
+    fake_capture(tmp_path / "cap")
+    for out in (tmp_path / "new" / "pp", tmp_path / "kept"):
+        if out.name == "kept":
+            out.mkdir()
+        cmd = [sys.executable, str(REPO / "sae_preprocessing.py"), "--capture", str(tmp_path / "cap")]
+        p = subprocess.run([*cmd, "--out", str(out), "--batch-size", "10000000"], capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.startswith("error: --batch-size 10000000: larger than"), p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "new" / "pp").exists() and (tmp_path / "new").is_dir()  # only what it created
+    assert (tmp_path / "kept").is_dir()

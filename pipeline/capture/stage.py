@@ -32,7 +32,7 @@ from pipeline.core.distributed import SHARED_PROBE, DistInfo, barrier, check_sha
 from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
 from pipeline.core.output_folder import OutputFolder, config_request, owned_names
 from pipeline.core.runtime import capture_dtype, forward_batch_tokens
-from pipeline.sentences.dataset import SentenceBatch, SentenceTokenDataset
+from pipeline.sentences.dataset import SentenceBatch, SentenceDataset, SentenceTokenDataset
 
 
 def _progress_path(out: Path, rank: int) -> Path:
@@ -58,6 +58,9 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
     if cfg.shard_tokens < 1 or cfg.max_tokens < 1:
         raise PipelineInputError("--shard-tokens and --max-tokens must be positive")
     model_dtype = resolve_dtype(cfg.model_dtype) or capture_dtype(info.device)
+    for h in cfg.hook_points:  # the flags and the sentences are checked before the model loads (seconds)
+        HookPoint.parse(h, flag="--hook-points")
+    SentenceDataset.open(cfg.sentences)
     warn_if_emulated(model_dtype, info.device, f"--model-dtype {cfg.model_dtype}")
     lm = load_model(cfg.model, device=info.device, dtype=model_dtype)
     apply_cpu_fast_paths(lm.model)

@@ -30,6 +30,7 @@ import re
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Annotated, Any, Callable, Sequence, TypeVar
 
 import torch
@@ -171,17 +172,42 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: s
     return cls(**vars(ns))
 
 
+_created_folders: list[Path] = []
+
+
+def note_created_folder(path: Path) -> None:
+    """An output folder this command is about to create (pipeline/core/output_folder.py)."""
+    _created_folders.append(Path(path))
+
+
+def remove_empty_created_folders() -> None:
+    """A failed command leaves no empty output folder behind: the folders it created and never wrote into
+    go (deepest first; a folder holding anything stays)."""
+    for path in sorted(_created_folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()
+        except OSError:  # not empty, or gone already
+            pass
+    _created_folders.clear()
+
+
 def run_main(main: Callable[[Any], Any], cfg: Any) -> None:
-    """Run main(cfg); bad input becomes one line on stderr and exit status 2."""
+    """Run main(cfg); bad input becomes one line on stderr and exit status 2. A failure of any kind removes
+    the output folders the command created and left empty."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main(cfg)
     except PipelineInputError as e:
+        remove_empty_created_folders()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        remove_empty_created_folders()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BaseException:
+        remove_empty_created_folders()
+        raise
 
 
 def resolve_device(name: str) -> torch.device:

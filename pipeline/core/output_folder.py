@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from llama_3.errors import PipelineInputError
-from pipeline.core.cli import runtime_fields
+from pipeline.core.cli import note_created_folder, runtime_fields
 from pipeline.core.distributed import barrier
 from pipeline.core.manifest import MANIFEST_NAME, write_json_atomic
 
@@ -66,11 +66,12 @@ class OutputFolder:
     flag: str = "--out"
 
     def prepare(self, request: str, force: bool, info: Any = None) -> Prepared:
-
         main_rank = info is None or info.is_main
         if main_rank:
             if self.path.exists() and not self.path.is_dir():
                 raise PipelineInputError(f"{self.flag} {self.path}: exists and is not a folder")
+            if not self.path.exists():
+                note_created_folder(self.path)  # a stage that fails before writing into it removes it again
             self.path.mkdir(parents=True, exist_ok=True)
         if info is not None:
             barrier(info)

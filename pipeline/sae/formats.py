@@ -59,6 +59,10 @@ def _read_sae(directory: Path, device: str | torch.device) -> TopKSae:
             return load_sparsify(directory, raw, device)
         cfg = SaeConfig(**raw)
     except FileNotFoundError:
+        if (directory / "sae" / "cfg.json").is_file():  # the training run's folder: the SAE is inside it
+            raise PipelineInputError(
+                f"{directory}: a training run folder, not an SAE; the SAE is {directory / 'sae'}"
+            ) from None
         raise PipelineInputError(f"{directory / 'cfg.json'}: file not found (not an SAE folder?)") from None
     except (TypeError, json.JSONDecodeError) as e:
         raise PipelineInputError(f"{directory / 'cfg.json'}: not an SAE config ({e})") from None

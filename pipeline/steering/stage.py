@@ -18,7 +18,8 @@ from pipeline.core.output_folder import OutputFolder, config_request, owned_name
 from pipeline.interpret.batches import make_client
 from pipeline.interpret.embedding import SentenceEncoder
 from pipeline.interpret.explainers import LatentExamples
-from pipeline.sae.formats import sae_sha256, sae_weights_file
+from pipeline.interpret.meanings import load_meanings
+from pipeline.sae.formats import load_sae, sae_sha256, sae_weights_file
 from pipeline.steering.config import SteeringEvalConfig
 from pipeline.steering.evaluation import Benchmark, evaluate
 from pipeline.steering.judge import run_claude_judge
@@ -56,6 +57,8 @@ def request_fingerprint(cfg: SteeringEvalConfig) -> str:
 
 def evaluate_steering(cfg: SteeringEvalConfig) -> dict:
     out = Path(cfg.out)
+    if not sae_weights_file(cfg.sae).is_file():
+        load_sae(cfg.sae)  # the one-line error that says what is wrong with the folder
     request = request_fingerprint(cfg)
     folder = OutputFolder(  # new meanings or a new SAE: evaluate again (replace_other)
         out,
@@ -77,10 +80,10 @@ def evaluate_steering(cfg: SteeringEvalConfig) -> dict:
         raise PipelineInputError("--select-instructions and --test-instructions need one instruction each at least")
 
     top = open_top_sentences(cfg.top_sentences)
-    session = Session.open(cfg.model, cfg.sae, cfg.meanings, cfg.device, cfg.dtype)
-    steerable = session.steerable
     examples = LatentExamples.load(top, "max")
-    meanings = {lat: steerable.meaning(lat) for lat in steerable.meanings if steerable.meaning(lat)}
+    # the meanings and --latents are checked before the model loads
+    found = load_meanings(cfg.meanings, sae_sha256(cfg.sae))
+    meanings = {lat: m["meaning"] for lat, m in found.items() if m.get("meaning")}
     if cfg.latents:
         unknown = [lat for lat in cfg.latents if lat not in meanings or lat not in examples.top]
         if unknown:
@@ -95,6 +98,8 @@ def evaluate_steering(cfg: SteeringEvalConfig) -> dict:
             f"--meanings {cfg.meanings}: no meanings for this SAE (run the interpretation stages) and no --latents "
             "given"
         )
+    session = Session.open(cfg.model, cfg.sae, cfg.meanings, cfg.device, cfg.dtype)
+    steerable = session.steerable
 
     def claude(items: list[dict]) -> dict[int, dict]:
         (out / CLAUDE_JUDGE_DIR).mkdir(parents=True, exist_ok=True)

@@ -83,12 +83,6 @@ def check_compatible(sae: TopKSae, identity: dict, cfg: TopSentencesConfig) -> N
 
 def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     out = Path(cfg.out)
-    request = request_fingerprint(cfg)
-    prepared = output_folder(cfg).prepare(request, cfg.force, info)
-    if prepared.state == "reuse":
-        if info.is_main:
-            print(f"{out}: already complete for this SAE and config (use --force to recompute)")
-        return prepared.manifest
     if cfg.top_n < 1 or cfg.non_activating < 0:
         raise PipelineInputError(
             f"--top-n {cfg.top_n} / --non-activating {cfg.non_activating}: need top-n >= 1, non-activating >= 0"
@@ -96,6 +90,12 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     sae_dir = Path(cfg.sae)
     sae = TopKSae.load(sae_dir, device=info.device).eval()
     sentences = SentenceDataset.open(cfg.sentences)
+    request = request_fingerprint(cfg)
+    prepared = output_folder(cfg).prepare(request, cfg.force, info)
+    if prepared.state == "reuse":
+        if info.is_main:
+            print(f"{out}: already complete for this SAE and config (use --force to recompute)")
+        return prepared.manifest
     trained_on = sae.cfg.trained_on  # an SAE copied alone or imported: every sentence, through the model
     max_sentences = trained_on.capture_sentences if cfg.max_sentences < 0 else cfg.max_sentences
     capture_dir = Path(cfg.capture) if cfg.capture else Path(trained_on.capture) if trained_on.capture else None
