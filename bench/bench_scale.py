@@ -242,7 +242,7 @@ def one_scale(work: Path, n_tokens: int, d: int, memory_gb: float, args) -> dict
         model, sae_dir, sentences = tiny_model_and_corpus(root, n_tokens)
         top = ["capture_top_activating_sentences.py", "--sae", str(sae_dir), "--model", str(model)]
         top += ["--sentences", str(sentences), "--max-sentences", "0", "--device", "cpu", "--model-dtype", "float32"]
-        top += ["--top-n", "20", "--no-browser"]
+        top += ["--top-n", "20"]
         for ranks in (1, 2):
             out[f"top_sentences_{ranks}_rank"] = run_stage(
                 top + ["--out", str(root / f"top_{ranks}")], torchrun=ranks if ranks > 1 else 0

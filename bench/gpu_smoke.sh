@@ -5,7 +5,7 @@
 # evaluation, inference and the Gradio page's session with an SAE; the lines that only ever run on CUDA; a
 # users'-size memory check (a 49,152 x 3,072 SAE with aux-k at batch 8,192); bench_llama / bench_sae in bf16.
 # One command from a fresh GPU box (no sudo, no browser), per-step timeouts, ~10 minutes on one H100/H200 with
-# the install; writes gpu_smoke/results.json. CPU CI never runs it; tests/test_gpu_smoke_commands.py parses
+# the install; writes gpu_smoke/results.json. CPU CI never runs it; tests/end_to_end/test_gpu_smoke_commands.py parses
 # every stage command below with that stage's own parser.
 #
 #     bash bench/gpu_smoke.sh            # from the repository root, on a machine with an NVIDIA GPU

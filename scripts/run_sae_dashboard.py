@@ -2,7 +2,7 @@
 plain Hugging Face Llama folder (`llama_3.transformers_export.save_pretrained`), as its users do. Runs inside
 .venv-sae-dashboard (scripts/install.sh --test makes it: sae-dashboard pins transformer-lens 2.x and numpy < 2,
 which the project's environment does not have), so it imports nothing of this project; the README's recipe and
-tests/test_interop_sae_dashboard.py call it.
+tests/sae/test_interop_sae_dashboard.py call it.
 
     .venv-sae-dashboard/bin/python scripts/run_sae_dashboard.py SAE_DIR HF_MODEL_DIR TOKENS.safetensors OUT.json \
         [--html OUT.html] [--features N]

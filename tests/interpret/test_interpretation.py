@@ -24,7 +24,7 @@ from pipeline.interpret.config import ParseConfig, RetrieveConfig, SendConfig
 from pipeline.interpret.explainers import LatentExamples, auroc, minilm_scores, offline_explanation
 from pipeline.top_sentences.tables import KIND, open_top_sentences
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-ant-test-DO-NOT-WRITE-0123456789"
 RIVER = [
     "The river flows into the lake near the town.",

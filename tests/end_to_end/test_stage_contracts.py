@@ -34,7 +34,7 @@ from pipeline.top_sentences.tables import open_top_sentences
 from sae_preprocessing import main as preprocess_main
 from sae_training import main as train_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HOOK, MAX_TOKENS = "resid_pre.2", 12
 
 

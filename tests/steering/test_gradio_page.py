@@ -25,7 +25,7 @@ from pipeline.sae.model import SaeConfig, TopKSae
 from pipeline.steering.session import Session
 from pipeline.steering.splice import SteeringEntry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 LATENT, STRENGTH, PROMPTS = 5, 30.0, ["hello there", "a b c"]
 STEERABLE, RECOMMENDED = 9, 12.5  # the one latent a (hand-written) steering evaluation of the SAE recommends

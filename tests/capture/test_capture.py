@@ -24,7 +24,7 @@ from pipeline.sentences.config import SentencesConfig
 from pipeline.sentences.dataset import iter_sentences
 from tests.collective_log import assert_ranks_agree, collective_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pipeline.top_sentences.config import TopSentencesConfig
 from pipeline.top_sentences.tables import AGGREGATIONS, TopTable, merge_top, open_top_sentences
 from tests.collective_log import assert_ranks_agree, collective_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HOOK, N_LATENTS, K, TOP_N = "resid_pre.1", 40, 4, 5
 
 

@@ -218,7 +218,6 @@ def test_top_sentences_and_steering_run_on_an_sae_saelens_saved(tiny, tmp_path, 
             device="cpu",
             model_dtype="float32",
             max_sentences=0,
-            meanings=str(tmp_path / "none"),
             max_batch_tokens=39,  # 3 sentences a batch: JumpReLU codes of different widths in one code store
         )
     )

@@ -21,7 +21,7 @@ from llama_3.transformers_export import save_pretrained, to_transformers
 from pipeline.sae.formats import export_saelens
 from pipeline.sae.model import SaeConfig, TopKSae
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = Path(os.environ.get("SAE_DASHBOARD_PYTHON", REPO / ".venv-sae-dashboard" / "bin" / "python"))
 
 pytestmark = pytest.mark.slow

@@ -65,7 +65,7 @@ def test_rope_divisors_invert_to_the_scaling_llama_cpp_computed_them_from(theta,
 
 def test_save_pretrained_keeps_rope_for_transformers_4_and_writes_our_tokenizer(tiny, tmp_path):
     """transformers 5 reads the folder back with our logits; AutoTokenizer tokenizes as we do (special tokens
-    parsed, as AutoTokenizer does); transformers 4.x's keys are there (tests/test_interop_sae_dashboard.py
+    parsed, as AutoTokenizer does); transformers 4.x's keys are there (tests/sae/test_interop_sae_dashboard.py
     runs transformers 4.56 on such a folder)."""
     import json
 

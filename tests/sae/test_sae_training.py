@@ -24,7 +24,7 @@ from pipeline.sae.training import checkpoint_state
 from sae_training import main as train_main
 from tests.collective_log import assert_ranks_agree, collective_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def synthetic(n: int, d: int = 32, n_true: int = 48, k_true: int = 3, seed: int = 0):

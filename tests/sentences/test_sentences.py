@@ -20,7 +20,7 @@ from pipeline.sentences.dataset import SentenceDataset, SentenceTokenDataset, it
 from pipeline.sentences.splitter import SentenceSplitter
 from pipeline.sentences.text_sources import WikiSummariesSource
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def norm(s: str) -> str:

@@ -9,7 +9,7 @@ with their run-specific fields removed (VOLATILE: wall-clock times, throughput, 
 whether a run resumed) and safetensors files by their tensors and metadata. Training is compared
 the same way, so a resumed CPU run must be bit-identical to an uninterrupted one.
 
-CI runs one kill per stage (seed 0). FAULT_SEEDS=5 python -m pytest tests/test_fault_injection.py
+CI runs one kill per stage (seed 0). FAULT_SEEDS=5 python -m pytest tests/end_to_end/test_fault_injection.py
 runs five seeds per stage.
 """
 

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.core.cli import parse_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "bench" / "gpu_smoke.sh"
 
 

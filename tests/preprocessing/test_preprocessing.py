@@ -19,7 +19,7 @@ from pipeline.preprocessing.config import PreprocessConfig
 from pipeline.preprocessing.preprocessed import Moments, PreprocessedOutput
 from sae_preprocessing import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 D = 24
 HOOK = "resid_pre.3"

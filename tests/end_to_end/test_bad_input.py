@@ -15,7 +15,7 @@ from llama_3 import PipelineInputError, load_model
 from llama_3.generation import Generator
 from tests.tiny_checkpoints import make_hf_reference, write_hf_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def copy(src: Path, dst: Path) -> Path:
