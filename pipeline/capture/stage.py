@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from llama_3 import HookPoint, default_capture_layer, load_model
+from llama_3.checkpoints import LoadedModel
 from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.cpu_features import warn_if_emulated
 from llama_3.errors import PipelineInputError
@@ -52,13 +53,28 @@ def output_folder(cfg: CaptureConfig) -> OutputFolder:
     )
 
 
-def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
-    out = Path(cfg.out)
+@dataclass
+class CaptureRequest:
+    """What this rank captures, resolved from the flags and the model: the output depends on `request`."""
+
+    lm: LoadedModel
+    hooks: list[str]
+    bos: int
+    """1 when a BOS is prepended (its activation is never stored)."""
+    storage_dtype: torch.dtype
+    dataset: SentenceTokenDataset
+    """This rank's sentences, as length-sorted token batches."""
+    request: dict
+    fingerprint: str
+
+
+def open_request(cfg: CaptureConfig, info: DistInfo) -> CaptureRequest:
+    """The flags and the sentences are checked before the model loads (seconds to minutes)."""
     storage_dtype = resolve_dtype(cfg.storage_dtype)
     if cfg.shard_tokens < 1 or cfg.max_tokens < 1:
         raise PipelineInputError("--shard-tokens and --max-tokens must be positive")
     model_dtype = resolve_dtype(cfg.model_dtype) or capture_dtype(info.device)
-    for h in cfg.hook_points:  # the flags and the sentences are checked before the model loads (seconds)
+    for h in cfg.hook_points:
         HookPoint.parse(h, flag="--hook-points")
     SentenceDataset.open(cfg.sentences)
     warn_if_emulated(model_dtype, info.device, f"--model-dtype {cfg.model_dtype}")
@@ -94,15 +110,12 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
         "max_batch_tokens": batch_tokens,  # what 0 (auto) became: batches round differently
         "sentences": {"path": str(Path(cfg.sentences)), "fingerprint": dataset.fingerprint},
     }
-    fp = fingerprint(request)
-    prepared = output_folder(cfg).prepare(fp, cfg.force, info)
-    check_shared_folder(info, out)  # every rank writes shards here: a node-local folder fails now, not at the end
-    if prepared.state == "reuse":
-        if info.is_main:
-            tokens = prepared.manifest["counts"]["tokens"]
-            print(f"capture already complete: {out} ({tokens} tokens); --force recaptures")
-        return prepared.manifest
+    return CaptureRequest(lm, hooks, bos, storage_dtype, dataset, request, fingerprint(request))
 
+
+def rank_progress(out: Path, info: DistInfo, fp: str) -> tuple[Path, dict]:
+    """This rank's progress file and what it holds (a fresh one when it starts); shard files no progress
+    entry vouches for and temporary files of a killed run are removed."""
     progress_path = _progress_path(out, info.rank)
     progress = json.loads(progress_path.read_text()) if progress_path.is_file() else None
     if progress and progress["world_size"] != info.world_size:
@@ -118,12 +131,25 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
         "finished": False,
     }
     keep = {s["file"] for s in progress["shards"]}
-    # complete-looking shards no progress file vouches for, and temp files
     for p in out.glob(rank_shard_glob(info.rank)):
         if p.name not in keep:
             p.unlink()
     for p in out.glob(f".{progress_path.name}.*.tmp"):  # a progress write cut short by a kill
         p.unlink()
+    return progress_path, progress
+
+
+def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
+    out = Path(cfg.out)
+    req = open_request(cfg, info)
+    prepared = output_folder(cfg).prepare(req.fingerprint, cfg.force, info)
+    check_shared_folder(info, out)  # every rank writes shards here: a node-local folder fails now, not at the end
+    if prepared.state == "reuse":
+        if info.is_main:
+            tokens = prepared.manifest["counts"]["tokens"]
+            print(f"capture already complete: {out} ({tokens} tokens); --force recaptures")
+        return prepared.manifest
+    progress_path, progress = rank_progress(out, info, req.fingerprint)
 
     def on_shard(shard: dict) -> None:
         progress["shards"].append(shard)
@@ -133,19 +159,32 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
     writer = ShardWriter(
         out,
         info.rank,
-        hooks,
-        lm.args.dim,
-        storage_dtype,
+        req.hooks,
+        req.lm.args.dim,
+        req.storage_dtype,
         cfg.shard_tokens,
         len(progress["shards"]),
         on_shard,
         device=info.device,
     )
-    model = lm.model
+    t0 = time.perf_counter()
+    new_tokens = capture_batches(req, info, writer, committed)
+    elapsed = time.perf_counter() - t0
+    progress.update(finished=True, stats=dict(req.dataset.stats), seconds=elapsed, new_tokens=new_tokens)
+    write_json_atomic(progress_path, progress)
+    barrier(info)
+    if not info.is_main:
+        return {}
+    return finalize(out, cfg, req.request, req.fingerprint, info, req.lm, req.hooks)
+
+
+def capture_batches(req: CaptureRequest, info: DistInfo, writer: ShardWriter, committed: int) -> int:
+    """Every batch of this rank through the capture-only forward, its activations to the writer; the first
+    `committed` tokens (in finished shards) are skipped without a forward. Returns the new tokens."""
     seen = 0  # real tokens of this rank's stream so far, stored or not
     new_tokens = 0
     bar = tqdm(
-        total=dataset.n_sentences,
+        total=req.dataset.n_sentences,
         unit="sent",
         desc=f"capture r{info.rank}",
         disable=not info.is_main,
@@ -153,8 +192,8 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
     )
     t0 = time.perf_counter()
     try:
-        for batch in dataset:
-            real = batch.n_tokens - bos * len(batch.lengths)
+        for batch in req.dataset:
+            real = batch.n_tokens - req.bos * len(batch.lengths)
             bar.update(len(batch.lengths))
             if seen + real <= committed:  # entirely in completed shards: no forward needed
                 seen += real
@@ -162,24 +201,16 @@ def capture(cfg: CaptureConfig, info: DistInfo) -> dict:
             skip = max(0, committed - seen)
             seen += real
             with torch.inference_mode():
-                acts = model.capture(batch.tokens.to(info.device, non_blocking=True), hooks)
-            writer.put(make_chunk(acts, batch, bos, skip, info.device, storage_dtype))
+                acts = req.lm.model.capture(batch.tokens.to(info.device, non_blocking=True), req.hooks)
+            writer.put(make_chunk(acts, batch, req.bos, skip, info.device, req.storage_dtype))
             fault_injection.point("capture.batch")
             new_tokens += real - skip
             if bar.n and info.is_main:
                 bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - t0):.0f} tokens/s", refresh=False)
         writer.close()
-    except BaseException:
+    finally:
         bar.close()
-        raise
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    progress.update(finished=True, stats=dict(dataset.stats), seconds=elapsed, new_tokens=new_tokens)
-    write_json_atomic(progress_path, progress)
-    barrier(info)
-    if not info.is_main:
-        return {}
-    return finalize(out, cfg, request, fp, info, lm, hooks)
+    return new_tokens
 
 
 def make_chunk(
