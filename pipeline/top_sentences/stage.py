@@ -81,6 +81,55 @@ def check_compatible(sae: TopKSae, identity: dict, cfg: TopSentencesConfig) -> N
         )
 
 
+@dataclass
+class Collector:
+    """This rank's running result: each latent's top sentences per aggregation, its silent sample, its
+    statistics, and every sentence's per-token codes (for highlighting the top ones later)."""
+
+    sae: TopKSae
+    tables: dict[str, TopTable]
+    silent: TopTable
+    stats: LatentStats
+    store: CodeStore
+    batch_tokens: int
+    """Rows per SAE pass: one forward batch, as the model source makes them (the same kernel shapes, so the
+    capture and model sources agree exactly)."""
+    skip_first: int
+    """Positions the SAE never saw (BOS, the sink): stored as zero codes."""
+
+    def add(self, batch, device: torch.device) -> None:
+        sae, L = self.sae, self.sae.cfg.n_latents
+        B = len(batch.sentence_ids)
+        x = batch.acts.to(device).float()  # [n, d]
+        parts = [sae(x[a : a + self.batch_tokens]) for a in range(0, len(x), self.batch_tokens)]
+        values, indices = joined_codes(parts, active_first=sae.cfg.activation != "topk")  # [n, w]
+        n_counted = batch.n_counted.to(device)
+        row = torch.repeat_interleave(torch.arange(B, device=device), n_counted, output_size=len(x))
+        is_last = torch.zeros(len(x), dtype=torch.bool, device=device)
+        is_last[(n_counted.cumsum(0) - 1)[n_counted > 0]] = True  # each sentence's last counted token
+        scores = sentence_scores(values, indices, row, is_last, B, L)
+        has_tokens = n_counted > 0  # a sentence with no counted token ranks nowhere
+        sids = batch.sentence_ids.to(device)
+        for a in AGGREGATIONS:
+            s = scores[a].t().masked_fill(~has_tokens[None, :], -torch.inf)
+            self.tables[a].update(s.masked_fill(s <= 0, -torch.inf), sids)
+        never = (scores["max"].t() <= 0) & has_tokens[None, :]  # [L, B]
+        self.silent.update(sample_key(sids, L).masked_fill(~never, -torch.inf), sids)
+        self.stats.add(values, indices)
+        # Per-token codes for later highlighting, the uncounted first positions left at zero.
+        v_np, i_np = values.float().cpu().numpy(), indices.cpu().numpy()
+        n_active = (v_np > 0).sum(1)  # [n]; JumpReLU rows hold their active latents first
+        counts = batch.n_counted.numpy()
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for r, sid in enumerate(batch.sentence_ids.tolist()):
+            tokens, c, a, b = batch.tokens[r], counts[r], starts[r], starts[r + 1]
+            width = values.shape[1] if sae.cfg.activation == "topk" else max(1, n_active[a:b].max(initial=0))
+            full_v = np.zeros((len(tokens), width), np.float32)
+            full_i = np.zeros((len(tokens), width), np.int32)
+            full_v[len(tokens) - c :], full_i[len(tokens) - c :] = v_np[a:b, :width], i_np[a:b, :width]
+            self.store.add(sid, tokens, self.skip_first, full_v, full_i)
+
+
 def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     out = Path(cfg.out)
     if cfg.top_n < 1 or cfg.non_activating < 0:
@@ -144,50 +193,25 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
             acts = lm.model.capture(batch.tokens.to(info.device), [hook])[hook]  # [B, T, d]
             yield from_model_batch(batch, acts, skip_first)
 
-    tables = {a: TopTable(L, cfg.top_n, info.device) for a in AGGREGATIONS}
-    silent = TopTable(L, max(cfg.non_activating, 1), info.device)
-    stats = LatentStats(L, info.device)
-    store = CodeStore(out, info.rank)
+    found = Collector(
+        sae,
+        {a: TopTable(L, cfg.top_n, info.device) for a in AGGREGATIONS},
+        TopTable(L, max(cfg.non_activating, 1), info.device),
+        LatentStats(L, info.device),
+        CodeStore(out, info.rank),
+        batch_tokens,
+        skip_first,
+    )
     expected = plan.capture_end // info.world_size + (data.n_sentences if data else 0)
     bar = tqdm(total=expected, unit="sent", disable=not info.is_main, dynamic_ncols=True, desc="top sentences")
-    t0, n_sentences, n_model_sentences, n_tokens, n_batches = time.perf_counter(), 0, 0, 0, 0
+    t0, n_sentences, n_model_sentences, n_batches = time.perf_counter(), 0, 0, 0
     try:
         with torch.inference_mode():
             for batch in batches():
                 B = len(batch.sentence_ids)
-                x = batch.acts.to(info.device).float()  # [n, d]
-                # SAE passes of at most one forward batch of rows, as the model source makes them (the same
-                # kernel shapes: the two sources then agree exactly); the tables merge once per batch
-                parts = [sae(x[a : a + batch_tokens]) for a in range(0, len(x), batch_tokens)]
-                values, indices = joined_codes(parts, active_first=sae.cfg.activation != "topk")  # [n, w]
-                n_counted = batch.n_counted.to(info.device)
-                row = torch.repeat_interleave(torch.arange(B, device=info.device), n_counted, output_size=len(x))
-                is_last = torch.zeros(len(x), dtype=torch.bool, device=info.device)
-                is_last[(n_counted.cumsum(0) - 1)[n_counted > 0]] = True  # each sentence's last counted token
-                scores = sentence_scores(values, indices, row, is_last, B, L)
-                has_tokens = n_counted > 0  # a sentence with no counted token ranks nowhere
-                sids = batch.sentence_ids.to(info.device)
-                for a in AGGREGATIONS:
-                    s = scores[a].t().masked_fill(~has_tokens[None, :], -torch.inf)
-                    tables[a].update(s.masked_fill(s <= 0, -torch.inf), sids)
-                never = (scores["max"].t() <= 0) & has_tokens[None, :]  # [L, B]
-                silent.update(sample_key(sids, L).masked_fill(~never, -torch.inf), sids)
-                stats.add(values, indices)
-                # Per-token codes for later highlighting, the uncounted first positions left at zero.
-                v_np, i_np = values.float().cpu().numpy(), indices.cpu().numpy()
-                n_active = (v_np > 0).sum(1)  # [n]; JumpReLU rows hold their active latents first
-                counts = batch.n_counted.numpy()
-                starts = np.concatenate([[0], np.cumsum(counts)])
-                for r, sid in enumerate(batch.sentence_ids.tolist()):
-                    tokens, c, a, b = batch.tokens[r], counts[r], starts[r], starts[r + 1]
-                    width = values.shape[1] if sae.cfg.activation == "topk" else max(1, n_active[a:b].max(initial=0))
-                    full_v = np.zeros((len(tokens), width), np.float32)
-                    full_i = np.zeros((len(tokens), width), np.int32)
-                    full_v[len(tokens) - c :], full_i[len(tokens) - c :] = v_np[a:b, :width], i_np[a:b, :width]
-                    store.add(sid, tokens, skip_first, full_v, full_i)
+                found.add(batch, info.device)
                 n_sentences += B
                 n_model_sentences += 0 if batch.from_capture else B  # the capture skips token-less ones
-                n_tokens += len(x)
                 bar.update(B)
                 bar.set_postfix_str(f"{n_sentences / (time.perf_counter() - t0):.0f} sent/s", refresh=False)
                 fault_injection.point("top_sentences.batch")
@@ -196,9 +220,9 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
                 n_batches += 1
         bar.close()
         elapsed = time.perf_counter() - t0
-        tables, silent, stats = merge_ranks(tables, silent, stats, info)
-        store.open()
-        rows = top_rows(tables, silent, store, info)
+        tables, silent, stats = merge_ranks(found.tables, found.silent, found.stats, info)
+        found.store.open()
+        rows = top_rows(tables, silent, found.store, info)
         n_sentences = n_sentences_all(info, n_model_sentences) + plan.capture_end
         if not info.is_main:
             return {}
@@ -206,7 +230,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
             cfg, out, lm, sae, tables, silent, stats, rows, n_sentences, elapsed, max_sentences, request, plan
         )
     finally:
-        store.close()
+        found.store.close()
 
 
 def n_sentences_all(info: DistInfo, n: int) -> int:
