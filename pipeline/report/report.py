@@ -26,7 +26,7 @@ from pipeline.core.layout import MEANINGS_DIR, RUNS_DIR, RunLayout  # noqa: E402
 from pipeline.core.manifest import read_jsonl, write_json_atomic  # noqa: E402
 from pipeline.interpret.meanings import load_meanings  # noqa: E402
 from pipeline.sae.formats import sae_sha256, sae_weights_file  # noqa: E402
-from pipeline.sae.training_run import TrainingRun  # noqa: E402
+from pipeline.sae.training_run import METRICS_NAME, TrainingRun  # noqa: E402
 from pipeline.steering.results import SteeringEvalOutput  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def save(fig, report: Report, out: Path, name: str, caption: str) -> None:
 
 
 def training_plots(paths: RunLayout, report: Report, out: Path) -> None:
-    rows = read_jsonl(paths.sae_run / "metrics.jsonl")
+    rows = read_jsonl(paths.sae_run / METRICS_NAME)
     try:
         run = TrainingRun.open(paths.sae_run)
     except PipelineInputError:

@@ -15,9 +15,11 @@ from llama_3.errors import PipelineInputError
 from llama_3.hooks import HookPoint
 from pipeline.core.manifest import sha256_file
 from pipeline.core.tokenization import DEFAULT_MAX_TOKENS
-from pipeline.sae.model import SaeConfig, TopKSae, write_sae_folder
+from pipeline.sae.model import SAE_CONFIG, SAE_WEIGHTS, SaeConfig, TopKSae, write_sae_folder
+from pipeline.sae.training_run import SAE_SUBDIR
 
-WEIGHT_FILES = ("sae.safetensors", "sae_weights.safetensors")  # ours and sparsify's; SAELens'
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+WEIGHT_FILES = (SAE_WEIGHTS, SAELENS_WEIGHTS)  # ours and sparsify's; SAELens'
 _SHA256: dict[tuple, str] = {}
 
 
@@ -52,14 +54,14 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> TopKS
 
 def _read_sae(directory: Path, device: str | torch.device) -> TopKSae:
     try:
-        raw = json.loads((directory / "cfg.json").read_text())
-        if isinstance(raw, dict) and "d_sae" in raw and (directory / "sae_weights.safetensors").is_file():
+        raw = json.loads((directory / SAE_CONFIG).read_text())
+        if isinstance(raw, dict) and "d_sae" in raw and (directory / SAELENS_WEIGHTS).is_file():
             return load_saelens(directory, raw, device)
         if isinstance(raw, dict) and "d_in" in raw and "d_model" not in raw:
             return load_sparsify(directory, raw, device)
         cfg = SaeConfig(**raw)
     except FileNotFoundError:
-        if (directory / "sae" / "cfg.json").is_file():  # the training run's folder: the SAE is inside it
+        if (directory / SAE_SUBDIR / SAE_CONFIG).is_file():  # the training run's folder: the SAE is inside it
             raise PipelineInputError(
                 f"{directory}: a training run folder, not an SAE; the SAE is {directory / 'sae'}"
             ) from None
@@ -68,7 +70,7 @@ def _read_sae(directory: Path, device: str | torch.device) -> TopKSae:
         raise PipelineInputError(f"{directory / 'cfg.json'}: not an SAE config ({e})") from None
     sae = TopKSae(cfg)
     try:
-        sd = load_file(str(directory / "sae.safetensors"))
+        sd = load_file(str(directory / SAE_WEIGHTS))
     except Exception as e:
         raise PipelineInputError(
             f"{directory / 'sae.safetensors'}: cannot be read ({str(e).splitlines()[0]})"
@@ -76,7 +78,7 @@ def _read_sae(directory: Path, device: str | torch.device) -> TopKSae:
     missing, unexpected = sae.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise PipelineInputError(
-            f"{directory / 'sae.safetensors'}: weights {missing or unexpected} do not match cfg.json"
+            f"{directory / SAE_WEIGHTS}: weights {missing or unexpected} do not match cfg.json"
         )
     return sae.to(device)
 
@@ -89,7 +91,7 @@ def load_sparsify(directory: Path, raw: dict, device: str | torch.device = "cpu"
     hookpoint by its folder: "layers.N" is the output of decoder layer N, our resid_post.N. It records
     no model, BOS or excluded positions: pass --model (one of another width is refused);
     add_bos / exclude_first_positions stay 0."""
-    where = directory / "cfg.json"
+    where = directory / SAE_CONFIG
     if raw.get("activation", "topk") != "topk" or raw.get("transcode") or raw.get("skip_connection"):
         raise PipelineInputError(
             f"{where}: a sparsify {raw.get('activation')} coder (transcode {raw.get('transcode')}, skip "
@@ -112,8 +114,8 @@ def load_sparsify(directory: Path, raw: dict, device: str | torch.device = "cpu"
         model={"d_model": d_in, "source": "sparsify"},  # a model of another width is refused, not run
     )
     names = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec", "b_pre": "b_dec"}
-    weights = read_weights(directory / "sae.safetensors", names, "sparsify's")
-    return TopKSae.from_weights(cfg, weights, directory / "sae.safetensors", device)
+    weights = read_weights(directory / SAE_WEIGHTS, names, "sparsify's")
+    return TopKSae.from_weights(cfg, weights, directory / SAE_WEIGHTS, device)
 
 
 def load_saelens(directory: Path, raw: dict, device: str | torch.device = "cpu") -> TopKSae:
@@ -124,7 +126,7 @@ def load_saelens(directory: Path, raw: dict, device: str | torch.device = "cpu")
     arrive this way: SAE.from_pretrained(release, id) converts them (and folds Llama Scope's input
     norm), save_model writes this layout. What it must be fed comes from the metadata: hook_name
     (blocks.L.hook_resid_pre / _mid / _post), prepend_bos, context_size, seqpos_slice [start, None]."""
-    where = directory / "cfg.json"
+    where = directory / SAE_CONFIG
     meta = raw.get("metadata") or raw  # SAELens < 6 kept these keys at the top level
     arch = raw.get("architecture") or ("topk" if raw.get("activation_fn") == "topk" else "standard")
     if arch not in ("topk", "jumprelu", "standard"):
@@ -154,7 +156,7 @@ def load_saelens(directory: Path, raw: dict, device: str | torch.device = "cpu")
         exclude_first_positions=max(0, int(start) - int(add_bos)),
         max_tokens=int(context) - int(add_bos) if context else DEFAULT_MAX_TOKENS,
     )
-    path = directory / "sae_weights.safetensors"
+    path = directory / SAELENS_WEIGHTS
     names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
     w = read_weights(path, {k: k for k in names}, "SAELens'")
     w_enc, b_enc, w_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
@@ -234,7 +236,7 @@ def export_saelens(sae: TopKSae, directory: str | Path, unit_decoder: bool = Fal
             "exported_by": "llama-sae sae.py",
         },
     }
-    write_sae_folder(directory, "sae_weights.safetensors", tensors, cfg)
+    write_sae_folder(directory, SAELENS_WEIGHTS, tensors, cfg)
 
 
 def export_sparsify(sae: TopKSae, directory: str | Path) -> None:
@@ -265,7 +267,7 @@ def export_sparsify(sae: TopKSae, directory: str | Path) -> None:
         "transcode": False,
         "d_in": sae.cfg.d_model,
     }
-    write_sae_folder(directory, "sae.safetensors", tensors, cfg)
+    write_sae_folder(directory, SAE_WEIGHTS, tensors, cfg)
 
 
 SAELENS_FORMAT_VERSION = "6.54.12"

@@ -10,13 +10,14 @@ from pathlib import Path
 from llama_3.errors import PipelineInputError
 from pipeline.core.manifest import atomic_path, read_jsonl
 from pipeline.sae.config import TrainConfig
+from pipeline.sae.training_run import METRICS_NAME, WANDB_ID_NAME
 
 
 class MetricsLog:
     """metrics.jsonl always; W&B online/offline/disabled (offline without a key: never a login prompt)."""
 
     def __init__(self, out: Path, cfg: TrainConfig, enabled: bool, run_config: dict, resume_step: int = 0):
-        self.path = out / "metrics.jsonl"
+        self.path = out / METRICS_NAME
         self.enabled = enabled
         self.wandb = None
         if enabled:
@@ -31,7 +32,7 @@ class MetricsLog:
                 raise PipelineInputError(
                     "--wandb: the wandb package is not installed (pip install wandb) or use --wandb disabled"
                 ) from None
-            id_file = out / "wandb_run_id.txt"
+            id_file = out / WANDB_ID_NAME
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             os.environ.setdefault("WANDB_SILENT", "true")

@@ -45,6 +45,8 @@ NORMALIZATIONS: tuple[str, ...] = get_args(Normalize)
 Activation = Literal["topk", "jumprelu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 ENCODER_INIT_NORM = 3**-0.5
+SAE_WEIGHTS, SAE_CONFIG = "sae.safetensors", "cfg.json"
+"""An SAE folder: its weights and its SaeConfig (sparsify's folders use the same two names)."""
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
@@ -232,7 +234,7 @@ def write_sae_folder(directory: str | Path, weights_name: str, tensors: dict[str
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / weights_name) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    with atomic_path(directory / "cfg.json") as tmp:
+    with atomic_path(directory / SAE_CONFIG) as tmp:
         tmp.write_text(json.dumps(cfg, indent=2))
 
 
@@ -352,7 +354,7 @@ class TopKSae(nn.Module):
         return load_sae(directory, device)
 
     def save(self, directory: str | Path) -> None:
-        write_sae_folder(directory, "sae.safetensors", self.state_dict(), asdict(self.cfg))
+        write_sae_folder(directory, SAE_WEIGHTS, self.state_dict(), asdict(self.cfg))
 
     @staticmethod
     def from_weights(cfg: SaeConfig, weights: dict[str, torch.Tensor], path: Path, device) -> "TopKSae":

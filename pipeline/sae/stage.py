@@ -17,7 +17,7 @@ from llama_3.errors import PipelineInputError
 from pipeline.capture.activations import CaptureOutput
 from pipeline.core import fault_injection
 from pipeline.core.distributed import DistInfo, barrier
-from pipeline.core.manifest import fingerprint, make_manifest, write_json_atomic
+from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
 from pipeline.core.output_folder import OutputFolder, config_request, owned_names
 from pipeline.core.prefetch import BatchPrefetcher
 from pipeline.sae.config import TrainConfig
@@ -28,9 +28,8 @@ from pipeline.sae.training import (
     batch_order,
     check_ranks_agree,
 )
+from pipeline.sae.training_run import CHECKPOINT_DIR, METRICS_NAME, RUN_FILE, SAE_SUBDIR, WANDB_ID_NAME
 from pipeline.sentences.dataset import iter_sentences
-
-RUN_FILE = "run.json"
 
 
 def run_config(cfg: TrainConfig, trainer: "Trainer") -> dict:
@@ -57,7 +56,7 @@ def output_folder(cfg: TrainConfig) -> OutputFolder:
     return OutputFolder(
         Path(cfg.out),
         "training run",
-        owned_names(RUN_FILE, "manifest.json", "metrics.jsonl", "wandb_run_id.txt", "checkpoint", "sae"),
+        owned_names(RUN_FILE, MANIFEST_NAME, METRICS_NAME, WANDB_ID_NAME, CHECKPOINT_DIR, SAE_SUBDIR),
         progress=(RUN_FILE,),
         finished_files=("sae/sae.safetensors",),
         foreign_ok=True,
@@ -124,7 +123,7 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
     if not info.is_main:
         log.close()
         return {}
-    trainer.sae.save(out / "sae")
+    trainer.sae.save(out / SAE_SUBDIR)
     spliced = spliced_evaluation(cfg, trainer, info)
     # the final row, with the spliced CE / KL, goes to metrics.jsonl and the W&B run before it finishes
     log.log(trainer.step, {**final, **{k: v for k, v in spliced.items() if isinstance(v, (int, float))}, "final": 1})
@@ -147,7 +146,7 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
         world_size=info.world_size,
         throughput={"seconds_this_run": round(elapsed, 2), "tokens_per_s": round(tokens_run / max(elapsed, 1e-9), 1)},
     )
-    write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(out / MANIFEST_NAME, manifest)
     print(
         f"{out}: {trainer.step} steps; val FVU {final.get('val/fvu', float('nan')):.4f}, L0 "
         f"{final.get('val/l0', 0):.1f}, "

@@ -25,6 +25,7 @@ from pipeline.core.manifest import atomic_path
 from pipeline.preprocessing.preprocessed import PreprocessedOutput
 from pipeline.sae.config import TrainConfig
 from pipeline.sae.model import SaeConfig, TopKSae, TrainingData
+from pipeline.sae.training_run import CHECKPOINT_DIR
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, peak: float) -> float:
@@ -350,7 +351,7 @@ class Trainer:
             raise error
 
     def load_checkpoint(self, directory: Path) -> bool:
-        path = directory / "checkpoint" / CHECKPOINT_FILE
+        path = directory / CHECKPOINT_DIR / CHECKPOINT_FILE
         if not path.is_file():
             return False
         try:
@@ -386,7 +387,7 @@ CHECKPOINT_FILE = "state.safetensors"
 
 
 def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    ckpt = directory / "checkpoint"
+    ckpt = directory / CHECKPOINT_DIR
     ckpt.mkdir(parents=True, exist_ok=True)
     with atomic_path(ckpt / CHECKPOINT_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"state": json.dumps(state, sort_keys=True)})

@@ -14,6 +14,13 @@ from pathlib import Path
 from pipeline.core.manifest import Fields, read_manifest
 
 KIND = "sae"
+SAE_SUBDIR = "sae"
+"""The trained SAE inside the run folder (what --sae takes)."""
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+RUN_FILE = "run.json"
+"""The run in progress: its fingerprint and config (a resume checks them)."""
+WANDB_ID_NAME = "wandb_run_id.txt"
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,7 @@ class TrainingRun:
 
     @property
     def sae_dir(self) -> Path:
-        return self.directory / "sae"
+        return self.directory / SAE_SUBDIR
 
     @staticmethod
     def open(directory: str | Path) -> "TrainingRun":
