@@ -17,7 +17,7 @@ class TrainConfig:
     out: Runtime[str] = str(SAE_DIR)
     """Run folder (checkpoints, metrics, final SAE)."""
     expansion: int = 8
-    """N_latents = expansion * d_model (unless --n-latents)."""
+    """n_latents = expansion * d_model (unless --n-latents)."""
     n_latents: int = 0
     """Dictionary size (0: expansion * d_model)."""
     k: int = 32
@@ -62,10 +62,10 @@ class TrainConfig:
     device: Runtime[str] = "auto"
     """auto, cpu, cuda."""
     autocast: Literal["auto", "on", "off"] = "auto"
-    """Bf16 autocast for the SAE's matmuls: on, off, auto (on for CUDA and for CPUs with native bf16; weights,
+    """bf16 autocast for the SAE's matmuls: on, off, auto (on for CUDA and for CPUs with native bf16; weights,
     optimizer and decoder stay fp32)."""
     wandb: Runtime[Literal["online", "offline", "disabled", "auto"]] = "auto"
-    """Online, offline, disabled, auto (online with WANDB_API_KEY, else offline)."""
+    """online, offline, disabled, auto (online with WANDB_API_KEY, else offline)."""
     wandb_project: Runtime[str] = "llama-sae"
     """W&B project."""
     eval_sentences: int = 128
