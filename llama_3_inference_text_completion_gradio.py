@@ -22,16 +22,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports f
 import gradio as gr  # noqa: E402
 
 from llama_3.errors import PipelineInputError  # noqa: E402
-from llama_3.generation import SPLICE_ON, check_splice_on  # noqa: E402
+from llama_3.generation import SPLICE_ON  # noqa: E402
 from pipeline.core.cli import Dtype, check_choices, parse_config, run_main  # noqa: E402
 from pipeline.core.layout import MEANINGS_DIR, SAE_WEIGHTS_DIR, STEERING_EVAL_DIR  # noqa: E402
-from pipeline.interpret.embedding import SentenceEncoder
-from pipeline.steering.evaluation import Row, concept_phrase, read_continuations  # noqa: E402
-from pipeline.steering.output_score import promoted_tokens  # noqa: E402
-from pipeline.steering.results import open_for_sae  # noqa: E402
+from pipeline.steering.page import SteeringPage  # noqa: E402
 from pipeline.steering.session import Session  # noqa: E402
-from pipeline.steering.splice import MODES, SteeringEntry, check_entries  # noqa: E402
-from pipeline.steering.vectors import sae_directions  # noqa: E402
+from pipeline.steering.splice import MODES, SteeringEntry  # noqa: E402
 
 TITLE = "SAE steering"
 
@@ -67,50 +63,11 @@ class GradioConfig:
         check_choices(self)
 
 
-def entries_table(entries: list[SteeringEntry], session: Session) -> list[list]:
-    return [[e.latent, e.mode, e.strength, session.steerable.meaning(e.latent)] for e in entries]
-
-
-def format_outputs(labels: list[str], texts: list[str]) -> str:
-    if len(labels) == 1:
-        return texts[0]
-    return "\n\n".join(f"[{i + 1}] {label}{text}" for i, (label, text) in enumerate(zip(labels, texts)))
-
-
 def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
-    if session.steerable is None:
-        raise PipelineInputError("the Gradio page needs --sae")
-    steerable = session.steerable
+    """The widgets and their wiring; what each event does is SteeringPage's (pipeline/steering/page.py)."""
+    page = SteeringPage(session, cfg.steering_eval, cfg.max_prompts, cfg.max_new_tokens_limit, cfg.inspect_top)
+    steerable = page.steerable
     n_latents = steerable.sae.cfg.n_latents
-
-    results = open_for_sae(cfg.steering_eval, steerable.sae.sha256)
-    output_scores = results.output_scores if results else {}
-    recommended = results.recommended() if results else {}
-
-    def promotes(latents: list[int]) -> list[str]:
-        """The output effect beside the input meaning: the top tokens of each decoder row's logit lens."""
-        if not latents:
-            return []
-        ids = promoted_tokens(session.loaded.model, sae_directions(steerable.sae, latents), 5).tolist()
-        return [" ".join(repr(session.loaded.tokenizer.decode([t])) for t in row) for row in ids]
-
-    def search(query: str, sort_by: str = "certainty"):
-        hits = steerable.search(query or "", limit=n_latents)
-        if sort_by == "steerability":  # output score first; latents the evaluation never scored last
-            hits.sort(key=lambda h: (h["latent"] not in output_scores, -output_scores.get(h["latent"], 0.0)))
-        hits = hits[:50]
-        return [
-            [
-                h["latent"],
-                h.get("certainty"),
-                h.get("score"),
-                output_scores.get(h["latent"]),
-                recommended.get(h["latent"]),
-                h.get("meaning", ""),
-                effect,
-            ]
-            for h, effect in zip(hits, promotes([h["latent"] for h in hits]))
-        ]
 
     def pick(evt: gr.SelectData, table):
         """The latent box takes the clicked latent; where the sweep recommends a strength, `add` at it."""
@@ -119,108 +76,26 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
             latent = int(table.iloc[row, 0])
         except (AttributeError, IndexError, ValueError, TypeError):
             return gr.update(), gr.update(), gr.update()
-        if latent in recommended:
-            return latent, "add", round(recommended[latent], 3)
+        if latent in page.recommended:
+            return latent, "add", round(page.recommended[latent], 3)
         return latent, gr.update(), gr.update()
-
-    encoder = []  # MiniLM, loaded on the first judged generation
-
-    def judge(pairs, entries: list[SteeringEntry]) -> list[list]:
-        """Per prompt: the first entry's latent on the re-read text, the clean model's loss per token, and
-        the similarity to the latent's concept (its meaning's key words), unsteered -> steered."""
-        if not entries or not pairs or pairs[0][0] is None:
-            return []
-        latent = entries[0].latent
-        rows = [
-            Row(i, m, latent, None, c.prompt_tokens, c.tokens)
-            for i, pair in enumerate(pairs)
-            for m, c in zip(("none", "steered"), pair)
-        ]
-        reads = read_continuations(session.loaded.model, steerable.sae, rows)
-        meaning = steerable.meaning(latent)
-        sims = [None] * len(rows)
-        if meaning:
-            try:
-                if not encoder:
-                    encoder.append(SentenceEncoder())
-                concept = concept_phrase(meaning)  # what the evaluation's judge embeds, not "the tokens ..."
-                vectors = encoder[0].encode([concept] + [c.text for pair in pairs for c in pair])
-                sims = (vectors[1:] @ vectors[0]).tolist()
-            except PipelineInputError:  # the offline judge's package is not installed: no similarity column
-                pass
-
-        def arrow(a, b, digits=3):
-            return "" if a is None or b is None else f"{a:.{digits}f} -> {b:.{digits}f}"
-
-        return [
-            [
-                i + 1,
-                latent,
-                arrow(reads[2 * i][1], reads[2 * i + 1][1]),
-                arrow(reads[2 * i][0], reads[2 * i + 1][0], 2),
-                arrow(sims[2 * i], sims[2 * i + 1]),
-            ]
-            for i in range(len(pairs))
-        ]
 
     def add_entry(latent, mode, strength, entries: list[SteeringEntry]):
         try:
-            entry = SteeringEntry(int(latent), str(mode), float(strength))
-            check_entries(steerable.sae, [entry])
-        except (PipelineInputError, TypeError, ValueError) as e:
-            raise gr.Error(str(e)) from None
-        entries = [e for e in entries if e.latent != entry.latent or e.mode != entry.mode] + [entry]
-        return entries, entries_table(entries, session)
-
-    def clear_entries():
-        return [], []
-
-    def generate(
-        prompts_text: str,
-        entries: list[SteeringEntry],
-        greedy: bool,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        seed: int,
-        steer_on: str,
-        keep_error: bool,
-    ):
-        labels = [line for line in (prompts_text or "").splitlines() if line.strip()]
-        if not labels:
-            raise gr.Error("write at least one prompt (one per line)")
-        if len(labels) > cfg.max_prompts:
-            raise gr.Error(f"at most {cfg.max_prompts} prompts per request")
-        try:
-            check_splice_on(steer_on)
+            entries = page.add_entry(latent, mode, strength, entries)
         except PipelineInputError as e:
             raise gr.Error(str(e)) from None
-        prompts = session.text_prompts(labels)
-        sampling = {
-            "max_new_tokens": max(1, min(int(max_new_tokens), cfg.max_new_tokens_limit)),
-            "temperature": 0.0 if greedy else float(temperature),
-            "top_p": float(top_p),
-            "seed": int(seed),
-        }
-        pairs = []
-        for pairs in session.stream(
-            prompts, list(entries), keep_error=bool(keep_error), compare=True, steer_on=steer_on, **sampling
-        ):
-            plain = [p.text if p is not None else s.text for p, s in pairs]
-            yield (
-                format_outputs(labels, plain),
-                format_outputs(labels, [s.text for _, s in pairs]),
-                gr.update(),
-                gr.update(),
-            )
-        rows = []
-        for i, (_, steered) in enumerate(pairs):
-            for position, item in enumerate(session.inspect(steered, list(entries), steer_on, cfg.inspect_top)):
-                latents = "; ".join(
-                    f"{x['latent']} ({x['activation']:.2f}) {x['meaning']}".strip() for x in item["latents"]
-                )
-                rows.append([i + 1, position, item["token"], latents])
-        yield gr.update(), gr.update(), rows, judge(pairs, list(entries))
+        return entries, page.entries_table(entries)
+
+    def generate(*args):
+        try:
+            for update in page.generate(*args):
+                if update.inspection is None:
+                    yield update.unsteered, update.steered, gr.update(), gr.update()
+                else:
+                    yield gr.update(), gr.update(), update.inspection, update.judged
+        except PipelineInputError as e:
+            raise gr.Error(str(e)) from None
 
     sae_name = Path(steerable.directory).resolve().name
     with gr.Blocks(title=TITLE) as app:
@@ -296,12 +171,12 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
             label="Latents on each steered token",
         )
 
-        search_btn.click(search, [query, sort_by], hits)
-        query.submit(search, [query, sort_by], hits)
-        sort_by.change(search, [query, sort_by], hits)
+        search_btn.click(page.search, [query, sort_by], hits)
+        query.submit(page.search, [query, sort_by], hits)
+        sort_by.change(page.search, [query, sort_by], hits)
         hits.select(pick, hits, [latent, mode, strength])
         add_btn.click(add_entry, [latent, mode, strength, entries_state], [entries_state, entries_view])
-        clear_btn.click(clear_entries, None, [entries_state, entries_view])
+        clear_btn.click(lambda: ([], []), None, [entries_state, entries_view])
         run_btn.click(
             generate,
             [prompts, entries_state, greedy, temperature, top_p, max_new, seed, steer_on, keep_error],
