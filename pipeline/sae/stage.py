@@ -14,7 +14,6 @@ from tqdm import tqdm
 from llama_3 import load_model
 from llama_3.cpu_fast import apply_cpu_fast_paths
 from llama_3.errors import PipelineInputError
-from pipeline.capture.activations import CaptureOutput
 from pipeline.core import fault_injection
 from pipeline.core.distributed import DistInfo, barrier
 from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
@@ -164,29 +163,29 @@ def train(cfg: TrainConfig, info: DistInfo) -> dict:
 
 
 def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo) -> dict:
-    """CE loss recovered and KL with the SAE spliced into the model, on held-out sentences (main rank)."""
-
-    if not cfg.eval_sentences or trainer.data.capture_dir is None:
-        return {"skipped": "disabled" if not cfg.eval_sentences else "the data does not name its capture"}
+    """CE loss recovered and KL with the SAE spliced into the model, on held-out sentences (main rank): the
+    sentences and the model the SAE records it was trained from."""
+    trained_on = trainer.sae_cfg.trained_on
+    if not cfg.eval_sentences or not trained_on.sentences:
+        return {"skipped": "disabled" if not cfg.eval_sentences else "the data names no sentence set"}
+    sae = trainer.sae.eval()
     try:
-        cap = CaptureOutput.open(trainer.data.capture_dir)
         wanted = set(trainer.data.val_sentence_ids()[: cfg.eval_sentences].tolist())
         texts = []
-        for part in iter_sentences(cap.sentences_dir):
+        for part in iter_sentences(trained_on.sentences):
             texts += [t for s, t in zip(part["sentence_id"], part["text"]) if s in wanted]
             if len(texts) >= len(wanted):
                 break
         lm = load_model(
-            cap.model["path"],
+            sae.model_path(None),
             device=info.device,
             dtype=torch.float32 if info.device.type == "cpu" else None,
         )
     except (PipelineInputError, OSError) as e:
         return {"skipped": f"model or sentences unavailable: {e}"}
-    if lm.tokenizer.fingerprint() != cap.tokenizer_sha256:
-        return {"skipped": f"{lm.path}: not the tokenizer the capture used"}
+    if key := sae.model_mismatch(lm.identity()):
+        return {"skipped": f"{lm.path}: not the model the capture ran ({key} differs)"}
     apply_cpu_fast_paths(lm.model)
-    sae = trainer.sae.eval()
     return splice_eval(
         lm,
         sae.reconstruct,
