@@ -77,9 +77,7 @@ def _read_sae(directory: Path, device: str | torch.device) -> TopKSae:
         ) from None
     missing, unexpected = sae.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise PipelineInputError(
-            f"{directory / SAE_WEIGHTS}: weights {missing or unexpected} do not match cfg.json"
-        )
+        raise PipelineInputError(f"{directory / SAE_WEIGHTS}: weights {missing or unexpected} do not match cfg.json")
     return sae.to(device)
 
 
