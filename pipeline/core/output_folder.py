@@ -19,6 +19,7 @@ rank alone creates, wipes and records, between barriers, so all ranks see the sa
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -73,6 +74,9 @@ class OutputFolder:
             if not self.path.exists():
                 note_created_folder(self.path)  # a stage that fails before writing into it removes it again
             self.path.mkdir(parents=True, exist_ok=True)
+            for p in self.path.glob(".tmp*"):  # left by a process killed inside safetensors' save_file
+                if SAFETENSORS_TEMP.fullmatch(p.name):  # (no rank of this run writes before the barrier below)
+                    p.unlink(missing_ok=True)
         if info is not None:
             barrier(info)
         if not self.path.is_dir():  # rank 0 made it: this rank is on another node without the shared folder
@@ -134,13 +138,18 @@ def _read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+"""The temporary file safetensors' save_file writes beside its target before renaming it (Rust's tempfile
+crate: ".tmp" + 6 characters): a kill at that moment leaves one behind."""
+
+
 def owned_names(*names: str, prefixes: tuple[str, ...] = ()) -> Callable[[str], bool]:
-    """An `owns` test: these exact names, names starting with a prefix, and their atomic temp files
-    (".<name>.*.tmp")."""
+    """An `owns` test: these exact names, names starting with a prefix, their atomic temp files
+    (".<name>.*.tmp") and safetensors' temp files."""
     stems = (*names, *prefixes)
 
     def owns(name: str) -> bool:
-        if name in names or name.startswith(prefixes):
+        if name in names or name.startswith(prefixes) or SAFETENSORS_TEMP.fullmatch(name):
             return True
         return name.startswith(".") and name.endswith(".tmp") and name[1:].startswith(stems)
 

@@ -241,6 +241,25 @@ def test_output_folder_lifecycle(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # refused before anything is removed
 
 
+def test_a_kill_inside_safetensors_save_does_not_block_the_resume(tmp_path):
+    """safetensors' save_file writes a ".tmpXXXXXX" beside its target and renames it (Rust's tempfile): a
+    SIGKILL at that moment left one in the capture folder, and the resume refused the folder as holding other
+    files. It is the stage's own debris: removed when the folder is prepared; other dot-files still refuse."""
+    out = tmp_path / "out"
+    folder = OutputFolder(
+        out, "capture", owned_names("manifest.json", prefixes=("acts-r", "_progress-r")), ("_progress-r*.json",)
+    )
+    assert folder.prepare("A", force=False).state == "fresh"
+    (out / "_progress-r000.json").write_text(json.dumps({"fingerprint": "A"}))
+    (out / "acts-r000-00000.safetensors").write_bytes(b"a finished shard")
+    (out / ".tmpozCht3").write_bytes(b"half a shard")
+    assert folder.prepare("A", force=False).state == "resume"
+    assert sorted(p.name for p in out.iterdir()) == ["_progress-r000.json", "acts-r000-00000.safetensors"]
+    (out / ".tmp_mine").write_text("not safetensors'")
+    with pytest.raises(PipelineInputError, match=r"holds other files \(.tmp_mine\)"):
+        folder.prepare("A", force=False)
+
+
 def wandb_records(run_dir: Path) -> list:
     """The records of an offline W&B run, read with W&B's own protobuf schema. The .wandb file is a
     LevelDB-style log (7-byte header, 32 KiB blocks, records split FULL / FIRST / MIDDLE / LAST)."""
