@@ -63,11 +63,11 @@ def _read_sae(directory: Path, device: str | torch.device) -> TopKSae:
     except FileNotFoundError:
         if (directory / SAE_SUBDIR / SAE_CONFIG).is_file():  # the training run's folder: the SAE is inside it
             raise PipelineInputError(
-                f"{directory}: a training run folder, not an SAE; the SAE is {directory / 'sae'}"
+                f"{directory}: a training run folder, not an SAE; the SAE is {directory / SAE_SUBDIR}"
             ) from None
-        raise PipelineInputError(f"{directory / 'cfg.json'}: file not found (not an SAE folder?)") from None
+        raise PipelineInputError(f"{directory / SAE_CONFIG}: file not found (not an SAE folder?)") from None
     except (TypeError, json.JSONDecodeError) as e:
-        raise PipelineInputError(f"{directory / 'cfg.json'}: not an SAE config ({e})") from None
+        raise PipelineInputError(f"{directory / SAE_CONFIG}: not an SAE config ({e})") from None
     sae = TopKSae(cfg)
     try:
         sd = load_file(str(directory / SAE_WEIGHTS))
