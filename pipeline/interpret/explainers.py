@@ -1,9 +1,8 @@
 """What the interpretation stages need from a top-sentences output, plus the offline explainer and judge.
 
-Offline explainer ("offline-ngram"): the tokens that carry the latent's activation mass in its top
-sentences, ranked by that mass times how much more often they occur there than in the sentences
-where it is silent, with the most common preceding word as context. Same answer shape as Claude's
-(an analysis, then a JSON verdict), so the parse step treats both alike.
+Offline explainer ("offline-concept", pipeline/interpret/concepts.py): a concept phrase plus key tokens, chosen
+without the judges' embedders or sentences. Same answer shape as Claude's (an analysis, then a JSON verdict), so the
+parse step treats both alike.
 
 Offline judge ("minilm-auroc"): embed the explanation and held-out activating / silent sentences with
 all-MiniLM-L6-v2; the AUROC of cosine similarity separating the two sets (0.5 = chance).
@@ -11,18 +10,23 @@ all-MiniLM-L6-v2; the AUROC of cosine similarity separating the two sets (0.5 = 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
+import torch
+from tqdm import tqdm
 
+from pipeline.interpret.concepts import EXPLAINER, BackgroundWords, ConceptExplainer, word_set
 from pipeline.interpret.embedding import SentenceEncoder
 from pipeline.top_sentences.tables import TopSentences
 
-OFFLINE_EXPLAINER = "offline-ngram"
+OFFLINE_EXPLAINER = EXPLAINER
+BACKGROUND_POOL = 1500  # sentences drawn once: the mined phrases' background rates
+BACKGROUND = 500  # of them per latent, minus its own top and silent sentences
+MIN_BACKGROUND = 100  # fewer left (a tiny dataset): topped up with the corpus package's sentences
 OFFLINE_JUDGE = "minilm-auroc"
 
 
@@ -51,52 +55,43 @@ class LatentExamples:
         return LatentExamples(dict(top), dict(silent), sentences)
 
 
-def _norm(tok: str) -> str:
-    return tok.strip().lower()
-
-
-def offline_explanation(latent: int, rows: list[dict], silent_ids: list[int], sentences: dict[int, dict]) -> str:
-    """An analysis + JSON verdict built from activation-weighted, distinctive tokens."""
-    mass: Counter = Counter()
-    context: dict[str, Counter] = defaultdict(Counter)
-    top_count: Counter = Counter()
-    for r in rows:
-        toks = sentences[r["sentence_id"]]["tokens"]
-        seen = set()
-        for i, (tok, a) in enumerate(zip(toks, r["token_activations"])):
-            key = _norm(tok)
-            if not key:
-                continue
-            seen.add(key)
-            if a > 0:
-                mass[key] += a
-                prev = next((_norm(t) for t in reversed(toks[:i]) if _norm(t).isalpha()), "")
-                if prev:
-                    context[key][prev] += a
-        top_count.update(seen)
-    silent_count: Counter = Counter()
-    for sid in silent_ids:
-        silent_count.update({_norm(t) for t in sentences.get(sid, {}).get("tokens", []) if _norm(t)})
-    n_top, n_silent = max(len(rows), 1), max(len(silent_ids), 1)
-    total = sum(mass.values()) or 1.0
-    scored = []
-    for key, m in mass.items():
-        lift = math.log((top_count[key] / n_top + 1e-3) / (silent_count[key] / n_silent + 1e-3))
-        scored.append((m / total * max(lift, 0.05), key))
-    scored.sort(reverse=True)
-    best = [k for _, k in scored[:3]]
-    if not best:
-        verdict = {"meaning": "no activating tokens", "certainty": 0.0}
-        return f"The latent has no activating tokens in its examples.\n{json.dumps(verdict)}"
-    share = sum(mass[k] for k in best) / total
-    words = ", ".join(f'"{k}"' for k in best)
-    ctx = context[best[0]].most_common(1)
-    meaning = f"the token{'s' if len(best) > 1 else ''} {words}" + (f' (often after "{ctx[0][0]}")' if ctx else "")
-    analysis = (
-        f"Key tokens by activation mass: {', '.join(f'{k} ({mass[k] / total:.0%})' for k in best)}. "
-        f"They carry {share:.0%} of the activation in {len(rows)} top sentences."
-    )
-    return f"{analysis}\n{json.dumps({'meaning': meaning, 'certainty': round(min(1.0, share), 3)})}"
+def concept_answers(examples: LatentExamples, latents: list[int], n_train: int, seed: int = 0) -> dict[int, str]:
+    """latent -> the concept explainer's answer, from its top n_train sentences against a background sample of the
+    other sentences on hand (never this latent's top or silent ones: the judges' held-out sets)."""
+    if not latents:
+        return {}
+    explainer = ConceptExplainer()
+    pool = sorted(examples.sentences)
+    pool = random.Random(seed).sample(pool, min(BACKGROUND_POOL, len(pool)))
+    word_sets = {s: word_set(examples.sentences[s]["text"]) for s in pool}
+    pool_words = Counter(g for grams in word_sets.values() for g in grams)
+    needed = sorted(set(pool) | {r["sentence_id"] for lat in latents for r in examples.top.get(lat, [])[:n_train]})
+    vectors = dict(zip(needed, explainer.space.embed([examples.sentences[s]["text"] for s in needed])))
+    stand_ins = random.Random(seed).sample(explainer.corpus_sentences, MIN_BACKGROUND)
+    word_sets.update(zip(range(-1, -1 - MIN_BACKGROUND, -1), map(word_set, stand_ins)))
+    vectors.update(zip(range(-1, -1 - MIN_BACKGROUND, -1), explainer.space.embed(stand_ins)))
+    out = {}
+    for lat in tqdm(latents, desc="concept explainer", unit="latent", dynamic_ncols=True, mininterval=2):
+        rows = examples.top.get(lat, [])[:n_train]
+        judged = {r["sentence_id"] for r in examples.top.get(lat, [])} | set(examples.silent.get(lat, []))
+        background = [s for s in pool if s not in judged][:BACKGROUND]
+        if not rows:
+            continue
+        if len(background) < MIN_BACKGROUND:  # tiny data: the corpus package's sentences stand in
+            background += [-1 - i for i in range(MIN_BACKGROUND - len(background))]
+        sentences = [examples.sentences[r["sentence_id"]] for r in rows]
+        train = [(s["tokens"], r["token_activations"], s["text"]) for s, r in zip(sentences, rows)]
+        pos = torch.stack([vectors[r["sentence_id"]] for r in rows])
+        neg = torch.stack([vectors[s] for s in background])
+        words = BackgroundWords(  # rates over the whole pool less this latent's sentences, plus any stand-ins
+            pool_words,
+            sum(s not in judged for s in pool) + sum(s < 0 for s in background),
+            excluded=Counter(g for s in judged if s in word_sets and s >= 0 for g in word_sets[s]),
+            added=Counter(g for s in background if s < 0 for g in word_sets[s]),
+        )
+        explanation = explainer.explain(train, pos, neg, words)
+        out[lat] = explanation.answer(len(train), len(background))
+    return out
 
 
 def auroc(pos: list[float], neg: list[float]) -> float:

