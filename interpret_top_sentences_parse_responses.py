@@ -8,9 +8,10 @@ Reads the explain task's raw results; extracts each verdict (JSON after an analy
 integer or percent certainties) and validates it; every failure is kept with its reason in
 <out>/explain/parse_failures.jsonl. Scores: detection by the offline judge (AUROC of MiniLM
 similarity between the meaning and held-out activating vs. silent sentences) and, when the detect
-task has answers, Claude's balanced accuracy. Writes latent_index_meaning/<run>.json (highest
-certainty first; the file the browser, inference and the Gradio page read) and a manifest, and
-writes the feature browser (runs/interpretation/browser/index.html) with the meanings and scores.
+task has answers, Claude's balanced accuracy; a second judge (e5) on a sample of latents. Writes
+latent_index_meaning/<run>.json (highest detection score first; the file the browser, inference and
+the Gradio page read) and a manifest, and writes the feature browser (runs/interpretation/browser/index.html)
+with the meanings and scores.
 """
 
 from __future__ import annotations

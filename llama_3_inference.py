@@ -95,10 +95,7 @@ def print_search(steerable: SteerableSae, query: str, limit: int = 20) -> list[d
     if not steerable.meanings:
         print("no meanings for this SAE in the meanings folder; run the interpretation stage first")
     for h in hits:
-        print(
-            f"  {h['latent']:>6}  certainty {float(h.get('certainty') or 0):.2f}  score {h.get('score')}  "
-            f"{h.get('meaning', '')}"
-        )
+        print(f"  {h['latent']:>6}  detection score {h.get('score')}  {h.get('meaning', '')}")
     if not hits:
         print(f"  no latent's meaning contains {query!r}")
     return hits

@@ -124,14 +124,14 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
                 query = gr.Textbox(label="Find latents by meaning", placeholder="e.g. bone", elem_id="search_query")
                 with gr.Row():
                     sort_by = gr.Radio(
-                        ["certainty", "steerability"],
-                        value="certainty",
+                        ["score", "steerability"],
+                        value="score",
                         label="Sort by (steerability: output score from the steering evaluation)",
                         elem_id="sort_by",
                     )
                     search_btn = gr.Button("Search", elem_id="search_button")
                 hits = gr.Dataframe(
-                    headers=["latent", "certainty", "score", "output score", "recommended add", "meaning", "promotes"],
+                    headers=["latent", "detection score", "output score", "recommended add", "meaning", "promotes"],
                     interactive=False,
                     max_height=240,
                     elem_id="search_results",

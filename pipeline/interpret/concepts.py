@@ -134,8 +134,10 @@ class Explanation:
 
     @property
     def meaning(self) -> str:
-        details = [t for t in [*self.key_tokens, *self.context] if t not in self.concept.lower()]
-        return f"{self.concept} — {', '.join(details)}" if details else self.concept
+        """One scannable line: the concept, the tokens it fires on (quoted), then context words."""
+        tokens = ", ".join(f'"{t}"' for t in self.key_tokens)
+        context = ", ".join(w for w in self.context if w not in self.concept.lower())
+        return f"{self.concept} — {tokens}" + (f"; {context}" if context else "") if tokens else self.concept
 
     def answer(self, n_train: int, n_background: int) -> str:
         """The explainer's reply in the shape Claude's takes (an analysis, then a JSON verdict)."""
@@ -170,7 +172,7 @@ class ConceptExplainer:
         texts = [t for _, _, t in train]
         direction = pos.mean(0) - neg.mean(0)
         short = (self.label_vectors @ direction).topk(min(self.shortlist, len(self.labels))).indices
-        key = self.key_tokens(train, background)
+        key = self.key_tokens(train)
         mined = self.mined(texts, background)
         names = [self.labels[i] for i in short.tolist()] + mined + ([", ".join(key)] if key else [])
         cand = torch.cat([self.label_vectors[short], self.space.embed(mined + ([", ".join(key)] if key else []))])
@@ -180,18 +182,15 @@ class ConceptExplainer:
         context = [w for w in reversed(mined) if " " not in w and w not in key and w not in concept.lower()]
         return Explanation(concept, key, context[: self.n_context], float(score[best]))
 
-    def key_tokens(self, train: list[tuple[list[str], list[float], str]], background: BackgroundWords) -> list[str]:
-        """The words carrying most of the latent's activation in its training sentences: a sub-word token counts
-        for its whole word ("ung" in "ungulates"), and words in more than COMMON_WORD of the background sentences
-        ("the", "and") only when nothing else carries any."""
+    def key_tokens(self, train: list[tuple[list[str], list[float], str]]) -> list[str]:
+        """The tokens carrying most of the latent's activation in its training sentences, as they are (a sub-word
+        piece or a function word is often exactly what a latent fires on: blind raters preferred those named)."""
         mass: Counter = Counter()
         for tokens, acts, _ in train:
-            for i, a in enumerate(acts):
-                if a > 0 and (word := clean_token(whole_word(tokens, i))):
-                    mass[word] += a
-        ranked = [w for w, _ in mass.most_common()]
-        rare = [w for w in ranked if background.rate(w) <= COMMON_WORD]
-        return (rare or ranked)[: self.n_key]
+            for piece, a in zip(tokens, acts):
+                if a > 0 and (t := clean_token(piece)):
+                    mass[t] += a
+        return [t for t, _ in mass.most_common(self.n_key)]
 
     def mined(self, texts: list[str], background: BackgroundWords) -> list[str]:
         """Words and word pairs frequent in the training sentences and rare in the background, best last."""

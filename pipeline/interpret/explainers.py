@@ -28,6 +28,7 @@ BACKGROUND_POOL = 1500  # sentences drawn once: the mined phrases' background ra
 BACKGROUND = 500  # of them per latent, minus its own top and silent sentences
 MIN_BACKGROUND = 100  # fewer left (a tiny dataset): topped up with the corpus package's sentences
 OFFLINE_JUDGE = "minilm-auroc"
+SECOND_JUDGE = "e5-auroc"
 
 
 @dataclass
@@ -114,22 +115,29 @@ def judge_split(
     return held, examples.silent.get(latent, [])[:n_silent]
 
 
-def minilm_scores(
-    meanings: dict[int, str], examples: LatentExamples, n_activating: int, n_silent: int, skip_top: int, encoder=None
+def detection_scores(
+    meanings: dict[int, str], examples: LatentExamples, n_activating: int, n_silent: int, skip_top: int, encoder
 ) -> dict[int, float]:
-    """latent -> AUROC of cos(explanation, sentence) for activating vs silent sentences."""
-
-    encoder = encoder or SentenceEncoder()
+    """latent -> AUROC of cos(meaning, sentence) for its held-out activating vs silent sentences, by an encoder with
+    encode(texts, query=...) (MiniLM ignores `query`; e5 embeds meanings as queries, sentences as passages)."""
     splits = {lat: judge_split(examples, lat, n_activating, n_silent, skip_top) for lat in meanings}
     needed = sorted({s for a, b in splits.values() for s in a + b})
-    sent_vec = dict(zip(needed, encoder.encode([examples.sentences[s]["text"] for s in needed]))) if needed else {}
+    texts = [examples.sentences[s]["text"] for s in needed]
+    sent_vec = dict(zip(needed, encoder.encode(texts, query=False))) if needed else {}
     lats = sorted(meanings)
-    mean_vec = encoder.encode([meanings[lat] for lat in lats])
+    mean_vec = encoder.encode([meanings[lat] for lat in lats], query=True)
     out = {}
     for lat, m in zip(lats, mean_vec):
         act, sil = splits[lat]
         out[lat] = auroc([float(m @ sent_vec[s]) for s in act], [float(m @ sent_vec[s]) for s in sil])
     return out
+
+
+def minilm_scores(
+    meanings: dict[int, str], examples: LatentExamples, n_activating: int, n_silent: int, skip_top: int, encoder=None
+) -> dict[int, float]:
+    """The first judge: all-MiniLM-L6-v2."""
+    return detection_scores(meanings, examples, n_activating, n_silent, skip_top, encoder or SentenceEncoder())
 
 
 def detection_prompt_sentences(

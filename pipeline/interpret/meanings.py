@@ -3,7 +3,7 @@
 One JSON file per interpretation run, named after the run, holding
     {"sae_sha256": sha256 of the SAE's sae.safetensors, "explainer": "...", "latents": [
         {"latent": int, "meaning": str, "certainty": float in [0, 1], "score": float | null}, ...]}
-sorted by certainty (highest first) so people can read it top-down. Readers pick the files whose
+sorted by score (the detection score, highest first) so people can read it top-down. Readers pick the files whose
 sae_sha256 matches the SAE they hold; the newest file wins per latent.
 """
 

@@ -5,6 +5,7 @@ offline judge and Claude, the meanings file.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,14 +29,24 @@ from pipeline.interpret.batches import (
     task_dir,
 )
 from pipeline.interpret.config import ParseConfig
-from pipeline.interpret.explainers import OFFLINE_JUDGE, LatentExamples, balanced_accuracy, mean, minilm_scores
+from pipeline.interpret.embedding import E5Encoder
+from pipeline.interpret.explainers import (
+    OFFLINE_JUDGE,
+    SECOND_JUDGE,
+    LatentExamples,
+    balanced_accuracy,
+    detection_scores,
+    mean,
+    minilm_scores,
+)
 from pipeline.top_sentences.tables import open_top_sentences
 
 FAILURES = "parse_failures.jsonl"
+CLAUDE_JUDGE = "claude-balanced-accuracy"
 
 
 def explain_results(directory: Path) -> tuple[dict[int, dict], list[dict], str]:
-    """latent -> verdict, failures, explainer name (model id or offline-ngram)."""
+    """latent -> verdict, failures, explainer name (model id or offline-concept)."""
     state = BatchState.load(directory)
     results = read_results(directory)
     verdicts, failures, models = {}, [], set()
@@ -129,17 +140,30 @@ def parse(cfg: ParseConfig) -> dict:
         if cfg.judge == "minilm" and verdicts
         else {}
     )
+    sample = sorted(verdicts)
+    sample = sorted(random.Random(0).sample(sample, min(cfg.second_judge_latents, len(sample))))
+    e5 = (
+        detection_scores(
+            {lat: verdicts[lat]["meaning"] for lat in sample},
+            examples,
+            cfg.judge_activating,
+            cfg.judge_silent,
+            cfg.skip_top,
+            E5Encoder(),
+        )
+        if cfg.second_judge == "e5" and sample
+        else {}
+    )
     claude = claude_detection(task_dir(cfg.out, "detect"))
     latents = []
     for lat, v in verdicts.items():
-        scores = {
-            k: s
-            for k, s in ((OFFLINE_JUDGE, minilm.get(lat)), ("claude-balanced-accuracy", claude.get(lat)))
-            if s is not None
-        }
-        primary = scores.get("claude-balanced-accuracy", scores.get(OFFLINE_JUDGE))
+        judged = ((OFFLINE_JUDGE, minilm.get(lat)), (SECOND_JUDGE, e5.get(lat)), (CLAUDE_JUDGE, claude.get(lat)))
+        scores = {k: s for k, s in judged if s is not None}
+        primary = scores.get(CLAUDE_JUDGE, scores.get(OFFLINE_JUDGE))
         latents.append({"latent": lat, **v, "score": primary, "scores": scores})
-    latents.sort(key=lambda e: (-e["certainty"], e["latent"]))
+    # the detection score (validated against hand ratings, tests/data/meaning_ratings) orders the file, not the
+    # explainer's own certainty; unscored meanings last
+    latents.sort(key=lambda e: (e["score"] is None, -(e["score"] or 0), e["latent"]))
     name = cfg.run_name or f"{digest[:8]}-{explainer}"
     doc = {
         "sae_sha256": digest,
@@ -156,7 +180,11 @@ def parse(cfg: ParseConfig) -> dict:
         "failures": len(failures),
         "failure_reasons": sorted({f["reason"] for f in failures}),
         "mean_detection_auroc_minilm": mean(minilm.values()),
+        "mean_detection_auroc_e5": mean(e5.values()),
+        "e5_latents": len(e5),
+        "mean_minilm_on_e5_latents": mean(minilm.get(lat) for lat in e5),
         "mean_detection_balanced_accuracy_claude": mean(claude.values()),
+        "test_sentences": {"activating": cfg.judge_activating, "silent": cfg.judge_silent, "from_rank": cfg.skip_top},
         "mean_certainty": mean(e["certainty"] for e in latents),
     }
     manifest = make_manifest(
@@ -173,6 +201,12 @@ def parse(cfg: ParseConfig) -> dict:
     print(
         f"{meaning_file}: {len(latents)} meanings by {explainer}, {len(failures)} failures"
         + (f"; mean detection AUROC (MiniLM judge) {auroc:.3f} over {len(minilm)} latents" if auroc is not None else "")
+        + (
+            f"; e5 judge {summary['mean_detection_auroc_e5']:.3f} over {len(e5)} latents"
+            + (f" (MiniLM on those: {m:.3f})" if (m := summary["mean_minilm_on_e5_latents"]) is not None else "")
+            if e5
+            else ""
+        )
         + (
             f"; Claude judge balanced accuracy {summary['mean_detection_balanced_accuracy_claude']:.3f}"
             if claude

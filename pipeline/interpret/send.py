@@ -1,5 +1,5 @@
 """The send stage: one Message Batch request per latent (explain) or per meaning (detect), sent once and bound to
-the SAE; offline, the n-gram explainer answers in the same state format.
+the SAE; offline, the concept explainer answers in the same state format.
 """
 
 from __future__ import annotations

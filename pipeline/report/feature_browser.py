@@ -1,7 +1,7 @@
 """A static HTML feature browser over a top-sentences output: opens from disk, no server, no network.
 
-browser/index.html        every latent: frequency, mean activation, meaning, certainty, detection
-                          score, top promoted tokens; click a column header to sort
+browser/index.html        every latent: frequency, mean activation, meaning, detection score (validated
+                          against hand ratings), top promoted tokens; click a column header to sort
 browser/latents/N.html    one latent: its activation histogram, promoted / suppressed output
                           tokens, top sentences per aggregation with each token shaded by the
                           latent's activation (hover for the value), and sentences where it is silent
@@ -151,8 +151,6 @@ def index_page(data: TopSentences, stats: list[dict], meanings: dict) -> str:
             f"<td class='num' data-v='{s['mean_activation']:.6g}'>{s['mean_activation']:.3g}</td>"
             f"<td>{html.escape(m.get('meaning', ''))}</td>"
             "<td class='num' "
-            f"data-v='{m.get('certainty', -1)}'>{'' if 'certainty' not in m else format(m['certainty'], '.2f')}</td>"
-            "<td class='num' "
             f"data-v='{-1 if score is None else score}'>{'' if score is None else format(score, '.2f')}</td>"
             f"<td>{' '.join(f'<span class=tok>{html.escape(t)}</span>' for t in s['promoted'][:5])}</td></tr>"
         )
@@ -164,7 +162,7 @@ def index_page(data: TopSentences, stats: list[dict], meanings: dict) -> str:
         f"{c['sentences']} sentences ({c['tokens']} tokens). {c['latents_never_firing']} latents never fire; "
         f"{c['latents_with_top_n']['max']} have a full top {data.field('config.top_n', int)}."
         f"{meaning_note}</p>"
-        "<table><thead><tr><th>latent</th><th>frequency</th><th>mean act.</th><th>meaning</th><th>certainty</th>"
+        "<table><thead><tr><th>latent</th><th>frequency</th><th>mean act.</th><th>meaning</th>"
         f"<th>detection score</th><th>promotes</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
     return _page("Feature browser", body, SORT_JS)
@@ -176,10 +174,11 @@ def latent_page(
     i = s["latent"]
     head = f"<p><a href='../index.html'>← all latents</a></p><h1>Latent {i}</h1>"
     if meaning:
-        score = "" if meaning.get("score") is None else f", detection score {meaning['score']:.2f}"
+        judged = ", ".join(f"{k} {v:.2f}" for k, v in meaning.get("scores", {}).items())
         head += (
-            f"<p><b>{html.escape(meaning.get('meaning', ''))}</b> (certainty {meaning.get('certainty', 0):.2f}"
-            f"{score}; {html.escape(str(meaning.get('explainer')))})</p>"
+            f"<p><b>{html.escape(meaning.get('meaning', ''))}</b></p><p class='score'>detection "
+            f"{judged or 'not judged'}; by {html.escape(str(meaning.get('explainer')))} (its own certainty "
+            f"{meaning.get('certainty', 0):.2f}, not validated)</p>"
         )
     head += (
         f"<p>fires on {s['frequency']:.3%} of tokens ({s['firing_tokens']}), mean activation when active "

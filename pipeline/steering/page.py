@@ -59,8 +59,8 @@ class SteeringPage:
         ids = promoted_tokens(lm.model, sae_directions(self.steerable.sae, latents), 5).tolist()
         return [" ".join(repr(lm.tokenizer.decode([t])) for t in row) for row in ids]
 
-    def search(self, query: str, sort_by: str = "certainty") -> list[list]:
-        """Latents whose meaning matches: latent, certainty, score, output score, recommended add, meaning,
+    def search(self, query: str, sort_by: str = "score") -> list[list]:
+        """Latents whose meaning matches: latent, detection score, output score, recommended add, meaning,
         promoted tokens (at most 50)."""
         hits = self.steerable.search(query or "", limit=self.steerable.sae.cfg.n_latents)
         scores = self.output_scores
@@ -70,7 +70,6 @@ class SteeringPage:
         return [
             [
                 h["latent"],
-                h.get("certainty"),
                 h.get("score"),
                 scores.get(h["latent"]),
                 self.recommended.get(h["latent"]),

@@ -184,8 +184,8 @@ class SteerableSae:
         return self.meanings.get(latent, {}).get("meaning", "")
 
     def search(self, query: str, limit: int = 20) -> list[dict]:
-        """Latents whose meaning contains every word of `query` (case-insensitive), best certainty
-        then score first; a number finds that latent."""
+        """Latents whose meaning contains every word of `query` (case-insensitive), best detection score
+        first; a number finds that latent."""
         query = query.strip()
         if query.isdigit():
             latent = int(query)
@@ -203,12 +203,13 @@ class SteerableSae:
         return sorted(hits, key=rank_key)[:limit]
 
     def best_latents(self, n: int) -> list[int]:
-        """The n latents with the highest certainty (ties: higher detection score, then lower id)."""
+        """The n latents with the highest detection score (ties: higher certainty, then lower id)."""
         return [e["latent"] for e in sorted(({"latent": i, **m} for i, m in self.meanings.items()), key=rank_key)[:n]]
 
 
 def rank_key(entry: dict) -> tuple:
-    return (-float(entry.get("certainty") or 0), -float(entry.get("score") or 0), entry["latent"])
+    """The detection score (validated against hand ratings) first; the explainer's own certainty is not."""
+    return (-float(entry.get("score") or 0), -float(entry.get("certainty") or 0), entry["latent"])
 
 
 def open_steering(

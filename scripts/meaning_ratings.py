@@ -1,0 +1,137 @@
+"""Hand ratings of latent meanings: make the blind rating sheets, then score the judges against the ratings.
+
+Usage:
+    # sheets for raters (rows shuffled, explainer and scores hidden) + the key that unblinds them
+    python scripts/meaning_ratings.py make --meanings latent_index_meaning/<sae>-offline-concept.json \
+        --old latent_index_meaning/<sae>-offline-ngram.json --out tests/data/meaning_ratings
+    # each judge's rank correlation with the ratings, and the old-vs-new preference
+    python scripts/meaning_ratings.py score --folder tests/data/meaning_ratings --meanings <the same file, scored>
+The rating guide is tests/data/meaning_ratings/GUIDE.md.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.interpret.batches import mark_tokens  # noqa: E402
+from pipeline.interpret.explainers import LatentExamples  # noqa: E402
+from pipeline.top_sentences.tables import open_top_sentences  # noqa: E402
+
+
+def examples_of(ex: LatentExamples, lat: int, n: int = 5) -> dict:
+    """The top n sentences and n from further down the ranking (ranks 20+), activations marked «like this»(0-10)."""
+    rows = ex.top[lat]
+    peak = max(max(r["token_activations"], default=0) for r in rows)
+
+    def marked(part):
+        return [mark_tokens(ex.sentences[r["sentence_id"]]["tokens"], r["token_activations"], peak) for r in part]
+
+    lower = rows[20:]
+    step = max(len(lower) // n, 1)
+    return {"top": marked(rows[:n]), "lower": marked(lower[::step][:n])}
+
+
+def make(meanings: Path, old: Path, top_sentences: Path, out: Path, n_rated: int, n_pairs: int, seed: int) -> None:
+    ex = LatentExamples.load(open_top_sentences(top_sentences), "max")
+    new = {e["latent"]: e for e in json.loads(meanings.read_text())["latents"]}
+    before = {e["latent"]: e for e in json.loads(old.read_text())["latents"]}
+    lats = sorted(lat for lat in new if lat in before and len(ex.top.get(lat, [])) >= 30)
+    rng = random.Random(seed)
+    rated = rng.sample(lats, n_rated)
+    paired = rng.sample(lats, n_pairs)
+    rows, key = [], {}
+    for i, lat in enumerate(rated):
+        rows.append({"id": f"r{i:03d}", "meaning": new[lat]["meaning"], **examples_of(ex, lat)})
+        key[f"r{i:03d}"] = {"latent": lat, "meaning": new[lat]["meaning"]}
+    pairs = []
+    for i, lat in enumerate(paired):
+        a_is_new = rng.random() < 0.5
+        a, b = (new[lat], before[lat]) if a_is_new else (before[lat], new[lat])
+        pairs.append({"id": f"p{i:03d}", "meaning_a": a["meaning"], "meaning_b": b["meaning"], **examples_of(ex, lat)})
+        key[f"p{i:03d}"] = {"latent": lat, "new": "a" if a_is_new else "b"}
+    rng.shuffle(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (out / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    (out / "key.json").write_text(json.dumps({"meanings": str(meanings), "old": str(old), "rows": key}, indent=1))
+    print(f"{out}: {len(rows)} rows to rate, {len(pairs)} pairs to compare")
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Rank correlation with average ranks for ties."""
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def score(folder: Path, meanings: Path) -> dict:
+    """Judges' scores from the meanings file (a re-scored file of the same meanings: the rows' texts must match)."""
+    key = json.loads((folder / "key.json").read_text())["rows"]
+    scored = {e["latent"]: e for e in json.loads(meanings.read_text())["latents"]}
+    for k in key.values():
+        entry = scored.get(k["latent"], {})
+        if "meaning" in k and entry.get("meaning") == k["meaning"]:
+            k["scores"], k["certainty"] = entry.get("scores", {}), entry.get("certainty")
+    ratings = [json.loads(line) for line in (folder / "ratings.jsonl").read_text().splitlines() if line.strip()]
+    rated = [r for r in ratings if "scores" in key.get(r["id"], {}) and "rating" in r]
+    hand = [float(r["rating"]) for r in rated]
+    report = {"rated": len(rated), "mean_rating": sum(hand) / max(len(hand), 1)}
+    report["share_rated"] = {str(v): sum(h == v for h in hand) / max(len(hand), 1) for v in (0.0, 1.0, 2.0)}
+    judges = sorted({j for r in rated for j in key[r["id"]]["scores"]})
+    for judge in [*judges, "certainty"]:
+        pairs = [
+            (h, key[r["id"]]["certainty"] if judge == "certainty" else key[r["id"]]["scores"].get(judge))
+            for h, r in zip(hand, rated)
+        ]
+        pairs = [(h, s) for h, s in pairs if s is not None]
+        report[f"spearman_{judge}"] = {"rho": round(spearman(*map(list, zip(*pairs))), 3), "n": len(pairs)}
+    prefs = [r for r in ratings if r["id"] in key and "prefer" in r]
+    new = sum(r["prefer"] == key[r["id"]]["new"] for r in prefs)
+    tie = sum(r["prefer"] == "same" for r in prefs)
+    report["pairs"] = {"n": len(prefs), "prefer_new": new, "prefer_old": len(prefs) - new - tie, "same": tie}
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("--meanings", type=Path, required=True)
+    m.add_argument("--old", type=Path, required=True)
+    m.add_argument("--top-sentences", type=Path, default=Path("runs/top_sentences"))
+    m.add_argument("--out", type=Path, default=Path("tests/data/meaning_ratings"))
+    m.add_argument("--n-rated", type=int, default=120)
+    m.add_argument("--n-pairs", type=int, default=50)
+    m.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("score")
+    s.add_argument("--folder", type=Path, default=Path("tests/data/meaning_ratings"))
+    s.add_argument("--meanings", type=Path, required=True, help="the meaning file the rated rows came from, scored")
+    a = p.parse_args()
+    if a.cmd == "make":
+        make(a.meanings, a.old, a.top_sentences, a.out, a.n_rated, a.n_pairs, a.seed)
+    else:
+        score(a.folder, a.meanings)
