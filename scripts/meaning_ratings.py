@@ -4,7 +4,7 @@ Usage:
     # sheets for raters (rows shuffled, explainer and scores hidden) + the key that unblinds them
     python scripts/meaning_ratings.py make --meanings latent_index_meaning/<sae>-offline-concept.json \
         --old latent_index_meaning/<sae>-offline-ngram.json --out tests/data/meaning_ratings
-    # each judge's rank correlation with the ratings, and the old-vs-new preference
+    # each judge's rank correlation with the ratings, and the old-vs-new preference (-> <folder>/scores.json)
     python scripts/meaning_ratings.py score --folder tests/data/meaning_ratings --meanings <the same file>
 The rating guide is tests/data/meaning_ratings/GUIDE.md.
 """
@@ -162,6 +162,7 @@ def score(folder: Path, meanings: Path, top_sentences: Path) -> dict:
         report["pairs"][f"{judge}_prefers_new"] = f"{prefers_new}/{len(pair_scores)}"
         report["pairs"][f"{judge}_agrees_with_raters"] = f"{agree}/{len(decided)}"
     print(json.dumps(report, indent=1))
+    (folder / "scores.json").write_text(json.dumps(report, indent=1) + "\n")  # what docs cite: never hand-copied
     return report
 
 

@@ -382,3 +382,28 @@ def test_token_patterns_are_said_plainly(sentences, token, expect):
 
     train = [(toks, [1.0 if t.strip().lower() == token else 0.0 for t in toks], "".join(toks)) for toks in sentences]
     assert expect in describe_token(train, token)
+
+
+def test_rating_scorer_rank_correlation_equals_numpy():
+    """The hand-rating scorer's Spearman (ratings 0-2 tie a lot) against numpy: Pearson of tie-averaged ranks."""
+    import importlib.util
+    import random
+
+    import numpy as np
+
+    def average_ranks(v):
+        v = np.asarray(v, float)
+        r = np.empty(len(v))
+        r[v.argsort(kind="stable")] = np.arange(len(v))
+        for u in np.unique(v):
+            r[v == u] = r[v == u].mean()
+        return r
+
+    spec = importlib.util.spec_from_file_location("meaning_ratings", REPO / "scripts" / "meaning_ratings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = random.Random(0)
+    hand = [rng.choice([0, 1, 2]) for _ in range(120)]
+    score = [h * 0.1 + rng.random() for h in hand]
+    for x, y in ((hand, score), (hand, [round(s, 1) for s in score]), (hand, hand)):
+        assert abs(module.spearman(x, y) - np.corrcoef(average_ranks(x), average_ranks(y))[0, 1]) < 1e-9
