@@ -18,8 +18,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
 
+from llama_3.errors import PipelineInputError
+from pipeline.core.layout import STEERING_EVAL_DIR
 from pipeline.interpret.meanings import load_meanings
+from pipeline.sae.model import TopKSae
+from pipeline.steering.results import open_for_sae
 from pipeline.top_sentences.tables import AGGREGATIONS, TopSentences
 
 STYLE = """<style>
@@ -49,6 +55,7 @@ def _page(title: str, body: str, script: str = "") -> str:
 
 
 STAGING_PREFIX = ".browser-"
+CONTEXT_TOKENS = 30  # tokens shown either side of an example's peak
 
 
 def highlight(tokens: list[str], activations: list[float], peak: float) -> str:
@@ -67,33 +74,82 @@ def highlight(tokens: list[str], activations: list[float], peak: float) -> str:
     return "".join(parts)
 
 
+def around_peak(tokens: list[str], activations: list[float], peak: float, radius: int = CONTEXT_TOKENS) -> str:
+    """The sentence highlighted, cut to `radius` tokens either side of its strongest token (… marks a cut)."""
+    at = max(range(len(activations)), key=activations.__getitem__) if activations else 0
+    a, b = max(0, at - radius), min(len(tokens), at + radius + 1)
+    return ("…" if a else "") + highlight(tokens[a:b], activations[a:b], peak) + ("…" if b < len(tokens) else "")
+
+
 def histogram_svg(counts: list[int], edges: list[float]) -> str:
-    """Bars of the log-spaced activation histogram, log-scaled heights; labels at the ends."""
-    width, height, n = 480, 90, len(counts)
-    top = max((math.log1p(c) for c in counts), default=0) or 1
-    bw = width / max(n, 1)
+    """Bars of the activation histogram over the bins the latent occupies (log-spaced activations on x, log-scaled
+    counts on y), with the activation at both ends and at the middle, and the tallest bar's count."""
+    occupied = [i for i, c in enumerate(counts) if c]
+    if not occupied:
+        return "<p>never active: no histogram</p>"
+    lo, hi = occupied[0], occupied[-1] + 1
+    counts, edges = counts[lo:hi], edges[lo : hi + 1]
+    left, width, height, n = 40, 440, 90, len(counts)
+    top = max(math.log1p(c) for c in counts)
+    bw = width / n
     bars = "".join(
-        f"<rect x='{i * bw:.1f}' y='{height - math.log1p(c) / top * height:.1f}' width='{bw - 1:.1f}' "
-        f"height='{math.log1p(c) / top * height:.1f}' fill='#e8871e'><title>{edges[i]:.3g}–{edges[i + 1]:.3g}: "
-        f"{c}</title></rect>"
+        f"<rect x='{left + i * bw:.1f}' y='{height - math.log1p(c) / top * height:.1f}' width='{max(bw - 1, 1):.1f}' "
+        f"height='{math.log1p(c) / top * height:.1f}' fill='#e8871e'><title>activation {edges[i]:.3g}–"
+        f"{edges[i + 1]:.3g}: {c} tokens</title></rect>"
         for i, c in enumerate(counts)
         if c
     )
+    mid = edges[n // 2]
     return (
-        f"<svg width='{width}' height='{height + 16}' role='img' aria-label='activation histogram'>{bars}"
-        f"<text x='0' y='{height + 13}' font-size='11'>{edges[0]:.3g}</text>"
-        f"<text x='{width}' y='{height + 13}' font-size='11' text-anchor='end'>{edges[-1]:.3g}</text></svg>"
+        f"<svg width='{left + width + 10}' height='{height + 30}' role='img' aria-label='activation histogram'>"
+        f"<line x1='{left}' y1='{height}' x2='{left + width}' y2='{height}' stroke='#999'/>"
+        f"<line x1='{left}' y1='0' x2='{left}' y2='{height}' stroke='#999'/>{bars}"
+        f"<text x='{left - 4}' y='10' font-size='11' text-anchor='end'>{max(counts)}</text>"
+        f"<text x='{left - 4}' y='{height}' font-size='11' text-anchor='end'>0</text>"
+        f"<text x='{left}' y='{height + 13}' font-size='11'>{edges[0]:.3g}</text>"
+        f"<text x='{left + width / 2}' y='{height + 13}' font-size='11' text-anchor='middle'>{mid:.3g}</text>"
+        f"<text x='{left + width}' y='{height + 13}' font-size='11' text-anchor='end'>{edges[-1]:.3g}</text>"
+        f"<text x='{left + width / 2}' y='{height + 27}' font-size='11' text-anchor='middle'>activation (log scale); "
+        "tokens per bin (log scale)</text></svg>"
     )
 
 
-def write_browser(data: TopSentences, meanings_dir: str | Path, target: str | Path, per_aggregation: int = 10) -> Path:
-    """Write the browser of a top-sentences output, with the meanings in `meanings_dir` for its SAE, to the
-    folder `target` (replaced whole); `per_aggregation` sentences per aggregation on each latent page.
-    Returns the index path."""
+def decoder_neighbours(sae_dir: Path, n: int = 5) -> dict[int, list[tuple[int, float]]]:
+    """latent -> its n nearest latents by decoder-row cosine, computed in [512, n_latents] blocks (never the full
+    [n_latents, n_latents] matrix); {} when the SAE folder is not at hand (a copied top-sentences folder)."""
+    try:
+        sae = TopKSae.load(sae_dir)
+    except PipelineInputError:
+        return {}
+    with torch.inference_mode():
+        rows = F.normalize(sae.W_dec.float(), dim=1)  # [L, d]
+        out = {}
+        for a in range(0, len(rows), 512):
+            cos = rows[a : a + 512] @ rows.T  # [block, L]
+            cos[torch.arange(len(cos)), torch.arange(a, a + len(cos))] = -2.0  # not itself
+            values, indices = cos.topk(min(n, len(rows) - 1), dim=1)
+            for i, (v, j) in enumerate(zip(values.tolist(), indices.tolist())):
+                out[a + i] = list(zip(j, v))
+    return out
+
+
+def write_browser(
+    data: TopSentences,
+    meanings_dir: str | Path,
+    target: str | Path,
+    per_aggregation: int = 10,
+    steering_dir: str | Path | None = STEERING_EVAL_DIR,
+) -> Path:
+    """Write the browser of a top-sentences output, with the meanings in `meanings_dir` for its SAE and the
+    steering evaluation in `steering_dir` (when it evaluated this SAE), to the folder `target` (replaced whole);
+    `per_aggregation` sentences per aggregation on each latent page. Returns the index path."""
     target = Path(target)
     out = target.parent
     out.mkdir(parents=True, exist_ok=True)
     meanings = load_meanings(meanings_dir, data.sae_sha256)
+    neighbours = decoder_neighbours(data.sae_dir)
+    steering = open_for_sae(steering_dir, data.sae_sha256) if steering_dir else None
+    steered = {r["latent"]: r for r in steering.latents} if steering else {}
     stats = data.table("latent_stats").to_pylist()
     top = data.table("top_sentences")
     top = top.filter(pc.less(top["rank"], per_aggregation)).to_pylist()
@@ -119,6 +175,7 @@ def write_browser(data: TopSentences, meanings_dir: str | Path, target: str | Pa
         for s in stats:
             i = s["latent"]
             page = latent_page(s, by_latent.get(i, {}), silent_by.get(i, []), sent, meanings.get(i), edges)
+            page = page.replace("</body>", extra_sections(i, data, meanings, neighbours.get(i, []), steered.get(i)))
             (staging / "latents" / f"{i}.html").write_text(page, encoding="utf-8")
         (staging / "index.html").write_text(index_page(data, stats, meanings), encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp makes it private
@@ -127,6 +184,36 @@ def write_browser(data: TopSentences, meanings_dir: str | Path, target: str | Pa
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target / "index.html"
+
+
+def extra_sections(i: int, data: TopSentences, meanings: dict, near: list, steered: dict | None) -> str:
+    """The latent page's closest latents, its steering results and the command that steers it."""
+    parts = []
+    if near:
+        items = "".join(
+            f"<li><a href='{j}.html'>{j}</a> <span class='score'>cos {c:.2f}</span> "
+            f"{html.escape(meanings.get(j, {}).get('meaning', ''))}</li>"
+            for j, c in near
+        )
+        parts.append(f"<h2>Closest latents (decoder cosine)</h2><ul>{items}</ul>")
+    strength = 4.0
+    if steered:
+        sae = steered["methods"]["sae"]
+        strength = round(sae.get("add_strength") or strength, 2)
+        test = sae["test"]
+        parts.append(
+            "<h2>Steering (this SAE's evaluation)</h2>"
+            f"<p>best factor {sae.get('best_factor')}: concept {test['concept']:.2f}, instruction "
+            f"{test['instruction']:.2f}, fluency {test['fluency']:.2f}, harmonic {test['harmonic']:.2f} (0-2; "
+            f"unsteered concept {steered['unsteered']['concept']:.2f})</p>"
+            f"<div class='s'>{html.escape(sae.get('example', ''))}</div>"
+        )
+    command = (
+        f"python llama_3_inference.py --sae {data.sae_dir} --steer {i}:add:{strength} --inspect 5 "
+        "--chat 'Tell me about your day.'"
+    )
+    parts.append(f"<h2>Steer with it</h2><pre>{html.escape(command)}</pre>")
+    return "".join(parts) + "</body>"
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -140,8 +227,23 @@ def replace_folder(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
+FILTER_JS = """<script>
+const rows=[...document.querySelectorAll('#latents tbody tr')];
+function filter(){const q=document.getElementById('q').value.toLowerCase().split(/\\s+/).filter(Boolean);
+const minScore=parseFloat(document.getElementById('min-score').value)||0;
+const minFreq=(parseFloat(document.getElementById('min-freq').value)||0)/100;let shown=0;
+rows.forEach(r=>{const text=r.cells[3].textContent.toLowerCase();const score=parseFloat(r.cells[4].dataset.v);
+const freq=parseFloat(r.cells[1].dataset.v);const ok=q.every(w=>text.includes(w)||r.cells[0].textContent===w)
+&&(minScore<=0||score>=minScore)&&freq>=minFreq;r.style.display=ok?'':'none';shown+=ok});
+document.getElementById('shown').textContent=shown}
+['q','min-score','min-freq'].forEach(id=>document.getElementById(id).oninput=filter);filter();
+</script>"""
+
+
 def index_page(data: TopSentences, stats: list[dict], meanings: dict) -> str:
     rows = []
+    # best detection score first (the validated score; unscored latents last), as the meanings file
+    stats = sorted(stats, key=lambda s: (-(meanings.get(s["latent"], {}).get("score") or -1), s["latent"]))
     for s in stats:
         i, m = s["latent"], meanings.get(s["latent"], {})
         score = m.get("score")
@@ -162,10 +264,14 @@ def index_page(data: TopSentences, stats: list[dict], meanings: dict) -> str:
         f"{c['sentences']} sentences ({c['tokens']} tokens). {c['latents_never_firing']} latents never fire; "
         f"{c['latents_with_top_n']['max']} have a full top {data.field('config.top_n', int)}."
         f"{meaning_note}</p>"
-        "<table><thead><tr><th>latent</th><th>frequency</th><th>mean act.</th><th>meaning</th>"
+        "<p><input id='q' placeholder='search meanings (or a latent id)' size='40'> detection score ≥ "
+        "<input id='min-score' type='number' step='0.05' min='0' max='1' style='width:5em'> frequency ≥ "
+        "<input id='min-freq' type='number' step='0.01' min='0' style='width:5em'> % — <span id='shown'></span> "
+        "latents shown, best detection score first (click a header to sort)</p>"
+        "<table id='latents'><thead><tr><th>latent</th><th>frequency</th><th>mean act.</th><th>meaning</th>"
         f"<th>detection score</th><th>promotes</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
-    return _page("Feature browser", body, SORT_JS)
+    return _page("Feature browser", body, SORT_JS + FILTER_JS)
 
 
 def latent_page(
@@ -192,7 +298,7 @@ def latent_page(
         peak = max((max(r["token_activations"], default=0) for r in rows), default=0)
         items = "".join(
             f"<div class='s'><span class='score'>{r['score']:.3g}</span>"
-            f"{highlight(sent[r['sentence_id']]['tokens'], r['token_activations'], peak)}</div>"
+            f"{around_peak(sent[r['sentence_id']]['tokens'], r['token_activations'], peak)}</div>"
             for r in rows
         )
         sections.append(f"<h2>Top sentences by {agg} activation</h2>{items or '<p>none: the latent never fired</p>'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -165,6 +166,14 @@ def test_top_n_equals_brute_force_and_browser_shows_it(tmp_path, tiny, sentences
     shaded = [float(t) for t in parsed.titles]
     peak_token = int(np.argmax(best["token_activations"]))
     assert any(abs(v - best["token_activations"][peak_token]) <= 1e-3 * max(1, abs(v)) for v in shaded)
+    # its closest latents by decoder cosine, against numpy over the whole [L, L] matrix, and how to steer it
+    w = TopKSae.load(sae_dir).W_dec.detach().numpy().astype(np.float64)
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    cos = w @ w.T
+    np.fill_diagonal(cos, -2)
+    section = page.split("Closest latents")[1].split("</ul>")[0]
+    assert [int(j) for j in re.findall(r"href='(\d+)\.html'", section)] == list(np.argsort(-cos[0], kind="stable")[:5])
+    assert "--steer 0:add:" in page
 
 
 class LinkParser(HTMLParser):
