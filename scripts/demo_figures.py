@@ -157,6 +157,12 @@ def block(runs: Path, cpu: str | None = None) -> str:
             f"- Interpretation ({get(interp, 'explainer') or 'explainer not recorded'}): "
             f"{num(counts.get('explained'))} latents explained, {num(counts.get('failures'))} parse failures, "
             f"mean detection AUROC {num(auroc, '.3f')} (MiniLM judge; 0.5 is chance)"
+            + (
+                f"; the independent e5 judge {e5:.3f} on a random {counts.get('e5_latents')} of them (MiniLM on "
+                f"those: {num(counts.get('mean_minilm_on_e5_latents'), '.3f')})"
+                if isinstance(e5 := counts.get("mean_detection_auroc_e5"), (int, float))
+                else ""
+            )
             + (f", Claude's balanced accuracy {claude:.3f}" if isinstance(claude, (int, float)) else "")
         )
     lines += ["", "Headline numbers:", "", *headline] if headline else []

@@ -1,18 +1,21 @@
-"""The offline concept explainer ("offline-concept"): a phrase naming what a latent's sentences share, then its key
-tokens and context words, e.g. "Cardiovascular disease — heart, respiratory, lungs, blood".
+"""The offline concept explainer ("offline-concept"): one scannable line per latent, of two kinds:
+    a topic   Species of bird — "passer", "ine", "birds"; small, perching    (category — its tokens; context words)
+    a token   the word piece "idae" inside words ("Loricariidae", ...); also "id"    (what it fires on, said plainly)
 
-Candidates: the embedded corpus package's Wikipedia article titles, short descriptions and topics (~19k phrases,
-each represented with its article text, so "Nocturnes (Chopin)" matches sentences on piano pieces that never say
-"nocturne"), plus words and word pairs mined from the latent's own training sentences (what is frequent there and
-rare in the background) and its key tokens as a phrase.
+Topic candidates: the embedded corpus package's short descriptions shared by two or more articles and its topics
+(~250 categories, each represented with its articles' text, so "Species of bird" matches sentences on warblers that
+never say "bird"), words and word pairs mined from the latent's own training sentences (frequent there, rare in the
+background), and its key tokens as a phrase. Not article titles: blind raters (tests/data/meaning_ratings) called
+"Toy Story" or "AT&T" misleading for a latent that fires on name pieces or "at the" across many articles.
 
-Representation: TF-IDF over words projected on the articles' top singular vectors (LSA), fitted on the candidates'
-texts. On purpose not a neural embedder: the judges (MiniLM, e5) score with theirs, and an explainer that chose with
-a judge's embedder would be graded on its own choice (the leak issue 30 describes).
+Representation: TF-IDF over words projected on the articles' top singular vectors (LSA). On purpose not a neural
+embedder: the judges (MiniLM, e5) score with theirs, and an explainer that chose with a judge's embedder would be
+graded on its own choice (the leak issue 30 describes).
 
 Choice, per latent: direction = mean vector of the training sentences (its top `n_train` sentences) minus that of a
 background sample; the `shortlist` candidates nearest the direction and the mined phrases compete on training AUROC
-(training sentences vs background); the best wins. Never sees what a judge scores with: the background excludes
+(training sentences vs background) among those that cover most training sentences. The token pattern replaces the
+topic when the topic is weak or one token dominates. Never sees what a judge scores with: the background excludes
 every top and silent sentence of the latent, and the held-out ranks are not training sentences.
 """
 
@@ -39,7 +42,7 @@ MARKED = 0.2  # tokens at >= this share of the peak activation count as firing (
 MIN_CONCEPT_COVERAGE = 0.8  # a concept must be nearer than 90% of the background for this share of sentences
 MIN_CONCEPT_AUROC = 0.9  # a concept weaker than this on its own training sentences: the token pattern instead
 TOKEN_SHARE, TOKEN_COVERAGE = 0.6, 0.8  # one token with this share of the activation, in this share of sentences
-COMMON_WORD = 0.05  # a word in more than this share of the background sentences is no key token ("the", "of")
+COMMON_WORD = 0.05  # a mined phrase needs a word in at most this share of the background ("of the" is none)
 
 
 def words(text: str) -> list[str]:
@@ -102,13 +105,13 @@ def describe_token(train: list[tuple[list[str], list[float], str]], token: str) 
             if a <= 0 or token_text(piece) != token:
                 continue
             n += 1
-            a, b = word_bounds(tokens, i)
-            whole = "".join(tokens[a:b]).strip()
+            start, end = word_bounds(tokens, i)
+            whole = "".join(tokens[start:end]).strip()
             if whole.lower() != token:
                 inside += 1
                 wholes[whole] += 1
-            before = whole_word(tokens, a - 1).strip().lower() if a > 0 else ""
-            after = whole_word(tokens, b).strip().lower() if b < len(tokens) else ""
+            before = whole_word(tokens, start - 1).strip().lower() if start > 0 else ""
+            after = whole_word(tokens, end).strip().lower() if end < len(tokens) else ""
             phrases.update(
                 p
                 for p in (
@@ -257,7 +260,7 @@ class ConceptExplainer:
         score = batch_auroc(sim_pos, sim_neg)
         # coverage: the share of training sentences nearer the candidate than 90% of the background. A title that
         # only two sentences are about ("Toy Story", "AT&T") can still rank them all above the background; raters
-        # called those labels misleading, so a candidate must cover half the sentences to be chosen.
+        # called those labels misleading, so a candidate must cover MIN_CONCEPT_COVERAGE of them to be chosen.
         coverage = (sim_pos > sim_neg.quantile(0.9, dim=1, keepdim=True)).float().mean(1)
         chosen = score.masked_fill(coverage < MIN_CONCEPT_COVERAGE, -1.0)
         best = int(chosen.argmax())  # ties: the first, i.e. the label nearest the direction
