@@ -25,6 +25,7 @@ from pipeline.interpret.batches import (
     make_client,
     mark_tokens,
     parse_custom_id,
+    read_results,
     submit,
     succeeded_line,
     task_dir,
@@ -87,11 +88,15 @@ def send(cfg: SendConfig) -> dict:
     data = open_top_sentences(cfg.top_sentences)
     examples = LatentExamples.load(data, cfg.aggregation)
     frequency = {r["latent"]: r["frequency"] for r in data.table("latent_stats", ["latent", "frequency"]).to_pylist()}
+    offline = cfg.offline or not os.environ.get("ANTHROPIC_API_KEY")
     if cfg.force and directory.exists() and not cfg.dry_run:
         shutil.rmtree(directory)  # batches still running on the API are abandoned (their results never read)
+    elif offline and cfg.task == "explain" and not cfg.dry_run and (older := earlier_offline_explainers(directory)):
+        # answers of an earlier offline explainer (offline-ngram) would otherwise be kept as "already answered"
+        print(f"{directory}: answers by {', '.join(older)}, not {OFFLINE_EXPLAINER}: explaining again")
+        shutil.rmtree(directory)
     state = BatchState.load(directory)
     bind_state_to_sae(state, data.sae_sha256, f"--out {cfg.out} ({cfg.task})")
-    offline = cfg.offline or not os.environ.get("ANTHROPIC_API_KEY")
     if offline and cfg.task == "detect" and not cfg.dry_run:
         raise PipelineInputError(
             "--task detect sends to Claude and needs ANTHROPIC_API_KEY; the offline judge runs in the parse step"
@@ -147,6 +152,17 @@ def send(cfg: SendConfig) -> dict:
             )
         )
     return summary
+
+
+def earlier_offline_explainers(directory: Path) -> list[str]:
+    """The other offline explainers whose answers the state holds, when it holds only offline answers (answers
+    Claude was paid for are never discarded here: --force does that)."""
+    if not (directory / "results").is_dir():
+        return []
+    models = {line["result"].get("message", {}).get("model", "") for line in read_results(directory).values()}
+    if not models or not all(m.startswith("offline-") for m in models):
+        return []
+    return sorted(models - {OFFLINE_EXPLAINER})
 
 
 def explain_offline(state: BatchState, directory: Path, requests: list[dict], examples: LatentExamples, n_train: int):

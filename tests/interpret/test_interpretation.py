@@ -407,3 +407,23 @@ def test_rating_scorer_rank_correlation_equals_numpy():
     score = [h * 0.1 + rng.random() for h in hand]
     for x, y in ((hand, score), (hand, [round(s, 1) for s in score]), (hand, hand)):
         assert abs(module.spearman(x, y) - np.corrcoef(average_ranks(x), average_ranks(y))[0, 1]) < 1e-9
+
+
+def test_offline_answers_of_an_earlier_explainer_are_explained_again(tmp_path, monkeypatch):
+    """A run from before the concept explainer left n-gram answers in the state: send explains them again instead of
+    reporting "nothing new to send" (and the meanings file then names the current explainer)."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    top = write_top_sentences(tmp_path / "top", n_latents=2)
+    out = tmp_path / "interp"
+    send_main(SendConfig(top_sentences=str(top), out=str(out)))
+    for path in (out / "explain" / "results").glob("*.jsonl"):  # as the n-gram explainer wrote them
+        path.write_text(path.read_text().replace('"model": "offline-concept"', '"model": "offline-ngram"'))
+    again = send_main(SendConfig(top_sentences=str(top), out=str(out)))
+    assert again["requests_sent"] == 2 and again["outcome"] == "computed"
+    models = {
+        line.split('"model": "')[1].split('"')[0]
+        for p in (out / "explain" / "results").glob("*.jsonl")
+        for line in p.read_text().splitlines()
+    }
+    assert models == {"offline-concept"}
+    assert send_main(SendConfig(top_sentences=str(top), out=str(out)))["requests_sent"] == 0  # now it is current
