@@ -1,6 +1,6 @@
 """What the interpretation stages need from a top-sentences output, plus the offline explainer and judge.
 
-Offline explainer ("offline-concept", pipeline/interpret/concepts.py): a concept phrase plus key tokens, chosen
+Offline explainer ("offline-concept", pipeline/interpret/concepts.py): a topic or a token pattern plus tokens, chosen
 without the judges' embedders or sentences. Same answer shape as Claude's (an analysis, then a JSON verdict), so the
 parse step treats both alike.
 
