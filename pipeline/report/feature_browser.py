@@ -174,8 +174,8 @@ def write_browser(
         edges = data.field("histogram_edges", list)
         for s in stats:
             i = s["latent"]
-            page = latent_page(s, by_latent.get(i, {}), silent_by.get(i, []), sent, meanings.get(i), edges)
-            page = page.replace("</body>", extra_sections(i, data, meanings, neighbours.get(i, []), steered.get(i)))
+            extra = extra_sections(i, data, meanings, neighbours.get(i, []), steered.get(i))
+            page = latent_page(s, by_latent.get(i, {}), silent_by.get(i, []), sent, meanings.get(i), edges, extra)
             (staging / "latents" / f"{i}.html").write_text(page, encoding="utf-8")
         (staging / "index.html").write_text(index_page(data, stats, meanings), encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp makes it private
@@ -213,7 +213,7 @@ def extra_sections(i: int, data: TopSentences, meanings: dict, near: list, steer
         "--chat 'Tell me about your day.'"
     )
     parts.append(f"<h2>Steer with it</h2><pre>{html.escape(command)}</pre>")
-    return "".join(parts) + "</body>"
+    return "".join(parts)
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -275,7 +275,13 @@ def index_page(data: TopSentences, stats: list[dict], meanings: dict) -> str:
 
 
 def latent_page(
-    s: dict, tops: dict, silent_ids: list[int], sent: dict, meaning: dict | None, edges: list[float]
+    s: dict,
+    tops: dict,
+    silent_ids: list[int],
+    sent: dict,
+    meaning: dict | None,
+    edges: list[float],
+    extra: str = "",
 ) -> str:
     i = s["latent"]
     head = f"<p><a href='../index.html'>← all latents</a></p><h1>Latent {i}</h1>"
@@ -304,4 +310,4 @@ def latent_page(
         sections.append(f"<h2>Top sentences by {agg} activation</h2>{items or '<p>none: the latent never fired</p>'}")
     silent = "".join(f"<div class='s'>{html.escape(sent[sid]['text'])}</div>" for sid in silent_ids[:5] if sid in sent)
     sections.append(f"<h2>Sentences where it does not fire</h2>{silent or '<p>none sampled</p>'}")
-    return _page(f"Latent {i}", head + "".join(sections))
+    return _page(f"Latent {i}", head + "".join(sections) + extra)
