@@ -52,7 +52,9 @@ class CodeStore:
         self.ids = np.frombuffer(self._sids, np.int64)[order]
         self.starts = np.frombuffer(self._starts, np.int64)[order]
         self.lengths = np.frombuffer(self._lengths, np.int64)[order]
+        self.written_ids = np.frombuffer(self._sids, np.int64)
         self.written_starts = np.frombuffer(self._starts, np.int64)
+        self.written_lengths = np.frombuffer(self._lengths, np.int64)
         self.code_starts, self.widths = (
             np.frombuffer(self._code_starts, np.int64),
             np.frombuffer(self._widths, np.int64),
@@ -82,6 +84,27 @@ class CodeStore:
             self._read("values", np.float32, at, n * width).reshape(n, width),
             self._read("indices", np.int32, at, n * width).reshape(n, width),
         )
+
+    def chunks(self, max_tokens: int = 1 << 18):
+        """Every stored sentence once, in written order (sequential reads), in groups of whole sentences of about
+        max_tokens tokens: (ids [m], token counts [m], token ids [n], code widths [m], values [c], indices [c]),
+        sentence j's codes being its n_j * w_j entries after those of sentences < j."""
+        j = 0
+        while j < len(self.written_ids):
+            end = max(j + 1, int(np.searchsorted(self.written_starts, self.written_starts[j] + max_tokens)))
+            end = min(end, len(self.written_ids))
+            lengths, widths = self.written_lengths[j:end], self.widths[j:end]
+            first, n = int(self.written_starts[j]), int(lengths.sum())
+            at, c = int(self.code_starts[j]), int((lengths * widths).sum())
+            yield (
+                self.written_ids[j:end],
+                lengths,
+                self._read("tokens", np.int32, first, n),
+                widths,
+                self._read("values", np.float32, at, c),
+                self._read("indices", np.int32, at, c),
+            )
+            j = end
 
     def close(self) -> None:
         for f in [*self.files.values(), *getattr(self, "readers", {}).values()]:

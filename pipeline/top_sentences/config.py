@@ -30,6 +30,10 @@ class TopSentencesConfig:
     """Sentences kept per latent and aggregation."""
     non_activating: int = 20
     """Sentences sampled per latent where it never fires."""
+    hard_negatives: int = 10
+    """Sentences sampled per latent where it never fires though they hold its key token (the judges' hard negatives)."""
+    sampled: int = 40
+    """Sentences sampled per latent where it fires, at random: examples from every activation level."""
     max_sentences: int = -1
     """First N sentences (-1: those the SAE's capture covered; 0: all)."""
     output_tokens: int = 10

@@ -37,13 +37,18 @@ from pipeline.sae.model import TopKSae
 from pipeline.sentences.dataset import SentenceDataset, SentenceTokenDataset, iter_sentences
 from pipeline.top_sentences.code_store import CodeStore
 from pipeline.top_sentences.config import TopSentencesConfig
+from pipeline.top_sentences.hard_negatives import KEY_TOKEN_RANKS, find_hard_negatives, key_tokens
 from pipeline.top_sentences.sources import capture_batches, from_model_batch, plan_source
 from pipeline.top_sentences.tables import (
     AGGREGATIONS,
     FILES,
     HIST_BINS,
     KIND,
+    ROW_KINDS,
+    SAMPLE,
+    SILENT_KINDS,
     LatentStats,
+    SparseSample,
     TopTable,
     histogram_edges,
     joined_codes,
@@ -115,6 +120,9 @@ class Collector:
             self.tables[a].update(s.masked_fill(s <= 0, -torch.inf), sids)
         never = (scores["max"].t() <= 0) & has_tokens[None, :]  # [L, B]
         self.silent.update(sample_key(sids, L).masked_fill(~never, -torch.inf), sids)
+        if SAMPLE in self.tables:  # activating sentences at random: every activation level, not the top only
+            fires = scores["max"].t() > 0
+            self.tables[SAMPLE].update(sample_key(sids, L, salt=1).masked_fill(~fires, -torch.inf), sids)
         self.stats.add(values, indices)
         # Per-token codes for later highlighting, the uncounted first positions left at zero.
         v_np, i_np = values.float().cpu().numpy(), indices.cpu().numpy()
@@ -132,9 +140,10 @@ class Collector:
 
 def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
     out = Path(cfg.out)
-    if cfg.top_n < 1 or cfg.non_activating < 0:
+    if cfg.top_n < 1 or min(cfg.non_activating, cfg.sampled, cfg.hard_negatives) < 0:
         raise PipelineInputError(
-            f"--top-n {cfg.top_n} / --non-activating {cfg.non_activating}: need top-n >= 1, non-activating >= 0"
+            f"--top-n {cfg.top_n} / --non-activating {cfg.non_activating} / --sampled {cfg.sampled} / "
+            f"--hard-negatives {cfg.hard_negatives}: need top-n >= 1 and the others >= 0"
         )
     sae_dir = Path(cfg.sae)
     sae = TopKSae.load(sae_dir, device=info.device).eval()
@@ -195,7 +204,8 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
 
     found = Collector(
         sae,
-        {a: TopTable(L, cfg.top_n, info.device) for a in AGGREGATIONS},
+        {a: TopTable(L, cfg.top_n, info.device) for a in AGGREGATIONS}
+        | ({SAMPLE: TopTable(L, cfg.sampled, info.device)} if cfg.sampled else {}),
         TopTable(L, max(cfg.non_activating, 1), info.device),
         LatentStats(L, info.device),
         CodeStore(out, info.rank),
@@ -222,7 +232,7 @@ def collect(cfg: TopSentencesConfig, info: DistInfo) -> dict:
         elapsed = time.perf_counter() - t0
         tables, silent, stats = merge_ranks(found.tables, found.silent, found.stats, info)
         found.store.open()
-        rows = top_rows(tables, silent, found.store, info)
+        rows = top_rows(tables, silent, found.store, info, cfg.hard_negatives, skip_first)
         n_sentences = n_sentences_all(info, n_model_sentences) + plan.capture_end
         if not info.is_main:
             return {}
@@ -259,22 +269,23 @@ def merge_ranks(tables: dict, silent: TopTable, stats: LatentStats, info: DistIn
     return tables, silent, stats
 
 
-def top_rows(tables: dict, silent: TopTable, store: CodeStore, info: DistInfo) -> dict:
+def top_rows(tables: dict, silent: TopTable, store: CodeStore, info: DistInfo, n_hard: int, skip_first: int) -> dict:
     """Rows for the output tables, each filled by the rank that holds the sentence's codes.
 
     Every stored sentence that some latent ranks is read once, in file order (a latent's per-token
     activations come from that one read), not once per (latent, aggregation, rank) row."""
     lat, agg, rank, sid, score = [], [], [], [], []
-    for a, (name, table) in enumerate(tables.items()):
+    for name, table in tables.items():
         scores, ids = table.scores.cpu().numpy(), table.ids.cpu().numpy()  # one device-to-host copy each
         latents, ranks = np.nonzero(np.isfinite(scores))
-        lat.append(latents), rank.append(ranks), agg.append(np.full(len(latents), a))
+        lat.append(latents), rank.append(ranks), agg.append(np.full(len(latents), ROW_KINDS.index(name)))
         sid.append(ids[latents, ranks]), score.append(scores[latents, ranks])
     lat, agg, rank, sid, score = (np.concatenate(x) for x in (lat, agg, rank, sid, score))
     held, first, length = store.spans(sid)
     sentences = {}
     order = np.flatnonzero(held)[np.argsort(first[held], kind="stable")]  # rows grouped by sentence, file order
     acts = np.zeros(length[order].sum() if len(order) else 0, np.float32)  # every row's per-token activations
+    peak_token = np.zeros(len(order), np.int64)  # each row's token at its peak activation
     offsets = np.concatenate([[0], np.cumsum(length[order])]).astype(np.int64)
     bounds = np.flatnonzero(np.diff(first[order])) + 1
     at = 0
@@ -285,14 +296,16 @@ def top_rows(tables: dict, silent: TopTable, store: CodeStore, info: DistInfo) -
             # [rows, n]: each row's latent is active in at most one of a token's k slots
             a = np.where(indices[None] == lat[part][:, None, None], values[None], 0.0).sum(-1).round(4)
             acts[offsets[at] : offsets[at + len(part)]] = a.reshape(-1)
+            peak_token[at : at + len(part)] = tokens[a.argmax(1)]
             at += len(part)
-    local = {
-        "top": TopRows(lat[order], agg[order], rank[order], sid[order], score[order], offsets, acts),
-        "sentences": sentences,
-    }
+    top = TopRows(lat[order], agg[order], rank[order], sid[order], score[order], offsets, acts)
+    sampled = top.aggregation == ROW_KINDS.index(SAMPLE)
+    top.score[sampled] = top.peaks()[sampled]  # a sample's rank key was random: its score is its peak activation
+    hard = hard_negative_rows(top, peak_token, store, info, silent.scores.shape[0], n_hard, skip_first)
+    local = {"top": top, "sentences": sentences}
     silent_ids = silent.ids.cpu().numpy()  # one device-to-host copy, not one per element
     silent_rows = [
-        (int(latent), int(silent_ids[latent, j]))
+        (int(latent), 0, int(silent_ids[latent, j]), -1)
         for latent, j in zip(*np.nonzero(np.isfinite(silent.scores.cpu().numpy())))
     ]
     if info.distributed:  # only rank 0 writes: only rank 0 receives the other ranks' rows
@@ -303,8 +316,38 @@ def top_rows(tables: dict, silent: TopTable, store: CodeStore, info: DistInfo) -
                 "top": TopRows.concat([p["top"] for p in parts]),
                 "sentences": {k: v for p in parts for k, v in p["sentences"].items()},
             }
-    local["silent"] = silent_rows
+    local["top"].rerank_samples()
+    local["silent"] = silent_rows + hard
     return local
+
+
+def hard_negative_rows(
+    top: "TopRows", peak_token: np.ndarray, store: CodeStore, info: DistInfo, n_latents: int, n: int, skip_first: int
+) -> list[tuple[int, int, int, int]]:
+    """(latent, 1, sentence id, key token id) rows of every latent's hard negatives (on rank 0; [] elsewhere).
+
+    The key token needs every rank's top rows, so their (latent, peak token) votes go to all ranks first; each
+    rank then samples its own stored sentences and rank 0 merges the samples."""
+    if not n:
+        return []
+    voters = (top.aggregation == ROW_KINDS.index("max")) & (top.rank < KEY_TOKEN_RANKS)
+    votes = (top.latent[voters], peak_token[voters])
+    if info.distributed:
+        every = [None] * info.world_size
+        dist.all_gather_object(every, votes)
+        votes = tuple(np.concatenate([v[i] for v in every]) for i in range(2))
+    key_token = key_tokens(*votes, n_latents)  # the same on every rank: votes gathered in rank order
+    sample = find_hard_negatives(store, key_token, n, skip_first)
+    found = (sample.latent, sample.sentence_id, sample.key)
+    if info.distributed:
+        parts = [None] * info.world_size if info.is_main else None
+        dist.gather_object(found, parts, dst=0)
+        if not info.is_main:
+            return []
+        sample = SparseSample(n)
+        for p in parts:
+            sample.update(*p)
+    return [(int(lat), 1, int(sid), int(key_token[lat])) for lat, sid in zip(sample.latent, sample.sentence_id)]
 
 
 @dataclass
@@ -312,7 +355,7 @@ class TopRows:
     """The top-sentence table's rows as arrays (no Python object per row: ~400k rows at 4,608 latents)."""
 
     latent: np.ndarray  # [R]
-    aggregation: np.ndarray  # [R] index into AGGREGATIONS
+    aggregation: np.ndarray  # [R] index into ROW_KINDS
     rank: np.ndarray  # [R]
     sentence_id: np.ndarray  # [R]
     score: np.ndarray  # [R] float32
@@ -327,6 +370,24 @@ class TopRows:
         cols = {f: np.concatenate([getattr(p, f) for p in parts]) for f in fields}
         return TopRows(**cols, offsets=offsets, acts=np.concatenate([p.acts for p in parts]))
 
+    def peaks(self) -> np.ndarray:
+        """[R] each row's peak token activation."""
+        if not len(self.acts):
+            return np.zeros(len(self.latent), np.float32)
+        starts = self.offsets[:-1]
+        nonempty = self.offsets[1:] > starts
+        out = np.zeros(len(self.latent), np.float32)
+        out[nonempty] = np.maximum.reduceat(self.acts, starts[nonempty])
+        return out
+
+    def rerank_samples(self) -> None:
+        """Sample rows ranked by peak activation (descending, ties by lower sentence id) within their latent."""
+        sampled = np.flatnonzero(self.aggregation == ROW_KINDS.index(SAMPLE))
+        order = sampled[np.lexsort((self.sentence_id[sampled], -self.score[sampled], self.latent[sampled]))]
+        latent = self.latent[order]
+        first = np.flatnonzero(np.r_[True, latent[1:] != latent[:-1]]) if len(order) else order
+        self.rank[order] = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+
     def table(self) -> pa.Table:
         """Sorted by latent, aggregation, rank (the contract's order)."""
         order = np.lexsort((self.rank, self.aggregation, self.latent))
@@ -336,7 +397,7 @@ class TopRows:
         return pa.table(
             {
                 "latent": pa.array(self.latent[order], pa.int32()),
-                "aggregation": pa.array(np.array(AGGREGATIONS, dtype=object)[self.aggregation[order]], pa.string()),
+                "aggregation": pa.array(np.array(ROW_KINDS, dtype=object)[self.aggregation[order]], pa.string()),
                 "rank": pa.array(self.rank[order], pa.int16()),
                 "sentence_id": pa.array(self.sentence_id[order], pa.int64()),
                 "score": pa.array(self.score[order], pa.float32()),
@@ -384,18 +445,22 @@ def write_outputs(
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # the manifest marks completion: written last
     top = rows["top"]
     write_parquet(out / "top_sentences.parquet", top.table())
-    silent_rows = sorted(rows["silent"])
+    silent_rows = sorted(rows["silent"])  # (latent, kind, sentence id, key token id or -1)
     write_parquet(
         out / "non_activating.parquet",
         pa.table(
             {
                 "latent": pa.array([r[0] for r in silent_rows], pa.int32()),
-                "sentence_id": pa.array([r[1] for r in silent_rows], pa.int64()),
+                "sentence_id": pa.array([r[2] for r in silent_rows], pa.int64()),
+                "kind": pa.array([SILENT_KINDS[r[1]] for r in silent_rows], pa.string()),
+                "token": pa.array(
+                    [lm.tokenizer.id_to_piece(r[3]) if r[3] >= 0 else None for r in silent_rows], pa.string()
+                ),
             }
         ),
     )
     # Sentence texts and token strings for every referenced sentence.
-    wanted = set(rows["sentences"]) | {r[1] for r in silent_rows}
+    wanted = set(rows["sentences"]) | {r[2] for r in silent_rows}
     texts = {}
     for cols in iter_sentences(cfg.sentences):
         for sid, text in zip(cols["sentence_id"], cols["text"]):
@@ -439,7 +504,7 @@ def write_outputs(
             }
         ),
     )
-    per_latent = np.zeros((len(AGGREGATIONS), sae.cfg.n_latents), np.int64)
+    per_latent = np.zeros((len(ROW_KINDS), sae.cfg.n_latents), np.int64)
     np.add.at(per_latent, (top.aggregation, top.latent), 1)
     coverage = {a: int((per_latent[i] >= cfg.top_n).sum()) for i, a in enumerate(AGGREGATIONS)}
     counts = {
@@ -450,7 +515,9 @@ def write_outputs(
         "latents_with_any_sentence": int((per_latent[1] > 0).sum()),
         "latents_never_firing": int((firing == 0).sum()),
         "top_rows": len(top.latent),
-        "non_activating_rows": len(silent_rows),
+        "non_activating_rows": sum(r[1] == 0 for r in silent_rows),
+        "hard_negative_rows": sum(r[1] == 1 for r in silent_rows),
+        "sampled_rows": int((top.aggregation == ROW_KINDS.index(SAMPLE)).sum()),
     }
     shortfall = None
     if n_sentences < cfg.top_n:

@@ -8,8 +8,13 @@ result does not depend on batch order or on how sentences were split across rank
 
 Output folder (written by capture_top_activating_sentences.py, read by the browser, interpretation
 and steering stages through `open_top_sentences`):
-    top_sentences.parquet   latent, aggregation, rank, sentence_id, score, token_activations (list<float>)
-    non_activating.parquet  latent, sentence_id: a deterministic sample where the latent never fires
+    top_sentences.parquet   latent, aggregation, rank, sentence_id, score, token_activations (list<float>); besides
+                            the top N per aggregation, rows of aggregation "sample": a fixed random sample of the
+                            sentences where the latent fires (every activation level, delphi's quantile examples),
+                            ranked by their peak activation (the score)
+    non_activating.parquet  latent, sentence_id, kind, token: deterministic samples where the latent never fires,
+                            kind "random" (any such sentence) or "shares_token" (hard negatives: sentences holding
+                            the latent's key token, the one at the peak of most of its top sentences, named in token)
     latent_stats.parquet    latent, firing_tokens, frequency, mean_activation, histogram (list<int>),
                             promoted / suppressed (list<string>: output tokens, unembedding · decoder row)
     sentences.parquet       sentence_id, text, tokens (list<string>) for every sentence referenced
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -33,6 +39,9 @@ from pipeline.core.manifest import Fields, read_manifest, sha256_file
 KIND = "top_sentences"
 Aggregation = Literal["mean", "max", "last"]
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+SAMPLE = "sample"
+ROW_KINDS = (*AGGREGATIONS, SAMPLE)  # the aggregation column's values
+SILENT_KINDS = ("random", "shares_token")  # the non-activating table's kind column
 # log10(activation) histogram: HIST_BINS bins over [HIST_LOG10_MIN, HIST_LOG10_MAX], ends clamped.
 HIST_BINS, HIST_LOG10_MIN, HIST_LOG10_MAX = 40, -3.0, 3.0
 FILES = ("top_sentences.parquet", "non_activating.parquet", "latent_stats.parquet", "sentences.parquet")
@@ -112,15 +121,40 @@ def sentence_scores(
     }
 
 
-def sample_key(sentence_ids: torch.Tensor, n_latents: int) -> torch.Tensor:
+def sample_key(sentence_ids: torch.Tensor, n_latents: int, salt: int = 0) -> torch.Tensor:
     """A pseudo-random but fixed key per (latent, sentence), [L, B], exact in float32 (< 2^24).
 
-    The non-activating sample keeps the sentences with the largest keys among those where the latent
-    never fires: a deterministic reservoir that merges across ranks like any top-N table."""
+    A sample keeps the sentences with the largest keys among those eligible (where the latent never fires; where
+    it fires): a deterministic reservoir that merges across ranks like any top-N table. salt: another sample."""
     lat = torch.arange(n_latents, device=sentence_ids.device, dtype=torch.long)[:, None]
-    h = (sentence_ids[None, :] * 2654435761 + lat * 40503 + 12345) % 2147483647
+    return pair_key(sentence_ids[None, :], lat, salt).float()
+
+
+def pair_key(sentence_ids, latents, salt: int = 0):
+    """sample_key's hash for any broadcastable (sentence, latent) integer arrays or tensors, in [0, 2^24)."""
+    h = (sentence_ids * 2654435761 + latents * 40503 + 12345 + salt * 7919) % 2147483647
     h = (h * 48271) % 2147483647
-    return (h % (1 << 24)).float()
+    return h % (1 << 24)
+
+
+class SparseSample:
+    """Per latent, the n (key, sentence id) pairs with the largest keys among candidates offered as flat arrays
+    (a TopTable for candidates too sparse for an [L, B] matrix: the hard negatives). Ties: lower id first."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.latent = self.key = self.sentence_id = np.zeros(0, np.int64)
+
+    def update(self, latent: np.ndarray, sentence_id: np.ndarray, key: np.ndarray) -> None:
+        lat = np.concatenate([self.latent, latent])
+        sid = np.concatenate([self.sentence_id, sentence_id])
+        key = np.concatenate([self.key, key])
+        order = np.lexsort((sid, -key, lat))
+        lat, sid, key = lat[order], sid[order], key[order]
+        first = np.flatnonzero(np.r_[True, lat[1:] != lat[:-1]]) if len(lat) else np.zeros(0, np.int64)
+        rank = np.arange(len(lat)) - np.repeat(first, np.diff(np.r_[first, len(lat)]))
+        keep = rank < self.n
+        self.latent, self.sentence_id, self.key = lat[keep], sid[keep], key[keep]
 
 
 class LatentStats:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -23,11 +24,13 @@ from pipeline.sae.model import SaeConfig, TopKSae
 from pipeline.sentences.config import SentencesConfig
 from pipeline.sentences.dataset import iter_sentences
 from pipeline.top_sentences.config import TopSentencesConfig
+from pipeline.top_sentences.hard_negatives import KEY_TOKEN_RANKS
 from pipeline.top_sentences.tables import AGGREGATIONS, TopTable, merge_top, open_top_sentences
 from tests.collective_log import assert_ranks_agree, collective_env
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK, N_LATENTS, K, TOP_N = "resid_pre.1", 40, 4, 5
+SAMPLED, HARD = 7, 4  # activating sentences sampled and hard negatives per latent
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,8 @@ def run(tmp_path, tiny, sentences, sae_dir, **kw) -> Path:
         model=str(tiny.hf_dir),
         top_n=TOP_N,
         non_activating=6,
+        sampled=SAMPLED,
+        hard_negatives=HARD,
         model_dtype="float32",
         device="cpu",
         max_sentences=0,
@@ -149,10 +154,45 @@ def test_top_n_equals_brute_force_and_browser_shows_it(tmp_path, tiny, sentences
     silent = {}
     for r in res.table("non_activating").to_pylist():
         assert float(ref_scores[r["sentence_id"]]["max"][r["latent"]]) == 0
-        silent[r["latent"]] = silent.get(r["latent"], 0) + 1
+        silent.setdefault((r["latent"], r["kind"]), []).append(r)
     for latent in range(N_LATENTS):
         n_silent = sum(1 for sid, s in ref_scores.items() if s["max"][latent] == 0 and len(ref[sid]) > 1)
-        assert silent.get(latent, 0) == min(6, n_silent)
+        assert len(silent.get((latent, "random"), [])) == min(6, n_silent)
+    # the activating sample: sentences where it fires, as many as there are up to --sampled, ranked by their peak
+    sampled = {}
+    for r in top:
+        if r["aggregation"] == "sample":
+            sampled.setdefault(r["latent"], []).append(r)
+    for latent in range(N_LATENTS):
+        rows = sorted(sampled.get(latent, []), key=lambda r: r["rank"])
+        firing = [sid for sid, s in ref_scores.items() if s["max"][latent] > 0]
+        assert len(rows) == min(SAMPLED, len(firing)) and [r["rank"] for r in rows] == list(range(len(rows)))
+        peaks = [float(ref_scores[r["sentence_id"]]["max"][latent]) for r in rows]
+        np.testing.assert_allclose([r["score"] for r in rows], peaks, rtol=1e-4, atol=1e-5)
+        assert peaks == sorted(peaks, reverse=True)
+    # hard negatives: silent sentences holding the key token (the commonest peak token of the top ones by max)
+    lm = load_model(tiny.hf_dir)
+    ids = {
+        sid: lm.tokenizer.encode(text, bos=False)[:192]
+        for part in iter_sentences(sentences)
+        for sid, text in zip(part["sentence_id"], part["text"])
+    }
+    n_hard = 0
+    for latent in range(N_LATENTS):
+        best = sorted((-float(s["max"][latent]), sid) for sid, s in ref_scores.items() if s["max"][latent] > 0)[
+            : min(TOP_N, KEY_TOKEN_RANKS)
+        ]
+        votes = collections.Counter(ids[sid][int(ref[sid][:, latent].argmax())] for _, sid in best)
+        if not votes:
+            continue
+        top_votes = max(votes.values())
+        key = min(t for t, c in votes.items() if c == top_votes)
+        holders = [sid for sid, s in ref_scores.items() if s["max"][latent] == 0 and key in ids[sid][1:]]
+        rows = silent.get((latent, "shares_token"), [])
+        assert len(rows) == min(HARD, len(holders)) and {r["sentence_id"] for r in rows} <= set(holders)
+        assert {r["token"] for r in rows} <= {lm.tokenizer.id_to_piece(key)}
+        n_hard += len(rows)
+    assert n_hard > 0
     # the browser: an index row per latent, and the top sentence of latent 0 highlighted on its page
     write_browser(res, tmp_path / "no_meanings", tmp_path / "browser")
     index = (tmp_path / "browser" / "index.html").read_text()
@@ -256,6 +296,10 @@ def test_two_ranks_merge_to_the_single_process_result(tmp_path, tiny, sentences,
         str(TOP_N),
         "--non-activating",
         "6",
+        "--sampled",
+        str(SAMPLED),
+        "--hard-negatives",
+        str(HARD),
         "--model-dtype",
         "float32",
         "--device",
@@ -424,7 +468,8 @@ def test_a_bf16_capture_gives_the_scores_of_bf16_rounded_activations(tmp_path, t
     top = open_top_sentences(out).table("top_sentences").to_pylist()
     assert len(top) > 50
     got = np.array([r["score"] for r in top])
-    want = np.array([ref[r["sentence_id"]][r["aggregation"]][r["latent"]].item() for r in top])
+    kind = {a: a for a in AGGREGATIONS} | {"sample": "max"}  # a sampled sentence's score is its peak
+    want = np.array([ref[r["sentence_id"]][kind[r["aggregation"]]][r["latent"]].item() for r in top])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     model = {
         (r["latent"], r["aggregation"], r["rank"]): r["score"]
