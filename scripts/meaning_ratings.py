@@ -99,22 +99,12 @@ def judge_scores(folder: Path, top_sentences: Path) -> tuple[dict, dict]:
     row_scores, pair_scores = defaultdict(dict), defaultdict(dict)
     for name, encoder in (("minilm-auroc", SentenceEncoder()), ("e5-auroc", E5Encoder())):
         # rows: one meaning per latent, so one call; a pair's two meanings share a latent, so one call each
-        got = detection_scores(
-            {key[rid]["latent"]: m for rid, m in rows.items()},
-            ex,
-            cfg.judge_activating,
-            cfg.judge_silent,
-            cfg.skip_top,
-            encoder,
-        )
+        got = detection_scores({key[rid]["latent"]: m for rid, m in rows.items()}, ex, cfg.test_set(), encoder)
         for rid in rows:
             row_scores[rid][name] = got[key[rid]["latent"]]
         for pid, p in pairs.items():
             lat = key[pid]["latent"]
-            a, b = (
-                detection_scores({lat: p[m]}, ex, cfg.judge_activating, cfg.judge_silent, cfg.skip_top, encoder)[lat]
-                for m in ("meaning_a", "meaning_b")
-            )
+            a, b = (detection_scores({lat: p[m]}, ex, cfg.test_set(), encoder)[lat] for m in ("meaning_a", "meaning_b"))
             pair_scores[pid][name] = (a, b)
     return dict(row_scores), dict(pair_scores)
 

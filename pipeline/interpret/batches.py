@@ -36,14 +36,15 @@ OFFLINE_BATCH = "offline"
 
 EXPLAIN_SYSTEM = (
     "You are an interpretability researcher. You study one feature (a latent of a sparse autoencoder) of a "
-    "language model at a time, from the sentences where it activates most strongly."
+    "language model at a time, from the sentences where it activates."
 )
 
 # Format strings (str.format): {{ }} are literal braces.
 EXPLAIN_PROMPT = (
-    "Below are {n} sentences on which feature {latent} activates most strongly. Tokens where it "
-    "activates are marked «like this»(a), where a is the activation on a 0-10 scale relative to the "
-    "feature's strongest activation.\n"
+    "Below are {n} sentences on which feature {latent} activates: the first {n_top} are those where it activates "
+    "most strongly, the others a random sample of the sentences where it activates at all (weaker ones "
+    "included). Tokens where it activates are marked «like this»(a), where a is the activation on a 0-10 scale "
+    "relative to the feature's strongest activation.\n"
     "\n"
     "{sentences}\n"
     "\n"
@@ -55,13 +56,14 @@ EXPLAIN_PROMPT = (
     "\n"
     "End your answer with one line of JSON and nothing after it:\n"
     '{{"meaning": "<a short phrase>", "certainty": <a number from 0 to 1: how sure you are that the '
-    "phrase covers most of these sentences>}}"
+    "phrase covers most of these sentences, strong and weak>}}"
 )
 
 DETECT_PROMPT = (
     'A feature of a language model was described as: "{meaning}"\n'
     "\n"
-    "Below are {n} numbered sentences. Some of them are sentences where the feature activates strongly; "
+    "Below are {n} numbered sentences. Some of them are sentences where the feature activates (strongly or "
+    "weakly); "
     "the others are sentences where it does not activate at all.\n"
     "\n"
     "{sentences}\n"
@@ -102,14 +104,18 @@ def mark_tokens(tokens: list[str], activations: list[float], peak: float, thresh
     return "".join(out).strip()
 
 
-def explain_params(latent: int, marked_sentences: list[str], model: str, max_tokens: int) -> dict:
+def explain_params(latent: int, marked_sentences: list[str], n_top: int, model: str, max_tokens: int) -> dict:
+    """marked_sentences: the n_top strongest first, then the random sample's."""
     body = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(marked_sentences))
     return {
         "model": model,
         "max_tokens": max_tokens,
         "system": EXPLAIN_SYSTEM,
         "messages": [
-            {"role": "user", "content": EXPLAIN_PROMPT.format(n=len(marked_sentences), latent=latent, sentences=body)}
+            {
+                "role": "user",
+                "content": EXPLAIN_PROMPT.format(n=len(marked_sentences), n_top=n_top, latent=latent, sentences=body),
+            }
         ],
     }
 

@@ -11,6 +11,7 @@ from pipeline.interpret.batches import (
     DEFAULT_MODEL,
     Task,
 )
+from pipeline.interpret.explainers import TestSet
 from pipeline.top_sentences.tables import Aggregation
 
 
@@ -25,7 +26,7 @@ class SendConfig:
     aggregation: Aggregation = "max"
     """Which top sentences to show: mean, max, last."""
     sentences_per_latent: int = 20
-    """Top sentences per explain request."""
+    """Top sentences per explain request (then half of the latent's random activating sample)."""
     min_sentences: int = 5
     """Skip latents with fewer top sentences."""
     latents: list[int] = field(default_factory=list)
@@ -49,14 +50,19 @@ class SendConfig:
     meanings: str = str(MEANINGS_DIR)
     """Detect task: the meanings to judge."""
     detect_activating: int = 5
-    """Detect task: activating sentences per request."""
-    detect_silent: int = 5
-    """Detect task: silent sentences per request."""
+    """Detect task: held-out activating sentences per request (every activation level)."""
+    detect_silent: int = 3
+    """Detect task: random silent sentences per request."""
+    detect_hard: int = 2
+    """Detect task: hard negatives per request (silent sentences holding the latent's key token)."""
     force: bool = False
     """Discard this task's state and results (and any batches in flight) and start over."""
 
     def __post_init__(self) -> None:
         check_choices(self)
+
+    def detect_test(self) -> TestSet:
+        return TestSet(self.detect_activating, self.detect_silent, self.detect_hard, self.sentences_per_latent)
 
 
 @dataclass
@@ -98,12 +104,14 @@ class ParseConfig:
     """Latents (a fixed random sample) the second judge scores: ~30 sentences each at ~50 sentences/s on 2 cores."""
     aggregation: Aggregation = "max"
     """Top sentences the judge draws activating examples from."""
-    judge_activating: int = 10
-    """Held-out activating sentences per latent."""
+    judge_activating: int = 20
+    """Held-out activating sentences per latent: the random sample's half the explainer did not see."""
     judge_silent: int = 20
-    """Silent sentences per latent."""
+    """Random silent sentences per latent."""
+    judge_hard: int = 10
+    """Hard negatives per latent: silent sentences holding its key token."""
     skip_top: int = 20
-    """Activating examples start after the explainer's top N."""
+    """The explainer saw the top N (send's --sentences-per-latent): none of them is a test sentence."""
     browser: Runtime[bool] = True
     """Write the feature browser to <out>/browser/."""
     browser_sentences: Runtime[int] = 10
@@ -111,3 +119,6 @@ class ParseConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+
+    def test_set(self) -> TestSet:
+        return TestSet(self.judge_activating, self.judge_silent, self.judge_hard, self.skip_top)

@@ -90,6 +90,20 @@ def claude_detection(directory: Path) -> dict[int, float]:
     return out
 
 
+def test_sentence_counts(examples: LatentExamples, latents: list[int], test) -> dict:
+    """How many held-out sentences the judges scored, in all and per latent (fewer for rare latents)."""
+    splits = {lat: examples.judge_split(lat, test.activating, test.silent, test.hard, test.skip_top) for lat in latents}
+    n_hard = sum(len(set(silent) & set(examples.hard.get(lat, []))) for lat, (_, silent) in splits.items())
+    activating, silent = sum(len(a) for a, _ in splits.values()), sum(len(b) for _, b in splits.values())
+    return {
+        "activating": activating,
+        "silent_random": silent - n_hard,
+        "hard_negatives": n_hard,
+        "per_latent_max": {"activating": test.activating, "silent": test.silent, "hard": test.hard},
+        "explainer_saw_top": test.skip_top,
+    }
+
+
 def parse_fingerprint(cfg: ParseConfig, directory: Path, data) -> str:
     """What the parse output depends on: the state and every results file, the top sentences, the
     Claude-judge results, and the config."""
@@ -130,27 +144,14 @@ def parse(cfg: ParseConfig) -> dict:
         tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
     examples = LatentExamples.load(data, cfg.aggregation)
     minilm = (
-        minilm_scores(
-            {lat: v["meaning"] for lat, v in verdicts.items()},
-            examples,
-            cfg.judge_activating,
-            cfg.judge_silent,
-            cfg.skip_top,
-        )
+        minilm_scores({lat: v["meaning"] for lat, v in verdicts.items()}, examples, cfg.test_set())
         if cfg.judge == "minilm" and verdicts
         else {}
     )
     sample = sorted(verdicts)
     sample = sorted(random.Random(0).sample(sample, min(cfg.second_judge_latents, len(sample))))
     e5 = (
-        detection_scores(
-            {lat: verdicts[lat]["meaning"] for lat in sample},
-            examples,
-            cfg.judge_activating,
-            cfg.judge_silent,
-            cfg.skip_top,
-            E5Encoder(),
-        )
+        detection_scores({lat: verdicts[lat]["meaning"] for lat in sample}, examples, cfg.test_set(), E5Encoder())
         if cfg.second_judge == "e5" and sample
         else {}
     )
@@ -184,7 +185,7 @@ def parse(cfg: ParseConfig) -> dict:
         "e5_latents": len(e5),
         "mean_minilm_on_e5_latents": mean(minilm.get(lat) for lat in e5),
         "mean_detection_balanced_accuracy_claude": mean(claude.values()),
-        "test_sentences": {"activating": cfg.judge_activating, "silent": cfg.judge_silent, "from_rank": cfg.skip_top},
+        "test_sentences": test_sentence_counts(examples, sorted(verdicts), cfg.test_set()),
         "mean_certainty": mean(e["certainty"] for e in latents),
     }
     manifest = make_manifest(

@@ -64,18 +64,18 @@ def build_requests(
             continue
         cid = custom_id(cfg.task, lat, attempt)
         if cfg.task == "explain":
-            rows = examples.top[lat][: cfg.sentences_per_latent]
+            rows = examples.explainer_rows(lat, cfg.sentences_per_latent)  # the concept explainer's too
             peak = max(max(r["token_activations"], default=0) for r in rows)
             marked = [
                 mark_tokens(examples.sentences[r["sentence_id"]]["tokens"], r["token_activations"], peak) for r in rows
             ]
-            requests.append({"custom_id": cid, "params": explain_params(lat, marked, cfg.model, cfg.max_tokens)})
+            n_top = len(examples.top[lat][: cfg.sentences_per_latent])
+            params = explain_params(lat, marked, n_top, cfg.model, cfg.max_tokens)
+            requests.append({"custom_id": cid, "params": params})
         else:
             if lat not in meanings:
                 continue
-            texts, truth = detection_prompt_sentences(
-                examples, lat, cfg.detect_activating, cfg.detect_silent, cfg.sentences_per_latent
-            )
+            texts, truth = detection_prompt_sentences(examples, lat, cfg.detect_test())
             requests.append(
                 {"custom_id": cid, "params": detect_params(meanings[lat]["meaning"], texts, cfg.model, cfg.max_tokens)}
             )

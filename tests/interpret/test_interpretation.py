@@ -21,7 +21,7 @@ from interpret_top_sentences_send_batches import main as send_main
 from pipeline.core.manifest import make_manifest, write_json_atomic
 from pipeline.interpret.batches import BatchState, chunk_requests, parse_verdict
 from pipeline.interpret.config import ParseConfig, RetrieveConfig, SendConfig
-from pipeline.interpret.explainers import LatentExamples, auroc, concept_answers, minilm_scores
+from pipeline.interpret.explainers import LatentExamples, TestSet, auroc, concept_answers, minilm_scores
 from pipeline.top_sentences.tables import KIND, open_top_sentences
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,8 +56,10 @@ OTHER = [
 ]
 
 
-def write_top_sentences(directory: Path, n_latents: int = 6) -> Path:
-    """A top-sentences folder in the stage's format: every latent fires on river/lake tokens of RIVER."""
+def write_top_sentences(directory: Path, n_latents: int = 6, sampled: bool = True) -> Path:
+    """A top-sentences folder in the stage's format: every latent fires on river/lake tokens of RIVER; its random
+    sample holds them too; half of OTHER are its random silent sentences, half its hard negatives (they hold " the").
+    sampled=False: the format before samples and hard negatives (every OTHER sentence a random silent one)."""
     directory.mkdir(parents=True, exist_ok=True)
     texts = RIVER + OTHER
     tokens = [[w if i == 0 else " " + w for i, w in enumerate(t.split(" "))] for t in texts]
@@ -65,13 +67,17 @@ def write_top_sentences(directory: Path, n_latents: int = 6) -> Path:
     for lat in range(n_latents):
         for rank, sid in enumerate(range(len(RIVER))):
             acts = [2.0 if w.strip(" .").lower() in ("river", "lake") else 0.0 for w in tokens[sid]]
-            for agg in ("mean", "max", "last"):
+            for agg in ("mean", "max", "last") + (("sample",) if sampled else ()):
                 rows["latent"].append(lat), rows["aggregation"].append(agg), rows["rank"].append(rank)
                 rows["sentence_id"].append(sid), rows["score"].append(max(acts)), rows["token_activations"].append(acts)
     pq.write_table(pa.table(rows), directory / "top_sentences.parquet")
     silent = [(lat, sid) for lat in range(n_latents) for sid in range(len(RIVER), len(texts))]
+    kinds = {"kind": [["random", "shares_token"][s[1] >= len(RIVER) + len(OTHER) // 2] for s in silent]}
     pq.write_table(
-        pa.table({"latent": [s[0] for s in silent], "sentence_id": [s[1] for s in silent]}),
+        pa.table(
+            {"latent": [s[0] for s in silent], "sentence_id": [s[1] for s in silent]}
+            | (kinds | {"token": [" the" if k == "shares_token" else None for k in kinds["kind"]]} if sampled else {})
+        ),
         directory / "non_activating.parquet",
     )
     pq.write_table(
@@ -230,7 +236,7 @@ def test_crash_between_create_and_record_neither_resubmits_nor_loses(tmp_path):
 
 def test_dry_run_writes_requests_and_offline_run_needs_no_key(tmp_path, monkeypatch):
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    top = write_top_sentences(tmp_path / "top")
+    top = write_top_sentences(tmp_path / "top", sampled=False)
     out = str(tmp_path / "interp")
     r = send_main(SendConfig(top_sentences=str(top), out=out, dry_run=True, max_latents=4))
     lines = [json.loads(x) for x in (tmp_path / "interp" / "explain" / "dry_run.jsonl").read_text().splitlines()]
@@ -247,6 +253,8 @@ def test_dry_run_writes_requests_and_offline_run_needs_no_key(tmp_path, monkeypa
             judge_activating=6,
         )
     )
+    # an output of the format before samples: the judges test on the top ones the explainer did not see
+    assert m["counts"]["test_sentences"]["activating"] == 6 * 6 and m["counts"]["test_sentences"]["hard_negatives"] == 0
     assert m["explainer"] == "offline-concept" and m["counts"]["explained"] == 6
     doc = json.loads(Path(m["meaning_file"]).read_text())
     assert "river" in doc["latents"][0]["meaning"] and doc["latents"][0]["scores"]["minilm-auroc"] > 0.8
@@ -279,7 +287,8 @@ def test_parse_awkward_answers(text, expect):
 def test_offline_judge_ranks_correct_explanation_above_wrong_one(tmp_path):
     data = open_top_sentences(write_top_sentences(tmp_path / "top", n_latents=2))
     ex = LatentExamples.load(data, "max")
-    scores = minilm_scores({0: "rivers and lakes", 1: "elections, budgets and committees"}, ex, 6, 12, skip_top=6)
+    test = TestSet(activating=6, silent=6, hard=6, skip_top=6)
+    scores = minilm_scores({0: "rivers and lakes", 1: "elections, budgets and committees"}, ex, test)
     assert scores[0] > 0.9 and scores[1] < 0.5 and scores[0] > scores[1]
     assert auroc([3, 2], [1, 0]) == 1.0 and auroc([1], [1]) == 0.5 and auroc([0], [1]) == 0.0
 
@@ -348,8 +357,9 @@ def test_claude_judge_through_the_same_batch_machinery(tmp_path, monkeypatch):
         server.close()
     doc = json.loads(Path(m["meaning_file"]).read_text())
     scores = {e["latent"]: e["scores"]["claude-balanced-accuracy"] for e in doc["latents"]}
-    assert scores[0] == 1.0  # 5 activating + 5 silent, all picked right
-    assert scores[1] == pytest.approx((1 / 5 + 1.0) / 2)
+    # 3 held-out activating (the explainer saw the other 9 river sentences) + 3 random silent + 2 hard negatives
+    assert scores[0] == 1.0  # all picked right
+    assert scores[1] == pytest.approx((1 / 3 + 1.0) / 2)
     assert doc["latents"][0]["score"] == scores[doc["latents"][0]["latent"]]
     assert KEY not in files_text(tmp_path)
 
@@ -362,8 +372,17 @@ def test_concept_explainer_names_the_topic_and_never_reads_the_judges_sentences(
     verdict, _ = parse_verdict(concept_answers(ex, [0], n_train=6)[0])
     meaning = verdict["meaning"]
     assert '"river"' in meaning and '"lake"' in meaning and not meaning.startswith("the tokens"), meaning
-    for sid in ex.silent[0]:
+    held, negatives = ex.judge_split(0, 6, 6, 6, n_top=6)
+    assert (
+        ex.hard[0]
+        and set(ex.hard[0]) <= set(negatives)
+        and held
+        and not set(held) & {r["sentence_id"] for r in ex.explainer_rows(0, 6)}
+    )
+    for sid in negatives:
         ex.sentences[sid] = {**ex.sentences[sid], "text": "The river and the lake and the river bank."}
+    for sid in held:
+        ex.sentences[sid] = {**ex.sentences[sid], "text": "The committee approved the annual budget."}
     assert parse_verdict(concept_answers(ex, [0], n_train=6)[0])[0] == verdict
 
 
