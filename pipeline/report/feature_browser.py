@@ -2,9 +2,10 @@
 
 browser/index.html        every latent: frequency, mean activation, meaning, detection score (validated
                           against hand ratings), top promoted tokens; click a column header to sort
-browser/latents/N.html    one latent: its activation histogram, promoted / suppressed output
-                          tokens, top sentences per aggregation with each token shaded by the
-                          latent's activation (hover for the value), and sentences where it is silent
+browser/latents/N.html    one latent: its activation histogram, top sentences per aggregation with each token
+                          shaded by the latent's activation (hover for the value), examples from each quantile
+                          of its activating sample, the logit lens with values, sentences where it is silent
+                          (random, and those holding its key token), closest latents, steering results
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pipeline.core.layout import STEERING_EVAL_DIR
 from pipeline.interpret.meanings import load_meanings
 from pipeline.sae.model import TopKSae
 from pipeline.steering.results import open_for_sae
-from pipeline.top_sentences.tables import AGGREGATIONS, TopSentences
+from pipeline.top_sentences.tables import AGGREGATIONS, SAMPLE, TopSentences
 
 STYLE = """<style>
 body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:70em;color:#222}
@@ -152,8 +153,10 @@ def write_browser(
     steered = {r["latent"]: r for r in steering.latents} if steering else {}
     stats = data.table("latent_stats").to_pylist()
     top = data.table("top_sentences")
-    top = top.filter(pc.less(top["rank"], per_aggregation)).to_pylist()
+    # the top rows shown, and every sample row (its quantiles are cut from all of it)
+    top = top.filter(pc.or_(pc.less(top["rank"], per_aggregation), pc.equal(top["aggregation"], SAMPLE))).to_pylist()
     silent = data.table("non_activating").to_pylist()
+    random_z = data.manifest.get("logit_lens_random_z")
     sent = {r["sentence_id"]: r for r in data.table("sentences").to_pylist()}
     escaped: dict[str, str] = {}  # token pieces repeat: escape each distinct one once
     for r in sent.values():
@@ -161,9 +164,9 @@ def write_browser(
     by_latent: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in top:
         by_latent[r["latent"]][r["aggregation"]].append(r)
-    silent_by: dict[int, list[int]] = defaultdict(list)
+    silent_by: dict[int, list[dict]] = defaultdict(list)
     for r in silent:
-        silent_by[r["latent"]].append(r["sentence_id"])
+        silent_by[r["latent"]].append(r)
     # Thousands of pages: written plainly into a staging folder that replaces browser/ whole, not one
     # fsync + rename per page (4,609 of those took seconds on a slow disk, each time meanings change).
     for stale in out.glob(STAGING_PREFIX + "*"):  # left by a killed run
@@ -175,7 +178,9 @@ def write_browser(
         for s in stats:
             i = s["latent"]
             extra = extra_sections(i, data, meanings, neighbours.get(i, []), steered.get(i))
-            page = latent_page(s, by_latent.get(i, {}), silent_by.get(i, []), sent, meanings.get(i), edges, extra)
+            page = latent_page(
+                s, by_latent.get(i, {}), silent_by.get(i, []), sent, meanings.get(i), edges, extra, random_z
+            )
             (staging / "latents" / f"{i}.html").write_text(page, encoding="utf-8")
         (staging / "index.html").write_text(index_page(data, stats, meanings), encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp makes it private
@@ -274,14 +279,70 @@ def index_page(data: TopSentences, stats: list[dict], meanings: dict) -> str:
     return _page("Feature browser", body, SORT_JS + FILTER_JS)
 
 
+def logit_lens_section(s: dict, random_z: float | None) -> str:
+    """Promoted / suppressed output tokens with their logit effects, and a note when they stand out no more than a
+    random direction's (older outputs: tokens only)."""
+
+    def tokens(names: list[str], values: list[float] | None, css: str) -> str:
+        values = values or [None] * len(names)
+        return " ".join(
+            f"<span class={css}>{html.escape(t)}" + (f" <small>{v:+.2f}</small>" if v is not None else "") + "</span>"
+            for t, v in zip(names, values)
+        )
+
+    note = ""
+    if random_z is not None and s.get("logit_lens_z") is not None and s["logit_lens_z"] < random_z:
+        note = (
+            f"<p class='score'>its strongest effect stands out by z = {s['logit_lens_z']:.1f}, below the "
+            f"{random_z:.1f} of 95% of random directions: the logit lens says nothing here (the latent acts through "
+            "later layers, not the unembedding directly)</p>"
+        )
+    return (
+        "<h2>Logit lens</h2><p class='score'>output logit change per unit of activation, through the final norm and "
+        "the unembedding</p>"
+        f"<p>promotes {tokens(s['promoted'], s.get('promoted_logits'), 'tok')}</p>"
+        f"<p>suppresses {tokens(s['suppressed'], s.get('suppressed_logits'), 'neg-tok')}</p>{note}"
+    )
+
+
+QUANTILES = 4  # the random activating sample shown in this many bands of activation
+PER_QUANTILE = 3
+
+
+def quantile_section(rows: list[dict], sent: dict, peak: float) -> str:
+    """The random activating sample (strongest first) cut into QUANTILES bands, a few examples each, shaded against
+    the latent's top peak so weak activations look weak."""
+    if not rows:
+        return ""
+    bands = []
+    for q in range(QUANTILES):
+        band = rows[q * len(rows) // QUANTILES : (q + 1) * len(rows) // QUANTILES]
+        if not band:
+            continue
+        items = "".join(
+            f"<div class='s'><span class='score'>{r['score']:.3g}</span>"
+            f"{around_peak(sent[r['sentence_id']]['tokens'], r['token_activations'], peak)}</div>"
+            for r in band[:PER_QUANTILE]
+            if r["sentence_id"] in sent
+        )
+        bands.append(
+            f"<h3>Quantile {q + 1} of {QUANTILES} (peak {band[-1]['score']:.3g} to {band[0]['score']:.3g})</h3>{items}"
+        )
+    return (
+        f"<h2>Examples across its activation range</h2><p class='score'>a random sample of {len(rows)} sentences "
+        f"where it fires, strongest first</p>" + "".join(bands)
+    )
+
+
 def latent_page(
     s: dict,
     tops: dict,
-    silent_ids: list[int],
+    silent_rows: list[dict],
     sent: dict,
     meaning: dict | None,
     edges: list[float],
     extra: str = "",
+    random_z: float | None = None,
 ) -> str:
     i = s["latent"]
     head = f"<p><a href='../index.html'>← all latents</a></p><h1>Latent {i}</h1>"
@@ -295,10 +356,9 @@ def latent_page(
     head += (
         f"<p>fires on {s['frequency']:.3%} of tokens ({s['firing_tokens']}), mean activation when active "
         f"{s['mean_activation']:.3g}</p>{histogram_svg(s['histogram'], edges)}"
-        f"<p>promotes {' '.join(f'<span class=tok>{html.escape(t)}</span>' for t in s['promoted'])}</p>"
-        f"<p>suppresses {' '.join(f'<span class=neg-tok>{html.escape(t)}</span>' for t in s['suppressed'])}</p>"
     )
     sections = []
+    strongest = max((max(r["token_activations"], default=0) for r in tops.get("max", [])), default=0)
     for agg in AGGREGATIONS:
         rows = tops.get(agg, [])
         peak = max((max(r["token_activations"], default=0) for r in rows), default=0)
@@ -308,6 +368,23 @@ def latent_page(
             for r in rows
         )
         sections.append(f"<h2>Top sentences by {agg} activation</h2>{items or '<p>none: the latent never fired</p>'}")
-    silent = "".join(f"<div class='s'>{html.escape(sent[sid]['text'])}</div>" for sid in silent_ids[:5] if sid in sent)
+        if agg == "max":
+            sections.append(quantile_section(tops.get(SAMPLE, []), sent, strongest))
+    sections.append(logit_lens_section(s, random_z))
+    kinds = defaultdict(list)
+    for r in silent_rows:
+        if r["sentence_id"] in sent:
+            kinds[r.get("kind") or "random"].append(r)
+    silent = "".join(f"<div class='s'>{html.escape(sent[r['sentence_id']]['text'])}</div>" for r in kinds["random"][:5])
     sections.append(f"<h2>Sentences where it does not fire</h2>{silent or '<p>none sampled</p>'}")
+    if kinds["shares_token"]:
+        token = html.escape(kinds["shares_token"][0]["token"] or "")
+        hard = "".join(
+            f"<div class='s'>{html.escape(sent[r['sentence_id']]['text'])}</div>" for r in kinds["shares_token"][:5]
+        )
+        sections.append(
+            f"<h2>Silent though they hold its key token <span class=tok>{token}</span></h2>"
+            "<p class='score'>the judges' hard negatives: the token at the peak of most of its top sentences, in "
+            f"sentences where it stays at zero</p>{hard}"
+        )
     return _page(f"Latent {i}", head + "".join(sections) + extra)

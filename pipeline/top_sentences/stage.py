@@ -406,20 +406,53 @@ class TopRows:
         )
 
 
-def output_token_effects(lm, sae: TopKSae, n: int) -> tuple[list[list[str]], list[list[str]]]:
-    """Per latent, the output tokens its decoder row promotes and suppresses most directly.
+@dataclass
+class LogitLens:
+    """Per latent, the output tokens its decoder row promotes and suppresses most directly, with their logit effects
+    (unembedding · (final-norm gain ⊙ decoder row), per unit of activation), and how far its strongest effect stands
+    out: z = (max |effect| - mean) / std over the vocabulary, against `random_z`, the 95th percentile of the same for
+    random directions of the same norm (a latent below it: its lens says no more than a random direction's)."""
 
-    Logit-lens direction: unembedding · (final-norm gain ⊙ decoder row), [L, vocab] in chunks."""
+    promoted: list[list[str]]
+    promoted_logits: list[list[float]]
+    suppressed: list[list[str]]
+    suppressed_logits: list[list[float]]
+    z: list[float]
+    random_z: float
+
+
+RANDOM_DIRECTIONS = 256  # for LogitLens.random_z
+
+
+def logit_lens(lm, sae: TopKSae, n: int) -> LogitLens:
+    """[L, vocab] effects in chunks of 512 latents: never the whole matrix at once."""
     W_out = lm.model.output.weight.float()  # [vocab, d]
     gain = lm.model.norm.weight.float()
-    promoted, suppressed = [], []
+
+    def effects(rows: torch.Tensor):  # rows [m, d] -> (top [m, n], bottom [m, n], z [m])
+        effect = (rows * gain) @ W_out.t()  # [m, vocab]
+        top, bottom = effect.topk(n, dim=1), (-effect).topk(n, dim=1)
+        mean, std = effect.mean(1), effect.std(1).clamp_min(1e-12)
+        z = torch.maximum(top.values[:, 0] - mean, bottom.values[:, 0] + mean) / std
+        return top, bottom, z
+
+    out = LogitLens([], [], [], [], [], 0.0)
+    pieces: dict[int, str] = {}
     with torch.inference_mode():
         for a in range(0, sae.cfg.n_latents, 512):
-            effect = (sae.W_dec[a : a + 512].float() * gain) @ W_out.t()  # [chunk, vocab]
-            top, bottom = effect.topk(n, dim=1).indices.tolist(), (-effect).topk(n, dim=1).indices.tolist()
-            promoted += [[lm.tokenizer.id_to_piece(i) for i in row] for row in top]
-            suppressed += [[lm.tokenizer.id_to_piece(i) for i in row] for row in bottom]
-    return promoted, suppressed
+            top, bottom, z = effects(sae.W_dec[a : a + 512].float())
+            for ids, kept, vals in ((top, out.promoted, out.promoted_logits), (bottom, out.suppressed, None)):
+                kept += [
+                    [pieces.setdefault(i, lm.tokenizer.id_to_piece(i)) for i in row] for row in ids.indices.tolist()
+                ]
+            out.promoted_logits += top.values.round(decimals=4).tolist()
+            out.suppressed_logits += (-bottom.values).round(decimals=4).tolist()
+            out.z += z.tolist()
+        norm = sae.W_dec.float().norm(dim=1).median()
+        random = torch.randn(RANDOM_DIRECTIONS, W_out.shape[1], generator=torch.Generator().manual_seed(0))
+        random = (random / random.norm(dim=1, keepdim=True) * norm).to(W_out.device)
+        out.random_z = float(effects(random)[2].quantile(0.95))
+    return out
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
@@ -486,7 +519,7 @@ def write_outputs(
             }
         ),
     )
-    promoted, suppressed = output_token_effects(lm, sae, cfg.output_tokens)
+    lens = logit_lens(lm, sae, cfg.output_tokens)
     tokens = max(int(stats.tokens.item()), 1)
     firing = stats.firing.cpu().numpy()
     mean_act = (stats.total.cpu().numpy() / np.maximum(firing, 1)).astype(np.float32)
@@ -499,8 +532,11 @@ def write_outputs(
                 "frequency": pa.array(firing / tokens, pa.float64()),
                 "mean_activation": pa.array(mean_act, pa.float32()),
                 "histogram": pa.array(stats.hist.view(-1, HIST_BINS).cpu().tolist(), pa.list_(pa.int64())),
-                "promoted": pa.array(promoted, pa.list_(pa.string())),
-                "suppressed": pa.array(suppressed, pa.list_(pa.string())),
+                "promoted": pa.array(lens.promoted, pa.list_(pa.string())),
+                "promoted_logits": pa.array(lens.promoted_logits, pa.list_(pa.float32())),
+                "suppressed": pa.array(lens.suppressed, pa.list_(pa.string())),
+                "suppressed_logits": pa.array(lens.suppressed_logits, pa.list_(pa.float32())),
+                "logit_lens_z": pa.array(lens.z, pa.float32()),
             }
         ),
     )
@@ -542,6 +578,7 @@ def write_outputs(
         ),
         aggregations=list(AGGREGATIONS),
         histogram_edges=histogram_edges(),
+        logit_lens_random_z=round(lens.random_z, 3),
         tokenization=asdict(sae.cfg.tokenization),
         excluded_positions=sae.cfg.tokenization.skip_first_positions,
         shortfall=shortfall,

@@ -16,7 +16,9 @@ and steering stages through `open_top_sentences`):
                             kind "random" (any such sentence) or "shares_token" (hard negatives: sentences holding
                             the latent's key token, the one at the peak of most of its top sentences, named in token)
     latent_stats.parquet    latent, firing_tokens, frequency, mean_activation, histogram (list<int>),
-                            promoted / suppressed (list<string>: output tokens, unembedding · decoder row)
+                            promoted / suppressed (list<string>: output tokens, unembedding · decoder row),
+                            promoted_logits / suppressed_logits (list<float>: those effects), logit_lens_z (how far
+                            the strongest stands out; the manifest's logit_lens_random_z: a random direction's)
     sentences.parquet       sentence_id, text, tokens (list<string>) for every sentence referenced
     manifest.json
 """

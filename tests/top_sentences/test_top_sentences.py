@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import html
 import json
 import os
 import re
@@ -172,6 +173,7 @@ def test_top_n_equals_brute_force_and_browser_shows_it(tmp_path, tiny, sentences
         assert peaks == sorted(peaks, reverse=True)
     # hard negatives: silent sentences holding the key token (the commonest peak token of the top ones by max)
     lm = load_model(tiny.hf_dir)
+    texts_of = {sid: text for part in iter_sentences(sentences) for sid, text in zip(part["sentence_id"], part["text"])}
     ids = {
         sid: lm.tokenizer.encode(text, bos=False)[:192]
         for part in iter_sentences(sentences)
@@ -218,6 +220,25 @@ def test_top_n_equals_brute_force_and_browser_shows_it(tmp_path, tiny, sentences
     section = page.split("Closest latents")[1].split("</ul>")[0]
     assert [int(j) for j in re.findall(r"href='(\d+)\.html'", section)] == list(np.argsort(-cos[0], kind="stable")[:5])
     assert "--steer 0:add:" in page
+    # the activating sample in quantile bands, strongest first, and the hard negatives under their key token
+    bands = re.findall(r"Quantile (\d) of 4 \(peak ([\d.e+-]+) to ([\d.e+-]+)\)", page)
+    assert [b[0] for b in bands] == ["1", "2", "3", "4"] and float(bands[0][2]) >= float(bands[-1][1])
+    if silent.get((0, "shares_token")):
+        assert "Silent though they hold its key token" in page
+        for r in silent[(0, "shares_token")][:5]:
+            assert html.escape(texts_of[r["sentence_id"]]) in page
+    # the logit lens with its values, against numpy: unembedding · (final-norm gain * decoder row)
+    lens = page.split("<h2>Logit lens</h2>")[1].split("<h2>")[0]
+    w_out = lm.model.output.weight.detach().float().numpy().astype(np.float64)
+    gain = lm.model.norm.weight.detach().float().numpy()
+    effect = (TopKSae.load(sae_dir).W_dec.detach().numpy()[0] * gain) @ w_out.T
+    shown_values = [float(v) for v in re.findall(r"<small>([+-][\d.]+)</small>", lens)]
+    np.testing.assert_allclose(shown_values[:3], np.sort(effect)[::-1][:3], atol=0.006)
+    np.testing.assert_allclose(shown_values[10:13], np.sort(effect)[:3], atol=0.006)  # most suppressed first
+    z = stats[0]["logit_lens_z"]
+    ref_z = max(effect.max() - effect.mean(), effect.mean() - effect.min()) / effect.std(ddof=1)
+    assert z == pytest.approx(ref_z, rel=1e-3) and res.manifest["logit_lens_random_z"] > 0
+    assert ("the logit lens says nothing" in lens) == (z < res.manifest["logit_lens_random_z"])
 
 
 class LinkParser(HTMLParser):
