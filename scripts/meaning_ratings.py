@@ -27,16 +27,17 @@ from pipeline.top_sentences.tables import open_top_sentences  # noqa: E402
 
 
 def examples_of(ex: LatentExamples, lat: int, n: int = 5) -> dict:
-    """The top n sentences and n from further down the ranking (ranks 20+), activations marked «like this»(0-10)."""
+    """The top n sentences and n from across the activation range (evenly spaced through the random activating
+    sample, strongest first), activations marked «like this»(0-10) against the top peak."""
     rows = ex.top[lat]
     peak = max(max(r["token_activations"], default=0) for r in rows)
 
     def marked(part):
         return [mark_tokens(ex.sentences[r["sentence_id"]]["tokens"], r["token_activations"], peak) for r in part]
 
-    lower = rows[20:]
-    step = max(len(lower) // n, 1)
-    return {"top": marked(rows[:n]), "lower": marked(lower[::step][:n])}
+    sample = ex.sampled.get(lat) or rows[20:]  # outputs before the sample: further down the ranking
+    spread = [sample[round(i * (len(sample) - 1) / max(n - 1, 1))] for i in range(min(n, len(sample)))]
+    return {"top": marked(rows[:n]), "quantiles": marked(spread)}
 
 
 def make(meanings: Path, old: Path, top_sentences: Path, out: Path, n_rated: int, n_pairs: int, seed: int) -> None:

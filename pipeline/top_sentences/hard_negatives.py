@@ -9,6 +9,7 @@ then); each rank samples its own sentences, and the samples merge like the top t
 from __future__ import annotations
 
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.top_sentences.code_store import CodeStore
 from pipeline.top_sentences.tables import SparseSample, pair_key
@@ -31,7 +32,9 @@ def key_tokens(latent: np.ndarray, peak_token: np.ndarray, n_latents: int) -> np
     return out
 
 
-def find_hard_negatives(store: CodeStore, key_token: np.ndarray, n: int, skip_first: int) -> SparseSample:
+def find_hard_negatives(
+    store: CodeStore, key_token: np.ndarray, n: int, skip_first: int, progress: bool = False
+) -> SparseSample:
     """Per latent, a fixed random sample of n stored sentences holding its key token at a counted position (not the
     first skip_first, which the SAE never saw) where the latent is zero on every token."""
     sample = SparseSample(n)
@@ -39,7 +42,9 @@ def find_hard_negatives(store: CodeStore, key_token: np.ndarray, n: int, skip_fi
     with_key = np.flatnonzero(key_token >= 0)
     by_token = with_key[np.argsort(key_token[with_key], kind="stable")]  # latents sorted by their key token
     sorted_tokens = key_token[by_token]
+    bar = tqdm(total=store.n, unit="tok", unit_scale=True, desc="hard negatives", disable=not progress)
     for ids, lengths, tokens, widths, values, indices in store.chunks():
+        bar.update(len(tokens))
         m = len(ids)
         sentence = np.repeat(np.arange(m), lengths)  # [n] each token's sentence in the chunk
         position = np.arange(len(tokens)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -59,4 +64,5 @@ def find_hard_negatives(store: CodeStore, key_token: np.ndarray, n: int, skip_fi
         candidates = candidates[~np.isin(candidates, fired, assume_unique=True)]
         latent, sentence_id = candidates % L, ids[candidates // L]
         sample.update(latent, sentence_id, pair_key(sentence_id, latent, HARD_NEGATIVE_SALT))
+    bar.close()
     return sample

@@ -337,7 +337,7 @@ def hard_negative_rows(
         dist.all_gather_object(every, votes)
         votes = tuple(np.concatenate([v[i] for v in every]) for i in range(2))
     key_token = key_tokens(*votes, n_latents)  # the same on every rank: votes gathered in rank order
-    sample = find_hard_negatives(store, key_token, n, skip_first)
+    sample = find_hard_negatives(store, key_token, n, skip_first, progress=info.is_main)
     found = (sample.latent, sample.sentence_id, sample.key)
     if info.distributed:
         parts = [None] * info.world_size if info.is_main else None
