@@ -12,11 +12,12 @@ Representation: TF-IDF over words projected on the articles' top singular vector
 embedder: the judges (MiniLM, e5) score with theirs, and an explainer that chose with a judge's embedder would be
 graded on its own choice (the leak issue 30 describes).
 
-Choice, per latent: direction = mean vector of the training sentences (its top `n_train` sentences) minus that of a
-background sample; the `shortlist` candidates nearest the direction and the mined phrases compete on training AUROC
-(training sentences vs background) among those that cover most training sentences. The token pattern replaces the
-topic when the topic is weak or one token dominates. Never sees what a judge scores with: the background excludes
-every top and silent sentence of the latent, and the held-out ranks are not training sentences.
+Choice, per latent: direction = mean vector of the training sentences (its top `n_train` sentences and half its
+random activating sample) minus that of a background sample; the `shortlist` candidates nearest the direction and the
+mined phrases compete on AUROC (top sentences vs background) among those that cover most top sentences. A token
+pattern replaces the topic when one token dominates, when no candidate covers, or when the topic is weak and a
+specific token marks the sentences. Never sees what a judge scores with: the background and its rates exclude every
+sentence a judge may test the latent on.
 """
 
 from __future__ import annotations
