@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -258,6 +259,24 @@ def test_dry_run_writes_requests_and_offline_run_needs_no_key(tmp_path, monkeypa
     assert m["explainer"] == "offline-concept" and m["counts"]["explained"] == 6
     doc = json.loads(Path(m["meaning_file"]).read_text())
     assert "river" in doc["latents"][0]["meaning"] and doc["latents"][0]["scores"]["minilm-auroc"] > 0.8
+
+
+def test_claude_sees_the_top_sentences_then_half_the_sample_and_is_judged_on_the_other_half(tmp_path, monkeypatch):
+    """The explain request lists what the offline explainer trains on (top 6, then the sample's even ranks not among
+    them) and says which are which; none of the judges' activating test sentences is in it."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    top = write_top_sentences(tmp_path / "top", n_latents=1)
+    send_main(SendConfig(top_sentences=str(top), out=str(tmp_path / "i"), dry_run=True, sentences_per_latent=6))
+    line = json.loads((tmp_path / "i" / "explain" / "dry_run.jsonl").read_text().splitlines()[0])
+    prompt = line["params"]["messages"][0]["content"]
+    assert "the first 6 are those where it activates most strongly" in prompt
+    shown = [RIVER[sid].split(" ")[1] for sid in (0, 1, 2, 3, 4, 5, 6, 8, 10)]  # a word of each, in order
+    listed = re.findall(r"^(\d+)\. (.*)$", prompt.split("Analyse step by step")[0], flags=re.M)
+    assert [int(n) for n, _ in listed] == list(range(1, 10))
+    assert all(word in text for word, (_, text) in zip(shown, listed))
+    ex = LatentExamples.load(open_top_sentences(top), "max")
+    held, _ = ex.judge_split(0, 20, 20, 10, n_top=6)
+    assert held == [7, 9, 11]
 
 
 @pytest.mark.parametrize(
