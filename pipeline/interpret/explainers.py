@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
-from pipeline.interpret.concepts import EXPLAINER, BackgroundWords, ConceptExplainer, TokenCounts, word_set
+from pipeline.interpret.concepts import EXPLAINER, BackgroundWords, ConceptExplainer, word_set
 from pipeline.interpret.embedding import SentenceEncoder
 from pipeline.top_sentences.tables import SAMPLE, TopSentences
 
@@ -101,8 +101,6 @@ def concept_answers(examples: LatentExamples, latents: list[int], n_train: int, 
     pool = random.Random(seed).sample(pool, min(BACKGROUND_POOL, len(pool)))
     word_sets = {s: word_set(examples.sentences[s]["text"]) for s in pool}
     pool_words = Counter(g for grams in word_sets.values() for g in grams)
-    token_counts = TokenCounts([examples.sentences[s]["text"] for s in pool])
-    lower = {s: examples.sentences[s]["text"].lower() for s in pool}
     needed = sorted(set(pool) | {r["sentence_id"] for lat in latents for r in examples.explainer_rows(lat, n_train)})
     vectors = dict(zip(needed, explainer.space.embed([examples.sentences[s]["text"] for s in needed])))
     stand_ins = random.Random(seed).sample(explainer.corpus_sentences, MIN_BACKGROUND)
@@ -126,11 +124,8 @@ def concept_answers(examples: LatentExamples, latents: list[int], n_train: int, 
             sum(s not in judged for s in pool) + sum(s < 0 for s in background),
             excluded=Counter(g for s in judged if s in word_sets and s >= 0 for g in word_sets[s]),
             added=Counter(g for s in background if s < 0 for g in word_sets[s]),
-            tokens=token_counts,
-            excluded_texts=[lower[s] for s in judged if s in lower],
-            added_texts=[stand_ins[-1 - s].lower() for s in background if s < 0],
         )
-        explanation = explainer.explain(train, pos, neg, words, n_top=len(examples.top.get(lat, [])[:n_train]))
+        explanation = explainer.explain(train, pos, neg, words)
         out[lat] = explanation.answer(len(train), len(background))
     return out
 
