@@ -101,7 +101,7 @@ class ParseConfig:
     second_judge: Literal["e5", "none"] = "e5"
     """Independent second judge: e5 (multilingual-e5-small, another model family than MiniLM) or none."""
     second_judge_latents: int = 50
-    """Latents (a fixed random sample) the second judge scores: up to 50 sentences each at ~50 sentences/s on 2 cores."""
+    """Latents (a fixed random sample) the second judge scores: up to 50 sentences each, ~50 sentences/s on 2 cores."""
     aggregation: Aggregation = "max"
     """Top sentences the judge draws activating examples from."""
     judge_activating: int = 20

@@ -367,7 +367,8 @@ def latent_page(
             f"{around_peak(sent[r['sentence_id']]['tokens'], r['token_activations'], peak)}</div>"
             for r in rows
         )
-        sections.append(f"<h2>Top sentences by {agg} activation</h2>{items or '<p>none: the latent never fired</p>'}")
+        never = "it never fires on a sentence's last token" if agg == "last" else "the latent never fired"
+        sections.append(f"<h2>Top sentences by {agg} activation</h2>{items or f'<p>none: {never}</p>'}")
         if agg == "max":
             sections.append(quantile_section(tops.get(SAMPLE, []), sent, strongest))
     sections.append(logit_lens_section(s, random_z))
