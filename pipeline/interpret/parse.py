@@ -90,7 +90,7 @@ def claude_detection(directory: Path) -> dict[int, float]:
     return out
 
 
-def test_sentence_counts(examples: LatentExamples, latents: list[int], test) -> dict:
+def held_out_counts(examples: LatentExamples, latents: list[int], test) -> dict:
     """How many held-out sentences the judges scored, in all and per latent (fewer for rare latents)."""
     splits = {lat: examples.judge_split(lat, test.activating, test.silent, test.hard, test.skip_top) for lat in latents}
     n_hard = sum(len(set(silent) & set(examples.hard.get(lat, []))) for lat, (_, silent) in splits.items())
@@ -185,7 +185,7 @@ def parse(cfg: ParseConfig) -> dict:
         "e5_latents": len(e5),
         "mean_minilm_on_e5_latents": mean(minilm.get(lat) for lat in e5),
         "mean_detection_balanced_accuracy_claude": mean(claude.values()),
-        "test_sentences": test_sentence_counts(examples, sorted(verdicts), cfg.test_set()),
+        "test_sentences": held_out_counts(examples, sorted(verdicts), cfg.test_set()),
         "mean_certainty": mean(e["certainty"] for e in latents),
     }
     manifest = make_manifest(

@@ -450,8 +450,8 @@ def logit_lens(lm, sae: TopKSae, n: int) -> LogitLens:
             out.z += z.tolist()
         norm = sae.W_dec.float().norm(dim=1).median()
         random = torch.randn(RANDOM_DIRECTIONS, W_out.shape[1], generator=torch.Generator().manual_seed(0))
-        random = (random / random.norm(dim=1, keepdim=True) * norm).to(W_out.device)
-        out.random_z = float(effects(random)[2].quantile(0.95))
+        random = (random / random.norm(dim=1, keepdim=True)).to(W_out.device) * norm  # drawn on the CPU: any device
+        out.random_z = float(effects(random)[2].cpu().quantile(0.95))  # [256]: on the CPU, any device
     return out
 
 
