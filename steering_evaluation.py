@@ -41,25 +41,31 @@ def print_next_steps(cfg: SteeringEvalConfig, doc: dict) -> None:
 
 def print_table(doc: dict) -> None:
     def cell(c: dict) -> str:
-        return f"{c['harmonic']:4.2f} {c['on_concept']:4.0%} {c['loss_ratio']:4.1f}x"
+        return f"{c['on_concept'] or 0:4.0%} {c['concept_any'] or 0:4.0%} {c['harmonic'] or 0:4.2f}"
 
+    def interval(c: dict) -> str:
+        low, high = c["on_concept_ci"]
+        return f"[{low or 0:.0%}, {high or 0:.0%}]"
+
+    s = doc["summary"]
     print(
-        f"\nsteering evaluation at {doc['hook_point']} (held-out instructions; strengths x {doc['residual_norm']:.1f}, "
-        "the stream's mean norm)\nper method: harmonic score 0-2, on-concept share, fluency loss vs unsteered"
+        f"\nsteering evaluation at {doc['hook_point']}: {len(doc['test'])} held-out instructions x "
+        f"{len(doc['latents'])} latents (strengths x {doc['residual_norm']:.1f}, the stream's mean norm)\n"
+        "per method: share of continuations on-concept (concept 2), share with concept >= 1, harmonic score 0-2"
     )
-    print(f"{'latent':>7} {'output':>7}  {'sae (best factor)':>22}  {'diffmean':>22}  {'prompt':>15}  meaning")
+    print(f"{'latent':>7} {'output':>7}  {'sae (@factor)':>21}  {'diffmean (@factor)':>21}  {'prompt':>15}  concept")
     for r in doc["latents"]:
         m = r["methods"]
         print(
             f"{r['latent']:>7} {r['output_score']:7.3f}  {cell(m['sae']['test'])} @{m['sae']['best_factor']:<4}  "
             f"{cell(m['diffmean']['test'])} @{m['diffmean']['best_factor']:<4}  {cell(m['prompt']['test'])}  "
-            f"{r['meaning'][:40]}"
+            f"{r['concept'][:40]}"
         )
-    s = doc["summary"]
+    print(f"{'all':>7} {'':7}  {cell(s['sae']):>21}  {cell(s['diffmean']):>21}  {cell(s['prompt']):>15}")
     print(
-        f"{'mean':>7} {'':7}  {cell(s['sae']):>22}  {cell(s['diffmean']):>22}  {cell(s['prompt']):>15}"
-        f"\nunsteered on-concept {s['unsteered']['on_concept']:.0%}; judge agrees with the key-word rate on "
-        f"{s['judge_keyword_agreement']:.0%} of steered continuations"
+        f"on-concept 95% intervals (resampling latents): sae {interval(s['sae'])}, diffmean "
+        f"{interval(s['diffmean'])}, prompt {interval(s['prompt'])}, unsteered {s['unsteered']['on_concept']:.0%} "
+        f"{interval(s['unsteered'])}"
     )
 
 

@@ -18,20 +18,15 @@ steering vector (a zero vector: exactly the clean model).
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
+import random
 from dataclasses import dataclass, field
 
 import torch
 
+from llama_3.errors import PipelineInputError
 from llama_3.hooks import HookRunner
-from pipeline.steering.judge import (
-    concept_references,
-    concept_score,
-    fluency_score,
-    harmonic_mean,
-    instruction_score,
-)
+from pipeline.steering.concept import common_words, concept_phrase, concept_tokens
+from pipeline.steering.judge import JudgeItem, OfflineJudge
 from pipeline.steering.output_score import output_scores, promoted_tokens
 from pipeline.steering.vectors import (
     capture_sums,
@@ -44,81 +39,29 @@ from pipeline.steering.vectors import (
 
 METHODS = ("sae", "diffmean", "prompt")
 # Open-ended requests about the world, not about the assistant (which SmolLM2 answers with "I'm an AI ..."),
-# so a continuation has room for a concept.
+# so a continuation has room for a concept; no idioms ("a walk in the park" invites a redefinition).
 SELECT_INSTRUCTIONS = (
     "Write a short story about a small village.",
     "Describe a busy market in the morning.",
     "Write a paragraph about the sea.",
 )
 TEST_INSTRUCTIONS = (
-    "Tell me about a walk in the park.",
     "Write a few sentences about a city at night.",
     "Describe what happens at a family dinner.",
+    "Describe a train journey through the countryside.",
+    "Write a short letter to a friend about your week.",
+    "Explain how to plant a small vegetable garden.",
+    "Describe your favourite season and why you like it.",
+    "Write a short news report about a local festival.",
+    "Describe an old house at the end of a street.",
+    "Give some advice to a student starting at a new school.",
+    "Write a paragraph about a rainy afternoon.",
 )
 OUTPUT_SCORE_PROMPTS = ("I think that", "Here is the story of")
 
 
 def repetition(tokens: list[int]) -> float:
     return 1.0 - len(set(tokens)) / len(tokens) if tokens else 0.0
-
-
-KEYWORD_STOPWORDS = frozenset(  # English function words, and the words meanings are phrased with
-    """a an the and or but nor so yet if then than as of to in on at for with by from into onto over under
-about above below across after before between through during without within against among upon off out up
-down is are was were be been being am do does did done have has had having will would shall should can
-could may might must it its itself this that these those there here he him his himself she her hers herself
-they them their theirs themselves we us our ours you your yours i me my mine who whom whose which what when
-where why how all any both each either neither every few many much more most other another some such no not
-only own same too very also just even ever still again once one mostly mainly often usually
-token tokens word words text like""".split()
-)
-
-
-def meaning_keywords(meaning: str) -> list[str]:
-    """Key words of a meaning: its quoted strings if it has any (the offline explainer quotes tokens),
-    else its content words (>= 3 letters, not stop words); lowercased, unique, in order."""
-    quoted = re.findall(r'"([^"]+)"|“([^”]+)”', meaning)
-    words = [a or b for a, b in quoted] or re.findall(r"[A-Za-z][A-Za-z'-]{2,}", meaning)
-    out: list[str] = []
-    for w in words:
-        w = w.strip().lower()
-        if w and w not in KEYWORD_STOPWORDS and w not in out and any(c.isalnum() for c in w):
-            out.append(w)
-    return out
-
-
-def common_words(texts: list[str], share: float = 0.02, min_count: int = 3) -> frozenset[str]:
-    """Lowercased words in at least `share` of the texts and at least `min_count` of them: function
-    words and the corpus's staples ("the", "from", "which"), which no concept is about."""
-    counts: Counter = Counter()
-    for t in texts:
-        counts.update(set(re.findall(r"[a-z]+", t.lower())))
-    floor = max(min_count, share * len(texts))
-    return frozenset(w for w, c in counts.items() if c >= floor)
-
-
-def concept_tokens(meaning: str, tokenizer, common: frozenset[str]) -> list[int]:
-    """Ids of the tokens that start the meaning's rare key words (" word", " Word", "word"), each
-    decoding to >= 3 letters: what a continuation about the concept would say next. Empty unless rare
-    words are most of the meaning's key words ("is", "there", "much" describes grammar, not a concept
-    to steer towards)."""
-    keywords = meaning_keywords(meaning)
-    rare = [w for w in keywords if w.isalpha() and len(w) >= 3 and w not in common]
-    if 2 * len(rare) <= len(keywords):
-        return []
-    ids: list[int] = []
-    for word in rare:
-        for variant in (" " + word, " " + word.capitalize(), word):
-            first = tokenizer.encode(variant, bos=False)[:1]
-            if first and len(tokenizer.decode(first).strip()) >= 3 and first[0] not in ids:
-                ids.append(first[0])
-    return ids
-
-
-def keyword_hit(text: str, keywords: list[str]) -> bool:
-    """A key word (>= 3 characters) starting a word of the text, case-insensitive ("bone" hits "bones")."""
-    low = text.lower()
-    return any(re.search(r"(?<![a-z0-9])" + re.escape(k), low) for k in keywords if len(k) >= 3)
 
 
 @dataclass
@@ -132,26 +75,22 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # the prompt as generated from
     continuation: list[int] = field(default_factory=list)
     text: str = ""
+    phase: str = "select"  # "select" (the sweep's instructions) or "test" (held out)
+    changed: bool | None = None  # steered text differs from the unsteered text of its instruction
     scores: dict = field(default_factory=dict)
-
-
-def concept_phrase(meaning: str) -> str:
-    """What the prompting baseline asks for: a meaning's quoted key words, else the meaning itself."""
-    quoted = meaning_keywords(meaning) if '"' in meaning or "“" in meaning else []
-    return ", ".join(quoted[:3]) if quoted else meaning
 
 
 @torch.inference_mode()
 def read_continuations(model, sae, rows: list[Row], max_tokens: int = 2048) -> list[tuple[float, float]]:
     """The clean model re-reads prompt + continuation of each row: (mean per-token loss of the
-    continuation, the row's latent's mean SAE activation over the continuation's tokens).
+    continuation, the row's latent's mean SAE activation over the continuation's tokens; 0 without an SAE).
 
     Rows that share a prompt (every method but prompting uses the instruction as it is) share its
     forward: the prompt is prefilled once into the KV cache, copied to every row, and only the
     continuations run as a right-padded batch after it, about `max_tokens` continuation tokens a batch
     (their logits, [rows, width, vocab] in fp32, are the memory peak: 400 MB at SmolLM2's 49k vocab)."""
     device = model.tok_embeddings.weight.device
-    hook = sae.cfg.hook_point
+    hook = sae.cfg.hook_point if sae is not None else None  # no SAE (the judge's validation): no activation
     out: list[tuple[float, float]] = [(math.nan, 0.0)] * len(rows)
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, r in enumerate(rows):
@@ -174,18 +113,18 @@ def read_continuations(model, sae, rows: list[Row], max_tokens: int = 2048) -> l
             try:
                 first = model(torch.tensor([prompt], device=device), 0, last_only=True)[0, -1]  # predicts token 0
                 model.share_cache_prefix(n_p)
-                runner = HookRunner(model.args.n_layers, [hook])
+                runner = HookRunner(model.args.n_layers, [hook] if hook else [])
                 logits = model(conts.to(device), n_p, key_valid=key_valid.to(device), hooks=runner)  # [b, W, V]
             finally:
                 model.free_kv_cache()
-            acts = runner.captured[hook]  # [b, W, d]
+            acts = runner.captured.get(hook)  # [b, W, d]
             for b, i in enumerate(part):
                 r, n_c = rows[i], len(rows[i].continuation)
                 predicting = torch.cat([first[None], logits[b, : n_c - 1]]).float().log_softmax(-1)  # [n_c, V]
                 target = torch.tensor(r.continuation, device=device)
                 loss = float(-predicting.gather(1, target[:, None]).mean())
                 activation = 0.0
-                if r.latent is not None:
+                if r.latent is not None and acts is not None:
                     codes = sae(acts[b, :n_c].float())
                     activation = float((codes.values * (codes.indices == r.latent)).sum() / n_c)
                 out[i] = (loss, activation)
@@ -219,11 +158,13 @@ class Benchmark:
         test_instructions,
         capture=None,
         capture_sentences: int = 0,
+        explicit: bool = False,
     ):
         """capture: the CaptureOutput that top sentences read sentences 0..capture_sentences-1 from (DiffMean
         reads them there too), or None (the model runs on DiffMean's sentences)."""
         self.session, self.encoder, self.examples, self.meanings = session, encoder, examples, meanings
         self.capture, self.capture_sentences, self.diffmean_source = capture, capture_sentences, ""
+        self.explicit = explicit  # the latents were named (--latents): evaluate each, whatever its meaning
         self.sae = session.steerable.sae
         self.model = session.loaded.model
         self.instructions = list(select_instructions) + list(test_instructions)
@@ -232,7 +173,7 @@ class Benchmark:
         self.prompt_tokens = [self.encode_instruction(t) for t in self.instructions]
         self.skip = self.sae.cfg.tokenization.skip_first_positions
         self.norm = residual_norm(self.model, self.sae.cfg.hook_point, self.prompt_tokens, self.skip)
-        self.instruction_vectors = encoder.encode(self.instructions)  # [P, 384]
+        self.judge_model = OfflineJudge(encoder)
 
     def encode_instruction(self, text: str) -> list[int]:
         loaded = self.session.loaded
@@ -285,52 +226,25 @@ class Benchmark:
             self.diffmean_source = "model"
         return diffmean_directions(sums, counts, pos, neg)
 
-    def judge(self, rows: list[Row], references: dict) -> None:
-        """Fill rows' scores (the unsteered rows first: fluency is relative to them)."""
+    def judge(self, rows: list[Row], concepts: dict[int, str]) -> None:
+        """Fill rows' scores: the offline judge's (pipeline/steering/judge.py) against each row's latent's
+        concept phrase, and the row's latent's mean SAE activation on it."""
         reads = read_continuations(self.model, self.sae, rows)
-        vectors = self.encoder.encode([r.text for r in rows])  # [R, 384]
+        items = [
+            JudgeItem(concepts[r.latent], self.instructions[r.prompt], r.text, loss)
+            for r, (loss, _) in zip(rows, reads)
+        ]
         base_loss: dict[int, list[float]] = {}
         for r, (loss, _) in zip(rows, reads):
             if r.method == "none" and math.isfinite(loss):
                 base_loss.setdefault(r.prompt, []).append(loss)
-        for r, v, (loss, activation) in zip(rows, vectors, reads):
-            rel = self.instruction_vectors @ v
-            base_losses = base_loss.get(r.prompt, [loss])
-            base = sum(base_losses) / len(base_losses)
-            repeated = repetition(r.continuation)
-            r.scores = {
-                "loss": loss,
+        for r, scores, (loss, activation) in zip(rows, self.judge_model.score(items), reads):
+            base = mean(base_loss.get(r.prompt, [loss]))
+            r.scores = scores | {
                 "loss_ratio": loss / base if math.isfinite(loss) and base > 0 else math.nan,
-                "repetition": repeated,
-                "instruction": instruction_score(rel, r.prompt) if r.continuation else 0,
-                "fluency": fluency_score(loss, base, repeated) if r.continuation else 0,
+                "repetition": repetition(r.continuation),
                 "activation": activation,
             }
-            if r.latent is not None:
-                ref = references[r.latent]
-                similarity = float(v @ ref.vector)
-                concept = concept_score(similarity, ref) if r.continuation else 0
-                r.scores |= {
-                    "similarity": similarity,
-                    "concept": concept,
-                    "keyword": keyword_hit(r.text, meaning_keywords(self.meanings[r.latent])),
-                    "harmonic": harmonic_mean(concept, r.scores["instruction"], r.scores["fluency"]),
-                }
-
-    def unsteered_concepts(self, rows: list[Row], latents: list[int], references: dict) -> dict[int, dict]:
-        """Per latent, the judge on the unsteered test continuations (how often plain text looks on-concept)."""
-        plain = [r for r in rows if r.method == "none" and r.prompt in self.test]
-        vectors = self.encoder.encode([r.text for r in plain])
-        out = {}
-        for lat in latents:
-            ref, words = references[lat], meaning_keywords(self.meanings[lat])
-            sims = [float(v @ ref.vector) for v in vectors]
-            out[lat] = {
-                "concept": mean([concept_score(s, ref) for s in sims]),
-                "on_concept": mean([float(concept_score(s, ref) >= 1) for s in sims]),
-                "keyword": mean([float(keyword_hit(r.text, words)) for r in plain]),
-            }
-        return out
 
 
 def mean(values) -> float:
@@ -338,17 +252,56 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def summarize_rows(rows: list[Row]) -> dict:
-    """Means over rows of every judged number; on_concept = share with concept >= 1."""
-    keys = ("concept", "instruction", "fluency", "harmonic", "loss_ratio", "repetition", "activation", "keyword")
-    out = {k: rounded(mean(r.scores.get(k) for r in rows)) for k in keys}
-    out["on_concept"] = rounded(mean(float(r.scores.get("concept", 0) >= 1) for r in rows))
+SCORE_KEYS = (
+    "concept",
+    "instruction",
+    "fluency",
+    "harmonic",
+    "mentions",
+    "similarity",
+    "loss",
+    "loss_ratio",
+    "loop",
+    "activation",
+)
+
+
+def share_interval(rows: list[Row], hit, n_boot: int = 1000, seed: int = 0) -> list[float | None]:
+    """95% interval of the share of rows with hit(row), resampling the latents (a latent's rows are not
+    independent of each other: one that never steers fails on every instruction)."""
+    by_latent: dict = {}
+    for r in rows:
+        by_latent.setdefault(r.latent, []).append(float(hit(r)))
+    groups = list(by_latent.values())
+    if not groups:
+        return [None, None]
+    rng = random.Random(seed)
+    shares = []
+    for _ in range(n_boot):
+        pick = [groups[rng.randrange(len(groups))] for _ in groups]
+        shares.append(sum(map(sum, pick)) / sum(map(len, pick)))
+    shares.sort()
+    return [rounded(shares[int(0.025 * n_boot)]), rounded(shares[int(0.975 * n_boot) - 1])]
+
+
+def summarize_rows(rows: list[Row], intervals: bool = False) -> dict:
+    """Means over rows of every judged number; on_concept = share with concept 2 (AxBench's), concept_any =
+    share with concept >= 1; with `intervals`, their 95% intervals over latents."""
+    out: dict = {"rows": len(rows)}
+    out |= {k: rounded(mean(r.scores.get(k) for r in rows)) for k in SCORE_KEYS}
+    on = lambda r: r.scores.get("concept", 0) == 2  # noqa: E731
+    some = lambda r: r.scores.get("concept", 0) >= 1  # noqa: E731
+    out["on_concept"] = rounded(mean(float(on(r)) for r in rows))
+    out["concept_any"] = rounded(mean(float(some(r)) for r in rows))
+    if intervals:
+        out["on_concept_ci"], out["concept_any_ci"] = share_interval(rows, on), share_interval(rows, some)
     rated = [r.scores["claude"] for r in rows if "claude" in r.scores]
     if rated:  # the Claude judge's scores of the same continuations
         out["claude"] = {
             k: rounded(mean(c[k] for c in rated)) for k in ("concept", "instruction", "fluency", "harmonic")
         }
-        out["claude"]["on_concept"] = rounded(mean(float(c["concept"] >= 1) for c in rated))
+        out["claude"]["on_concept"] = rounded(mean(float(c["concept"] == 2) for c in rated))
+        out["claude"]["concept_any"] = rounded(mean(float(c["concept"] >= 1) for c in rated))
         out["claude"]["rated"] = len(rated)
     return out
 
@@ -368,6 +321,39 @@ def add_strength(sae, latent: int, offset_norm: float) -> float | None:
     return offset_norm * scale / float(sae.W_dec[latent].detach().float().norm())
 
 
+def best_factor(sweep: list[Row], plain_text: dict[int, str], factors: list[float]) -> float:
+    """The factor reported for one (latent, method): the best mean harmonic score, then concept score, on the
+    select instructions, among the factors that changed every select continuation (else those that changed
+    the most; a factor that leaves the text as it was is "no steering", never the answer to a tie)."""
+    by_factor = {f: [r for r in sweep if r.factor == f] for f in factors}
+    changed = {f: mean(float(r.text != plain_text[r.prompt]) for r in rows) for f, rows in by_factor.items()}
+    most = max(changed.values())
+    eligible = [f for f in factors if changed[f] == most] if most > 0 else [max(factors)]
+    return max(
+        eligible,
+        key=lambda f: (
+            mean(r.scores["harmonic"] for r in by_factor[f]),
+            mean(r.scores["concept"] for r in by_factor[f]),
+            -f,
+        ),
+    )
+
+
+def row_record(r: Row) -> dict:
+    """One continuation in results.json (pipeline/steering/results.py reads it back)."""
+    scores = {k: rounded(float(v)) if isinstance(v, (int, float)) else v for k, v in r.scores.items()}
+    return {
+        "phase": r.phase,
+        "prompt": r.prompt,
+        "method": r.method,
+        "latent": r.latent,
+        "factor": r.factor,
+        "text": r.text,
+        "changed": r.changed,
+        **scores,
+    }
+
+
 def evaluate(
     bench: Benchmark,
     pool: list[int],
@@ -383,59 +369,66 @@ def evaluate(
 
     claude_judge: None (the offline judge only) or a function [{"concept", "instruction", "response"}] ->
     {item index: {"concept", "instruction", "fluency", "harmonic"}} (steering_judge.run_claude_judge), which
-    then also rates every held-out continuation, and the unsteered ones against each latent's concept."""
+    then also rates every held-out continuation, the unsteered ones against each latent's concept too."""
     bar = progress(len(pool) * len(OUTPUT_SCORE_PROMPTS), "output scores")
     out = bench.output_scores(pool, output_factor, bar)
     if bar is not None:
         bar.close()
     scores, promoted, concept = out["concept"], out["promoted_tokens"], out["concept_tokens"]
-    ranked = sorted(  # a latent whose meaning names no rare word cannot be judged on-concept by its words: last
-        range(len(pool)),
-        key=lambda i: (not concept[i], -float(scores[i]) if concept[i] else -float(out["promoted"][i]), pool[i]),
-    )
+    # only latents whose meaning names a concept (content words, their tokens no function word): one named by
+    # "the punctuation ','" or "the word piece 'g'" has nothing to be judged on-concept for
+    ranked = sorted((i for i in range(len(pool)) if concept[i]), key=lambda i: (-float(scores[i]), pool[i]))
+    if bench.explicit:  # --latents: every one, in the given order
+        ranked = list(range(len(pool)))
     candidates = [pool[i] for i in ranked[:n_candidates]]
+    if not candidates:
+        raise PipelineInputError(
+            "steering evaluation: no latent's meaning names a concept word to steer towards (--meanings); name "
+            "some with --latents"
+        )
     # on the host, both: the SAE's rows come from its device, DiffMean's from host sums; the offsets built from
     # them are stacked here and moved to the model's device per batch (vector_splice)
     directions = {"sae": sae_directions(bench.sae, candidates).cpu(), "diffmean": bench.diffmean(candidates).cpu()}
-    phrases = {lat: concept_phrase(bench.meanings[lat]) for lat in candidates}  # the key words, not "the tokens"
-    references = concept_references(bench.encoder, bench.examples, phrases, candidates)
+    phrases = {lat: concept_phrase(bench.meanings[lat]) for lat in candidates}  # the key words, not "the word"
     steered = ("sae", "diffmean")
+    d = bench.model.args.dim
 
-    def vector_rows(picks: list[tuple[int, str, float, int]]) -> tuple[list[Row], list[torch.Tensor]]:
+    def vector_rows(picks: list[tuple[int, str, float, int]], phase: str) -> tuple[list[Row], list[torch.Tensor]]:
         rows, offsets = [], []
         for i, method, factor, p in picks:
-            rows.append(Row(p, method, candidates[i], factor, bench.prompt_tokens[p]))
+            rows.append(Row(p, method, candidates[i], factor, bench.prompt_tokens[p], phase=phase))
             offsets.append(factor * bench.norm * directions[method][i])
         return rows, offsets
 
     # 1. the sweep on the select instructions (and every instruction unsteered)
     plain = [Row(p, "none", tokens=bench.prompt_tokens[p]) for p in bench.select + bench.test]
     picks = [(i, m, f, p) for i in range(len(candidates)) for m in steered for f in factors for p in bench.select]
-    sweep, sweep_offsets = vector_rows(picks)
+    sweep, sweep_offsets = vector_rows(picks, "select")
     rows = plain + sweep
-    d = bench.model.args.dim
     offsets = torch.stack([torch.zeros(d)] * len(plain) + sweep_offsets)
     bar = progress(len(rows), "steering sweep")
     generate(bench.session, rows, offsets, sampling, batch_rows, bar)
-    bench.judge(rows, references)
-    best: dict[tuple[int, str], float] = {}
-    for i in range(len(candidates)):
-        for m in steered:
-            by_factor = {
-                f: mean(
-                    r.scores["harmonic"] for r in sweep if r.latent == candidates[i] and r.method == m and r.factor == f
-                )
-                for f in factors
-            }
-            best[(i, m)] = max(factors, key=lambda f: (by_factor[f], -f))
+    plain_text = {r.prompt: r.text for r in plain}
+    # the unsteered text, judged against each latent's concept: the rows steering is compared with
+    baseline = [
+        Row(r.prompt, "none", lat, None, r.tokens, r.continuation, r.text, phase=phase)
+        for lat in candidates
+        for r in plain
+        for phase in ["select" if r.prompt in bench.select else "test"]
+    ]
+    bench.judge(baseline + sweep, phrases)
+    best = {
+        (i, m): best_factor([r for r in sweep if r.latent == lat and r.method == m], plain_text, factors)
+        for i, lat in enumerate(candidates)
+        for m in steered
+    }
     # 2. the test instructions at each (latent, method)'s best factor, and the prompting baseline
     picks = [(i, m, best[(i, m)], p) for i in range(len(candidates)) for m in steered for p in bench.test]
-    test, test_offsets = vector_rows(picks)
+    test, test_offsets = vector_rows(picks, "test")
     for i, lat in enumerate(candidates):
-        phrase = concept_phrase(bench.meanings[lat])
         for p in bench.test:
-            text = f"{bench.instructions[p]} In your answer, talk about {phrase}."
-            test.append(Row(p, "prompt", lat, None, bench.encode_instruction(text)))
+            text = f"{bench.instructions[p]} In your answer, talk about {phrases[lat]}."
+            test.append(Row(p, "prompt", lat, None, bench.encode_instruction(text), phase="test"))
             test_offsets.append(torch.zeros(d))
     if bar is not None:
         bar.total += len(test)
@@ -443,42 +436,37 @@ def evaluate(
     generate(bench.session, test, torch.stack(test_offsets), sampling, batch_rows, bar)
     if bar is not None:
         bar.close()
-    bench.judge(test + plain, references)
-    unsteered = bench.unsteered_concepts(plain, candidates, references)
-    plain_test = [r for r in plain if r.prompt in bench.test]
-    claude_unsteered: dict[int, list[dict]] = {}
+    bench.judge(test + baseline, phrases)
+    for r in sweep + test:
+        r.changed = r.text != plain_text[r.prompt]
+    held_out = test + [r for r in baseline if r.phase == "test"]
     if claude_judge is not None:
-        items = [(r, r.latent) for r in test] + [(r, lat) for lat in candidates for r in plain_test]
         got = claude_judge(
             [
-                {"concept": bench.meanings[lat], "instruction": bench.instructions[r.prompt], "response": r.text}
-                for r, lat in items
+                {"concept": phrases[r.latent], "instruction": bench.instructions[r.prompt], "response": r.text}
+                for r in held_out
             ]
         )
-        for k, (r, lat) in enumerate(items):
-            if k in got and r.method != "none":
+        for k, r in enumerate(held_out):
+            if k in got:
                 r.scores["claude"] = got[k]
-            elif k in got:
-                claude_unsteered.setdefault(lat, []).append(got[k])
-        for lat in candidates:
-            unsteered[lat]["claude_on_concept"] = mean(float(c["concept"] >= 1) for c in claude_unsteered.get(lat, []))
     tokenizer = bench.session.loaded.tokenizer
     latents = []
     for i, lat in enumerate(candidates):
+        mine = [r for r in held_out if r.latent == lat]
         entry = {
             "latent": lat,
             "meaning": bench.meanings[lat],
+            "concept": phrases[lat],
             "output_score": round(float(scores[ranked[i]]), 5),
             "concept_tokens": [tokenizer.decode([t]) for t in concept[ranked[i]]],
             "promoted_score": round(float(out["promoted"][ranked[i]]), 5),
             "promoted_tokens": [tokenizer.decode([t]) for t in promoted[ranked[i]].tolist()],
-            "concept_thresholds": [rounded(references[lat].tau1), rounded(references[lat].tau2)],
-            "unsteered": {k: rounded(v) for k, v in unsteered[lat].items()},
+            "unsteered": summarize_rows([r for r in mine if r.method == "none"]),
             "methods": {},
         }
         for m in METHODS:
-            mine = [r for r in test if r.latent == lat and r.method == m]
-            cell = {"test": summarize_rows(mine), "example": mine[0].text if mine else ""}
+            cell = {"test": summarize_rows([r for r in mine if r.method == m])}
             if m in steered:
                 f = best[(i, m)]
                 cell |= {
@@ -495,35 +483,25 @@ def evaluate(
                     cell["add_strength"] = add_strength(bench.sae, lat, f * bench.norm)
             entry["methods"][m] = cell
         latents.append(entry)
-    summary = {m: summarize_rows([r for r in test if r.method == m]) for m in METHODS}
-    summary["unsteered"] = {
-        "on_concept": rounded(mean(u["on_concept"] for u in unsteered.values())),
-        "keyword": rounded(mean(u["keyword"] for u in unsteered.values())),
-        **{k: rounded(mean(r.scores[k] for r in plain_test)) for k in ("instruction", "fluency", "repetition")},
-    }
-    judged = [r for r in test if "concept" in r.scores]
+    summary = {m: summarize_rows([r for r in test if r.method == m], intervals=True) for m in METHODS}
+    summary["unsteered"] = summarize_rows([r for r in held_out if r.method == "none"], intervals=True)
     if claude_judge is not None:
-        summary["unsteered"]["claude_on_concept"] = rounded(mean(u["claude_on_concept"] for u in unsteered.values()))
-        both = [r for r in judged if "claude" in r.scores]
+        both = [r for r in held_out if "claude" in r.scores]
         summary["claude_offline_agreement"] = rounded(
-            mean(float((r.scores["concept"] >= 1) == (r.scores["claude"]["concept"] >= 1)) for r in both)
+            mean(float(r.scores["concept"] == r.scores["claude"]["concept"]) for r in both)
         )
-    summary["judge_keyword_agreement"] = rounded(
-        mean(float((r.scores["concept"] >= 1) == bool(r.scores["keyword"])) for r in judged)
-    )
     return {
         "hook_point": bench.sae.cfg.hook_point,
         "residual_norm": round(bench.norm, 4),
         "diffmean_activations": bench.diffmean_source,
         "factors": list(factors),
         "output_factor": output_factor,
-        "instructions": {
-            "select": [bench.instructions[p] for p in bench.select],
-            "test": [bench.instructions[p] for p in bench.test],
-        },
-        "unsteered_examples": [r.text for r in plain_test],
+        "instructions": bench.instructions,
+        "select": bench.select,
+        "test": bench.test,
         "latents": latents,
         "summary": summary,
+        "rows": [row_record(r) for r in baseline + sweep + test],
         "output_scores": {str(lat): round(float(s), 5) for lat, s, c in zip(pool, scores.tolist(), concept) if c},
         "promoted_scores": {str(lat): round(float(s), 5) for lat, s in zip(pool, out["promoted"].tolist())},
     }

@@ -1,22 +1,19 @@
 """The offline steering judge: AxBench's three 0-2 scores and their harmonic mean, without an LLM.
 
-AxBench (Wu et al. 2025) has an LLM rate each steered answer 0, 1 or 2 for concept (does it express
-the concept?), instruction (does it still answer the prompt?) and fluency, and reports the harmonic
-mean (0 when any score is 0). Offline, each score is calibrated against text whose answer is known:
+AxBench (Wu et al. 2025) has an LLM rate each steered answer 0, 1 or 2 for concept (does it express the
+concept?), instruction (does it still answer the prompt?) and fluency, and reports the harmonic mean (0 when
+any score is 0). Offline, each score is a rule on a few numbers read from (concept, instruction, response)
+and the clean model, whose thresholds were fitted to hand ratings (tests/data/steering_ratings: GUIDE.md says
+how they were made; `python scripts/steering_ratings.py agree` prints this judge's agreement with them):
 
-concept      cos(MiniLM(continuation), c_l) with c_l the normalised sum of the concept's embedding (the
-             meaning's key words, steering_eval.concept_phrase: "film, movie", not "the tokens "film",
-             "movie" (often after ...)", whose phrasing every meaning shares) and the centroid of the
-             latent's top-activating sentences (the first `n_reference`).
-             1 above tau1 = the 95th percentile over the latent's *silent* corpus sentences (concept-
-             free text: ~5% of it scores >= 1 by construction), 2 above tau2 = the median over its
-             held-out activating sentences (ranks after the reference ones: text that does carry it).
-             Unsteered continuations are not used to calibrate, so their rate is a real check.
-instruction  where the continuation's own prompt ranks among all evaluation prompts by cos(MiniLM):
-             2 first, 1 in the better half, 0 otherwise (an off-topic text ranks at chance).
-fluency      the clean model's mean per-token loss on the continuation over that of the unsteered
-             continuations of the same prompt, r: 2 for r <= 1.5, 1 for r <= 2.5, else 0; 0 as well when
-             more than half the tokens repeat (loops are cheap to predict) or nothing was generated.
+concept      mentions: the response's words that start with a concept word's stem ("breed" -> "breeds"), plus
+             those whose MiniLM embedding is close to a concept word's ("puppy" for "dog"); and the MiniLM
+             cosine of the whole response with the concept phrase. 2 for >= CONCEPT_MENTIONS[1] mentions or a
+             cosine >= CONCEPT_COSINE[1]; 1 for >= CONCEPT_MENTIONS[0] or >= CONCEPT_COSINE[0].
+instruction  the MiniLM cosine of the response with its instruction: 2 from INSTRUCTION_COSINE[1], 1 from [0].
+fluency      the clean model's mean per-token loss on the response after its instruction (garbled text is
+             expensive) and the share of its words inside a word trigram it repeats (loops are cheap, so the loss
+             alone passes them): 0 at FLUENCY_LOSS[1] or FLUENCY_LOOP[1], 1 at [0] of either, else 2.
 """
 
 from __future__ import annotations
@@ -24,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,67 +41,114 @@ from pipeline.interpret.batches import (
     read_results,
     submit,
 )
+from pipeline.steering.concept import is_content_word
 
-CONCEPT_QUANTILE = 0.95
-FLUENCY_RATIOS = (1.5, 2.5)
-MAX_REPETITION = 0.5
-
-
-@dataclass
-class ConceptReference:
-    vector: torch.Tensor
-    """[384] unit concept embedding."""
-    tau1: float
-    """Score 1 from here: the 95th percentile over silent sentences."""
-    tau2: float
-    """Score 2 from here: the median over held-out activating sentences (at least tau1)."""
+WORD_SIMILARITY = 0.6
+"""A response word is a mention when its MiniLM cosine with a concept word reaches this."""
+CONCEPT_MENTIONS = (1, 2)
+CONCEPT_COSINE = (0.35, 0.5)
+INSTRUCTION_COSINE = (0.2, 0.35)
+FLUENCY_LOSS = (2.5, 4.0)
+FLUENCY_LOOP = (0.3, 0.5)
 
 
-def concept_references(
-    encoder, examples, meanings: dict[int, str], latents: list[int], n_reference: int = 8, n_held: int = 8
-) -> dict[int, ConceptReference]:
-    """One ConceptReference per latent from its meaning, top sentences and silent sentences."""
-    plan = {}
-    texts: dict[str, None] = {}
-    for lat in latents:
-        top = [r["sentence_id"] for r in examples.top.get(lat, [])]
-        ref, held, silent = top[:n_reference], top[n_reference : n_reference + n_held], examples.silent.get(lat, [])
-        plan[lat] = (ref, held, silent)
-        texts[meanings[lat]] = None
-        for s in ref + held + silent:
-            texts[examples.sentences[s]["text"]] = None
-    order = list(texts)
-    vec = dict(zip(order, encoder.encode(order))) if order else {}
-    out = {}
-    for lat, (ref, held, silent) in plan.items():
-        text = [examples.sentences[s]["text"] for s in ref]
-        c = torch.nn.functional.normalize(vec[meanings[lat]], dim=0)
-        if text:
-            c = c + torch.nn.functional.normalize(torch.stack([vec[t] for t in text]).mean(0), dim=0)
-        c = torch.nn.functional.normalize(c, dim=0)
-        sil = [float(vec[examples.sentences[s]["text"]] @ c) for s in silent]
-        act = [float(vec[examples.sentences[s]["text"]] @ c) for s in held]
-        tau1 = float(torch.tensor(sil).quantile(CONCEPT_QUANTILE)) if sil else 1.0
-        tau2 = max(float(torch.tensor(act).median()), tau1) if act else math.inf
-        out[lat] = ConceptReference(c, tau1, tau2)
-    return out
+@dataclass(frozen=True)
+class JudgeItem:
+    concept: str
+    """The concept phrase ("museum, gallery"; pipeline/steering/concept.py)."""
+    instruction: str
+    response: str
+    loss: float
+    """The clean model's mean per-token loss on the response after the instruction (nan: not read)."""
 
 
-def concept_score(similarity: float, ref: ConceptReference) -> int:
-    return 2 if similarity > ref.tau2 else 1 if similarity > ref.tau1 else 0
+def stem(word: str) -> str:
+    """A prefix that also starts the word's other forms ("biology" -> "biolo" for "biological")."""
+    return word if len(word) < 6 else word[:-2]
 
 
-def instruction_score(similarities: torch.Tensor, own: int) -> int:
-    """similarities [P]: the continuation against every evaluation prompt; own: its prompt's index."""
-    rank = int((similarities > similarities[own]).sum())  # 0 = best
-    return 2 if rank == 0 else 1 if rank < len(similarities) / 2 else 0
+def loop_share(text: str) -> float:
+    """Share of the text's words inside a word trigram that occurs more than once (a loop's signature)."""
+    words = re.findall(r"\w+", text.lower())
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    counts = Counter(grams)
+    inside = set()
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            inside.update((i, i + 1, i + 2))
+    return len(inside) / len(words) if words else 0.0
 
 
-def fluency_score(loss: float, unsteered_loss: float, repetition: float) -> int:
-    if not math.isfinite(loss) or repetition > MAX_REPETITION:
-        return 0
-    ratio = loss / max(unsteered_loss, 1e-6)
-    return 2 if ratio <= FLUENCY_RATIOS[0] else 1 if ratio <= FLUENCY_RATIOS[1] else 0
+class OfflineJudge:
+    """AxBench's three scores from MiniLM (any SentenceEncoder) and the clean model's loss (see the docstring)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self._vectors: dict[str, torch.Tensor] = {}
+
+    def vectors(self, texts) -> list[torch.Tensor]:
+        """[384] unit embeddings, each text embedded once per judge."""
+        new = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        if new:
+            self._vectors.update(zip(new, self.encoder.encode(new)))
+        return [self._vectors[t] for t in texts]
+
+    def features(self, items: list[JudgeItem]) -> list[dict]:
+        concept_words = [[w for w in re.findall(r"[a-z]+", it.concept.lower()) if is_content_word(w)] for it in items]
+        response_words = [[w for w in re.findall(r"[a-z]+", it.response.lower()) if is_content_word(w)] for it in items]
+        self.vectors([w for ws in concept_words + response_words for w in ws])
+        texts = self.vectors([it.response for it in items])
+        concepts = self.vectors([it.concept for it in items])
+        instructions = self.vectors([it.instruction for it in items])
+        out = []
+        for it, cw, rw, t, c, i in zip(items, concept_words, response_words, texts, concepts, instructions):
+            stems = [stem(w) for w in cw]
+            exact = sum(1 for w in rw if any(w.startswith(s) for s in stems))
+            related = 0
+            if cw:
+                cv = torch.stack(self.vectors(cw))  # [n_words, 384]
+                for w in rw:
+                    if (
+                        not any(w.startswith(s) for s in stems)
+                        and float((cv @ self._vectors[w]).max()) >= WORD_SIMILARITY
+                    ):
+                        related += 1
+            out.append(
+                {
+                    "mentions": exact + related,
+                    "exact_mentions": exact,
+                    "similarity": float(t @ c),
+                    "instruction_similarity": float(t @ i),
+                    "loss": it.loss,
+                    "loop": loop_share(it.response),
+                    "empty": not it.response.strip(),
+                }
+            )
+        return out
+
+    def score(self, items: list[JudgeItem]) -> list[dict]:
+        """Per item: its features and concept, instruction, fluency (0-2), harmonic."""
+        return [f | rate(f) for f in self.features(items)]
+
+
+def rate(f: dict) -> dict:
+    """The three scores from one item's features (the thresholds above)."""
+
+    def level(value: float, thresholds: tuple) -> int:
+        return 2 if value >= thresholds[1] else 1 if value >= thresholds[0] else 0
+
+    if f["empty"]:
+        return {"concept": 0, "instruction": 0, "fluency": 0, "harmonic": 0.0}
+    concept = max(level(f["mentions"], CONCEPT_MENTIONS), level(f["similarity"], CONCEPT_COSINE))
+    instruction = level(f["instruction_similarity"], INSTRUCTION_COSINE)
+    loss = f["loss"] if math.isfinite(f["loss"]) else 0.0
+    fluency = 2 - max(level(loss, FLUENCY_LOSS), level(f["loop"], FLUENCY_LOOP))
+    return {
+        "concept": concept,
+        "instruction": instruction,
+        "fluency": fluency,
+        "harmonic": harmonic_mean(concept, instruction, fluency),
+    }
 
 
 def harmonic_mean(*scores: float) -> float:

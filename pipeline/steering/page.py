@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from llama_3.errors import PipelineInputError
 from llama_3.generation import check_splice_on
 from pipeline.interpret.embedding import SentenceEncoder
-from pipeline.steering.evaluation import Row, concept_phrase, read_continuations
+from pipeline.steering.concept import concept_phrase
+from pipeline.steering.evaluation import Row, read_continuations
 from pipeline.steering.output_score import promoted_tokens
 from pipeline.steering.results import open_for_sae
 from pipeline.steering.session import Session

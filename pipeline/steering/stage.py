@@ -28,8 +28,8 @@ from pipeline.steering.session import Session
 from pipeline.top_sentences.tables import TopSentences, open_top_sentences
 
 # in the fingerprint: a results.json of an older method is not reused (2: concept output score; 3: the judge
-# embeds the meaning's key words)
-METHOD_VERSION = 3
+# embeds the meaning's key words; 4: every row kept, concept words, factors that change the text)
+METHOD_VERSION = 4
 
 
 def request_fingerprint(cfg: SteeringEvalConfig) -> str:
@@ -121,6 +121,7 @@ def evaluate_steering(cfg: SteeringEvalConfig) -> dict:
         cfg.test_instructions,
         capture,
         capture_sentences,
+        explicit=bool(cfg.latents),
     )
     sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
     doc = evaluate(

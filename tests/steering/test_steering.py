@@ -18,7 +18,7 @@ from llama_3.generation import Generator
 from llama_3_inference import InferenceConfig
 from llama_3_inference import main as inference_main
 from pipeline.sae.model import SaeConfig, TopKSae
-from pipeline.steering.evaluation import keyword_hit, meaning_keywords
+from pipeline.steering.concept import concept_words
 from pipeline.steering.session import Session
 from pipeline.steering.splice import (
     SteerableSae,
@@ -247,13 +247,13 @@ def test_meaning_search_keywords_and_ranking(tiny, sae_dir, tmp_path):
     assert [h["latent"] for h in s.search("RIVERS europe")] == [8]
     assert s.search("8")[0]["latent"] == 8 and s.search("4000") == []
     assert s.best_latents(2) == [8, 3]
-    assert meaning_keywords('the tokens "bone", "bones" (often after "the")') == ["bone", "bones"]
-    assert meaning_keywords("rivers and lakes in Europe") == ["rivers", "lakes", "europe"]
-    assert (
-        keyword_hit("Bones heal.", ["bone"])
-        and not keyword_hit("trombone", ["bone"])
-        and not keyword_hit("a to b", ["to"])
-    )
+    # what the steering evaluation steers towards: each meaning form's concept words
+    assert concept_words('the tokens "bone", "bones" (often after "the")') == ["bone", "bones"]
+    assert concept_words("rivers and lakes in Europe") == ["rivers", "lakes", "europe"]
+    museum = 'the word "museum" ("the museum", "museum in"); also "gallery", "o", "the"; context: national, york'
+    assert concept_words(museum) == ["museum", "gallery"]
+    assert concept_words('plant life — "plants", "of", "plant"; flowering, genus') == ["plant", "life", "plants"]
+    assert concept_words('the punctuation "," (as in ", and")') == concept_words('the word piece "g" inside') == []
 
 
 def test_inference_cli_steers_inspects_and_chats(tiny, sae_dir, tmp_path, capsys, monkeypatch):

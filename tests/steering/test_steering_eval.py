@@ -16,15 +16,9 @@ from llama_3 import PipelineInputError, load_model
 from llama_3.hooks import Splice
 from pipeline.core.tokenization import Tokenization
 from pipeline.sae.model import SaeConfig, TopKSae
-from pipeline.steering.evaluation import Row, add_strength, common_words, concept_tokens, read_continuations
-from pipeline.steering.judge import (
-    ConceptReference,
-    concept_references,
-    concept_score,
-    fluency_score,
-    harmonic_mean,
-    instruction_score,
-)
+from pipeline.steering.concept import common_words, concept_tokens, is_function_fragment
+from pipeline.steering.evaluation import Row, add_strength, best_factor, read_continuations
+from pipeline.steering.judge import JudgeItem, OfflineJudge, harmonic_mean, loop_share, rate
 from pipeline.steering.output_score import output_scores, promoted_tokens, resume_layer
 from pipeline.steering.splice import SteeringEntry, hook_activations, sae_splice
 from pipeline.steering.vectors import (
@@ -152,6 +146,13 @@ def test_concept_tokens_start_the_rare_key_words_of_a_meaning(tiny):
     ]  # the tiny BPE's pieces of >= 3 letters
     assert concept_tokens(meaning, tok, common) == expected
     assert concept_tokens('the tokens "cat", "the"', tok, common) == []
+    # a word whose first token is a function word or the start of one (" theria" -> " the") says nothing
+    for word in ("theria", "whereupon", "herons", "anderson", "thus"):
+        first = tok.encode(" " + word, bos=False)[0]
+        if is_function_fragment(tok.decode([first])):
+            assert first not in concept_tokens(f'the tokens "{word}"', tok, frozenset())
+    assert is_function_fragment(" the") and is_function_fragment("Wh") and is_function_fragment(" ")
+    assert not is_function_fragment(" Moo") and not is_function_fragment("theatre")
     assert concept_tokens('the tokens "capital", "cat", "dog", "xy"', tok, common) == []  # 1 rare word of 4
 
 
@@ -200,40 +201,74 @@ def test_read_continuations_equal_one_row_at_a_time(lm, sae):
         assert act == (pytest.approx(float(codes[:, r.latent].mean()), abs=1e-5) if r.latent is not None else 0.0)
 
 
-def test_judge_scores_follow_their_calibration():
+def test_offline_judge_counts_mentions_and_loops_and_follows_its_thresholds(monkeypatch):
+    import pipeline.steering.judge as judge
+
     class FakeEncoder:
-        """Texts are 'v:<x>,<y>' -> the unit vector (x, y)."""
+        """Known words and texts -> fixed unit vectors; anything else -> a vector of its own."""
+
+        table = {"dog": [1, 0, 0], "puppy": [0.8, 0.6, 0], "cat": [0.5, 0.866, 0], "walk": [0, 0, 1]}
 
         def encode(self, texts):
-            vs = torch.tensor([[float(u) for u in t.split(":")[1].split(",")] for t in texts])
-            return torch.nn.functional.normalize(vs, dim=-1)
+            out = []
+            for t in texts:
+                v = self.table.get(t, [0, 1, 0] if "park" in t else [0.1, 0.1, 0.99])
+                out.append(torch.tensor(v, dtype=torch.float))
+            return torch.nn.functional.normalize(torch.stack(out), dim=-1)
 
-    class Examples:
-        sentences = {i: {"text": f"v:1,{i / 10}"} for i in range(20)}
-        sentences |= {100 + i: {"text": f"v:{i / 10},1"} for i in range(20)}
-        top = {7: [{"sentence_id": i} for i in range(12)]}
-        silent = {7: [100 + i for i in range(20)]}
-
-    refs = concept_references(FakeEncoder(), Examples(), {7: "v:1,0"}, [7], n_reference=4, n_held=8)
-    ref = refs[7]
-    c = torch.nn.functional.normalize(
-        torch.nn.functional.normalize(torch.tensor([1.0, 0.0]), dim=0)
-        + torch.nn.functional.normalize(FakeEncoder().encode([f"v:1,{i / 10}" for i in range(4)]).mean(0), dim=0),
-        dim=0,
-    )
-    torch.testing.assert_close(ref.vector, c)
-    sil = FakeEncoder().encode([f"v:{i / 10},1" for i in range(20)]) @ c
-    held = FakeEncoder().encode([f"v:1,{i / 10}" for i in range(4, 12)]) @ c
-    assert ref.tau1 == pytest.approx(float(np.quantile(sil.numpy(), 0.95)), rel=1e-5)
-    assert ref.tau2 == pytest.approx(max(float(torch.median(held)), ref.tau1), rel=1e-5)
-    assert float((sil > ref.tau1).float().mean()) <= 0.05 + 1e-9  # ~5% of concept-free text scores >= 1
-    assert [concept_score(s, ConceptReference(c, 0.2, 0.6)) for s in (0.1, 0.2, 0.5, 0.61)] == [0, 0, 1, 2]
-    sims = torch.tensor([0.1, 0.9, 0.3, 0.5])
-    assert [instruction_score(sims, i) for i in (1, 3, 2, 0)] == [2, 1, 0, 0]
-    assert [fluency_score(x, 2.0, 0.1) for x in (2.9, 3.0, 3.1, 5.0, 5.1, math.nan)] == [2, 2, 1, 1, 0, 0]
-    assert fluency_score(2.0, 2.0, 0.6) == 0  # a loop is cheap to predict but not fluent
+    monkeypatch.setattr(judge, "WORD_SIMILARITY", 0.7)
+    items = [
+        JudgeItem("dog", "walk", "Dogs and a puppy and a cat in the park.", 1.0),
+        JudgeItem("dog", "walk", "", math.nan),
+    ]
+    f = OfflineJudge(FakeEncoder()).features(items)
+    # "dogs" starts with the stem, "puppy" is close (0.8 >= 0.7), "cat" is not (0.5), "park" is not a word of it
+    assert f[0]["exact_mentions"] == 1 and f[0]["mentions"] == 2
+    assert f[0]["similarity"] == pytest.approx(0.0, abs=1e-6)  # the text (park) against "dog"
+    assert rate(f[1]) == {"concept": 0, "instruction": 0, "fluency": 0, "harmonic": 0.0}
+    # loops: the share of words inside a repeated word trigram, against brute force
+    text = "a Roman Emperor, a Roman Emperor, a Roman Emperor is here"
+    words = ["a", "roman", "emperor"] * 3 + ["is", "here"]
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    inside = {j for i, g in enumerate(grams) if grams.count(g) > 1 for j in range(i, i + 3)}
+    assert loop_share(text) == pytest.approx(len(inside) / len(words)) and loop_share("one two three") == 0
+    # each score's rule at its thresholds
+    monkeypatch.setattr(judge, "CONCEPT_MENTIONS", (1, 3))
+    monkeypatch.setattr(judge, "CONCEPT_COSINE", (0.3, 0.6))
+    monkeypatch.setattr(judge, "INSTRUCTION_COSINE", (0.2, 0.4))
+    monkeypatch.setattr(judge, "FLUENCY_LOSS", (2.0, 4.0))
+    monkeypatch.setattr(judge, "FLUENCY_LOOP", (0.3, 0.6))
+    base = {"mentions": 0, "similarity": 0.0, "instruction_similarity": 0.5, "loss": 1.0, "loop": 0.0, "empty": False}
+    concept = [
+        rate(base | {"mentions": m, "similarity": s})["concept"] for m, s in ((0, 0.29), (1, 0), (3, 0), (0, 0.6))
+    ]
+    assert concept == [0, 1, 2, 2]
+    assert [rate(base | {"instruction_similarity": x})["instruction"] for x in (0.1, 0.2, 0.4)] == [0, 1, 2]
+    fluency = [rate(base | {"loss": x, "loop": y})["fluency"] for x, y in ((1, 0), (2, 0), (4, 0), (1, 0.3), (1, 0.6))]
+    assert fluency == [2, 1, 0, 1, 0]
+    assert rate(base | {"loss": math.nan})["fluency"] == 2  # not read: the loops alone decide
     assert harmonic_mean(2, 2, 2) == 2 and harmonic_mean(1, 2, 0) == 0
     assert harmonic_mean(1, 2, 2) == pytest.approx(3 / (1 + 0.5 + 0.5))
+
+
+def test_best_factor_is_never_one_that_left_the_text_unchanged():
+    plain = {0: "plain a", 1: "plain b"}
+
+    def rows(factor, texts, harmonic, concept=0):
+        return [
+            Row(p, "sae", 1, factor, text=t, scores={"harmonic": harmonic, "concept": concept})
+            for p, t in enumerate(texts)
+        ]
+
+    # all harmonic 0: the tie does not fall back to the smallest factor, which changed nothing
+    sweep = rows(0.1, ["plain a", "plain b"], 0) + rows(0.2, ["x", "plain b"], 0) + rows(0.4, ["x", "y"], 0)
+    assert best_factor(sweep, plain, [0.1, 0.2, 0.4]) == 0.4
+    sweep += rows(0.8, ["z", "w"], 0, concept=1)  # changed too, and more on-concept
+    assert best_factor(sweep, plain, [0.1, 0.2, 0.4, 0.8]) == 0.8
+    sweep += rows(1.6, ["u", "v"], 1.0)
+    assert best_factor(sweep, plain, [0.1, 0.2, 0.4, 0.8, 1.6]) == 1.6
+    same = rows(0.1, ["plain a", "plain b"], 1.0) + rows(0.2, ["plain a", "plain b"], 0)
+    assert best_factor(same, plain, [0.1, 0.2]) == 0.2  # nothing changes the text: the strongest push
 
 
 def top_sentences(tiny, root, out, **kw) -> None:
@@ -326,12 +361,59 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     )
     doc = eval_main(cfg)
     assert doc["diffmean_activations"] == str(root / "acts")  # where top sentences read them
+    rows = doc["rows"]
+    scores = {int(k): v for k, v in doc["output_scores"].items()}
+    promoted = {int(k): v for k, v in doc["promoted_scores"].items()}
+    assert sorted(promoted) == firing  # every latent with a meaning that fires
+    assert sorted(scores) == firing[:2]  # those whose meaning names concept words ("w" does not)
+    # only those are steered (nothing to be on-concept for otherwise), best output score first
+    best = sorted(scores, key=lambda lat: (-scores[lat], lat))
+    assert [r["latent"] for r in doc["latents"]] == best
+    assert {r["concept"] for r in doc["latents"]} == {"capital, berlin", "moon, germany"}  # not "the tokens"
+    # every row kept: per latent, each instruction unsteered, the sweep (2 methods x 2 factors x 2 select
+    # instructions) and the test (2 steered methods and prompting x 2 test instructions)
+    assert len(rows) == 2 * (4 + 2 * 2 * 2 + 3 * 2)
+    for lat in best:
+        mine = [r for r in rows if r["latent"] == lat]
+        assert sorted((r["method"], r["phase"]) for r in mine if r["method"] in ("none", "prompt")) == sorted(
+            [("none", "select")] * 2 + [("none", "test")] * 2 + [("prompt", "test")] * 2
+        )
+        for m in ("sae", "diffmean"):
+            cell = next(r["methods"][m] for r in doc["latents"] if r["latent"] == lat)
+            sweep = [
+                Row(r["prompt"], m, lat, r["factor"], text=r["text"], scores=r)
+                for r in mine
+                if r["method"] == m and r["phase"] == "select"
+            ]
+            plain = {r["prompt"]: r["text"] for r in mine if r["method"] == "none"}
+            assert cell["best_factor"] == best_factor(sweep, plain, cfg.factors)
+            assert cell["strength"] == pytest.approx(cell["best_factor"] * doc["residual_norm"], rel=1e-3)
+            test = [r for r in mine if r["method"] == m and r["phase"] == "test"]
+            assert {r["factor"] for r in test} == {cell["best_factor"]} and len(test) == 2
+        plain = {r["prompt"]: r["text"] for r in mine if r["method"] == "none"}
+        assert all(r["changed"] == (r["text"] != plain[r["prompt"]]) for r in mine if r["method"] != "none")
+    for m in ("sae", "diffmean", "prompt"):  # the summary is over the held-out rows
+        test = [r for r in rows if r["method"] == m and r["phase"] == "test"]
+        summary = doc["summary"][m]
+        assert summary["rows"] == 4 and summary["harmonic"] == pytest.approx(np.mean([r["harmonic"] for r in test]))
+        assert summary["on_concept"] == pytest.approx(np.mean([r["concept"] == 2 for r in test]))
+        assert summary["concept_any"] == pytest.approx(np.mean([r["concept"] >= 1 for r in test]))
+        low, high = summary["on_concept_ci"]
+        assert low <= summary["on_concept"] <= high
+    # the typed reader gives the same rows, and each latent's held-out table puts every method beside unsteered
+    from pipeline.steering.results import SteeringEvalOutput
+
+    done = SteeringEvalOutput.open(cfg.out)
+    assert [(r.method, r.text, r.concept) for r in done.rows] == [(r["method"], r["text"], r["concept"]) for r in rows]
+    table = done.side_by_side(best[0])
+    assert [t["instruction"] for t in table] == ["f g h i", "j k"]
+    assert all(set(t) == {"instruction", "none", "sae", "diffmean", "prompt"} for t in table)
     # the hint steers the best SAE latent at its recommended add strength (SAE units, from the sweep)
     hint = re.search(r"--steer (\d+):add:(\S+) --inspect 5 --chat 'f g h i' --temperature 0", capsys.readouterr().out)
     by_latent = {r["latent"]: r["methods"]["sae"] for r in doc["latents"]}
     assert by_latent[int(hint[1])]["test"]["harmonic"] == max(c["test"]["harmonic"] for c in by_latent.values())
     assert float(hint[2]) == pytest.approx(by_latent[int(hint[1])]["add_strength"], rel=1e-2)
-    # ... and the terminal CLI's `add` at that strength on that instruction gives the evaluation's example
+    # ... and the terminal CLI's `add` at that strength on that instruction gives the evaluation's row
     from pipeline.steering.session import Session
     from pipeline.steering.splice import SteeringEntry
 
@@ -339,45 +421,18 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     prompt = session.loaded.chat_format.encode_dialog([{"role": "user", "content": "f g h i"}])
     entry = SteeringEntry(int(hint[1]), "add", float(hint[2]))  # as printed
     [(_, steered)] = session.complete([prompt], [entry], max_new_tokens=4, temperature=0)
-    assert steered.text == by_latent[int(hint[1])]["example"]
-    scores = {int(k): v for k, v in doc["output_scores"].items()}
-    promoted = {int(k): v for k, v in doc["promoted_scores"].items()}
-    assert sorted(promoted) == firing  # every latent with a meaning that fires
-    assert sorted(scores) == firing[:2]  # those whose meaning names words
-    # the two with concept tokens by their output score, then the best of the rest by promoted tokens
-    best3 = sorted(scores, key=lambda lat: (-scores[lat], lat)) + sorted(firing[2:], key=lambda lat: -promoted[lat])[:1]
-    assert [r["latent"] for r in doc["latents"]] == best3
-    assert [bool(r["concept_tokens"]) for r in doc["latents"]] == [True, True, False]
-    # the judge's concept is the meaning's key words ("capital, berlin"), not the phrasing around them
-    from pipeline.interpret.embedding import SentenceEncoder
-    from pipeline.interpret.explainers import LatentExamples
-    from pipeline.steering.evaluation import concept_phrase
-    from pipeline.top_sentences.tables import open_top_sentences
-
-    meanings = {m["latent"]: m["meaning"] for m in json.loads((root / "m" / "test.json").read_text())["latents"]}
-    phrases = {lat: concept_phrase(meanings[lat]) for lat in best3}
-    assert phrases[best3[0]] in ("capital, berlin", "moon, germany")
-    refs = concept_references(
-        SentenceEncoder(), LatentExamples.load(open_top_sentences(root / "top"), "max"), phrases, best3
+    assert steered.text == next(
+        r["text"]
+        for r in rows
+        if r["latent"] == int(hint[1]) and r["method"] == "sae" and r["phase"] == "test" and r["prompt"] == 2
     )
-    for r in doc["latents"]:
-        assert r["concept_thresholds"][0] == pytest.approx(refs[r["latent"]].tau1, abs=1e-4)
-    for r in doc["latents"]:
-        for m in ("sae", "diffmean"):
-            cell = r["methods"][m]
-            sweep = {float(f): c["harmonic"] for f, c in cell["sweep"].items()}
-            assert cell["best_factor"] == max(sweep, key=lambda f: (sweep[f], -f))
-            assert cell["strength"] == pytest.approx(cell["best_factor"] * doc["residual_norm"], rel=1e-3)
-        assert set(r["methods"]["prompt"]["test"]) >= {"concept", "instruction", "fluency", "harmonic"}
-    for m in ("sae", "diffmean", "prompt"):  # two test rows per latent: the summary is the mean of the latents'
-        per_latent = [r["methods"][m]["test"]["harmonic"] for r in doc["latents"]]
-        assert doc["summary"][m]["harmonic"] == pytest.approx(sum(per_latent) / 3, abs=1e-3)
     # the unsteered rows rode in the steered batches with a zero vector: exactly the clean model
     lm = load_model(tiny.hf_dir)
     assert lm.chat_format is not None  # instructions go through the chat template
-    dialogs = [[{"role": "user", "content": t}] for t in ("f g h i", "j k")]
+    dialogs = [[{"role": "user", "content": t}] for t in ("a b c", "d e", "f g h i", "j k")]
     clean = Generator(lm).chat_completion(dialogs, max_new_tokens=4, temperature=0)
-    assert doc["unsteered_examples"] == [c.text for c in clean]
+    unsteered = [r for r in rows if r["method"] == "none" and r["latent"] == best[0]]
+    assert [r["text"] for r in sorted(unsteered, key=lambda r: r["prompt"])] == [c.text for c in clean]
     one_by_one = eval_main(SteeringEvalConfig(**{**cfg.__dict__, "batch_rows": 1, "force": True}))
     assert one_by_one == doc
     capsys.readouterr()
@@ -439,7 +494,7 @@ def test_the_claude_judge_rates_every_held_out_continuation_through_batches(tiny
     def answer(cid, params):
         prompt = params["messages"][0]["content"]
         seen.append(prompt)
-        assert "Concept: the token" in prompt and "Instruction:" in prompt and "Response:" in prompt
+        assert re.search(r"Concept: (capital, berlin|moon, germany)\n", prompt) and "Instruction:" in prompt
         return "succeeded", 'Scores: {"concept": 2, "instruction": 2, "fluency": 1}'
 
     root, _ = demo_inputs
@@ -470,9 +525,11 @@ def test_the_claude_judge_rates_every_held_out_continuation_through_batches(tiny
         for m in ("sae", "diffmean", "prompt"):
             claude = doc["summary"][m]["claude"]
             assert claude["rated"] == 4 and claude["harmonic"] == pytest.approx(1.5) and claude["on_concept"] == 1.0
-        assert doc["summary"]["unsteered"]["claude_on_concept"] == 1.0
-        offline = [doc["summary"][m]["on_concept"] for m in ("sae", "diffmean", "prompt")]
-        assert doc["summary"]["claude_offline_agreement"] == pytest.approx(sum(offline) / 3, abs=1e-3)
+        assert doc["summary"]["unsteered"]["claude"]["on_concept"] == 1.0
+        held_out = [r for r in doc["rows"] if r["phase"] == "test"]
+        assert len(held_out) == n_rows and all(r["claude"]["concept"] == 2 for r in held_out)
+        offline = np.mean([r["concept"] == 2 for r in held_out])  # Claude says 2 everywhere
+        assert doc["summary"]["claude_offline_agreement"] == pytest.approx(offline, abs=1e-3)
         (tmp_path / "eval" / "results.json").unlink()  # killed after the batches were sent
         again = eval_main(cfg)
         assert server.create_attempts == 1 and len(server.batches) == 1  # adopted, not sent again
