@@ -73,7 +73,7 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
         """The latent box takes the clicked latent; where the sweep recommends a strength, `add` at it."""
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         try:
-            latent = int(table.iloc[row, 0])
+            latent = int(table.iloc[row, 0])  # the first column: latent
         except (AttributeError, IndexError, ValueError, TypeError):
             return gr.update(), gr.update(), gr.update()
         if latent in page.recommended:
@@ -107,7 +107,10 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=3):
                 prompts = gr.Textbox(
-                    label="Prompts (one per line)", lines=4, value="My favourite food is", elem_id="prompts"
+                    label="Prompts (one per line)",
+                    lines=4,
+                    value="Write a few sentences about a city at night.",
+                    elem_id="prompts",
                 )
                 with gr.Row():
                     greedy = gr.Checkbox(label="Greedy", value=True, elem_id="greedy")
@@ -130,18 +133,24 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
                         elem_id="sort_by",
                     )
                     search_btn = gr.Button("Search", elem_id="search_button")
-                hits = gr.Dataframe(
-                    headers=["latent", "detection score", "output score", "recommended add", "meaning", "promotes"],
+                hits = gr.Dataframe(  # what a latent means and does first: visible without scrolling sideways
+                    headers=["latent", "meaning", "promotes", "detection", "output score", "recommended add"],
                     interactive=False,
-                    max_height=240,
+                    wrap=True,
+                    column_widths=["9%", "38%", "27%", "9%", "8%", "9%"],
+                    max_height=320,
                     elem_id="search_results",
                 )
+        first_latent, first_mode, first_strength = page.default_entry()  # one that steers, from the evaluation
         with gr.Row():
             latent = gr.Number(
-                label=f"Latent (0..{n_latents - 1}; click a search result)", precision=0, value=0, elem_id="latent"
+                label=f"Latent (0..{n_latents - 1}; click a search result)",
+                precision=0,
+                value=first_latent,
+                elem_id="latent",
             )
-            mode = gr.Radio(list(MODES), value="clamp", label="Mode", elem_id="mode")
-            strength = gr.Number(label="Strength", value=8.0, elem_id="strength")
+            mode = gr.Radio(list(MODES), value=first_mode, label="Mode", elem_id="mode")
+            strength = gr.Number(label="Strength", value=first_strength, elem_id="strength")
             add_btn = gr.Button("Add steering entry", elem_id="add_entry")
             clear_btn = gr.Button("Clear entries")
         entries_view = gr.Dataframe(
@@ -152,13 +161,17 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
             headers=[
                 "prompt",
                 "latent (first entry)",
-                "its activation on the text",
-                "clean model's loss per token",
-                "similarity to its meaning (MiniLM)",
+                "concept judged",
+                "concept 0-2",
+                "instruction 0-2",
+                "fluency 0-2",
+                "harmonic",
+                "its activation",
             ],
             interactive=False,
+            wrap=True,
             elem_id="judge",
-            label="What the steering did, unsteered -> steered",
+            label="What the steering did, unsteered -> steered (the steering evaluation's offline judge)",
         )
         with gr.Row():
             out_plain = gr.Textbox(label="Unsteered", lines=8, elem_id="out_unsteered")
@@ -189,13 +202,15 @@ def main(cfg: GradioConfig, block: bool = True) -> gr.Blocks:
     session = Session.open(cfg.model, cfg.sae, cfg.meanings, cfg.device, cfg.dtype)
     app = build_app(session, cfg)
     app.queue(default_concurrency_limit=1)  # one model: requests take turns
+    if block:  # our line, not Gradio's "set `share=True` in `launch()`": this page's switch is a flag
+        print(f"steering page: http://{cfg.host}:{cfg.port}" + ("" if cfg.share else "  (--share: a public link)"))
     app.launch(
         server_name=cfg.host,
         server_port=cfg.port,
         share=cfg.share,
         prevent_thread_lock=not block,
         show_error=True,
-        quiet=not block,
+        quiet=True,
     )
     return app
 

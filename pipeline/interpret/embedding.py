@@ -46,6 +46,11 @@ class SentenceEncoder:
         self.tokenizer.enable_padding(pad_id=self.pad_id)
         self.device = device
 
+    def whole_words(self) -> frozenset[str]:
+        """The vocabulary's whole words (lowercase letters; no "##" continuation piece): a check that a word
+        an explainer listed is a word."""
+        return frozenset(w for w in self.tokenizer.get_vocab() if w.isalpha() and w.islower())
+
     def _layer_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.layer_norm(
             x, x.shape[-1:], self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.cfg["layer_norm_eps"]

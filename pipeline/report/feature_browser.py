@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from llama_3.errors import PipelineInputError
 from pipeline.core.layout import STEERING_EVAL_DIR
 from pipeline.interpret.meanings import load_meanings
+from pipeline.report.steering_tables import latent_table
 from pipeline.sae.model import TopKSae
-from pipeline.steering.results import open_for_sae
+from pipeline.steering.results import SteeringEvalOutput, open_for_sae
 from pipeline.top_sentences.tables import AGGREGATIONS, SAMPLE, TopSentences
 
 STYLE = """<style>
@@ -177,7 +178,7 @@ def write_browser(
         edges = data.field("histogram_edges", list)
         for s in stats:
             i = s["latent"]
-            extra = extra_sections(i, data, meanings, neighbours.get(i, []), steered.get(i))
+            extra = extra_sections(i, data, meanings, neighbours.get(i, []), steered.get(i), steering)
             page = latent_page(
                 s, by_latent.get(i, {}), silent_by.get(i, []), sent, meanings.get(i), edges, extra, random_z
             )
@@ -191,7 +192,9 @@ def write_browser(
     return target / "index.html"
 
 
-def extra_sections(i: int, data: TopSentences, meanings: dict, near: list, steered: dict | None) -> str:
+def extra_sections(
+    i: int, data: TopSentences, meanings: dict, near: list, steered: dict | None, steering: SteeringEvalOutput | None
+) -> str:
     """The latent page's closest latents, its steering results and the command that steers it."""
     parts = []
     if near:
@@ -202,20 +205,20 @@ def extra_sections(i: int, data: TopSentences, meanings: dict, near: list, steer
         )
         parts.append(f"<h2>Closest latents (decoder cosine)</h2><ul>{items}</ul>")
     strength = 4.0
-    if steered:
+    if steered and steering is not None:
         sae = steered["methods"]["sae"]
         strength = round(sae.get("add_strength") or strength, 2)
         test = sae["test"]
         parts.append(
-            "<h2>Steering (this SAE's evaluation)</h2>"
-            f"<p>best factor {sae.get('best_factor')}: concept {test['concept']:.2f}, instruction "
-            f"{test['instruction']:.2f}, fluency {test['fluency']:.2f}, harmonic {test['harmonic']:.2f} (0-2; "
-            f"unsteered concept {steered['unsteered']['concept']:.2f})</p>"
-            f"<div class='s'>{html.escape(sae.get('example', ''))}</div>"
+            "<h2>Steering (this SAE's evaluation, held-out instructions)</h2>"
+            f"<p>SAE latent at {sae.get('best_factor')} × the stream's norm: on-concept (concept 2) in "
+            f"{test['on_concept']:.0%} of {test['rows']} continuations (unsteered: "
+            f"{steered['unsteered']['on_concept']:.0%}), harmonic {test['harmonic']:.2f} (0-2)</p>"
+            + latent_table(steering, i)
         )
     command = (
         f"python llama_3_inference.py --sae {data.sae_dir} --steer {i}:add:{strength} --inspect 5 "
-        "--chat 'Tell me about your day.'"
+        "--chat 'Write a few sentences about a city at night.'"
     )
     parts.append(f"<h2>Steer with it</h2><pre>{html.escape(command)}</pre>")
     return "".join(parts)

@@ -25,6 +25,7 @@ from llama_3.errors import PipelineInputError  # noqa: E402
 from pipeline.core.layout import MEANINGS_DIR, RUNS_DIR, RunLayout  # noqa: E402
 from pipeline.core.manifest import read_jsonl, write_json_atomic  # noqa: E402
 from pipeline.interpret.meanings import load_meanings  # noqa: E402
+from pipeline.report.steering_tables import latent_table, summary_table  # noqa: E402
 from pipeline.sae.formats import sae_sha256, sae_weights_file  # noqa: E402
 from pipeline.sae.training_run import METRICS_NAME, TrainingRun  # noqa: E402
 from pipeline.steering.results import SteeringEvalOutput  # noqa: E402
@@ -35,6 +36,7 @@ class Report:
     summary: dict = field(default_factory=dict)
     plots: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
     missing: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)  # HTML, after the plots
 
 
 def read_json(path: Path) -> dict | None:
@@ -182,7 +184,7 @@ def steering_plot(paths: RunLayout, report: Report, out: Path) -> None:
     for ax, key, label in zip(
         axes,
         ("harmonic", "on_concept", "fluency"),
-        ("harmonic score (0-2)", "continuations on-concept", "fluency score (0-2)"),
+        ("harmonic score (0-2)", "on-concept (concept 2)", "fluency score (0-2)"),
     ):
         names = methods + (["unsteered"] if key != "harmonic" else [])
         ax.bar(names, [summary[m].get(key) or 0 for m in names], color=[f"C{i}" for i in range(len(names))])
@@ -196,7 +198,18 @@ def steering_plot(paths: RunLayout, report: Report, out: Path) -> None:
         f"Steering evaluation on held-out instructions: means over the {len(done.latents)} latents with the best "
         f"output score at {done.hook_point}",
     )
-    report.summary["steering"] = summary
+    report.summary["steering"] = {m: summary[m] for m in ("sae", "diffmean", "prompt", "unsteered") if m in summary}
+    tables = "".join(
+        f"<details><summary>latent {r['latent']}: {html.escape(r['concept'])} â€” SAE on-concept "
+        f"{r['methods']['sae']['test']['on_concept'] or 0:.0%}, DiffMean "
+        f"{r['methods']['diffmean']['test']['on_concept'] or 0:.0%}, prompting "
+        f"{r['methods']['prompt']['test']['on_concept'] or 0:.0%}</summary>{latent_table(done, r['latent'])}</details>"
+        for r in done.latents
+    )
+    report.sections.append(
+        f"<h2>Steering</h2><p>Held-out instructions at {html.escape(done.hook_point)}; every continuation is in "
+        f"{html.escape(str(done.directory / 'results.json'))}.</p>{summary_table(done)}<h3>Each latent</h3>{tables}"
+    )
 
 
 def stage_table(pipeline_doc: dict | None) -> str:
@@ -247,6 +260,7 @@ steering page: <code>python llama_3_inference_text_completion_gradio.py</code> â
 <h2>Stages</h2>{stage_table(pipeline_doc)}
 {"<ul>" + missing + "</ul>" if missing else ""}
 <h2>Plots</h2>{figures}
+{"".join(report.sections)}
 <h2>Numbers</h2><pre>{numbers}</pre></body></html>"""
     (out / "index.html").write_text(page)
     return out / "index.html"

@@ -4,6 +4,7 @@ The offline explainer writes two kinds of meaning (pipeline/interpret/concepts.p
     topic     'plants — "plants", "hes", "plant"; flowering, genus'     concept words: plants, plant
     pattern   'the word "museum" ("the museum"); also "gallery", "o"; context: national, painting'
                                                                          concept words: museum, gallery
+              'the word "of" ("of the"); also "john"'                    none: it is about "of"
               'the punctuation ","', 'the word piece "g" inside words'  no concept words: nothing to steer to
 A meaning of another explainer (Claude's free text) gives its quoted words, else its content words.
 Concept words are English content words (>= 3 letters, no function word): the prompting baseline asks for
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Container
 
 FUNCTION_WORDS = frozenset(  # English function words, and the words meanings are phrased with
     """a an the and or but nor so yet if then than as of to in on at for with by from into onto over under
@@ -22,7 +24,7 @@ down is are was were be been being am do does did done have has had having will 
 could may might must it its itself this that these those there here he him his himself she her hers herself
 they them their theirs themselves we us our ours you your yours i me my mine who whom whose which what when
 where why how all any both each either neither every few many much more most other another some such no not
-only own same too very also just even ever still again once one mostly mainly often usually
+only own same too very also just even ever still again once one mostly mainly often usually maybe perhaps
 token tokens word words text like piece pieces inside punctuation context""".split()
 )
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
@@ -41,16 +43,20 @@ def _unique(words) -> list[str]:
     return out
 
 
-def concept_words(meaning: str) -> list[str]:
-    """The meaning's concept words, lowercased, in order (see the module docstring)."""
+def concept_words(meaning: str, known: Container[str] | None = None) -> list[str]:
+    """The meaning's concept words, lowercased, in order (see the module docstring). With `known` (a
+    vocabulary of whole words, e.g. MiniLM's), a pattern's secondary words ("also ...") must be in it:
+    "emphas", a word piece the explainer listed there, is no concept."""
     meaning = meaning.strip()
     if meaning.startswith(("the punctuation ", "the word piece ")):
         return []
     if meaning.startswith("the word "):  # 'the word "X" (examples); also "Y", "Z"; context: ...'
         parts = meaning.split("; ")
-        head = _QUOTED.findall(parts[0])[:1]
-        also = [q for p in parts[1:] if p.startswith("also ") for q in _QUOTED.findall(p)]
-        words = [a or b for a, b in head + also]
+        head = [a or b for a, b in _QUOTED.findall(parts[0])[:1]]
+        if not head or not is_content_word(head[0]):  # 'the word "of"; also "john"': about "of", not John
+            return []
+        also = [a or b for p in parts[1:] if p.startswith("also ") for a, b in _QUOTED.findall(p)]
+        words = head + [w for w in also if known is None or w.lower() in known]
     elif " — " in meaning:  # 'topic — "tok", "tok"; context words'
         topic, rest = meaning.split(" — ", 1)
         words = re.findall(r"[A-Za-z]+", topic) + [a or b for a, b in _QUOTED.findall(rest.split("; ")[0])]
@@ -59,10 +65,10 @@ def concept_words(meaning: str) -> list[str]:
     return [w for w in _unique(words) if is_content_word(w)]
 
 
-def concept_phrase(meaning: str, n_words: int = 3) -> str:
+def concept_phrase(meaning: str, known: Container[str] | None = None, n_words: int = 3) -> str:
     """What the prompting baseline asks for and the judge rates against: the first concept words
     ("museum, gallery"), else the meaning itself."""
-    words = concept_words(meaning)
+    words = concept_words(meaning, known)
     return ", ".join(words[:n_words]) if words else meaning
 
 
@@ -72,12 +78,12 @@ def is_function_fragment(text: str) -> bool:
     return not low or any(f.startswith(low) for f in FUNCTION_WORDS)
 
 
-def concept_tokens(meaning: str, tokenizer, common: frozenset[str]) -> list[int]:
+def concept_tokens(meaning: str, tokenizer, common: frozenset[str], known: Container[str] | None = None) -> list[int]:
     """Ids of the tokens that start the meaning's rare concept words (" word", " Word", "word"): what a
     continuation about the concept would say next. A token must read >= 3 letters and be neither a function
     word nor the start of one (" theria" starts with " the": that token says nothing of the concept). Empty
     unless rare words (not among the corpus's `common` ones) are most of the concept words."""
-    words = concept_words(meaning)
+    words = concept_words(meaning, known)
     rare = [w for w in words if w not in common]
     if 2 * len(rare) <= len(words):
         return []

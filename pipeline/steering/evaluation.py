@@ -174,6 +174,8 @@ class Benchmark:
         self.skip = self.sae.cfg.tokenization.skip_first_positions
         self.norm = residual_norm(self.model, self.sae.cfg.hook_point, self.prompt_tokens, self.skip)
         self.judge_model = OfflineJudge(encoder)
+        # whole words: a concept word must be one (a fake encoder in tests may have no vocabulary)
+        self.known = encoder.whole_words() if hasattr(encoder, "whole_words") else None
 
     def encode_instruction(self, text: str) -> list[int]:
         loaded = self.session.loaded
@@ -188,7 +190,7 @@ class Benchmark:
         directions = sae_directions(self.sae, latents)
         common = common_words([s["text"] for s in self.examples.sentences.values()])
         tokenizer = self.session.loaded.tokenizer
-        concept = [concept_tokens(self.meanings[lat], tokenizer, common) for lat in latents]
+        concept = [concept_tokens(self.meanings[lat], tokenizer, common, self.known) for lat in latents]
         promoted = promoted_tokens(self.model, directions, 10).cpu()
         scores = output_scores(
             self.model,
@@ -389,7 +391,7 @@ def evaluate(
     # on the host, both: the SAE's rows come from its device, DiffMean's from host sums; the offsets built from
     # them are stacked here and moved to the model's device per batch (vector_splice)
     directions = {"sae": sae_directions(bench.sae, candidates).cpu(), "diffmean": bench.diffmean(candidates).cpu()}
-    phrases = {lat: concept_phrase(bench.meanings[lat]) for lat in candidates}  # the key words, not "the word"
+    phrases = {lat: concept_phrase(bench.meanings[lat], bench.known) for lat in candidates}  # not "the word"
     steered = ("sae", "diffmean")
     d = bench.model.args.dim
 

@@ -1,7 +1,7 @@
 """What the steering web page does, without its widgets (llama_3_inference_text_completion_gradio.py lays them
 out): find latents by meaning, pick one at its recommended strength, keep a list of steering entries, and
-generate unsteered and steered text side by side with each token's latents and a judgement of what the
-steering did. Bad input raises PipelineInputError; the page shows its line."""
+generate unsteered and steered text side by side with each token's latents and the steering evaluation's
+judge on both. Bad input raises PipelineInputError; the page shows its line."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from llama_3.generation import check_splice_on
 from pipeline.interpret.embedding import SentenceEncoder
 from pipeline.steering.concept import concept_phrase
 from pipeline.steering.evaluation import Row, read_continuations
+from pipeline.steering.judge import JudgeItem, OfflineJudge
 from pipeline.steering.output_score import promoted_tokens
 from pipeline.steering.results import open_for_sae
 from pipeline.steering.session import Session
@@ -35,8 +36,7 @@ class Generated:
     inspection: list[list] | None = None
     """Per steered token: prompt, position, token, its top latents (activation) with their meanings."""
     judged: list[list] | None = None
-    """Per prompt: the first entry's latent on the text, the clean model's loss, the similarity to its
-    meaning, unsteered -> steered."""
+    """Per prompt: the offline judge's scores and the first entry's latent on the text, unsteered -> steered."""
 
 
 class SteeringPage:
@@ -50,7 +50,15 @@ class SteeringPage:
         results = open_for_sae(steering_eval, self.steerable.sae.sha256)
         self.output_scores = results.output_scores if results else {}
         self.recommended = results.recommended() if results else {}
-        self._encoder: SentenceEncoder | None = None  # MiniLM, loaded on the first judged generation
+        self._judge: OfflineJudge | None = None  # MiniLM, loaded on the first judged generation
+        # the evaluation's most on-concept SAE latent (then harmonic), at its recommended `add` strength
+        steered = [r for r in (results.latents if results else []) if r["latent"] in self.recommended]
+        top = max(
+            steered,
+            key=lambda r: (r["methods"]["sae"]["test"].get("on_concept") or 0, r["methods"]["sae"]["test"]["harmonic"]),
+            default=None,
+        )
+        self.best = (top["latent"], "add", round(self.recommended[top["latent"]], 3)) if top else None
 
     def promotes(self, latents: list[int]) -> list[str]:
         """The output effect beside the input meaning: the top tokens of each decoder row's logit lens."""
@@ -92,9 +100,18 @@ class SteeringPage:
         check_entries(self.steerable.sae, [entry])
         return [e for e in entries if e.latent != entry.latent or e.mode != entry.mode] + [entry]
 
-    def judge(self, pairs, entries: list[SteeringEntry]) -> list[list]:
-        """Per prompt: the first entry's latent on the re-read text, the clean model's loss per token, and
-        the similarity to the latent's concept (its meaning's key words), unsteered -> steered."""
+    def default_entry(self) -> tuple[int, str, float]:
+        """The entry the page starts with: the evaluation's most on-concept SAE latent at its recommended `add`
+        strength; without an evaluation, the best-explained latent clamped high."""
+        if self.best is not None:
+            return self.best
+        best = self.steerable.best_latents(1)
+        return (best[0] if best else 0), "clamp", 8.0
+
+    def judge(self, pairs, entries: list[SteeringEntry], labels: list[str]) -> list[list]:
+        """Per prompt, unsteered -> steered: the steering evaluation's offline judge (concept, instruction,
+        fluency 0-2 and their harmonic mean; pipeline/steering/judge.py) against the first entry's latent's
+        concept, and that latent's mean activation on the re-read text."""
         if not entries or not pairs or pairs[0][0] is None:
             return []
         latent = entries[0].latent
@@ -104,27 +121,38 @@ class SteeringPage:
             for m, c in zip(("none", "steered"), pair)
         ]
         reads = read_continuations(self.session.loaded.model, self.steerable.sae, rows)
-        meaning = self.steerable.meaning(latent)
-        sims = [None] * len(rows)
+        meaning, concept = self.steerable.meaning(latent), ""
+        scores: list[dict | None] = [None] * len(rows)
         if meaning:
             try:
-                self._encoder = self._encoder or SentenceEncoder()
-                concept = concept_phrase(meaning)  # what the evaluation's judge embeds, not "the tokens ..."
-                vectors = self._encoder.encode([concept] + [c.text for pair in pairs for c in pair])
-                sims = (vectors[1:] @ vectors[0]).tolist()
-            except PipelineInputError:  # the offline judge's package is not installed: no similarity column
+                self._judge = self._judge or OfflineJudge(SentenceEncoder())
+                concept = concept_phrase(meaning, self._judge.encoder.whole_words())
+                items = [
+                    JudgeItem(concept, labels[i], c.text, reads[2 * i + k][0])
+                    for i, pair in enumerate(pairs)
+                    for k, c in enumerate(pair)
+                ]
+                scores = self._judge.score(items)
+            except PipelineInputError:  # the offline judge's package is not installed: no scores
                 pass
 
-        def arrow(a, b, digits=3):
+        def arrow(a, b, digits: int = 0) -> str:
             return "" if a is None or b is None else f"{a:.{digits}f} -> {b:.{digits}f}"
+
+        def score(i: int, key: str, digits: int = 0) -> str:
+            a, b = scores[2 * i], scores[2 * i + 1]
+            return "" if a is None or b is None else arrow(a[key], b[key], digits)
 
         return [
             [
                 i + 1,
                 latent,
-                arrow(reads[2 * i][1], reads[2 * i + 1][1]),
-                arrow(reads[2 * i][0], reads[2 * i + 1][0], 2),
-                arrow(sims[2 * i], sims[2 * i + 1]),
+                concept,
+                score(i, "concept"),
+                score(i, "instruction"),
+                score(i, "fluency"),
+                score(i, "harmonic", 2),
+                arrow(reads[2 * i][1], reads[2 * i + 1][1], 2),
             ]
             for i in range(len(pairs))
         ]
@@ -170,4 +198,4 @@ class SteeringPage:
                     f"{x['latent']} ({x['activation']:.2f}) {x['meaning']}".strip() for x in item["latents"]
                 )
                 rows.append([i + 1, position, item["token"], latents])
-        yield Generated("", "", rows, self.judge(pairs, list(entries)))
+        yield Generated("", "", rows, self.judge(pairs, list(entries), labels))

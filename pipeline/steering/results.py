@@ -79,7 +79,7 @@ class SteeringEvalOutput:
         except (OSError, ValueError) as e:
             raise PipelineInputError(f"{path}: cannot be read ({e})") from None
         r = Fields(directory, doc, RESULTS_NAME)
-        instructions = r.get("instructions", list)
+        instructions = doc.get("instructions") or []
         try:
             rows = [
                 SteeringRow(
@@ -96,7 +96,7 @@ class SteeringEvalOutput:
                     harmonic=float(row["harmonic"]),
                     scores=row,
                 )
-                for row in r.get("rows", list)
+                for row in doc.get("rows") or []
             ]
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise PipelineInputError(f"{path}: a row is malformed ({e!r}); run the steering evaluation again") from None

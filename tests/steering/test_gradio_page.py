@@ -138,6 +138,12 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
+def click_centered(d, element) -> None:
+    """Click a table cell scrolled to the middle of the view (the sticky header row covers one at its top)."""
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+    element.click()
+
+
 def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -158,6 +164,10 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
         box.send_keys(Keys.DELETE)
         box.send_keys(value)
 
+    # the page starts on an entry that steers: the evaluation's best latent at its recommended `add` strength
+    assert d.find_element(By.CSS_SELECTOR, "#latent input").get_attribute("value") == str(STEERABLE)
+    assert d.find_element(By.CSS_SELECTOR, "#strength input").get_attribute("value") == str(RECOMMENDED)
+    assert d.find_element(By.XPATH, "//*[@id='mode']//input[@value='add']").is_selected()
     # search by meaning, then pick the hit: the latent box takes its id
     fill("#search_query textarea, #search_query input", "salutations")
     d.find_element(By.CSS_SELECTOR, "#search_button").click()
@@ -174,9 +184,10 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     assert after.split() == effect.split()
     fill("#latent input", "0")
     hits = d.find_elements(By.XPATH, f"//*[@id='search_results']//*[normalize-space(text())='{LATENT}']")
-    next(h for h in hits if h.is_displayed()).click()
+    click_centered(d, next(h for h in hits if h.is_displayed()))
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#latent input").get_attribute("value") == str(LATENT))
 
+    d.find_element(By.XPATH, "//*[@id='mode']//label[normalize-space(.)='clamp']").click()
     fill("#strength input", str(STRENGTH))
     d.find_element(By.CSS_SELECTOR, "#add_entry").click()
     wait.until(lambda d: "salutations" in text_of("#entries"))
@@ -199,25 +210,29 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     assert plain == expected_plain and steered == expected_steered
     assert plain != steered
 
-    # the judge table: the entry's latent on the re-read texts and the clean model's loss, unsteered -> steered
+    # the judge table: the evaluation's offline judge on both texts against the latent's concept, unsteered -> steered
+    from pipeline.interpret.embedding import SentenceEncoder
     from pipeline.steering.evaluation import Row, read_continuations
+    from pipeline.steering.judge import JudgeItem, OfflineJudge
 
     wait.until(lambda d: "->" in text_of("#judge"))
     rows = [Row(0, "x", LATENT, None, c.prompt_tokens, c.tokens) for pair in pairs for c in pair]
     reads = read_continuations(session.loaded.model, session.steerable.sae, rows)
-    assert f"{reads[0][0]:.2f} -> {reads[1][0]:.2f}" in text_of("#judge")
-    assert f"{reads[0][1]:.3f} -> {reads[1][1]:.3f}" in text_of("#judge")
-    from pipeline.interpret.embedding import SentenceEncoder  # MiniLM on the meaning's key words, as the evaluation
-
-    v = SentenceEncoder().encode(["greetings, salutations", pairs[0][0].text, pairs[0][1].text])
-    assert f"{float(v[1] @ v[0]):.3f} -> {float(v[2] @ v[0]):.3f}" in text_of("#judge")
+    items = [JudgeItem("greetings, salutations", PROMPTS[0], c.text, reads[k][0]) for k, c in enumerate(pairs[0])]
+    plain_scores, steered_scores = OfflineJudge(SentenceEncoder()).score(items)
+    judged = text_of("#judge")
+    assert "greetings, salutations" in judged  # the concept words of the meaning, not "the tokens ..."
+    for key in ("concept", "instruction", "fluency"):
+        assert f"{plain_scores[key]} -> {steered_scores[key]}" in judged
+    assert f"{plain_scores['harmonic']:.2f} -> {steered_scores['harmonic']:.2f}" in judged
+    assert f"{reads[0][1]:.2f} -> {reads[1][1]:.2f}" in judged
 
     # sorted by steerability, the evaluation's best latent comes first; picking it sets `add` at its strength
     fill("#search_query textarea, #search_query input", "")
     d.find_element(By.XPATH, "//*[@id='sort_by']//label[normalize-space(.)='steerability']").click()
     wait.until(lambda d: text_of("#search_results").split("farewells")[0].count("greetings") == 0)
     hits = d.find_elements(By.XPATH, f"//*[@id='search_results']//*[normalize-space(text())='{STEERABLE}']")
-    next(h for h in hits if h.is_displayed()).click()
+    click_centered(d, next(h for h in hits if h.is_displayed()))
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#strength input").get_attribute("value") == str(RECOMMENDED))
     assert d.find_element(By.CSS_SELECTOR, "#latent input").get_attribute("value") == str(STEERABLE)
     assert d.find_element(By.XPATH, "//*[@id='mode']//input[@value='add']").is_selected()
