@@ -6,6 +6,8 @@ Usage:
     python scripts/steering_ratings.py make --results runs/steering_eval /tmp/l15/steering_eval --out DIR
     # the raters' files (DIR/ratings_*.jsonl, two per row, a third where they disagree) -> DIR/labels.jsonl
     python scripts/steering_ratings.py consensus --folder DIR
+    # the offline judge's thresholds fitted on the dev half (what pipeline/steering/judge.py's Thresholds holds)
+    python scripts/steering_ratings.py fit
     # a judge's agreement with the labels: exact match, Cohen's kappa, confusion matrices per score
     python scripts/steering_ratings.py agree --judge offline
     python scripts/steering_ratings.py agree --judge claude       # needs ANTHROPIC_API_KEY (one Message Batch)
@@ -23,11 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.steering.judge import rate  # noqa: E402
 from pipeline.steering.judge_validation import (  # noqa: E402
     RATINGS_DIR,
     SCORES,
     agreement,
     consensus_labels,
+    fit_thresholds,
     format_agreement,
     judge_offline,
     judge_with_claude,
@@ -95,6 +99,8 @@ def main() -> None:
     m.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("consensus")
     c.add_argument("--folder", type=Path, default=RATINGS_DIR)
+    f = sub.add_parser("fit")
+    f.add_argument("--folder", type=Path, default=RATINGS_DIR)
     a = sub.add_parser("agree")
     a.add_argument("--folder", type=Path, default=RATINGS_DIR)
     a.add_argument("--judge", choices=("offline", "claude"), default="offline")
@@ -107,6 +113,14 @@ def main() -> None:
     elif args.command == "consensus":
         n = consensus_labels(args.folder)
         print(f"wrote {args.folder / 'labels.jsonl'} ({n} rows)")
+    elif args.command == "fit":
+        dev, test = load_rated_rows(args.folder, "dev"), load_rated_rows(args.folder, "test")
+        features = judge_offline(dev + test)
+        fitted = fit_thresholds(dev, features[: len(dev)])
+        print(f"fitted on {len(dev)} dev rows: {fitted}")
+        for name, part, feats in (("dev", dev, features[: len(dev)]), ("test", test, features[len(dev) :])):
+            predicted = [f | rate(f, fitted) for f in feats]
+            print(f"--- {name} ({len(part)} rows)\n{format_agreement(agreement(part, predicted, SCORES))}")
     else:
         rows = load_rated_rows(args.folder, args.split)
         if args.judge == "offline":

@@ -8,12 +8,12 @@ how they were made; `python scripts/steering_ratings.py agree` prints this judge
 
 concept      mentions: the response's words that start with a concept word's stem ("breed" -> "breeds"), plus
              those whose MiniLM embedding is close to a concept word's ("puppy" for "dog"); and the MiniLM
-             cosine of the whole response with the concept phrase. 2 for >= CONCEPT_MENTIONS[1] mentions or a
-             cosine >= CONCEPT_COSINE[1]; 1 for >= CONCEPT_MENTIONS[0] or >= CONCEPT_COSINE[0].
-instruction  the MiniLM cosine of the response with its instruction: 2 from INSTRUCTION_COSINE[1], 1 from [0].
+             cosine of the whole response with the concept phrase. 2 for enough mentions or a high cosine.
+instruction  the MiniLM cosine of the response with its instruction.
 fluency      the clean model's mean per-token loss on the response after its instruction (garbled text is
              expensive) and the share of its words inside a word trigram it repeats (loops are cheap, so the loss
-             alone passes them): 0 at FLUENCY_LOSS[1] or FLUENCY_LOOP[1], 1 at [0] of either, else 2.
+             alone passes them).
+The thresholds: Thresholds below.
 """
 
 from __future__ import annotations
@@ -43,13 +43,23 @@ from pipeline.interpret.batches import (
 )
 from pipeline.steering.concept import is_content_word
 
-WORD_SIMILARITY = 0.6
-"""A response word is a mention when its MiniLM cosine with a concept word reaches this."""
-CONCEPT_MENTIONS = (1, 2)
-CONCEPT_COSINE = (0.35, 0.5)
-INSTRUCTION_COSINE = (0.2, 0.35)
-FLUENCY_LOSS = (2.5, 4.0)
-FLUENCY_LOOP = (0.3, 0.5)
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The offline judge's thresholds (each pair: score 1 from the first, 2 from the second; for fluency the
+    points where it drops to 1 and to 0), fitted on the dev half of the hand ratings
+    (`python scripts/steering_ratings.py fit`)."""
+
+    word_similarity: float = 0.6
+    """A response word is a mention when its MiniLM cosine with a concept word reaches this."""
+    concept_mentions: tuple[int, int] = (1, 2)
+    concept_cosine: tuple[float, float] = (0.35, 0.5)
+    instruction_cosine: tuple[float, float] = (0.2, 0.35)
+    fluency_loss: tuple[float, float] = (2.5, 4.0)
+    fluency_loop: tuple[float, float] = (0.3, 0.5)
+
+
+THRESHOLDS = Thresholds()
 
 
 @dataclass(frozen=True)
@@ -82,8 +92,8 @@ def loop_share(text: str) -> float:
 class OfflineJudge:
     """AxBench's three scores from MiniLM (any SentenceEncoder) and the clean model's loss (see the docstring)."""
 
-    def __init__(self, encoder):
-        self.encoder = encoder
+    def __init__(self, encoder, thresholds: Thresholds = THRESHOLDS):
+        self.encoder, self.thresholds = encoder, thresholds
         self._vectors: dict[str, torch.Tensor] = {}
 
     def vectors(self, texts) -> list[torch.Tensor]:
@@ -110,7 +120,7 @@ class OfflineJudge:
                 for w in rw:
                     if (
                         not any(w.startswith(s) for s in stems)
-                        and float((cv @ self._vectors[w]).max()) >= WORD_SIMILARITY
+                        and float((cv @ self._vectors[w]).max()) >= self.thresholds.word_similarity
                     ):
                         related += 1
             out.append(
@@ -128,21 +138,22 @@ class OfflineJudge:
 
     def score(self, items: list[JudgeItem]) -> list[dict]:
         """Per item: its features and concept, instruction, fluency (0-2), harmonic."""
-        return [f | rate(f) for f in self.features(items)]
+        return [f | rate(f, self.thresholds) for f in self.features(items)]
 
 
-def rate(f: dict) -> dict:
-    """The three scores from one item's features (the thresholds above)."""
+def rate(f: dict, t: Thresholds = THRESHOLDS) -> dict:
+    """The three scores from one item's features."""
 
     def level(value: float, thresholds: tuple) -> int:
         return 2 if value >= thresholds[1] else 1 if value >= thresholds[0] else 0
 
     if f["empty"]:
         return {"concept": 0, "instruction": 0, "fluency": 0, "harmonic": 0.0}
-    concept = max(level(f["mentions"], CONCEPT_MENTIONS), level(f["similarity"], CONCEPT_COSINE))
-    instruction = level(f["instruction_similarity"], INSTRUCTION_COSINE)
+    mentions = f["exact_mentions"] + sum(x >= t.word_similarity for x in f["word_similarities"])
+    concept = max(level(mentions, t.concept_mentions), level(f["similarity"], t.concept_cosine))
+    instruction = level(f["instruction_similarity"], t.instruction_cosine)
     loss = f["loss"] if math.isfinite(f["loss"]) else 0.0
-    fluency = 2 - max(level(loss, FLUENCY_LOSS), level(f["loop"], FLUENCY_LOOP))
+    fluency = 2 - max(level(loss, t.fluency_loss), level(f["loop"], t.fluency_loop))
     return {
         "concept": concept,
         "instruction": instruction,

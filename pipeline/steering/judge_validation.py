@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from llama_3.checkpoints import load_model
 from pipeline.interpret.batches import DEFAULT_MODEL
 from pipeline.interpret.embedding import SentenceEncoder
 from pipeline.steering.evaluation import Row, read_continuations
-from pipeline.steering.judge import JudgeItem, OfflineJudge, run_claude_judge
+from pipeline.steering.judge import THRESHOLDS, JudgeItem, OfflineJudge, Thresholds, rate, run_claude_judge
 
 RATINGS_DIR = Path(__file__).resolve().parents[2] / "tests" / "data" / "steering_ratings"
 SCORES = ("concept", "instruction", "fluency")
@@ -124,9 +125,9 @@ def format_agreement(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def judge_offline(rows: list[dict], model: str | None = None) -> list[dict]:
-    """The offline judge's scores of each row (the clean embedded model reads each response after its
-    instruction, as the steering evaluation does)."""
+def judge_offline(rows: list[dict], model: str | None = None, thresholds: Thresholds = THRESHOLDS) -> list[dict]:
+    """The offline judge's scores and features of each row (the clean embedded model reads each response after
+    its instruction, as the steering evaluation does)."""
     loaded = load_model(model)
     tok = loaded.tokenizer
     reads = []
@@ -135,7 +136,40 @@ def judge_offline(rows: list[dict], model: str | None = None) -> list[dict]:
         reads.append(Row(0, "none", None, None, prompt, tok.encode(r["response"], bos=False), r["response"]))
     losses = [loss for loss, _ in read_continuations(loaded.model, None, reads)]
     items = [JudgeItem(r["concept"], r["instruction"], r["response"], loss) for r, loss in zip(rows, losses)]
-    return OfflineJudge(SentenceEncoder()).score(items)
+    return OfflineJudge(SentenceEncoder(), thresholds).score(items)
+
+
+def kappa_of(rows: list[dict], features: list[dict], key: str, t: Thresholds) -> tuple[float, float]:
+    truth = [r["labels"][key] for r in rows]
+    guess = [rate(f, t)[key] for f in features]
+    return cohen_kappa(truth, guess), sum(a == b for a, b in zip(truth, guess)) / max(len(rows), 1)
+
+
+def fit_thresholds(rows: list[dict], features: list[dict]) -> Thresholds:
+    """The thresholds with the best Cohen's kappa (then exact match) per score on these rows, by grid search:
+    concept (word similarity, mentions, cosine), instruction (cosine), fluency (loss, then loops)."""
+
+    def grid(lo: float, hi: float, step: float) -> list[float]:
+        return [round(lo + i * step, 4) for i in range(int(round((hi - lo) / step)) + 1)]
+
+    def pairs(values: list[float]) -> list[tuple[float, float]]:
+        return [(a, b) for a in values for b in values if b >= a]
+
+    best = THRESHOLDS
+    candidates = [
+        replace(best, word_similarity=w, concept_mentions=m, concept_cosine=c)
+        for w in grid(0.45, 0.8, 0.05)
+        for m in [(1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (1, 99), (99, 99)]
+        for c in pairs(grid(0.15, 0.7, 0.025) + [9.0])
+    ]
+    best = max(candidates, key=lambda t: kappa_of(rows, features, "concept", t))
+    candidates = [replace(best, instruction_cosine=c) for c in pairs(grid(-0.1, 0.7, 0.02) + [9.0])]
+    best = max(candidates, key=lambda t: kappa_of(rows, features, "instruction", t))
+    off = (99.0, 99.0)
+    candidates = [replace(best, fluency_loss=c, fluency_loop=(9.0, 9.0)) for c in pairs(grid(0.5, 6.0, 0.1) + [off[0]])]
+    best = max(candidates, key=lambda t: kappa_of(rows, features, "fluency", t))
+    candidates = [replace(best, fluency_loop=c) for c in pairs(grid(0.05, 1.0, 0.05) + [9.0])]
+    return max(candidates, key=lambda t: kappa_of(rows, features, "fluency", t))
 
 
 def judge_with_claude(rows: list[dict], work: Path, model: str | None = None, base_url: str | None = None) -> list:

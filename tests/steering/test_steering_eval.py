@@ -201,7 +201,7 @@ def test_read_continuations_equal_one_row_at_a_time(lm, sae):
         assert act == (pytest.approx(float(codes[:, r.latent].mean()), abs=1e-5) if r.latent is not None else 0.0)
 
 
-def test_offline_judge_counts_mentions_and_loops_and_follows_its_thresholds(monkeypatch):
+def test_offline_judge_counts_mentions_and_loops_and_follows_its_thresholds():
     import pipeline.steering.judge as judge
 
     class FakeEncoder:
@@ -216,12 +216,11 @@ def test_offline_judge_counts_mentions_and_loops_and_follows_its_thresholds(monk
                 out.append(torch.tensor(v, dtype=torch.float))
             return torch.nn.functional.normalize(torch.stack(out), dim=-1)
 
-    monkeypatch.setattr(judge, "WORD_SIMILARITY", 0.7)
     items = [
         JudgeItem("dog", "walk", "Dogs and a puppy and a cat in the park.", 1.0),
         JudgeItem("dog", "walk", "", math.nan),
     ]
-    f = OfflineJudge(FakeEncoder()).features(items)
+    f = OfflineJudge(FakeEncoder(), judge.Thresholds(word_similarity=0.7)).features(items)
     # "dogs" starts with the stem, "puppy" is close (0.8 >= 0.7), "cat" is not (0.5), "park" is not a word of it
     assert f[0]["exact_mentions"] == 1 and f[0]["mentions"] == 2
     assert f[0]["similarity"] == pytest.approx(0.0, abs=1e-6)  # the text (park) against "dog"
@@ -233,20 +232,18 @@ def test_offline_judge_counts_mentions_and_loops_and_follows_its_thresholds(monk
     inside = {j for i, g in enumerate(grams) if grams.count(g) > 1 for j in range(i, i + 3)}
     assert loop_share(text) == pytest.approx(len(inside) / len(words)) and loop_share("one two three") == 0
     # each score's rule at its thresholds
-    monkeypatch.setattr(judge, "CONCEPT_MENTIONS", (1, 3))
-    monkeypatch.setattr(judge, "CONCEPT_COSINE", (0.3, 0.6))
-    monkeypatch.setattr(judge, "INSTRUCTION_COSINE", (0.2, 0.4))
-    monkeypatch.setattr(judge, "FLUENCY_LOSS", (2.0, 4.0))
-    monkeypatch.setattr(judge, "FLUENCY_LOOP", (0.3, 0.6))
+    t = judge.Thresholds(0.6, (1, 3), (0.3, 0.6), (0.2, 0.4), (2.0, 4.0), (0.3, 0.6))
     base = {"mentions": 0, "similarity": 0.0, "instruction_similarity": 0.5, "loss": 1.0, "loop": 0.0, "empty": False}
     concept = [
-        rate(base | {"mentions": m, "similarity": s})["concept"] for m, s in ((0, 0.29), (1, 0), (3, 0), (0, 0.6))
+        rate(base | {"mentions": m, "similarity": s}, t)["concept"] for m, s in ((0, 0.29), (1, 0), (3, 0), (0, 0.6))
     ]
     assert concept == [0, 1, 2, 2]
-    assert [rate(base | {"instruction_similarity": x})["instruction"] for x in (0.1, 0.2, 0.4)] == [0, 1, 2]
-    fluency = [rate(base | {"loss": x, "loop": y})["fluency"] for x, y in ((1, 0), (2, 0), (4, 0), (1, 0.3), (1, 0.6))]
+    assert [rate(base | {"instruction_similarity": x}, t)["instruction"] for x in (0.1, 0.2, 0.4)] == [0, 1, 2]
+    fluency = [
+        rate(base | {"loss": x, "loop": y}, t)["fluency"] for x, y in ((1, 0), (2, 0), (4, 0), (1, 0.3), (1, 0.6))
+    ]
     assert fluency == [2, 1, 0, 1, 0]
-    assert rate(base | {"loss": math.nan})["fluency"] == 2  # not read: the loops alone decide
+    assert rate(base | {"loss": math.nan}, t)["fluency"] == 2  # not read: the loops alone decide
     assert harmonic_mean(2, 2, 2) == 2 and harmonic_mean(1, 2, 0) == 0
     assert harmonic_mean(1, 2, 2) == pytest.approx(3 / (1 + 0.5 + 0.5))
 
