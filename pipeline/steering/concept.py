@@ -65,10 +65,19 @@ def concept_words(meaning: str, known: Container[str] | None = None) -> list[str
     return [w for w in _unique(words) if is_content_word(w)]
 
 
-def concept_phrase(meaning: str, known: Container[str] | None = None, n_words: int = 3) -> str:
+def related_words(words: list[str], vectors, min_cosine: float = 0.45) -> list[str]:
+    """The first concept word and those of the rest whose embedding is close to it: an explainer's secondary
+    words are often other things the latent also fires on ("john; also guinea, dead"), not one concept to steer
+    towards ("social; also cultural" is). vectors: list of words -> list of [d] unit vectors (MiniLM)."""
+    if len(words) < 2:
+        return list(words)
+    v = vectors(words)
+    return [words[0]] + [w for w, x in zip(words[1:], v[1:]) if float(x @ v[0]) >= min_cosine]
+
+
+def concept_phrase(words: list[str], meaning: str, n_words: int = 3) -> str:
     """What the prompting baseline asks for and the judge rates against: the first concept words
     ("museum, gallery"), else the meaning itself."""
-    words = concept_words(meaning, known)
     return ", ".join(words[:n_words]) if words else meaning
 
 
@@ -78,12 +87,11 @@ def is_function_fragment(text: str) -> bool:
     return not low or any(f.startswith(low) for f in FUNCTION_WORDS)
 
 
-def concept_tokens(meaning: str, tokenizer, common: frozenset[str], known: Container[str] | None = None) -> list[int]:
-    """Ids of the tokens that start the meaning's rare concept words (" word", " Word", "word"): what a
-    continuation about the concept would say next. A token must read >= 3 letters and be neither a function
-    word nor the start of one (" theria" starts with " the": that token says nothing of the concept). Empty
-    unless rare words (not among the corpus's `common` ones) are most of the concept words."""
-    words = concept_words(meaning, known)
+def concept_tokens(words: list[str], tokenizer, common: frozenset[str]) -> list[int]:
+    """Ids of the tokens that start the rare concept words (" word", " Word", "word"): what a continuation about
+    the concept would say next. A token must read >= 3 letters and be neither a function word nor the start of
+    one (" theria" starts with " the": that token says nothing of the concept). Empty unless rare words (not
+    among the corpus's `common` ones) are most of the concept words."""
     rare = [w for w in words if w not in common]
     if 2 * len(rare) <= len(words):
         return []

@@ -25,7 +25,7 @@ import torch
 
 from llama_3.errors import PipelineInputError
 from llama_3.hooks import HookRunner
-from pipeline.steering.concept import common_words, concept_phrase, concept_tokens
+from pipeline.steering.concept import common_words, concept_phrase, concept_tokens, concept_words, related_words
 from pipeline.steering.judge import JudgeItem, OfflineJudge
 from pipeline.steering.output_score import output_scores, promoted_tokens
 from pipeline.steering.vectors import (
@@ -176,12 +176,20 @@ class Benchmark:
         self.judge_model = OfflineJudge(encoder)
         # whole words: a concept word must be one (a fake encoder in tests may have no vocabulary)
         self.known = encoder.whole_words() if hasattr(encoder, "whole_words") else None
+        self._words: dict[int, list[str]] = {}
 
     def encode_instruction(self, text: str) -> list[int]:
         loaded = self.session.loaded
         if loaded.chat_format is not None:
             return loaded.chat_format.encode_dialog([{"role": "user", "content": text}])
         return self.session.text_prompts([text])[0]
+
+    def concept_words(self, latent: int) -> list[str]:
+        """The latent's concept: its meaning's concept words that belong together (pipeline/steering/concept.py)."""
+        if latent not in self._words:
+            words = concept_words(self.meanings[latent], self.known)
+            self._words[latent] = related_words(words, self.judge_model.vectors)
+        return self._words[latent]
 
     def output_scores(self, latents: list[int], factor: float, progress=None) -> dict:
         """{"concept": [n] gain of the concept tokens, "promoted": [n] gain of the promoted tokens,
@@ -190,7 +198,7 @@ class Benchmark:
         directions = sae_directions(self.sae, latents)
         common = common_words([s["text"] for s in self.examples.sentences.values()])
         tokenizer = self.session.loaded.tokenizer
-        concept = [concept_tokens(self.meanings[lat], tokenizer, common, self.known) for lat in latents]
+        concept = [concept_tokens(self.concept_words(lat), tokenizer, common) for lat in latents]
         promoted = promoted_tokens(self.model, directions, 10).cpu()
         scores = output_scores(
             self.model,
@@ -391,7 +399,7 @@ def evaluate(
     # on the host, both: the SAE's rows come from its device, DiffMean's from host sums; the offsets built from
     # them are stacked here and moved to the model's device per batch (vector_splice)
     directions = {"sae": sae_directions(bench.sae, candidates).cpu(), "diffmean": bench.diffmean(candidates).cpu()}
-    phrases = {lat: concept_phrase(bench.meanings[lat], bench.known) for lat in candidates}  # not "the word"
+    phrases = {lat: concept_phrase(bench.concept_words(lat), bench.meanings[lat]) for lat in candidates}
     steered = ("sae", "diffmean")
     d = bench.model.args.dim
 

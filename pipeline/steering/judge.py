@@ -9,7 +9,8 @@ how they were made; `python scripts/steering_ratings.py agree` prints this judge
 concept      mentions: the response's words that start with a concept word's stem ("breed" -> "breeds"), plus
              those whose MiniLM embedding is close to a concept word's ("puppy" for "dog"); and the MiniLM
              cosine of the whole response with the concept phrase. 2 for enough mentions or a high cosine.
-instruction  the MiniLM cosine of the response with its instruction.
+instruction  the MiniLM cosine of the response with its instruction, capped by that of what the response adds
+             to the instruction's own words (without_words): a redefined idiom repeats the words, adds nothing.
 fluency      the clean model's mean per-token loss on the response after its instruction (garbled text is
              expensive) and the share of its words inside a word trigram it repeats (loops are cheap, so the loss
              alone passes them).
@@ -50,13 +51,15 @@ class Thresholds:
     points where it drops to 1 and to 0), fitted on the dev half of the hand ratings
     (`python scripts/steering_ratings.py fit`)."""
 
-    word_similarity: float = 0.6
+    word_similarity: float = 0.75
     """A response word is a mention when its MiniLM cosine with a concept word reaches this."""
     concept_mentions: tuple[int, int] = (1, 2)
-    concept_cosine: tuple[float, float] = (0.35, 0.5)
-    instruction_cosine: tuple[float, float] = (0.2, 0.35)
-    fluency_loss: tuple[float, float] = (2.5, 4.0)
-    fluency_loop: tuple[float, float] = (0.3, 0.5)
+    concept_cosine: tuple[float, float] = (0.2, 0.3)
+    instruction_cosine: tuple[float, float] = (0.16, 0.28)
+    instruction_added_offset: float = 0.15
+    """The instruction signal is min(cosine, cosine of what the response adds + this): see without_words."""
+    fluency_loss: tuple[float, float] = (1.9, 3.5)
+    fluency_loop: tuple[float, float] = (0.45, 0.45)
 
 
 THRESHOLDS = Thresholds()
@@ -75,6 +78,15 @@ class JudgeItem:
 def stem(word: str) -> str:
     """A prefix that also starts the word's other forms ("biology" -> "biolo" for "biological")."""
     return word if len(word) < 6 else word[:-2]
+
+
+def without_words(response: str, instruction: str) -> str:
+    """The response without the instruction's content words (compared by their first 5 letters): what it adds.
+    A response that redefines the instruction's phrase ("a walk in the park is a classic urban fantasy film")
+    shares its words but adds nothing about it."""
+    asked = {w.lower()[:5] for w in re.findall(r"[A-Za-z]+", instruction) if is_content_word(w)}
+    kept = [w for w in re.findall(r"[A-Za-z']+|[.,]", response) if w.lower()[:5] not in asked]
+    return " ".join(kept) or "."
 
 
 def loop_share(text: str) -> float:
@@ -110,25 +122,23 @@ class OfflineJudge:
         texts = self.vectors([it.response for it in items])
         concepts = self.vectors([it.concept for it in items])
         instructions = self.vectors([it.instruction for it in items])
+        added = self.vectors([without_words(it.response, it.instruction) for it in items])
         out = []
-        for it, cw, rw, t, c, i in zip(items, concept_words, response_words, texts, concepts, instructions):
+        for it, cw, rw, t, c, i, a in zip(items, concept_words, response_words, texts, concepts, instructions, added):
             stems = [stem(w) for w in cw]
             exact = sum(1 for w in rw if any(w.startswith(s) for s in stems))
-            related = 0
+            near: list[float] = []  # each other content word's best cosine with a concept word
             if cw:
                 cv = torch.stack(self.vectors(cw))  # [n_words, 384]
-                for w in rw:
-                    if (
-                        not any(w.startswith(s) for s in stems)
-                        and float((cv @ self._vectors[w]).max()) >= self.thresholds.word_similarity
-                    ):
-                        related += 1
+                near = [float((cv @ self._vectors[w]).max()) for w in rw if not any(w.startswith(s) for s in stems)]
             out.append(
                 {
-                    "mentions": exact + related,
+                    "mentions": exact + sum(x >= self.thresholds.word_similarity for x in near),
                     "exact_mentions": exact,
+                    "word_similarities": [round(x, 4) for x in near],
                     "similarity": float(t @ c),
                     "instruction_similarity": float(t @ i),
+                    "instruction_added_similarity": float(a @ i),
                     "loss": it.loss,
                     "loop": loop_share(it.response),
                     "empty": not it.response.strip(),
@@ -151,7 +161,8 @@ def rate(f: dict, t: Thresholds = THRESHOLDS) -> dict:
         return {"concept": 0, "instruction": 0, "fluency": 0, "harmonic": 0.0}
     mentions = f["exact_mentions"] + sum(x >= t.word_similarity for x in f["word_similarities"])
     concept = max(level(mentions, t.concept_mentions), level(f["similarity"], t.concept_cosine))
-    instruction = level(f["instruction_similarity"], t.instruction_cosine)
+    asked = min(f["instruction_similarity"], f["instruction_added_similarity"] + t.instruction_added_offset)
+    instruction = level(asked, t.instruction_cosine)
     loss = f["loss"] if math.isfinite(f["loss"]) else 0.0
     fluency = 2 - max(level(loss, t.fluency_loss), level(f["loop"], t.fluency_loop))
     return {

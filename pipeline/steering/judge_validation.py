@@ -163,7 +163,11 @@ def fit_thresholds(rows: list[dict], features: list[dict]) -> Thresholds:
         for c in pairs(grid(0.15, 0.7, 0.025) + [9.0])
     ]
     best = max(candidates, key=lambda t: kappa_of(rows, features, "concept", t))
-    candidates = [replace(best, instruction_cosine=c) for c in pairs(grid(-0.1, 0.7, 0.02) + [9.0])]
+    candidates = [
+        replace(best, instruction_cosine=c, instruction_added_offset=o)
+        for c in pairs(grid(-0.1, 0.7, 0.02) + [9.0])
+        for o in [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 9.0]
+    ]
     best = max(candidates, key=lambda t: kappa_of(rows, features, "instruction", t))
     off = (99.0, 99.0)
     candidates = [replace(best, fluency_loss=c, fluency_loop=(9.0, 9.0)) for c in pairs(grid(0.5, 6.0, 0.1) + [off[0]])]

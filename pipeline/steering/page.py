@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from llama_3.errors import PipelineInputError
 from llama_3.generation import check_splice_on
 from pipeline.interpret.embedding import SentenceEncoder
-from pipeline.steering.concept import concept_phrase
+from pipeline.steering.concept import concept_phrase, concept_words, related_words
 from pipeline.steering.evaluation import Row, read_continuations
 from pipeline.steering.judge import JudgeItem, OfflineJudge
 from pipeline.steering.output_score import promoted_tokens
@@ -126,7 +126,8 @@ class SteeringPage:
         if meaning:
             try:
                 self._judge = self._judge or OfflineJudge(SentenceEncoder())
-                concept = concept_phrase(meaning, self._judge.encoder.whole_words())
+                words = concept_words(meaning, self._judge.encoder.whole_words())
+                concept = concept_phrase(related_words(words, self._judge.vectors), meaning)  # as the evaluation
                 items = [
                     JudgeItem(concept, labels[i], c.text, reads[2 * i + k][0])
                     for i, pair in enumerate(pairs)

@@ -16,9 +16,9 @@ from llama_3 import PipelineInputError, load_model
 from llama_3.hooks import Splice
 from pipeline.core.tokenization import Tokenization
 from pipeline.sae.model import SaeConfig, TopKSae
-from pipeline.steering.concept import common_words, concept_tokens, is_function_fragment
+from pipeline.steering.concept import common_words, concept_tokens, concept_words, is_function_fragment, related_words
 from pipeline.steering.evaluation import Row, add_strength, best_factor, read_continuations
-from pipeline.steering.judge import JudgeItem, OfflineJudge, harmonic_mean, loop_share, rate
+from pipeline.steering.judge import JudgeItem, OfflineJudge, harmonic_mean, loop_share, rate, without_words
 from pipeline.steering.output_score import output_scores, promoted_tokens, resume_layer
 from pipeline.steering.splice import SteeringEntry, hook_activations, sae_splice
 from pipeline.steering.vectors import (
@@ -144,16 +144,19 @@ def test_concept_tokens_start_the_rare_key_words_of_a_meaning(tiny):
         " Moo",
         " Ber",
     ]  # the tiny BPE's pieces of >= 3 letters
-    assert concept_tokens(meaning, tok, common) == expected
-    assert concept_tokens('the tokens "cat", "the"', tok, common) == []
+    assert concept_tokens(concept_words(meaning), tok, common) == expected
+    assert concept_tokens(concept_words('the tokens "cat", "the"'), tok, common) == []
     # a word whose first token is a function word or the start of one (" theria" -> " the") says nothing
     for word in ("theria", "whereupon", "herons", "anderson", "thus"):
         first = tok.encode(" " + word, bos=False)[0]
         if is_function_fragment(tok.decode([first])):
-            assert first not in concept_tokens(f'the tokens "{word}"', tok, frozenset())
+            assert first not in concept_tokens([word], tok, frozenset())
     assert is_function_fragment(" the") and is_function_fragment("Wh") and is_function_fragment(" ")
     assert not is_function_fragment(" Moo") and not is_function_fragment("theatre")
-    assert concept_tokens('the tokens "capital", "cat", "dog", "xy"', tok, common) == []  # 1 rare word of 4
+    assert concept_tokens(["capital", "cat", "dog"], tok, common) == []  # 1 rare word of 3
+    # secondary words join the concept only when they belong with the first ("john; also guinea": not one concept)
+    vec = {"john": [1.0, 0.0], "jack": [0.8, 0.6], "guinea": [0.0, 1.0]}
+    assert related_words(["john", "jack", "guinea"], lambda ws: [torch.tensor(vec[w]) for w in ws]) == ["john", "jack"]
 
 
 def test_diffmean_and_residual_norm_equal_per_sentence_brute_force(lm, tiny):
@@ -232,13 +235,23 @@ def test_offline_judge_counts_mentions_and_loops_and_follows_its_thresholds():
     inside = {j for i, g in enumerate(grams) if grams.count(g) > 1 for j in range(i, i + 3)}
     assert loop_share(text) == pytest.approx(len(inside) / len(words)) and loop_share("one two three") == 0
     # each score's rule at its thresholds
-    t = judge.Thresholds(0.6, (1, 3), (0.3, 0.6), (0.2, 0.4), (2.0, 4.0), (0.3, 0.6))
-    base = {"mentions": 0, "similarity": 0.0, "instruction_similarity": 0.5, "loss": 1.0, "loop": 0.0, "empty": False}
+    t = judge.Thresholds(0.6, (1, 3), (0.3, 0.6), (0.2, 0.4), 0.1, (2.0, 4.0), (0.3, 0.6))
+    base = {"exact_mentions": 0, "word_similarities": [], "similarity": 0.0, "instruction_similarity": 0.5}
+    base |= {"instruction_added_similarity": 0.5, "loss": 1.0, "loop": 0.0, "empty": False}
     concept = [
-        rate(base | {"mentions": m, "similarity": s}, t)["concept"] for m, s in ((0, 0.29), (1, 0), (3, 0), (0, 0.6))
+        rate(base | {"exact_mentions": m, "similarity": s}, t)["concept"]
+        for m, s in ((0, 0.29), (1, 0), (3, 0), (0, 0.6))
     ]
     assert concept == [0, 1, 2, 2]
     assert [rate(base | {"instruction_similarity": x}, t)["instruction"] for x in (0.1, 0.2, 0.4)] == [0, 1, 2]
+    # the same words, nothing added about them: capped at what it adds + the offset
+    assert [rate(base | {"instruction_added_similarity": x}, t)["instruction"] for x in (0.0, 0.15, 0.3)] == [0, 1, 2]
+    assert without_words(
+        "A walk in the park is a classic urban fantasy film.", "Tell me about a walk in the park."
+    ) == ("A in the is a classic urban fantasy film .")
+    # a concept word's near neighbours count as mentions from the word-similarity threshold on
+    near = base | {"exact_mentions": 0, "word_similarities": [0.59, 0.61, 0.9]}
+    assert rate(near, t)["concept"] == 1 and rate(near, judge.Thresholds(0.55, (1, 3), (0.3, 0.6)))["concept"] == 2
     fluency = [
         rate(base | {"loss": x, "loop": y}, t)["fluency"] for x, y in ((1, 0), (2, 0), (4, 0), (1, 0.3), (1, 0.6))
     ]
