@@ -31,6 +31,12 @@ class SteeringEvalConfig:
     """How many of the latents with the best output score."""
     factors: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])
     """Strengths swept, as multiples of the stream's mean norm at the hook."""
+    sae_mode: Literal["add", "clamp"] = "add"
+    """SAE steering: add the decoder row, or clamp the latent's activation (the same push, in SAE units)."""
+    keep_error: bool = True
+    """With the SAE's error term (off: the model runs on the SAE's reconstruction while steered)."""
+    steer_on: Literal["all", "prompt", "generated"] = "all"
+    """Positions steered: every one, the prompt only, or only the generated tokens."""
     output_factor: float = 0.2
     """Strength of the output score's steering."""
     select_instructions: list[str] = field(default_factory=lambda: list(SELECT_INSTRUCTIONS))

@@ -28,6 +28,7 @@ from llama_3.hooks import HookRunner
 from pipeline.steering.concept import common_words, concept_phrase, concept_tokens, concept_words, related_words
 from pipeline.steering.judge import JudgeItem, OfflineJudge
 from pipeline.steering.output_score import output_scores, promoted_tokens
+from pipeline.steering.splice import SteeringEntry, sae_splice
 from pipeline.steering.vectors import (
     capture_sums,
     diffmean_directions,
@@ -77,6 +78,7 @@ class Row:
     text: str = ""
     phase: str = "select"  # "select" (the sweep's instructions) or "test" (held out)
     changed: bool | None = None  # steered text differs from the unsteered text of its instruction
+    entry: SteeringEntry | None = None  # steered through the SAE splice (sae_mode clamp, or no error term)
     scores: dict = field(default_factory=dict)
 
 
@@ -131,18 +133,30 @@ def read_continuations(model, sae, rows: list[Row], max_tokens: int = 2048) -> l
     return out
 
 
-def generate(session, rows: list[Row], offsets: torch.Tensor, sampling: dict, batch_rows: int, progress=None) -> None:
-    """Fill each row's continuation; offsets [len(rows), d] (zero rows unsteered)."""
+def generate(
+    session, rows: list[Row], offsets: torch.Tensor, sampling: dict, batch_rows: int, progress=None, keep_error=True
+) -> None:
+    """Fill each row's continuation; offsets [len(rows), d] (zero rows unsteered). Rows with an SAE `entry`
+    (clamp, or add without the error term) run in batches of their own, through the SAE splice."""
     skip = session.steerable.sae.cfg.tokenization.skip_first_positions
     hook = session.steerable.hook_point
-    for a in range(0, len(rows), batch_rows):
-        part = rows[a : a + batch_rows]
-        device = session.loaded.model.tok_embeddings.weight.device
-        splice = vector_splice(offsets[a : a + batch_rows].to(device), skip)  # once per batch, not per token
-        for r, c in zip(part, session.gen.generate([r.tokens for r in part], splice={hook: splice}, **sampling)):
-            r.continuation, r.text = c.tokens, c.text
-        if progress is not None:
-            progress.update(len(part))
+    device = session.loaded.model.tok_embeddings.weight.device
+    by_vector = [i for i, r in enumerate(rows) if r.entry is None]
+    by_entry = [i for i, r in enumerate(rows) if r.entry is not None]
+    for group in (by_vector, by_entry):
+        for a in range(0, len(group), batch_rows):
+            part = group[a : a + batch_rows]
+            if group is by_vector:  # once per batch, not per token
+                splice = vector_splice(offsets[part].to(device), skip)
+            else:
+                splice = sae_splice(
+                    session.steerable.sae, keep_error=keep_error, row_entries=[[rows[i].entry] for i in part]
+                )
+            done = session.gen.generate([rows[i].tokens for i in part], splice={hook: splice}, **sampling)
+            for i, c in zip(part, done):
+                rows[i].continuation, rows[i].text = c.tokens, c.text
+            if progress is not None:
+                progress.update(len(part))
 
 
 class Benchmark:
@@ -159,12 +173,20 @@ class Benchmark:
         capture=None,
         capture_sentences: int = 0,
         explicit: bool = False,
+        sae_mode: str = "add",
+        keep_error: bool = True,
     ):
         """capture: the CaptureOutput that top sentences read sentences 0..capture_sentences-1 from (DiffMean
         reads them there too), or None (the model runs on DiffMean's sentences)."""
         self.session, self.encoder, self.examples, self.meanings = session, encoder, examples, meanings
         self.capture, self.capture_sentences, self.diffmean_source = capture, capture_sentences, ""
         self.explicit = explicit  # the latents were named (--latents): evaluate each, whatever its meaning
+        self.sae_mode, self.keep_error = sae_mode, keep_error
+        if (sae_mode != "add" or not keep_error) and session.steerable.sae.cfg.normalize == "token":
+            raise PipelineInputError(
+                "--sae-mode clamp / --no-keep-error: this SAE normalises each token, so a strength in the stream "
+                "has no single SAE value; use --sae-mode add"
+            )
         self.sae = session.steerable.sae
         self.model = session.loaded.model
         self.instructions = list(select_instructions) + list(test_instructions)
@@ -406,8 +428,15 @@ def evaluate(
     def vector_rows(picks: list[tuple[int, str, float, int]], phase: str) -> tuple[list[Row], list[torch.Tensor]]:
         rows, offsets = [], []
         for i, method, factor, p in picks:
-            rows.append(Row(p, method, candidates[i], factor, bench.prompt_tokens[p], phase=phase))
-            offsets.append(factor * bench.norm * directions[method][i])
+            row = Row(p, method, candidates[i], factor, bench.prompt_tokens[p], phase=phase)
+            if method == "sae" and (bench.sae_mode != "add" or not bench.keep_error):
+                # the same push in SAE units: add moves the stream by exactly this; clamp sets the activation to it
+                strength = add_strength(bench.sae, candidates[i], factor * bench.norm)
+                row.entry = SteeringEntry(candidates[i], bench.sae_mode, strength)
+                offsets.append(torch.zeros(d))
+            else:
+                offsets.append(factor * bench.norm * directions[method][i])
+            rows.append(row)
         return rows, offsets
 
     # 1. the sweep on the select instructions (and every instruction unsteered)
@@ -417,7 +446,7 @@ def evaluate(
     rows = plain + sweep
     offsets = torch.stack([torch.zeros(d)] * len(plain) + sweep_offsets)
     bar = progress(len(rows), "steering sweep")
-    generate(bench.session, rows, offsets, sampling, batch_rows, bar)
+    generate(bench.session, rows, offsets, sampling, batch_rows, bar, bench.keep_error)
     plain_text = {r.prompt: r.text for r in plain}
     # the unsteered text, judged against each latent's concept: the rows steering is compared with
     baseline = [
@@ -443,7 +472,7 @@ def evaluate(
     if bar is not None:
         bar.total += len(test)
         bar.refresh()
-    generate(bench.session, test, torch.stack(test_offsets), sampling, batch_rows, bar)
+    generate(bench.session, test, torch.stack(test_offsets), sampling, batch_rows, bar, bench.keep_error)
     if bar is not None:
         bar.close()
     bench.judge(test + baseline, phrases)

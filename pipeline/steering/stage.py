@@ -122,8 +122,15 @@ def evaluate_steering(cfg: SteeringEvalConfig) -> dict:
         capture,
         capture_sentences,
         explicit=bool(cfg.latents),
+        sae_mode=cfg.sae_mode,
+        keep_error=cfg.keep_error,
     )
-    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}
+    sampling = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "seed": cfg.seed,
+        "splice_on": cfg.steer_on,
+    }
     doc = evaluate(
         bench,
         pool,

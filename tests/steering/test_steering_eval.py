@@ -470,6 +470,40 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
         eval_main(SteeringEvalConfig(**{**cfg.__dict__, "factors": [0.0], "force": True}))
 
 
+@pytest.mark.parametrize("mode,keep_error", [("clamp", True), ("add", False)])
+def test_sae_rows_through_the_sae_splice_equal_the_terminal_cli(tiny, demo_inputs, tmp_path, mode, keep_error):
+    """--sae-mode clamp / --no-keep-error: each SAE row is what the CLI's entry at the same push generates."""
+    from pipeline.steering.config import SteeringEvalConfig
+    from pipeline.steering.session import Session
+    from steering_evaluation import main as eval_main
+
+    root, _ = demo_inputs
+    cfg = SteeringEvalConfig(
+        sae=str(root / "sae"),
+        top_sentences=str(root / "top"),
+        meanings=str(root / "m"),
+        out=str(tmp_path / "eval"),
+        model=str(tiny.hf_dir),
+        n_candidates=1,
+        factors=[2.0],
+        select_instructions=["a b c"],
+        test_instructions=["f g h i"],
+        max_new_tokens=4,
+        device="cpu",
+        dtype="float32",
+        sae_mode=mode,
+        keep_error=keep_error,
+    )
+    doc = eval_main(cfg)
+    [entry] = doc["latents"]
+    [row] = [r for r in doc["rows"] if r["method"] == "sae" and r["phase"] == "test"]
+    session = Session.open(cfg.model, cfg.sae, cfg.meanings, "cpu", "float32")
+    prompt = session.loaded.chat_format.encode_dialog([{"role": "user", "content": "f g h i"}])
+    steer = SteeringEntry(entry["latent"], mode, entry["methods"]["sae"]["add_strength"])
+    [(_, steered)] = session.complete([prompt], [steer], max_new_tokens=4, temperature=0, keep_error=keep_error)
+    assert row["text"] == steered.text
+
+
 def test_capture_sums_equal_the_model_on_sentences_that_straddle_shards(demo_inputs, tiny, lm):
     from pipeline.capture.activations import CaptureOutput
     from pipeline.sentences.dataset import iter_sentences
