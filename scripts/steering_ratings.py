@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from collections import Counter
@@ -25,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llama_3.errors import PipelineInputError  # noqa: E402
 from pipeline.steering.judge import rate  # noqa: E402
 from pipeline.steering.judge_validation import (  # noqa: E402
     RATINGS_DIR,
@@ -106,7 +108,8 @@ def main() -> None:
     a.add_argument("--judge", choices=("offline", "claude"), default="offline")
     a.add_argument("--split", choices=("all", "dev", "test"), default="all")
     a.add_argument("--claude-model", default=None)
-    a.add_argument("--work", type=Path, default=Path("runs/steering_judge_validation"))
+    a.add_argument("--work", type=Path, default=Path("runs/steering_judge_validation"), help="Claude batch state")
+    a.add_argument("--out", type=Path, help="also write the agreement as JSON here")
     args = p.parse_args()
     if args.command == "make":
         make(args.results, args.out, args.per_source, args.seed)
@@ -125,11 +128,19 @@ def main() -> None:
         rows = load_rated_rows(args.folder, args.split)
         if args.judge == "offline":
             predicted = judge_offline(rows)
+        elif not os.environ.get("ANTHROPIC_API_KEY"):
+            raise PipelineInputError("--judge claude needs ANTHROPIC_API_KEY in the environment (one Message Batch)")
         else:
             predicted = judge_with_claude(rows, args.work, args.claude_model)
+        result = agreement(rows, predicted, SCORES)
         print(f"{args.judge} judge vs hand labels, {len(rows)} rows ({args.split}):")
-        print(format_agreement(agreement(rows, predicted, SCORES)))
+        print(format_agreement(result))
+        if args.out:
+            args.out.write_text(json.dumps({"judge": args.judge, "split": args.split, "agreement": result}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PipelineInputError as e:  # e.g. --judge claude without ANTHROPIC_API_KEY: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None

@@ -176,10 +176,12 @@ def fit_thresholds(rows: list[dict], features: list[dict]) -> Thresholds:
     return max(candidates, key=lambda t: kappa_of(rows, features, "fluency", t))
 
 
-def judge_with_claude(rows: list[dict], work: Path, model: str | None = None, base_url: str | None = None) -> list:
+def judge_with_claude(
+    rows: list[dict], work: Path, model: str | None = None, base_url: str | None = None, poll_seconds: float = 60.0
+) -> list:
     """Claude's scores of each row through one Message Batch (ANTHROPIC_API_KEY; the batch state lives in `work`, so
     a second call collects what the first sent); None for a row whose answer did not parse."""
     items = [{k: r[k] for k in ("concept", "instruction", "response")} for r in rows]
     work.mkdir(parents=True, exist_ok=True)
-    got = run_claude_judge(items, work, base_url, 60.0, 0.0, model or DEFAULT_MODEL)
+    got = run_claude_judge(items, work, base_url, poll_seconds, 0.0, model or DEFAULT_MODEL)
     return [got.get(i) for i in range(len(rows))]

@@ -78,3 +78,34 @@ def test_the_offline_judge_agrees_with_the_hand_ratings_it_was_not_fitted_on():
     before = {json.loads(x)["id"]: json.loads(x) for x in (RATINGS_DIR / "judge_before.jsonl").read_text().splitlines()}
     old = agreement(rows, [before[r["id"]] for r in rows])
     assert all(got[k]["kappa"] > old[k]["kappa"] for k in ("concept", "instruction", "fluency"))
+
+
+def test_the_claude_judge_is_measured_on_the_same_rows_through_one_batch(tmp_path, monkeypatch):
+    """`steering_ratings.py agree --judge claude` against a local Message Batches server (the real SDK): every row
+    goes out once with AxBench's rubric, answers that do not parse count as missing, a second call sends nothing."""
+    from fake_batches_server import FakeBatches
+
+    from pipeline.steering.judge_validation import judge_with_claude
+
+    rows = load_rated_rows(RATINGS_DIR)[:12]
+    by_response = {r["response"]: r["labels"] for r in rows}
+
+    def answer(cid, params):
+        prompt = params["messages"][0]["content"]
+        response = prompt.split("Response: ", 1)[1].split("\n\nRate the response")[0]
+        labels = by_response[response]
+        if labels["concept"] == 1:
+            return "succeeded", "I cannot rate this."
+        return "succeeded", json.dumps(labels)
+
+    server = FakeBatches(answer, polls_until_end=1)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-key")
+    try:
+        got = judge_with_claude(rows, tmp_path / "claude", base_url=server.url, poll_seconds=0.01)
+        again = judge_with_claude(rows, tmp_path / "claude", base_url=server.url, poll_seconds=0.01)
+        assert server.create_attempts == 1 and again == got
+    finally:
+        server.close()
+    result = agreement(rows, got)
+    unparsed = sum(r["labels"]["concept"] == 1 for r in rows)
+    assert result["concept"]["missing"] == unparsed and result["concept"]["exact"] == 1.0
