@@ -407,17 +407,16 @@ def evaluate(
     if bar is not None:
         bar.close()
     scores, promoted, concept = out["concept"], out["promoted_tokens"], out["concept_tokens"]
-    # only latents whose meaning names a concept (content words, their tokens no function word): one named by
-    # "the punctuation ','" or "the word piece 'g'" has nothing to be judged on-concept for
-    ranked = sorted((i for i in range(len(pool)) if concept[i]), key=lambda i: (-float(scores[i]), pool[i]))
+    # latents whose meaning names a concept (content words, their tokens no function word) first, by output score;
+    # one named by "the punctuation ','" or "the word piece 'g'" has nothing to be judged on-concept for, so the
+    # rest (by their promoted tokens' gain) only fill the list when too few do (a tiny model's meanings)
+    ranked = sorted(
+        range(len(pool)),
+        key=lambda i: (not concept[i], -float(scores[i]) if concept[i] else -float(out["promoted"][i]), pool[i]),
+    )
     if bench.explicit:  # --latents: every one, in the given order
         ranked = list(range(len(pool)))
     candidates = [pool[i] for i in ranked[:n_candidates]]
-    if not candidates:
-        raise PipelineInputError(
-            "steering evaluation: no latent's meaning names a concept word to steer towards (--meanings); name "
-            "some with --latents"
-        )
     # on the host, both: the SAE's rows come from its device, DiffMean's from host sums; the offsets built from
     # them are stacked here and moved to the model's device per batch (vector_splice)
     directions = {"sae": sae_directions(bench.sae, candidates).cpu(), "diffmean": bench.diffmean(candidates).cpu()}

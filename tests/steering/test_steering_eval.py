@@ -376,13 +376,17 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     promoted = {int(k): v for k, v in doc["promoted_scores"].items()}
     assert sorted(promoted) == firing  # every latent with a meaning that fires
     assert sorted(scores) == firing[:2]  # those whose meaning names concept words ("w" does not)
-    # only those are steered (nothing to be on-concept for otherwise), best output score first
+    # those first, by output score; then (too few of them) the best of the rest by their promoted tokens
     best = sorted(scores, key=lambda lat: (-scores[lat], lat))
+    best += sorted(firing[2:], key=lambda lat: -promoted[lat])[:1]
     assert [r["latent"] for r in doc["latents"]] == best
-    assert {r["concept"] for r in doc["latents"]} == {"capital, berlin", "moon, germany"}  # not "the tokens"
+    concepts = [r["concept"] for r in doc["latents"]]
+    # each the first concept word, and the second only where MiniLM finds it related (related_words)
+    assert {c.split(",")[0] for c in concepts[:2]} == {"capital", "moon"}
+    assert concepts[2] == 'the token "w"'  # no concept words: the meaning itself
     # every row kept: per latent, each instruction unsteered, the sweep (2 methods x 2 factors x 2 select
     # instructions) and the test (2 steered methods and prompting x 2 test instructions)
-    assert len(rows) == 2 * (4 + 2 * 2 * 2 + 3 * 2)
+    assert len(rows) == 3 * (4 + 2 * 2 * 2 + 3 * 2)
     for lat in best:
         mine = [r for r in rows if r["latent"] == lat]
         assert sorted((r["method"], r["phase"]) for r in mine if r["method"] in ("none", "prompt")) == sorted(
@@ -405,9 +409,11 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
     for m in ("sae", "diffmean", "prompt"):  # the summary is over the held-out rows
         test = [r for r in rows if r["method"] == m and r["phase"] == "test"]
         summary = doc["summary"][m]
-        assert summary["rows"] == 4 and summary["harmonic"] == pytest.approx(np.mean([r["harmonic"] for r in test]))
-        assert summary["on_concept"] == pytest.approx(np.mean([r["concept"] == 2 for r in test]))
-        assert summary["concept_any"] == pytest.approx(np.mean([r["concept"] >= 1 for r in test]))
+        assert summary["rows"] == 6 and summary["harmonic"] == pytest.approx(
+            np.mean([r["harmonic"] for r in test]), abs=1e-4
+        )
+        assert summary["on_concept"] == pytest.approx(np.mean([r["concept"] == 2 for r in test]), abs=1e-4)
+        assert summary["concept_any"] == pytest.approx(np.mean([r["concept"] >= 1 for r in test]), abs=1e-4)
         low, high = summary["on_concept_ci"]
         assert low <= summary["on_concept"] <= high
     # the typed reader gives the same rows, and each latent's held-out table puts every method beside unsteered
@@ -538,7 +544,7 @@ def test_the_claude_judge_rates_every_held_out_continuation_through_batches(tiny
     def answer(cid, params):
         prompt = params["messages"][0]["content"]
         seen.append(prompt)
-        assert re.search(r"Concept: (capital, berlin|moon, germany)\n", prompt) and "Instruction:" in prompt
+        assert re.search(r"Concept: (capital|moon)(, \w+)?\n", prompt) and "Instruction:" in prompt
         return "succeeded", 'Scores: {"concept": 2, "instruction": 2, "fluency": 1}'
 
     root, _ = demo_inputs
