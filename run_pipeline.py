@@ -210,7 +210,7 @@ def summary_screen(doc: dict, report: Path) -> str:
             return f"{m} {st[m]['harmonic'] or 0:.2f} ({st[m]['on_concept'] or 0:.0%} on-concept)"
 
         lines.append(
-            "steering (harmonic score 0-2 on held-out instructions): "
+            "steering (held-out instructions; harmonic score 0-2, on-concept = concept score 2): "
             + ", ".join(cell(m) for m in ("sae", "diffmean", "prompt"))
             + f"; unsteered {st['unsteered']['on_concept'] or 0:.0%} on-concept"
         )

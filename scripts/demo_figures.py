@@ -86,7 +86,11 @@ def stage_note(name: str, runs: Path) -> str:
         return f"{num(c.get('explained'))} meanings scored" if c else ""
     if name == "steering_eval":
         doc = read(runs / "steering_eval" / "results.json")
-        return f"{len(doc.get('latents', []))} latents × 3 methods" if doc else ""
+        return (
+            f"{len(doc.get('latents', []))} latents × 3 methods × {len(doc.get('test', []))} instructions"
+            if doc
+            else ""
+        )
     return ""
 
 
@@ -170,23 +174,21 @@ def block(runs: Path, cpu: str | None = None) -> str:
     if steering:
         lines += [
             "",
-            "Steering evaluation (held-out instructions, each method at its best strength; scores 0–2):",
+            "Steering evaluation (held-out instructions, each method at its best strength; the offline judge validated",
+            "against hand ratings; on-concept = concept score 2, with its 95% interval over latents):",
             "",
-            "| method | harmonic | on-concept | concept | instruction | fluency | loss × unsteered |",
+            "| method | rows | on-concept | concept ≥ 1 | instruction | fluency | harmonic |",
             "|---|---|---|---|---|---|---|",
         ]
-        for key, label in METHODS:
+        for key, label in [*METHODS, ("unsteered", "unsteered")]:
             m = steering.get(key) or {}
+            low, high = m.get("on_concept_ci") or (None, None)
+            interval = f"[{pct(low, 0)}–{pct(high, 0)}]"
             lines.append(
-                f"| {label} | {num(m.get('harmonic'), '.2f')} | {pct(m.get('on_concept'), 0)} | "
-                f"{num(m.get('concept'), '.2f')} | {num(m.get('instruction'), '.2f')} | "
-                f"{num(m.get('fluency'), '.2f')} | {num(m.get('loss_ratio'), '.2f')} |"
+                f"| {label} | {num(m.get('rows'))} | {pct(m.get('on_concept'), 0)} {interval} | "
+                f"{pct(m.get('concept_any'), 0)} | {num(m.get('instruction'), '.2f')} | {num(m.get('fluency'), '.2f')} | "
+                f"{'—' if key == 'unsteered' else num(m.get('harmonic'), '.2f')} |"
             )
-        u = steering.get("unsteered") or {}
-        lines.append(
-            f"| unsteered | — | {pct(u.get('on_concept'), 0)} | | {num(u.get('instruction'), '.2f')} | "
-            f"{num(u.get('fluency'), '.2f')} | 1.00 |"
-        )
     lines += ["", END]
     return "\n".join(lines)
 
