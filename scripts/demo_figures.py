@@ -186,8 +186,8 @@ def block(runs: Path, cpu: str | None = None) -> str:
             interval = f"[{pct(low, 0)}–{pct(high, 0)}]"
             lines.append(
                 f"| {label} | {num(m.get('rows'))} | {pct(m.get('on_concept'), 0)} {interval} | "
-                f"{pct(m.get('concept_any'), 0)} | {num(m.get('instruction'), '.2f')} | {num(m.get('fluency'), '.2f')} | "
-                f"{'—' if key == 'unsteered' else num(m.get('harmonic'), '.2f')} |"
+                f"{pct(m.get('concept_any'), 0)} | {num(m.get('instruction'), '.2f')} | "
+                f"{num(m.get('fluency'), '.2f')} | {'—' if key == 'unsteered' else num(m.get('harmonic'), '.2f')} |"
             )
     lines += ["", END]
     return "\n".join(lines)
