@@ -189,7 +189,83 @@ def block(runs: Path, cpu: str | None = None) -> str:
                 f"{pct(m.get('concept_any'), 0)} | {num(m.get('instruction'), '.2f')} | "
                 f"{num(m.get('fluency'), '.2f')} | {'—' if key == 'unsteered' else num(m.get('harmonic'), '.2f')} |"
             )
+    lines += steering_examples(read(runs / "steering_eval" / "results.json"))
     lines += ["", END]
+    return "\n".join(lines)
+
+
+def steering_examples(doc: dict | None, n: int = 3) -> list[str]:
+    """The n latents whose SAE steering was most on-concept, one held-out instruction each (the first where the
+    SAE row scored highest on concept): every method's text beside the unsteered one, with the judge's scores."""
+    if not doc or not doc.get("rows"):
+        return []
+
+    def sae_test(r: dict) -> dict:
+        return r["methods"]["sae"]["test"]
+
+    best = sorted(doc["latents"], key=lambda r: (-(sae_test(r)["on_concept"] or 0), -(sae_test(r)["harmonic"] or 0)))
+    lines = [
+        "",
+        f"Examples: the {n} latents SAE steering moved most on-concept, on one held-out instruction each (greedy, "
+        "32 tokens; scores concept / instruction / fluency):",
+        "",
+        "| latent: concept | instruction | unsteered | SAE latent | DiffMean | prompting |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in best[:n]:
+        lat = entry["latent"]
+        rows = [r for r in doc["rows"] if r["latent"] == lat and r["phase"] == "test"]
+        sae = max((r for r in rows if r["method"] == "sae"), key=lambda r: (r["concept"], r["harmonic"]))
+        same = {r["method"]: r for r in rows if r["prompt"] == sae["prompt"]}
+
+        def cell(r: dict | None) -> str:
+            if r is None:
+                return ""
+            text = r["text"].replace("|", "\\|").replace("\n", " ")
+            strength = f" (× {r['factor']})" if r.get("factor") else ""
+            return f"{text}{strength} **{r['concept']}/{r['instruction']}/{r['fluency']}**"
+
+        lines.append(
+            f"| {lat}: {entry['concept']} | {doc['instructions'][sae['prompt']]} | {cell(same.get('none'))} | "
+            f"{cell(sae)} | {cell(same.get('diffmean'))} | {cell(same.get('prompt'))} |"
+        )
+    return lines
+
+
+VARIANTS_BEGIN = "<!-- steering-variants:begin -->"
+VARIANTS_END = "<!-- steering-variants:end -->"
+
+
+def variants_block(bench_json: Path) -> str | None:
+    """The markdown between the steering-variants markers from bench/results/steering.json (None: not run)."""
+    doc = read(bench_json)
+    if not doc or not doc.get("rows"):
+        return None
+
+    def cell(m: dict) -> str:
+        low, high = m["on_concept_ci"]
+        return (
+            f"{pct(m['on_concept'], 0)} [{pct(low, 0)}–{pct(high, 0)}] / {pct(m['concept_any'], 0)} / "
+            f"{m['harmonic']:.2f} / {m['fluency']:.2f}"
+        )
+
+    lines = [
+        VARIANTS_BEGIN,
+        f"<!-- written by `python scripts/demo_figures.py --write docs/results.md` from {bench_json}; do not edit -->",
+        "",
+        f"`python bench/bench_steering.py`, one run per row on the {doc.get('cpu', 'unrecorded CPU')}; each cell: "
+        "on-concept (concept 2) [95% interval over latents] / concept ≥ 1 / harmonic / fluency, held-out rows:",
+        "",
+        "| SAE | variant | latents | SAE latent | DiffMean | prompting | unsteered on-concept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        s = r["summary"]
+        lines.append(
+            f"| {r['hook_point']} | {r['variant']} {' '.join(r['flags'])} | {r['latents']} | {cell(s['sae'])} | "
+            f"{cell(s['diffmean'])} | {cell(s['prompt'])} | {pct(s['unsteered']['on_concept'], 0)} |"
+        )
+    lines += ["", VARIANTS_END]
     return "\n".join(lines)
 
 
@@ -210,9 +286,14 @@ def main(argv: list[str] | None = None) -> str:
     new = block(Path(args.runs), args.cpu)
     if args.write is None:
         print(new)
+    variants = variants_block(Path(__file__).resolve().parents[1] / "bench" / "results" / "steering.json")
     for name in args.write or []:
         path = Path(name)
-        path.write_text(replace_block(path.read_text(), new))
+        text = replace_block(path.read_text(), new)
+        if variants and VARIANTS_BEGIN in text:
+            start, end = text.index(VARIANTS_BEGIN), text.index(VARIANTS_END) + len(VARIANTS_END)
+            text = text[:start] + variants + text[end:]
+        path.write_text(text)
         print(f"{path}: demo figures from {args.runs}")
     return new
 

@@ -373,7 +373,7 @@ def best_factor(sweep: list[Row], plain_text: dict[int, str], factors: list[floa
 
 def row_record(r: Row) -> dict:
     """One continuation in results.json (pipeline/steering/results.py reads it back)."""
-    scores = {k: rounded(float(v)) if isinstance(v, (int, float)) else v for k, v in r.scores.items()}
+    scores = {k: rounded(v) if isinstance(v, float) else v for k, v in r.scores.items()}  # 0-2 scores stay ints
     return {
         "phase": r.phase,
         "prompt": r.prompt,
