@@ -86,16 +86,43 @@ def write_run(runs: Path) -> None:
             "counts": {"explained": 4341, "failures": 0, "mean_detection_auroc_minilm": 0.6723},
         },
     )
-    method = {"harmonic": 0.47, "on_concept": 0.38, "concept": 0.4, "instruction": 1.92, "fluency": 1.77}
+    method = {"rows": 20, "harmonic": 0.47, "on_concept": 0.38, "on_concept_ci": [0.2, 0.55], "concept_any": 0.5}
+    method |= {"concept": 0.4, "instruction": 1.92, "fluency": 1.77}
+
+    def row(latent, method, text, concept, factor=None):
+        return {"latent": latent, "method": method, "phase": "test", "prompt": 0, "text": text, "factor": factor} | {
+            "concept": concept,
+            "instruction": 2,
+            "fluency": 2,
+            "harmonic": 2.0 if concept else 0.0,
+        }
+
     put(
         "steering_eval/results.json",
         {
-            "latents": [{"latent": 311}, {"latent": 1472}],
+            "instructions": ["Describe a walk."],
+            "test": [0],
+            "latents": [
+                {
+                    "latent": 311,
+                    "concept": "dog, breed",
+                    "methods": {"sae": {"test": {"on_concept": 0.5, "harmonic": 1}}},
+                },
+                {"latent": 1472, "concept": "film", "methods": {"sae": {"test": {"on_concept": 0.0, "harmonic": 0}}}},
+            ],
+            "rows": [
+                row(311, "none", "A walk is nice.", 0),
+                row(311, "sae", "A walk with a dog | a breed.", 2, 0.4),
+                row(311, "diffmean", "A walk, a dog.", 1, 0.2),
+                row(311, "prompt", "Dogs walk.", 2),
+                row(1472, "sae", "A film.", 2, 0.1),
+            ],
             "summary": {
                 "sae": {**method, "loss_ratio": 1.28},
                 "diffmean": {**method, "harmonic": 0.54, "loss_ratio": 1.39},
                 "prompt": {**method, "harmonic": 0.8, "loss_ratio": 1.17},
-                "unsteered": {"on_concept": 0.03, "instruction": 2.0, "fluency": 2.0},
+                "unsteered": {"rows": 20, "on_concept": 0.03, "on_concept_ci": [0.0, 0.1], "concept_any": 0.05}
+                | {"instruction": 2.0, "fluency": 2.0},
             },
         },
     )
@@ -117,10 +144,14 @@ def test_demo_figures_block_holds_the_run_numbers(tmp_path):
         "4,589 of 4,608 latents fire",
         "4,341 latents explained",
         "mean detection AUROC 0.672",
-        "| SAE latent (decoder row) | 0.47 | 38% |",
-        "| DiffMean | 0.54 |",
-        "| prompting | 0.80 |",
-        "| unsteered | — | 3% |",
+        "| SAE latent (decoder row) | 20 | 38% [20%–55%] | 50% | 1.92 | 1.77 | 0.47 |",
+        "| DiffMean | 20 | 38% [20%–55%] | 50% | 1.92 | 1.77 | 0.54 |",
+        "| prompting | 20 | 38% [20%–55%] | 50% | 1.92 | 1.77 | 0.80 |",
+        "| unsteered | 20 | 3% [0%–10%] | 5% | 2.00 | 2.00 | — |",
+        # the most on-concept SAE latent first, its best SAE row beside the other methods' on that instruction
+        "| 311: dog, breed | Describe a walk. | A walk is nice. **0/2/2** | "
+        "A walk with a dog \\| a breed. (× 0.4) **2/2/2** | A walk, a dog. (× 0.2) **1/2/2** | Dogs walk. **2/2/2** |",
+        "| 1472: film | Describe a walk. |  | A film. (× 0.1) **2/2/2** |  |  |",
     ):
         assert expected in block, expected
 
