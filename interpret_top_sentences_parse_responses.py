@@ -20,21 +20,22 @@ import sys
 from pathlib import Path
 
 from pipeline.core.cli import parse_config, run_main
-from pipeline.core.layout import BROWSER_NAME
+from pipeline.core.layout import BROWSER_NAME, STEERING_EVAL_DIR
 from pipeline.core.manifest import MANIFEST_NAME
 from pipeline.interpret.batches import task_dir
 from pipeline.interpret.config import ParseConfig
 from pipeline.interpret.parse import parse
-from pipeline.report.feature_browser import write_browser
+from pipeline.report.feature_browser import browser_stale, write_browser
+from pipeline.steering.results import RESULTS_NAME
 from pipeline.top_sentences.tables import open_top_sentences
 
 
 def main(cfg: ParseConfig) -> dict:
     counts = parse(cfg)
-    if cfg.browser:  # (re)written when missing or older than the meanings it shows
+    if cfg.browser:  # (re)written when missing or older than the meanings or steering results it shows
         browser = Path(cfg.out) / BROWSER_NAME / "index.html"
         parsed = task_dir(cfg.out, "explain") / MANIFEST_NAME
-        if not browser.is_file() or browser.stat().st_mtime_ns < parsed.stat().st_mtime_ns:
+        if browser_stale(browser, parsed, STEERING_EVAL_DIR / RESULTS_NAME):
             data = open_top_sentences(cfg.top_sentences)
             browser = write_browser(data, cfg.meanings, browser.parent, cfg.browser_sentences)
         print(f"feature browser: {browser.resolve()}")

@@ -34,6 +34,7 @@ from pipeline.core.layout import (
     ACTIVATIONS_DIR,
     BROWSER_DIR,
     INTERPRETATION_DIR,
+    MEANINGS_DIR,
     PREPROCESSED_DIR,
     RUNS_DIR,
     SAE_DIR,
@@ -43,7 +44,11 @@ from pipeline.core.layout import (
 )
 from pipeline.core.layout import DEFAULT as DEFAULT_LAYOUT
 from pipeline.core.manifest import MANIFEST_NAME, make_manifest, write_json_atomic
+from pipeline.interpret.config import ParseConfig
+from pipeline.report.feature_browser import browser_stale, write_browser
 from pipeline.report.report import read_json, write_report
+from pipeline.steering.results import RESULTS_NAME
+from pipeline.top_sentences.tables import open_top_sentences
 
 REPO = Path(__file__).resolve().parent
 
@@ -266,6 +271,10 @@ def main(cfg: PipelineConfig) -> dict:
         cpu=cpu_name(),  # the machine the figures belong to (scripts/demo_figures.py quotes it)
     )
     write_json_atomic(DEFAULT_LAYOUT.pipeline_record, doc)
+    steering = STEERING_EVAL_DIR / RESULTS_NAME
+    if (BROWSER_DIR / "index.html").is_file() and browser_stale(BROWSER_DIR / "index.html", steering):
+        # the browser was written by the parse stage, before this run's steering evaluation it shows
+        write_browser(open_top_sentences(TOP_SENTENCES_DIR), MEANINGS_DIR, BROWSER_DIR, ParseConfig.browser_sentences)
     report = write_report(RUNS_DIR)
     print(summary_screen(doc, report))
     return doc

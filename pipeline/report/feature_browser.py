@@ -192,6 +192,16 @@ def write_browser(
     return target / "index.html"
 
 
+def browser_stale(index: str | Path, *inputs: str | Path) -> bool:
+    """A browser's index.html is missing or older than one of the files it shows (the parsed meanings' manifest,
+    the steering evaluation's results: the evaluation runs after the browser is first written)."""
+    index = Path(index)
+    if not index.is_file():
+        return True
+    built = index.stat().st_mtime_ns
+    return any(Path(p).is_file() and Path(p).stat().st_mtime_ns > built for p in inputs)
+
+
 def extra_sections(
     i: int, data: TopSentences, meanings: dict, near: list, steered: dict | None, steering: SteeringEvalOutput | None
 ) -> str:

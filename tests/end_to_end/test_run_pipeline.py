@@ -3,6 +3,7 @@ the report has its plots, and the summary points at the report, the browser and 
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import subprocess
@@ -57,6 +58,14 @@ def test_rerun_reuses_every_stage_and_force_from_recomputes_the_rest(tiny_pipeli
         and "feature browser:" in done.stdout
         and "llama_3_inference_text_completion_gradio.py" in done.stdout
     )
+    # the browser (written by the parse stage) was rewritten after the steering evaluation: each steered latent's page
+    # holds its held-out rows beside the unsteered text, as the report does
+    results = json.loads((work / "runs" / "steering_eval" / "results.json").read_text())
+    steered = results["latents"][0]["latent"]
+    page = (work / "runs" / "interpretation" / "browser" / "latents" / f"{steered}.html").read_text()
+    row = next(r for r in results["rows"] if r["latent"] == steered and r["method"] == "sae" and r["phase"] == "test")
+    assert "Steering (this SAE's evaluation" in page and html.escape(row["text"]) in page
+    assert html.escape(row["text"]) in (report / "index.html").read_text()
     summary = json.loads((report / "summary.json").read_text())
     sae_manifest = json.loads((work / "runs" / "sae" / "manifest.json").read_text())
     assert summary["training"]["val_fvu"] == sae_manifest["final_validation"]["val/fvu"]
