@@ -476,27 +476,30 @@ def test_the_stage_ranks_sweeps_and_reports_reproducibly(tiny, demo_inputs, tmp_
         eval_main(SteeringEvalConfig(**{**cfg.__dict__, "factors": [0.0], "force": True}))
 
 
+def eval_config(tiny, root, out, **kw):
+    """A steering evaluation of the demo inputs on CPU (one select instruction unless given)."""
+    from pipeline.steering.config import SteeringEvalConfig
+
+    base = dict(sae=str(root / "sae"), top_sentences=str(root / "top"), meanings=str(root / "m"), out=str(out))
+    base |= dict(model=str(tiny.hf_dir), select_instructions=["a b c"], device="cpu", dtype="float32")
+    return SteeringEvalConfig(**(base | kw))
+
+
 @pytest.mark.parametrize("mode,keep_error", [("clamp", True), ("add", False)])
 def test_sae_rows_through_the_sae_splice_equal_the_terminal_cli(tiny, demo_inputs, tmp_path, mode, keep_error):
     """--sae-mode clamp / --no-keep-error: each SAE row is what the CLI's entry at the same push generates."""
-    from pipeline.steering.config import SteeringEvalConfig
     from pipeline.steering.session import Session
     from steering_evaluation import main as eval_main
 
     root, _ = demo_inputs
-    cfg = SteeringEvalConfig(
-        sae=str(root / "sae"),
-        top_sentences=str(root / "top"),
-        meanings=str(root / "m"),
-        out=str(tmp_path / "eval"),
-        model=str(tiny.hf_dir),
+    cfg = eval_config(
+        tiny,
+        root,
+        tmp_path / "eval",
         n_candidates=1,
         factors=[2.0],
-        select_instructions=["a b c"],
         test_instructions=["f g h i"],
         max_new_tokens=4,
-        device="cpu",
-        dtype="float32",
         sae_mode=mode,
         keep_error=keep_error,
     )
@@ -551,19 +554,14 @@ def test_the_claude_judge_rates_every_held_out_continuation_through_batches(tiny
     server = FakeBatches(answer, polls_until_end=1)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-not-a-key")
     try:
-        cfg = SteeringEvalConfig(
-            sae=str(root / "sae"),
-            top_sentences=str(root / "top"),
-            meanings=str(root / "m"),
-            out=str(tmp_path / "eval"),
-            model=str(tiny.hf_dir),
+        cfg = eval_config(
+            tiny,
+            root,
+            tmp_path / "eval",
             n_candidates=2,
             factors=[1.0],
-            select_instructions=["a b c"],
             test_instructions=["f g h i", "j k"],
             max_new_tokens=3,
-            device="cpu",
-            dtype="float32",
             judge="claude",
             base_url=server.url,
             poll_seconds=0.01,
