@@ -111,7 +111,7 @@ def evaluate_steering(cfg: SteeringEvalConfig) -> dict:
     if cfg.judge == "claude":
         make_client(cfg.base_url)  # no key: one line now, not after the generations
     start = time.time()
-    capture, capture_sentences = top_sentences_capture(top)
+    capture, capture_sentences = top_sentences_capture(top, steerable.sae.cfg)
     bench = Benchmark(
         session,
         SentenceEncoder(),
@@ -163,12 +163,18 @@ def evaluate_steering(cfg: SteeringEvalConfig) -> dict:
     return doc
 
 
-def top_sentences_capture(top: TopSentences) -> tuple[CaptureOutput | None, int]:
+def top_sentences_capture(top: TopSentences, sae_cfg) -> tuple[CaptureOutput | None, int]:
     """The capture top sentences read its activations from (it checked that capture against the SAE), and
-    how many sentences it read there; (None, 0) when it ran the model."""
+    how many sentences it read there; (None, 0) when it ran the model, or when the path no longer leads to a
+    capture of this hook point (moved, deleted, or a relative path read from another folder: DiffMean then
+    runs the model instead)."""
     if top.source_capture is None or not top.capture_sentences:
         return None, 0
     try:
-        return CaptureOutput.open(top.source_capture), top.capture_sentences
-    except PipelineInputError:  # moved or deleted since: DiffMean runs the model instead
+        capture = CaptureOutput.open(top.source_capture)
+    except PipelineInputError:
         return None, 0
+    trained_on = sae_cfg.trained_on.capture_fingerprint
+    if sae_cfg.hook_point not in capture.hook_points or (trained_on and capture.fingerprint != trained_on):
+        return None, 0
+    return capture, top.capture_sentences

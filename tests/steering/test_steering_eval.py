@@ -610,3 +610,22 @@ def test_promoted_tokens_never_holds_the_whole_lens(lm, sae):
     assert Largest.numel <= 8 * vocab
     lens = (dirs * lm.model.norm.weight.float()) @ lm.model.output.weight.float().t()  # [40, V], brute force
     assert torch.equal(got.sort(-1).values, lens.topk(3, dim=-1).indices.sort(-1).values)
+
+
+def test_diffmean_reads_the_capture_only_when_it_is_the_saes(demo_inputs, lm):
+    """A relative capture path read from another folder can lead to another run's capture (another hook point, or
+    other data): DiffMean then runs the model instead of reading the wrong activations."""
+    import dataclasses
+
+    from pipeline.sae.formats import load_sae
+    from pipeline.steering.stage import top_sentences_capture
+    from pipeline.top_sentences.tables import open_top_sentences
+
+    root, _ = demo_inputs
+    top = open_top_sentences(root / "top")
+    cfg = load_sae(root / "sae").cfg
+    capture, n = top_sentences_capture(top, cfg)
+    assert capture is not None and capture.directory == root / "acts" and n == top.capture_sentences
+    assert top_sentences_capture(top, dataclasses.replace(cfg, hook_point="resid_pre.0")) == (None, 0)
+    other = dataclasses.replace(cfg, trained_on=dataclasses.replace(cfg.trained_on, capture_fingerprint="f" * 64))
+    assert top_sentences_capture(top, other) == (None, 0)
