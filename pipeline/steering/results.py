@@ -79,7 +79,9 @@ class SteeringEvalOutput:
         except (OSError, ValueError) as e:
             raise PipelineInputError(f"{path}: cannot be read ({e})") from None
         r = Fields(directory, doc, RESULTS_NAME)
-        instructions = doc.get("instructions") or []
+        if "rows" not in doc:  # an older evaluation's results (one example per latent, 3-row means)
+            raise PipelineInputError(f"{path}: written by an older steering evaluation; run it again")
+        instructions = r.get("instructions", list)
         try:
             rows = [
                 SteeringRow(
@@ -96,7 +98,7 @@ class SteeringEvalOutput:
                     harmonic=float(row["harmonic"]),
                     scores=row,
                 )
-                for row in doc.get("rows") or []
+                for row in r.get("rows", list)
             ]
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise PipelineInputError(f"{path}: a row is malformed ({e!r}); run the steering evaluation again") from None

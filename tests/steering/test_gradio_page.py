@@ -83,6 +83,8 @@ def page(tiny, tmp_path_factory):
             {
                 "hook_point": "resid_pre.1",
                 "summary": {},
+                "instructions": [],
+                "rows": [],
                 "output_scores": {str(LATENT): 0.01, str(STEERABLE): 0.4},
                 "latents": [{"latent": STEERABLE, "methods": {"sae": sae_cell}}],
             }

@@ -629,3 +629,16 @@ def test_diffmean_reads_the_capture_only_when_it_is_the_saes(demo_inputs, lm):
     assert top_sentences_capture(top, dataclasses.replace(cfg, hook_point="resid_pre.0")) == (None, 0)
     other = dataclasses.replace(cfg, trained_on=dataclasses.replace(cfg.trained_on, capture_fingerprint="f" * 64))
     assert top_sentences_capture(top, other) == (None, 0)
+
+
+def test_results_of_an_older_evaluation_are_not_shown(tmp_path):
+    """results.json without its rows (the evaluation before every row was kept): the reader refuses it with one
+    line, and the browser and the page then show no steering rather than fail on missing numbers."""
+    from pipeline.core.manifest import make_manifest, write_json_atomic
+    from pipeline.steering.results import SteeringEvalOutput, open_for_sae
+
+    write_json_atomic(tmp_path / "manifest.json", make_manifest("steering_eval", {}, {"sae_sha256": "ab"}, {}))
+    (tmp_path / "results.json").write_text(json.dumps({"hook_point": "x", "summary": {}, "latents": []}))
+    with pytest.raises(PipelineInputError, match="older steering evaluation"):
+        SteeringEvalOutput.open(tmp_path)
+    assert open_for_sae(tmp_path, "ab") is None
