@@ -251,7 +251,8 @@ def variants_block(bench_json: Path) -> str | None:
 
     lines = [
         VARIANTS_BEGIN,
-        f"<!-- written by `python scripts/demo_figures.py --write docs/results.md` from {bench_json}; do not edit -->",
+        "<!-- written by `python scripts/demo_figures.py --write docs/results.md` from bench/results/steering.json; "
+        "do not edit -->",
         "",
         f"`python bench/bench_steering.py`, one run per row on the {doc.get('cpu', 'unrecorded CPU')}; each cell: "
         "on-concept (concept 2) [95% interval over latents] / concept ≥ 1 / harmonic / fluency, held-out rows:",
