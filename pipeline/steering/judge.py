@@ -83,7 +83,7 @@ def stem(word: str) -> str:
 def without_words(response: str, instruction: str) -> str:
     """The response without the instruction's content words (compared by their first 5 letters): what it adds.
     A response that redefines the instruction's phrase ("a walk in the park is a classic urban fantasy film")
-    shares its words but adds nothing about it."""
+    shares its words but adds little about it (its cosine falls; with the fitted offset that one still passes)."""
     asked = {w.lower()[:5] for w in re.findall(r"[A-Za-z]+", instruction) if is_content_word(w)}
     kept = [w for w in re.findall(r"[A-Za-z']+|[.,]", response) if w.lower()[:5] not in asked]
     return " ".join(kept) or "."
