@@ -109,7 +109,7 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
                 prompts = gr.Textbox(
                     label="Prompts (one per line)",
                     lines=4,
-                    value="Write a few sentences about a city at night.",
+                    value="My favourite place in the city is",
                     elem_id="prompts",
                 )
                 with gr.Row():
@@ -123,7 +123,7 @@ def build_app(session: Session, cfg: GradioConfig) -> gr.Blocks:
                 with gr.Row():
                     steer_on = gr.Radio(list(SPLICE_ON), value="all", label="Steer on")
                     keep_error = gr.Checkbox(label="Keep the SAE error term (off: pure reconstruction)", value=True)
-            with gr.Column(scale=2):
+            with gr.Column(scale=3):
                 query = gr.Textbox(label="Find latents by meaning", placeholder="e.g. bone", elem_id="search_query")
                 with gr.Row():
                     sort_by = gr.Radio(

@@ -21,6 +21,10 @@ from pipeline.steering.splice import SteeringEntry, check_entries
 from pipeline.steering.vectors import sae_directions
 
 
+def rounded(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
 def format_outputs(labels: list[str], texts: list[str]) -> str:
     if len(labels) == 1:
         return texts[0]
@@ -69,21 +73,21 @@ class SteeringPage:
         return [" ".join(repr(lm.tokenizer.decode([t])) for t in row) for row in ids]
 
     def search(self, query: str, sort_by: str = "score") -> list[list]:
-        """Latents whose meaning matches: latent, detection score, output score, recommended add, meaning,
-        promoted tokens (at most 50)."""
+        """Latents whose meaning matches: latent, meaning, promoted tokens, detection score, output score,
+        recommended add (at most 50)."""
         hits = self.steerable.search(query or "", limit=self.steerable.sae.cfg.n_latents)
         scores = self.output_scores
         if sort_by == "steerability":  # output score first; latents the evaluation never scored last
             hits.sort(key=lambda h: (h["latent"] not in scores, -scores.get(h["latent"], 0.0)))
         hits = hits[:50]
-        return [
+        return [  # what a latent means and does first (the page shows these without scrolling sideways)
             [
                 h["latent"],
-                h.get("score"),
-                scores.get(h["latent"]),
-                self.recommended.get(h["latent"]),
                 h.get("meaning", ""),
                 effect,
+                rounded(h.get("score"), 3),
+                rounded(scores.get(h["latent"]), 4),
+                rounded(self.recommended.get(h["latent"]), 3),
             ]
             for h, effect in zip(hits, self.promotes([h["latent"] for h in hits]))
         ]

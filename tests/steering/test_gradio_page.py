@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -182,8 +183,9 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     ids = promoted_tokens(probe.loaded.model, sae_directions(probe.steerable.sae, [LATENT]), 5)[0].tolist()
     effect = " ".join(repr(probe.loaded.tokenizer.decode([t])) for t in ids)
     lines = text_of("#search_results").splitlines()
-    after = lines[next(i for i, line in enumerate(lines) if "salutations" in line) + 1]  # the next cell
-    assert after.split() == effect.split()
+    at = next(i for i, line in enumerate(lines) if "salutations" in line)
+    assert lines[at - 1].strip() == str(LATENT)  # the columns: latent, meaning, promotes, then the numbers
+    assert lines[at + 1].split() == effect.split()
     fill("#latent input", "0")
     hits = d.find_elements(By.XPATH, f"//*[@id='search_results']//*[normalize-space(text())='{LATENT}']")
     click_centered(d, next(h for h in hits if h.is_displayed()))
@@ -217,7 +219,7 @@ def test_page_steers_and_shows_both_outputs(page, browser, tiny):
     from pipeline.steering.evaluation import Row, read_continuations
     from pipeline.steering.judge import JudgeItem, OfflineJudge
 
-    wait.until(lambda d: "->" in text_of("#judge"))
+    wait.until(lambda d: re.search(r"\d -> \d", text_of("#judge")))  # a row, not the "->" of the label
     rows = [Row(0, "x", LATENT, None, c.prompt_tokens, c.tokens) for pair in pairs for c in pair]
     reads = read_continuations(session.loaded.model, session.steerable.sae, rows)
     items = [JudgeItem("greetings, salutations", PROMPTS[0], c.text, reads[k][0]) for k, c in enumerate(pairs[0])]
