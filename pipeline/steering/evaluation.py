@@ -1,15 +1,20 @@
 """An AxBench-style steering evaluation: SAE latents against DiffMean and prompting, same prompts, same judge.
 
-    candidates   the latents (with a meaning) whose decoder direction has the best output score
-                 (pipeline/steering/output_score.py), not the most confident input explanation: adding it
-                 must raise the next-token probability of its meaning's rare key words (concept
-                 tokens); latents whose meaning names none come after, by their promoted tokens
-    methods      sae       add the latent's unit decoder row x factor x residual norm (`add` steering)
+    concept      a latent's meaning's concept words (pipeline/steering/concept.py): what the judge looks for
+                 and what prompting asks for
+    candidates   the latents with concept words whose decoder direction has the best output score
+                 (pipeline/steering/output_score.py): adding it must raise the next-token probability of
+                 the concept's tokens; latents without concept words only fill the list, by promoted tokens
+    methods      sae       add the latent's unit decoder row x factor x residual norm (`add`), or clamp the
+                           latent at the same push through the SAE splice (--sae-mode clamp)
                  diffmean  add the latent's unit DiffMean direction, same strengths
                  prompt    no steering; the instruction asks for the concept (AxBench's reference)
-    strengths    a sweep of factors on the `select` instructions; each (latent, method) is reported
-                 on the `test` instructions at the factor with the best mean harmonic score there
-    judge        pipeline/steering/judge.py: concept, instruction, fluency (0-2 each), harmonic mean
+    strengths    a sweep of factors on the `select` instructions; each (latent, method) is reported on the
+                 `test` instructions at the factor with the best mean harmonic score there, among the
+                 factors that changed the text (best_factor)
+    judge        pipeline/steering/judge.py: concept, instruction, fluency (0-2 each), harmonic mean; its
+                 thresholds fitted to hand ratings (tests/data/steering_ratings)
+    rows         every continuation, judged, in results.json (pipeline/steering/results.py reads them)
 
 Every continuation is greedy by default, generated in batches of many rows, each row with its own
 steering vector (a zero vector: exactly the clean model).

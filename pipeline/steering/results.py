@@ -44,7 +44,7 @@ class SteeringRow:
     fluency: int
     harmonic: float
     scores: dict
-    """Every number the judge stored (similarity, loss_ratio, repetition, hits, activation, claude, ...)."""
+    """Every number the judge stored (mentions, similarity, loss, loss_ratio, loop, activation, claude, ...)."""
 
     @property
     def on_concept(self) -> bool:
