@@ -1,17 +1,22 @@
-"""Hook points: the named places in the residual stream where activations are captured or spliced.
+"""Hook points: the named places in a block where activations are captured or spliced.
 
-A hook point is written `<kind>.<layer>`; inside block L the stream passes them in this order:
+A hook point is written `<kind>.<layer>`; inside block L the forward passes them in this order:
 
-    resid_pre.L   residual stream entering block L                       [B, T, d_model]
-    attn_norm.L   output of block L's attention RMSNorm (input to q/k/v)  [B, T, d_model]
-    resid_mid.L   residual stream after the attention sub-block           [B, T, d_model]
-    ffn_norm.L    output of block L's feed-forward RMSNorm                [B, T, d_model]
-    resid_post.L  residual stream leaving block L (== resid_pre.L+1)      [B, T, d_model]
+    resid_pre.L   residual stream entering block L                              [B, T, d_model]
+    attn_norm.L   output of block L's attention RMSNorm (input to q/k/v)         [B, T, d_model]
+    attn_out.L    what the attention sub-block adds to the stream (after wo)     [B, T, d_model]
+    resid_mid.L   residual stream after the attention sub-block (= pre + attn_out)
+    ffn_norm.L    output of block L's feed-forward RMSNorm: the MLP's input      [B, T, d_model]
+    mlp_out.L     what the MLP adds to the stream (after w2)                     [B, T, d_model]
+    resid_post.L  residual stream leaving block L (= mid + mlp_out = resid_pre.L+1)
 
+Llama Scope's sites are resid_post (R), attn_out (A), mlp_out (M) and the transcoder ffn_norm -> mlp_out (TC).
 Capture records the activation as the model computed it (before any splice at the same point).
 Splice replaces it by `fn(x)`; with `add_error=True` the SAE-style error term
 `x - clean_fn(x)` is added back, so only the difference between `fn` and `clean_fn` (the
-intervention, e.g. a steering bias) changes the stream; `clean_fn` defaults to `fn`.
+intervention, e.g. a steering bias) changes the stream; `clean_fn` defaults to `fn`. A splice with a
+`source` reads another, earlier hook point of the same block: a transcoder's splice at mlp_out.L computes
+fn(ffn_norm.L), replacing the MLP by its reconstruction (the error term is then mlp_out - clean_fn(ffn_norm)).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 from llama_3.errors import PipelineInputError
 
-HOOK_KINDS = ("resid_pre", "attn_norm", "resid_mid", "ffn_norm", "resid_post")
+HOOK_KINDS = ("resid_pre", "attn_norm", "attn_out", "resid_mid", "ffn_norm", "mlp_out", "resid_post")
 
 
 @dataclass(frozen=True, order=True)
@@ -75,14 +80,20 @@ class Splice:
     """Reconstruction without the intervention, for the error term; defaults to `fn`."""
     skip_first_positions: int = 0
     """Sequence positions < N keep x untouched (e.g. the attention sink an SAE never saw in training)."""
+    source: str | None = None
+    """fn reads this earlier hook point of the same block instead of x (a transcoder: ffn_norm.L at mlp_out.L)."""
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, d]; positions [B, T] (each token's position in its own sequence) when known."""
-        out = self.fn(x)
+    def __call__(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, source_x: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, T, d]; positions [B, T] (each token's position in its own sequence) when known; source_x
+        [B, T, d] the `source` hook point's activation (what fn reads when set)."""
+        inp = x if self.source is None else source_x
+        out = self.fn(inp)
         if out.shape != x.shape:
             raise ValueError(f"splice callable returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
         if self.add_error:
-            clean = out if self.clean_fn is None else self.clean_fn(x)
+            clean = out if self.clean_fn is None else self.clean_fn(inp)
             # x + (out - clean), not out + (x - clean): when the intervention changes nothing,
             # out - clean is exactly 0 and the model sees exactly x (the other order rounds).
             out = x + (out - clean)
@@ -107,8 +118,20 @@ class HookRunner:
         for name, fn in (splice or {}).items():
             hp = HookPoint.parse(name, n_layers, "splice")
             self.splices[hp] = fn if isinstance(fn, Splice) else Splice(fn)
-        points = self.capture_points | set(self.splices)
+        # a splice's source is read at its own hook point: it must come earlier in the same block
+        self.source_of: dict[HookPoint, HookPoint] = {}  # splice point -> the point its fn reads
+        for hp, sp in self.splices.items():
+            if sp.source is not None:
+                src = HookPoint.parse(sp.source, n_layers, "splice source")
+                if src.layer != hp.layer or src.stage >= hp.stage:
+                    raise PipelineInputError(
+                        f"splice at {hp}: its source {src} must be an earlier point of block {hp.layer}"
+                    )
+                self.source_of[hp] = src
+        points = self.capture_points | set(self.splices) | set(self.source_of.values())
         self.blocks_with_hooks = {hp.layer for hp in points}
+        self.source_points = set(self.source_of.values())
+        self.source_values: dict[HookPoint, torch.Tensor] = {}  # this forward's source activations, until read
         self.captured: dict[str, torch.Tensor] = {}
         self.positions: torch.Tensor | None = None
         """[B, T] positions of the current forward's tokens, set by the model."""
@@ -124,5 +147,10 @@ class HookRunner:
         hp = HookPoint(layer, stage)
         if hp in self.capture_points:
             self.captured[hp.name] = x
+        if hp in self.source_points:
+            self.source_values[hp] = x
         splice = self.splices.get(hp)
-        return splice(x, self.positions) if splice is not None else x
+        if splice is None:
+            return x
+        source = self.source_of.get(hp)
+        return splice(x, self.positions, self.source_values.pop(source) if source is not None else None)

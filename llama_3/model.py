@@ -156,19 +156,25 @@ class TransformerBlock(nn.Module):
             h = x + self.attention(self.attention_norm(x), freqs_cis, mask, start_pos)
             return h + self.feed_forward(self.ffn_norm(h))
         L = self.layer_id
-        x = hooks(L, 0, x)
+        x = hooks(L, 0, x)  # resid_pre
         if stop_stage == 0:
             return x
-        xn = hooks(L, 1, self.attention_norm(x))
+        xn = hooks(L, 1, self.attention_norm(x))  # attn_norm
         if stop_stage == 1:
             return x
-        x = hooks(L, 2, x + self.attention(xn, freqs_cis, mask, start_pos))
+        a = hooks(L, 2, self.attention(xn, freqs_cis, mask, start_pos))  # attn_out
         if stop_stage == 2:
             return x
-        xn = hooks(L, 3, self.ffn_norm(x))
+        x = hooks(L, 3, x + a)  # resid_mid
         if stop_stage == 3:
             return x
-        return hooks(L, 4, x + self.feed_forward(xn))
+        xn = hooks(L, 4, self.ffn_norm(x))  # ffn_norm: the MLP's input
+        if stop_stage == 4:
+            return x
+        m = hooks(L, 5, self.feed_forward(xn))  # mlp_out
+        if stop_stage == 5:
+            return x
+        return hooks(L, 6, x + m)  # resid_post
 
 
 class Transformer(nn.Module):

@@ -163,6 +163,14 @@ class PreprocessedOutput:
         arr = self._array(split)
         return RowReader(self.directory / ACTS[split], arr.offset, arr.shape, self._torch_dtype)
 
+    def index(self, split: str) -> np.ndarray:
+        """[n, 2] int64 (sentence_id, position) of each row of 'train' or 'val', memory-mapped."""
+        path = self.directory / (TRAIN_INDEX if split == "train" else VAL_INDEX)
+        try:
+            return np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise PipelineInputError(f"{path}: missing or unreadable ({e}); run sae_preprocessing.py --force") from None
+
     def val_sentence_ids(self) -> np.ndarray:
         return np.load(self.directory / VAL_SENTENCE_IDS)
 

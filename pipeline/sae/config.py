@@ -16,6 +16,20 @@ class TrainConfig:
     """Preprocessing output folder."""
     out: Runtime[str] = str(SAE_DIR)
     """Run folder (checkpoints, metrics, final SAE)."""
+    target_data: str = ""
+    """A transcoder's target: the preprocessing output of its output hook point (e.g. mlp_out.L for --data at
+    ffn_norm.L), made from the same capture with the same seed, so its rows pair with --data's ("": an SAE)."""
+    skip: bool = False
+    """Transcoder with a linear skip connection from its input (Gemma Scope 2's skip-transcoders)."""
+    topk_by_decoder_norm: bool = False
+    """Llama Scope: TopK on pre-activation x decoder row norm, decoder norms left free."""
+    k_start: int = 0
+    """K-annealing (Llama Scope): k falls linearly from this to --k over --k-anneal-steps (0: off)."""
+    k_anneal_steps: int = 0
+    """Steps of the K-annealing (0: off)."""
+    suite: str = ""
+    """A JSON list of SAEs to train in one pass over the data, each an object of these flags (data, out,
+    expansion, k, target_data, ...) that override the command line's; one read of each batch feeds them all."""
     expansion: int = 8
     """n_latents = expansion * d_model (unless --n-latents)."""
     n_latents: int = 0

@@ -3,6 +3,12 @@
     h  = TopK(W_enc (x̃ - b_pre) + b_enc + h_bias)      ReLU on the kept values; h_bias steers (not trained)
     x̂  = W_dec^T h + b_pre                              each latent's decoder row W_dec[i] has unit norm
 
+A transcoder (`output_hook_point` set, e.g. ffn_norm.L -> mlp_out.L) predicts another hook point's activation
+ŷ from x: h = TopK(W_enc x̃ + b_enc), ŷ̃ = W_dec^T h + b_pre (+ W_skip x̃ with `skip`, Gemma Scope 2's
+skip-transcoder), with b_pre the output's bias (no input centering, as SAELens' transcoders) and ŷ = ŷ̃ /
+output_scale. Llama Scope's variant `topk_by_decoder_norm` leaves decoder norms free and picks the k latents
+by pre-activation x ||W_dec[i]|| (their contribution to x̂), keeping the pre-activations as the values.
+
 x̃ is the normalised input: "dataset" divides every token by one scalar so that E||x̃||² = d_model
 (the default: it keeps the geometry between tokens, and undoing it is one multiply), "token"
 standardises each token on its own (the original system's choice), "none" leaves x alone.
@@ -90,6 +96,15 @@ class SaeConfig:
     """The training capture prepended BOS (never stored): later stages feed the SAE the same sequences."""
     max_tokens: int = DEFAULT_MAX_TOKENS
     """Text tokens per sentence the training capture kept (BOS on top)."""
+    output_hook_point: str = ""
+    """A transcoder's target (e.g. mlp_out.L for a hook_point ffn_norm.L); "" for an SAE, which reconstructs
+    its input."""
+    output_scale: float = 1.0
+    """A transcoder's target scale: ŷ̃ = y * output_scale has E||ŷ̃||² = d_model on the training data."""
+    skip: bool = False
+    """A transcoder with a linear skip connection W_skip [d, d] from the input (zero at the start)."""
+    topk_by_decoder_norm: bool = False
+    """Llama Scope: choose the TopK by pre-activation x decoder row norm; decoder norms are not constrained."""
     activation: Activation = "topk"
     """topk: the k largest pre-activations, ReLU'd (what sae_training trains). jumprelu: every latent whose
     pre-activation exceeds its own `threshold` (and 0) keeps it: Gemma Scope / Llama Scope SAEs, and plain
@@ -113,15 +128,28 @@ class SaeConfig:
             raise PipelineInputError(f"SAE config: k={self.k} with jumprelu (its count varies per token; k must be 0)")
         if self.normalize not in NORMALIZATIONS:
             raise PipelineInputError(f"SAE config: normalize={self.normalize!r}, expected one of {NORMALIZATIONS}")
+        if self.output_hook_point and self.normalize == "token":
+            raise PipelineInputError("SAE config: a transcoder normalises by its data's scale (normalize=dataset or none)")
+        if self.skip and not self.output_hook_point:
+            raise PipelineInputError("SAE config: skip=True needs a transcoder (output_hook_point)")
+
+    @property
+    def is_transcoder(self) -> bool:
+        return bool(self.output_hook_point)
+
+    @property
+    def site_hook_point(self) -> str:
+        """Where the SAE's output goes in the model: the hook point it reconstructs or a transcoder's target."""
+        return self.output_hook_point or self.hook_point
 
 
 @dataclass
 class SaeOutput:
-    x_hat: torch.Tensor  # [N, d] reconstruction in the input's (raw) space
+    x_hat: torch.Tensor  # [N, d] reconstruction in the input's (raw) space (a transcoder's: its target's)
     values: torch.Tensor  # [N, k] post-ReLU activations of the active latents (JumpReLU: [N, w], see encode)
     indices: torch.Tensor  # [N, k] their latent ids, distinct within a row
     x_norm: torch.Tensor  # [N, d] the normalised input the SAE saw
-    x_hat_norm: torch.Tensor  # [N, d] the reconstruction in normalised space
+    x_hat_norm: torch.Tensor  # [N, d] the reconstruction in normalised space (a transcoder's: the target's)
 
 
 def encoder_preacts(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -173,9 +201,9 @@ class _SparseEncoderGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, h_bias, k):
+    def forward(ctx, x, W, b, h_bias, k, score_scale):
         pre = encoder_preacts(x, W, b + h_bias)  # [N, L]
-        top, idx = pre.topk(k, dim=-1, sorted=False)
+        top, idx = topk_of(pre, k, score_scale)
         values = top.relu()
         ctx.save_for_backward(x, W, idx, values)
         return values, idx
@@ -188,7 +216,16 @@ class _SparseEncoderGrad(torch.autograd.Function):
         grad_x = _token_major(idx, g, n_latents)[0] @ W if ctx.needs_input_grad[0] else None
         grad_W = _latent_major(idx, g, n_latents) @ x if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b if ctx.needs_input_grad[2] else None, None, None
+        return grad_x, grad_W, grad_b if ctx.needs_input_grad[2] else None, None, None, None
+
+
+def topk_of(pre: torch.Tensor, k: int, score_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest pre-activations of each row [N, L] -> (values [N, k], indices [N, k]); with score_scale [L]
+    (the decoder row norms) ranked by pre x scale, the values still the plain pre-activations."""
+    if score_scale is None:
+        return pre.topk(k, dim=-1, sorted=False)
+    idx = (pre * score_scale.to(pre.dtype)).topk(k, dim=-1, sorted=False).indices
+    return pre.gather(1, idx), idx
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -255,6 +292,8 @@ class TopKSae(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(L))
         self.b_pre = nn.Parameter(torch.zeros(d))
         self.register_buffer("h_bias", torch.zeros(L), persistent=False)  # steering; never trained
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d, d))  # [d_out, d_in]
         if cfg.activation == "jumprelu":
             self.register_buffer("threshold", torch.zeros(L))  # [L] each latent's jump point
 
@@ -268,7 +307,16 @@ class TopKSae(nn.Module):
             return (x - mu) / sd, (mu, sd)
         return x, ()
 
+    def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
+        """What the reconstruction is compared with, in normalised space: a transcoder's target y [N, d] scaled
+        by output_scale; an SAE's target is its own normalised input (see normalize_input)."""
+        if not self.cfg.is_transcoder:
+            return self.normalize_input(y)[0]
+        return y * self.cfg.output_scale if self.cfg.normalize == "dataset" else y
+
     def denormalize(self, x_norm: torch.Tensor, ctx: tuple) -> torch.Tensor:
+        if self.cfg.is_transcoder:
+            return x_norm / self.cfg.output_scale if self.cfg.normalize == "dataset" else x_norm
         if self.cfg.normalize == "dataset":
             return x_norm / self.cfg.input_scale
         if self.cfg.normalize == "token":
@@ -277,27 +325,38 @@ class TopKSae(nn.Module):
         return x_norm
 
     # ---- encode / decode ------------------------------------------------------------------
-    def activate(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_scale(self) -> torch.Tensor | None:
+        """[L] the decoder row norms the TopK ranks by (topk_by_decoder_norm), else None."""
+        return self.W_dec.detach().norm(dim=1) if self.cfg.topk_by_decoder_norm else None
+
+    def encoder_input(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """What W_enc multiplies: x̃ - b_pre for an SAE, x̃ for a transcoder (its b_pre is the output's bias)."""
+        return x_norm if self.cfg.is_transcoder else x_norm - self.b_pre
+
+    def activate(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-activations [N, L] -> the code (values [N, w], indices [N, w]), indices distinct within a row.
 
         TopK: w = k. JumpReLU: w = the most latents active on any token of this batch (at least 1), so
         one batch is one dense-width code without truncation; a row with fewer active latents is padded
         with value-0 entries of inactive latents, which decode, aggregate and rank as nothing."""
         if self.cfg.activation == "topk":
-            top, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            top, idx = topk_of(pre, k or self.cfg.k, self.score_scale())
             return top.relu(), idx
         active = (pre > self.threshold) & (pre > 0)  # SAELens: ReLU(pre) * (pre > threshold)
         width = max(1, int(active.sum(1).max())) if len(pre) else 1
         return pre.where(active, 0.0).topk(min(width, pre.shape[1]), dim=-1, sorted=False)
 
-    def encode(self, x_norm: torch.Tensor, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """x̃ [N, d] -> (values [N, k], indices [N, k]) (JumpReLU: [N, w], see activate)."""
-        xc = x_norm - self.b_pre
+    def encode(
+        self, x_norm: torch.Tensor, dense: bool = False, k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x̃ [N, d] -> (values [N, k], indices [N, k]) (JumpReLU: [N, w], see activate); `k` overrides cfg.k
+        (K-annealing in training)."""
+        xc = self.encoder_input(x_norm)
         if dense:
-            return self.activate(xc @ self.W_enc.t() + self.b_enc + self.h_bias)
+            return self.activate(xc @ self.W_enc.t() + self.b_enc + self.h_bias, k)
         if self.cfg.activation != "topk":  # inference only: no sparse backward needed
             return self.activate(encoder_preacts(xc, self.W_enc, self.b_enc + self.h_bias))
-        return _SparseEncoderGrad.apply(xc, self.W_enc, self.b_enc, self.h_bias, self.cfg.k)
+        return _SparseEncoderGrad.apply(xc, self.W_enc, self.b_enc, self.h_bias, k or self.cfg.k, self.score_scale())
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, dense: bool = False) -> torch.Tensor:
         """(values, indices) [N, k] -> x̂ in normalised space [N, d]."""
@@ -312,23 +371,28 @@ class TopKSae(nn.Module):
         """Decode without b_pre (the aux-k reconstruction models the residual x̃ - x̂)."""
         return sparse_decode(values, indices, self.W_dec)
 
-    def forward(self, x: torch.Tensor, dense: bool = False) -> SaeOutput:
+    def forward(self, x: torch.Tensor, dense: bool = False, k: int | None = None) -> SaeOutput:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         x_norm, ctx = self.normalize_input(x2)
-        values, indices = self.encode(x_norm, dense)
+        values, indices = self.encode(x_norm, dense, k)
         x_hat_norm = self.decode(values, indices, dense)
+        if self.cfg.skip:  # [N, d_in] @ [d_in, d_out]: a dense d x d matmul, small beside the encoder's d x L
+            x_hat_norm = x_hat_norm + x_norm @ self.W_skip.t()
         x_hat = self.denormalize(x_hat_norm, ctx)
         return SaeOutput(x_hat.reshape(shape), values, indices, x_norm, x_hat_norm)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d] -> x̂ [..., d] in raw space: the callable a splice uses."""
+        """x [..., d] -> x̂ [..., d] in raw space (a transcoder's: ŷ at its output hook): the callable a splice
+        uses."""
         return self(x).x_hat
 
     # ---- decoder constraints --------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Each latent's decoder row back to unit norm (after every optimizer step)."""
+        """Each latent's decoder row back to unit norm (after every optimizer step; not with free norms)."""
+        if self.cfg.topk_by_decoder_norm:
+            return
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
@@ -340,7 +404,7 @@ class TopKSae(nn.Module):
         rows are only unit-norm up to rounding).
         """
         g = self.W_dec.grad
-        if g is not None:
+        if g is not None and not self.cfg.topk_by_decoder_norm:
             w = self.W_dec
             g -= (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True) * w
 

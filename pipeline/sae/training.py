@@ -50,9 +50,11 @@ def aux_k_loss(
     k_aux: int,
     denominator: float,
     n_dead: int | None = None,
+    target_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reconstruct the residual x̃ - x̂ from the top dead latents, decoded without b_pre: the summed squared
-    error over these rows / `denominator`.
+    """Reconstruct the residual target - x̂ (in normalised space; an SAE's target is x̃ itself, a transcoder's
+    `target_norm`) from the top dead latents of input x̃, decoded without b_pre: the summed squared error over
+    these rows / `denominator`.
 
     The trainer passes (global batch rows x the data's variance), the main loss's normaliser, as sparsify
     divides both by the data's variance: a number fixed for the run and equal on every rank. Dividing by
@@ -67,8 +69,8 @@ def aux_k_loss(
     if n_dead == 0 or len(x_norm) == 0:
         return x_norm.new_zeros(())
     dead_ids = dead.float().topk(n_dead, sorted=False).indices.sort().values  # [n_dead]: nonzero()'s ids
-    residual = (x_norm - x_hat_norm).detach()
-    pre = (x_norm - sae.b_pre.detach()) @ sae.W_enc[dead_ids].t() + sae.b_enc[dead_ids]  # [N, n_dead]
+    residual = ((x_norm if target_norm is None else target_norm) - x_hat_norm).detach()
+    pre = sae.encoder_input(x_norm).detach() @ sae.W_enc[dead_ids].t() + sae.b_enc[dead_ids]  # [N, n_dead]
     top, local = pre.topk(min(k_aux, n_dead), dim=-1, sorted=False)
     recon = sae.decode_residual(top.relu(), dead_ids[local])
     return (recon - residual).pow(2).sum() / denominator
@@ -94,13 +96,46 @@ def training_data(data_dir: str, data: PreprocessedOutput) -> TrainingData:
     )
 
 
+def paired_target(data: PreprocessedOutput, target_dir: str) -> PreprocessedOutput:
+    """A transcoder's target data, checked to pair row by row with its input data: the same capture, and the
+    same (sentence, position) at every training and validation row (same split, exclusions and shuffle)."""
+    target = PreprocessedOutput.open(target_dir)
+    if (target.manifest["inputs"].get("capture_fingerprint"), target.d_model) != (
+        data.manifest["inputs"].get("capture_fingerprint"),
+        data.d_model,
+    ) or target.hook_point == data.hook_point:
+        raise PipelineInputError(
+            f"--target-data {target_dir}: not another hook point preprocessed from the same capture as --data "
+            f"{data.directory}"
+        )
+    for split in ("train", "val"):
+        a, b = data.index(split), target.index(split)
+        same = a.shape == b.shape and all(
+            np.array_equal(a[i : i + (1 << 20)], b[i : i + (1 << 20)]) for i in range(0, len(a), 1 << 20)
+        )
+        if not same:
+            raise PipelineInputError(
+                f"--target-data {target_dir}: its {split} rows are not --data's (preprocess both with the same "
+                "--seed, --val-fraction and --exclude-first-positions)"
+            )
+    return target
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         self.data = PreprocessedOutput.open(cfg.data)
-        self.stats = self.data.stats
         self.train = self.data.reader("train")  # plain reads: RSS does not grow with the data
         self.val = self.data.reader("val")
+        # A transcoder's target rows pair with the input's; its loss, scale and FVU are the target's.
+        self.target = paired_target(self.data, cfg.target_data) if cfg.target_data else None
+        self.target_train = self.target.reader("train") if self.target else None
+        self.target_val = self.target.reader("val") if self.target else None
+        self.stats = (self.target or self.data).stats
+        if cfg.skip and not self.target:
+            raise PipelineInputError("--skip: a skip connection needs a transcoder (--target-data)")
+        if cfg.k_anneal_steps < 0 or (cfg.k_anneal_steps and cfg.k_start <= cfg.k):
+            raise PipelineInputError(f"--k-start {cfg.k_start}: K-annealing starts above --k {cfg.k}")
         d = self.data.d_model
         n_latents = cfg.n_latents or cfg.expansion * d
         if not 0 < cfg.k <= n_latents:
@@ -119,7 +154,8 @@ class Trainer:
         )
         if self.autocast:
             warn_if_emulated(torch.bfloat16, info.device, "--autocast on")
-        input_scale = math.sqrt(d / self.stats["mean_sq_norm"])  # E||x̃||² = d_model
+        input_scale = math.sqrt(d / self.data.stats["mean_sq_norm"])  # E||x̃||² = d_model
+        output_scale = math.sqrt(d / self.stats["mean_sq_norm"]) if self.target else 1.0
         self.sae_cfg = SaeConfig(
             d_model=d,
             n_latents=n_latents,
@@ -127,6 +163,10 @@ class Trainer:
             normalize=cfg.normalize,
             input_scale=input_scale,
             hook_point=self.data.hook_point,
+            output_hook_point=self.target.hook_point if self.target else "",
+            output_scale=output_scale,
+            skip=cfg.skip,
+            topk_by_decoder_norm=cfg.topk_by_decoder_norm,
             model=self.data.model,
             exclude_first_positions=self.data.tokenization.exclude_first_positions,
             add_bos=self.data.tokenization.add_bos,
@@ -135,10 +175,11 @@ class Trainer:
         )
         torch.manual_seed(cfg.seed)
         self.sae = TopKSae(self.sae_cfg).to(info.device)
-        with torch.no_grad():  # b_pre starts at the (normalised) data mean
+        with torch.no_grad():  # b_pre starts at the (normalised) mean of what the SAE reconstructs
             mean = torch.tensor(self.stats["mean"], dtype=torch.float32)
+            scale = output_scale if self.target else input_scale
             self.sae.b_pre.copy_(
-                mean * input_scale if cfg.normalize == "dataset" else (mean if cfg.normalize == "none" else 0)
+                mean * scale if cfg.normalize == "dataset" else (mean if cfg.normalize == "none" else 0)
             )
         # OpenAI's 2e-4 base was tuned for ~10^9-token runs; at 10^5-10^7 tokens it leaves FVU twice as high
         # (0.20 vs 0.11 after 1M SmolLM2 tokens, bench/bench_sae.py). sparsify's default SignSGD steps
@@ -171,10 +212,11 @@ class Trainer:
     def _input_variance(self, n_rows: int = 65536) -> float:
         """E||x̃ - E x̃||² over the first rows, in float64 chunks (a full fp64 copy would cost GBs)."""
         total, sq, n = 0.0, 0.0, 0
-        for a in range(0, min(n_rows, len(self.train)), 8192):
-            x = self.train[a : min(a + 8192, n_rows, len(self.train))].to(torch.float32)
+        rows = self.target_train or self.train  # what the SAE reconstructs
+        for a in range(0, min(n_rows, len(rows)), 8192):
+            x = rows[a : min(a + 8192, n_rows, len(rows))].to(torch.float32)
             x = x[torch.isfinite(x).all(1)]  # bad rows are the step's business (--nonfinite), not the scale's
-            x_norm = self.sae.normalize_input(x)[0].double()
+            x_norm = self.sae.normalize_target(x).double()
             total, sq, n = total + x_norm.sum(0), sq + x_norm.pow(2).sum().item(), n + len(x_norm)
         if n == 0:
             return 1.0
@@ -189,9 +231,23 @@ class Trainer:
         return a, min(a + per, end), end - start
 
     def local_rows(self, start: int) -> torch.Tensor:
-        """This rank's share of the batch at `start`, read from disk in the storage dtype (host memory)."""
+        """This rank's share of the batch at `start`, read from disk in the storage dtype (host memory); a
+        transcoder's [n, 2 d]: its input rows beside their targets."""
         a, b, _ = self.local_range(start)
-        return self.train[a:b]
+        if self.target_train is None:
+            return self.train[a:b]
+        return torch.cat([self.train[a:b], self.target_train[a:b]], dim=1)
+
+    def k_at(self, step: int) -> int:
+        """K-annealing: k falls linearly from k_start to k over the first k_anneal_steps steps."""
+        if not self.cfg.k_anneal_steps or step >= self.cfg.k_anneal_steps:
+            return self.cfg.k
+        return round(self.cfg.k_start + (self.cfg.k - self.cfg.k_start) * step / self.cfg.k_anneal_steps)
+
+    def split_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[n, d] or a transcoder's [n, 2 d] -> (input, target or None)."""
+        d = self.data.d_model
+        return (x, None) if self.target is None else (x[:, :d], x[:, d:])
 
     def train_step(self, start: int, rows: torch.Tensor | None = None) -> dict:
         """One optimizer step on the global batch at `start`; `rows` is this rank's share already on the
@@ -199,18 +255,27 @@ class Trainer:
         non-finite flag come back together, after the step's collectives."""
         if rows is None:
             rows = self.local_rows(start).to(self.info.device)
-        x = rows.float()  # widened on the device: bf16 crosses to the GPU at half the bytes
+        both = rows.float()  # widened on the device: bf16 crosses to the GPU at half the bytes
+        x, y = self.split_rows(both)
         global_n = self.local_range(start)[2]
         sae = self.sae
         dead = self.tokens_since_fired >= self.cfg.dead_tokens
         with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = sae(x)
+            out = sae(x, k=self.k_at(self.step))
+            target_norm = out.x_norm if y is None else sae.normalize_target(y)
             # Each rank's share of the global mean: summed over ranks it is the one-process loss.
-            sq = (out.x_hat_norm.float() - out.x_norm).pow(2).sum(-1)
+            sq = (out.x_hat_norm.float() - target_norm).pow(2).sum(-1)
             loss = sq.sum() / (global_n * self.loss_scale)
             # this rank's share of the global batch's aux loss, normalised like the main loss
             aux = aux_k_loss(
-                sae, out.x_norm, out.x_hat_norm.float(), dead, self.k_aux, global_n * self.loss_scale, self.n_dead
+                sae,
+                out.x_norm,
+                out.x_hat_norm.float(),
+                dead,
+                self.k_aux,
+                global_n * self.loss_scale,
+                self.n_dead,
+                target_norm=target_norm,
             )
         self.opt.zero_grad(set_to_none=True)
         (loss + self.cfg.aux_coef * aux).backward()
@@ -222,7 +287,7 @@ class Trainer:
         small = torch.cat(
             [
                 torch.stack([loss.detach(), aux.detach()]).float(),
-                (~torch.isfinite(x).all()).float().reshape(1),
+                (~torch.isfinite(both).all()).float().reshape(1),
                 fired,
                 sae.b_enc.grad,
                 sae.b_pre.grad,
@@ -231,6 +296,8 @@ class Trainer:
         if self.info.distributed:
             dist.all_reduce(sae.W_enc.grad)
             dist.all_reduce(sae.W_dec.grad)
+            if sae.cfg.skip:
+                dist.all_reduce(sae.W_skip.grad)
             dist.all_reduce(small)
         fired = small[3 : 3 + n_latents]  # summed over ranks: the same on every rank
         # Next step's dead counters, and their count, ride along with the logged numbers: one host sync.
@@ -276,14 +343,16 @@ class Trainer:
         end = min(len(self.val), max_rows)
         for a in range(0, end, 4096)[self.info.rank :: self.info.world_size]:
             x = self.val[a : min(a + 4096, end)].to(device, torch.float32)
+            # what the SAE reconstructs: its input, or a transcoder's target
+            y = x if self.target_val is None else self.target_val[a : min(a + 4096, end)].to(device, torch.float32)
             out = sae(x)
             active = out.values > 0
             sums[0] += len(x)  # a scalar argument: no host-to-device copy
             sums[1:5] += torch.stack(
                 [
-                    (out.x_hat - x).double().pow(2).sum(),
-                    (out.x_hat_norm - out.x_norm).double().pow(2).sum(),
-                    (x.double() - mean).pow(2).sum(),
+                    (out.x_hat - y).double().pow(2).sum(),
+                    (out.x_hat_norm - sae.normalize_target(y)).double().pow(2).sum(),
+                    (y.double() - mean).pow(2).sum(),
                     active.sum().double(),
                 ]
             )
