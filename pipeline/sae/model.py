@@ -129,7 +129,9 @@ class SaeConfig:
         if self.normalize not in NORMALIZATIONS:
             raise PipelineInputError(f"SAE config: normalize={self.normalize!r}, expected one of {NORMALIZATIONS}")
         if self.output_hook_point and self.normalize == "token":
-            raise PipelineInputError("SAE config: a transcoder normalises by its data's scale (normalize=dataset or none)")
+            raise PipelineInputError(
+                "SAE config: a transcoder normalises by its data's scale (normalize=dataset or none)"
+            )
         if self.skip and not self.output_hook_point:
             raise PipelineInputError("SAE config: skip=True needs a transcoder (output_hook_point)")
 

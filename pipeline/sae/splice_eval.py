@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_3.checkpoints import LoadedModel
+from llama_3.hooks import Splice
 from pipeline.core.tokenization import Tokenization
 
 
@@ -40,9 +41,11 @@ def splice_eval(
     tokenization: Tokenization,
     *,
     max_batch_tokens: int = 1024,
+    source: str | None = None,
 ) -> dict:
     """CE clean / with the reconstruction / zero-ablated, CE loss recovered and KL, over `texts`
-    tokenized as the SAE was trained (`tokenization`: BOS, truncation, the positions it never saw)."""
+    tokenized as the SAE was trained (`tokenization`: BOS, truncation, the positions it never saw).
+    A transcoder's `reconstruct` reads `source` (ffn_norm.L) and replaces `hook_point` (mlp_out.L): the MLP."""
     model, tok = lm.model, lm.tokenizer
     device = model.tok_embeddings.weight.device
     ids = tokenization.encode(tok, texts)
@@ -70,14 +73,16 @@ def splice_eval(
         target_mask = (pos[:, 1:] < lengths[:, None]).to(device)  # predicting a real next token
         tokens = tokens.to(device)
 
-        def sae_fn(x):
-            return torch.where(splice_mask[..., None], reconstruct(x.float()).to(x.dtype), x)
-
         def zero_fn(x):
             return torch.where(splice_mask[..., None], torch.zeros_like(x), x)
 
+        # The positions it never saw keep their activation; right padding is spliced too, which no real
+        # token sees (causal attention) and no loss counts.
+        sae_splice = Splice(
+            lambda v: reconstruct(v.float()), skip_first_positions=tokenization.skip_first_positions, source=source
+        )
         clean = model(tokens)
-        with_sae, _ = model.run_with_hooks(tokens, splice={hook_point: sae_fn})
+        with_sae, _ = model.run_with_hooks(tokens, splice={hook_point: sae_splice})
         zeroed, _ = model.run_with_hooks(tokens, splice={hook_point: zero_fn})
         sums["clean"] += _token_losses(clean, tokens, target_mask).sum().item()
         sums["sae"] += _token_losses(with_sae, tokens, target_mask).sum().item()

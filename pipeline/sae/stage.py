@@ -190,6 +190,7 @@ def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo) -> di
         lm,
         sae.reconstruct,
         texts,
-        trainer.sae_cfg.hook_point,
+        trainer.sae_cfg.site_hook_point,
         trainer.sae_cfg.tokenization,
+        source=trainer.sae_cfg.hook_point if trainer.sae_cfg.is_transcoder else None,
     )

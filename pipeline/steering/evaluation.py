@@ -199,7 +199,7 @@ class Benchmark:
         self.test = list(range(len(select_instructions), len(self.instructions)))
         self.prompt_tokens = [self.encode_instruction(t) for t in self.instructions]
         self.skip = self.sae.cfg.tokenization.skip_first_positions
-        self.norm = residual_norm(self.model, self.sae.cfg.hook_point, self.prompt_tokens, self.skip)
+        self.norm = residual_norm(self.model, self.sae.cfg.site_hook_point, self.prompt_tokens, self.skip)
         self.judge_model = OfflineJudge(encoder)
         # whole words: a concept word must be one (a fake encoder in tests may have no vocabulary)
         self.known = encoder.whole_words() if hasattr(encoder, "whole_words") else None
@@ -229,7 +229,7 @@ class Benchmark:
         promoted = promoted_tokens(self.model, directions, 10).cpu()
         scores = output_scores(
             self.model,
-            self.sae.cfg.hook_point,
+            self.sae.cfg.site_hook_point,
             directions,
             prompts,
             factor * self.norm,
@@ -252,13 +252,13 @@ class Benchmark:
         tokenization = self.sae.cfg.tokenization
         if self.capture is not None and max(ids, default=0) < self.capture_sentences:
             sums, counts = capture_sums(
-                self.capture, self.sae.cfg.hook_point, list(ids), tokenization.exclude_first_positions
+                self.capture, self.sae.cfg.site_hook_point, list(ids), tokenization.exclude_first_positions
             )
             self.diffmean_source = str(self.capture.directory)
         else:
             texts = [ex.sentences[s]["text"] for s in ids]
             sums, counts = hook_sums(
-                self.model, self.sae.cfg.hook_point, tokenization, self.session.loaded.tokenizer, texts
+                self.model, self.sae.cfg.site_hook_point, tokenization, self.session.loaded.tokenizer, texts
             )
             self.diffmean_source = "model"
         return diffmean_directions(sums, counts, pos, neg)
@@ -534,7 +534,7 @@ def evaluate(
             mean(float(r.scores["concept"] == r.scores["claude"]["concept"]) for r in both)
         )
     return {
-        "hook_point": bench.sae.cfg.hook_point,
+        "hook_point": bench.sae.cfg.site_hook_point,
         "residual_norm": round(bench.norm, 4),
         "diffmean_activations": bench.diffmean_source,
         "factors": list(factors),

@@ -24,15 +24,20 @@ from llama_3.errors import PipelineInputError
 from llama_3.hooks import HookPoint
 
 
-def resume_layer(hook_point: str, n_layers: int) -> int:
-    """The block whose input the hook point's stream is: resid_pre.L -> L, resid_post.L -> L + 1."""
+def stream_point(hook_point: str, n_layers: int) -> tuple[str, int, bool]:
+    """Where adding a vector at `hook_point` adds it to the residual stream: (the stream's hook point, the
+    block to resume from, whether it resumes mid-block). resid_pre.L -> block L; resid_post.L and mlp_out.L
+    (what the MLP adds to it) -> block L + 1; resid_mid.L and attn_out.L -> block L's MLP."""
     hp = HookPoint.parse(hook_point, n_layers)
     if hp.kind == "resid_pre":
-        return hp.layer
-    if hp.kind == "resid_post":
-        return hp.layer + 1
+        return hook_point, hp.layer, False
+    if hp.kind in ("resid_post", "mlp_out"):
+        return f"resid_post.{hp.layer}", hp.layer + 1, False
+    if hp.kind in ("resid_mid", "attn_out"):
+        return f"resid_mid.{hp.layer}", hp.layer, True
     raise PipelineInputError(
-        f"output score: hook point {hook_point} is inside a block; it needs a resid_pre or resid_post hook"
+        f"output score: hook point {hook_point} is a norm's output, not added to the stream; it needs a residual, "
+        "attn_out or mlp_out hook"
     )
 
 
@@ -76,19 +81,19 @@ def output_scores(
     """[n_sets, n] scores for n unit directions [n, d] added at `strength` (model units) to every prompt
     position from `skip_first_positions` on; token_sets[s][i]: the ids whose probability set s scores for
     direction i (an empty set scores 0)."""
-    layer = resume_layer(hook_point, model.args.n_layers)
+    stream, layer, mid = stream_point(hook_point, model.args.n_layers)
     device = model.tok_embeddings.weight.device
     sets = [tuple(t.to(device) for t in padded(ts)) for ts in token_sets]
     scores = torch.zeros(len(token_sets), len(directions))
     for p in prompts:
         tokens = torch.tensor([p], device=device)
-        x = model.capture(tokens, [hook_point])[hook_point]  # [1, T, d] in the model's dtype
-        clean = model.forward_from(x, layer, last_only=True)[:, 0].float().softmax(-1)  # [1, V]
+        x = model.capture(tokens, [stream])[stream]  # [1, T, d] in the model's dtype
+        clean = model.forward_from(x, layer, last_only=True, mid=mid)[:, 0].float().softmax(-1)  # [1, V]
         steer_at = (torch.arange(len(p), device=device) >= skip_first_positions)[None, :, None]
         for a in range(0, len(directions), batch_rows):
             dirs = directions[a : a + batch_rows].float().to(device)  # [b, d]
             steered_x = torch.where(steer_at, x.float() + strength * dirs[:, None, :], x.float()).to(x.dtype)
-            probs = model.forward_from(steered_x, layer, last_only=True)[:, 0].float().softmax(-1)  # [b, V]
+            probs = model.forward_from(steered_x, layer, last_only=True, mid=mid)[:, 0].float().softmax(-1)  # [b, V]
             for s, (ids, mask) in enumerate(sets):
                 ids, mask = ids[a : a + batch_rows], mask[a : a + batch_rows]  # [b, m]
                 gain = ((probs.gather(1, ids) - clean[0, ids]) * mask).sum(1)

@@ -125,7 +125,8 @@ def sae_splice(
     position_mask: torch.Tensor | None = None,
     row_entries: list[list[SteeringEntry]] | None = None,
 ) -> Splice:
-    """A Splice for the model's run_with_hooks / generation at sae.cfg.hook_point.
+    """A Splice for the model's run_with_hooks / generation at sae.cfg.site_hook_point (a transcoder's reads
+    its input hook point, the splice's `source`).
 
     position_mask [B, T] or [B, 1] (a per-row switch, e.g. for steered and unsteered rows in one
     batch): where the steering applies; elsewhere the stream is unsteered (the clean stream with
@@ -151,18 +152,15 @@ def sae_splice(
             out = steered_reconstruction(sae, x, entries) if entries else clean(x)
         if position_mask is None:
             return out
-        outside = x.float() if keep_error else clean(x)
-        return torch.where(position_mask[..., None].to(out.device), out, outside)
-
-    def masked_clean(x):
-        c = clean(x)
-        return c if position_mask is None else torch.where(position_mask[..., None].to(c.device), c, x.float())
+        # outside the mask the clean reconstruction: with the error term, steered - clean is exactly 0 there
+        return torch.where(position_mask[..., None].to(out.device), out, clean(x))
 
     return Splice(
         steered,
         add_error=keep_error,
-        clean_fn=masked_clean if keep_error else None,
+        clean_fn=clean if keep_error else None,
         skip_first_positions=sae.cfg.tokenization.skip_first_positions,
+        source=sae.cfg.hook_point if sae.cfg.is_transcoder else None,
     )
 
 
@@ -178,7 +176,8 @@ class SteerableSae:
 
     @property
     def hook_point(self) -> str:
-        return self.sae.cfg.hook_point
+        """Where the SAE's splice goes: its hook point, or a transcoder's output hook point."""
+        return self.sae.cfg.site_hook_point
 
     def meaning(self, latent: int) -> str:
         return self.meanings.get(latent, {}).get("meaning", "")

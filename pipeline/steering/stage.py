@@ -175,6 +175,6 @@ def top_sentences_capture(top: TopSentences, sae_cfg) -> tuple[CaptureOutput | N
     except PipelineInputError:
         return None, 0
     trained_on = sae_cfg.trained_on.capture_fingerprint
-    if sae_cfg.hook_point not in capture.hook_points or (trained_on and capture.fingerprint != trained_on):
+    if sae_cfg.site_hook_point not in capture.hook_points or (trained_on and capture.fingerprint != trained_on):
         return None, 0
     return capture, top.capture_sentences

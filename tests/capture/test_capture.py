@@ -254,7 +254,7 @@ def test_bad_inputs(tmp_path, tiny, sentences):
     with pytest.raises(PipelineInputError, match=r"--hook-points 'resid_pre.9': layer 9 is out of range"):
         capture_main(base_cfg(tmp_path, tiny, sentences, hook_points=["resid_pre.9"]))
     with pytest.raises(PipelineInputError, match="expected <kind>.<layer>"):
-        capture_main(base_cfg(tmp_path, tiny, sentences, hook_points=["mlp_out.1"]))
+        capture_main(base_cfg(tmp_path, tiny, sentences, hook_points=["mlp_in.1"]))
     capture_main(base_cfg(tmp_path, tiny, sentences, max_sentences=10))
     again = capture_main(base_cfg(tmp_path, tiny, sentences, max_sentences=10))  # reused
     assert again["counts"]["sentences"] == 10

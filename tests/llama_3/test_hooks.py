@@ -136,7 +136,9 @@ def test_a_splice_with_a_source_replaces_the_mlp(tiny_model):
         lossy = lambda h: 0.5 * mlp(h)  # noqa: E731
         steered, _ = model.run_with_hooks(
             tokens,
-            splice={"mlp_out.1": Splice(lambda h: lossy(h) + bias, add_error=True, clean_fn=lossy, source="ffn_norm.1")},
+            splice={
+                "mlp_out.1": Splice(lambda h: lossy(h) + bias, add_error=True, clean_fn=lossy, source="ffn_norm.1")
+            },
         )
         only_bias, _ = model.run_with_hooks(tokens, splice={"mlp_out.1": lambda m: m + bias})
     torch.testing.assert_close(same, plain)

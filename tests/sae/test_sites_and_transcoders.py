@@ -1,0 +1,205 @@
+"""SAEs at every site (attn_out, mlp_out) and transcoders (ffn_norm -> mlp_out): trained from one capture,
+checked against brute-force references that never use the hook machinery (the model's modules patched by hand),
+plus Llama Scope's training variants (TopK by decoder norm, K-annealing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capture_activations import main as capture_main
+from llama_3 import load_model
+from llama_3.errors import PipelineInputError
+from openwebtext_sentences_dataset import main as sentences_main
+from pipeline.capture.config import CaptureConfig
+from pipeline.core.distributed import DistInfo
+from pipeline.preprocessing.config import PreprocessConfig
+from pipeline.preprocessing.preprocessed import PreprocessedOutput
+from pipeline.preprocessing.stage import preprocess
+from pipeline.sae.config import TrainConfig
+from pipeline.sae.model import SaeConfig, TopKSae
+from pipeline.sae.splice_eval import splice_eval
+from pipeline.sentences.config import SentencesConfig
+from pipeline.sentences.dataset import iter_sentences
+from sae_training import main as train
+
+SITES = ["attn_out.1", "ffn_norm.1", "mlp_out.1"]
+SINGLE = DistInfo(0, 1, 0, 1, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def suite_data(tmp_path_factory, tiny):
+    """One capture of three sites of block 1, each preprocessed with the same seed."""
+    root = tmp_path_factory.mktemp("sites")
+    sentences_main(
+        SentencesConfig(out=str(root / "s"), max_documents=40, splitter="trained", punkt_train_chars=100_000)
+    )
+    capture_main(
+        CaptureConfig(
+            sentences=str(root / "s"),
+            out=str(root / "acts"),
+            model=str(tiny.hf_dir),
+            device="cpu",
+            model_dtype="float32",
+            storage_dtype="float32",
+            hook_points=SITES,
+        )
+    )
+    for site in SITES:
+        preprocess(
+            PreprocessConfig(
+                capture=str(root / "acts"), out=str(root / site), hook_point=site, batch_size=256, workers=1
+            )
+        )
+    return root
+
+
+def train_cfg(root: Path, data: str, out: str, **kw) -> TrainConfig:
+    base = dict(
+        data=str(root / data),
+        out=str(root / out),
+        wandb="disabled",
+        device="cpu",
+        batch_size=256,
+        expansion=2,
+        k=8,
+        val_every=10**9,
+        checkpoint_every=10**9,
+        eval_sentences=24,
+        autocast="off",
+        force=True,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def held_out_texts(root: Path, data: str, n: int) -> list[str]:
+    wanted = set(PreprocessedOutput.open(root / data).val_sentence_ids()[:n].tolist())
+    return [t for part in iter_sentences(root / "s") for s, t in zip(part["sentence_id"], part["text"]) if s in wanted]
+
+
+def patched_loss(lm, texts, tokenization, module, replace) -> float:
+    """Mean next-token CE with `module`'s forward replaced by replace(module_input) at positions >= skip, one
+    sentence at a time: the reference, built from the model's own modules, no hooks."""
+    original = module.forward
+    total, n = 0.0, 0
+
+    def forward(h, *args, **kwargs):
+        real = original(h, *args, **kwargs)
+        new = replace(h, real)
+        keep = (torch.arange(h.shape[1]) < tokenization.skip_first_positions)[None, :, None]
+        return torch.where(keep, real, new)
+
+    module.forward = forward
+    try:
+        with torch.no_grad():
+            for t in tokenization.encode(lm.tokenizer, texts):
+                if len(t) < 2:
+                    continue
+                ids = torch.tensor([t])
+                logits = lm.model(ids)
+                nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+                total, n = total + float(nll), n + ids.shape[1] - 1
+    finally:
+        module.forward = original
+    return total / n
+
+
+def test_a_transcoder_trains_on_paired_sites_and_replaces_the_mlp(suite_data, tiny):
+    root = suite_data
+    done = train(train_cfg(root, "ffn_norm.1", "tc", target_data=str(root / "mlp_out.1")))
+    sae = TopKSae.load(root / "tc" / "sae")
+    assert (sae.cfg.hook_point, sae.cfg.output_hook_point, sae.cfg.site_hook_point) == (
+        "ffn_norm.1",
+        "mlp_out.1",
+        "mlp_out.1",
+    )
+    # FVU against the target, by brute force on the validation rows (numpy, dense)
+    x = PreprocessedOutput.open(root / "ffn_norm.1").activations("val").float()
+    target = PreprocessedOutput.open(root / "mlp_out.1")
+    y = target.activations("val").float().numpy().astype(np.float64)
+    mean = np.array(target.stats["mean"])  # the FVU's variance is about the training tokens' mean
+    with torch.no_grad():
+        y_hat = sae(x, dense=True).x_hat.numpy().astype(np.float64)
+    fvu = ((y_hat - y) ** 2).sum() / ((y - mean) ** 2).sum()
+    assert done["final_validation"]["val/fvu"] == pytest.approx(fvu, rel=1e-3)
+    assert fvu < 0.9  # it learned the MLP's map, not just its mean
+    # the spliced CE: the model with block 1's MLP module replaced by the transcoder on the same sentences
+    lm = load_model(tiny.hf_dir)
+    texts = held_out_texts(root, "ffn_norm.1", 24)
+    spliced = splice_eval(lm, sae.reconstruct, texts, "mlp_out.1", sae.cfg.tokenization, source="ffn_norm.1")
+    ref = patched_loss(lm, texts, sae.cfg.tokenization, lm.model.layers[1].feed_forward, lambda h, _: sae(h).x_hat)
+    assert spliced["eval/ce_sae"] == pytest.approx(ref, rel=1e-4)
+    assert done["spliced_evaluation"]["eval/ce_sae"] == pytest.approx(ref, rel=1e-4)
+    assert spliced["eval/ce_sae"] > spliced["eval/ce_clean"] + 1e-4  # a lossy MLP: the check has teeth
+
+
+def test_an_attention_output_sae_splices_where_the_attention_adds(suite_data, tiny):
+    root = suite_data
+    done = train(train_cfg(root, "attn_out.1", "attn"))
+    sae = TopKSae.load(root / "attn" / "sae")
+    lm = load_model(tiny.hf_dir)
+    texts = held_out_texts(root, "attn_out.1", 24)
+    ref = patched_loss(lm, texts, sae.cfg.tokenization, lm.model.layers[1].attention, lambda _, a: sae(a).x_hat)
+    assert done["spliced_evaluation"]["eval/ce_sae"] == pytest.approx(ref, rel=1e-4)
+    assert 0 < done["spliced_evaluation"]["eval/ce_loss_recovered"] <= 1.0
+
+
+def test_a_skip_transcoder_starts_as_the_plain_one_and_learns_its_skip(suite_data):
+    root = suite_data
+    done = train(
+        train_cfg(root, "ffn_norm.1", "skip", target_data=str(root / "mlp_out.1"), skip=True),
+    )
+    plain = json.loads((root / "tc" / "manifest.json").read_text()) if (root / "tc").exists() else None
+    sae = TopKSae.load(root / "skip" / "sae")
+    assert sae.cfg.skip and float(sae.W_skip.abs().max()) > 0
+    if plain is not None:  # the skip connection adds a linear map: it fits at least as well here
+        assert done["final_validation"]["val/fvu"] <= plain["final_validation"]["val/fvu"] + 0.02
+
+
+def test_a_target_that_does_not_pair_is_refused(suite_data, tmp_path):
+    root = suite_data
+    preprocess(
+        PreprocessConfig(
+            capture=str(root / "acts"), out=str(tmp_path / "other"), hook_point="mlp_out.1", batch_size=256, seed=1
+        )
+    )
+    with pytest.raises(PipelineInputError, match="train rows are not --data's"):
+        train(train_cfg(root, "ffn_norm.1", "bad", target_data=str(tmp_path / "other")))
+    with pytest.raises(PipelineInputError, match="not another hook point"):
+        train(train_cfg(root, "ffn_norm.1", "bad", target_data=str(root / "ffn_norm.1")))
+    with pytest.raises(PipelineInputError, match="--skip"):
+        train(train_cfg(root, "ffn_norm.1", "bad", skip=True))
+
+
+def test_topk_by_decoder_norm_ranks_by_contribution():
+    """The k latents with the largest pre-activation x decoder norm, values the plain pre-activations."""
+    torch.manual_seed(0)
+    sae = TopKSae(SaeConfig(d_model=16, n_latents=64, k=5, topk_by_decoder_norm=True))
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(64, 1) * 3)
+        sae.b_enc.normal_()
+    x = torch.randn(20, 16)
+    out = sae(x)
+    pre = (x - sae.b_pre) @ sae.W_enc.t() + sae.b_enc
+    norms = sae.W_dec.norm(dim=1)
+    for row in range(20):
+        want = set((pre[row] * norms).topk(5).indices.tolist())
+        assert set(out.indices[row].tolist()) == want
+        torch.testing.assert_close(out.values[row], pre[row, out.indices[row]].relu(), rtol=1e-4, atol=1e-5)
+    dense = sae(x, dense=True)
+    torch.testing.assert_close(dense.x_hat, out.x_hat, rtol=1e-4, atol=1e-4)
+    sae.normalize_decoder()  # free norms stay free
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), norms)
+
+
+def test_k_annealing_schedule(suite_data):
+    from pipeline.sae.training import Trainer
+
+    t = Trainer(train_cfg(suite_data, "attn_out.1", "anneal", k=8, k_start=32, k_anneal_steps=4), SINGLE)
+    assert [t.k_at(s) for s in range(6)] == [32, 26, 20, 14, 8, 8]
+    with pytest.raises(PipelineInputError, match="--k-start 4"):
+        Trainer(train_cfg(suite_data, "attn_out.1", "anneal", k=8, k_start=4, k_anneal_steps=4), SINGLE)
