@@ -44,6 +44,7 @@ class MetricsLog:
                 dir=str(out),
                 config=run_config,
                 settings=wandb.Settings(login_timeout=0 if mode == "offline" else 30),
+                reinit="create_new",  # a suite logs one W&B run per SAE from one process
             )
 
     def rewind(self, step: int) -> None:

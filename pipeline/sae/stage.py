@@ -4,10 +4,12 @@ spliced evaluation, the manifest.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -62,107 +64,220 @@ def output_folder(cfg: TrainConfig) -> OutputFolder:
     )
 
 
-def train(cfg: TrainConfig, info: DistInfo) -> dict:
-    out = Path(cfg.out)
+class Run:
+    """One SAE's training run inside the shared loop (`train_runs`): its trainer, run folder, metrics log and
+    progress, from the folder's preparation to its manifest."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo, trainer: Trainer, fp: str):
+        self.cfg, self.info, self.trainer, self.fp, self.out = cfg, info, trainer, fp, Path(cfg.out)
+        if info.is_main:
+            write_json_atomic(self.out / RUN_FILE, {"fingerprint": fp, "config": asdict(cfg)})
+        barrier(info)
+        self.resumed = cfg.resume and trainer.load_checkpoint(self.out)
+        check_ranks_agree(trainer, fp, self.out, info)
+        self.log = MetricsLog(
+            self.out, cfg, info.is_main, run_config(cfg, trainer), resume_step=trainer.step if self.resumed else 0
+        )
+        self.tokens_run, self.t0 = 0, time.perf_counter()
+        self.manifest: dict = {}
+
+    def step(self, start: int, rows: torch.Tensor) -> dict:
+        trainer, cfg = self.trainer, self.cfg
+        metrics = trainer.train_step(start, rows)
+        trainer.batch_in_epoch += 1
+        trainer.step += 1
+        self.tokens_run += min(cfg.batch_size, len(trainer.train) - start)
+        fault_injection.point("training.step")
+        if trainer.step % cfg.val_every == 0:
+            metrics.update(trainer.validate())
+        metrics["train/tokens_per_s"] = self.tokens_run / (time.perf_counter() - self.t0)
+        self.log.log(trainer.step, metrics)
+        if trainer.step % cfg.checkpoint_every == 0:
+            trainer.save_checkpoint(self.out)
+        return metrics
+
+    def finish(self, elapsed: float, models: dict | None = None) -> dict:
+        """Final validation, the SAE, its spliced evaluation (`models`: loaded models by path, shared by a
+        suite's runs) and the manifest."""
+        cfg, info, trainer, out = self.cfg, self.info, self.trainer, self.out
+        final = trainer.validate(max_rows=10**9)
+        trainer.save_checkpoint(out, wait=True)
+        if not info.is_main:
+            self.log.close()
+            return {}
+        trainer.sae.save(out / SAE_SUBDIR)
+        spliced = spliced_evaluation(cfg, trainer, info, models)
+        # the final row, with the spliced CE / KL, goes to metrics.jsonl and the W&B run before it finishes
+        numbers = {k: v for k, v in spliced.items() if isinstance(v, (int, float))}
+        self.log.log(trainer.step, {**final, **numbers, "final": 1})
+        self.log.close()
+        tokens_per_s = self.tokens_run / max(elapsed, 1e-9)
+        manifest = make_manifest(
+            "sae",
+            config=asdict(cfg),
+            inputs={"data": str(cfg.data), "data_fingerprint": trainer.data.fingerprint}
+            | (
+                {"target_data": str(cfg.target_data), "target_fingerprint": trainer.target.fingerprint}
+                if trainer.target
+                else {}
+            ),
+            counts={
+                "steps": trainer.step,
+                "tokens_seen": trainer.step * cfg.batch_size,
+                "skipped_nonfinite_batches": trainer.skipped,
+            },
+            fingerprint=self.fp,
+            sae=asdict(trainer.sae_cfg),
+            bf16_autocast=trainer.autocast,
+            final_validation=final,
+            spliced_evaluation=spliced,
+            resumed=self.resumed,
+            world_size=info.world_size,
+            throughput={"seconds_this_run": round(elapsed, 2), "tokens_per_s": round(tokens_per_s, 1)},
+        )
+        write_json_atomic(out / MANIFEST_NAME, manifest)
+        print(
+            f"{out}: {trainer.step} steps; val FVU {final.get('val/fvu', float('nan')):.4f}, L0 "
+            f"{final.get('val/l0', 0):.1f}, "
+            f"dead {final.get('val/dead_pct', 0):.1f}%, dense {final.get('val/dense_pct', 0):.1f}%; "
+            f"{tokens_per_s:.0f} tokens/s"
+        )
+        if "eval/ce_loss_recovered" in spliced:
+            print(
+                f"spliced into the model on {spliced['eval/sentences']} held-out sentences: CE clean "
+                f"{spliced['eval/ce_clean']:.3f}, "
+                f"with SAE {spliced['eval/ce_sae']:.3f}, zero-ablated {spliced['eval/ce_zero_ablation']:.3f} -> "
+                f"CE loss recovered {spliced['eval/ce_loss_recovered']:.1%}, KL {spliced['eval/kl_sae']:.3f}"
+            )
+        return manifest
+
+
+def open_run(cfg: TrainConfig, info: DistInfo) -> Run | dict:
+    """A Run ready to train, or the finished run's manifest when the folder already holds this request."""
     trainer = Trainer(cfg, info)  # checks the flags against the data before the folder is touched
-    fp = fingerprint({**config_request(cfg), "data": trainer.data.fingerprint})
+    data_fp = trainer.data.fingerprint + (trainer.target.fingerprint if trainer.target else "")
+    fp = fingerprint({**config_request(cfg), "data": data_fp})
     prepared = output_folder(cfg).prepare(fp, cfg.force, info)
     if prepared.state == "reuse":  # every rank reads the same manifest, so all agree to stop here
         done = prepared.manifest
         if info.is_main:
             print(
-                f"{out}: already trained with this data and config (val FVU "
+                f"{cfg.out}: already trained with this data and config (val FVU "
                 f"{done['final_validation'].get('val/fvu', float('nan')):.4f}); "
                 "--force retrains"
             )
         return done
-    if info.is_main:
-        write_json_atomic(out / RUN_FILE, {"fingerprint": fp, "config": asdict(cfg)})
-    barrier(info)
-    resumed = cfg.resume and trainer.load_checkpoint(out)
-    check_ranks_agree(trainer, fp, out, info)
-    log = MetricsLog(out, cfg, info.is_main, run_config(cfg, trainer), resume_step=trainer.step if resumed else 0)
+    return Run(cfg, info, trainer, fp)
+
+
+def train(cfg: TrainConfig, info: DistInfo) -> dict:
+    """One SAE (a transcoder with --target-data), or with --suite every SAE of the list in one pass: each batch
+    is read once and every SAE takes its step on it. Returns the manifest (a suite's: {"suite": [...]})."""
+    cfgs = suite_configs(cfg) if cfg.suite else [cfg]
+    opened = [open_run(c, info) for c in cfgs]
+    runs = [r for r in opened if isinstance(r, Run)]
+    if runs:
+        train_runs(runs, info)
+    manifests = [r if isinstance(r, dict) else r.manifest for r in opened]
+    return {"suite": manifests} if cfg.suite else manifests[0]
+
+
+def suite_configs(cfg: TrainConfig) -> list[TrainConfig]:
+    """--suite's list: each entry's flags over the command line's; they must share the batch order."""
+    path = Path(cfg.suite)
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineInputError(f"--suite {path}: not a readable JSON list ({e})") from None
+    known = {f.name for f in fields(TrainConfig)} - {"suite"}
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise PipelineInputError(f"--suite {path}: expected a non-empty JSON list of objects of training flags")
+    cfgs = []
+    for i, entry in enumerate(entries):
+        if unknown := sorted(set(entry) - known):
+            raise PipelineInputError(f"--suite {path}: entry {i} has unknown flags {unknown}")
+        if "out" not in entry:
+            raise PipelineInputError(f"--suite {path}: entry {i} names no out folder")
+        cfgs.append(replace(cfg, suite="", **entry))
+    shared = {(c.batch_size, c.seed, c.epochs) for c in cfgs}
+    if len(shared) > 1:
+        raise PipelineInputError(f"--suite {path}: every entry needs the same batch_size, seed and epochs (one pass)")
+    outs = [str(Path(c.out).resolve()) for c in cfgs]
+    if len(set(outs)) < len(outs):
+        raise PipelineInputError(f"--suite {path}: two entries write the same out folder")
+    return cfgs
+
+
+def train_runs(runs: list[Run], info: DistInfo) -> None:
+    """The training loop shared by every run: each global batch is read once (every distinct data folder's
+    rows side by side, [n, n_folders * d]) and each run steps on its columns."""
+    lead = runs[0].trainer
+    n_rows = len(lead.train)
+    position = {(r.trainer.epoch, r.trainer.batch_in_epoch) for r in runs}
+    if any(len(r.trainer.train) != n_rows for r in runs) or len(position) > 1:
+        raise PipelineInputError(
+            "--suite: the SAEs' data differ in training rows, or their checkpoints stand at different steps "
+            "(preprocess every site from one capture with one seed; --force starts the suite over)"
+        )
+    readers: dict[str, object] = {}  # data folder -> its training rows, in first-use order
+    for r in runs:
+        readers.setdefault(str(r.cfg.data), r.trainer.train)
+        if r.trainer.target_train is not None:
+            readers.setdefault(str(r.cfg.target_data), r.trainer.target_train)
+    names = list(readers)
+    d = lead.data.d_model
+
+    def columns(name: str) -> slice:
+        i = names.index(name)
+        return slice(i * d, (i + 1) * d)
+
+    def read(start: int) -> torch.Tensor:
+        a, b, _ = lead.local_range(start)
+        return torch.cat([readers[n][a:b] for n in names], dim=1) if len(names) > 1 else readers[names[0]][a:b]
+
+    def rows_for(run: Run, rows: torch.Tensor) -> torch.Tensor:
+        if len(names) == 1:
+            return rows
+        parts = [rows[:, columns(str(run.cfg.data))]]
+        if run.trainer.target_train is not None:
+            parts.append(rows[:, columns(str(run.cfg.target_data))])
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    cfg = runs[0].cfg
     bar = tqdm(
-        total=trainer.total_steps,
-        initial=trainer.step,
+        total=lead.total_steps,
+        initial=lead.step,
         unit="step",
         disable=not info.is_main,
         dynamic_ncols=True,
-        desc="train",
+        desc="train" if len(runs) == 1 else f"train {len(runs)} SAEs",
     )
-    t0, tokens_run = time.perf_counter(), 0
-    while trainer.epoch < cfg.epochs:
-        order = batch_order(len(trainer.train), cfg.batch_size, cfg.seed, trainer.epoch)
-        batches = BatchPrefetcher(order[trainer.batch_in_epoch :].tolist(), trainer.local_rows, info.device)
-        for start, rows in batches:
-            metrics = trainer.train_step(int(start), rows)
-            trainer.batch_in_epoch += 1
-            trainer.step += 1
-            tokens_run += min(cfg.batch_size, len(trainer.train) - start)
-            fault_injection.point("training.step")
-            if trainer.step % cfg.val_every == 0:
-                metrics.update(trainer.validate())
-            metrics["train/tokens_per_s"] = tokens_run / (time.perf_counter() - t0)
-            log.log(trainer.step, metrics)
+    t0 = time.perf_counter()
+    while lead.epoch < cfg.epochs:
+        order = batch_order(n_rows, cfg.batch_size, cfg.seed, lead.epoch)
+        for start, rows in BatchPrefetcher(order[lead.batch_in_epoch :].tolist(), read, info.device):
+            metrics = [run.step(int(start), rows_for(run, rows)) for run in runs]
             bar.update(1)
-            if "train/loss" in metrics:
+            done = [m for m in metrics if "train/loss" in m]
+            if done:
+                tokens_per_s = sum(m["train/tokens_per_s"] for m in done) / len(done)
                 bar.set_postfix_str(
-                    f"loss {metrics['train/loss']:.4f} dead {metrics['debug/dead_latents_ratio']:.1%} "
-                    f"{metrics['train/tokens_per_s']:.0f} tok/s",
+                    f"loss {np.mean([m['train/loss'] for m in done]):.4f} "
+                    f"dead {np.mean([m['debug/dead_latents_ratio'] for m in done]):.1%} "
+                    f"{tokens_per_s:.0f} tok/s" + (" per SAE" if len(runs) > 1 else ""),
                     refresh=False,
                 )
-            if trainer.step % cfg.checkpoint_every == 0:
-                trainer.save_checkpoint(out)
-        trainer.epoch += 1
-        trainer.batch_in_epoch = 0
+        for run in runs:
+            run.trainer.epoch += 1
+            run.trainer.batch_in_epoch = 0
     bar.close()
     elapsed = time.perf_counter() - t0
-    final = trainer.validate(max_rows=10**9)
-    trainer.save_checkpoint(out, wait=True)
-    if not info.is_main:
-        log.close()
-        return {}
-    trainer.sae.save(out / SAE_SUBDIR)
-    spliced = spliced_evaluation(cfg, trainer, info)
-    # the final row, with the spliced CE / KL, goes to metrics.jsonl and the W&B run before it finishes
-    log.log(trainer.step, {**final, **{k: v for k, v in spliced.items() if isinstance(v, (int, float))}, "final": 1})
-    log.close()
-    manifest = make_manifest(
-        "sae",
-        config=asdict(cfg),
-        inputs={"data": str(cfg.data), "data_fingerprint": trainer.data.fingerprint},
-        counts={
-            "steps": trainer.step,
-            "tokens_seen": trainer.step * cfg.batch_size,
-            "skipped_nonfinite_batches": trainer.skipped,
-        },
-        fingerprint=fp,
-        sae=asdict(trainer.sae_cfg),
-        bf16_autocast=trainer.autocast,
-        final_validation=final,
-        spliced_evaluation=spliced,
-        resumed=resumed,
-        world_size=info.world_size,
-        throughput={"seconds_this_run": round(elapsed, 2), "tokens_per_s": round(tokens_run / max(elapsed, 1e-9), 1)},
-    )
-    write_json_atomic(out / MANIFEST_NAME, manifest)
-    print(
-        f"{out}: {trainer.step} steps; val FVU {final.get('val/fvu', float('nan')):.4f}, L0 "
-        f"{final.get('val/l0', 0):.1f}, "
-        f"dead {final.get('val/dead_pct', 0):.1f}%, dense {final.get('val/dense_pct', 0):.1f}%; "
-        f"{tokens_run / max(elapsed, 1e-9):.0f} tokens/s"
-    )
-    if "eval/ce_loss_recovered" in spliced:
-        print(
-            f"spliced into the model on {spliced['eval/sentences']} held-out sentences: CE clean "
-            f"{spliced['eval/ce_clean']:.3f}, "
-            f"with SAE {spliced['eval/ce_sae']:.3f}, zero-ablated {spliced['eval/ce_zero_ablation']:.3f} -> "
-            f"CE loss recovered {spliced['eval/ce_loss_recovered']:.1%}, KL {spliced['eval/kl_sae']:.3f}"
-        )
-    return manifest
+    models: dict = {}
+    for run in runs:
+        run.manifest = run.finish(elapsed, models)
 
 
-def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo) -> dict:
+def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo, models: dict | None = None) -> dict:
     """CE loss recovered and KL with the SAE spliced into the model, on held-out sentences (main rank): the
     sentences and the model the SAE records it was trained from."""
     trained_on = trainer.sae_cfg.trained_on
@@ -176,16 +291,18 @@ def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo) -> di
             texts += [t for s, t in zip(part["sentence_id"], part["text"]) if s in wanted]
             if len(texts) >= len(wanted):
                 break
-        lm = load_model(
-            sae.model_path(None),
-            device=info.device,
-            dtype=torch.float32 if info.device.type == "cpu" else None,
-        )
+        path = sae.model_path(None)
+        models = {} if models is None else models
+        if path not in models:
+            models[path] = load_model(
+                path, device=info.device, dtype=torch.float32 if info.device.type == "cpu" else None
+            )
+            apply_cpu_fast_paths(models[path].model)
+        lm = models[path]
     except (PipelineInputError, OSError) as e:
         return {"skipped": f"model or sentences unavailable: {e}"}
     if key := sae.model_mismatch(lm.identity()):
         return {"skipped": f"{lm.path}: not the model the capture ran ({key} differs)"}
-    apply_cpu_fast_paths(lm.model)
     return splice_eval(
         lm,
         sae.reconstruct,

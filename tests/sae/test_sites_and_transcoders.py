@@ -5,6 +5,7 @@ plus Llama Scope's training variants (TopK by decoder norm, K-annealing)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,60 @@ def test_k_annealing_schedule(suite_data):
     assert [t.k_at(s) for s in range(6)] == [32, 26, 20, 14, 8, 8]
     with pytest.raises(PipelineInputError, match="--k-start 4"):
         Trainer(train_cfg(suite_data, "attn_out.1", "anneal", k=8, k_start=4, k_anneal_steps=4), SINGLE)
+
+
+def test_a_suite_in_one_pass_equals_its_runs_one_by_one(suite_data, tmp_path):
+    """Three SAEs (two sites, two widths) and a transcoder from one read of each batch: every weight equals its
+    own run's, bit for bit, and each run folder holds the usual manifest."""
+    root = suite_data
+    entries = [
+        {"data": str(root / "attn_out.1"), "out": str(tmp_path / "suite" / "A-2x")},
+        {"data": str(root / "attn_out.1"), "out": str(tmp_path / "suite" / "A-4x"), "expansion": 4, "k": 4},
+        {"data": str(root / "mlp_out.1"), "out": str(tmp_path / "suite" / "M-2x")},
+        {
+            "data": str(root / "ffn_norm.1"),
+            "target_data": str(root / "mlp_out.1"),
+            "out": str(tmp_path / "suite" / "TC"),
+        },
+    ]
+    (tmp_path / "suite.json").write_text(json.dumps(entries))
+    done = train(train_cfg(root, "attn_out.1", "unused", suite=str(tmp_path / "suite.json"), eval_sentences=0))
+    assert len(done["suite"]) == 4
+    for entry in entries:
+        alone = tmp_path / "alone" / Path(entry["out"]).name
+        flags = {k: v for k, v in entry.items() if k not in ("data", "out")}
+        train(
+            replace(
+                train_cfg(root, "attn_out.1", "unused", eval_sentences=0, **flags), data=entry["data"], out=str(alone)
+            )
+        )
+        ours = TopKSae.load(Path(entry["out"]) / "sae").state_dict()
+        theirs = TopKSae.load(alone / "sae").state_dict()
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            assert torch.equal(ours[name], theirs[name]), (entry["out"], name)
+    again = train(
+        train_cfg(root, "attn_out.1", "unused", suite=str(tmp_path / "suite.json"), eval_sentences=0, force=False)
+    )
+    assert [m["fingerprint"] for m in again["suite"]] == [m["fingerprint"] for m in done["suite"]]  # reused
+
+
+def test_a_suite_that_cannot_share_one_pass_is_refused(suite_data, tmp_path):
+    root = suite_data
+    bad = {
+        "two batch sizes": [
+            {"data": str(root / "attn_out.1"), "out": str(tmp_path / "a")},
+            {"data": str(root / "mlp_out.1"), "out": str(tmp_path / "b"), "batch_size": 128},
+        ],
+        "unknown flags": [{"data": str(root / "attn_out.1"), "out": str(tmp_path / "a"), "widht": 3}],
+        "same out folder": [
+            {"data": str(root / "attn_out.1"), "out": str(tmp_path / "a")},
+            {"data": str(root / "mlp_out.1"), "out": str(tmp_path / "a")},
+        ],
+    }
+    messages = {"two batch sizes": "same batch_size", "unknown flags": "unknown flags", "same out folder": "same out"}
+    for name, entries in bad.items():
+        (tmp_path / "suite.json").write_text(json.dumps(entries))
+        with pytest.raises(PipelineInputError, match=messages[name]):
+            train(train_cfg(root, "attn_out.1", "unused", suite=str(tmp_path / "suite.json")))
+        assert not (tmp_path / "a").exists() or name != "two batch sizes"
