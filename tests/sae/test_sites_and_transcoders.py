@@ -261,3 +261,79 @@ def test_a_suite_that_cannot_share_one_pass_is_refused(suite_data, tmp_path):
         with pytest.raises(PipelineInputError, match=messages[name]):
             train(train_cfg(root, "attn_out.1", "unused", suite=str(tmp_path / "suite.json")))
         assert not (tmp_path / "a").exists() or name != "two batch sizes"
+
+
+def test_long_context_profile_against_per_position_brute_force(tiny):
+    """Per position bucket: FVU and delta loss of a transcoder on sequences longer than its training context,
+    recomputed position by position with the model's MLP module patched by hand."""
+    from pipeline.core.tokenization import Tokenization
+    from pipeline.sae.suite_eval import long_context_profile
+
+    lm = load_model(tiny.hf_dir)
+    torch.manual_seed(3)
+    d = lm.args.dim
+    cfg = SaeConfig(
+        d_model=d,
+        n_latents=4 * d,
+        k=8,
+        hook_point="ffn_norm.1",
+        output_hook_point="mlp_out.1",
+        output_scale=2.0,
+        input_scale=0.5,
+        exclude_first_positions=1,
+        max_tokens=16,
+    )
+    sae = TopKSae(cfg)
+    sequences = [
+        torch.randint(0, lm.args.vocab_size, (40,), generator=torch.Generator().manual_seed(i)).tolist()
+        for i in range(3)
+    ]
+    got = long_context_profile(lm, sae, sequences, [0, 16, 40], batch=2)
+    with torch.no_grad():
+        tokens = torch.tensor(sequences)
+        acts = lm.model.capture(tokens, ["ffn_norm.1", "mlp_out.1"])
+        y = acts["mlp_out.1"].double()
+        err = (sae(acts["ffn_norm.1"].reshape(-1, d)).x_hat.reshape(y.shape).double() - y).pow(2).sum(-1)
+        mean = y[:, 1:].reshape(-1, d).mean(0)
+        dev = (y - mean).pow(2).sum(-1)
+        clean = torch.nn.functional.cross_entropy(
+            lm.model(tokens)[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none"
+        )
+    spliced = patched_loss_per_token(lm, tokens, lm.model.layers[1].feed_forward, lambda h: sae(h).x_hat, skip=1)
+    first, second = got["buckets"]
+    assert first["positions"] == [1, 16] and second["positions"] == [16, 39]
+    assert first["fvu"] == pytest.approx(float(err[:, 1:16].sum() / dev[:, 1:16].sum()), rel=1e-4)
+    assert second["fvu"] == pytest.approx(float(err[:, 16:39].sum() / dev[:, 16:39].sum()), rel=1e-4)
+    assert second["delta_lm_loss"] == pytest.approx(float((spliced - clean)[:, 16:39].mean()), rel=1e-3, abs=1e-5)
+
+
+def patched_loss_per_token(lm, tokens, module, replace_fn, skip: int) -> torch.Tensor:
+    original = module.forward
+
+    def forward(h):
+        real = original(h)
+        keep = (torch.arange(h.shape[1]) < skip)[None, :, None]
+        return torch.where(keep, real, replace_fn(h))
+
+    module.forward = forward
+    try:
+        with torch.no_grad():
+            logits = lm.model(tokens)
+    finally:
+        module.forward = original
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+
+
+def test_feature_splitting_matches_the_brute_force_nearest_decoder():
+    from pipeline.sae.suite_eval import feature_splitting
+
+    torch.manual_seed(0)
+    narrow = TopKSae(SaeConfig(d_model=16, n_latents=32, k=4))
+    wide = TopKSae(SaeConfig(d_model=16, n_latents=128, k=4))
+    with torch.no_grad():  # wide latents 0..2 are noisy copies of narrow latent 5
+        wide.W_dec[:3] = narrow.W_dec[5] + 0.1 * torch.randn(3, 16)
+    got = feature_splitting(narrow, wide, chunk=50)
+    cos = torch.nn.functional.normalize(wide.W_dec, dim=1) @ torch.nn.functional.normalize(narrow.W_dec, dim=1).t()
+    assert torch.equal(got.parent, cos.argmax(1))
+    torch.testing.assert_close(got.cosine, cos.max(1).values)
+    assert got.children(0.9)[5][:3] == [0, 1, 2] and next(iter(got.children(0.9))) == 5
