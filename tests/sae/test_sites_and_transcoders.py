@@ -266,7 +266,6 @@ def test_a_suite_that_cannot_share_one_pass_is_refused(suite_data, tmp_path):
 def test_long_context_profile_against_per_position_brute_force(tiny):
     """Per position bucket: FVU and delta loss of a transcoder on sequences longer than its training context,
     recomputed position by position with the model's MLP module patched by hand."""
-    from pipeline.core.tokenization import Tokenization
     from pipeline.sae.suite_eval import long_context_profile
 
     lm = load_model(tiny.hf_dir)
