@@ -287,18 +287,21 @@ class Transformer(nn.Module):
         key_valid: torch.Tensor | None = None,
         last_only: bool = False,
         mid: bool = False,
+        hooks: HookRunner | None = None,
     ) -> torch.Tensor:
         """x [B, T, D], the stream at resid_pre.<layer> (block `layer`'s input; with `mid`, at resid_mid.<layer>,
         so block `layer` runs only its MLP) -> logits, running only blocks layer.. (no cache). The counterpart
         of `capture`: a clean prefix computed once, then many edited streams (e.g. one steering vector per row)
-        run through the rest of the model."""
-        freqs_cis, mask, _ = self._attention_inputs(x.shape[:2], x.device, 0, positions, key_valid)
+        run through the rest of the model (`hooks`: splices and captures at the later points)."""
+        freqs_cis, mask, positions = self._attention_inputs(x.shape[:2], x.device, 0, positions, key_valid)
+        if hooks is not None:
+            hooks.positions = positions
         if mid:
             block = self.layers[layer]
             x = x + block.feed_forward(block.ffn_norm(x))
             layer += 1
         for block in self.layers[layer:]:
-            x = block(x, freqs_cis, mask, 0)
+            x = block(x, freqs_cis, mask, 0, hooks)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))

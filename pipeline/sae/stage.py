@@ -23,7 +23,7 @@ from pipeline.core.output_folder import OutputFolder, config_request, owned_name
 from pipeline.core.prefetch import BatchPrefetcher
 from pipeline.sae.config import TrainConfig
 from pipeline.sae.metrics_log import MetricsLog
-from pipeline.sae.splice_eval import splice_eval
+from pipeline.sae.splice_eval import SpliceTarget, splice_eval_many
 from pipeline.sae.training import (
     Trainer,
     batch_order,
@@ -96,17 +96,20 @@ class Run:
             trainer.save_checkpoint(self.out)
         return metrics
 
-    def finish(self, elapsed: float, models: dict | None = None) -> dict:
-        """Final validation, the SAE, its spliced evaluation (`models`: loaded models by path, shared by a
-        suite's runs) and the manifest."""
+    def validate_and_save(self) -> dict:
+        """The final validation (every rank takes part), the last checkpoint and, on the main rank, the SAE."""
+        final = self.trainer.validate(max_rows=10**9)
+        self.trainer.save_checkpoint(self.out, wait=True)
+        if self.info.is_main:
+            self.trainer.sae.save(self.out / SAE_SUBDIR)
+        return final
+
+    def finish(self, elapsed: float, final: dict, spliced: dict) -> dict:
+        """The final metrics row and the manifest (main rank), with the spliced evaluation."""
         cfg, info, trainer, out = self.cfg, self.info, self.trainer, self.out
-        final = trainer.validate(max_rows=10**9)
-        trainer.save_checkpoint(out, wait=True)
         if not info.is_main:
             self.log.close()
             return {}
-        trainer.sae.save(out / SAE_SUBDIR)
-        spliced = spliced_evaluation(cfg, trainer, info, models)
         # the final row, with the spliced CE / KL, goes to metrics.jsonl and the W&B run before it finishes
         numbers = {k: v for k, v in spliced.items() if isinstance(v, (int, float))}
         self.log.log(trainer.step, {**final, **numbers, "final": 1})
@@ -272,42 +275,49 @@ def train_runs(runs: list[Run], info: DistInfo) -> None:
             run.trainer.batch_in_epoch = 0
     bar.close()
     elapsed = time.perf_counter() - t0
-    models: dict = {}
-    for run in runs:
-        run.manifest = run.finish(elapsed, models)
+    finals = [run.validate_and_save() for run in runs]
+    spliced = spliced_evaluations(runs, info) if info.is_main else [{} for _ in runs]
+    for run, final, result in zip(runs, finals, spliced):
+        run.manifest = run.finish(elapsed, final, result)
 
 
-def spliced_evaluation(cfg: TrainConfig, trainer: Trainer, info: DistInfo, models: dict | None = None) -> dict:
-    """CE loss recovered and KL with the SAE spliced into the model, on held-out sentences (main rank): the
-    sentences and the model the SAE records it was trained from."""
-    trained_on = trainer.sae_cfg.trained_on
-    if not cfg.eval_sentences or not trained_on.sentences:
-        return {"skipped": "disabled" if not cfg.eval_sentences else "the data names no sentence set"}
-    sae = trainer.sae.eval()
-    try:
-        wanted = set(trainer.data.val_sentence_ids()[: cfg.eval_sentences].tolist())
-        texts = []
-        for part in iter_sentences(trained_on.sentences):
-            texts += [t for s, t in zip(part["sentence_id"], part["text"]) if s in wanted]
-            if len(texts) >= len(wanted):
-                break
-        path = sae.model_path(None)
-        models = {} if models is None else models
-        if path not in models:
-            models[path] = load_model(
-                path, device=info.device, dtype=torch.float32 if info.device.type == "cpu" else None
-            )
-            apply_cpu_fast_paths(models[path].model)
-        lm = models[path]
-    except (PipelineInputError, OSError) as e:
-        return {"skipped": f"model or sentences unavailable: {e}"}
-    if key := sae.model_mismatch(lm.identity()):
-        return {"skipped": f"{lm.path}: not the model the capture ran ({key} differs)"}
-    return splice_eval(
-        lm,
-        sae.reconstruct,
-        texts,
-        trainer.sae_cfg.site_hook_point,
-        trainer.sae_cfg.tokenization,
-        source=trainer.sae_cfg.hook_point if trainer.sae_cfg.is_transcoder else None,
-    )
+def spliced_evaluations(runs: list[Run], info: DistInfo) -> list[dict]:
+    """CE loss recovered and KL with each SAE spliced into the model, on held-out sentences (main rank): the
+    sentences and the model each SAE records it was trained from. SAEs that share them (a suite from one
+    capture) are evaluated together: one clean forward per batch for all (splice_eval_many)."""
+    results: list[dict] = [{} for _ in runs]
+    groups: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        cfg, trainer = run.cfg, run.trainer
+        trained_on = trainer.sae_cfg.trained_on
+        if not cfg.eval_sentences or not trained_on.sentences:
+            results[i] = {"skipped": "disabled" if not cfg.eval_sentences else "the data names no sentence set"}
+            continue
+        held_out = tuple(trainer.data.val_sentence_ids()[: cfg.eval_sentences].tolist())
+        key = (trainer.sae.model_path(None), trained_on.sentences, held_out, trainer.sae_cfg.tokenization)
+        groups.setdefault(key, []).append(i)
+    for (path, sentences, held_out, tokenization), members in groups.items():
+        try:
+            wanted, texts = set(held_out), []
+            for part in iter_sentences(sentences):
+                texts += [t for s, t in zip(part["sentence_id"], part["text"]) if s in wanted]
+                if len(texts) >= len(wanted):
+                    break
+            lm = load_model(path, device=info.device, dtype=torch.float32 if info.device.type == "cpu" else None)
+        except (PipelineInputError, OSError) as e:
+            for i in members:
+                results[i] = {"skipped": f"model or sentences unavailable: {e}"}
+            continue
+        apply_cpu_fast_paths(lm.model)
+        targets = []
+        for i in members:
+            sae = runs[i].trainer.sae.eval()
+            if key := sae.model_mismatch(lm.identity()):
+                results[i] = {"skipped": f"{lm.path}: not the model the capture ran ({key} differs)"}
+                continue
+            source = sae.cfg.hook_point if sae.cfg.is_transcoder else None
+            targets.append((i, SpliceTarget(sae.reconstruct, sae.cfg.site_hook_point, source)))
+        evaluated = splice_eval_many(lm, [t for _, t in targets], texts, tokenization)
+        for (i, _), result in zip(targets, evaluated):
+            results[i] = result
+    return results

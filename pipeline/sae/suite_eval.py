@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from llama_3.hooks import HookPoint, Splice
+from llama_3.hooks import HookPoint, HookRunner, Splice
 from pipeline.sae.model import TopKSae
 from pipeline.sae.training_run import TrainingRun
 
@@ -70,50 +70,63 @@ def long_sequences(tokenizer, texts: Sequence[str], length: int, n: int) -> list
 
 
 @torch.no_grad()
-def long_context_profile(lm, sae: TopKSae, sequences: list[list[int]], edges: Sequence[int], batch: int = 4) -> dict:
-    """The SAE on sequences longer than it was trained on ([n, T] token ids), per position bucket
-    [edges[i], edges[i+1]): FVU (squared error over squared deviation from the mean over every position) and
-    delta LM loss (per-token CE with the SAE spliced at every position it would be, minus the clean CE; the loss
-    at position t predicts token t + 1). Memory: per-position sums ([T, d]), not the activations."""
-    model, cfg = lm.model, sae.cfg
-    site, source = cfg.site_hook_point, (cfg.hook_point if cfg.is_transcoder else None)
-    skip = cfg.tokenization.skip_first_positions
+def long_context_profiles(
+    lm, saes: Sequence[TopKSae], sequences: list[list[int]], edges: Sequence[int], batch: int = 4
+) -> list[dict]:
+    """Each SAE on sequences longer than it was trained on ([n, T] token ids), per position bucket
+    [edges[i], edges[i+1]): FVU (squared error over squared deviation from the mean over every spliced
+    position) and delta LM loss (per-token CE with the SAE spliced at every position it would be, minus the
+    clean CE; the loss at position t predicts token t + 1). Per batch one clean forward serves every SAE; each
+    spliced forward resumes at its layer. Memory: per-position sums ([T, d] per SAE), not the activations."""
+    model = lm.model
     T = len(sequences[0])
-    sq_err = torch.zeros(T, dtype=torch.float64)
-    y_sum, y_sq = None, torch.zeros(T, dtype=torch.float64)  # [T, d] and [T] over sequences
-    delta = torch.zeros(T - 1, dtype=torch.float64)
-    splice = Splice(lambda v: sae.reconstruct(v.float()), skip_first_positions=skip, source=source)
+    points = sorted({p for sae in saes for p in (sae.cfg.hook_point, sae.cfg.site_hook_point)})
+    layer_of = [HookPoint.parse(sae.cfg.site_hook_point).layer for sae in saes]
+    streams = sorted({f"resid_pre.{layer}" for layer in layer_of})
+    acc = [
+        {"sq_err": torch.zeros(T, dtype=torch.float64), "y_sum": 0.0, "y_sq": torch.zeros(T, dtype=torch.float64)}
+        | {"delta": torch.zeros(T - 1, dtype=torch.float64)}
+        for _ in saes
+    ]
     for a in range(0, len(sequences), batch):
         tokens = torch.tensor(sequences[a : a + batch])
-        acts = model.capture(tokens, [cfg.hook_point] + ([site] if source else []))
-        x = acts[cfg.hook_point].float()  # [b, T, d]
-        y = acts[site].float() if source else x  # what the SAE reconstructs
-        y_hat = sae(x.reshape(-1, x.shape[-1])).x_hat.reshape(y.shape)
-        sq_err += (y_hat - y).double().pow(2).sum(-1).sum(0)
-        y_sum = y.double().sum(0) if y_sum is None else y_sum + y.double().sum(0)
-        y_sq += y.double().pow(2).sum(-1).sum(0)
-        clean = model(tokens)
-        spliced, _ = model.run_with_hooks(tokens, splice={site: splice})
-        ce = [
-            F.cross_entropy(lg[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
-            for lg in (clean, spliced)
-        ]
-        delta += (ce[1] - ce[0]).double().sum(0)
-    n = len(sequences)
-    mean = y_sum[skip:].sum(0) / (n * (T - skip))  # [d] over every spliced position
-    sq_dev = y_sq - 2 * (y_sum @ mean) + n * mean.pow(2).sum()  # [T]: Σ_b ||y_bt - mean||²
-    buckets = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        lo, hi = max(lo, skip), min(hi, T - 1)
-        if lo < hi:
-            buckets.append(
-                {
-                    "positions": [lo, hi],
-                    "fvu": float(sq_err[lo:hi].sum() / sq_dev[lo:hi].sum()),
-                    "delta_lm_loss": float(delta[lo:hi].sum() / (n * (hi - lo))),
-                }
+        clean, acts = model.run_with_hooks(tokens, capture=points + streams)
+        clean_ce = F.cross_entropy(clean[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+        for sae, layer, sums in zip(saes, layer_of, acc):
+            cfg = sae.cfg
+            x, y = acts[cfg.hook_point].float(), acts[cfg.site_hook_point].float()  # [b, T, d]; y: what it rebuilds
+            y_hat = sae(x.reshape(-1, x.shape[-1])).x_hat.reshape(y.shape)
+            sums["sq_err"] += (y_hat - y).double().pow(2).sum(-1).sum(0)
+            sums["y_sum"] = sums["y_sum"] + y.double().sum(0)
+            sums["y_sq"] += y.double().pow(2).sum(-1).sum(0)
+            splice = Splice(
+                lambda v, s=sae: s.reconstruct(v.float()),
+                skip_first_positions=cfg.tokenization.skip_first_positions,
+                source=cfg.hook_point if cfg.is_transcoder else None,
             )
-    return {"sequences": n, "tokens": T, "buckets": buckets}
+            runner = HookRunner(model.args.n_layers, splice={cfg.site_hook_point: splice})
+            spliced = model.forward_from(acts[f"resid_pre.{layer}"], layer, hooks=runner)
+            ce = F.cross_entropy(spliced[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+            sums["delta"] += (ce - clean_ce).double().sum(0)
+    n = len(sequences)
+    out = []
+    for sae, sums in zip(saes, acc):
+        skip = sae.cfg.tokenization.skip_first_positions
+        mean = sums["y_sum"][skip:].sum(0) / (n * (T - skip))  # [d] over every spliced position
+        sq_dev = sums["y_sq"] - 2 * (sums["y_sum"] @ mean) + n * mean.pow(2).sum()  # [T]: Σ_b ||y_bt - mean||²
+        buckets = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            lo, hi = max(lo, skip), min(hi, T - 1)
+            if lo < hi:
+                buckets.append(
+                    {
+                        "positions": [lo, hi],
+                        "fvu": float(sums["sq_err"][lo:hi].sum() / sq_dev[lo:hi].sum()),
+                        "delta_lm_loss": float(sums["delta"][lo:hi].sum() / (n * (hi - lo))),
+                    }
+                )
+        out.append({"sequences": n, "tokens": T, "buckets": buckets})
+    return out
 
 
 @dataclass

@@ -266,7 +266,7 @@ def test_a_suite_that_cannot_share_one_pass_is_refused(suite_data, tmp_path):
 def test_long_context_profile_against_per_position_brute_force(tiny):
     """Per position bucket: FVU and delta loss of a transcoder on sequences longer than its training context,
     recomputed position by position with the model's MLP module patched by hand."""
-    from pipeline.sae.suite_eval import long_context_profile
+    from pipeline.sae.suite_eval import long_context_profiles
 
     lm = load_model(tiny.hf_dir)
     torch.manual_seed(3)
@@ -287,7 +287,9 @@ def test_long_context_profile_against_per_position_brute_force(tiny):
         torch.randint(0, lm.args.vocab_size, (40,), generator=torch.Generator().manual_seed(i)).tolist()
         for i in range(3)
     ]
-    got = long_context_profile(lm, sae, sequences, [0, 16, 40], batch=2)
+    got, _ = long_context_profiles(
+        lm, [sae, TopKSae(replace(cfg, hook_point="attn_out.0", output_hook_point=""))], sequences, [0, 16, 40], batch=2
+    )
     with torch.no_grad():
         tokens = torch.tensor(sequences)
         acts = lm.model.capture(tokens, ["ffn_norm.1", "mlp_out.1"])
@@ -336,3 +338,48 @@ def test_feature_splitting_matches_the_brute_force_nearest_decoder():
     assert torch.equal(got.parent, cos.argmax(1))
     torch.testing.assert_close(got.cosine, cos.max(1).values)
     assert got.children(0.9)[5][:3] == [0, 1, 2] and next(iter(got.children(0.9))) == 5
+
+
+def test_many_saes_spliced_together_equal_the_hand_patched_model(suite_data, tiny):
+    """splice_eval_many (one clean forward, each SAE resumed at its layer) against the model with the attention
+    or MLP module replaced by hand, one SAE at a time."""
+    from pipeline.sae.splice_eval import SpliceTarget, splice_eval_many
+
+    lm = load_model(tiny.hf_dir)
+    d = lm.args.dim
+    torch.manual_seed(7)
+    attn0 = TopKSae(SaeConfig(d_model=d, n_latents=2 * d, k=4, hook_point="attn_out.0", exclude_first_positions=1))
+    attn1 = TopKSae(SaeConfig(d_model=d, n_latents=2 * d, k=4, hook_point="attn_out.1", exclude_first_positions=1))
+    tc = TopKSae(
+        SaeConfig(
+            d_model=d,
+            n_latents=2 * d,
+            k=4,
+            hook_point="ffn_norm.1",
+            output_hook_point="mlp_out.1",
+            exclude_first_positions=1,
+        )
+    )
+    texts = held_out_texts(suite_data, "attn_out.1", 12)
+    tokenization = attn0.cfg.tokenization
+    got = splice_eval_many(
+        lm,
+        [
+            SpliceTarget(attn0.reconstruct, "attn_out.0"),
+            SpliceTarget(attn1.reconstruct, "attn_out.1"),
+            SpliceTarget(tc.reconstruct, "mlp_out.1", "ffn_norm.1"),
+        ],
+        texts,
+        tokenization,
+        max_batch_tokens=300,
+    )
+    refs = [
+        patched_loss(lm, texts, tokenization, lm.model.layers[0].attention, lambda _, a: attn0(a).x_hat),
+        patched_loss(lm, texts, tokenization, lm.model.layers[1].attention, lambda _, a: attn1(a).x_hat),
+        patched_loss(lm, texts, tokenization, lm.model.layers[1].feed_forward, lambda h, _: tc(h).x_hat),
+    ]
+    zero_attn1 = patched_loss(lm, texts, tokenization, lm.model.layers[1].attention, lambda _, a: torch.zeros_like(a))
+    for result, ref in zip(got, refs):
+        assert result["eval/ce_sae"] == pytest.approx(ref, rel=1e-4)
+    assert got[1]["eval/ce_zero_ablation"] == pytest.approx(zero_attn1, rel=1e-4)
+    assert len({round(r["eval/ce_sae"], 4) for r in got}) == 3  # three different splices: the check has teeth
