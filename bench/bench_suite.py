@@ -60,18 +60,32 @@ RESULTS = REPO / "bench" / "results" / "suite.json"
 
 
 PEAK_RSS_MB: dict[str, float] = {}
-"""Each finished child's own peak RSS (wait4's rusage), by its log file's name."""
+"""Each finished child's own peak RSS, by its log file's name."""
+
+
+def high_water_mb(pid: int) -> float:
+    """The process's peak RSS so far (/proc VmHWM). Not rusage: Linux carries the parent's high-water mark into
+    a forked child's, and this bench process holds a model."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def run(argv: list[str], log: Path) -> float:
-    """A stage script in its own process; its seconds (its peak RSS in PEAK_RSS_MB). A failure stops the bench
-    with the log's last line."""
+    """A stage script in its own process; its seconds (its peak RSS in PEAK_RSS_MB, polled every 0.1 s). A
+    failure stops the bench with the log's last line."""
     t0 = time.perf_counter()
+    peak = 0.0
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    PEAK_RSS_MB[log.name] = usage.ru_maxrss / 1024  # Linux reports KB
+        while proc.poll() is None:
+            peak = max(peak, high_water_mb(proc.pid))
+            time.sleep(0.1)
+    PEAK_RSS_MB[log.name] = peak
     if proc.returncode:
         last = (log.read_text().strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"{' '.join(argv[:1])} failed (exit {proc.returncode}): {last}; see {log}")
@@ -132,7 +146,7 @@ def train_suite(entries: list[dict], path: Path, log: Path, extra: list[str] = (
 
 
 def long_context(args, rows: list[dict]) -> None:
-    """Every SAE of the suite on running text: 16 sequences of 4x the longest training sentence."""
+    """Every SAE of the suite on running text: --long-sequences of 4x the longest training sentence."""
     lm = load_model(TopKSae.load(Path(rows[0]["run"]) / "sae").model_path(None), dtype=torch.float32)
     apply_cpu_fast_paths(lm.model)
     texts = [t for part in iter_sentences(args.sentences) for t in part["text"]][-4000:]  # held apart from capture
@@ -205,11 +219,12 @@ def part_cost(args, work: Path, results: dict) -> None:
         "one_pass_speedup": round(alone / one_pass, 3),
         "peak_rss_mb": {"largest_single_run": round(rss_alone), "one_pass_of_all": round(rss_suite)},
         "tokens_per_s_per_sae": {"n_runs": round(n * tokens / alone), "one_pass": round(n * tokens / one_pass)},
-        "loop_tokens_per_s_per_sae": {k: round(sum(v) / len(v)) for k, v in loop.items()},
+        # SAE-tokens per second of the loops: a one-pass manifest's rate is the pass's, shared by its n SAEs
+        "loop_sae_tokens_per_s": {"n_runs": round(sum(loop["n_runs"]) / n), "one_pass": round(sum(loop["one_pass"]))},
         "sparsify": sparsify,
     }
     if "tokens_per_s" in sparsify:
-        ours = results["cost"]["loop_tokens_per_s_per_sae"]["one_pass"]
+        ours = results["cost"]["loop_sae_tokens_per_s"]["one_pass"]
         results["cost"]["one_pass_loop_vs_sparsify_loop"] = round(ours / sparsify["tokens_per_s"], 3)
     print(json.dumps(results["cost"], indent=1), flush=True)
 
@@ -541,9 +556,9 @@ def doc_markdown(results: dict, images: str) -> str:
             f"{c['tokens_per_s_per_sae']['one_pass']:,} | {c['peak_rss_mb']['one_pass_of_all']:,} (all) |",
             "",
             f"One pass is {c['one_pass_speedup']:.2f}x the N runs' speed (process starts, data opening and reads "
-            "shared). The training loops alone (the manifests' tokens/s, no process start): "
-            f"{c['loop_tokens_per_s_per_sae']['one_pass']:,} tokens/s per SAE in the one pass, "
-            f"{c['loop_tokens_per_s_per_sae']['n_runs']:,} in the single runs. "
+            "shared). The training loops alone (the manifests' rates, no process start), in SAE-tokens per second: "
+            f"{c['loop_sae_tokens_per_s']['one_pass']:,} in the one pass, {c['loop_sae_tokens_per_s']['n_runs']:,} "
+            "in a single run. "
             + (
                 f"sparsify's training loop on one of them (bench/bench_sae.py's contender: its SparseCoder on the "
                 f"same cached rows and batch): {sp['tokens_per_s']:,.0f} tokens/s, so our one pass trains each SAE "
@@ -641,7 +656,7 @@ def main() -> None:
     p.add_argument("--expansions", type=int, nargs="+", default=[8, 32])
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--max-sentences", type=int, default=8192)
-    p.add_argument("--long-sequences", type=int, default=16)
+    p.add_argument("--long-sequences", type=int, default=8)
     p.add_argument("--min-cosine", type=float, default=0.7)
     p.add_argument("--split-examples", type=int, default=4)
     p.add_argument("--parts", nargs="+", default=["suite", "cost", "variants", "splitting"])
@@ -654,6 +669,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results.update({"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__})
+    for part in args.parts:  # this run's parts start over; the others keep their last run's figures
+        results.pop(part, None)
     for part in args.parts:
         t0 = time.perf_counter()
         {"suite": part_suite, "cost": part_cost, "variants": part_variants, "splitting": part_splitting}[part](
