@@ -1,10 +1,11 @@
 """The SAE, for users: `from sae import TopKSae, SaeConfig, load_sae` (pipeline/sae/model.py and formats.py),
-and the export command.
+and the export and JumpReLU post-processing commands.
 
 Usage (export):
     python sae.py export --format sparsify --out exports     # -> exports/layers.24 for a resid_pre.25 SAE
     python sae.py export --format saelens --sae runs/sae/sae --out exports/saelens [--unit-decoder]
     python sae.py export --format saelens-suite --saes runs/suite/* --out release  # release/L15R-8x, ..., index.json
+    python sae.py jumprelu --sae runs/sae/sae --out runs/sae_jumprelu    # TopK -> JumpReLU, thresholds from its data
 
 SAELens takes SAEs at resid_pre / resid_mid / resid_post / attn_out / mlp_out and JumpReLU transcoders (a TopK
 one: `python sae.py jumprelu` first); a transcoder on ffn_norm.L exports with its model's RMSNorm weight folded in,
@@ -39,6 +40,7 @@ from pipeline.sae.formats import (
     saelens_hooks,
     sparsify_hookpoint,
 )
+from pipeline.sae.jumprelu import convert
 from pipeline.sae.model import ENCODER_INIT_NORM, SAE_CONFIG, SaeConfig, SaeOutput, TopKSae, sparse_decode
 from pipeline.sae.training_run import SAE_SUBDIR
 
@@ -149,9 +151,38 @@ def export_main(cfg: ExportConfig) -> Path:
     return out
 
 
+@dataclass
+class JumpReluConfig:
+    sae: str = str(SAE_WEIGHTS_DIR)
+    """The TopK SAE (or transcoder) to post-process."""
+    data: str = ""
+    """Preprocessing output of its input hook point to calibrate on ("": the one it was trained on)."""
+    out: str = ""
+    """Output SAE folder (new or empty)."""
+    tokens: int = 65536
+    """Calibration tokens (the first rows of the training split)."""
+
+
+def jumprelu_main(cfg: JumpReluConfig) -> dict:
+    """Post-process a TopK SAE to JumpReLU: per-latent thresholds that keep each latent's firing rate."""
+    if not cfg.out:
+        raise PipelineInputError("--out: the JumpReLU SAE's folder is required")
+    record = convert(cfg.sae, cfg.data, cfg.out, cfg.tokens)
+    print(
+        f"{cfg.out}: JumpReLU from {cfg.sae} on {record['calibration_tokens']} tokens (TopK L0 "
+        f"{record['mean_topk_l0']:.1f}; {record['latents_never_fired']} latents never fired, threshold inf)"
+    )
+    return record
+
+
+COMMANDS = {"export": (export_main, ExportConfig), "jumprelu": (jumprelu_main, JumpReluConfig)}
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["export"]:
+    if sys.argv[1:2] not in [[c] for c in COMMANDS]:
         sys.exit(
-            "usage: python sae.py export --format saelens|saelens-suite|sparsify [--sae DIR | --saes DIR...] --out DIR"
+            "usage: python sae.py export --format saelens|saelens-suite|sparsify [--sae DIR | --saes DIR...] "
+            "--out DIR\n"
+            "       python sae.py jumprelu --sae DIR [--data PREPROCESSED] --out DIR [--tokens N]"
         )
-    run_main(export_main, parse_config(ExportConfig, sys.argv[2:], description=__doc__))
+    main, config = COMMANDS[sys.argv[1]]
+    run_main(main, parse_config(config, sys.argv[2:], description=__doc__))

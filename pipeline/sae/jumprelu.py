@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
 from llama_3.errors import PipelineInputError
+from pipeline.core.manifest import write_json_atomic
+from pipeline.preprocessing.preprocessed import PreprocessedOutput
+from pipeline.sae.formats import load_sae
 from pipeline.sae.model import TopKSae, encoder_preacts
 
 
@@ -74,3 +78,36 @@ def to_jumprelu(sae: TopKSae, thresholds: torch.Tensor) -> TopKSae:
     state["threshold"] = thresholds.to(sae.W_enc.device, torch.float32)
     out.load_state_dict(state)
     return out.to(sae.W_enc.device)
+
+
+def convert(sae_dir: str | Path, data: str | Path, out: str | Path, tokens: int = 65536) -> dict:
+    """`sae.py jumprelu`: the SAE at sae_dir post-processed on the first `tokens` training rows of the
+    preprocessing output `data` (its input hook point's; "": the one it was trained on), written to `out` (an
+    SAE folder with jumprelu.json: where the thresholds came from). Returns that record."""
+    sae = load_sae(sae_dir).eval()
+    data = data or sae.cfg.trained_on.preprocessed
+    if not data:
+        raise PipelineInputError(f"--sae {sae_dir}: records no training data; pass --data (its input hook's rows)")
+    pre = PreprocessedOutput.open(data)
+    if pre.hook_point != sae.cfg.hook_point:
+        raise PipelineInputError(f"--data {data}: holds {pre.hook_point}, the SAE reads {sae.cfg.hook_point}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PipelineInputError(f"--out {out}: exists and is not an empty folder")
+    if tokens < 1:
+        raise PipelineInputError(f"--tokens {tokens}: need at least 1")
+    rows = pre.reader("train")
+    n = min(tokens, len(rows))
+    thresholds, summary = jumprelu_thresholds(sae, lambda: (rows[a : min(a + 8192, n)] for a in range(0, n, 8192)))
+    jump = to_jumprelu(sae, thresholds)
+    jump.save(out)
+    record = {
+        "source_sae": str(sae_dir),
+        "source_sha256": sae.sha256,
+        "calibration_data": str(data),
+        "calibration_fingerprint": pre.fingerprint,
+        "rule": "theta_i = the (c_i + 1)-th largest pre-activation of latent i, c_i its TopK firings",
+        **summary,
+    }
+    write_json_atomic(out / "jumprelu.json", record)
+    return record

@@ -61,3 +61,31 @@ def test_the_converted_sae_is_saelens_jumprelu(tmp_path):
         torch.testing.assert_close(theirs(x[:200]), jump(x[:200]).x_hat, rtol=1e-4, atol=1e-4)
         back = TopKSae.load(tmp_path / "lens")
         torch.testing.assert_close(back(x[:200]).x_hat, jump(x[:200]).x_hat, rtol=1e-4, atol=1e-4)
+
+
+def test_the_jumprelu_command_converts_a_trained_sae(tmp_path):
+    """`python sae.py jumprelu`: calibrates on the SAE's own training data, writes an SAE folder that loads as
+    JumpReLU with its record; bad input is one line and exit 2, nothing written."""
+    import json
+    import subprocess
+    import sys
+
+    from sae_training import main as train_main
+    from tests.sae.test_sae_training import REPO, cfg, fake_preprocessed, synthetic
+
+    x, _ = synthetic(3000)
+    data = fake_preprocessed(tmp_path / "data", x[:2500], x[2500:])
+    train_main(cfg(data, tmp_path / "run", n_latents=64, k=4, eval_sentences=0))
+    cmd = [sys.executable, str(REPO / "sae.py"), "jumprelu", "--sae", str(tmp_path / "run" / "sae")]
+    done = subprocess.run(cmd + ["--out", str(tmp_path / "jump"), "--tokens", "2000"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    jump = TopKSae.load(tmp_path / "jump")
+    record = json.loads((tmp_path / "jump" / "jumprelu.json").read_text())
+    assert jump.cfg.activation == "jumprelu" and record["calibration_tokens"] == 2000
+    assert record["source_sha256"] == TopKSae.load(tmp_path / "run" / "sae").sha256
+    again = subprocess.run(cmd + ["--out", str(tmp_path / "jump")], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "not an empty folder" in again.stderr
+    other = subprocess.run(
+        cmd + ["--out", str(tmp_path / "j2"), "--data", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert other.returncode == 2 and "nope" in other.stderr and not (tmp_path / "j2").exists()
