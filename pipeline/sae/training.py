@@ -140,6 +140,8 @@ class Trainer:
         n_latents = cfg.n_latents or cfg.expansion * d
         if not 0 < cfg.k <= n_latents:
             raise PipelineInputError(f"--k {cfg.k}: must be in 1..{n_latents} (the number of latents)")
+        if cfg.k_start > n_latents:
+            raise PipelineInputError(f"--k-start {cfg.k_start}: must be at most {n_latents} (the number of latents)")
         if not 0 < cfg.batch_size <= len(self.train):
             raise PipelineInputError(
                 f"--batch-size {cfg.batch_size}: must be in 1..{len(self.train)} (the training tokens in {cfg.data})"
@@ -212,7 +214,7 @@ class Trainer:
     def _input_variance(self, n_rows: int = 65536) -> float:
         """E||x̃ - E x̃||² over the first rows, in float64 chunks (a full fp64 copy would cost GBs)."""
         total, sq, n = 0.0, 0.0, 0
-        rows = self.target_train or self.train  # what the SAE reconstructs
+        rows = self.train if self.target_train is None else self.target_train  # what the SAE reconstructs
         for a in range(0, min(n_rows, len(rows)), 8192):
             x = rows[a : min(a + 8192, n_rows, len(rows))].to(torch.float32)
             x = x[torch.isfinite(x).all(1)]  # bad rows are the step's business (--nonfinite), not the scale's

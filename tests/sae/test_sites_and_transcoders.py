@@ -383,3 +383,44 @@ def test_many_saes_spliced_together_equal_the_hand_patched_model(suite_data, tin
         assert result["eval/ce_sae"] == pytest.approx(ref, rel=1e-4)
     assert got[1]["eval/ce_zero_ablation"] == pytest.approx(zero_attn1, rel=1e-4)
     assert len({round(r["eval/ce_sae"], 4) for r in got}) == 3  # three different splices: the check has teeth
+
+
+@pytest.mark.parametrize("site", ["attn_out.1", "transcoder"])
+def test_steering_adds_the_decoder_row_where_the_sae_writes(tiny, site):
+    """`add` steering with the error term kept: the model sees its own activation at the SAE's output site plus
+    strength x the latent's decoder row (in raw units), whatever the SAE reconstructs; the output score's resumed
+    forward (mid-block for attn_out) agrees with the full spliced forward."""
+    from pipeline.steering.output_score import output_scores
+    from pipeline.steering.splice import SteeringEntry, sae_splice
+
+    lm = load_model(tiny.hf_dir)
+    d = lm.args.dim
+    torch.manual_seed(2)
+    hooks = (
+        {"hook_point": "ffn_norm.1", "output_hook_point": "mlp_out.1"} if site == "transcoder" else {"hook_point": site}
+    )
+    sae = TopKSae(
+        SaeConfig(
+            d_model=d, n_latents=3 * d, k=6, input_scale=0.5, output_scale=3.0, exclude_first_positions=1, **hooks
+        )
+    )
+    target = sae.cfg.site_hook_point
+    scale = sae.cfg.output_scale if sae.cfg.is_transcoder else sae.cfg.input_scale
+    tokens = torch.randint(0, lm.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    row = sae.W_dec[7].detach() / scale
+    with torch.no_grad():
+        steered, _ = lm.model.run_with_hooks(tokens, splice={target: sae_splice(sae, [SteeringEntry(7, "add", 4.0)])})
+        keep = (torch.arange(12) >= 1)[None, :, None]
+        by_hand, _ = lm.model.run_with_hooks(tokens, splice={target: lambda v: torch.where(keep, v + 4.0 * row, v)})
+        plain = lm.model(tokens)
+    torch.testing.assert_close(steered, by_hand, rtol=1e-4, atol=1e-4)
+    assert (steered - plain).abs().max() > 1e-3
+    direction = (row / row.norm())[None]
+    prompt = tokens[0].tolist()
+    scores = output_scores(lm.model, target, direction, [prompt], 2.0, 1, [[[5, 9]]])
+    with torch.no_grad():
+        spliced, _ = lm.model.run_with_hooks(
+            tokens[:1], splice={target: lambda v: torch.where(keep, v + 2.0 * direction[0], v)}
+        )
+    gain = spliced[0, -1].float().softmax(-1)[[5, 9]].sum() - plain[0, -1].float().softmax(-1)[[5, 9]].sum()
+    assert float(scores[0, 0]) == pytest.approx(float(gain), rel=1e-3, abs=1e-6)

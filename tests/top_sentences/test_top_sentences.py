@@ -91,12 +91,13 @@ def brute_force(tiny, sentences, sae_dir):
     """Each sentence alone through the model and the dense SAE path: per-token latent activations [T, L]."""
     lm = load_model(tiny.hf_dir)
     sae = TopKSae.load(sae_dir)
+    hook = sae.cfg.hook_point  # what the encoder reads (a transcoder's input)
     per_sentence = {}
     for part in iter_sentences(sentences):
         for sid, text in zip(part["sentence_id"], part["text"]):
             ids = lm.tokenizer.encode(text, bos=False)[:192]
             with torch.no_grad():
-                acts = lm.model.capture(torch.tensor([ids]), [HOOK])[HOOK][0]
+                acts = lm.model.capture(torch.tensor([ids]), [hook])[hook][0]
                 values, idx = sae.encode(sae.normalize_input(acts.float())[0], dense=True)
             h = torch.zeros(len(ids), N_LATENTS).scatter(1, idx, values)
             h[:1] = 0  # the excluded first position
@@ -514,3 +515,31 @@ def test_a_capture_that_does_not_match_the_sae_is_refused_or_bypassed(tmp_path, 
     out = run(tmp_path, tiny, sentences, sae_dir, name="auto", capture=str(other_hook))
     note = json.loads((out / "manifest.json").read_text())["source"]
     assert note["capture_sentences"] == 0 and "resid_pre.0" in note["note"], note
+
+
+@pytest.mark.parametrize("site", ["attn_out.1", "mlp_out.0", "transcoder"])
+def test_every_site_and_a_transcoder_rank_as_brute_force(tmp_path, tiny, sentences, site):
+    """SAEs on the attention and MLP outputs and a transcoder (encoder on ffn_norm.1): the top sentences' scores
+    are the brute-force ones from the hook point the encoder reads."""
+    lm = load_model(tiny.hf_dir)
+    torch.manual_seed(1)
+    hooks = (
+        {"hook_point": "ffn_norm.1", "output_hook_point": "mlp_out.1"} if site == "transcoder" else {"hook_point": site}
+    )
+    sae = TopKSae(
+        SaeConfig(
+            d_model=lm.args.dim, n_latents=N_LATENTS, k=K, model=lm.identity(), exclude_first_positions=1, **hooks
+        )
+    )
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+    sae.save(tmp_path / "sae")
+    res = open_top_sentences(run(tmp_path, tiny, sentences, tmp_path / "sae"))
+    ref = {sid: scores_of(h)["max"] for sid, h in brute_force(tiny, sentences, tmp_path / "sae").items()}
+    best = {}
+    for r in res.table("top_sentences").to_pylist():
+        if r["aggregation"] == "max" and r["rank"] == 0:
+            best[r["latent"]] = r["score"]
+    assert len(best) > N_LATENTS // 2
+    for latent, score in best.items():
+        assert score == pytest.approx(max(float(s[latent]) for s in ref.values()), rel=1e-4, abs=1e-5)
