@@ -177,3 +177,71 @@ def test_demo_figures_refuses_a_file_without_markers(tmp_path):
     with pytest.raises(SystemExit):
         figures.main(["--runs", str(tmp_path / "runs"), "--cpu", "Test CPU", "--write", str(doc)])
     assert doc.read_text() == "no markers here\n"
+
+
+def test_the_suite_doc_is_generated_from_the_bench_results(tmp_path):
+    """bench/bench_suite.py's doc and report from a synthetic results file: every figure comes from it."""
+    spec = importlib.util.spec_from_file_location("bench_suite", REPO / "bench" / "bench_suite.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bucket = [
+        {"positions": [1, 32], "fvu": 0.111, "delta_lm_loss": 0.222},
+        {"positions": [32, 767], "fvu": 0.333, "delta_lm_loss": 0.444},
+    ]
+    rows = [
+        {
+            "id": f"L{layer}{site}-8x",
+            "hook_point": f"{kind}.{layer}",
+            "output_hook_point": out,
+            "layer": layer,
+            "site": site,
+            "expansion": 8,
+            "l0": 32.0,
+            "fvu": 0.25,
+            "explained_variance": 0.75,
+            "dead_pct": 1.5,
+            "ce_loss_recovered": 0.9,
+            "delta_lm_loss": 0.123,
+            "kl": 0.0456,
+            "long_context": {"buckets": bucket},
+        }
+        for layer in (5, 15)
+        for site, kind, out in (("R", "resid_post", ""), ("TC", "ffn_norm", f"mlp_out.{layer}"))
+    ]
+    results = {
+        "cpu": "Test CPU 9000",
+        "threads": 2,
+        "torch": "9.9",
+        "suite": {
+            "layers": [5, 15],
+            "sites": ["R", "TC"],
+            "expansions": [8],
+            "k": 32,
+            "tokens": 1234,
+            "hook_points": ["a"] * 4,
+            "seconds": {"capture": 1, "preprocessing": 2, "training_one_pass": 3, "long_context": 4, "total": 60},
+            "rows": rows,
+        },
+        "cost": {
+            "saes": ["L15R-8x", "L15TC-8x"],
+            "train_tokens_each": 999,
+            "n_runs_seconds": 20,
+            "one_pass_seconds": 10,
+            "seconds_per_sae": {"n_runs": 10, "one_pass": 5},
+            "one_pass_speedup": 2.0,
+            "peak_rss_mb": {"largest_single_run": 500, "one_pass_of_all": 700},
+            "tokens_per_s_per_sae": {"n_runs": 100, "one_pass": 200},
+            "loop_sae_tokens_per_s": {"n_runs": 300, "one_pass": 400},
+            "sparsify": {"tokens_per_s": 250.0},
+            "one_pass_loop_vs_sparsify_loop": 1.6,
+        },
+    }
+    text = bench.doc_markdown(results, "images")
+    assert (
+        "Test CPU 9000" in text
+        and "| L15TC-8x | ffn_norm.15 → mlp_out.15 | 32 | 0.750 | 1.5 | 90.0% | 0.123 | 0.046 |" in text
+    )
+    assert "0.333" in text and "2.00x" in text and "1.60x sparsify's" in text
+    bench.write_report(tmp_path / "report.html", results)
+    page = (tmp_path / "report.html").read_text()
+    assert "<table>" in page and page.count("data:image/png;base64,") == 2

@@ -232,6 +232,23 @@ ROWS = [
         ("--batch-size", "1000000000000", "--out", "runs/t2"),
         r"--batch-size",
     ),
+    Row("training", "--suite", "missing", nothing, ("--suite", "nope.json"), r"nope\.json"),
+    Row(
+        "training",
+        "--suite",
+        "corrupted",
+        write("suite.json", '[{"out": "runs/t2",'),
+        ("--suite", "suite.json"),
+        r"suite\.json",
+    ),
+    Row(
+        "training",
+        "--target-data",
+        "mismatched",
+        nothing,
+        ("--target-data", "runs/preprocessed", "--out", "runs/t2"),
+        r"--target-data runs/preprocessed",
+    ),
     Row(
         "training",
         "checkpoint",
