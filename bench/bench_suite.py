@@ -20,7 +20,8 @@ Parts (--parts, default all):
   one pass.
 - splitting: the main run's 8x SAE (runs/sae) against a 2x SAE on the same data (another seed): each 8x
   latent's nearest 2x latent by decoder cosine; the distribution, and 2x latents split into several 8x ones
-  with the 8x meanings side by side, as a page of the main run's feature browser (runs/interpretation/browser/splitting.html).
+  with the 8x meanings side by side, as a page of the main run's feature browser
+  (runs/interpretation/browser/splitting.html).
 
 Everything lands in bench/results/suite.json (the figures the docs show come from it: --write-doc).
 """
