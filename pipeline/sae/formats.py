@@ -143,20 +143,30 @@ def saelens_hook_point(name: object, where: Path, key: str = "hook_name") -> tup
     return f"{IMPORT_HOOKS[match[2]]}.{match[1]}", match[2]
 
 
+def norm_vector(norm_weight: torch.Tensor | None, d: int, layer: int, why: str) -> torch.Tensor:
+    """The ffn_norm weight a transcoder's SAELens form folds in or out, as an fp32 vector [d]; missing or of
+    another width: one line, `why` first."""
+    if norm_weight is None:
+        raise PipelineInputError(f"{why}: pass norm_weight (the model's layers[{layer}].ffn_norm.weight)")
+    w = norm_weight.detach().float().cpu().reshape(-1)
+    if len(w) != d:
+        raise PipelineInputError(f"{why}: norm_weight has {len(w)} entries, not {d}")
+    return w
+
+
 def _norm_weight_for(norm_weight: NormWeight, meta, layer: int, where: Path, d: int) -> torch.Tensor:
     """The ffn_norm weight [d] of `layer`: the caller's, else the one our export recorded in the metadata."""
     if isinstance(norm_weight, Mapping):
         norm_weight = norm_weight.get(layer)
     if norm_weight is None and meta.get(FOLDED_NORM_KEY) is not None:
         norm_weight = torch.tensor(meta.get(FOLDED_NORM_KEY), dtype=torch.float32)
-    if norm_weight is None:
-        raise PipelineInputError(
-            f"{where}: a transcoder on {TRANSCODER_INPUT_HOOK} (before the RMSNorm weight) imports with the "
-            f"weight unfolded: pass norm_weight (the model's layers[{layer}].ffn_norm.weight)"
-        )
-    w = norm_weight.detach().float().cpu().reshape(-1)
-    if len(w) != d:
-        raise PipelineInputError(f"{where}: norm_weight has {len(w)} entries, the transcoder's input {d}")
+    w = norm_vector(
+        norm_weight,
+        d,
+        layer,
+        f"{where}: a transcoder on {TRANSCODER_INPUT_HOOK} (before the RMSNorm weight) imports with the weight "
+        "unfolded",
+    )
     if bool((w == 0).any()):
         raise PipelineInputError(
             f"{where}: the RMSNorm weight has {int((w == 0).sum())} zero entries: W_enc cannot be divided by it"
@@ -407,14 +417,10 @@ def _transcoder_tensors(
     folded = None
     layer = _norm_layer(cfg)
     if layer is not None:
-        if norm_weight is None:
-            raise PipelineInputError(
-                f"transcoder at {cfg.hook_point}: its SAELens export reads ln2.hook_normalized, before the RMSNorm "
-                f"weight: pass norm_weight (the model's layers[{layer}].ffn_norm.weight)"
-            )
-        folded = norm_weight.detach().float().cpu().reshape(-1)
-        if len(folded) != d:
-            raise PipelineInputError(f"transcoder at {cfg.hook_point}: norm_weight has {len(folded)} entries, not {d}")
+        where = (
+            f"transcoder at {cfg.hook_point}: its SAELens export reads ln2.hook_normalized, before the RMSNorm weight"
+        )
+        folded = norm_vector(norm_weight, d, layer, where)
     col = s_in * (folded if folded is not None else torch.ones(d))  # [d_in] what multiplies each raw input entry
     tensors = {
         "W_enc": (sae.W_enc.detach() * col).t(),  # [d_in, L]
