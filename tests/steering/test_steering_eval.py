@@ -19,7 +19,7 @@ from pipeline.sae.model import SaeConfig, TopKSae
 from pipeline.steering.concept import common_words, concept_tokens, concept_words, is_function_fragment, related_words
 from pipeline.steering.evaluation import Row, add_strength, best_factor, read_continuations
 from pipeline.steering.judge import JudgeItem, OfflineJudge, harmonic_mean, loop_share, rate, without_words
-from pipeline.steering.output_score import output_scores, promoted_tokens, resume_layer
+from pipeline.steering.output_score import output_scores, promoted_tokens, stream_point
 from pipeline.steering.splice import SteeringEntry, hook_activations, sae_splice
 from pipeline.steering.vectors import (
     capture_sums,
@@ -60,9 +60,14 @@ def test_forward_from_a_hook_equals_the_full_forward(lm):
             if x is None:  # after the last block: only the final norm and the head
                 x = lm.model.capture(tokens, [f"resid_post.{layer - 1}"])[f"resid_post.{layer - 1}"]
             torch.testing.assert_close(lm.model.forward_from(x, layer), full, rtol=1e-5, atol=1e-5)
-    assert resume_layer("resid_post.0", 2) == 1 and resume_layer("resid_pre.1", 2) == 1
-    with pytest.raises(PipelineInputError, match="inside a block"):
-        resume_layer("attn_norm.1", 2)
+    assert stream_point("resid_post.0", 2) == ("resid_post.0", 1, False) == stream_point("mlp_out.0", 2)
+    assert stream_point("resid_pre.1", 2) == ("resid_pre.1", 1, False)
+    assert stream_point("attn_out.1", 2) == ("resid_mid.1", 1, True) == stream_point("resid_mid.1", 2)
+    with pytest.raises(PipelineInputError, match="norm's output"):
+        stream_point("attn_norm.1", 2)
+    # resumed mid-block: block 1's MLP and what follows, from the stream at resid_mid.1
+    mid = lm.model.capture(tokens, ["resid_mid.1"])["resid_mid.1"]
+    torch.testing.assert_close(lm.model.forward_from(mid, 1, mid=True), full, rtol=1e-5, atol=1e-5)
 
 
 def test_vector_splice_zero_rows_are_clean_and_rows_do_not_see_each_other(lm):
