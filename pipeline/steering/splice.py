@@ -107,6 +107,8 @@ def steered_reconstruction(sae: TopKSae, x: torch.Tensor, entries, rows: torch.T
     x_norm, ctx = sae.normalize_input(x.reshape(-1, shape[-1]).float())
     values, indices = steered_codes(sae, x_norm, entries, rows)
     x_hat_norm = sae.decode(values, indices)
+    if sae.cfg.skip:  # a skip-transcoder's linear path, as in its forward
+        x_hat_norm = x_hat_norm + x_norm @ sae.W_skip.t()
     per_row, rows = _per_row(entries, rows, len(x_norm), x_norm.device)
     added = [[e for e in row_entries if e.mode == "add"] for row_entries in per_row]
     if any(added):

@@ -385,7 +385,7 @@ def test_many_saes_spliced_together_equal_the_hand_patched_model(suite_data, tin
     assert len({round(r["eval/ce_sae"], 4) for r in got}) == 3  # three different splices: the check has teeth
 
 
-@pytest.mark.parametrize("site", ["attn_out.1", "transcoder"])
+@pytest.mark.parametrize("site", ["attn_out.1", "transcoder", "skip transcoder"])
 def test_steering_adds_the_decoder_row_where_the_sae_writes(tiny, site):
     """`add` steering with the error term kept: the model sees its own activation at the SAE's output site plus
     strength x the latent's decoder row (in raw units), whatever the SAE reconstructs; the output score's resumed
@@ -396,14 +396,17 @@ def test_steering_adds_the_decoder_row_where_the_sae_writes(tiny, site):
     lm = load_model(tiny.hf_dir)
     d = lm.args.dim
     torch.manual_seed(2)
-    hooks = (
-        {"hook_point": "ffn_norm.1", "output_hook_point": "mlp_out.1"} if site == "transcoder" else {"hook_point": site}
-    )
+    hooks = {"hook_point": site}
+    if "transcoder" in site:
+        hooks = {"hook_point": "ffn_norm.1", "output_hook_point": "mlp_out.1", "skip": site.startswith("skip")}
     sae = TopKSae(
         SaeConfig(
             d_model=d, n_latents=3 * d, k=6, input_scale=0.5, output_scale=3.0, exclude_first_positions=1, **hooks
         )
     )
+    if sae.cfg.skip:  # a skip path the steered reconstruction must keep, or the error term would remove it
+        with torch.no_grad():
+            sae.W_skip.normal_(0, 0.3)
     target = sae.cfg.site_hook_point
     scale = sae.cfg.output_scale if sae.cfg.is_transcoder else sae.cfg.input_scale
     tokens = torch.randint(0, lm.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
