@@ -7,6 +7,7 @@ from typing import Literal
 
 from pipeline.core.cli import Runtime, check_choices
 from pipeline.core.layout import PREPROCESSED_DIR, SAE_DIR
+from pipeline.core.output_folder import config_request
 from pipeline.sae.model import Normalize
 
 
@@ -27,7 +28,7 @@ class TrainConfig:
     """K-annealing (Llama Scope): k falls linearly from this to --k over --k-anneal-steps (0: off)."""
     k_anneal_steps: int = 0
     """Steps of the K-annealing (0: off)."""
-    suite: str = ""
+    suite: Runtime[str] = ""
     """A JSON list of SAEs to train in one pass over the data, each an object of these flags (data, out,
     expansion, k, target_data, ...) that override the command line's; one read of each batch feeds them all."""
     expansion: int = 8
@@ -93,3 +94,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+
+
+LATER_FIELDS = ("target_data", "skip", "topk_by_decoder_norm", "k_start", "k_anneal_steps")
+"""Fields added after runs were made: at their defaults they stay out of a run's fingerprint (run_request), so a
+run trained before them is still recognised and reused."""
+
+
+def run_request(cfg: TrainConfig) -> dict:
+    """The flags that decide a training run's output (its fingerprint's config part)."""
+    defaults = TrainConfig()
+    request = config_request(cfg)
+    return {k: v for k, v in request.items() if not (k in LATER_FIELDS and v == getattr(defaults, k))}

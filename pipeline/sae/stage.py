@@ -19,9 +19,9 @@ from llama_3.errors import PipelineInputError
 from pipeline.core import fault_injection
 from pipeline.core.distributed import DistInfo, barrier
 from pipeline.core.manifest import MANIFEST_NAME, fingerprint, make_manifest, write_json_atomic
-from pipeline.core.output_folder import OutputFolder, config_request, owned_names
+from pipeline.core.output_folder import OutputFolder, owned_names
 from pipeline.core.prefetch import BatchPrefetcher
-from pipeline.sae.config import TrainConfig
+from pipeline.sae.config import TrainConfig, run_request
 from pipeline.sae.metrics_log import MetricsLog
 from pipeline.sae.splice_eval import SpliceTarget, splice_eval_many
 from pipeline.sae.training import (
@@ -159,7 +159,7 @@ def open_run(cfg: TrainConfig, info: DistInfo) -> Run | dict:
     """A Run ready to train, or the finished run's manifest when the folder already holds this request."""
     trainer = Trainer(cfg, info)  # checks the flags against the data before the folder is touched
     data_fp = trainer.data.fingerprint + (trainer.target.fingerprint if trainer.target else "")
-    fp = fingerprint({**config_request(cfg), "data": data_fp})
+    fp = fingerprint({**run_request(cfg), "data": data_fp})
     prepared = output_folder(cfg).prepare(fp, cfg.force, info)
     if prepared.state == "reuse":  # every rank reads the same manifest, so all agree to stop here
         done = prepared.manifest

@@ -427,3 +427,18 @@ def test_steering_adds_the_decoder_row_where_the_sae_writes(tiny, site):
         )
     gain = spliced[0, -1].float().softmax(-1)[[5, 9]].sum() - plain[0, -1].float().softmax(-1)[[5, 9]].sum()
     assert float(scores[0, 0]) == pytest.approx(float(gain), rel=1e-3, abs=1e-6)
+
+
+def test_a_run_trained_before_the_suite_flags_keeps_its_fingerprint():
+    """The flags added for transcoders, Llama Scope's recipes and suites stay out of a run's fingerprint at their
+    defaults: a run folder trained before them is reused, not refused as "made with other settings" (the main
+    command failed so on the demo's runs/ until this). Set, they count."""
+    from pipeline.core.output_folder import config_request
+    from pipeline.sae.config import LATER_FIELDS, run_request
+
+    before = {
+        k: v for k, v in config_request(TrainConfig()).items() if k not in LATER_FIELDS
+    }  # the request of the fields that existed before
+    assert run_request(TrainConfig()) == before and "suite" not in before
+    assert run_request(TrainConfig(k_start=64, k_anneal_steps=10))["k_start"] == 64
+    assert run_request(TrainConfig(target_data="x"))["target_data"] == "x"
