@@ -462,13 +462,17 @@ def plots(results: dict) -> dict[str, bytes]:
     fig.tight_layout()
     out["suite_layers.png"] = _png(fig)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    sites, layers = results["suite"]["sites"], results["suite"]["layers"]
+    styles = ["-", "--", ":", "-."]
     for r in rows:
         if r["expansion"] != results["suite"]["expansions"][0] or "long_context" not in r:
             continue
         b = r["long_context"]["buckets"]
         x = [f"{lo}-{hi}" for lo, hi in (bk["positions"] for bk in b)]
-        axes[0].plot(x, [bk["fvu"] for bk in b], marker="o", label=r["id"])
-        axes[1].plot(x, [bk["delta_lm_loss"] for bk in b], marker="o", label=r["id"])
+        # one colour per site, one line style per layer
+        look = {"color": f"C{sites.index(r['site'])}", "linestyle": styles[layers.index(r["layer"]) % 4], "marker": "o"}
+        axes[0].plot(x, [bk["fvu"] for bk in b], label=r["id"], **look)
+        axes[1].plot(x, [bk["delta_lm_loss"] for bk in b], label=r["id"], **look)
     axes[0].set_title("FVU by token position")
     axes[1].set_title("delta LM loss by token position")
     for ax in axes:
