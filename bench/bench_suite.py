@@ -54,7 +54,7 @@ from pipeline.sae.jumprelu import jumprelu_thresholds, to_jumprelu  # noqa: E402
 from pipeline.sae.model import TopKSae  # noqa: E402
 from pipeline.sae.splice_eval import splice_eval  # noqa: E402
 from pipeline.sae.suite_eval import feature_splitting, long_context_profiles, long_sequences, suite_row  # noqa: E402
-from pipeline.sentences.dataset import iter_sentences  # noqa: E402
+from pipeline.sentences.dataset import iter_sentences, sentence_texts  # noqa: E402
 
 SITE_HOOKS = {"R": ["resid_post"], "A": ["attn_out"], "M": ["mlp_out"], "TC": ["ffn_norm", "mlp_out"]}
 RESULTS = REPO / "bench" / "results" / "suite.json"
@@ -322,13 +322,7 @@ def jumprelu_row(sae_dir: Path, data: Path) -> dict:
         )
     lm = load_model(sae.model_path(None), dtype=torch.float32)
     apply_cpu_fast_paths(lm.model)
-    ids = set(pre.val_sentence_ids()[:128].tolist())
-    texts = [
-        t
-        for part in iter_sentences(sae.cfg.trained_on.sentences)
-        for s, t in zip(part["sentence_id"], part["text"])
-        if s in ids
-    ]
+    texts = sentence_texts(sae.cfg.trained_on.sentences, pre.val_sentence_ids()[:128].tolist())
     spliced = splice_eval(lm, jump.reconstruct, texts, jump.cfg.site_hook_point, jump.cfg.tokenization)
     return {
         "fvu": err / dev,

@@ -30,7 +30,7 @@ from pipeline.sae.training import (
     check_ranks_agree,
 )
 from pipeline.sae.training_run import CHECKPOINT_DIR, METRICS_NAME, RUN_FILE, SAE_SUBDIR, WANDB_ID_NAME
-from pipeline.sentences.dataset import iter_sentences
+from pipeline.sentences.dataset import sentence_texts
 
 
 def run_config(cfg: TrainConfig, trainer: "Trainer") -> dict:
@@ -298,11 +298,7 @@ def spliced_evaluations(runs: list[Run], info: DistInfo) -> list[dict]:
         groups.setdefault(key, []).append(i)
     for (path, sentences, held_out, tokenization), members in groups.items():
         try:
-            wanted, texts = set(held_out), []
-            for part in iter_sentences(sentences):
-                texts += [t for s, t in zip(part["sentence_id"], part["text"]) if s in wanted]
-                if len(texts) >= len(wanted):
-                    break
+            texts = sentence_texts(sentences, held_out)
             lm = load_model(path, device=info.device, dtype=torch.float32 if info.device.type == "cpu" else None)
         except (PipelineInputError, OSError) as e:
             for i in members:

@@ -83,11 +83,8 @@ def long_context_profiles(
     points = sorted({p for sae in saes for p in (sae.cfg.hook_point, sae.cfg.site_hook_point)})
     layer_of = [HookPoint.parse(sae.cfg.site_hook_point).layer for sae in saes]
     streams = sorted({f"resid_pre.{layer}" for layer in layer_of})
-    acc = [
-        {"sq_err": torch.zeros(T, dtype=torch.float64), "y_sum": 0.0, "y_sq": torch.zeros(T, dtype=torch.float64)}
-        | {"delta": torch.zeros(T - 1, dtype=torch.float64)}
-        for _ in saes
-    ]
+    zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+    acc = [{"sq_err": zeros(T), "y_sum": 0.0, "y_sq": zeros(T), "delta": zeros(T - 1)} for _ in saes]
     for a in range(0, len(sequences), batch):
         tokens = torch.tensor(sequences[a : a + batch])
         clean, acts = model.run_with_hooks(tokens, capture=points + streams)

@@ -128,6 +128,16 @@ def iter_sentences(
         yield read_unit(u, list(columns))
 
 
+def sentence_texts(directory: str | Path, ids) -> list[str]:
+    """The texts of these sentence ids, in id order; reading stops once all are found."""
+    wanted, texts = set(ids), []
+    for part in iter_sentences(directory):
+        texts += [t for s, t in zip(part["sentence_id"], part["text"]) if s in wanted]
+        if len(texts) >= len(wanted):
+            break
+    return texts
+
+
 @dataclass
 class SentenceBatch:
     tokens: torch.Tensor
