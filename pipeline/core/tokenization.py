@@ -21,6 +21,10 @@ class Tokenization:
     """Text tokens kept per sentence (longer ones truncated); BOS comes on top."""
     exclude_first_positions: int = 0
     """Text positions (after BOS) left out of training: the attention sink of BOS-less sentences."""
+    sink_norm: float = 0.0
+    """Tokens whose activation norm at the hook point exceeds this were left out of training wherever they
+    stand: massive activations (attention sinks past the first position, e.g. the second piece of a split
+    first word), 60-90x the median norm. Later stages leave them untouched. 0: none."""
 
     @property
     def sequence_tokens(self) -> int:

@@ -24,6 +24,10 @@ class PreprocessConfig:
     """Seed of the split and the shuffle."""
     exclude_first_positions: int = -1
     """Exclude positions < N (attention sinks); -1: 1 without BOS, 0 with BOS."""
+    sink_norm_ratio: float = -1.0
+    """Also exclude tokens whose norm exceeds this x the median norm (massive activations: attention sinks past
+    the first position); -1: 10 at residual-stream hook points, off at the others (a transcoder's input and
+    target folders must keep the same rows); 0: off."""
     workers: Runtime[int] = 2
     """Worker processes."""
     memory_gb: Runtime[float] = 4.0

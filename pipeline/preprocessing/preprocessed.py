@@ -123,6 +123,7 @@ class PreprocessedOutput:
                 m.get("tokenization.add_bos", bool),
                 m.get("tokenization.max_tokens", int),
                 m.get("tokenization.exclude_first_positions", int),
+                float(m.get("tokenization.sink_norm", float, default=0.0)),
             ),
             capture_dir=Path(capture) if capture else None,
         )

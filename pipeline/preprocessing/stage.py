@@ -81,6 +81,7 @@ def _process_shard(task: dict) -> dict:
     raw = a.view(torch.int16).numpy().view(np.uint16) if a.dtype == torch.bfloat16 else a.numpy()
     sids, pos = rows_of(t)
     excluded = pos < task["exclude_first"]
+    excluded[task["sink_rows"]] = True  # massive activations, found by the plan
     is_val = ~excluded & val_mask(sids, task["seed"], task["val_fraction"])
     is_train = ~excluded & ~is_val
     sq = torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).double().pow(2).numpy()  # only for the policy report
@@ -105,6 +106,7 @@ def _process_shard(task: dict) -> dict:
     kept_norms = np.sqrt(sq[~excluded])
     return {
         "index": task["index"],
+        "sinks": len(task["sink_rows"]),
         "moments": moments,
         "bytes": len(data),
         "sq_norm_excluded": float(sq[excluded].sum()),
@@ -148,17 +150,45 @@ def preallocate(path: Path, dtype, shape: tuple[int, int]) -> int:
     return offset
 
 
-def plan(cap: CaptureOutput, cfg: PreprocessConfig, exclude_first: int, bits: int):
+META = ["sentence_ids", "sentence_starts", "sentence_first_position"]
+
+
+def token_norms(cap: CaptureOutput, hook: str, exclude_first: int) -> list[np.ndarray]:
+    """Per shard, [n_tokens] float32 activation norms at the hook, -inf at the excluded first positions."""
+    out = []
+    for p in cap.shard_paths:
+        t = load_shard(p, META + [act_key(hook)])
+        norms = torch.linalg.vector_norm(t[act_key(hook)], dim=1, dtype=torch.float32).numpy()
+        out.append(np.where(rows_of(t)[1] < exclude_first, -np.inf, norms).astype(np.float32))
+    return out
+
+
+def find_sinks(cap: CaptureOutput, hook: str, exclude_first: int, ratio: float) -> tuple[float, list[np.ndarray]]:
+    """(sink_norm, per shard the row indices of the tokens above it): ratio x the median norm of the tokens
+    left after the position rule. Massive activations sit far above it (60-90x the median in SmolLM2's
+    residual stream, one token in ~10,000, yet half the held-out variance); every other token below 10x.
+    One read of the capture, before the split: the counts must be known to preallocate the output."""
+    if not ratio:
+        return 0.0, [np.zeros(0, dtype=np.int64) for _ in cap.shard_paths]
+    norms = token_norms(cap, hook, exclude_first)
+    kept = np.concatenate(norms)
+    kept = kept[np.isfinite(kept)]
+    sink_norm = float(ratio * np.median(kept)) if len(kept) else 0.0
+    return sink_norm, [np.flatnonzero(n > sink_norm) for n in norms]
+
+
+def plan(cap: CaptureOutput, cfg: PreprocessConfig, exclude_first: int, bits: int, sink_rows: list[np.ndarray]):
     """Metadata-only pass: per-shard train/val/excluded counts and training rows per bucket, the held-out
     sentence ids."""
 
     counts, per_bucket, val_ids = [], [], set()
-    for p, s in zip(cap.shard_paths, cap.shards):
-        meta = load_shard(p, ["sentence_ids", "sentence_starts", "sentence_first_position"])
+    for p, s, sinks in zip(cap.shard_paths, cap.shards, sink_rows):
+        meta = load_shard(p, META)
         sids, pos = rows_of(meta)
         if len(sids) != s["n_tokens"]:
             raise PipelineInputError(f"{p}: holds {len(sids)} tokens, the capture manifest says {s['n_tokens']}")
         excluded = pos < exclude_first
+        excluded[sinks] = True
         is_val = ~excluded & val_mask(sids, cfg.seed, cfg.val_fraction)
         is_train = ~excluded & ~is_val
         val_ids.update(np.unique(sids[is_val]).tolist())
@@ -179,7 +209,8 @@ class Request:
     cap: CaptureOutput
     hook: str
     exclude_first: int
-    tokenization: Tokenization
+    sink_norm_ratio: float
+    tokenization: Tokenization  # its sink_norm is the plan's
     fingerprint: str
 
 
@@ -198,14 +229,19 @@ def check_request(cfg: PreprocessConfig) -> Request:
     exclude_first = (
         cfg.exclude_first_positions if cfg.exclude_first_positions >= 0 else (0 if cap.tokenization.add_bos else 1)
     )
+    if cfg.sink_norm_ratio >= 0:
+        ratio = cfg.sink_norm_ratio
+    else:  # massive activations live in the residual stream
+        ratio = 10.0 if hook.split(".")[0] in ("resid_pre", "resid_mid", "resid_post") else 0.0
     request = {
         **config_request(cfg),
         "capture": cap.fingerprint,
         "hook_point": hook,
         "exclude_first_positions": exclude_first,
+        "sink_norm_ratio": ratio,
     }
     tokenization = replace(cap.tokenization, exclude_first_positions=exclude_first)
-    return Request(cap, hook, exclude_first, tokenization, fingerprint(request))
+    return Request(cap, hook, exclude_first, ratio, tokenization, fingerprint(request))
 
 
 @dataclass
@@ -215,6 +251,8 @@ class Plan:
     n_train: int
     n_val: int
     n_excluded: int
+    sink_norm: float
+    n_sinks: int
     val_ids: np.ndarray
     bits: int
     row_bytes: int
@@ -227,7 +265,8 @@ def plan_passes(req: Request, cfg: PreprocessConfig) -> Plan:
     np_dtype = TORCH_TO_NP[cap.storage_dtype]
     row_bytes = d * np.dtype(np_dtype).itemsize
     bits = bucket_bits(cap.tokens, row_bytes, int(cfg.memory_gb * 1e9), min(cfg.workers, len(cap.shards)))
-    counts, per_bucket, val_ids = plan(cap, cfg, req.exclude_first, bits)  # per_bucket [shards, buckets]
+    sink_norm, sink_rows = find_sinks(cap, req.hook, req.exclude_first, req.sink_norm_ratio)
+    counts, per_bucket, val_ids = plan(cap, cfg, req.exclude_first, bits, sink_rows)  # per_bucket [shards, buckets]
     n_train, n_val, n_excl = (sum(c[i] for c in counts) for i in range(3))
     if n_train == 0:
         raise PipelineInputError(f"{cfg.capture}: no training tokens left after the split and exclusions")
@@ -258,6 +297,7 @@ def plan_passes(req: Request, cfg: PreprocessConfig) -> Plan:
                 "d_model": d,
                 "key": act_key(req.hook),
                 "exclude_first": req.exclude_first,
+                "sink_rows": sink_rows[i],
                 "seed": cfg.seed,
                 "val_fraction": cfg.val_fraction,
                 "bucket_bits": bits,
@@ -273,7 +313,8 @@ def plan_passes(req: Request, cfg: PreprocessConfig) -> Plan:
         for b, n in enumerate(bucket_sizes.tolist())
         if n
     ]
-    return Plan(n_train, n_val, n_excl, val_ids, bits, row_bytes, tasks, sort_tasks)
+    n_sinks = sum(map(len, sink_rows))
+    return Plan(n_train, n_val, n_excl, sink_norm, n_sinks, val_ids, bits, row_bytes, tasks, sort_tasks)
 
 
 def run_passes(p: Plan, cfg: PreprocessConfig, total_bytes: int) -> list[dict]:
@@ -335,7 +376,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     print(
         f"{out}: {p.n_train} train tokens ({manifest['counts']['train_batches']} batches of {cfg.batch_size}, last "
         f"{manifest['counts']['last_batch_size']}), "
-        f"{p.n_val} validation tokens from {len(p.val_ids)} sentences, {p.n_excluded} excluded; "
+        f"{p.n_val} validation tokens from {len(p.val_ids)} sentences, {p.n_excluded} excluded "
+        f"({p.n_sinks} of them massive activations, norm > {p.sink_norm:.4g}); "
         f"{total_bytes / 1e9 / elapsed:.2f} GB/s"
     )
     return manifest
@@ -360,6 +402,7 @@ def build_manifest(
             "train_tokens": p.n_train,
             "val_tokens": p.n_val,
             "excluded_tokens": p.n_excluded,
+            "sink_tokens": p.n_sinks,
             "val_sentences": len(p.val_ids),
             "train_batches": n_batches,
             "last_batch_size": p.n_train - (n_batches - 1) * cfg.batch_size,
@@ -368,13 +411,18 @@ def build_manifest(
         hook_point=req.hook,
         d_model=req.cap.d_model,
         storage_dtype=req.cap.storage_dtype,
-        tokenization=asdict(req.tokenization),
+        tokenization=asdict(replace(req.tokenization, sink_norm=p.sink_norm)),
         batch_size=cfg.batch_size,
         massive_activation_policy={
             "rule": f"exclude positions < {req.exclude_first} (the attention sink of BOS-less sentences)"
             if req.exclude_first
             else "none",
             "exclude_first_positions": req.exclude_first,
+            "sink_rule": f"exclude tokens with norm > {req.sink_norm_ratio:g} x the median of the rest"
+            if req.sink_norm_ratio
+            else "none",
+            "sink_norm": p.sink_norm,
+            "sink_tokens": p.n_sinks,
             "excluded_tokens": p.n_excluded,
             "excluded_share_of_squared_norm": sq_excl / max(sq_excl + sq_kept, 1e-30),
             "max_norm_excluded": max(r["max_norm_excluded"] for r in results),

@@ -73,27 +73,37 @@ def training_plots(paths: RunLayout, report: Report, out: Path) -> None:
     ax.plot(step, loss, lw=0.8, label="train loss (MSE / input variance)")
     ax.plot(vstep, vloss, "o-", label="validation loss")
     ax.set_xlabel("step"), ax.set_ylabel("normalised MSE"), ax.set_yscale("log"), ax.legend()
-    save(fig, report, out, "loss.png", "Training and validation loss")
+    save(fig, report, out, "loss.png", f"Training and validation loss. {sink_note(paths)}")
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    dstep, dead = series(rows, "debug/dead_latents_ratio")
+    dstep, silent = series(rows, "debug/dead_latents_ratio")
     astep, aux = series(rows, "train/aux_loss")
-    ax.plot(dstep, 100 * dead, color="C3", label="dead latents (%)")
-    ax.set_xlabel("step"), ax.set_ylabel("dead latents (%)", color="C3")
+    window = run.manifest.get("config", {}).get("dead_tokens")
+    ax.plot(dstep, 100 * silent, color="C3")
+    ax.set_xlabel("step"), ax.set_ylabel(f"silent for the last {window:,} tokens (%)", color="C3")
     ax2 = ax.twinx()
-    ax2.plot(astep, aux, color="C2", lw=0.8, label="aux-k loss")
+    ax2.plot(astep, aux, color="C2", lw=0.8)
     ax2.set_ylabel("aux-k loss", color="C2")
-    save(fig, report, out, "dead_aux.png", "Dead-latent fraction and aux-k loss over training")
+    save(
+        fig,
+        report,
+        out,
+        "aux_k.png",
+        f"The latents aux-k works on: silent for the last {window:,} training tokens (--dead-tokens), and the aux-k "
+        "loss that revives them. Not the dead latents of the table, which never fire on the held-out tokens.",
+    )
 
-    lstep, l0 = series(rows, "val/l0")
     fstep, fvu = series(rows, "val/fvu")
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(lstep, l0, "o-", label="validation L0")
-    ax.set_xlabel("step"), ax.set_ylabel("L0 (active latents per token)")
-    ax2 = ax.twinx()
-    ax2.plot(fstep, fvu, "s--", color="C1", label="validation FVU")
-    ax2.set_ylabel("FVU", color="C1")
-    save(fig, report, out, "l0_fvu.png", "L0 and fraction of variance unexplained on held-out tokens")
+    ax.plot(fstep, fvu, "s-", color="C1")
+    ax.set_xlabel("step"), ax.set_ylabel("validation FVU")
+    save(
+        fig,
+        report,
+        out,
+        "fvu.png",
+        "Fraction of variance unexplained on the held-out tokens (L0 is k at every step: TopK)",
+    )
 
     spliced, final = run.spliced_evaluation, run.final_validation
     report.summary["training"] = {
@@ -101,6 +111,7 @@ def training_plots(paths: RunLayout, report: Report, out: Path) -> None:
         "val_fvu": final.get("val/fvu"),
         "val_l0": final.get("val/l0"),
         "val_dead_pct": final.get("val/dead_pct"),
+        "val_tokens": final.get("val/tokens"),
         "tokens_per_s": run.manifest.get("throughput", {}).get("tokens_per_s"),
         "ce_loss_recovered": spliced.get("eval/ce_loss_recovered"),
         "kl": spliced.get("eval/kl_sae"),
@@ -126,6 +137,21 @@ def training_plots(paths: RunLayout, report: Report, out: Path) -> None:
             "ce_recovered.png",
             "Cross-entropy with the SAE spliced in versus the clean and zero-ablated model",
         )
+
+
+def sink_note(paths: RunLayout) -> str:
+    """What the training data left out (the preprocessing manifest), said beside the loss plot."""
+    policy = (read_json(paths.preprocessed / "manifest.json") or {}).get("massive_activation_policy", {})
+    sinks = policy.get("sink_tokens")
+    if sinks is None:
+        return ""
+    if not sinks:
+        return "No massive activations were left out of the data (--sink-norm-ratio)."
+    return (
+        f"{sinks} massive-activation tokens (norm above {policy['sink_norm']:.0f}, 10x the median; attention sinks "
+        "past the first position) were left out of the data and pass through the SAE unchanged; each one alone "
+        "dominated its batch's loss, the spikes of runs that kept them."
+    )
 
 
 def density_plot(paths: RunLayout, report: Report, out: Path) -> None:
@@ -212,6 +238,52 @@ def steering_plot(paths: RunLayout, report: Report, out: Path) -> None:
     )
 
 
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def headline_table(summary: dict) -> str:
+    """The numbers a reader comes for, each with what it measures."""
+    rows = []
+    t = summary.get("training")
+    if t:
+        rows += [
+            (
+                "FVU",
+                _fmt(t["val_fvu"], ".3f"),
+                f"variance left unexplained on {t['val_tokens'] or 0:,} held-out tokens",
+            ),
+            ("L0", _fmt(t["val_l0"], ".1f"), "latents active per token (k, by construction of TopK)"),
+            ("dead latents", _fmt(t["val_dead_pct"], ".1f") + "%", "never fire on those held-out tokens"),
+            ("CE loss recovered", _fmt(t["ce_loss_recovered"], ".1%"), "SAE spliced in: 100% = clean, 0% = zeroed"),
+            ("KL", _fmt(t["kl"], ".3f"), "KL(clean ‖ spliced) per token"),
+        ]
+    i = summary.get("interpretation")
+    if i:
+        rows.append(
+            ("detection", _fmt(i["mean_score"], ".3f"), f"mean over {i['scored']:,} explained latents (0.5 = chance)")
+        )
+    s = summary.get("steering")
+    if s:
+        for method, label in (("sae", "SAE latent"), ("diffmean", "DiffMean"), ("prompt", "prompting")):
+            if method in s:
+                m = s[method]
+                ci = m.get("on_concept_ci") or [None, None]
+                rows.append(
+                    (
+                        f"steering: {label}",
+                        f"{_fmt(m.get('on_concept'), '.0%')} [{_fmt(ci[0], '.0%')}–{_fmt(ci[1], '.0%')}]",
+                        f"on-concept (judge's concept score 2) on held-out instructions; harmonic "
+                        f"{_fmt(m.get('harmonic'), '.2f')}, fluency {_fmt(m.get('fluency'), '.2f')}",
+                    )
+                )
+    body = "".join(
+        f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td style='text-align:left'>{html.escape(c)}</td></tr>"
+        for a, b, c in rows
+    )
+    return f"<table><tr><th>measure</th><th>value</th><th>what it is</th></tr>{body}</table>"
+
+
 def stage_table(pipeline_doc: dict | None) -> str:
     if not pipeline_doc:
         return "<p>No stage timings (the stages were run one by one, not through run_pipeline.py).</p>"
@@ -257,11 +329,12 @@ pre{{background:#f6f6f6;padding:1em}}</style>
 </head><body><h1>SAE pipeline report</h1>
 <p>Feature browser: <a href="{html.escape(_relative(browser, out))}">{html.escape(str(browser))}</a> ·
 steering page: <code>python llama_3_inference_text_completion_gradio.py</code> → http://127.0.0.1:7860</p>
+<h2>Headline</h2>{headline_table(report.summary)}
 <h2>Stages</h2>{stage_table(pipeline_doc)}
 {"<ul>" + missing + "</ul>" if missing else ""}
 <h2>Plots</h2>{figures}
 {"".join(report.sections)}
-<h2>Numbers</h2><pre>{numbers}</pre></body></html>"""
+<details><summary>Every number (summary.json)</summary><pre>{numbers}</pre></details></body></html>"""
     (out / "index.html").write_text(page)
     return out / "index.html"
 

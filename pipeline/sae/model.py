@@ -96,6 +96,9 @@ class SaeConfig:
     """The training capture prepended BOS (never stored): later stages feed the SAE the same sequences."""
     max_tokens: int = DEFAULT_MAX_TOKENS
     """Text tokens per sentence the training capture kept (BOS on top)."""
+    sink_norm: float = 0.0
+    """Input tokens with a larger norm (massive activations, left out of the training data) are passed through:
+    x̂ = x and no latent active. 0: none."""
     output_hook_point: str = ""
     """A transcoder's target (e.g. mlp_out.L for a hook_point ffn_norm.L); "" for an SAE, which reconstructs
     its input."""
@@ -115,7 +118,7 @@ class SaeConfig:
     @property
     def tokenization(self) -> Tokenization:
         """How a sentence becomes the token sequence this SAE was trained on."""
-        return Tokenization(self.add_bos, self.max_tokens, self.exclude_first_positions)
+        return Tokenization(self.add_bos, self.max_tokens, self.exclude_first_positions, self.sink_norm)
 
     def __post_init__(self) -> None:
         if isinstance(self.trained_on, dict):  # read back from cfg.json
@@ -134,6 +137,8 @@ class SaeConfig:
             )
         if self.skip and not self.output_hook_point:
             raise PipelineInputError("SAE config: skip=True needs a transcoder (output_hook_point)")
+        if self.sink_norm and self.output_hook_point:
+            raise PipelineInputError("SAE config: sink_norm with a transcoder (it has no input to pass through)")
 
     @property
     def is_transcoder(self) -> bool:
@@ -195,30 +200,34 @@ def _latent_major(indices: torch.Tensor, values: torch.Tensor, n_latents: int) -
 
 
 class _SparseEncoderGrad(torch.autograd.Function):
-    """Top-k of W_enc x + b whose backward only uses the k kept entries per token.
+    """Top-k of W_enc (x - b_pre) + b whose backward only uses the k kept entries per token.
 
-    forward: x [N, d], W [L, d], b [L] -> values [N, k] (ReLU'd), indices [N, k]
+    forward: x [N, d], W [L, d], b [L], b_pre [d] or None -> values [N, k] (ReLU'd), indices [N, k]
     backward: grad_values [N, k] -> a sparse [N, L] gradient G with N*k entries;
-              dx = G @ W, dW = Gᵀ @ x, db = column sums of G (CSR matmuls: N*k*d work).
+              dW = Gᵀ @ (x - b_pre) (a CSR matmul: N*k*d work), db = column sums of G,
+              db_pre = -db @ W (one [L] x [L, d] product: b_pre is subtracted from every row, so the per-row
+              dx = G @ W is never formed unless x itself needs a gradient).
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, h_bias, k, score_scale):
-        pre = encoder_preacts(x, W, b + h_bias)  # [N, L]
+    def forward(ctx, x, W, b, h_bias, k, score_scale, b_pre):
+        xc = x if b_pre is None else x - b_pre
+        pre = encoder_preacts(xc, W, b + h_bias)  # [N, L]
         top, idx = topk_of(pre, k, score_scale)
         values = top.relu()
-        ctx.save_for_backward(x, W, idx, values)
+        ctx.save_for_backward(xc, W, idx, values)
         return values, idx
 
     @staticmethod
     def backward(ctx, grad_values, _grad_idx):
-        x, W, idx, values = ctx.saved_tensors
+        xc, W, idx, values = ctx.saved_tensors
         n_latents = W.shape[0]
-        g = (grad_values * (values > 0)).to(x.dtype)  # ReLU; fp32 even when autocast made the values bf16
+        g = (grad_values * (values > 0)).to(xc.dtype)  # ReLU; fp32 even when autocast made the values bf16
         grad_x = _token_major(idx, g, n_latents)[0] @ W if ctx.needs_input_grad[0] else None
-        grad_W = _latent_major(idx, g, n_latents) @ x if ctx.needs_input_grad[1] else None
+        grad_W = _latent_major(idx, g, n_latents) @ xc if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros(n_latents, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b if ctx.needs_input_grad[2] else None, None, None, None
+        grad_b_pre = -(grad_b @ W) if ctx.needs_input_grad[6] else None
+        return grad_x, grad_W, grad_b if ctx.needs_input_grad[2] else None, None, None, None, grad_b_pre
 
 
 def topk_of(pre: torch.Tensor, k: int, score_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,12 +362,14 @@ class TopKSae(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x̃ [N, d] -> (values [N, k], indices [N, k]) (JumpReLU: [N, w], see activate); `k` overrides cfg.k
         (K-annealing in training)."""
-        xc = self.encoder_input(x_norm)
         if dense:
-            return self.activate(xc @ self.W_enc.t() + self.b_enc + self.h_bias, k)
+            return self.activate(self.encoder_input(x_norm) @ self.W_enc.t() + self.b_enc + self.h_bias, k)
         if self.cfg.activation != "topk":  # inference only: no sparse backward needed
-            return self.activate(encoder_preacts(xc, self.W_enc, self.b_enc + self.h_bias))
-        return _SparseEncoderGrad.apply(xc, self.W_enc, self.b_enc, self.h_bias, k or self.cfg.k, self.score_scale())
+            return self.activate(encoder_preacts(self.encoder_input(x_norm), self.W_enc, self.b_enc + self.h_bias))
+        b_pre = None if self.cfg.is_transcoder else self.b_pre  # what encoder_input subtracts
+        return _SparseEncoderGrad.apply(
+            x_norm, self.W_enc, self.b_enc, self.h_bias, k or self.cfg.k, self.score_scale(), b_pre
+        )
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, dense: bool = False) -> torch.Tensor:
         """(values, indices) [N, k] -> x̂ in normalised space [N, d]."""
@@ -382,7 +393,16 @@ class TopKSae(nn.Module):
         if self.cfg.skip:  # [N, d_in] @ [d_in, d_out]: a dense d x d matmul, small beside the encoder's d x L
             x_hat_norm = x_hat_norm + x_norm @ self.W_skip.t()
         x_hat = self.denormalize(x_hat_norm, ctx)
+        sink = self.sinks(x2)
+        if sink is not None:  # passed through: nothing to reconstruct, no loss, no latent fires
+            values = values.masked_fill(sink[:, None], 0.0)
+            x_hat_norm = torch.where(sink[:, None], x_norm, x_hat_norm)
+            x_hat = torch.where(sink[:, None], x2, x_hat)
         return SaeOutput(x_hat.reshape(shape), values, indices, x_norm, x_hat_norm)
+
+    def sinks(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[N, d] raw inputs -> [N] bool, the massive-activation tokens (norm > cfg.sink_norm); None without."""
+        return x.float().norm(dim=-1) > self.cfg.sink_norm if self.cfg.sink_norm else None
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> x̂ [..., d] in raw space (a transcoder's: ŷ at its output hook): the callable a splice

@@ -78,7 +78,7 @@ def splice_eval_many(
     sums = [{"sae": 0.0, "kl_sae": 0.0} for _ in targets]
     site_sums = {site: {"zero": 0.0, "kl_zero": 0.0} for site in sites}
     clean_sum, n = 0.0, 0
-    skip = tokenization.skip_first_positions
+    skip, sink_norm = tokenization.skip_first_positions, tokenization.sink_norm
     # Batches by padded-token budget: two [B, T, vocab] fp32 logits tensors and their log-softmaxes
     # are alive at once (49k vocab: 200 MB each per 1k tokens), the peak memory of the training stage.
     for chunk in batches_by_tokens(ids, max_batch_tokens):
@@ -100,14 +100,17 @@ def splice_eval_many(
             runner = HookRunner(model.args.n_layers, splice={site: splice})
             return model.forward_from(stream[f"resid_pre.{layer}"], layer, hooks=runner)
 
-        # The positions it never saw keep their activation; right padding is spliced too, which no real
-        # token sees (causal attention) and no loss counts.
+        # The positions and massive activations it never saw keep their activation (in the zero ablation
+        # too); right padding is spliced too, which no real token sees (causal attention) and no loss counts.
         for site in sites:
-            zeroed = resumed(site, Splice(torch.zeros_like, skip_first_positions=skip))
+            zeroed = resumed(site, Splice(torch.zeros_like, skip_first_positions=skip, sink_norm=sink_norm))
             _accumulate(site_sums[site], "zero", clean_lp, zeroed, tokens, target_mask)
         for target, acc in zip(targets, sums):
             splice = Splice(
-                lambda v, t=target: t.reconstruct(v.float()), skip_first_positions=skip, source=target.source
+                lambda v, t=target: t.reconstruct(v.float()),
+                skip_first_positions=skip,
+                source=target.source,
+                sink_norm=sink_norm,
             )
             _accumulate(acc, "sae", clean_lp, resumed(target.hook_point, splice), tokens, target_mask)
     if n == 0:

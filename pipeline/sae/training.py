@@ -134,14 +134,17 @@ class Trainer:
         self.stats = (self.target or self.data).stats
         if cfg.skip and not self.target:
             raise PipelineInputError("--skip: a skip connection needs a transcoder (--target-data)")
-        if cfg.k_anneal_steps < 0 or (cfg.k_anneal_steps and cfg.k_start <= cfg.k):
-            raise PipelineInputError(f"--k-start {cfg.k_start}: K-annealing starts above --k {cfg.k}")
         d = self.data.d_model
         n_latents = cfg.n_latents or cfg.expansion * d
         if not 0 < cfg.k <= n_latents:
             raise PipelineInputError(f"--k {cfg.k}: must be in 1..{n_latents} (the number of latents)")
         if cfg.k_start > n_latents:
             raise PipelineInputError(f"--k-start {cfg.k_start}: must be at most {n_latents} (the number of latents)")
+        if cfg.k_start < -1 or cfg.k_anneal_steps < -1 or (cfg.k_anneal_steps > 0 and 0 <= cfg.k_start <= cfg.k):
+            raise PipelineInputError(
+                f"--k-start {cfg.k_start} / --k-anneal-steps {cfg.k_anneal_steps}: K-annealing starts above --k "
+                f"{cfg.k} (-1: the defaults, 0: off)"
+            )
         if not 0 < cfg.batch_size <= len(self.train):
             raise PipelineInputError(
                 f"--batch-size {cfg.batch_size}: must be in 1..{len(self.train)} (the training tokens in {cfg.data})"
@@ -173,6 +176,7 @@ class Trainer:
             exclude_first_positions=self.data.tokenization.exclude_first_positions,
             add_bos=self.data.tokenization.add_bos,
             max_tokens=self.data.tokenization.max_tokens,
+            sink_norm=0.0 if self.target else self.data.tokenization.sink_norm,
             trained_on=training_data(cfg.data, self.data),
         )
         torch.manual_seed(cfg.seed)
@@ -206,6 +210,11 @@ class Trainer:
         self._checkpoint_error: BaseException | None = None
         self.steps_per_epoch = -(-len(self.train) // cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        # K-annealing, the defaults resolved: from 4k over the first quarter of the steps
+        self.k_start = min(4 * cfg.k, n_latents) if cfg.k_start == -1 else cfg.k_start
+        self.k_anneal_steps = self.total_steps // 4 if cfg.k_anneal_steps == -1 else cfg.k_anneal_steps
+        if self.k_start <= cfg.k:  # off (0, or nothing above k to start from)
+            self.k_anneal_steps = 0
 
     def _count_dead(self) -> int:
         return int((self.tokens_since_fired >= self.cfg.dead_tokens).sum())
@@ -242,9 +251,9 @@ class Trainer:
 
     def k_at(self, step: int) -> int:
         """K-annealing: k falls linearly from k_start to k over the first k_anneal_steps steps."""
-        if not self.cfg.k_anneal_steps or step >= self.cfg.k_anneal_steps:
+        if not self.k_anneal_steps or step >= self.k_anneal_steps:
             return self.cfg.k
-        return round(self.cfg.k_start + (self.cfg.k - self.cfg.k_start) * step / self.cfg.k_anneal_steps)
+        return round(self.k_start + (self.cfg.k - self.k_start) * step / self.k_anneal_steps)
 
     def split_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[n, d] or a transcoder's [n, 2 d] -> (input, target or None)."""

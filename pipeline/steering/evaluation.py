@@ -92,28 +92,32 @@ def read_continuations(model, sae, rows: list[Row], max_tokens: int = 2048) -> l
     """The clean model re-reads prompt + continuation of each row: (mean per-token loss of the
     continuation, the row's latent's mean SAE activation over the continuation's tokens; 0 without an SAE).
 
-    Rows that share a prompt (every method but prompting uses the instruction as it is) share its
-    forward: the prompt is prefilled once into the KV cache, copied to every row, and only the
-    continuations run as a right-padded batch after it, about `max_tokens` continuation tokens a batch
-    (their logits, [rows, width, vocab] in fp32, are the memory peak: 400 MB at SmolLM2's 49k vocab)."""
+    Rows with the same prompt and continuation (the unsteered text judged against every latent's concept, a
+    steered text that did not change) are read once: the loss is the same, and each row's activation comes
+    from the one [n_c, k] SAE code of the text. Texts that share a prompt (every method but prompting uses
+    the instruction as it is) share its forward: the prompt is prefilled once into the KV cache, copied to
+    every row, and only the continuations run as a right-padded batch after it, about `max_tokens`
+    continuation tokens a batch (their logits, [rows, width, vocab] in fp32, are the memory peak: 400 MB at
+    SmolLM2's 49k vocab)."""
     device = model.tok_embeddings.weight.device
     hook = sae.cfg.hook_point if sae is not None else None  # no SAE (the judge's validation): no activation
     out: list[tuple[float, float]] = [(math.nan, 0.0)] * len(rows)
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    readers: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}  # distinct (prompt, continuation)
     for i, r in enumerate(rows):
         if r.continuation:
-            by_prompt.setdefault(tuple(r.tokens), []).append(i)
-    for prompt, members in by_prompt.items():
-        width = max(len(rows[i].continuation) for i in members)
-        step = max(1, max_tokens // width)
-        for a in range(0, len(members), step):
-            part = members[a : a + step]
-            n_p, width = len(prompt), max(len(rows[i].continuation) for i in part)
+            readers.setdefault((tuple(r.tokens), tuple(r.continuation)), []).append(i)
+    by_prompt: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+    for prompt, continuation in readers:
+        by_prompt.setdefault(prompt, []).append(continuation)
+    for prompt, texts in by_prompt.items():
+        step = max(1, max_tokens // max(map(len, texts)))
+        for a in range(0, len(texts), step):
+            part = texts[a : a + step]
+            n_p, width = len(prompt), max(map(len, part))
             conts = torch.zeros(len(part), width, dtype=torch.long)
             key_valid = torch.zeros(len(part), n_p + width, dtype=torch.bool)
             key_valid[:, :n_p] = True
-            for b, i in enumerate(part):
-                c = rows[i].continuation
+            for b, c in enumerate(part):
                 conts[b, : len(c)] = torch.tensor(c)
                 key_valid[b, n_p : n_p + len(c)] = True
             model.allocate_kv_cache(len(part), n_p + width)
@@ -125,16 +129,18 @@ def read_continuations(model, sae, rows: list[Row], max_tokens: int = 2048) -> l
             finally:
                 model.free_kv_cache()
             acts = runner.captured.get(hook)  # [b, W, d]
-            for b, i in enumerate(part):
-                r, n_c = rows[i], len(rows[i].continuation)
+            for b, c in enumerate(part):
+                n_c = len(c)
                 predicting = torch.cat([first[None], logits[b, : n_c - 1]]).float().log_softmax(-1)  # [n_c, V]
-                target = torch.tensor(r.continuation, device=device)
+                target = torch.tensor(c, device=device)
                 loss = float(-predicting.gather(1, target[:, None]).mean())
-                activation = 0.0
-                if r.latent is not None and acts is not None:
-                    codes = sae(acts[b, :n_c].float())
-                    activation = float((codes.values * (codes.indices == r.latent)).sum() / n_c)
-                out[i] = (loss, activation)
+                codes = sae(acts[b, :n_c].float()) if acts is not None else None
+                for i in readers[(prompt, c)]:
+                    latent = rows[i].latent
+                    activation = 0.0
+                    if latent is not None and codes is not None:
+                        activation = float((codes.values * (codes.indices == latent)).sum() / n_c)
+                    out[i] = (loss, activation)
     return out
 
 
@@ -218,26 +224,45 @@ class Benchmark:
             self._words[latent] = related_words(words, self.judge_model.vectors)
         return self._words[latent]
 
-    def output_scores(self, latents: list[int], factor: float, progress=None) -> dict:
+    def output_scores(self, latents: list[int], factor: float, n_wanted: int, progress=None) -> dict:
         """{"concept": [n] gain of the concept tokens, "promoted": [n] gain of the promoted tokens,
-        "concept_tokens": per latent ids, "promoted_tokens": [n, 10] ids} (pipeline/steering/output_score.py)."""
+        "concept_tokens": per latent ids, "promoted_tokens": [n, 10] ids, "scored": [n] bool}
+        (pipeline/steering/output_score.py). Only the latents with concept tokens are steered when at least
+        `n_wanted` have them (the others could only fill the list; 70% of the demo's pool): the rest score 0,
+        with scored False."""
         prompts = self.session.text_prompts(list(OUTPUT_SCORE_PROMPTS))
         directions = sae_directions(self.sae, latents)
+        # every latent's candidate words embedded in one batch, not a few words per latent (10 s of 4,396 calls)
+        candidates = [concept_words(self.meanings[lat], self.known) for lat in latents]
+        self.judge_model.vectors(list(dict.fromkeys(w for words in candidates if len(words) > 1 for w in words)))
         common = common_words([s["text"] for s in self.examples.sentences.values()])
         tokenizer = self.session.loaded.tokenizer
         concept = [concept_tokens(self.concept_words(lat), tokenizer, common) for lat in latents]
         promoted = promoted_tokens(self.model, directions, 10).cpu()
-        scores = output_scores(
+        scored = torch.tensor([bool(c) for c in concept])
+        if int(scored.sum()) < n_wanted:
+            scored[:] = True
+        if progress is not None:
+            progress.total = int(scored.sum()) * len(prompts)
+        pick = scored.nonzero().flatten().tolist()
+        scores = torch.zeros(2, len(latents))
+        scores[:, scored] = output_scores(
             self.model,
             self.sae.cfg.site_hook_point,
-            directions,
+            directions[pick],
             prompts,
             factor * self.norm,
             self.skip,
-            [concept, promoted.tolist()],
+            [[concept[i] for i in pick], promoted[pick].tolist()],
             progress=progress,
         )
-        return {"concept": scores[0], "promoted": scores[1], "concept_tokens": concept, "promoted_tokens": promoted}
+        return {
+            "concept": scores[0],
+            "promoted": scores[1],
+            "concept_tokens": concept,
+            "promoted_tokens": promoted,
+            "scored": scored,
+        }
 
     def diffmean(self, latents: list[int], n_positive: int = 16) -> torch.Tensor:
         """[n, d] unit DiffMean directions from each latent's top sentences and silent sentences."""
@@ -408,7 +433,7 @@ def evaluate(
     {item index: {"concept", "instruction", "fluency", "harmonic"}} (steering_judge.run_claude_judge), which
     then also rates every held-out continuation, the unsteered ones against each latent's concept too."""
     bar = progress(len(pool) * len(OUTPUT_SCORE_PROMPTS), "output scores")
-    out = bench.output_scores(pool, output_factor, bar)
+    out = bench.output_scores(pool, output_factor, n_candidates, bar)
     if bar is not None:
         bar.close()
     scores, promoted, concept = out["concept"], out["promoted_tokens"], out["concept_tokens"]
@@ -546,5 +571,7 @@ def evaluate(
         "summary": summary,
         "rows": [row_record(r) for r in baseline + sweep + test],
         "output_scores": {str(lat): round(float(s), 5) for lat, s, c in zip(pool, scores.tolist(), concept) if c},
-        "promoted_scores": {str(lat): round(float(s), 5) for lat, s in zip(pool, out["promoted"].tolist())},
+        "promoted_scores": {
+            str(lat): round(float(s), 5) for lat, s, ok in zip(pool, out["promoted"].tolist(), out["scored"]) if ok
+        },
     }

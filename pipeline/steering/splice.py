@@ -117,7 +117,11 @@ def steered_reconstruction(sae: TopKSae, x: torch.Tensor, entries, rows: torch.T
             for e in row_adds:
                 offset[r] += e.strength * sae.W_dec[e.latent].float()
         x_hat_norm = x_hat_norm + offset[rows]
-    return sae.denormalize(x_hat_norm, ctx).reshape(shape)
+    out = sae.denormalize(x_hat_norm, ctx)
+    sink = sae.sinks(x.reshape(-1, shape[-1]))
+    if sink is not None:  # massive activations stay as they are, steered or not
+        out = torch.where(sink[:, None], x.reshape(-1, shape[-1]).to(out.dtype), out)
+    return out.reshape(shape)
 
 
 def sae_splice(
@@ -163,6 +167,7 @@ def sae_splice(
         clean_fn=clean if keep_error else None,
         skip_first_positions=sae.cfg.tokenization.skip_first_positions,
         source=sae.cfg.hook_point if sae.cfg.is_transcoder else None,
+        sink_norm=sae.cfg.sink_norm,
     )
 
 
@@ -256,7 +261,8 @@ def inspect_tokens(
     """Per position of `tokens`: the `top` active latents (id, activation), strongest first, with the
     entries' h_bias / clamp applied at positions >= steer_from (what the steered SAE saw there);
     positions the SAE never saw in training (the attention sink) get an empty list."""
-    x_norm, _ = sae.normalize_input(hook_activations(model, sae.cfg.hook_point, tokens))
+    x = hook_activations(model, sae.cfg.hook_point, tokens)
+    x_norm, _ = sae.normalize_input(x)
     values, indices = sae.encode(x_norm)
     if entries and steer_from < len(tokens):
         s_values, s_indices = steered_codes(sae, x_norm[steer_from:], list(entries))
@@ -268,6 +274,9 @@ def inspect_tokens(
     order = values.argsort(dim=1, descending=True)[:, :top]
     top_values, top_indices = values.gather(1, order).tolist(), indices.gather(1, order).tolist()
     skip = sae.cfg.tokenization.skip_first_positions
+    sink = sae.sinks(x)
+    sink = sink.tolist() if sink is not None else [False] * len(tokens)
     return [
-        [] if t < skip else [(i, v) for i, v in zip(top_indices[t], top_values[t]) if v > 0] for t in range(len(tokens))
+        [] if t < skip or sink[t] else [(i, v) for i, v in zip(top_indices[t], top_values[t]) if v > 0]
+        for t in range(len(tokens))
     ]

@@ -44,8 +44,8 @@ def test_rerun_reuses_every_stage_and_force_from_recomputes_the_rest(tiny_pipeli
     report = work / "runs" / "report"
     for png in (
         "loss.png",
-        "dead_aux.png",
-        "l0_fvu.png",
+        "aux_k.png",
+        "fvu.png",
         "ce_recovered.png",
         "density.png",
         "detection.png",
@@ -69,6 +69,11 @@ def test_rerun_reuses_every_stage_and_force_from_recomputes_the_rest(tiny_pipeli
     summary = json.loads((report / "summary.json").read_text())
     sae_manifest = json.loads((work / "runs" / "sae" / "manifest.json").read_text())
     assert summary["training"]["val_fvu"] == sae_manifest["final_validation"]["val/fvu"]
+    # the headline table says the same numbers; no L0 plot (TopK: it is k)
+    index = (report / "index.html").read_text()
+    assert f"<td>FVU</td><td>{summary['training']['val_fvu']:.3f}</td>" in index
+    assert f"<td>dead latents</td><td>{summary['training']['val_dead_pct']:.1f}%</td>" in index
+    assert "l0_fvu.png" not in index and "latents active per token" in index
 
     before = (work / "runs" / "steering_eval" / "results.json").stat().st_mtime_ns
     done = subprocess.run(

@@ -25,9 +25,11 @@ D = 24
 HOOK = "resid_pre.3"
 
 
-def fake_capture(directory: Path, seed: int = 0, n_sentences: int = 300, shard_tokens: int = 211, dtype=torch.float32):
+def fake_capture(
+    directory: Path, seed: int = 0, n_sentences: int = 300, shard_tokens: int = 211, dtype=torch.float32, sinks=()
+):
     """A capture folder written by the real ShardWriter from random data with a large offset (hard for naive
-    variance)."""
+    variance); the (sentence, position) rows in `sinks` are massive activations (x 60)."""
     directory.mkdir(parents=True)
     g = np.random.default_rng(seed)
     shards: list[dict] = []
@@ -37,6 +39,9 @@ def fake_capture(directory: Path, seed: int = 0, n_sentences: int = 300, shard_t
         n = int(g.integers(1, 40))
         x = (1000.0 + 3.0 * g.standard_normal((n, D)) * g.uniform(0.5, 2.0, D)).astype(np.float32)
         x[0] *= 50  # an attention-sink-like first token
+        for s, p in sinks:
+            if s == sid and p < n:
+                x[p] *= 60
         t = torch.from_numpy(x).to(dtype)
         for p in range(n):
             truth[(sid, p)] = t[p].float().numpy()
@@ -72,7 +77,15 @@ def run(tmp_path, capture, name, **kw) -> tuple[dict, dict]:
 @pytest.mark.parametrize("workers", [1, 3])
 def test_stats_equal_numpy_two_pass_float64(tmp_path, workers):
     truth = fake_capture(tmp_path / "cap", shard_tokens=97)
-    _, stats = run(tmp_path, tmp_path / "cap", "pp", workers=workers, val_fraction=0.0, exclude_first_positions=0)
+    _, stats = run(
+        tmp_path,
+        tmp_path / "cap",
+        "pp",
+        workers=workers,
+        val_fraction=0.0,
+        exclude_first_positions=0,
+        sink_norm_ratio=0.0,  # every token: no sink rule
+    )
     x = np.stack(list(truth.values())).astype(np.float64)
     mean = x.mean(0)
     var = ((x - mean) ** 2).mean(0)  # numpy two-pass, float64
@@ -119,6 +132,34 @@ def test_every_token_once_sentences_split_cleanly_and_shuffled(tmp_path):
     assert manifest["massive_activation_policy"]["excluded_share_of_squared_norm"] > 0.5
     # Stats cover exactly the training rows.
     np.testing.assert_allclose(stats["mean"], train.astype(np.float64).mean(0), rtol=1e-9)
+
+
+def test_massive_activations_are_excluded_wherever_they_stand(tmp_path):
+    """Tokens above 10x the median norm (of the tokens the position rule keeps) leave the data like the first
+    position; the threshold travels in the tokenization, the counts in the manifest."""
+    sinks = {(3, 1), (10, 2), (50, 5), (120, 1), (299, 3), (7, 0)}  # (7, 0): excluded by position already
+    truth = fake_capture(tmp_path / "cap", sinks=sinks)
+    manifest, stats = run(tmp_path, tmp_path / "cap", "pp", workers=2, val_fraction=0.2, batch_size=64)
+    out = PreprocessedOutput.open(tmp_path / "pp")
+    by_position = {k: v for k, v in truth.items() if k[1] >= 1}
+    median = np.median([np.linalg.norm(v) for v in by_position.values()])
+    expected = {k for k, v in by_position.items() if np.linalg.norm(v) > 10 * median}
+    assert expected == {k for k in sinks if k[1] >= 1 and k in truth}  # the planted ones, nothing else
+    assert out.tokenization.sink_norm == pytest.approx(10 * median, rel=1e-5)
+    keys = {tuple(k) for name in ("train_index", "val_index") for k in np.load(tmp_path / "pp" / f"{name}.npy")}
+    assert keys == set(by_position) - expected
+    policy = manifest["massive_activation_policy"]
+    assert policy["sink_tokens"] == manifest["counts"]["sink_tokens"] == len(expected)
+    assert manifest["counts"]["excluded_tokens"] == len(truth) - len(by_position) + len(expected)
+    train = out.activations("train").double().numpy()
+    np.testing.assert_allclose(stats["mean_sq_norm"], (train * train).sum(1).mean(), rtol=1e-9)
+    # off at a hook point outside the residual stream (a transcoder's folders must keep the same rows)
+    assert PreprocessConfig().sink_norm_ratio == -1
+    manifest, _ = run(tmp_path, tmp_path / "cap", "pp_off", sink_norm_ratio=0.0)
+    assert (
+        manifest["counts"]["sink_tokens"] == 0
+        and PreprocessedOutput.open(tmp_path / "pp_off").tokenization.sink_norm == 0
+    )
 
 
 def test_output_does_not_depend_on_worker_count(tmp_path):

@@ -79,6 +79,30 @@ def test_encoder_initialised_as_decoder_transpose():
     torch.testing.assert_close(sae.W_enc.norm(dim=1), torch.full((32,), 3**-0.5))
 
 
+def test_massive_activations_pass_through_without_loss_or_latents():
+    """Rows above sink_norm: x̂ = x, no latent active, no gradient from them; the other rows exactly as without
+    the threshold (a steered reconstruction leaves them as they are too)."""
+    from pipeline.steering.splice import SteeringEntry, steered_reconstruction
+
+    x = torch.randn(40, 16, dtype=torch.float64) * 3 + 1
+    x[[3, 17, 30]] *= 60
+    norms = x.norm(dim=1)
+    sink = norms > 10 * norms.median()
+    assert sink.sum() == 3
+    plain, with_sinks = make(), make(sink_norm=float(10 * norms.median()))
+    out, ref = with_sinks(x), plain(x)
+    assert torch.equal(out.x_hat[sink], x[sink]) and (out.values[sink] == 0).all()
+    assert torch.equal(out.x_hat[~sink], ref.x_hat[~sink]) and torch.equal(out.values[~sink], ref.values[~sink])
+    (out.x_hat - x).pow(2).sum().backward()
+    plain_loss = (plain(x[~sink]).x_hat - x[~sink]).pow(2).sum()
+    plain_loss.backward()
+    for (name, p), q in zip(with_sinks.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10, msg=name)
+    steered = steered_reconstruction(with_sinks, x, [SteeringEntry(5, "add", 3.0)])
+    assert torch.equal(steered[sink], x[sink].to(steered.dtype))
+    assert not torch.equal(steered[~sink], out.x_hat[~sink].to(steered.dtype))
+
+
 def test_h_bias_steers_without_being_trained():
     sae = make()
     x = torch.randn(10, 16, dtype=torch.float64)

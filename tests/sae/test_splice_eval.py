@@ -59,3 +59,34 @@ def test_splice_eval_matches_reference_and_identity_recovers_everything(tiny, ti
     assert m["eval/kl_sae"] > 0 and m["eval/kl_zero_ablation"] > 0
     ident = splice_eval(tiny_model, lambda x: x, TEXTS, "resid_pre.2", Tokenization(exclude_first_positions=1))
     assert math.isclose(ident["eval/ce_loss_recovered"], 1.0, rel_tol=1e-6) and abs(ident["eval/kl_sae"]) < 1e-6
+
+
+def test_massive_activations_keep_their_value_in_both_splices(tiny, tiny_model):
+    """Tokens above the SAE's sink_norm are left as they are, like the first position: in the spliced run and
+    in the zero ablation (reference: transformers, editing only the tokens below the threshold)."""
+    tok = tiny_model.tokenizer
+    with torch.no_grad():
+        norms = torch.cat(
+            [
+                tiny_model.model.capture(torch.tensor([tok.encode(t, bos=False)]), ["resid_pre.2"])["resid_pre.2"][
+                    0, 1:
+                ]
+                .float()
+                .norm(dim=-1)
+                for t in TEXTS
+            ]
+        )
+    sink_norm = float(norms.median())  # half the tokens count as sinks: a test that cannot pass by accident
+    assert 0 < int((norms > sink_norm).sum()) < len(norms)
+    shrink = lambda x: 0.5 * x  # noqa: E731
+
+    def below(edit):
+        return lambda h: torch.where(h.float().norm(dim=-1, keepdim=True) > sink_norm, h, edit(h))
+
+    tokenization = Tokenization(exclude_first_positions=1, sink_norm=sink_norm)
+    m = splice_eval(tiny_model, shrink, TEXTS, "resid_pre.2", tokenization, max_batch_tokens=24)
+    assert math.isclose(m["eval/ce_sae"], reference_ce(tiny.reference, tok, TEXTS, 2, below(shrink), 1), rel_tol=1e-5)
+    ref_zero = reference_ce(tiny.reference, tok, TEXTS, 2, below(torch.zeros_like), 1)
+    assert math.isclose(m["eval/ce_zero_ablation"], ref_zero, rel_tol=1e-5)
+    plain = splice_eval(tiny_model, shrink, TEXTS, "resid_pre.2", Tokenization(exclude_first_positions=1))
+    assert not math.isclose(plain["eval/ce_sae"], m["eval/ce_sae"], rel_tol=1e-4)

@@ -188,10 +188,13 @@ def test_diffmean_and_residual_norm_equal_per_sentence_brute_force(lm, tiny):
 
 
 def test_read_continuations_equal_one_row_at_a_time(lm, sae):
-    """Rows sharing a prompt read it once (KV cache shared): the same numbers as each row's own forward."""
+    """Rows sharing a prompt read it once (KV cache shared), rows with the same text once for every latent
+    (the unsteered text judged against each concept): the same numbers as each row's own forward."""
     conts = [[8, 1, 2], [9], [3, 3, 7, 1], [2, 2], [6, 1, 9, 9, 4]]
     rows = [Row(0, "sae", 3, 1.0, PROMPTS[j % 2], c) for j, c in enumerate(conts)]
     rows += [Row(1, "none", None, None, PROMPTS[2], [5, 5, 1]), Row(1, "none", None, None, PROMPTS[0], [])]
+    rows += [Row(0, "none", lat, None, PROMPTS[0], [8, 1, 2]) for lat in (0, 5, 11)]  # rows[0]'s text, 3 latents
+    rows += [Row(0, "none", 7, None, PROMPTS[1], [8, 1, 2])]  # the same continuation after another prompt
     got = read_continuations(lm.model, sae, rows, max_tokens=8)  # 1-2 rows a batch
     for r, (loss, act) in zip(rows, got):
         if not r.continuation:
