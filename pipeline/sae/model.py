@@ -394,7 +394,9 @@ class TopKSae(nn.Module):
             x_hat_norm = x_hat_norm + x_norm @ self.W_skip.t()
         x_hat = self.denormalize(x_hat_norm, ctx)
         sink = self.sinks(x2)
-        if sink is not None:  # passed through: nothing to reconstruct, no loss, no latent fires
+        # passed through: nothing to reconstruct, no loss, no latent fires. The training data holds none
+        # (preprocessing left them out): on a CPU, no copies then
+        if sink is not None and (sink.device.type != "cpu" or bool(sink.any())):
             values = values.masked_fill(sink[:, None], 0.0)
             x_hat_norm = torch.where(sink[:, None], x_norm, x_hat_norm)
             x_hat = torch.where(sink[:, None], x2, x_hat)
