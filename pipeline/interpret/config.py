@@ -100,8 +100,9 @@ class ParseConfig:
     """Offline detection judge: minilm or none."""
     second_judge: Literal["e5", "none"] = "e5"
     """Independent second judge: e5 (multilingual-e5-small, another model family than MiniLM) or none."""
-    second_judge_latents: int = 50
-    """Latents (a fixed random sample) the second judge scores: up to 50 sentences each, ~50 sentences/s on 2 cores."""
+    second_judge_latents: int = 25
+    """Latents (a fixed random sample) the second judge scores: up to 50 sentences each, ~50 sentences/s on 2
+    cores (25: ~30 s of the demo's parse stage on 2 AVX2 cores; 50 took ~60, a third of the stage)."""
     aggregation: Aggregation = "max"
     """Top sentences the judge draws activating examples from."""
     judge_activating: int = 20
