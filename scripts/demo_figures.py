@@ -232,6 +232,78 @@ def steering_examples(doc: dict | None, n: int = 3) -> list[str]:
     return lines
 
 
+COMPARE_BEGIN = "<!-- stage-times:begin -->"
+COMPARE_END = "<!-- stage-times:end -->"
+
+
+def compare_block(runs: list[tuple[str, Path]]) -> str:
+    """The markdown between the stage-times markers: each run's stage times and headline numbers side by side,
+    from the same files as the demo block (a run folder needs only pipeline.json, sae/manifest.json,
+    interpretation/explain/manifest.json and steering_eval/results.json)."""
+    docs = [(label, path, read(path / "pipeline.json")) for label, path in runs]
+    for label, path, doc in docs:
+        if doc is None:
+            raise SystemExit(f"{path / 'pipeline.json'}: missing ({label})")
+    names = list(dict.fromkeys(s["name"] for _, _, doc in docs for s in doc.get("stages", [])))
+    lines = [
+        COMPARE_BEGIN,
+        "<!-- written by `python scripts/demo_figures.py --compare LABEL=RUNS ... --write docs/results.md`; do not "
+        "edit -->",
+        "",
+        *[
+            f"- **{label}**: `python run_pipeline.py` on {doc.get('cpu', 'an unrecorded CPU')}, "
+            f"{str(doc.get('created', ''))[:10]}, hook point {hook_of(path)}"
+            for label, path, doc in docs
+        ],
+        "",
+        "| stage | " + " | ".join(label for label, _, _ in docs) + " |",
+        "|---|" + "---|" * len(docs),
+    ]
+    for name in names:
+        cells = []
+        for _, _, doc in docs:
+            s = next((s for s in doc.get("stages", []) if s["name"] == name), None)
+            cells.append("—" if s is None else f"{s['seconds']:.1f} s")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| **pipeline** | " + " | ".join(f"**{doc['seconds'] / 60:.1f} min**" for _, _, doc in docs) + " |")
+    rows = {
+        "validation FVU": lambda p: num(get(sae_doc(p), "final_validation.val/fvu"), ".3f"),
+        "dead latents (never fire on the held-out tokens)": lambda p: pct_of(
+            get(sae_doc(p), "final_validation.val/dead_pct")
+        ),
+        "CE loss recovered": lambda p: pct(get(sae_doc(p), "spliced_evaluation.eval/ce_loss_recovered")),
+        "KL": lambda p: num(get(sae_doc(p), "spliced_evaluation.eval/kl_sae"), ".3f"),
+        "detection AUROC (MiniLM)": lambda p: num(
+            get(read(p / "interpretation" / "explain" / "manifest.json"), "counts.mean_detection_auroc_minilm"), ".3f"
+        ),
+    }
+    for key, label in METHODS:
+        rows[f"steering on-concept: {label}"] = lambda p, key=key: on_concept(p, key)
+    for label, fn in rows.items():
+        lines.append(f"| {label} | " + " | ".join(fn(path) for _, path, _ in docs) + " |")
+    lines += ["", COMPARE_END]
+    return "\n".join(lines)
+
+
+def sae_doc(runs: Path) -> dict | None:
+    return read(runs / "sae" / "manifest.json") or read(runs / "sae" / "run.json")
+
+
+def hook_of(runs: Path) -> str:
+    sae = sae_doc(runs)
+    return f"`{get(sae, 'sae.hook_point') or '?'}`"
+
+
+def pct_of(x) -> str:
+    return "—" if x is None else f"{x:.1f}%"
+
+
+def on_concept(runs: Path, method: str) -> str:
+    m = get(read(runs / "steering_eval" / "results.json"), f"summary.{method}") or {}
+    low, high = m.get("on_concept_ci") or (None, None)
+    return f"{pct(m.get('on_concept'), 0)} [{pct(low, 0)}–{pct(high, 0)}]" if m else "—"
+
+
 VARIANTS_BEGIN = "<!-- steering-variants:begin -->"
 VARIANTS_END = "<!-- steering-variants:end -->"
 
@@ -283,10 +355,19 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--runs", default="runs", help="a finished run's folder (default: runs)")
     parser.add_argument("--write", nargs="*", default=None, help="files whose marked block to replace")
     parser.add_argument("--cpu", default=None, help="the CPU that ran it (default: runs/pipeline.json's)")
+    parser.add_argument(
+        "--compare", nargs="*", default=[], help="LABEL=RUNS_DIR ...: stage times side by side (the stage-times block)"
+    )
     args = parser.parse_args(argv)
+    compared = None
+    if args.compare:
+        pairs = [item.split("=", 1) for item in args.compare]
+        if any(len(p) != 2 for p in pairs):
+            raise SystemExit("--compare: each item is LABEL=RUNS_DIR")
+        compared = compare_block([(label, Path(path)) for label, path in pairs])
     new = block(Path(args.runs), args.cpu)
     if args.write is None:
-        print(new)
+        print(new if compared is None else compared)
     variants = variants_block(Path(__file__).resolve().parents[1] / "bench" / "results" / "steering.json")
     for name in args.write or []:
         path = Path(name)
@@ -294,6 +375,9 @@ def main(argv: list[str] | None = None) -> str:
         if variants and VARIANTS_BEGIN in text:
             start, end = text.index(VARIANTS_BEGIN), text.index(VARIANTS_END) + len(VARIANTS_END)
             text = text[:start] + variants + text[end:]
+        if compared and COMPARE_BEGIN in text:
+            start, end = text.index(COMPARE_BEGIN), text.index(COMPARE_END) + len(COMPARE_END)
+            text = text[:start] + compared + text[end:]
         path.write_text(text)
         print(f"{path}: demo figures from {args.runs}")
     return new

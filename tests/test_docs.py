@@ -169,6 +169,41 @@ def test_demo_figures_write_replaces_only_the_marked_block(tmp_path):
     assert doc.read_text() == before + block + after
 
 
+def test_demo_figures_compare_puts_runs_side_by_side(tmp_path):
+    """--compare: each run's stage times and headline numbers in its own column, written between its markers."""
+    figures = load_demo_figures()
+    write_run(tmp_path / "a")
+    write_run(tmp_path / "b")
+    doc = json.loads((tmp_path / "b" / "pipeline.json").read_text())
+    doc["stages"][1]["seconds"], doc["seconds"], doc["cpu"] = 12.5, 90.0, "Test CPU (AVX2)"
+    (tmp_path / "b" / "pipeline.json").write_text(json.dumps(doc))
+    out = tmp_path / "results.md"
+    out.write_text(f"{figures.BEGIN}\n{figures.END}\nkept\n{figures.COMPARE_BEGIN}\nold\n{figures.COMPARE_END}\n")
+    figures.main(
+        [
+            "--runs",
+            str(tmp_path / "a"),
+            "--cpu",
+            "X",
+            "--compare",
+            f"before={tmp_path / 'a'}",
+            f"after={tmp_path / 'b'}",
+        ]
+        + ["--write", str(out)]
+    )
+    text = out.read_text()
+    assert "kept" in text and "\nold\n" not in text
+    for expected in (
+        "| stage | before | after |",
+        "| training | 47.9 s | 12.5 s |",
+        "| **pipeline** | **2.1 min** | **1.5 min** |",
+        "| validation FVU | 0.123 | 0.123 |",
+        "| steering on-concept: SAE latent (decoder row) | 38% [20%–55%] | 38% [20%–55%] |",
+        "- **after**: `python run_pipeline.py` on Test CPU (AVX2)",
+    ):
+        assert expected in text, expected
+
+
 def test_demo_figures_refuses_a_file_without_markers(tmp_path):
     figures = load_demo_figures()
     write_run(tmp_path / "runs")
