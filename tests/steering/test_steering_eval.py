@@ -195,7 +195,11 @@ def test_read_continuations_equal_one_row_at_a_time(lm, sae):
     rows += [Row(1, "none", None, None, PROMPTS[2], [5, 5, 1]), Row(1, "none", None, None, PROMPTS[0], [])]
     rows += [Row(0, "none", lat, None, PROMPTS[0], [8, 1, 2]) for lat in (0, 5, 11)]  # rows[0]'s text, 3 latents
     rows += [Row(0, "none", 7, None, PROMPTS[1], [8, 1, 2])]  # the same continuation after another prompt
+    # prompting's rows: each alone behind its own prompt, read whole in batches of such texts
+    rows += [Row(2, "prompt", 3, None, PROMPTS[2] + [4] * j, [7, 2, 9][: j + 1]) for j in range(3)]
     got = read_continuations(lm.model, sae, rows, max_tokens=8)  # 1-2 rows a batch
+    wide = read_continuations(lm.model, sae, rows, max_tokens=64)  # several texts a batch
+    np.testing.assert_allclose(np.array(wide), np.array(got), rtol=1e-5, atol=1e-6)
     for r, (loss, act) in zip(rows, got):
         if not r.continuation:
             assert math.isnan(loss) and act == 0.0
