@@ -189,10 +189,15 @@ class LexicalSpace:
 
 
 def batch_auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """pos [c, P], neg [c, N] scores -> [c] P(pos > neg), ties half (Mann-Whitney), one row per candidate."""
-    gt = (pos[:, :, None] > neg[:, None, :]).float().mean((1, 2))
-    eq = (pos[:, :, None] == neg[:, None, :]).float().mean((1, 2))
-    return gt + 0.5 * eq
+    """pos [c, P], neg [c, N] scores -> [c] P(pos > neg), ties half (Mann-Whitney), one row per candidate.
+
+    Each positive counted against the sorted negatives (how many are below it, how many equal): c (P + N) log N
+    work, not the c P N pairs (a fifth of the send stage)."""
+    neg = neg.contiguous().sort(dim=1).values
+    pos = pos.contiguous()
+    below = torch.searchsorted(neg, pos)  # [c, P] negatives < each positive
+    equal = torch.searchsorted(neg, pos, right=True) - below
+    return (below.double() + 0.5 * equal.double()).sum(1).float() / (pos.shape[1] * neg.shape[1])
 
 
 @dataclass

@@ -465,3 +465,19 @@ def test_offline_answers_of_an_earlier_explainer_are_explained_again(tmp_path, m
     }
     assert models == {"offline-concept"}
     assert send_main(SendConfig(top_sentences=str(top), out=str(out)))["requests_sent"] == 0  # now it is current
+
+
+def test_batch_auroc_equals_the_pairwise_count_with_ties_half():
+    import torch
+
+    from pipeline.interpret.concepts import batch_auroc
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 6, (7, 13), generator=g).float() / 5  # few values: many ties
+    neg = torch.randint(0, 6, (7, 29), generator=g).float() / 5
+    pairs = [
+        (p[:, None] > n[None, :]).double().mean() + 0.5 * (p[:, None] == n[None, :]).double().mean()
+        for p, n in zip(pos, neg)
+    ]
+    torch.testing.assert_close(batch_auroc(pos, neg), torch.stack(pairs).float(), rtol=0, atol=1e-7)
+    assert float(batch_auroc(torch.ones(1, 3), torch.zeros(1, 4))) == 1.0
