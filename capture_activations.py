@@ -1,7 +1,7 @@
 """Capture residual-stream activations of every sentence into fixed-size, memory-mappable shards.
 
 Usage:
-    # CPU or one GPU; embedded defaults: runs/sentences -> runs/activations at resid_pre.15 of SmolLM2
+    # CPU or one GPU; embedded defaults: runs/sentences -> runs/activations at resid_pre.25 of SmolLM2
     python capture_activations.py
     python capture_activations.py --max-sentences 8192                 # a token budget for a quick demo
     python capture_activations.py --hook-points resid_pre.20 attn_norm.20 --storage-dtype float32

@@ -4,7 +4,7 @@
     python bench/bench_llama.py --device cuda --dtype bfloat16 --batch-size 64
 
 Measures, as ratios ours/transformers in one run:
-  1. capture-only forward to resid_pre.L (L = the default capture layer) vs transformers' forward returning that
+  1. capture-only forward to resid_pre.L (L = 5/6 depth) vs transformers' forward returning that
      hidden state (LlamaForCausalLM with output_hidden_states, and the bare LlamaModel);
   2. full forward to logits;
   3. greedy generation tokens/s with left-padded prompts of different lengths, vs `generate`.

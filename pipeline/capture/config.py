@@ -18,7 +18,7 @@ class CaptureConfig:
     model: str | None = None
     """Meta dir, HF dir or GGUF file; default: embedded SmolLM2-135M-Instruct."""
     hook_points: list[str] = field(default_factory=list)
-    """Hook points, e.g. resid_pre.25 attn_norm.25 (default: resid_pre at the middle of the stack)."""
+    """Hook points, e.g. resid_pre.25 attn_norm.25 (default: resid_pre at 5/6 depth)."""
     max_tokens: int = DEFAULT_MAX_TOKENS
     """Tokens kept per sentence (longer ones are truncated and counted)."""
     add_bos: bool = False

@@ -178,8 +178,11 @@ def generate(
     by_vector = [i for i, r in enumerate(rows) if r.entry is None]
     by_entry = [i for i, r in enumerate(rows) if r.entry is not None]
     for group in (by_vector, by_entry):
-        for a in range(0, len(group), batch_rows):
-            part = group[a : a + batch_rows]
+        # batches of equal size (373 rows: 187 + 186, not 256 + 117): a small last batch runs each decode step
+        # at a lower matmul efficiency for the same per-step overheads
+        size = -(-len(group) // max(1, -(-len(group) // batch_rows))) if group else 1
+        for a in range(0, len(group), size):
+            part = group[a : a + size]
             if group is by_vector:  # once per batch, not per token
                 splice = vector_splice(offsets[part].to(device), skip)
             else:

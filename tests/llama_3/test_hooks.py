@@ -78,8 +78,8 @@ def test_splice_shape_mismatch_is_an_error(tiny_model):
         tiny_model.model.run_with_hooks(tokens, splice={"resid_pre.1": lambda x: x[..., :3]})
 
 
-def test_default_capture_layer_is_the_middle():
-    assert default_capture_layer(30) == 15 and default_capture_layer(28) == 14 and default_capture_layer(32) == 16
+def test_default_capture_layer_is_five_sixths():
+    assert default_capture_layer(30) == 25 and default_capture_layer(28) == 23 and default_capture_layer(32) == 27
 
 
 def test_every_site_equals_transformer_lens_hooks(tiny):
