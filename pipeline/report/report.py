@@ -179,7 +179,10 @@ def detection_plot(paths: RunLayout, report: Report, out: Path) -> None:
     if not sae_file.is_file():
         return
     meanings = load_meanings(paths.meanings, sae_sha256(paths.sae))
-    scores = [m["score"] for m in meanings.values() if isinstance(m.get("score"), (int, float))]
+    # NaN: a latent with no held-out sentence of one kind, unscored (the parse stage's mean leaves it out too)
+    scores = [
+        m["score"] for m in meanings.values() if isinstance(m.get("score"), (int, float)) and math.isfinite(m["score"])
+    ]
     if not scores:
         report.missing.append("interpretation scores (latent_index_meaning/)")
         return

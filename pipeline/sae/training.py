@@ -213,7 +213,7 @@ class Trainer:
         self._checkpoint_error: BaseException | None = None
         self.steps_per_epoch = -(-len(self.train) // cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        # K-annealing, the defaults resolved: from 4k over the first quarter of the steps
+        # K-annealing, -1 resolved: from 4k, over the first quarter of the steps
         self.k_start = min(4 * cfg.k, n_latents) if cfg.k_start == -1 else cfg.k_start
         self.k_anneal_steps = self.total_steps // 4 if cfg.k_anneal_steps == -1 else cfg.k_anneal_steps
         if self.k_start <= cfg.k:  # off (0, or nothing above k to start from)
