@@ -2,13 +2,15 @@
 
     python bench/bench_layers.py                                  # resid_pre at 10, 15, 20, 25 of 30 layers
     python bench/bench_layers.py --layers 15 25 --max-sentences 2048 --work /tmp/layers
+    python bench/bench_layers.py --layers 15 25 --work /tmp/layers --collect   # only read the finished runs
 
 Per layer, run_pipeline.py runs every stage (the README's main command) in its own working folder
 with the capture at resid_pre.<layer>; the sentence dataset is built once and copied. Reported per
-layer, from each run's report (runs/report/summary.json): validation FVU, CE loss recovered and KL of
-the spliced SAE, the offline explanations' detection score, and the steering evaluation's headline
-(harmonic score on held-out instructions, on-concept share, fluency loss ratio) for SAE latents,
-DiffMean and prompting. Writes bench/results/layers.json and prints the README table.
+layer, from its stages' outputs (the SAE run's manifest, the parse stage's manifest, the steering results):
+validation FVU, dead latents, CE loss recovered and KL of the spliced SAE, the offline explanations' mean
+detection AUROC, the capture's tokens/s, and the steering evaluation's headline (harmonic score on held-out
+instructions, on-concept share with its interval, fluency loss ratio) for SAE latents, DiffMean and prompting.
+Writes bench/results/layers.json and prints the table docs/results.md quotes.
 
 Run again with the same --work, each layer's finished stages are reused (their fingerprints match), so
 a changed steering evaluation re-runs alone; "minutes" is always this run's wall time per layer.
@@ -49,17 +51,28 @@ def run_layer(work: Path, layer: int, max_sentences: int, sentences_from: Path |
         proc = subprocess.run(argv, cwd=work, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     if proc.returncode != 0:
         raise SystemExit(f"layer {layer}: run_pipeline.py failed (exit {proc.returncode}); see {work / 'pipeline.log'}")
-    summary = json.loads((work / "runs" / "report" / "summary.json").read_text())
-    t, i, s = summary["training"], summary["interpretation"], summary["steering"]
+    return collect(work, layer) | {"minutes": round((time.perf_counter() - t0) / 60, 1)}
+
+
+def collect(work: Path, layer: int) -> dict:
+    """A finished layer's numbers, from its stages' own outputs: the SAE run's manifest, the parse stage's
+    manifest (mean detection AUROC over the scored latents) and the steering evaluation's summary."""
+    runs = work / "runs"
+    sae = json.loads((runs / "sae" / "manifest.json").read_text())
+    final, spliced = sae["final_validation"], sae["spliced_evaluation"]
+    parse = json.loads((runs / "interpretation" / "explain" / "manifest.json").read_text())["counts"]
+    steering = json.loads((runs / "steering_eval" / "results.json").read_text())["summary"]
+    capture = json.loads((runs / "activations" / "manifest.json").read_text())
     return {
         "layer": layer,
         "hook_point": f"resid_pre.{layer}",
-        "minutes": round((time.perf_counter() - t0) / 60, 1),
-        "val_fvu": t["val_fvu"],
-        "ce_loss_recovered": t.get("ce_loss_recovered"),
-        "kl": t.get("kl"),
-        "detection": i["mean_score"],
-        "steering": {m: s[m] for m in ("sae", "diffmean", "prompt", "unsteered")},
+        "capture_tokens_per_s": capture.get("throughput", {}).get("tokens_per_s"),
+        "val_fvu": final["val/fvu"],
+        "val_dead_pct": final.get("val/dead_pct"),
+        "ce_loss_recovered": spliced.get("eval/ce_loss_recovered"),
+        "kl": spliced.get("eval/kl_sae"),
+        "detection": parse["mean_detection_auroc_minilm"],
+        "steering": {m: steering[m] for m in ("sae", "diffmean", "prompt", "unsteered")},
     }
 
 
@@ -71,7 +84,9 @@ def table(rows: list[dict]) -> str:
     )
 
     def cell(c: dict, ratio: bool = True) -> str:
-        parts = [f"{c['harmonic'] or 0:.2f}", f"{c['on_concept'] or 0:.0%}"]
+        """harmonic / on-concept [95% interval over latents] / fluency loss ratio."""
+        low, high = c.get("on_concept_ci") or (0, 0)
+        parts = [f"{c['harmonic'] or 0:.2f}", f"{c['on_concept'] or 0:.0%} [{low or 0:.0%}–{high or 0:.0%}]"]
         return " / ".join(parts + ([f"{c['loss_ratio'] or 0:.1f}×"] if ratio else []))
 
     lines = [head]
@@ -92,11 +107,15 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "runs" / "bench_layers"))
     ap.add_argument("--sentences", help="a sentence dataset to copy into every layer's run (default: build it once)")
     ap.add_argument("--stage-args", nargs="*", default=[], help="more run_pipeline.py --stage-args for every layer")
+    ap.add_argument("--collect", action="store_true", help="only read the layers' finished runs in --work")
     args = ap.parse_args()
     work = Path(args.work)
     rows = []
     sentences = Path(args.sentences) if args.sentences else None
     for layer in args.layers:
+        if args.collect:
+            rows.append(collect(work / f"resid_pre.{layer}", layer))
+            continue
         row = run_layer(work / f"resid_pre.{layer}", layer, args.max_sentences, sentences, args.stage_args)
         sentences = sentences or work / f"resid_pre.{layer}" / "runs" / "sentences"
         rows.append(row)

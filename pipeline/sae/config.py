@@ -26,7 +26,7 @@ class TrainConfig:
     """Llama Scope: TopK on pre-activation x decoder row norm, decoder norms left free."""
     k_start: int = 0
     """K-annealing (Llama Scope): k falls linearly from this to --k over --k-anneal-steps; -1: 4 x --k (at most
-    n_latents), 0: off. It keeps latents alive (0.4% dead on the demo's held-out tokens, 13.5% without) but the
+    n_latents), 0: off. It keeps latents alive (0.5% dead on the demo's held-out tokens, 13.5% without) but the
     dictionary explains worse (docs/pipeline.md), so it is off by default."""
     k_anneal_steps: int = 0
     """Steps of the K-annealing; -1: the first quarter of the run, 0: off."""
